@@ -1,0 +1,171 @@
+//! Model families behind one trait: encode a prompt, predict one sampler derivative, decode latents.
+//! Each family owns its per-model facts (latent channels, VAE factor, defaults); the engine stays
+//! family-agnostic and never sees diffusers configs or tensor names.
+
+pub mod precision;
+pub mod rng;
+pub mod scheduler;
+pub mod vae;
+pub mod weights;
+pub mod z_image;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use precision::{Precision, PrecisionPolicy};
+pub use scheduler::Schedule;
+pub use weights::ModelDir;
+
+/// Everything that can go wrong loading or running a model. Messages name the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: not a model folder: {reason}")]
+    NotAModelFolder { path: PathBuf, reason: String },
+    #[error("missing file: {path}")]
+    MissingFile { path: PathBuf },
+    #[error("{path}: {message}")]
+    Malformed { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: unsupported pipeline class `{class}` (supported: {supported})")]
+    UnknownPipeline {
+        path: PathBuf,
+        class: String,
+        supported: String,
+    },
+    #[error("{component} weights ({files}): {message}")]
+    Weights {
+        component: String,
+        files: String,
+        message: String,
+    },
+    #[error("model `{0}` not found: {1}")]
+    NotFound(String, String),
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The model's user-facing defaults (the UI's and the API's).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Defaults {
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub cfg: f32,
+}
+
+/// Per-family facts in one place.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FamilyInfo {
+    /// `z-image`, `sd-turbo`, `sdxl-turbo`.
+    pub family: &'static str,
+    pub latent_channels: usize,
+    /// Pixels per latent cell.
+    pub vae_scale_factor: usize,
+    /// Width and height must be multiples of this.
+    pub size_multiple: u32,
+    pub defaults: Defaults,
+    /// Highest CFG the model tolerates without breaking; higher requests are clamped to it.
+    pub safe_cfg_max: f32,
+}
+
+/// One encoded prompt.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// Per-token features: Z-Image `[L, hidden]` (variable L), SD `[1, 77, hidden]`.
+    pub hidden: Tensor,
+    /// SDXL's pooled text embedding `[1, D]`.
+    pub pooled: Option<Tensor>,
+}
+
+/// The prompt (and the negative prompt when guidance is on), encoded once per job.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub positive: Embedding,
+    pub negative: Option<Embedding>,
+}
+
+/// A component a family may hold on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    TextEncoder,
+    Denoiser,
+    Vae,
+}
+
+/// How the denoiser's weights are held while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenoiserResidency {
+    /// All blocks on the device.
+    Resident,
+    /// Blocks stay memory-mapped on the host and visit the device one at a time.
+    Streamed,
+}
+
+/// What the family needs to run one sampler step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub index: usize,
+    pub schedule: &'a Schedule,
+    /// CFG scale in the ComfyUI/A1111 convention: ≤ 1.0 means one unguided call.
+    pub cfg: f32,
+}
+
+/// A diffusion model family. Implementations are driven by one worker thread.
+pub trait Family: Send {
+    fn info(&self) -> &FamilyInfo;
+    fn device(&self) -> &Device;
+    fn policy(&self) -> PrecisionPolicy;
+
+    /// The sampler schedule for `steps` steps at this latent size.
+    fn schedule(
+        &self,
+        steps: usize,
+        latent_h: usize,
+        latent_w: usize,
+    ) -> Result<Schedule, ModelError>;
+
+    /// Encodes the prompt and, when given, the negative prompt.
+    fn encode(&mut self, prompt: &str, negative: Option<&str>) -> Result<Conditioning, ModelError>;
+
+    /// The sampler derivative `d` for latents `x` (`[B, C, h, w]`, f32): the engine steps
+    /// `x + (σ_next − σ)·d`. CFG is applied inside when `step.cfg > 1` and a negative is present.
+    fn predict(
+        &mut self,
+        x: &Tensor,
+        cond: &Conditioning,
+        step: StepInput<'_>,
+    ) -> Result<Tensor, ModelError>;
+
+    /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in [-1, 1] (`[B, 3, 8h, 8w]`,
+    /// f32). Works on any latent tile: every operation before the VAE is per element.
+    fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError>;
+
+    /// Loads a component onto the device (no-op when loaded).
+    fn load(&mut self, component: Component) -> Result<(), ModelError>;
+    /// Drops a component's device copy.
+    fn unload(&mut self, component: Component);
+    fn is_loaded(&self, component: Component) -> bool;
+
+    fn set_denoiser_residency(&mut self, residency: DenoiserResidency);
+
+    /// Rebuilds a component in another dtype (guard fallbacks); takes effect at its next use.
+    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError>;
+    fn dtype(&self, component: Component) -> DType;
+}
+
+/// Classifier-free guidance combine in diffusers' Z-Image order, `pos + g·(pos − neg)`, with
+/// g = cfg − 1 (ComfyUI/A1111 scale). For SD this equals `neg + cfg·(pos − neg)` up to rounding.
+pub fn cfg_combine(pos: &Tensor, neg: &Tensor, cfg: f32) -> candle_core::Result<Tensor> {
+    let g = (cfg - 1.0) as f64;
+    pos + ((pos - neg)? * g)?
+}

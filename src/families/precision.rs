@@ -1,0 +1,134 @@
+//! Precision policy: the dtype of each component (text encoder, denoiser compute, the denoiser's
+//! residual stream, VAE). The engine chooses it; the families build their modules with it.
+
+use candle_core::{DType, Device};
+
+/// The user-facing precision choice (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
+    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+    /// bf16 text encoder, f16 denoiser compute with a bf16 residual stream, VAE bf16 (f32 retry on
+    /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
+    /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
+    Mixed,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            "mixed" => Ok(Self::Mixed),
+            other => Err(format!(
+                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::Mixed => "mixed",
+        })
+    }
+}
+
+/// Concrete dtypes per component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionPolicy {
+    pub text_encoder: DType,
+    /// Weights and matmul inputs of the denoiser.
+    pub denoiser: DType,
+    /// The running hidden state that every block adds into.
+    pub residual: DType,
+    pub vae: DType,
+}
+
+impl PrecisionPolicy {
+    pub const F32: Self = Self::uniform(DType::F32);
+
+    pub const fn uniform(dtype: DType) -> Self {
+        Self {
+            text_encoder: dtype,
+            denoiser: dtype,
+            residual: dtype,
+            vae: dtype,
+        }
+    }
+
+    pub const MIXED: Self = Self {
+        text_encoder: DType::BF16,
+        denoiser: DType::F16,
+        residual: DType::BF16,
+        vae: DType::BF16,
+    };
+
+    pub fn resolve(precision: Precision, device: &Device) -> Self {
+        match precision {
+            Precision::F32 => Self::F32,
+            Precision::Bf16 => Self::uniform(DType::BF16),
+            Precision::F16 => Self::uniform(DType::F16),
+            Precision::Mixed => Self::MIXED,
+            Precision::Auto => {
+                if device.is_cuda() {
+                    Self::MIXED
+                } else if device.is_metal() {
+                    Self::uniform(DType::BF16)
+                } else {
+                    Self::F32
+                }
+            }
+        }
+    }
+
+    /// For logs and job records.
+    pub fn describe(&self) -> String {
+        format!(
+            "text_encoder={:?} denoiser={:?} residual={:?} vae={:?}",
+            self.text_encoder, self.denoiser, self.residual, self.vae
+        )
+        .to_lowercase()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_on_cpu_is_f32() {
+        assert_eq!(
+            PrecisionPolicy::resolve(Precision::Auto, &Device::Cpu),
+            PrecisionPolicy::F32
+        );
+    }
+
+    #[test]
+    fn mixed_keeps_residual_in_bf16() {
+        let p = PrecisionPolicy::resolve(Precision::Mixed, &Device::Cpu);
+        assert_eq!(p.denoiser, DType::F16);
+        assert_eq!(p.residual, DType::BF16);
+        assert_eq!(p.text_encoder, DType::BF16);
+    }
+
+    #[test]
+    fn parses_names() {
+        assert_eq!("FP16".parse::<Precision>(), Ok(Precision::F16));
+        assert!("f8".parse::<Precision>().unwrap_err().contains("allowed"));
+    }
+}

@@ -1,0 +1,405 @@
+//! Noise schedules read from `scheduler/scheduler_config.json`: flow-matching Euler (Z-Image) and
+//! Euler discrete (SD-Turbo). Both reduce to one sampler step `x += (σ_next − σ)·d`, so the engine's
+//! loop is family-agnostic; the arithmetic follows diffusers in f32 so sigmas match bit for bit.
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// The schedule of one run: `sigmas` has one more entry than `timesteps` (the final 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+    /// What the initial unit-variance noise is multiplied by.
+    pub init_noise_sigma: f32,
+}
+
+impl Schedule {
+    pub fn steps(&self) -> usize {
+        self.timesteps.len()
+    }
+}
+
+/// `FlowMatchEulerDiscreteScheduler` config (unknown fields ignored, diffusers' defaults).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FlowMatchConfig {
+    #[serde(default = "d_1000")]
+    pub num_train_timesteps: u32,
+    #[serde(default = "d_1")]
+    pub shift: f32,
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    #[serde(default = "d_base_shift")]
+    pub base_shift: f32,
+    #[serde(default = "d_max_shift")]
+    pub max_shift: f32,
+    #[serde(default = "d_256")]
+    pub base_image_seq_len: u32,
+    #[serde(default = "d_4096")]
+    pub max_image_seq_len: u32,
+    #[serde(default)]
+    pub invert_sigmas: bool,
+    #[serde(default)]
+    pub shift_terminal: Option<f32>,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
+    #[serde(default = "d_exponential")]
+    pub time_shift_type: String,
+    #[serde(default)]
+    pub stochastic_sampling: bool,
+}
+
+fn d_1000() -> u32 {
+    1000
+}
+fn d_1() -> f32 {
+    1.0
+}
+fn d_base_shift() -> f32 {
+    0.5
+}
+fn d_max_shift() -> f32 {
+    1.15
+}
+fn d_256() -> u32 {
+    256
+}
+fn d_4096() -> u32 {
+    4096
+}
+fn d_exponential() -> String {
+    "exponential".into()
+}
+
+impl FlowMatchConfig {
+    /// Rejects options whose sampler we do not implement, naming the file.
+    pub fn validate(&self, path: &std::path::Path) -> Result<(), ModelError> {
+        let unsupported = [
+            (self.use_karras_sigmas, "use_karras_sigmas"),
+            (self.use_exponential_sigmas, "use_exponential_sigmas"),
+            (self.use_beta_sigmas, "use_beta_sigmas"),
+            (self.invert_sigmas, "invert_sigmas"),
+            (self.stochastic_sampling, "stochastic_sampling"),
+        ];
+        if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(ModelError::Malformed {
+                path: path.to_path_buf(),
+                message: format!("scheduler option `{name}: true` is not supported"),
+            });
+        }
+        if self.time_shift_type != "exponential" && self.time_shift_type != "linear" {
+            return Err(ModelError::Malformed {
+                path: path.to_path_buf(),
+                message: format!(
+                    "time_shift_type `{}` is not supported (exponential, linear)",
+                    self.time_shift_type
+                ),
+            });
+        }
+        if self.num_train_timesteps == 0 {
+            return Err(ModelError::Malformed {
+                path: path.to_path_buf(),
+                message: "num_train_timesteps must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// diffusers' `calculate_shift`: the dynamic-shift `mu` for an image of `image_seq_len` tokens.
+    pub fn mu(&self, image_seq_len: usize) -> f32 {
+        let m = (self.max_shift - self.base_shift)
+            / (self.max_image_seq_len as f32 - self.base_image_seq_len as f32);
+        let b = self.base_shift - m * self.base_image_seq_len as f32;
+        image_seq_len as f32 * m + b
+    }
+
+    /// The Z-Image pipeline's schedule: `sigmas = linspace(1, 1/N, N)`, shifted, `t = σ·1000`,
+    /// then a terminal σ = 0.
+    pub fn schedule(&self, steps: usize, image_seq_len: usize) -> Schedule {
+        let n = steps.max(1);
+        // numpy linspace in f64, then `.astype(float32)` as `set_timesteps` does.
+        let start = 1.0f64;
+        let stop = 1.0f64 / n as f64;
+        let mut sigmas: Vec<f32> = (0..n)
+            .map(|i| {
+                if n == 1 {
+                    start as f32
+                } else if i == n - 1 {
+                    stop as f32
+                } else {
+                    (start + i as f64 * ((stop - start) / (n - 1) as f64)) as f32
+                }
+            })
+            .collect();
+        if self.use_dynamic_shifting {
+            let mu = self.mu(image_seq_len);
+            let e = if self.time_shift_type == "linear" {
+                mu
+            } else {
+                mu.exp()
+            };
+            for s in &mut sigmas {
+                *s = e / (e + (1.0 / *s - 1.0));
+            }
+        } else {
+            let shift = self.shift;
+            for s in &mut sigmas {
+                *s = shift * *s / (1.0 + (shift - 1.0) * *s);
+            }
+        }
+        if let Some(term) = self.shift_terminal {
+            if let Some(&last) = sigmas.last() {
+                let scale = (1.0 - last) / (1.0 - term);
+                for s in &mut sigmas {
+                    *s = 1.0 - (1.0 - *s) / scale;
+                }
+            }
+        }
+        let timesteps = sigmas
+            .iter()
+            .map(|s| s * self.num_train_timesteps as f32)
+            .collect();
+        sigmas.push(0.0);
+        Schedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma: 1.0,
+        }
+    }
+}
+
+/// `EulerDiscreteScheduler` config (SD-Turbo, SDXL-Turbo).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EulerDiscreteConfig {
+    #[serde(default = "d_1000")]
+    pub num_train_timesteps: u32,
+    #[serde(default = "d_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "d_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "d_scaled_linear")]
+    pub beta_schedule: String,
+    #[serde(default = "d_epsilon")]
+    pub prediction_type: String,
+    #[serde(default = "d_leading")]
+    pub timestep_spacing: String,
+    #[serde(default)]
+    pub steps_offset: u32,
+    #[serde(default = "d_linear")]
+    pub interpolation_type: String,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+}
+
+fn d_beta_start() -> f64 {
+    0.0001
+}
+fn d_beta_end() -> f64 {
+    0.02
+}
+fn d_scaled_linear() -> String {
+    "linear".into()
+}
+fn d_epsilon() -> String {
+    "epsilon".into()
+}
+fn d_leading() -> String {
+    "linspace".into()
+}
+fn d_linear() -> String {
+    "linear".into()
+}
+
+/// Noise parameterisation of an ε/v model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+impl EulerDiscreteConfig {
+    pub fn validate(&self, path: &std::path::Path) -> Result<Prediction, ModelError> {
+        let bad = |message: String| ModelError::Malformed {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.use_karras_sigmas {
+            return Err(bad(
+                "scheduler option `use_karras_sigmas: true` is not supported".into(),
+            ));
+        }
+        if self.interpolation_type != "linear" {
+            return Err(bad(format!(
+                "interpolation_type `{}` is not supported (linear)",
+                self.interpolation_type
+            )));
+        }
+        if !["linspace", "leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
+            return Err(bad(format!(
+                "timestep_spacing `{}` is not supported (linspace, leading, trailing)",
+                self.timestep_spacing
+            )));
+        }
+        if self.trained_betas.is_none()
+            && !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str())
+        {
+            return Err(bad(format!(
+                "beta_schedule `{}` is not supported (linear, scaled_linear)",
+                self.beta_schedule
+            )));
+        }
+        if self.num_train_timesteps < 2 {
+            return Err(bad("num_train_timesteps must be at least 2".into()));
+        }
+        match self.prediction_type.as_str() {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::VPrediction),
+            other => Err(bad(format!(
+                "prediction_type `{other}` is not supported (epsilon, v_prediction)"
+            ))),
+        }
+    }
+
+    /// ᾱ_t in f32, computed like diffusers (betas in f32, cumulative product in f32).
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps as usize;
+        let betas: Vec<f32> = if let Some(b) = &self.trained_betas {
+            b.iter().map(|&x| x as f32).collect()
+        } else if self.beta_schedule == "scaled_linear" {
+            let (s, e) = (self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32);
+            torch_linspace_f32(s, e, n)
+                .into_iter()
+                .map(|x| x * x)
+                .collect()
+        } else {
+            torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
+        };
+        let mut acc = 1.0f32;
+        betas
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect()
+    }
+
+    pub fn schedule(&self, steps: usize) -> Schedule {
+        let n_train = self.num_train_timesteps as usize;
+        let n = steps.max(1);
+        // Timesteps in f64 as numpy computes them, then cast to f32.
+        let timesteps: Vec<f64> = match self.timestep_spacing.as_str() {
+            "linspace" => (0..n)
+                .map(|i| {
+                    let last = (n_train - 1) as f64;
+                    if n == 1 {
+                        0.0
+                    } else {
+                        last - i as f64 * (last / (n - 1) as f64)
+                    }
+                })
+                .collect(),
+            "leading" => {
+                let ratio = n_train / n;
+                (0..n)
+                    .rev()
+                    .map(|i| (i * ratio) as f64 + self.steps_offset as f64)
+                    .collect()
+            }
+            _ => {
+                // trailing: round(arange(n_train, 0, -n_train/n)) - 1
+                let ratio = n_train as f64 / n as f64;
+                (0..n)
+                    .map(|i| (n_train as f64 - i as f64 * ratio).round() - 1.0)
+                    .collect()
+            }
+        };
+        let ac = self.alphas_cumprod();
+        // `np.interp(timesteps, arange(len), sigmas)` on the f32 sigma table.
+        let base32: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| {
+                let t = t.clamp(0.0, (n_train - 1) as f64);
+                let lo = t.floor() as usize;
+                let hi = (lo + 1).min(n_train - 1);
+                let frac = t - lo as f64;
+                let (a, b) = (base32[lo] as f64, base32[hi] as f64);
+                (a + (b - a) * frac) as f32
+            })
+            .collect();
+        sigmas.push(0.0);
+        let max_sigma = sigmas.iter().cloned().fold(0.0f32, f32::max);
+        let init_noise_sigma =
+            if self.timestep_spacing == "linspace" || self.timestep_spacing == "trailing" {
+                max_sigma
+            } else {
+                (max_sigma * max_sigma + 1.0).sqrt()
+            };
+        Schedule {
+            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            sigmas,
+            init_noise_sigma,
+        }
+    }
+}
+
+/// `torch.linspace` in f32: the first half counts up from `start`, the second half down from `end`.
+pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 0 {
+        return vec![];
+    }
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn z_image_cfg() -> FlowMatchConfig {
+        serde_json::from_str(
+            r#"{"num_train_timesteps":1000,"use_dynamic_shifting":false,"shift":3.0}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn z_image_eight_steps_match_diffusers() {
+        // Values from the issue / diffusers 0.42.1 (`ZImagePipeline`, N = 8).
+        let s = z_image_cfg().schedule(8, 64);
+        let want = [1.0, 0.9545, 0.9, 0.8333, 0.75, 0.6429, 0.5, 0.3, 0.0];
+        for (a, b) in s.sigmas.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        assert_eq!(s.timesteps[0], 1000.0);
+        assert_eq!(s.sigmas.len(), 9);
+    }
+
+    #[test]
+    fn dynamic_shift_is_monotone() {
+        let mut c = z_image_cfg();
+        c.use_dynamic_shifting = true;
+        let s = c.schedule(8, 4096);
+        assert!(s.sigmas.windows(2).all(|w| w[0] >= w[1]));
+    }
+}

@@ -1,0 +1,326 @@
+//! The AutoencoderKL decoder shared by every family (Z-Image's 16-channel VAE, SD's 4-channel one):
+//! config from `vae/config.json`, diffusers tensor names (new and legacy attention names), and a
+//! forward that frees each feature map as soon as the next one exists.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+const VAE_NORM_EPS: f64 = 1e-6;
+
+/// `vae/config.json` (unknown fields ignored).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct VaeConfig {
+    #[serde(default = "d_in")]
+    pub in_channels: usize,
+    #[serde(default = "d_in")]
+    pub out_channels: usize,
+    #[serde(default = "d_latent")]
+    pub latent_channels: usize,
+    #[serde(default = "d_blocks")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "d_scaling")]
+    pub scaling_factor: f64,
+    /// `null` in SD VAEs.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "d_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
+    #[serde(default)]
+    pub up_block_types: Option<Vec<String>>,
+    #[serde(default = "d_act")]
+    pub act_fn: String,
+}
+
+fn d_in() -> usize {
+    3
+}
+fn d_latent() -> usize {
+    4
+}
+fn d_blocks() -> Vec<usize> {
+    vec![64]
+}
+fn d_layers() -> usize {
+    1
+}
+fn d_groups() -> usize {
+    32
+}
+fn d_scaling() -> f64 {
+    0.18215
+}
+fn d_true() -> bool {
+    true
+}
+fn d_act() -> String {
+    "silu".into()
+}
+
+impl VaeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block_out_channels.is_empty() {
+            return Err("block_out_channels must not be empty".into());
+        }
+        if self.norm_num_groups == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|c| *c == 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "every block_out_channels entry must be a positive multiple of norm_num_groups ({})",
+                self.norm_num_groups
+            ));
+        }
+        if self.act_fn != "silu" && self.act_fn != "swish" {
+            return Err(format!("act_fn `{}` is not supported (silu)", self.act_fn));
+        }
+        if let Some(types) = &self.up_block_types {
+            if let Some(t) = types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
+                return Err(format!(
+                    "up block type `{t}` is not supported (UpDecoderBlock2D)"
+                ));
+            }
+        }
+        if self.scaling_factor == 0.0 {
+            return Err("scaling_factor must not be 0".into());
+        }
+        Ok(())
+    }
+
+    /// Pixels per latent cell: 2^(number of blocks − 1).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
+    candle_nn::group_norm(groups, c, VAE_NORM_EPS, vb)
+}
+
+#[derive(Debug, Clone)]
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: group_norm(groups, cin, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, vb.pp("conv1"))?,
+            norm2: group_norm(groups, cout, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, vb.pp("conv2"))?,
+            shortcut: if cin != cout {
+                Some(conv(cin, cout, 1, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = candle_nn::ops::silu(&x.apply(&self.norm1)?)?;
+        h = h.apply(&self.conv1)?;
+        h = candle_nn::ops::silu(&h.apply(&self.norm2)?)?;
+        h = h.apply(&self.conv2)?;
+        match &self.shortcut {
+            Some(s) => x.apply(s)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Single-head self-attention over all spatial positions (the mid block).
+#[derive(Debug, Clone)]
+struct SpatialAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl SpatialAttention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        // diffusers renamed query/key/value/proj_attn to to_q/to_k/to_v/to_out.0; old files and
+        // some conversions still carry the legacy names (sometimes as 1×1 conv weights).
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let names = if legacy {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        let lin = |name: &str| -> candle_core::Result<Linear> {
+            let vb = vb.pp(name);
+            let w = vb.get_unchecked("weight")?;
+            let w = match w.rank() {
+                4 => w.squeeze(3)?.squeeze(2)?,
+                _ => w,
+            };
+            if w.dims() != [c, c] {
+                candle_core::bail!(
+                    "tensor `{}.weight` has shape {:?}, expected [{c}, {c}]",
+                    vb.prefix(),
+                    w.dims()
+                );
+            }
+            let b = vb.get(c, "bias")?;
+            Ok(Linear::new(w, Some(b)))
+        };
+        Ok(Self {
+            norm: group_norm(groups, c, vb.pp("group_norm"))?,
+            q: lin(names[0])?,
+            k: lin(names[1])?,
+            v: lin(names[2])?,
+            out: lin(names[3])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = x
+            .apply(&self.norm)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scale = 1.0 / (c as f64).sqrt();
+        let q = (t.apply(&self.q)? * scale)?;
+        let k = t.apply(&self.k)?;
+        let v = t.apply(&self.v)?;
+        drop(t);
+        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let o = probs.matmul(&v)?.apply(&self.out)?;
+        let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
+        x + o
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsample: Option<Conv2d>,
+}
+
+/// The decoder half of AutoencoderKL (plus `post_quant_conv` when the config has it).
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [Resnet; 2],
+    mid_attention: Option<SpatialAttention>,
+    up_blocks: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    dtype: DType,
+}
+
+impl VaeDecoder {
+    /// `vb` is rooted at the VAE's weight file (keys `decoder.*`, `post_quant_conv.*`).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let groups = cfg.norm_num_groups;
+        let boc = &cfg.block_out_channels;
+        let top = *boc.last().unwrap_or(&64);
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv(
+                cfg.latent_channels,
+                cfg.latent_channels,
+                1,
+                vb.pp("post_quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        let d = vb.pp("decoder");
+        let mid = d.pp("mid_block");
+        let mid_resnets = [
+            Resnet::new(top, top, groups, mid.pp("resnets.0"))?,
+            Resnet::new(top, top, groups, mid.pp("resnets.1"))?,
+        ];
+        let mid_attention = if cfg.mid_block_add_attention {
+            Some(SpatialAttention::new(top, groups, mid.pp("attentions.0"))?)
+        } else {
+            None
+        };
+        let reversed: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut prev = reversed[0];
+        for (i, &out) in reversed.iter().enumerate() {
+            let ub = d.pp("up_blocks").pp(i);
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { out };
+                    Resnet::new(cin, out, groups, ub.pp("resnets").pp(j))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let upsample = if i + 1 < reversed.len() {
+                Some(conv(out, out, 3, ub.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            prev = out;
+        }
+        Ok(Self {
+            post_quant_conv,
+            conv_in: conv(cfg.latent_channels, top, 3, d.pp("conv_in"))?,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            norm_out: group_norm(groups, boc[0], d.pp("conv_norm_out"))?,
+            conv_out: conv(boc[0], cfg.out_channels, 3, d.pp("conv_out"))?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Decoder input (already unscaled: `latents / scaling + shift`) → pixels in about [-1, 1], f32.
+    pub fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = z.to_dtype(self.dtype)?;
+        if let Some(pq) = &self.post_quant_conv {
+            h = h.apply(pq)?;
+        }
+        h = h.apply(&self.conv_in)?;
+        h = self.mid_resnets[0].forward(&h)?;
+        if let Some(a) = &self.mid_attention {
+            h = a.forward(&h)?;
+        }
+        h = self.mid_resnets[1].forward(&h)?;
+        for block in &self.up_blocks {
+            for r in &block.resnets {
+                h = r.forward(&h)?;
+            }
+            if let Some(up) = &block.upsample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = h.upsample_nearest2d(hh * 2, ww * 2)?;
+                h = h.apply(up)?;
+            }
+        }
+        h = candle_nn::ops::silu(&h.apply(&self.norm_out)?)?;
+        h = self.conv_out.forward(&h)?;
+        h.to_dtype(DType::F32)
+    }
+}

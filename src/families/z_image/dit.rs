@@ -1,0 +1,898 @@
+//! Z-Image's single-stream DiT (diffusers `ZImageTransformer2DModel`), composed here rather than
+//! taken whole from candle-transformers: candle's forward pads differently (wrong whenever caption
+//! or image lengths are not multiples of 32), and the precision policy (f16 compute, bf16 residual
+//! stream) and block streaming need the block loop in our hands.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::Deserialize;
+
+/// Width of the adaLN conditioning vector (capped at the model width).
+const ADALN_EMBED_DIM: usize = 256;
+/// Every per-item sequence (image tokens, caption tokens) is padded to a multiple of this.
+pub const SEQ_MULTI_OF: usize = 32;
+const FREQUENCY_EMBEDDING_SIZE: usize = 256;
+const T_EMBED_MID: usize = 1024;
+const MAX_PERIOD: f64 = 10_000.0;
+/// diffusers builds the per-head q/k RMSNorm with this eps regardless of `norm_eps`.
+const QK_NORM_EPS: f64 = 1e-5;
+const FINAL_NORM_EPS: f64 = 1e-6;
+
+/// `transformer/config.json` (unknown fields ignored; defaults are diffusers').
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct DitConfig {
+    #[serde(default = "d_patch")]
+    pub all_patch_size: Vec<usize>,
+    #[serde(default = "d_fpatch")]
+    pub all_f_patch_size: Vec<usize>,
+    #[serde(default = "d_in")]
+    pub in_channels: usize,
+    #[serde(default = "d_dim")]
+    pub dim: usize,
+    #[serde(default = "d_layers")]
+    pub n_layers: usize,
+    #[serde(default = "d_refiner")]
+    pub n_refiner_layers: usize,
+    #[serde(default = "d_heads")]
+    pub n_heads: usize,
+    #[serde(default = "d_heads")]
+    pub n_kv_heads: usize,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_true")]
+    pub qk_norm: bool,
+    #[serde(default = "d_cap")]
+    pub cap_feat_dim: usize,
+    #[serde(default = "d_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "d_tscale")]
+    pub t_scale: f64,
+    #[serde(default = "d_axes_dims")]
+    pub axes_dims: Vec<usize>,
+    #[serde(default = "d_axes_lens")]
+    pub axes_lens: Vec<usize>,
+}
+
+fn d_patch() -> Vec<usize> {
+    vec![2]
+}
+fn d_fpatch() -> Vec<usize> {
+    vec![1]
+}
+fn d_in() -> usize {
+    16
+}
+fn d_dim() -> usize {
+    3840
+}
+fn d_layers() -> usize {
+    30
+}
+fn d_refiner() -> usize {
+    2
+}
+fn d_heads() -> usize {
+    30
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_true() -> bool {
+    true
+}
+fn d_cap() -> usize {
+    2560
+}
+fn d_theta() -> f64 {
+    256.0
+}
+fn d_tscale() -> f64 {
+    1000.0
+}
+fn d_axes_dims() -> Vec<usize> {
+    vec![32, 48, 48]
+}
+fn d_axes_lens() -> Vec<usize> {
+    vec![1024, 512, 512]
+}
+
+impl DitConfig {
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    /// diffusers: `int(dim / 3 * 8)` (float division, then truncation).
+    pub fn ffn_hidden(&self) -> usize {
+        (self.dim as f64 / 3.0 * 8.0) as usize
+    }
+
+    pub fn adaln_dim(&self) -> usize {
+        self.dim.min(ADALN_EMBED_DIM)
+    }
+
+    pub fn patch(&self) -> usize {
+        self.all_patch_size.first().copied().unwrap_or(2)
+    }
+
+    pub fn f_patch(&self) -> usize {
+        self.all_f_patch_size.first().copied().unwrap_or(1)
+    }
+
+    /// Checks the invariants the forward relies on; the message names the offending keys.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.n_heads == 0 || self.dim == 0 || self.dim % self.n_heads != 0 {
+            return Err(format!(
+                "dim ({}) must be a positive multiple of n_heads ({})",
+                self.dim, self.n_heads
+            ));
+        }
+        if self.all_patch_size.is_empty()
+            || self.all_patch_size.len() != self.all_f_patch_size.len()
+        {
+            return Err(
+                "all_patch_size and all_f_patch_size must be non-empty and equally long".into(),
+            );
+        }
+        if self.patch() == 0 || self.f_patch() == 0 {
+            return Err("patch sizes must be positive".into());
+        }
+        if self.f_patch() != 1 {
+            return Err(format!(
+                "all_f_patch_size[0] = {} (only single-frame images, 1, are supported)",
+                self.f_patch()
+            ));
+        }
+        if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
+            return Err(
+                "axes_dims and axes_lens must have 3 entries (frame, height, width)".into(),
+            );
+        }
+        if self.axes_dims.iter().sum::<usize>() != self.head_dim() {
+            return Err(format!(
+                "sum(axes_dims) = {} must equal dim / n_heads = {}",
+                self.axes_dims.iter().sum::<usize>(),
+                self.head_dim()
+            ));
+        }
+        if self.axes_dims.iter().any(|d| d % 2 != 0) {
+            return Err("every axes_dims entry must be even (rotary pairs)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Dtypes the DiT runs in: weights/matmuls in `compute`, the block-to-block hidden state in
+/// `residual`. Adds into the residual stream happen in `residual`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DitPrecision {
+    pub compute: DType,
+    pub residual: DType,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    // Computed in f32 like diffusers' RMSNorm, then returned in the weight's dtype.
+    let xf = x.to_dtype(DType::F32)?.contiguous()?;
+    let wf = w.to_dtype(DType::F32)?;
+    candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(w.dtype())
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<Tensor>,
+    norm_k: Option<Tensor>,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (dim, hd) = (cfg.dim, cfg.head_dim());
+        let lin = |name: &str| candle_nn::linear_no_bias(dim, dim, vb.pp(name));
+        let (norm_q, norm_k) = if cfg.qk_norm {
+            (
+                Some(vb.get(hd, "norm_q.weight")?),
+                Some(vb.get(hd, "norm_k.weight")?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: lin("to_q")?,
+            to_k: lin("to_k")?,
+            to_v: lin("to_v")?,
+            to_out: candle_nn::linear_no_bias(dim, dim, vb.pp("to_out").pp("0"))?,
+            norm_q,
+            norm_k,
+            n_heads: cfg.n_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `x`: `[B, L, dim]`; `rope`: cos/sin `[B, L, head_dim/2]` f32; `bias`: additive mask
+    /// `[B, 1, 1, L]` when some items are shorter than others.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let dtype = x.dtype();
+        let heads = |t: Tensor| t.reshape((b, l, self.n_heads, self.head_dim));
+        let mut q = heads(x.apply(&self.to_q)?)?;
+        let mut k = heads(x.apply(&self.to_k)?)?;
+        let v = heads(x.apply(&self.to_v)?)?;
+        if let Some(w) = &self.norm_q {
+            q = rms_norm(&q, w, QK_NORM_EPS)?;
+        }
+        if let Some(w) = &self.norm_k {
+            k = rms_norm(&k, w, QK_NORM_EPS)?;
+        }
+        // Rotary embedding in f32 on interleaved pairs, as diffusers' complex multiply does.
+        let q = q.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
+        let k = k.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?;
+        // Scaling q before the product saves a full pass over the L×L scores.
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = (q * scale)?.to_dtype(dtype)?;
+        let k = k.to_dtype(dtype)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        drop(scores);
+        let out = probs.matmul(&v)?;
+        out.transpose(1, 2)?
+            .reshape((b, l, self.n_heads * self.head_dim))?
+            .apply(&self.to_out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.ffn_hidden();
+        Ok(Self {
+            w1: candle_nn::linear_no_bias(cfg.dim, h, vb.pp("w1"))?,
+            w2: candle_nn::linear_no_bias(h, cfg.dim, vb.pp("w2"))?,
+            w3: candle_nn::linear_no_bias(cfg.dim, h, vb.pp("w3"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&x.apply(&self.w1)?)?;
+        (gate * x.apply(&self.w3)?)?.apply(&self.w2)
+    }
+}
+
+/// One transformer block; `modulation` is absent in the context refiner.
+#[derive(Debug, Clone)]
+pub struct Block {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm1: Tensor,
+    attention_norm2: Tensor,
+    ffn_norm1: Tensor,
+    ffn_norm2: Tensor,
+    modulation: Option<Linear>,
+    eps: f64,
+}
+
+impl Block {
+    pub fn new(cfg: &DitConfig, modulated: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = cfg.dim;
+        let modulation = if modulated {
+            Some(candle_nn::linear(
+                cfg.adaln_dim(),
+                4 * dim,
+                vb.pp("adaLN_modulation").pp("0"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attention: Attention::new(cfg, vb.pp("attention"))?,
+            feed_forward: FeedForward::new(cfg, vb.pp("feed_forward"))?,
+            attention_norm1: vb.get(dim, "attention_norm1.weight")?,
+            attention_norm2: vb.get(dim, "attention_norm2.weight")?,
+            ffn_norm1: vb.get(dim, "ffn_norm1.weight")?,
+            ffn_norm2: vb.get(dim, "ffn_norm2.weight")?,
+            modulation,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    /// `x` in the residual dtype; returns the updated residual stream.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+        adaln: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let residual = x.dtype();
+        let norm = |t: &Tensor, w: &Tensor| rms_norm(t, w, self.eps);
+        match (&self.modulation, adaln) {
+            (Some(m), Some(c)) => {
+                let mods = c.apply(m)?.unsqueeze(1)?; // [B, 1, 4·dim]
+                let chunks = mods.chunk(4, D::Minus1)?;
+                let scale_msa = (&chunks[0] + 1.0)?;
+                let gate_msa = chunks[1].tanh()?;
+                let scale_mlp = (&chunks[2] + 1.0)?;
+                let gate_mlp = chunks[3].tanh()?;
+
+                let h = norm(x, &self.attention_norm1)?.broadcast_mul(&scale_msa)?;
+                let a = self.attention.forward(&h, rope, bias)?;
+                let a = norm(&a, &self.attention_norm2)?.broadcast_mul(&gate_msa)?;
+                let x = (x + a.to_dtype(residual)?)?;
+
+                let h = norm(&x, &self.ffn_norm1)?.broadcast_mul(&scale_mlp)?;
+                let f = self.feed_forward.forward(&h)?;
+                let f = norm(&f, &self.ffn_norm2)?.broadcast_mul(&gate_mlp)?;
+                x + f.to_dtype(residual)?
+            }
+            (None, _) => {
+                let h = norm(x, &self.attention_norm1)?;
+                let a = self.attention.forward(&h, rope, bias)?;
+                let x = (x + norm(&a, &self.attention_norm2)?.to_dtype(residual)?)?;
+                let h = norm(&x, &self.ffn_norm1)?;
+                let f = self.feed_forward.forward(&h)?;
+                x + norm(&f, &self.ffn_norm2)?.to_dtype(residual)?
+            }
+            (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
+        }
+    }
+}
+
+/// cos/sin of the rotary angles for a batch of sequences, `[B, L, head_dim/2]` f32.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Per-axis angle tables, computed once: `angle[pos][i] = pos / θ^(2i/d)` (f64, rounded to f32).
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    axes: Vec<(usize, Vec<f32>, Vec<f32>)>, // (half_dim, cos, sin) flattened [len × half]
+}
+
+impl RopeTables {
+    pub fn new(cfg: &DitConfig) -> Self {
+        let axes = cfg
+            .axes_dims
+            .iter()
+            .zip(&cfg.axes_lens)
+            .map(|(&d, &len)| {
+                let half = d / 2;
+                let freqs: Vec<f64> = (0..half)
+                    .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+                    .collect();
+                let mut cos = Vec::with_capacity(len * half);
+                let mut sin = Vec::with_capacity(len * half);
+                for pos in 0..len {
+                    for f in &freqs {
+                        let angle = (pos as f64 * f) as f32 as f64;
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+                (half, cos, sin)
+            })
+            .collect();
+        Self { axes }
+    }
+
+    /// Builds cos/sin for `ids` (one `[f, h, w]` triple per token) of each batch item; rows past an
+    /// item's length (batch padding) are zeros, as `pad_sequence` leaves them.
+    pub fn rope(
+        &self,
+        ids: &[Vec<[usize; 3]>],
+        len: usize,
+        dev: &Device,
+    ) -> candle_core::Result<Rope> {
+        let half: usize = self.axes.iter().map(|a| a.0).sum();
+        let b = ids.len();
+        let mut cos = vec![0f32; b * len * half];
+        let mut sin = vec![0f32; b * len * half];
+        for (bi, item) in ids.iter().enumerate() {
+            for (ti, pos) in item.iter().enumerate() {
+                let mut off = (bi * len + ti) * half;
+                for (axis, (h, ct, st)) in self.axes.iter().enumerate() {
+                    let p = pos[axis];
+                    if (p + 1) * h > ct.len() {
+                        candle_core::bail!(
+                            "rotary position {p} on axis {axis} exceeds axes_lens (image or prompt too large for this model)"
+                        );
+                    }
+                    cos[off..off + h].copy_from_slice(&ct[p * h..(p + 1) * h]);
+                    sin[off..off + h].copy_from_slice(&st[p * h..(p + 1) * h]);
+                    off += h;
+                }
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (b, len, half), dev)?,
+            sin: Tensor::from_vec(sin, (b, len, half), dev)?,
+        })
+    }
+}
+
+/// The parts of the DiT that are not repeated blocks (always resident while denoising).
+#[derive(Debug, Clone)]
+pub struct DitStem {
+    t_mlp1: Linear,
+    t_mlp2: Linear,
+    cap_norm: Tensor,
+    cap_linear: Linear,
+    x_embedder: Linear,
+    final_linear: Linear,
+    final_adaln: Linear,
+    x_pad_token: Tensor,
+    cap_pad_token: Tensor,
+}
+
+impl DitStem {
+    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
+        let key = format!("{p}-{fp}");
+        let patch_dim = fp * p * p * c;
+        Ok(Self {
+            t_mlp1: candle_nn::linear(
+                FREQUENCY_EMBEDDING_SIZE,
+                T_EMBED_MID,
+                vb.pp("t_embedder.mlp.0"),
+            )?,
+            t_mlp2: candle_nn::linear(T_EMBED_MID, cfg.adaln_dim(), vb.pp("t_embedder.mlp.2"))?,
+            cap_norm: vb.get(cfg.cap_feat_dim, "cap_embedder.0.weight")?,
+            cap_linear: candle_nn::linear(cfg.cap_feat_dim, dim, vb.pp("cap_embedder.1"))?,
+            x_embedder: candle_nn::linear(patch_dim, dim, vb.pp("all_x_embedder").pp(&key))?,
+            final_linear: candle_nn::linear(
+                dim,
+                patch_dim,
+                vb.pp("all_final_layer").pp(&key).pp("linear"),
+            )?,
+            final_adaln: candle_nn::linear(
+                cfg.adaln_dim(),
+                dim,
+                vb.pp("all_final_layer")
+                    .pp(&key)
+                    .pp("adaLN_modulation")
+                    .pp("1"),
+            )?,
+            x_pad_token: vb.get((1, dim), "x_pad_token")?,
+            cap_pad_token: vb.get((1, dim), "cap_pad_token")?,
+        })
+    }
+
+    /// Sinusoidal timestep embedding (f32, `cat(cos, sin)`) → MLP, in the compute dtype.
+    fn t_embed(&self, t: &Tensor, t_scale: f64) -> candle_core::Result<Tensor> {
+        let half = FREQUENCY_EMBEDDING_SIZE / 2;
+        let dev = t.device();
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64) as f32)
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (1, half), dev)?.exp()?;
+        let t = (t.to_dtype(DType::F32)? * t_scale)?.unsqueeze(1)?;
+        let args = t.broadcast_mul(&freqs)?;
+        let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
+        let dtype = self.t_mlp1.weight().dtype();
+        let h = candle_nn::ops::silu(&emb.to_dtype(dtype)?.apply(&self.t_mlp1)?)?;
+        h.apply(&self.t_mlp2)
+    }
+}
+
+/// Holds the DiT's configuration and the pieces every forward needs.
+pub struct Dit {
+    pub cfg: DitConfig,
+    pub stem: DitStem,
+    tables: RopeTables,
+    precision: DitPrecision,
+}
+
+/// How the forward obtains its repeated blocks: all resident, or loaded one by one.
+pub trait BlockSource {
+    /// Called for `noise_refiner`, `context_refiner` and `layers` blocks in execution order;
+    /// `f` runs the block. Implementations may load the block just before and drop it after.
+    fn with_block(
+        &mut self,
+        group: BlockGroup,
+        index: usize,
+        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockGroup {
+    NoiseRefiner,
+    ContextRefiner,
+    Layers,
+}
+
+impl BlockGroup {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::NoiseRefiner => "noise_refiner",
+            Self::ContextRefiner => "context_refiner",
+            Self::Layers => "layers",
+        }
+    }
+}
+
+/// Optional per-stage activations, for parity tests against diffusers' forward hooks.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub stages: Vec<(String, Tensor)>,
+}
+
+impl Dit {
+    pub fn new(
+        cfg: DitConfig,
+        vb: VarBuilder,
+        precision: DitPrecision,
+    ) -> candle_core::Result<Self> {
+        let stem = DitStem::new(&cfg, vb)?;
+        let tables = RopeTables::new(&cfg);
+        Ok(Self {
+            cfg,
+            stem,
+            tables,
+            precision,
+        })
+    }
+
+    pub fn precision(&self) -> DitPrecision {
+        self.precision
+    }
+
+    /// One denoiser call.
+    /// * `x`: `[B, C, h, w]` latents (any float dtype), all items the same size;
+    /// * `t`: `[B]` model time in [0, 1] (`(1000 − timestep)/1000`);
+    /// * `caps`: per item, caption features `[L_i, cap_feat_dim]`.
+    ///
+    /// Returns the raw model output `[B, C, h, w]` in f32 (not yet negated).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        caps: &[&Tensor],
+        blocks: &mut dyn BlockSource,
+        mut trace: Option<&mut Trace>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let dev = x.device().clone();
+        let (b, c, h, w) = x.dims4()?;
+        if caps.len() != b {
+            candle_core::bail!("{} caption tensors for a batch of {b}", caps.len());
+        }
+        let p = cfg.patch();
+        if h % p != 0 || w % p != 0 {
+            candle_core::bail!("latent size {h}×{w} is not a multiple of the patch size {p}");
+        }
+        let compute = self.precision.compute;
+        let residual = self.precision.residual;
+        let mut record = |name: &str, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.stages.push((name.to_string(), t.clone()));
+            }
+        };
+
+        let adaln = self.stem.t_embed(t, cfg.t_scale)?; // [B, adaln]
+        record("t_embedder", &adaln);
+
+        // Patchify: (C, H/p, p, W/p, p) → tokens (h, w) row-major, features (ph, pw, C).
+        let (ht, wt) = (h / p, w / p);
+        let n_img = ht * wt;
+        let img_pad = (SEQ_MULTI_OF - n_img % SEQ_MULTI_OF) % SEQ_MULTI_OF;
+        let n_img_padded = n_img + img_pad;
+        let patches = x
+            .to_dtype(compute)?
+            .reshape((b, c, ht, p, wt, p))?
+            .permute((0, 2, 4, 3, 5, 1))?
+            .reshape((b, n_img, p * p * c))?;
+        let mut img = patches.apply(&self.stem.x_embedder)?; // [B, n_img, dim]
+        record("x_embedder", &img);
+        if img_pad > 0 {
+            let pad = self
+                .stem
+                .x_pad_token
+                .unsqueeze(0)?
+                .broadcast_as((b, img_pad, cfg.dim))?;
+            img = Tensor::cat(&[&img, &pad], 1)?;
+        }
+        let mut img = img.to_dtype(residual)?;
+
+        // Caption lengths, padded per item to the multiple of 32.
+        let cap_lens: Vec<usize> = caps.iter().map(|c| c.dim(0)).collect::<Result<_, _>>()?;
+        let cap_padded: Vec<usize> = cap_lens
+            .iter()
+            .map(|l| l + (SEQ_MULTI_OF - l % SEQ_MULTI_OF) % SEQ_MULTI_OF)
+            .collect();
+        let cap_max = cap_padded.iter().copied().max().unwrap_or(0);
+
+        // Rotary positions: image token (f, h, w) sits after its item's padded caption.
+        let img_ids: Vec<Vec<[usize; 3]>> = cap_padded
+            .iter()
+            .map(|&cp| {
+                let mut ids = Vec::with_capacity(n_img_padded);
+                for hi in 0..ht {
+                    for wi in 0..wt {
+                        ids.push([cp + 1, hi, wi]);
+                    }
+                }
+                ids.resize(n_img_padded, [0, 0, 0]);
+                ids
+            })
+            .collect();
+        let cap_ids: Vec<Vec<[usize; 3]>> = cap_padded
+            .iter()
+            .map(|&cp| (0..cp).map(|j| [1 + j, 0, 0]).collect())
+            .collect();
+
+        let img_rope = self.tables.rope(&img_ids, n_img_padded, &dev)?;
+        for i in 0..cfg.n_refiner_layers {
+            img = blocks.with_block(BlockGroup::NoiseRefiner, i, &mut |blk| {
+                blk.forward(&img, &img_rope, None, Some(&adaln))
+            })?;
+            record(&format!("noise_refiner.{i}"), &img);
+        }
+        drop(img_rope);
+
+        // Caption embedding: RMSNorm + Linear per item, pad rows → cap_pad_token, batch-pad → 0.
+        let mut cap_rows = Vec::with_capacity(b);
+        for (i, cap) in caps.iter().enumerate() {
+            let normed = rms_norm(&cap.to_dtype(compute)?, &self.stem.cap_norm, cfg.norm_eps)?;
+            let mut e = normed.apply(&self.stem.cap_linear)?; // [L_i, dim]
+            if i == 0 {
+                record("cap_embedder", &e);
+            }
+            let pad = cap_padded[i] - cap_lens[i];
+            if pad > 0 {
+                let tok = self.stem.cap_pad_token.broadcast_as((pad, cfg.dim))?;
+                e = Tensor::cat(&[&e, &tok], 0)?;
+            }
+            if cap_padded[i] < cap_max {
+                let z = Tensor::zeros((cap_max - cap_padded[i], cfg.dim), e.dtype(), &dev)?;
+                e = Tensor::cat(&[&e, &z], 0)?;
+            }
+            cap_rows.push(e);
+        }
+        let mut cap = Tensor::stack(&cap_rows, 0)?.to_dtype(residual)?;
+        drop(cap_rows);
+        let cap_bias = padding_bias(&cap_padded, cap_max, compute, &dev)?;
+        let cap_rope = self.tables.rope(&cap_ids, cap_max, &dev)?;
+        for i in 0..cfg.n_refiner_layers {
+            cap = blocks.with_block(BlockGroup::ContextRefiner, i, &mut |blk| {
+                blk.forward(&cap, &cap_rope, cap_bias.as_ref(), None)
+            })?;
+            record(&format!("context_refiner.{i}"), &cap);
+        }
+        drop(cap_rope);
+
+        // Unified sequence per item: [image tokens, caption tokens], batch-padded at the end.
+        let uni_lens: Vec<usize> = cap_padded.iter().map(|cp| n_img_padded + cp).collect();
+        let uni_max = n_img_padded + cap_max;
+        let mut unified = if uni_lens.iter().all(|&l| l == uni_max) {
+            Tensor::cat(&[&img, &cap], 1)?
+        } else {
+            // Rows past an item's caption were batch padding in the refiner; diffusers keeps only
+            // the valid rows and pads with zeros again, so do the same (never feed them forward).
+            let rows = (0..b)
+                .map(|i| {
+                    let mut parts = vec![img.get(i)?, cap.get(i)?.narrow(0, 0, cap_padded[i])?];
+                    if cap_padded[i] < cap_max {
+                        parts.push(Tensor::zeros(
+                            (cap_max - cap_padded[i], cfg.dim),
+                            residual,
+                            &dev,
+                        )?);
+                    }
+                    Tensor::cat(&parts, 0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&rows, 0)?
+        };
+        drop((img, cap));
+        let uni_ids: Vec<Vec<[usize; 3]>> = img_ids
+            .iter()
+            .zip(&cap_ids)
+            .map(|(a, c)| a.iter().chain(c.iter()).copied().collect())
+            .collect();
+        let uni_rope = self.tables.rope(&uni_ids, uni_max, &dev)?;
+        let uni_bias = padding_bias(&uni_lens, uni_max, compute, &dev)?;
+        for i in 0..cfg.n_layers {
+            unified = blocks.with_block(BlockGroup::Layers, i, &mut |blk| {
+                blk.forward(&unified, &uni_rope, uni_bias.as_ref(), Some(&adaln))
+            })?;
+            record(&format!("layers.{i}"), &unified);
+        }
+        drop(uni_rope);
+
+        // Final layer: LayerNorm (no affine, f32) · (1 + Linear(SiLU(c))) → Linear; image rows only.
+        let img_out = unified.narrow(1, 0, n_img)?;
+        let scale = (candle_nn::ops::silu(&adaln)?.apply(&self.stem.final_adaln)? + 1.0)?;
+        let normed = layer_norm_no_affine(&img_out, FINAL_NORM_EPS)?.to_dtype(compute)?;
+        let out = normed
+            .broadcast_mul(&scale.unsqueeze(1)?)?
+            .apply(&self.stem.final_linear)?;
+        record("final_layer", &out);
+        // Unpatchify: tokens (h, w), features (ph, pw, C) → [B, C, H, W].
+        out.to_dtype(DType::F32)?
+            .reshape((b, ht, wt, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, c, h, w))
+    }
+}
+
+/// Additive attention bias masking each item's batch padding, or `None` when nothing is padded.
+fn padding_bias(
+    lens: &[usize],
+    max: usize,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if lens.iter().all(|&l| l == max) {
+        return Ok(None);
+    }
+    let mut v = vec![0f32; lens.len() * max];
+    for (i, &l) in lens.iter().enumerate() {
+        for x in &mut v[i * max + l..(i + 1) * max] {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(v, (lens.len(), 1, 1, max), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// All blocks resident on the device.
+pub struct ResidentBlocks {
+    pub noise_refiner: Vec<Block>,
+    pub context_refiner: Vec<Block>,
+    pub layers: Vec<Block>,
+}
+
+impl ResidentBlocks {
+    pub fn load(cfg: &DitConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let group = |g: BlockGroup, n: usize, modulated: bool| {
+            (0..n)
+                .map(|i| Block::new(cfg, modulated, vb.pp(g.prefix()).pp(i)))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        Ok(Self {
+            noise_refiner: group(BlockGroup::NoiseRefiner, cfg.n_refiner_layers, true)?,
+            context_refiner: group(BlockGroup::ContextRefiner, cfg.n_refiner_layers, false)?,
+            layers: group(BlockGroup::Layers, cfg.n_layers, true)?,
+        })
+    }
+}
+
+impl BlockSource for ResidentBlocks {
+    fn with_block(
+        &mut self,
+        group: BlockGroup,
+        index: usize,
+        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let list = match group {
+            BlockGroup::NoiseRefiner => &self.noise_refiner,
+            BlockGroup::ContextRefiner => &self.context_refiner,
+            BlockGroup::Layers => &self.layers,
+        };
+        match list.get(index) {
+            Some(b) => f(b),
+            None => candle_core::bail!("no block {}.{index}", group.prefix()),
+        }
+    }
+}
+
+/// Blocks loaded from the host mapping just before use and dropped after; the next block is
+/// read on a helper thread while the current one computes.
+pub struct StreamedBlocks<'a> {
+    pub cfg: &'a DitConfig,
+    pub vb: VarBuilder<'static>,
+    prefetched: Option<(
+        BlockGroup,
+        usize,
+        std::thread::JoinHandle<candle_core::Result<Block>>,
+    )>,
+    /// Called after each block is dropped (e.g. to release mapped pages).
+    pub after_block: Option<Box<dyn FnMut() + 'a>>,
+}
+
+impl<'a> StreamedBlocks<'a> {
+    pub fn new(cfg: &'a DitConfig, vb: VarBuilder<'static>) -> Self {
+        Self {
+            cfg,
+            vb,
+            prefetched: None,
+            after_block: None,
+        }
+    }
+
+    fn next_of(&self, group: BlockGroup, index: usize) -> Option<(BlockGroup, usize)> {
+        let n = |g: BlockGroup| match g {
+            BlockGroup::NoiseRefiner | BlockGroup::ContextRefiner => self.cfg.n_refiner_layers,
+            BlockGroup::Layers => self.cfg.n_layers,
+        };
+        if index + 1 < n(group) {
+            return Some((group, index + 1));
+        }
+        let order = [
+            BlockGroup::NoiseRefiner,
+            BlockGroup::ContextRefiner,
+            BlockGroup::Layers,
+        ];
+        let pos = order.iter().position(|g| *g == group)?;
+        order[pos + 1..]
+            .iter()
+            .find(|g| n(**g) > 0)
+            .map(|g| (*g, 0))
+    }
+
+    fn spawn(
+        &self,
+        group: BlockGroup,
+        index: usize,
+    ) -> std::thread::JoinHandle<candle_core::Result<Block>> {
+        let cfg = self.cfg.clone();
+        let vb = self.vb.pp(group.prefix()).pp(index);
+        let modulated = group != BlockGroup::ContextRefiner;
+        std::thread::spawn(move || Block::new(&cfg, modulated, vb))
+    }
+}
+
+impl BlockSource for StreamedBlocks<'_> {
+    fn with_block(
+        &mut self,
+        group: BlockGroup,
+        index: usize,
+        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let block = match self.prefetched.take() {
+            Some((g, i, handle)) if g == group && i == index => handle
+                .join()
+                .map_err(|_| candle_core::Error::Msg("block loader thread panicked".into()))??,
+            other => {
+                if let Some((_, _, h)) = other {
+                    let _ = h.join();
+                }
+                Block::new(
+                    self.cfg,
+                    group != BlockGroup::ContextRefiner,
+                    self.vb.pp(group.prefix()).pp(index),
+                )?
+            }
+        };
+        if let Some((g, i)) = self.next_of(group, index) {
+            self.prefetched = Some((g, i, self.spawn(g, i)));
+        }
+        let out = f(&block);
+        drop(block);
+        if let Some(cb) = self.after_block.as_mut() {
+            cb();
+        }
+        out
+    }
+}

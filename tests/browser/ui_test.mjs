@@ -1,0 +1,191 @@
+// Browser smoke test of the zturbo web UI.
+//
+//   npm ci --prefix tests/browser
+//   node tests/browser/ui_test.mjs <base_url> <screenshot_path> [narrow_screenshot_path]
+//
+// Drives the page in headless Chromium (system binary, $CHROMIUM or /usr/bin/chromium):
+// waits for /api/info to be applied, sets 128×128 / 8 steps, types a prompt, clicks Generate,
+// waits for the job's image to load in #gallery, checks the memory chart received samples and
+// that the console stayed free of errors, then saves a full-page screenshot.
+// Exits 0 on success, 1 on any failure (with a message saying which check failed).
+
+import { chromium } from 'playwright-core';
+
+const [baseArg, shotPath, narrowShotPath] = process.argv.slice(2);
+if (!baseArg || !shotPath) {
+  console.error('usage: node tests/browser/ui_test.mjs <base_url> <screenshot_path> [narrow_screenshot_path]');
+  process.exit(2);
+}
+const base = baseArg.endsWith('/') ? baseArg : `${baseArg}/`;
+const GEN_TIMEOUT_MS = 120_000;
+const HARD_TIMEOUT_MS = 240_000;
+
+const results = [];
+let passed = 0;
+let failed = 0;
+
+function ok(name, detail = '') {
+  passed++;
+  results.push(`ok   ${name}${detail ? ` — ${detail}` : ''}`);
+  console.log(`ok   ${name}${detail ? ` — ${detail}` : ''}`);
+}
+
+class CheckFailed extends Error {}
+function fail(name, detail) {
+  failed++;
+  const line = `FAIL ${name}: ${detail}`;
+  results.push(line);
+  console.error(line);
+  throw new CheckFailed(line);
+}
+
+const hardTimer = setTimeout(() => {
+  console.error(`FAIL overall: test exceeded ${HARD_TIMEOUT_MS / 1000} s`);
+  console.log(`browser: ${passed} passed, ${failed + 1} failed`);
+  process.exit(1);
+}, HARD_TIMEOUT_MS);
+hardTimer.unref();
+
+const consoleErrors = [];
+let browser;
+let exitCode = 0;
+
+try {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  }).catch((e) => fail('launch chromium', e.message.split('\n')[0]));
+
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
+  const page = await context.newPage();
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') consoleErrors.push(`console.error: ${msg.text()}`);
+  });
+  page.on('pageerror', (err) => consoleErrors.push(`uncaught: ${err.message}`));
+  page.on('requestfailed', (req) => {
+    // EventSource streams that we close ourselves show up as aborted; they are not errors.
+    const f = req.failure();
+    if (f && /ERR_ABORTED/.test(f.errorText)) return;
+    consoleErrors.push(`request failed: ${req.method()} ${req.url()} (${f ? f.errorText : '?'})`);
+  });
+
+  // 1. page loads and applies /api/info
+  const infoResp = page.waitForResponse((r) => r.url().endsWith('/api/info'), { timeout: 20_000 }).catch(() => null);
+  const resp = await page.goto(base, { waitUntil: 'domcontentloaded', timeout: 30_000 })
+    .catch((e) => fail('open page', e.message.split('\n')[0]));
+  if (!resp || !resp.ok()) fail('open page', `HTTP ${resp ? resp.status() : 'no response'} for ${base}`);
+  const infoR = await infoResp;
+  const info = infoR ? await infoR.json().catch(() => null) : null;
+  const errs = () => (consoleErrors.length ? `; page errors: ${consoleErrors.slice(0, 5).join(' | ')}` : '');
+  if (!info) fail('GET /api/info', `the page never fetched /api/info (or it was not JSON)${errs()}`);
+  await page.waitForFunction(() => document.documentElement.dataset.info === 'ready', null, { timeout: 20_000 })
+    .catch(() => fail('apply /api/info', `the page did not mark itself ready within 20 s${errs()}`));
+  for (const id of ['prompt', 'generate', 'cancel', 'gallery', 'memory-chart', 'queue']) {
+    if (!(await page.$(`#${id}`))) fail('stable hooks', `#${id} is missing`);
+  }
+  const defaults = await page.evaluate(() => ({
+    width: document.getElementById('width').value,
+    steps: document.getElementById('steps').value,
+    cfg: document.getElementById('cfg').value,
+  }));
+  const d = info.model && info.model.defaults;
+  if (d && (Number(defaults.width) !== d.width || Number(defaults.steps) !== d.steps || Math.abs(Number(defaults.cfg) - d.cfg) > 1e-9)) {
+    fail('defaults from /api/info', `form shows ${JSON.stringify(defaults)}, server says ${JSON.stringify(d)}`);
+  }
+  ok('page loaded and /api/info applied', `model ${info.model && info.model.name}`);
+
+  if (info.model && info.model.demo) {
+    const banner = await page.$('#demo-banner');
+    const visible = banner && (await banner.isVisible());
+    const text = visible ? await banner.innerText() : '';
+    if (!visible || !/random weights/i.test(text)) fail('demo notice', 'model.demo is true but the random-weights notice is not shown');
+    ok('demo notice shown');
+  }
+
+  // 2. fill the form: 128×128, 8 steps, a prompt
+  await page.fill('#width', '128');
+  await page.fill('#height', '128');
+  await page.fill('#steps', '8');
+  await page.fill('#prompt', 'a serene mountain lake at dawn, mist rising, pine trees');
+  await page.click('body', { position: { x: 2, y: 2 } }).catch(() => {}); // blur: fires change events
+  const form = await page.evaluate(() => ({
+    w: document.getElementById('width').value, h: document.getElementById('height').value,
+    s: document.getElementById('steps').value,
+  }));
+  if (form.w !== '128' || form.h !== '128' || form.s !== '8') fail('fill form', `got ${JSON.stringify(form)}`);
+
+  // 3. Generate
+  const postResp = page.waitForResponse((r) => r.url().endsWith('/api/jobs') && r.request().method() === 'POST', { timeout: 15_000 });
+  await page.click('#generate', { timeout: 10_000 }).catch((e) => fail('click #generate', e.message.split('\n')[0]));
+  const post = await postResp.catch(() => fail('POST /api/jobs', 'no request was sent within 15 s of clicking Generate'));
+  if (post.status() !== 202) {
+    const body = await post.text().catch(() => '');
+    fail('POST /api/jobs', `status ${post.status()}: ${body.slice(0, 300)}`);
+  }
+  const { id } = await post.json();
+  const sent = post.request().postDataJSON();
+  if (sent.width !== 128 || sent.height !== 128 || sent.steps !== 8) {
+    fail('request body', `expected 128×128, 8 steps; sent ${JSON.stringify(sent)}`);
+  }
+  ok('job submitted', `id ${id}`);
+
+  // 4. wait for that job's image to load in the gallery (or its failure card)
+  const started = Date.now();
+  const outcome = await page.waitForFunction((jobId) => {
+    const fig = [...document.querySelectorAll('#gallery figure.result')].find((f) => f.dataset.jobId === jobId);
+    if (!fig) return null;
+    if (fig.classList.contains('failed')) return { failed: fig.innerText.slice(0, 300) };
+    const img = fig.querySelector('img');
+    if (!img) return null;
+    if (img.complete && img.naturalWidth > 0) return { ok: true, w: img.naturalWidth, h: img.naturalHeight, src: img.getAttribute('src') };
+    if (img.complete && img.naturalWidth === 0 && img.classList.contains('broken')) return { broken: img.getAttribute('src') };
+    fig.scrollIntoView({ block: 'nearest' });
+    return null;
+  }, id, { timeout: GEN_TIMEOUT_MS, polling: 250 }).then((h) => h.jsonValue()).catch(async () => {
+    const q = await page.$eval('#queue', (e) => e.innerText).catch(() => '');
+    fail('image in #gallery', `no loaded image for job ${id} within ${GEN_TIMEOUT_MS / 1000} s; queue shows: ${q.replace(/\s+/g, ' ').slice(0, 200)}`);
+  });
+  if (outcome.failed) fail('image in #gallery', `the job failed: ${outcome.failed.replace(/\s+/g, ' ')}`);
+  if (outcome.broken) fail('image in #gallery', `image ${outcome.broken} did not load`);
+  if (outcome.w !== 128 || outcome.h !== 128) fail('image size', `expected 128×128, got ${outcome.w}×${outcome.h}`);
+  ok('image loaded in #gallery', `${outcome.src} ${outcome.w}×${outcome.h} after ${((Date.now() - started) / 1000).toFixed(1)} s`);
+
+  // 5. memory chart received samples (stream is ≥1 Hz even when idle)
+  const samples = await page.waitForFunction(() => {
+    const n = Number(document.getElementById('memory-chart').getAttribute('data-samples'));
+    return n > 0 ? n : null;
+  }, null, { timeout: 10_000, polling: 200 }).then((h) => h.jsonValue())
+    .catch(() => fail('memory chart', '#memory-chart[data-samples] stayed 0 for 10 s after the image loaded'));
+  ok('memory chart fed', `${samples} samples`);
+
+  // let the fade-in finish, then check the console and take the screenshot
+  await page.waitForTimeout(700);
+  if (consoleErrors.length) fail('console clean', `${consoleErrors.length} error(s):\n  ${consoleErrors.slice(0, 10).join('\n  ')}`);
+  ok('no console errors');
+
+  await page.screenshot({ path: shotPath, fullPage: true })
+    .catch((e) => fail('screenshot', e.message.split('\n')[0]));
+  ok('screenshot saved', shotPath);
+
+  if (narrowShotPath) {
+    await page.setViewportSize({ width: 420, height: 900 });
+    await page.waitForTimeout(400);
+    await page.screenshot({ path: narrowShotPath, fullPage: true })
+      .catch((e) => fail('narrow screenshot', e.message.split('\n')[0]));
+    ok('narrow screenshot saved', narrowShotPath);
+  }
+} catch (e) {
+  exitCode = 1;
+  if (!(e instanceof CheckFailed)) {
+    failed++;
+    console.error(`FAIL unexpected: ${e && e.stack ? e.stack : e}`);
+  }
+} finally {
+  if (browser) await browser.close().catch(() => {});
+}
+
+console.log(`browser: ${passed} passed, ${failed} failed`);
+process.exit(exitCode || (failed ? 1 : 0));
