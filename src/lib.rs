@@ -1,4 +1,12 @@
 //! zturbo: a local image-generation server for Turbo diffusion models on candle.
 //! Layers, top to bottom: server → queue → engine → families → memory.
 
+pub mod engine;
 pub mod families;
+pub mod memory;
+pub mod request;
+pub mod settings;
+
+/// Every heap allocation is counted, so the CPU memory chart and per-job peaks are exact.
+#[global_allocator]
+static GLOBAL: memory::CountingAlloc = memory::CountingAlloc;

@@ -1,1 +1,417 @@
-fn main() {}
+//! The `zturbo` command: `serve` the web UI, `generate` one image from the terminal, `pull` a
+//! model from the Hugging Face hub, list `models`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use zturbo::engine::guard::FaultPlan;
+use zturbo::engine::output::{self, a1111_parameters, encode_png, write_atomic};
+use zturbo::engine::{
+    CancelToken, Engine, EngineConfig, Notice, Observer, Phase, RunExtras, StepEvent,
+};
+use zturbo::families::{self, catalog, Precision, PrecisionPolicy};
+use zturbo::memory::planner::{parse_bytes, MemoryMode};
+use zturbo::memory::probe::MemoryProbe;
+use zturbo::request::{GenerationRequest, Limits};
+use zturbo::settings::{device_label, DeviceSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "zturbo",
+    version,
+    about = "Local image generation with Turbo diffusion models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Load-time options shared by `serve` and `generate`.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model: a diffusers folder, a name in --models-dir, a catalog name (z-image-turbo, sd-turbo,
+    /// sdxl-turbo) found in the Hugging Face cache, or `demo`.
+    #[arg(long, env = "ZTURBO_MODEL")]
+    model: Option<String>,
+    /// Folder of local model folders.
+    #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// auto, cpu, cuda, cuda:N, metal.
+    #[arg(long, env = "ZTURBO_DEVICE", default_value = "auto")]
+    device: DeviceSpec,
+    /// auto (f32 on CPU, mixed on CUDA), f32, bf16, f16, mixed.
+    #[arg(long, env = "ZTURBO_PRECISION", default_value = "auto")]
+    precision: Precision,
+    /// Cap on the memory the planner may use, e.g. 8GiB.
+    #[arg(long, env = "ZTURBO_MEMORY_BUDGET", value_parser = parse_budget)]
+    memory_budget: Option<u64>,
+}
+
+fn parse_budget(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from the terminal.
+    Generate(GenerateArgs),
+    /// Download a model into the Hugging Face cache (resumes interrupted downloads).
+    Pull {
+        /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
+        name: String,
+    },
+    /// List known and local models.
+    Models {
+        #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
+        models_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, required_unless_present = "from_png")]
+    prompt: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long)]
+    width: Option<u32>,
+    #[arg(long)]
+    height: Option<u32>,
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Guidance scale, ComfyUI/A1111 convention: 1.0 = off.
+    #[arg(long)]
+    cfg: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    batch: Option<u32>,
+    /// on: prompt enhancement and the default negative prompt; off: prompts go to the model untouched.
+    #[arg(long, value_parser = parse_on_off)]
+    enhance: Option<bool>,
+    #[arg(long)]
+    memory_mode: Option<MemoryMode>,
+    /// Output PNG (with several images: name-1.png, name-2.png, …).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Initial noise: a safetensors file with one tensor `latents` of shape (B, C, H/8, W/8),
+    /// used exactly like diffusers' `latents=` argument.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Write the final latents (before the VAE) as tensor `latents` to this safetensors file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Take prompt, size, steps, CFG and seed from a PNG's parameters (flags still override).
+    #[arg(long)]
+    from_png: Option<PathBuf>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZTURBO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zturbo=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Pull { name } => pull(&name),
+        Command::Models { models_dir } => models(&models_dir),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Opens the device, finds the model, builds the engine.
+fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool)> {
+    let device = args.device.open().map_err(|e| anyhow!(e))?;
+    let resolved = match &args.model {
+        Some(m) => catalog::resolve(m, &args.models_dir)?,
+        None if default_to_demo => catalog::default_model(&args.models_dir),
+        None => bail!("--model is required"),
+    };
+    let policy = PrecisionPolicy::resolve(args.precision, &device);
+    tracing::info!(
+        model = %resolved.name,
+        source = %resolved.dir.describe(),
+        device = %device_label(&device),
+        precision = %policy.describe(),
+        "loading model"
+    );
+    let family = families::open(resolved.dir.clone(), &device, policy)?;
+    let probe: Arc<dyn MemoryProbe> = zturbo::memory::probe::for_device(&device);
+    let faults = FaultPlan::from_env().map_err(|e| anyhow!(e))?;
+    let config = EngineConfig {
+        memory_budget: args.memory_budget,
+        faults,
+    };
+    Ok((
+        Engine::new(family, resolved.name, probe, config),
+        resolved.demo,
+    ))
+}
+
+/// Terminal progress: a bar over steps when stderr is a terminal, notices as `notice:` lines.
+struct CliObserver {
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for CliObserver {
+    fn phase(&mut self, phase: Phase) {
+        if let Some(b) = &self.bar {
+            b.set_message(phase.as_str());
+        }
+    }
+    fn step(&mut self, e: &StepEvent) {
+        if let Some(b) = &self.bar {
+            b.set_length(e.total as u64);
+            b.set_position(e.step as u64);
+        }
+    }
+    fn notice(&mut self, n: &Notice) {
+        let line = format!("notice: {}", notice_line(n));
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// `cfg_adjusted 3.2 -> 2.4 at step 3`, or the kind and message.
+fn notice_line(n: &Notice) -> String {
+    let num = |v: f32| format!("{}", (v * 100.0).round() / 100.0);
+    match (n.from, n.to) {
+        (Some(a), Some(b)) => {
+            let at = n.step.map(|s| format!(" at step {s}")).unwrap_or_default();
+            format!("{} {} -> {}{at}", n.kind, num(a), num(b))
+        }
+        _ => format!("{} {}", n.kind, n.message),
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let from_png = match &args.from_png {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let chunks = output::png_text_chunks(&bytes)
+                .with_context(|| format!("{}: not a readable PNG", p.display()))?;
+            let text = chunks
+                .into_iter()
+                .find(|(k, _)| k == "parameters")
+                .map(|(_, v)| v)
+                .ok_or_else(|| anyhow!("{}: no `parameters` text chunk", p.display()))?;
+            Some(output::parse_parameters(&text))
+        }
+        None => None,
+    };
+    let (mut engine, _) = build_engine(&args.model, false)?;
+    let info = engine.info().clone();
+    let limits = Limits {
+        default_width: info.defaults.width,
+        default_height: info.defaults.height,
+        default_steps: info.defaults.steps,
+        default_cfg: info.defaults.cfg,
+        size_multiple: info.size_multiple,
+        max_batch: 64,
+        default_memory_mode: MemoryMode::Auto,
+    };
+    let fp = from_png.unwrap_or_default();
+    let req = GenerationRequest {
+        prompt: args.prompt.clone().unwrap_or(fp.prompt),
+        negative_prompt: args.negative_prompt.clone().or(fp.negative_prompt),
+        width: args.width.or(fp.width),
+        height: args.height.or(fp.height),
+        steps: args.steps.or(fp.steps),
+        cfg: args.cfg.or(fp.cfg),
+        seed: args.seed.or(fp.seed),
+        batch: args.batch,
+        enhance: args.enhance.or(args.from_png.as_ref().map(|_| false)),
+        memory_mode: args.memory_mode,
+    }
+    .validate(&limits)
+    .map_err(|e| anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
+
+    let extras = RunExtras {
+        init_latents: match &args.init_latents {
+            Some(p) => Some(load_latents(p)?),
+            None => None,
+        },
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new(req.steps as u64);
+        b.set_style(
+            ProgressStyle::with_template("{msg:>7} [{bar:30}] {pos}/{len} steps {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut observer = CliObserver { bar };
+    let result = engine.generate(&req, &extras, &mut observer, &CancelToken::new());
+    if let Some(b) = &observer.bar {
+        b.finish_and_clear();
+    }
+    let gen = result.map_err(|e| anyhow!("generation failed: {e}"))?;
+
+    if let Some(p) = &args.save_latents {
+        let bytes = safetensors_bytes(&gen.latents)?;
+        write_atomic(p, &bytes).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let record = serde_json::json!({
+        "params": gen.params,
+        "enhancement": gen.enhancement,
+        "notices": gen.notices,
+        "timings": gen.timings,
+        "peak_memory_bytes": gen.peak_memory_bytes,
+        "plan": gen.plan,
+    });
+    let n = gen.images.len();
+    for (i, img) in gen.images.iter().enumerate() {
+        let path = if n == 1 {
+            args.output.clone()
+        } else {
+            numbered(&args.output, i + 1)
+        };
+        let params_text = a1111_parameters(&gen.params, img.seed, &gen.notices);
+        let mut rec = record.clone();
+        rec["params"]["seed"] = serde_json::json!(img.seed);
+        let png = encode_png(
+            img,
+            &[("parameters", &params_text), ("zturbo", &rec.to_string())],
+        )?;
+        write_atomic(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} (seed {})", path.display(), img.seed);
+    }
+    eprintln!(
+        "done in {:.2} s (encode {} ms, denoise {} ms, decode {} ms), peak memory {}",
+        gen.timings.total_ms as f64 / 1000.0,
+        gen.timings.encode_ms,
+        gen.timings.denoise_ms,
+        gen.timings.decode_ms,
+        zturbo::memory::format_bytes(gen.peak_memory_bytes)
+    );
+    Ok(())
+}
+
+fn numbered(path: &Path, i: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    path.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+fn load_latents(p: &Path) -> Result<candle_core::Tensor> {
+    let tensors = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}: not a readable safetensors file", p.display()))?;
+    tensors
+        .get("latents")
+        .cloned()
+        .ok_or_else(|| anyhow!("{}: no tensor named `latents`", p.display()))
+}
+
+fn safetensors_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
+    let t = t.to_device(&candle_core::Device::Cpu)?;
+    let map = std::collections::HashMap::from([("latents".to_string(), t)]);
+    let dir =
+        std::env::temp_dir().join(format!("zturbo-latents-{}.safetensors", std::process::id()));
+    candle_core::safetensors::save(&map, &dir)?;
+    let bytes = std::fs::read(&dir)?;
+    let _ = std::fs::remove_file(&dir);
+    Ok(bytes)
+}
+
+struct BarProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl families::weights::DownloadProgress for BarProgress {
+    fn file_started(&mut self, name: &str, _size: u64, index: usize, count: usize) {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{msg} {bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b.set_message(format!("[{}/{count}] {name}", index + 1));
+        self.bar = Some(b);
+    }
+    fn advanced(&mut self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+    fn file_finished(&mut self, _name: &str) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+fn pull(name: &str) -> Result<()> {
+    let repo = catalog::entry(name)
+        .map(|e| e.repo.to_string())
+        .unwrap_or_else(|| name.to_string());
+    if !repo.contains('/') {
+        bail!(
+            "`{name}` is neither a known model ({}) nor a hub repository `owner/name`",
+            catalog::CATALOG
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut progress = BarProgress { bar: None };
+    let dir = families::weights::pull(&repo, &mut progress)?;
+    eprintln!("{repo} is ready in {}", dir.display());
+    Ok(())
+}
+
+fn models(models_dir: &Path) -> Result<()> {
+    println!(
+        "{:<16} {:<11} {:<15} {:>10}  source",
+        "name", "family", "state", "size"
+    );
+    for m in catalog::list(models_dir, "") {
+        let state = serde_json::to_value(m.state)?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let size = m
+            .size_bytes
+            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+            .unwrap_or_default();
+        let source = m
+            .path
+            .map(|p| p.display().to_string())
+            .or(m.repo)
+            .unwrap_or_else(|| "built in".into());
+        println!(
+            "{:<16} {:<11} {:<15} {:>10}  {source}",
+            m.name, m.family, state, size
+        );
+    }
+    Ok(())
+}

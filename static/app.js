@@ -707,7 +707,7 @@ function renderJob(job) {
   } else if (job.state === 'running') {
     const total = job.total || p.steps || 0;
     if (job.step > 0 && total) parts.unshift(`step ${job.step}/${total}`);
-    else parts.unshift('starting');
+    else if (!job.phase) parts.unshift('starting');
     if (job.phase) parts.push(job.phase);
     if (job.elapsed !== null) parts.push(fmtMs(job.elapsed));
     const pct = total ? Math.min(100, (job.step / total) * 100) : 0;
@@ -716,14 +716,12 @@ function renderJob(job) {
   } else if (job.state === 'done') {
     bar.classList.add('done');
     fill.style.width = '';
-    parts.unshift('done');
     if (job.totalMs) parts.push(fmtMs(job.totalMs));
   } else if (job.state === 'failed') {
     bar.classList.add('failed');
     fill.style.width = '';
   } else if (job.state === 'cancelled') {
     fill.style.width = '0%';
-    parts.unshift('cancelled');
   }
   const children = parts.map((t) => el('span', { text: t }));
   if (job.state === 'failed' && job.error) children.unshift(el('span', { class: 'job-error', text: job.error }));

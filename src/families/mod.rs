@@ -2,6 +2,7 @@
 //! Each family owns its per-model facts (latent channels, VAE factor, defaults); the engine stays
 //! family-agnostic and never sees diffusers configs or tensor names.
 
+pub mod catalog;
 pub mod precision;
 pub mod rng;
 pub mod scheduler;
@@ -12,6 +13,8 @@ pub mod z_image;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+
+use crate::memory::planner::{ActivationModel, ComponentBytes};
 
 pub use precision::{Precision, PrecisionPolicy};
 pub use scheduler::Schedule;
@@ -126,6 +129,11 @@ pub trait Family: Send {
     fn device(&self) -> &Device;
     fn policy(&self) -> PrecisionPolicy;
 
+    /// Exact weight bytes per component in the policy's dtypes (from the safetensors headers).
+    fn component_bytes(&self) -> ComponentBytes;
+    /// The activation model the planner uses for this architecture.
+    fn activation_model(&self) -> ActivationModel;
+
     /// The sampler schedule for `steps` steps at this latent size.
     fn schedule(
         &self,
@@ -168,4 +176,29 @@ pub trait Family: Send {
 pub fn cfg_combine(pos: &Tensor, neg: &Tensor, cfg: f32) -> candle_core::Result<Tensor> {
     let g = (cfg - 1.0) as f64;
     pos + ((pos - neg)? * g)?
+}
+
+/// The family that runs a diffusers pipeline class, if we have one.
+pub fn family_of_class(class: &str) -> Option<&'static str> {
+    match class {
+        z_image::PIPELINE_CLASS => Some("z-image"),
+        _ => None,
+    }
+}
+
+/// Opens a model folder with the family its `model_index.json` names.
+pub fn open(
+    dir: ModelDir,
+    device: &Device,
+    policy: PrecisionPolicy,
+) -> Result<Box<dyn Family>, ModelError> {
+    let class = z_image::pipeline_class(&dir)?;
+    match family_of_class(&class) {
+        Some("z-image") => Ok(Box::new(z_image::ZImage::open(dir, device, policy)?)),
+        _ => Err(ModelError::UnknownPipeline {
+            path: dir.display_path("model_index.json"),
+            class,
+            supported: z_image::PIPELINE_CLASS.to_string(),
+        }),
+    }
 }

@@ -503,3 +503,179 @@ impl SimpleBackend for ShapeOnly {
         self.0.tensors.contains_key(name)
     }
 }
+
+/// Components whose weights `pull` downloads, per pipeline (`model_index.json` names them too).
+const WEIGHT_COMPONENTS: &[&str] = &[
+    "transformer",
+    "unet",
+    "text_encoder",
+    "text_encoder_2",
+    "vae",
+];
+
+/// The snapshot folder of `repo` in the Hugging Face cache, when `model_index.json` and every
+/// weight file it needs are there.
+pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let index = cache.model(repo.to_string()).get("model_index.json")?;
+    let dir = index.parent()?.to_path_buf();
+    let model = ModelDir::open(&dir).ok()?;
+    let complete = WEIGHT_COMPONENTS
+        .iter()
+        .filter(|c| dir.join(c).is_dir())
+        .all(|c| model.weight_files(c).is_ok());
+    complete.then_some(dir)
+}
+
+/// Reports download progress (a terminal bar, or SSE events to the UI).
+pub trait DownloadProgress {
+    fn file_started(&mut self, name: &str, size: u64, index: usize, count: usize);
+    fn advanced(&mut self, bytes: u64);
+    fn file_finished(&mut self, name: &str);
+}
+
+struct HubProgress<'a>(&'a mut dyn DownloadProgress);
+
+impl hf_hub::api::Progress for HubProgress<'_> {
+    fn init(&mut self, _size: usize, _filename: &str) {}
+    fn update(&mut self, size: usize) {
+        self.0.advanced(size as u64);
+    }
+    fn finish(&mut self) {}
+}
+
+/// Which repository files a diffusers text-to-image pipeline needs: configs, tokenizers, and for
+/// each weight component the shard index + shards or the one full-precision `.safetensors`.
+pub fn select_files(files: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            f.as_str() == "model_index.json"
+                || (f.matches('/').count() == 1
+                    && (f.ends_with("config.json")
+                        || f.starts_with("tokenizer")
+                        || f.starts_with("scheduler/")))
+        })
+        .filter(|f| !f.ends_with(".safetensors") && !f.ends_with(".bin"))
+        .cloned()
+        .collect();
+    for comp in WEIGHT_COMPONENTS {
+        let prefix = format!("{comp}/");
+        let in_comp: Vec<&String> = files
+            .iter()
+            .filter(|f| f.starts_with(&prefix) && f.matches('/').count() == 1)
+            .collect();
+        let name = |f: &&String| f[prefix.len()..].to_string();
+        let index = in_comp.iter().find(|f| {
+            f.ends_with(".safetensors.index.json")
+                && !is_variant(&name(f), ".safetensors.index.json")
+        });
+        if let Some(index) = index {
+            out.push((*index).clone());
+            // Shards share the index's stem: `diffusion_pytorch_model-00001-of-00003.safetensors`.
+            let stem = name(index)
+                .trim_end_matches(".safetensors.index.json")
+                .to_string();
+            out.extend(
+                in_comp
+                    .iter()
+                    .filter(|f| {
+                        let n = name(f);
+                        n.ends_with(".safetensors") && n.starts_with(&format!("{stem}-"))
+                    })
+                    .map(|f| (*f).clone()),
+            );
+            continue;
+        }
+        let mut singles: Vec<&&String> = in_comp
+            .iter()
+            .filter(|f| f.ends_with(".safetensors"))
+            .collect();
+        singles.sort_by_key(|f| (is_variant(&name(f), ".safetensors"), f.len()));
+        if let Some(f) = singles.first() {
+            out.push((**f).clone());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Downloads what a pipeline needs from `repo` into the Hugging Face cache (resuming partial
+/// files) and returns the snapshot folder.
+pub fn pull(repo: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf, ModelError> {
+    let offline = |e: &dyn std::fmt::Display| {
+        ModelError::Download(format!(
+            "cannot reach the Hugging Face hub for `{repo}` ({e}). Are you offline? Download on a connected \
+             machine (`zturbo pull {repo}`, then copy ~/.cache/huggingface) or pass a local diffusers folder with --model"
+        ))
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| offline(&e))?;
+    let handle = api.model(repo.to_string());
+    let info = handle.info().map_err(|e| offline(&e))?;
+    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    if !names.iter().any(|n| n == "model_index.json") {
+        return Err(ModelError::Download(format!(
+            "`{repo}` has no model_index.json: not a diffusers pipeline repository"
+        )));
+    }
+    let wanted = select_files(&names);
+    let count = wanted.len();
+    let mut snapshot = None;
+    for (i, f) in wanted.iter().enumerate() {
+        progress.file_started(f, 0, i, count);
+        let path = handle
+            .download_with_progress(f, HubProgress(progress))
+            .map_err(|e| ModelError::Download(format!("{repo}/{f}: {e}")))?;
+        progress.file_finished(f);
+        if f == "model_index.json" {
+            snapshot = path.parent().map(Path::to_path_buf);
+        }
+    }
+    snapshot
+        .ok_or_else(|| ModelError::Download(format!("{repo}: model_index.json was not fetched")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_pipeline_files_only() {
+        let files: Vec<String> = [
+            "model_index.json",
+            "README.md",
+            "scheduler/scheduler_config.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.safetensors.index.json",
+            "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "unet/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/tokenizer.json",
+            "tokenizer/vocab.json",
+            "sd_turbo.safetensors",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let got = select_files(&files);
+        assert!(got.contains(
+            &"transformer/diffusion_pytorch_model-00002-of-00002.safetensors".to_string()
+        ));
+        assert!(got.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!got
+            .iter()
+            .any(|f| f.contains("fp16") || f.ends_with(".bin") || f == "README.md"));
+        assert!(!got.contains(&"sd_turbo.safetensors".to_string()));
+        assert!(got.contains(&"tokenizer/vocab.json".to_string()));
+    }
+}

@@ -9,6 +9,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
 use tokenizers::Tokenizer;
 
+use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
+
 use self::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks, StreamedBlocks};
 use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
@@ -304,6 +306,53 @@ impl Family for ZImage {
 
     fn policy(&self) -> PrecisionPolicy {
         self.policy
+    }
+
+    fn component_bytes(&self) -> ComponentBytes {
+        let dit = &self.dit_weights;
+        let d = self.policy.denoiser;
+        let blocks: Vec<u64> = (0..self.dit_cfg.n_refiner_layers)
+            .flat_map(|i| {
+                [
+                    dit.bytes_in(&format!("noise_refiner.{i}."), d),
+                    dit.bytes_in(&format!("context_refiner.{i}."), d),
+                ]
+            })
+            .chain((0..self.dit_cfg.n_layers).map(|i| dit.bytes_in(&format!("layers.{i}."), d)))
+            .collect();
+        ComponentBytes {
+            text_encoder: self.te_weights.bytes_in("", self.policy.text_encoder),
+            denoiser: dit.bytes_in("", d),
+            denoiser_largest_block: blocks.iter().copied().max().unwrap_or(0),
+            denoiser_blocks: blocks.len(),
+            vae_decoder: self.vae_weights.bytes_in("decoder.", self.policy.vae)
+                + self
+                    .vae_weights
+                    .bytes_in("post_quant_conv.", self.policy.vae),
+        }
+    }
+
+    fn activation_model(&self) -> ActivationModel {
+        let elem = |d: DType| d.size_in_bytes() as u64;
+        ActivationModel::z_image(&ZImageArch {
+            dim: self.dit_cfg.dim as u64,
+            heads: self.dit_cfg.n_heads as u64,
+            ffn_hidden: self.dit_cfg.ffn_hidden() as u64,
+            patch_size: self.dit_cfg.patch() as u32,
+            cap_tokens: MAX_SEQUENCE_LENGTH as u32,
+            text_hidden: self.te_cfg.hidden_size as u64,
+            text_heads: self.te_cfg.num_attention_heads as u64,
+            text_ffn_hidden: self.te_cfg.intermediate_size as u64,
+            vae_block_out_channels: self
+                .vae_cfg
+                .block_out_channels
+                .iter()
+                .map(|&c| c as u32)
+                .collect(),
+            vae_scale: self.vae_cfg.scale_factor() as u32,
+            elem_bytes: elem(self.policy.denoiser),
+            vae_elem_bytes: elem(self.policy.vae),
+        })
     }
 
     fn schedule(

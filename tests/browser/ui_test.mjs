@@ -46,6 +46,18 @@ const hardTimer = setTimeout(() => {
 }, HARD_TIMEOUT_MS);
 hardTimer.unref();
 
+// A full-page capture keeps the layout viewport, so position:sticky parts would be drawn
+// mid-page; grow the viewport to the document's height first (also loads lazy images).
+async function fullPageShot(page, width, path) {
+  await page.setViewportSize({ width, height: 800 });
+  await page.waitForTimeout(150);
+  const h = await page.evaluate(() => Math.ceil(document.documentElement.scrollHeight));
+  await page.setViewportSize({ width, height: Math.min(Math.max(h, 800), 12000) });
+  await page.waitForFunction(() => [...document.images].every((i) => i.complete), null, { timeout: 5000 }).catch(() => {});
+  await page.waitForTimeout(300);
+  await page.screenshot({ path, fullPage: true });
+}
+
 const consoleErrors = [];
 let browser;
 let exitCode = 0;
@@ -166,15 +178,11 @@ try {
   if (consoleErrors.length) fail('console clean', `${consoleErrors.length} error(s):\n  ${consoleErrors.slice(0, 10).join('\n  ')}`);
   ok('no console errors');
 
-  await page.screenshot({ path: shotPath, fullPage: true })
-    .catch((e) => fail('screenshot', e.message.split('\n')[0]));
+  await fullPageShot(page, 1280, shotPath).catch((e) => fail('screenshot', e.message.split('\n')[0]));
   ok('screenshot saved', shotPath);
 
   if (narrowShotPath) {
-    await page.setViewportSize({ width: 420, height: 900 });
-    await page.waitForTimeout(400);
-    await page.screenshot({ path: narrowShotPath, fullPage: true })
-      .catch((e) => fail('narrow screenshot', e.message.split('\n')[0]));
+    await fullPageShot(page, 420, narrowShotPath).catch((e) => fail('narrow screenshot', e.message.split('\n')[0]));
     ok('narrow screenshot saved', narrowShotPath);
   }
 } catch (e) {

@@ -1,0 +1,120 @@
+//! The sampler loop: one Euler step per schedule entry, `x += (σ_next − σ)·d`, with the guard
+//! after every step (finite check → roll back, lower CFG, retry; then raise precision), a
+//! cancellation check between steps, and the freed memory handed back after each step.
+
+use candle_core::{DType, Tensor};
+
+use super::guard::{self, all_finite, CFG_BACKOFF, MAX_STEP_RETRIES};
+use super::{decode::dtype_name, release_memory, EngineError, Notice, Phase, RunState, StepEvent};
+use crate::families::{Component, Conditioning, Family, Schedule, StepInput};
+
+/// Runs the whole schedule from `x` (already scaled by `init_noise_sigma`). `cfg` is updated in
+/// place when the guard lowers it; the rest of the run keeps the lowered value.
+pub(crate) fn denoise(
+    family: &mut dyn Family,
+    mut x: Tensor,
+    cond: &Conditioning,
+    schedule: &Schedule,
+    cfg: &mut f32,
+    run: &mut RunState<'_>,
+) -> Result<Tensor, EngineError> {
+    let total = schedule.steps();
+    let started = std::time::Instant::now();
+    for i in 0..total {
+        if run.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        run.set_step(Phase::Denoise, Some(i + 1));
+        let dt = schedule.sigmas[i + 1] - schedule.sigmas[i];
+        let mut attempt = 0u32;
+        let mut retries = 0u32;
+        let mut precision_raised = false;
+        x = loop {
+            attempt += 1;
+            let step = StepInput {
+                index: i,
+                schedule,
+                cfg: *cfg,
+            };
+            let mut d = family.predict(&x, cond, step)?;
+            if run.faults.denoiser_nan(i + 1, attempt) {
+                tracing::warn!(
+                    step = i + 1,
+                    attempt,
+                    "fault injection: denoiser output set to NaN"
+                );
+                d = guard::poison(&d)?;
+            }
+            let next = (&x + (d.to_dtype(DType::F32)? * dt as f64)?)?;
+            if all_finite(&next)? {
+                break next;
+            }
+            // Roll back: `x` still holds the previous step's latents; `next` is discarded.
+            drop(next);
+            if retries < MAX_STEP_RETRIES {
+                retries += 1;
+                let from = *cfg;
+                let guided = from > 1.0 && cond.negative.is_some();
+                if guided {
+                    *cfg = (from * CFG_BACKOFF).max(1.0);
+                    run.notice(Notice {
+                        kind: "cfg_adjusted".into(),
+                        message: format!(
+                            "CFG adapted {from:.2} → {:.2} at step {} (non-finite latents rolled back)",
+                            *cfg,
+                            i + 1
+                        ),
+                        step: Some(i + 1),
+                        from: Some(from),
+                        to: Some(*cfg),
+                        ..Notice::default()
+                    });
+                } else {
+                    run.notice(Notice {
+                        kind: "step_retried".into(),
+                        message: format!(
+                            "step {} produced non-finite latents; rolled back and retried",
+                            i + 1
+                        ),
+                        step: Some(i + 1),
+                        ..Notice::default()
+                    });
+                }
+                continue;
+            }
+            let current = family.dtype(Component::Denoiser);
+            if !precision_raised && current != DType::F32 {
+                precision_raised = true;
+                family.set_dtype(Component::Denoiser, DType::F32)?;
+                run.notice(Notice {
+                    kind: "precision_raised".into(),
+                    message: format!(
+                        "step {} still non-finite after {MAX_STEP_RETRIES} retries; denoiser raised from {} to f32",
+                        i + 1,
+                        dtype_name(current)
+                    ),
+                    step: Some(i + 1),
+                    component: Some("denoiser".into()),
+                    ..Notice::default()
+                });
+                continue;
+            }
+            return Err(EngineError::NonFinite {
+                stage: format!("denoising step {} of {total}", i + 1),
+                detail: format!(
+                    "the latents stayed NaN/inf after {retries} retries (CFG lowered to {:.2}) with the denoiser in {}",
+                    *cfg,
+                    dtype_name(family.dtype(Component::Denoiser))
+                ),
+            });
+        };
+        release_memory(family.device());
+        run.step(StepEvent {
+            step: i + 1,
+            total,
+            sigma: schedule.sigmas[i + 1],
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    Ok(x)
+}

@@ -1,0 +1,685 @@
+//! The Turbo loop: plan memory, encode the prompt, denoise with the guard, decode right after the
+//! last step, check the pixels. `Engine::generate` turns one validated request into images and
+//! reports every step, phase and adaptation to an observer.
+
+pub mod decode;
+pub mod denoise;
+pub mod guard;
+pub mod output;
+pub mod prompt;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::families::rng;
+use crate::families::{
+    Component, DenoiserResidency, Family, FamilyInfo, ModelError, PrecisionPolicy,
+};
+use crate::memory::monitor::Tags;
+use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
+use crate::memory::probe::MemoryProbe;
+use crate::request::{ValidRequest, CFG_INTERCEPT};
+use guard::{blank_image, Blank, FaultPlan};
+use prompt::{Enhanced, PromptContext};
+
+/// Seeds of the black-image retry are offset by this (a large prime, so the retry's noise shares
+/// nothing with any neighbouring seed the user might also try).
+pub const BLACK_RETRY_SEED_OFFSET: u64 = 1_000_003;
+
+/// Shared flag a job's owner sets to stop it between steps.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Encode,
+    Denoise,
+    Decode,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Encode => "encode",
+            Phase::Denoise => "denoise",
+            Phase::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepEvent {
+    pub step: usize,
+    pub total: usize,
+    pub sigma: f32,
+    pub elapsed_ms: u64,
+}
+
+/// Something the engine adapted or wants the user to know (shown as a toast, kept in the record
+/// and the PNG). `kind`: `cfg_clamped`, `cfg_adjusted`, `step_retried`, `precision_raised`,
+/// `black_retry`, `memory_mode`, `decode_tiled`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    pub kind: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+}
+
+impl Notice {
+    pub fn new(kind: &str, message: String) -> Self {
+        Self {
+            kind: kind.to_string(),
+            message,
+            ..Self::default()
+        }
+    }
+}
+
+/// Receives progress while a job runs (on the engine's thread: keep it cheap).
+pub trait Observer {
+    fn phase(&mut self, _phase: Phase) {}
+    fn step(&mut self, _event: &StepEvent) {}
+    fn notice(&mut self, _notice: &Notice) {}
+    fn plan(&mut self, _plan: &Plan) {}
+}
+
+/// An observer that ignores everything.
+pub struct NullObserver;
+impl Observer for NullObserver {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{stage}: {detail}")]
+    NonFinite { stage: String, detail: String },
+    #[error("the image came out blank: {0}")]
+    BlankImage(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not enough memory: {0}")]
+    DoesNotFit(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Model(ModelError::Candle(e))
+    }
+}
+
+/// Engine-wide settings (load-time; per-request choices live in the request).
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// `--memory-budget`: caps the memory the planner may use.
+    pub memory_budget: Option<u64>,
+    pub faults: FaultPlan,
+}
+
+/// Per-run inputs that are not part of the user-facing request (CLI reproducibility).
+#[derive(Debug, Clone, Default)]
+pub struct RunExtras {
+    /// Initial noise `[B, C, h, w]` used instead of the seeded noise (diffusers' `latents=`).
+    pub init_latents: Option<Tensor>,
+}
+
+/// One decoded image, RGB8, row-major.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub width: u32,
+    pub height: u32,
+    pub seed: u64,
+    pub rgb: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    pub encode_ms: u64,
+    pub denoise_ms: u64,
+    pub decode_ms: u64,
+    pub total_ms: u64,
+}
+
+/// The parameters a job actually ran with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolvedParams {
+    pub model: String,
+    pub prompt: String,
+    /// The negative prompt given to the model; `None` when guidance was off (it is unused then).
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    /// The CFG the last step ran with (after interception and any backoff).
+    pub cfg: f32,
+    pub cfg_requested: f32,
+    pub seed: u64,
+    pub batch: u32,
+    pub enhance: bool,
+    pub memory_mode: MemoryMode,
+    pub precision: String,
+    pub sampler: String,
+}
+
+pub struct Generation {
+    pub images: Vec<GeneratedImage>,
+    /// Final latents `[B, C, h, w]` (f32), before the VAE.
+    pub latents: Tensor,
+    pub params: ResolvedParams,
+    pub enhancement: Enhanced,
+    pub notices: Vec<Notice>,
+    pub timings: Timings,
+    pub peak_memory_bytes: u64,
+    pub plan: Plan,
+}
+
+/// Mutable state of one run, shared by the denoise loop and the decoder.
+pub(crate) struct RunState<'a> {
+    pub faults: &'a FaultPlan,
+    pub cancel: &'a CancelToken,
+    observer: &'a mut dyn Observer,
+    tags: Option<&'a Tags>,
+    pub notices: Vec<Notice>,
+    /// Decode attempts so far in this job (fault specs count them).
+    pub vae_attempts: u32,
+}
+
+impl RunState<'_> {
+    pub fn notice(&mut self, n: Notice) {
+        tracing::info!(kind = %n.kind, "{}", n.message);
+        self.observer.notice(&n);
+        self.notices.push(n);
+    }
+
+    pub fn set_step(&mut self, phase: Phase, step: Option<usize>) {
+        if let Some(t) = self.tags {
+            t.set_phase(Some(phase.as_str()), step);
+        }
+    }
+
+    fn phase(&mut self, phase: Phase) {
+        self.set_step(phase, None);
+        self.observer.phase(phase);
+    }
+
+    pub fn step(&mut self, ev: StepEvent) {
+        tracing::debug!(
+            step = ev.step,
+            total = ev.total,
+            sigma = ev.sigma,
+            "step done"
+        );
+        self.observer.step(&ev);
+    }
+}
+
+/// Gives memory freed during a step back: to the OS on CPU (glibc keeps freed arenas otherwise,
+/// and the chart would never fall), and a stream sync on CUDA so async frees land between steps.
+pub fn release_memory(device: &Device) {
+    match device {
+        Device::Cpu => {
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+        other => {
+            let _ = other.synchronize();
+        }
+    }
+}
+
+/// The worker-owned engine: one model on one device.
+pub struct Engine {
+    family: Box<dyn Family>,
+    model_name: String,
+    probe: Arc<dyn MemoryProbe>,
+    config: EngineConfig,
+    base_policy: PrecisionPolicy,
+    tags: Option<Arc<Tags>>,
+}
+
+impl Engine {
+    pub fn new(
+        family: Box<dyn Family>,
+        model_name: impl Into<String>,
+        probe: Arc<dyn MemoryProbe>,
+        config: EngineConfig,
+    ) -> Self {
+        if !config.faults.is_empty() {
+            tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
+        }
+        let base_policy = family.policy();
+        Self {
+            family,
+            model_name: model_name.into(),
+            probe,
+            config,
+            base_policy,
+            tags: None,
+        }
+    }
+
+    /// Memory-monitor tags this engine updates with the current phase and step.
+    pub fn with_tags(mut self, tags: Arc<Tags>) -> Self {
+        self.tags = Some(tags);
+        self
+    }
+
+    pub fn info(&self) -> &FamilyInfo {
+        self.family.info()
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    pub fn device(&self) -> &Device {
+        self.family.device()
+    }
+
+    pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
+        &self.probe
+    }
+
+    pub fn family_mut(&mut self) -> &mut dyn Family {
+        self.family.as_mut()
+    }
+
+    /// The planner's input for a request shape, from live free memory (counting our own loaded
+    /// weights as free, since the plan decides whether they stay).
+    pub fn plan_input(
+        &self,
+        width: u32,
+        height: u32,
+        batch: u32,
+        cfg_on: bool,
+        mode: MemoryMode,
+    ) -> PlanInput {
+        let reading = self.probe.read();
+        let bytes = self.family.component_bytes();
+        let loaded: u64 = [
+            (Component::TextEncoder, bytes.text_encoder),
+            (Component::Denoiser, bytes.denoiser),
+            (Component::Vae, bytes.vae_decoder),
+        ]
+        .iter()
+        .filter(|(c, _)| self.family.is_loaded(*c))
+        .map(|(_, b)| *b)
+        .sum();
+        PlanInput {
+            device_total: reading.total_bytes,
+            device_free: reading.free_bytes.saturating_add(loaded),
+            budget: self.config.memory_budget,
+            reserve: planner::default_reserve(reading.total_bytes),
+            components: bytes,
+            activations: self.family.activation_model(),
+            width,
+            height,
+            batch,
+            cfg_on,
+            mode,
+        }
+    }
+
+    /// The largest batch the default size fits (the server's start-up figure).
+    pub fn max_batch(&self) -> u32 {
+        let d = self.family.info().defaults;
+        planner::max_batch(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto))
+    }
+
+    /// Loads what the performance plan keeps resident, so the first job does not pay for it and a
+    /// broken model folder fails at start-up rather than on the first request.
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        let d = self.family.info().defaults;
+        let plan =
+            planner::plan(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto));
+        for (c, r) in [
+            (Component::TextEncoder, plan.text_encoder),
+            (Component::Denoiser, plan.denoiser),
+            (Component::Vae, plan.vae),
+        ] {
+            if r == Residency::Resident {
+                self.family.load(c)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn generate(
+        &mut self,
+        req: &ValidRequest,
+        extras: &RunExtras,
+        observer: &mut dyn Observer,
+        cancel: &CancelToken,
+    ) -> Result<Generation, EngineError> {
+        let started = Instant::now();
+        self.probe.reset_peak();
+        let info = self.family.info().clone();
+        let faults = self.config.faults.clone();
+        let tags = self.tags.clone();
+        let mut run = RunState {
+            faults: &faults,
+            cancel,
+            observer,
+            tags: tags.as_deref(),
+            notices: Vec::new(),
+            vae_attempts: 0,
+        };
+        let result = self.generate_inner(req, extras, &info, &mut run, started);
+        // Guard fallbacks raise precision for this job only; the next job starts from the policy.
+        self.restore_policy();
+        if let Some(t) = &tags {
+            t.set_phase(None, None);
+        }
+        release_memory(self.family.device());
+        result
+    }
+
+    fn restore_policy(&mut self) {
+        let base = self.base_policy;
+        for (c, d) in [
+            (Component::TextEncoder, base.text_encoder),
+            (Component::Denoiser, base.denoiser),
+            (Component::Vae, base.vae),
+        ] {
+            if self.family.dtype(c) != d {
+                if let Err(e) = self.family.set_dtype(c, d) {
+                    tracing::warn!("could not restore {c:?} to {d:?}: {e}");
+                }
+            }
+        }
+    }
+
+    fn generate_inner(
+        &mut self,
+        req: &ValidRequest,
+        extras: &RunExtras,
+        info: &FamilyInfo,
+        run: &mut RunState<'_>,
+        started: Instant,
+    ) -> Result<Generation, EngineError> {
+        // 1. CFG interception: the seed found CFG ≥ 3 breaks Turbo models.
+        let cfg_requested = req.cfg;
+        let mut cfg = req.cfg;
+        if cfg >= CFG_INTERCEPT && cfg > info.safe_cfg_max {
+            cfg = info.safe_cfg_max;
+            run.notice(Notice {
+                kind: "cfg_clamped".into(),
+                message: format!(
+                    "CFG {cfg_requested:.1} is above this model's safe range; using {cfg:.1}"
+                ),
+                from: Some(cfg_requested),
+                to: Some(cfg),
+                ..Notice::default()
+            });
+        }
+        let guided = cfg > 1.0;
+
+        // 2. Prompts: enhancement (or verbatim), the negative only when guidance is on.
+        let ctx = PromptContext {
+            cfg,
+            steps: req.steps,
+            safe_cfg_max: info.safe_cfg_max,
+        };
+        let enhancement = prompt::enhance(
+            &req.prompt,
+            req.negative_prompt.as_deref(),
+            &ctx,
+            req.enhance,
+        );
+        let negative = guided.then(|| enhancement.negative_prompt.clone());
+
+        // 3. Memory plan.
+        let plan = planner::plan(&self.plan_input(
+            req.width,
+            req.height,
+            req.batch,
+            guided,
+            req.memory_mode,
+        ));
+        plan.log();
+        run.observer.plan(&plan);
+        if plan.stepped_down() {
+            run.notice(Notice::new(
+                "memory_mode",
+                format!(
+                    "{} mode does not fit the free memory; running in {} mode",
+                    plan.requested_mode, plan.mode
+                ),
+            ));
+        }
+        if !plan.fits {
+            tracing::warn!("the memory plan does not fit; trying anyway (lowest mode)");
+        }
+
+        // 4. Encode.
+        let t_encode = Instant::now();
+        run.phase(Phase::Encode);
+        if plan.text_encoder != Residency::Resident {
+            // Low-memory plans keep only one big component at a time.
+            if plan.denoiser == Residency::BlockStreamed {
+                self.family.unload(Component::Denoiser);
+            }
+            if plan.vae != Residency::Resident {
+                self.family.unload(Component::Vae);
+            }
+        }
+        let cond = self
+            .family
+            .encode(&enhancement.prompt, negative.as_deref())?;
+        if plan.text_encoder != Residency::Resident {
+            self.family.unload(Component::TextEncoder);
+            release_memory(self.family.device());
+        }
+        let encode_ms = t_encode.elapsed().as_millis() as u64;
+
+        // 5. Denoise.
+        let t_denoise = Instant::now();
+        run.phase(Phase::Denoise);
+        self.family
+            .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
+                DenoiserResidency::Streamed
+            } else {
+                DenoiserResidency::Resident
+            });
+        let seeds: Vec<u64> = (0..req.batch as u64)
+            .map(|i| req.seed.wrapping_add(i))
+            .collect();
+        let noise = match &extras.init_latents {
+            Some(t) => self.check_init_latents(t, req)?,
+            None => self.seeded_noise(&seeds, req.width, req.height)?,
+        };
+        let latents = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
+        let denoise_ms = t_denoise.elapsed().as_millis() as u64;
+
+        // 6. Decode straight after the last step.
+        let t_decode = Instant::now();
+        let tiling = plan.vae_tiling;
+        if plan.denoiser != Residency::Resident {
+            self.family.unload(Component::Denoiser);
+            release_memory(self.family.device());
+        }
+        run.phase(Phase::Decode);
+        let mut images = Vec::with_capacity(seeds.len());
+        for (i, &seed) in seeds.iter().enumerate() {
+            let z = latents.narrow(0, i, 1)?;
+            let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
+            match to_image(&px, seed)? {
+                Ok(img) => images.push(img),
+                Err(blank) => {
+                    // 7. Black-image check: one retry from a fresh seed, then a clear failure.
+                    let retry_seed = seed.wrapping_add(BLACK_RETRY_SEED_OFFSET);
+                    run.notice(Notice::new(
+                        "black_retry",
+                        format!(
+                            "image {} came out blank ({}); regenerating it with seed {retry_seed}",
+                            i + 1,
+                            describe_blank(blank)
+                        ),
+                    ));
+                    run.phase(Phase::Denoise);
+                    let noise = self.seeded_noise(&[retry_seed], req.width, req.height)?;
+                    let z = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
+                    if plan.denoiser != Residency::Resident {
+                        self.family.unload(Component::Denoiser);
+                    }
+                    run.phase(Phase::Decode);
+                    let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
+                    match to_image(&px, retry_seed)? {
+                        Ok(img) => images.push(img),
+                        Err(blank) => {
+                            return Err(EngineError::BlankImage(format!(
+                                "image {} was blank twice ({}), also with seed {retry_seed}",
+                                i + 1,
+                                describe_blank(blank)
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        if plan.vae != Residency::Resident {
+            self.family.unload(Component::Vae);
+        }
+        let decode_ms = t_decode.elapsed().as_millis() as u64;
+
+        let params = ResolvedParams {
+            model: self.model_name.clone(),
+            prompt: enhancement.prompt.clone(),
+            negative_prompt: negative,
+            width: req.width,
+            height: req.height,
+            steps: req.steps,
+            cfg,
+            cfg_requested,
+            seed: req.seed,
+            batch: req.batch,
+            enhance: req.enhance,
+            memory_mode: plan.mode,
+            precision: self.family.policy().describe(),
+            sampler: "Euler (flow)".into(),
+        };
+        Ok(Generation {
+            images,
+            latents,
+            params,
+            enhancement,
+            notices: std::mem::take(&mut run.notices),
+            timings: Timings {
+                encode_ms,
+                denoise_ms,
+                decode_ms,
+                total_ms: started.elapsed().as_millis() as u64,
+            },
+            peak_memory_bytes: self.probe.peak_bytes(),
+            plan,
+        })
+    }
+
+    fn run_denoise(
+        &mut self,
+        noise: Tensor,
+        cond: &crate::families::Conditioning,
+        req: &ValidRequest,
+        cfg: &mut f32,
+        run: &mut RunState<'_>,
+    ) -> Result<Tensor, EngineError> {
+        let (_, _, lh, lw) = noise.dims4()?;
+        let schedule = self.family.schedule(req.steps as usize, lh, lw)?;
+        let x = (noise * schedule.init_noise_sigma as f64)?;
+        self.family.load(Component::Denoiser)?;
+        denoise::denoise(self.family.as_mut(), x, cond, &schedule, cfg, run)
+    }
+
+    fn latent_dims(&self, width: u32, height: u32) -> (usize, usize, usize) {
+        let info = self.family.info();
+        (
+            info.latent_channels,
+            height as usize / info.vae_scale_factor,
+            width as usize / info.vae_scale_factor,
+        )
+    }
+
+    /// One noise tensor per seed, stacked: image i of a batch is reproducible alone with seed + i.
+    fn seeded_noise(&self, seeds: &[u64], width: u32, height: u32) -> Result<Tensor, EngineError> {
+        let (c, h, w) = self.latent_dims(width, height);
+        let per: Vec<Tensor> = seeds
+            .iter()
+            .map(|&s| rng::noise(s, &[c, h, w], self.family.device()))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::stack(&per, 0)?)
+    }
+
+    fn check_init_latents(&self, t: &Tensor, req: &ValidRequest) -> Result<Tensor, EngineError> {
+        let (c, h, w) = self.latent_dims(req.width, req.height);
+        let want = [req.batch as usize, c, h, w];
+        if t.dims() != want {
+            return Err(EngineError::Invalid(format!(
+                "initial latents have shape {:?}; this request needs {:?} (batch, channels, height/{f}, width/{f})",
+                t.dims(),
+                want,
+                f = self.family.info().vae_scale_factor
+            )));
+        }
+        Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)
+    }
+}
+
+fn describe_blank(b: Blank) -> String {
+    match b {
+        Blank::NonFinite => "non-finite pixels".into(),
+        Blank::Flat(range) => format!("all pixels within {:.1}/255", range * 255.0),
+    }
+}
+
+/// Decoder output `[1, 3, H, W]` in about [-1, 1] → RGB8, exactly as diffusers post-processes
+/// (`clamp(x/2 + 0.5, 0, 1)`, ×255, round half to even) — or why the image is blank.
+fn to_image(px: &Tensor, seed: u64) -> Result<Result<GeneratedImage, Blank>, EngineError> {
+    let img = ((px.squeeze(0)? / 2.0)? + 0.5)?;
+    if !guard::all_finite(&img)? {
+        return Ok(Err(Blank::NonFinite));
+    }
+    let img = img.clamp(0f32, 1f32)?;
+    if let Some(b) = blank_image(&img)? {
+        return Ok(Err(b));
+    }
+    let (_, h, w) = img.dims3()?;
+    let hwc = img.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+    let rgb = hwc
+        .iter()
+        .map(|v| (v * 255.0).round_ties_even() as u8)
+        .collect();
+    Ok(Ok(GeneratedImage {
+        width: w as u32,
+        height: h as u32,
+        seed,
+        rgb,
+    }))
+}

@@ -1,0 +1,1534 @@
+//! Memory planner: from the memory on offer, the components' weight bytes and the request, decides where each
+//! component lives, whether the VAE decode is tiled and the largest batch that fits. Pure data in, plan out,
+//! so every decision is unit-tested and can be logged and shown to the user as it was made.
+//!
+//! # Memory model
+//!
+//! A job has three phases, each with its own peak: **text encoding** (text encoder + its activations),
+//! **denoising** (denoiser + its activations) and **decoding** (VAE + decode activations). What else is
+//! loaded during a phase depends on the mode:
+//!
+//! | mode | text encoder | denoiser | VAE | phase peaks |
+//! |---|---|---|---|---|
+//! | `performance` | resident | resident | resident, full decode | all weights + each phase's activations |
+//! | `balanced` | load-use-free | resident | resident, tiled when the full decode does not fit | te + den + vae + te acts; den + vae + den acts; den + vae + decode |
+//! | `low` | load-use-free | block-streamed | load-use-free, always tiled | te + te acts; 2 × largest block + non-block weights + den acts; vae + tiled decode |
+//!
+//! In `balanced` the denoiser and VAE stay loaded between jobs, so from the second job on the text encoder
+//! is loaded next to them; the text-encoding phase counts all three (only the very first job is cheaper).
+//! In `low` the block stream holds two blocks (the one computing and the one prefetching) plus the weights
+//! outside the blocks (embedders, final layer), estimated as `denoiser - blocks × largest_block`.
+//! `auto` picks the first of performance, balanced, low whose peak plus the reserve fits in the memory
+//! available (`min(budget, free)`), as ComfyUI's model management does. A fixed mode is a ceiling: when it
+//! does not fit, the plan steps down to the next lower mode that does, and says so in its reasons.
+//!
+//! Activations (see [`ActivationModel`]): a transformer holds, per sequence, `bytes_per_token · tokens`
+//! (projections, MLP) plus `bytes_per_score · heads · tokens²` (attention scores, when materialised).
+//! The denoiser's sequence is the image tokens plus the caption; classifier-free guidance runs the
+//! conditional and unconditional passes as one batch, doubling it. The VAE decode peaks either in the
+//! full-resolution convolutions (`bytes_per_pixel` per output pixel) or in the mid-block attention
+//! (one head over the latent pixels: `bytes_per_score · (latent pixels)²`). The VAE decodes one image at
+//! a time, so its peak does not grow with the batch. Small constants (latents, embeddings, RoPE tables)
+//! are left out: the reserve covers them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Largest batch [`max_batch`] will consider; far above any request limit, it only bounds the search.
+pub const MAX_BATCH_SEARCH: u32 = 1024;
+
+/// Default VAE tile for a tiled decode: 32 × 32 latents (256 px), 8 latents of overlap.
+pub const DEFAULT_VAE_TILING: VaeTiling = VaeTiling {
+    tile_latent: 32,
+    overlap_latent: 8,
+};
+/// Fallback when even the default tile does not fit.
+pub const SMALL_VAE_TILING: VaeTiling = VaeTiling {
+    tile_latent: 16,
+    overlap_latent: 4,
+};
+
+// ---- Activation coefficients ----------------------------------------------------------------------------
+//
+// Derived analytically from tensor shapes in candle-transformers 0.11 `models::z_image` (transformer.rs,
+// text_encoder.rs, vae.rs) and candle-core's CUDA conv2d (im2col, no cuDNN). They count live tensors at a
+// block's peak; candle keeps shadowed `let` bindings and the temporaries of a chained statement alive to
+// the end of their scope, so copies add up. To be calibrated against measured peaks (the lead's job);
+// every coefficient below is a public field of `ActivationModel` and can be overridden.
+
+/// (tokens × dim) tensors live at a DiT block's attention peak: residual, norm, modulated input, q/k/v,
+/// q/k after QK-norm, q/k after RoPE, contiguous per-head q/k/v, context, its reshaped copy, output
+/// projection.
+pub const ATTN_PHASE_DIM_COPIES: u64 = 16;
+/// (tokens × dim) tensors live at the MLP peak: residual, two norms, modulated input, attention output,
+/// its norm, the new residual and the MLP output.
+pub const MLP_PHASE_DIM_COPIES: u64 = 8;
+/// (tokens × ffn_hidden) tensors live at the SwiGLU peak: gate, silu(gate), up, product.
+pub const MLP_PHASE_HIDDEN_COPIES: u64 = 4;
+/// Attention score tensors alive at once when attention is not fused: `q·kᵀ·scale` (or + mask) and its
+/// softmax. candle's z_image uses this path on CUDA whenever a mask is passed, which is always.
+pub const ATTN_SCORE_COPIES: u64 = 2;
+/// im2col column buffer of a 3 × 3 convolution, in input-channel multiples.
+pub const CONV_KERNEL_AREA: u64 = 9;
+/// Input-channel-wide tensors alive around a VAE resnet's first conv: block input (kept for the skip),
+/// group norm, swish.
+pub const CONV_INPUT_COPIES: u64 = 3;
+/// Output-channel-wide tensors of an im2col conv: matmul result and its NCHW copy.
+pub const CONV_OUTPUT_COPIES: u64 = 2;
+/// Bytes per output pixel of the tiled decoder's accumulator: f32 RGB sum plus f32 blend weight.
+pub const TILE_ACCUMULATOR_BYTES_PER_PIXEL: u64 = 16;
+
+// ---- Modes and residency --------------------------------------------------------------------------------
+
+/// How hard to trade speed for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// The fastest of the others that fits.
+    #[default]
+    Auto,
+    /// Everything resident.
+    Performance,
+    /// Text encoder loaded per job and freed after encoding; VAE tiled when needed.
+    Balanced,
+    /// One component at a time; denoiser blocks streamed; VAE tiled.
+    Low,
+}
+
+impl MemoryMode {
+    pub const ALL: [MemoryMode; 4] = [
+        MemoryMode::Auto,
+        MemoryMode::Performance,
+        MemoryMode::Balanced,
+        MemoryMode::Low,
+    ];
+    /// The concrete modes, fastest first: the order `auto` tries them in.
+    pub const CONCRETE: [MemoryMode; 3] = [
+        MemoryMode::Performance,
+        MemoryMode::Balanced,
+        MemoryMode::Low,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryMode::Auto => "auto",
+            MemoryMode::Performance => "performance",
+            MemoryMode::Balanced => "balanced",
+            MemoryMode::Low => "low",
+        }
+    }
+
+    /// Memory appetite: low 0, balanced 1, performance 2 (auto, unresolved, ranks as performance).
+    pub fn rank(self) -> u8 {
+        match self {
+            MemoryMode::Low => 0,
+            MemoryMode::Balanced => 1,
+            MemoryMode::Performance | MemoryMode::Auto => 2,
+        }
+    }
+}
+
+impl fmt::Display for MemoryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A memory mode name that is not one of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown memory mode `{input}`; expected one of: auto, performance, balanced, low")]
+pub struct UnknownMemoryMode {
+    pub input: String,
+}
+
+impl FromStr for MemoryMode {
+    type Err = UnknownMemoryMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim();
+        MemoryMode::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| UnknownMemoryMode {
+                input: s.to_owned(),
+            })
+    }
+}
+
+/// Where a component's weights live over a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residency {
+    /// Loaded once, kept between jobs.
+    Resident,
+    /// Loaded for its phase of each job, freed after it.
+    LoadUseFree,
+    /// Kept on the host; blocks are copied in one (plus one prefetched) at a time.
+    BlockStreamed,
+}
+
+impl Residency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Residency::Resident => "resident",
+            Residency::LoadUseFree => "load-use-free",
+            Residency::BlockStreamed => "block-streamed",
+        }
+    }
+}
+
+impl fmt::Display for Residency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---- Inputs ---------------------------------------------------------------------------------------------
+
+/// Weight bytes per component, from the safetensors headers (exact, in the dtype they will be loaded in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentBytes {
+    pub text_encoder: u64,
+    pub denoiser: u64,
+    /// Largest of the denoiser's repeated blocks (what the block stream must hold at once).
+    pub denoiser_largest_block: u64,
+    /// Number of repeated blocks (Z-Image: 30 layers + 2 noise + 2 context refiners); 0 = cannot stream.
+    pub denoiser_blocks: usize,
+    pub vae_decoder: u64,
+}
+
+/// Activation bytes of a transformer as a function of sequence length, per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceActivations {
+    /// Live bytes per token that scale linearly with the sequence (projections, MLP).
+    pub bytes_per_token: u64,
+    pub heads: u64,
+    /// Live bytes per attention-score element (copies alive at once × element size); 0 when attention is
+    /// fused (flash attention) and scores never exist in full.
+    pub bytes_per_score: u64,
+}
+
+impl SequenceActivations {
+    /// From a transformer's shape, with the copy counts above. `elem_bytes` is the activation dtype's size.
+    pub fn transformer(dim: u64, heads: u64, ffn_hidden: u64, elem_bytes: u64) -> Self {
+        let attn_phase = ATTN_PHASE_DIM_COPIES.saturating_mul(dim);
+        let mlp_phase = MLP_PHASE_DIM_COPIES
+            .saturating_mul(dim)
+            .saturating_add(MLP_PHASE_HIDDEN_COPIES.saturating_mul(ffn_hidden));
+        // One term for both phases (the larger) keeps the formula simple; it over-counts the attention
+        // phase by a few (tokens × dim) copies, which errs on the safe side.
+        Self {
+            bytes_per_token: attn_phase.max(mlp_phase).saturating_mul(elem_bytes),
+            heads,
+            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
+        }
+    }
+
+    /// Peak activation bytes for `batch` sequences of `tokens` tokens.
+    pub fn bytes(&self, tokens: u64, batch: u64) -> u64 {
+        let linear = self.bytes_per_token.saturating_mul(tokens);
+        let scores = self
+            .bytes_per_score
+            .saturating_mul(self.heads)
+            .saturating_mul(tokens.saturating_mul(tokens));
+        linear.saturating_add(scores).saturating_mul(batch)
+    }
+}
+
+/// Activation bytes of a VAE decode, per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaeActivations {
+    /// Output pixels per latent pixel along each side.
+    pub scale: u32,
+    /// Peak live bytes per output pixel in the convolution stages (the full-resolution resnets dominate).
+    pub bytes_per_pixel: u64,
+    /// Live bytes per element of the mid-block attention scores over (latent pixels)².
+    pub bytes_per_score: u64,
+    /// Bytes per output pixel the tiled decoder keeps for the whole image (blend accumulator).
+    pub tile_accumulator_bytes_per_pixel: u64,
+}
+
+impl VaeActivations {
+    /// From an AutoencoderKL decoder's `block_out_channels` (encoder order, as in its `config.json`), with
+    /// one level per entry: the decoder walks them reversed from latent resolution, doubling the side at
+    /// each level but the last.
+    pub fn autoencoder_kl(block_out_channels: &[u32], scale: u32, elem_bytes: u64) -> Self {
+        let reversed: Vec<u64> = block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| u64::from(c))
+            .collect();
+        let levels = reversed.len();
+        let mut worst_per_pixel = 0u64;
+        for (i, &c_out) in reversed.iter().enumerate() {
+            // The mid block runs at the widest (last) channel count, which feeds level 0.
+            let c_in = if i == 0 { c_out } else { reversed[i - 1] };
+            let per_level_pixel = c_in
+                .saturating_mul(CONV_KERNEL_AREA + CONV_INPUT_COPIES)
+                .saturating_add(CONV_OUTPUT_COPIES.saturating_mul(c_out));
+            // Level i covers 1 / 4^(levels-1-i) of the output pixels.
+            let shift = u32::try_from(2 * (levels - 1 - i)).unwrap_or(u32::MAX);
+            let per_output_pixel = per_level_pixel.checked_shr(shift).unwrap_or(0);
+            worst_per_pixel = worst_per_pixel.max(per_output_pixel);
+        }
+        Self {
+            scale,
+            bytes_per_pixel: worst_per_pixel.saturating_mul(elem_bytes),
+            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
+            tile_accumulator_bytes_per_pixel: TILE_ACCUMULATOR_BYTES_PER_PIXEL,
+        }
+    }
+
+    /// Peak bytes to decode a `latent_w × latent_h` latent in one go.
+    pub fn decode_bytes(&self, latent_w: u64, latent_h: u64) -> u64 {
+        let scale = u64::from(self.scale);
+        let pixels = latent_w
+            .saturating_mul(scale)
+            .saturating_mul(latent_h.saturating_mul(scale));
+        let latent_pixels = latent_w.saturating_mul(latent_h);
+        // Convolutions and the mid-block attention run at different times: the peak is the larger.
+        let conv = self.bytes_per_pixel.saturating_mul(pixels);
+        let attn = self
+            .bytes_per_score
+            .saturating_mul(latent_pixels.saturating_mul(latent_pixels));
+        conv.max(attn)
+    }
+
+    /// Peak bytes to decode the same latent tile by tile.
+    pub fn tiled_decode_bytes(&self, latent_w: u64, latent_h: u64, tiling: VaeTiling) -> u64 {
+        let tile = u64::from(tiling.tile_latent.max(1));
+        let scale = u64::from(self.scale);
+        let pixels = latent_w
+            .saturating_mul(scale)
+            .saturating_mul(latent_h.saturating_mul(scale));
+        let accumulator = self.tile_accumulator_bytes_per_pixel.saturating_mul(pixels);
+        self.decode_bytes(latent_w.min(tile), latent_h.min(tile))
+            .saturating_add(accumulator)
+    }
+}
+
+/// Activation model of one model family. Plain data: constructors derive it from architecture numbers,
+/// and any field can be replaced by a calibrated value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationModel {
+    pub denoiser: SequenceActivations,
+    /// Output pixels per denoiser token along each side (VAE scale × patch size).
+    pub denoiser_pixels_per_token: u32,
+    /// Text tokens in the denoiser's sequence next to the image tokens (the caption at its padded maximum).
+    pub denoiser_context_tokens: u32,
+    pub text_encoder: SequenceActivations,
+    /// Tokens the text encoder runs over per prompt (its maximum).
+    pub text_tokens: u32,
+    pub vae: VaeActivations,
+}
+
+/// Architecture numbers of a Z-Image-style single-stream DiT pipeline, for [`ActivationModel::z_image`].
+/// Layer counts do not appear: layers run one after another, so their activations do not add up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZImageArch {
+    pub dim: u64,
+    pub heads: u64,
+    pub ffn_hidden: u64,
+    pub patch_size: u32,
+    /// Maximum caption tokens (padded).
+    pub cap_tokens: u32,
+    pub text_hidden: u64,
+    pub text_heads: u64,
+    pub text_ffn_hidden: u64,
+    pub vae_block_out_channels: Vec<u32>,
+    pub vae_scale: u32,
+    /// Activation element size of denoiser and text encoder (2 for bf16/f16).
+    pub elem_bytes: u64,
+    /// Activation element size of the VAE decode (4 when decoding in f32).
+    pub vae_elem_bytes: u64,
+}
+
+impl ZImageArch {
+    /// Tongyi-MAI/Z-Image-Turbo as in candle-transformers 0.11 `Config::z_image_turbo()`,
+    /// `TextEncoderConfig::z_image()` (Qwen3-4B) and `VaeConfig::z_image()`, all in bf16.
+    pub fn turbo() -> Self {
+        Self {
+            dim: 3840,
+            heads: 30,
+            ffn_hidden: 3840 / 3 * 8,
+            patch_size: 2,
+            cap_tokens: 512,
+            text_hidden: 2560,
+            text_heads: 32,
+            text_ffn_hidden: 9728,
+            vae_block_out_channels: vec![128, 256, 512, 512],
+            vae_scale: 8,
+            elem_bytes: 2,
+            vae_elem_bytes: 2,
+        }
+    }
+}
+
+impl ActivationModel {
+    pub fn z_image(arch: &ZImageArch) -> Self {
+        Self {
+            denoiser: SequenceActivations::transformer(
+                arch.dim,
+                arch.heads,
+                arch.ffn_hidden,
+                arch.elem_bytes,
+            ),
+            denoiser_pixels_per_token: arch.vae_scale.saturating_mul(arch.patch_size),
+            denoiser_context_tokens: arch.cap_tokens,
+            text_encoder: SequenceActivations::transformer(
+                arch.text_hidden,
+                arch.text_heads,
+                arch.text_ffn_hidden,
+                arch.elem_bytes,
+            ),
+            text_tokens: arch.cap_tokens,
+            vae: VaeActivations::autoencoder_kl(
+                &arch.vae_block_out_channels,
+                arch.vae_scale,
+                arch.vae_elem_bytes,
+            ),
+        }
+    }
+
+    pub fn z_image_turbo() -> Self {
+        Self::z_image(&ZImageArch::turbo())
+    }
+
+    /// Denoiser tokens for an image: patches plus the caption.
+    pub fn denoiser_tokens(&self, width: u32, height: u32) -> u64 {
+        let per = self.denoiser_pixels_per_token.max(1);
+        let patches = u64::from(width.div_ceil(per)) * u64::from(height.div_ceil(per));
+        patches.saturating_add(u64::from(self.denoiser_context_tokens))
+    }
+
+    /// Latent size (width, height) for an image.
+    pub fn latent_size(&self, width: u32, height: u32) -> (u64, u64) {
+        let scale = self.vae.scale.max(1);
+        (
+            u64::from(width.div_ceil(scale)),
+            u64::from(height.div_ceil(scale)),
+        )
+    }
+}
+
+/// Everything the planner looks at (serialisable so a job record can keep what its plan was made from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanInput {
+    pub device_total: u64,
+    /// Memory this pipeline may use now, **counting the weights it already holds as free** (a caller that
+    /// has the denoiser loaded adds its bytes back to the device's free reading).
+    pub device_free: u64,
+    /// `--memory-budget`: a cap on top of free memory.
+    pub budget: Option<u64>,
+    /// Head-room kept free for fragmentation, the CUDA context and small tensors (see [`default_reserve`]).
+    pub reserve: u64,
+    pub components: ComponentBytes,
+    pub activations: ActivationModel,
+    pub width: u32,
+    pub height: u32,
+    pub batch: u32,
+    /// Classifier-free guidance on: the denoiser runs conditional and unconditional as one batch.
+    pub cfg_on: bool,
+    pub mode: MemoryMode,
+}
+
+/// The reserve ComfyUI-style: 5 % of the device, at least 512 MiB.
+pub fn default_reserve(device_total: u64) -> u64 {
+    (device_total / 20).max(512 * MIB)
+}
+
+// ---- Output ---------------------------------------------------------------------------------------------
+
+/// Tiled VAE decode: square tiles of `tile_latent` latents, neighbours overlapping by `overlap_latent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaeTiling {
+    pub tile_latent: u32,
+    pub overlap_latent: u32,
+}
+
+/// Estimated peak bytes of each phase of a job (weights loaded during it + its activations).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PhasePeaks {
+    pub text_encoding: u64,
+    pub denoising: u64,
+    pub decoding: u64,
+}
+
+impl PhasePeaks {
+    pub fn max(&self) -> u64 {
+        self.text_encoding.max(self.denoising).max(self.decoding)
+    }
+
+    /// Name of the phase that sets the peak.
+    pub fn largest(&self) -> &'static str {
+        let peak = self.max();
+        if peak == self.denoising {
+            "denoising"
+        } else if peak == self.decoding {
+            "decoding"
+        } else {
+            "text encoding"
+        }
+    }
+}
+
+/// The planner's decision for one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The mode used; never `auto`.
+    pub mode: MemoryMode,
+    pub requested_mode: MemoryMode,
+    pub text_encoder: Residency,
+    pub denoiser: Residency,
+    pub vae: Residency,
+    pub vae_tiling: Option<VaeTiling>,
+    /// Largest phase peak, without the reserve.
+    pub estimated_peak_bytes: u64,
+    pub phase_peaks: PhasePeaks,
+    /// `min(budget, free)`.
+    pub available_bytes: u64,
+    /// `estimated_peak_bytes + reserve <= available_bytes`.
+    pub fits: bool,
+    /// See [`max_batch`].
+    pub max_batch: u32,
+    /// Human-readable steps of the decision, for the log and the UI.
+    pub reasons: Vec<String>,
+}
+
+impl Plan {
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let decode = match self.vae_tiling {
+            Some(t) => format!("tiled {}/{}", t.tile_latent, t.overlap_latent),
+            None => "full".to_owned(),
+        };
+        format!(
+            "memory plan: mode {} (requested {}); text encoder {}, denoiser {}, vae {} (decode {}); \
+             peak {} of {} available ({}); max batch {}",
+            self.mode,
+            self.requested_mode,
+            self.text_encoder,
+            self.denoiser,
+            self.vae,
+            decode,
+            format_bytes(self.estimated_peak_bytes),
+            format_bytes(self.available_bytes),
+            if self.fits { "fits" } else { "does not fit" },
+            self.max_batch,
+        )
+    }
+
+    /// Whether a fixed requested mode did not fit and the plan runs a lower one (worth a notice in the UI).
+    pub fn stepped_down(&self) -> bool {
+        self.requested_mode != MemoryMode::Auto && self.mode != self.requested_mode
+    }
+
+    /// Logs the summary (info, or warn when it does not fit) and each reason at debug.
+    pub fn log(&self) {
+        if self.fits {
+            tracing::info!(mode = %self.mode, peak = self.estimated_peak_bytes, "{}", self.summary());
+        } else {
+            tracing::warn!(mode = %self.mode, peak = self.estimated_peak_bytes, "{}", self.summary());
+        }
+        for reason in &self.reasons {
+            tracing::debug!("memory plan: {reason}");
+        }
+    }
+}
+
+// ---- Planning -------------------------------------------------------------------------------------------
+
+/// Memory the plan may use: the budget caps free memory, never raises it.
+pub fn available_bytes(input: &PlanInput) -> u64 {
+    match input.budget {
+        Some(budget) => budget.min(input.device_free),
+        None => input.device_free,
+    }
+}
+
+/// One concrete mode evaluated at one batch size.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    mode: MemoryMode,
+    text_encoder: Residency,
+    denoiser: Residency,
+    vae: Residency,
+    tiling: Option<VaeTiling>,
+    phases: PhasePeaks,
+    fits: bool,
+    /// Bytes the full decode would need in this mode's decode phase, when it chose tiles instead.
+    full_decode_phase: Option<u64>,
+}
+
+fn fits(peak: u64, input: &PlanInput) -> bool {
+    let need = peak.saturating_add(input.reserve);
+    // Saturated arithmetic ends at u64::MAX, which stands for "overflowed", never for a real fit.
+    need < u64::MAX && need <= available_bytes(input)
+}
+
+/// The first tiling whose decode phase fits next to `loaded` bytes of weights; else the smallest tile.
+fn choose_tiling(input: &PlanInput, loaded: u64) -> (VaeTiling, u64) {
+    let vae = &input.activations.vae;
+    let (lw, lh) = input.activations.latent_size(input.width, input.height);
+    let phase = |t: VaeTiling| loaded.saturating_add(vae.tiled_decode_bytes(lw, lh, t));
+    let first = phase(DEFAULT_VAE_TILING);
+    if fits(first, input) {
+        (DEFAULT_VAE_TILING, first)
+    } else {
+        (SMALL_VAE_TILING, phase(SMALL_VAE_TILING))
+    }
+}
+
+fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
+    let c = &input.components;
+    let a = &input.activations;
+    let batch = u64::from(batch.max(1));
+    let passes = if input.cfg_on { 2 } else { 1 };
+    // One prompt (plus its negative under CFG) serves the whole batch.
+    let te_act = a.text_encoder.bytes(u64::from(a.text_tokens), passes);
+    let den_act = a
+        .denoiser
+        .bytes(a.denoiser_tokens(input.width, input.height), batch * passes);
+    let (lw, lh) = a.latent_size(input.width, input.height);
+    let full_decode = a.vae.decode_bytes(lw, lh);
+
+    match mode {
+        MemoryMode::Performance | MemoryMode::Auto => {
+            let all = c
+                .text_encoder
+                .saturating_add(c.denoiser)
+                .saturating_add(c.vae_decoder);
+            let phases = PhasePeaks {
+                text_encoding: all.saturating_add(te_act),
+                denoising: all.saturating_add(den_act),
+                decoding: all.saturating_add(full_decode),
+            };
+            Estimate {
+                mode: MemoryMode::Performance,
+                text_encoder: Residency::Resident,
+                denoiser: Residency::Resident,
+                vae: Residency::Resident,
+                tiling: None,
+                fits: fits(phases.max(), input),
+                phases,
+                full_decode_phase: None,
+            }
+        }
+        MemoryMode::Balanced => {
+            let kept = c.denoiser.saturating_add(c.vae_decoder);
+            let full_phase = kept.saturating_add(full_decode);
+            let (tiling, decoding, full_decode_phase) = if fits(full_phase, input) {
+                (None, full_phase, None)
+            } else {
+                let (t, phase) = choose_tiling(input, kept);
+                (Some(t), phase, Some(full_phase))
+            };
+            let phases = PhasePeaks {
+                text_encoding: kept.saturating_add(c.text_encoder).saturating_add(te_act),
+                denoising: kept.saturating_add(den_act),
+                decoding,
+            };
+            Estimate {
+                mode: MemoryMode::Balanced,
+                text_encoder: Residency::LoadUseFree,
+                denoiser: Residency::Resident,
+                vae: Residency::Resident,
+                tiling,
+                fits: fits(phases.max(), input),
+                phases,
+                full_decode_phase,
+            }
+        }
+        MemoryMode::Low => {
+            let (denoiser, den_weights) = streamed_denoiser(c);
+            let (tiling, decoding) = choose_tiling(input, c.vae_decoder);
+            let phases = PhasePeaks {
+                text_encoding: c.text_encoder.saturating_add(te_act),
+                denoising: den_weights.saturating_add(den_act),
+                decoding,
+            };
+            Estimate {
+                mode: MemoryMode::Low,
+                text_encoder: Residency::LoadUseFree,
+                denoiser,
+                vae: Residency::LoadUseFree,
+                tiling: Some(tiling),
+                fits: fits(phases.max(), input),
+                phases,
+                full_decode_phase: None,
+            }
+        }
+    }
+}
+
+/// Denoiser weights on the device while streaming: two blocks (computing + prefetching) and everything
+/// outside the blocks. Without block sizes it cannot stream and loads whole for its phase.
+fn streamed_denoiser(c: &ComponentBytes) -> (Residency, u64) {
+    if c.denoiser_blocks == 0 || c.denoiser_largest_block == 0 {
+        return (Residency::LoadUseFree, c.denoiser);
+    }
+    let blocks = u64::try_from(c.denoiser_blocks).unwrap_or(u64::MAX);
+    let outside = c
+        .denoiser
+        .saturating_sub(blocks.saturating_mul(c.denoiser_largest_block));
+    let streamed = c
+        .denoiser_largest_block
+        .saturating_mul(2)
+        .saturating_add(outside);
+    (Residency::BlockStreamed, streamed.min(c.denoiser))
+}
+
+/// The concrete modes a request may run in, fastest first: a fixed mode is a ceiling, never a floor.
+fn candidates(requested: MemoryMode) -> &'static [MemoryMode] {
+    match requested {
+        MemoryMode::Auto | MemoryMode::Performance => &MemoryMode::CONCRETE,
+        MemoryMode::Balanced => &[MemoryMode::Balanced, MemoryMode::Low],
+        MemoryMode::Low => &[MemoryMode::Low],
+    }
+}
+
+/// Evaluates the candidates until one fits; all tried estimates come back for the reasons.
+fn resolve(input: &PlanInput, batch: u32) -> (Estimate, Vec<Estimate>) {
+    let mut tried = Vec::with_capacity(3);
+    for &mode in candidates(input.mode) {
+        let e = estimate(input, mode, batch);
+        tried.push(e);
+        if e.fits {
+            return (e, tried);
+        }
+    }
+    // Nothing fits: the last (leanest) candidate, marked as not fitting.
+    let chosen = match tried.last() {
+        Some(&e) => e,
+        None => estimate(input, MemoryMode::Low, batch),
+    };
+    (chosen, tried)
+}
+
+/// Decides residency, VAE tiling and the batch limit for `input`. Never panics, whatever the numbers.
+///
+/// `auto` takes the fastest mode that fits. A fixed mode is a ceiling: when it does not fit, the plan
+/// steps down to the next lower mode that does (`mode != requested_mode`, see [`Plan::stepped_down`]) so
+/// the server can tell the user instead of running out of memory mid-job.
+pub fn plan(input: &PlanInput) -> Plan {
+    let batch = input.batch.max(1);
+    let (chosen, tried) = resolve(input, batch);
+    let available = available_bytes(input);
+    let mut reasons = Vec::new();
+
+    reasons.push(match input.budget {
+        Some(budget) if budget < input.device_free => format!(
+            "available {}: budget {} (device free {}, total {})",
+            format_bytes(available),
+            format_bytes(budget),
+            format_bytes(input.device_free),
+            format_bytes(input.device_total),
+        ),
+        Some(budget) => format!(
+            "available {}: device free (budget {} is above it; total {})",
+            format_bytes(available),
+            format_bytes(budget),
+            format_bytes(input.device_total),
+        ),
+        None => format!(
+            "available {}: device free (total {})",
+            format_bytes(available),
+            format_bytes(input.device_total),
+        ),
+    });
+    reasons.push(format!(
+        "request {}x{} batch {}{}; reserve {}",
+        input.width,
+        input.height,
+        batch,
+        if input.cfg_on {
+            " with CFG (2 passes)"
+        } else {
+            ""
+        },
+        format_bytes(input.reserve),
+    ));
+    if input.batch == 0 {
+        reasons.push("batch 0 planned as 1".to_owned());
+    }
+    for e in &tried {
+        reasons.push(format!(
+            "{}: peak {} ({}; text encoding {}, denoising {}, decoding {}) + reserve {} {} {}",
+            e.mode,
+            format_bytes(e.phases.max()),
+            e.phases.largest(),
+            format_bytes(e.phases.text_encoding),
+            format_bytes(e.phases.denoising),
+            format_bytes(e.phases.decoding),
+            if e.fits { "fits" } else { "exceeds" },
+            if e.fits { "in" } else { "available" },
+            format_bytes(available),
+        ));
+    }
+    if chosen.fits {
+        match input.mode {
+            MemoryMode::Auto => reasons.push(format!("auto chose {}", chosen.mode)),
+            requested if requested != chosen.mode => reasons.push(format!(
+                "{requested} does not fit; stepped down to {}",
+                chosen.mode
+            )),
+            _ => {}
+        }
+    }
+    if let Some(t) = chosen.tiling {
+        let why = match chosen.full_decode_phase {
+            Some(full) => format!(
+                "the full decode phase would need {}",
+                format_bytes(full.saturating_add(input.reserve))
+            ),
+            None => format!("{} mode always tiles", chosen.mode),
+        };
+        reasons.push(format!(
+            "VAE decode tiled: {}x{} latents ({} px), overlap {}; {}",
+            t.tile_latent,
+            t.tile_latent,
+            u64::from(t.tile_latent) * u64::from(input.activations.vae.scale),
+            t.overlap_latent,
+            why,
+        ));
+    }
+    if chosen.mode == MemoryMode::Low && chosen.denoiser == Residency::LoadUseFree {
+        reasons.push("denoiser block sizes unknown: loaded whole instead of streamed".to_owned());
+    }
+    if !chosen.fits {
+        let need = chosen.phases.max().saturating_add(input.reserve);
+        reasons.push(format!(
+            "{}: {} mode needs {} with the reserve, {} more than available ({} phase)",
+            if tried.len() > 1 {
+                "no mode fits"
+            } else {
+                "does not fit"
+            },
+            chosen.mode,
+            format_bytes(need),
+            format_bytes(need.saturating_sub(available)),
+            chosen.phases.largest(),
+        ));
+    }
+
+    Plan {
+        mode: chosen.mode,
+        requested_mode: input.mode,
+        text_encoder: chosen.text_encoder,
+        denoiser: chosen.denoiser,
+        vae: chosen.vae,
+        vae_tiling: chosen.tiling,
+        estimated_peak_bytes: chosen.phases.max(),
+        phase_peaks: chosen.phases,
+        available_bytes: available,
+        fits: chosen.fits,
+        max_batch: max_batch(input),
+        reasons,
+    }
+}
+
+/// Largest batch (≥ 1 if anything fits, else 0) at the input's resolution that [`plan`] can serve for the
+/// requested mode, in whichever mode it resolves to for that batch: for `auto` (and `performance`, its
+/// ceiling being the top) the leanest mode usually sets the limit, since only the denoiser's activations
+/// grow with the batch. Taking the best over the allowed modes keeps the limit monotone in memory, which
+/// the UI relies on; [`max_batch_in_mode`] gives one mode's own limit.
+pub fn max_batch(input: &PlanInput) -> u32 {
+    candidates(input.mode)
+        .iter()
+        .map(|&m| max_batch_in_mode(input, m))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Largest batch that fits in `mode` itself (0 when batch 1 does not); `auto` means [`max_batch`].
+pub fn max_batch_in_mode(input: &PlanInput, mode: MemoryMode) -> u32 {
+    if mode == MemoryMode::Auto {
+        return max_batch(&PlanInput {
+            mode,
+            ..input.clone()
+        });
+    }
+    let ok = |b: u32| estimate(input, mode, b).fits;
+    if !ok(1) {
+        return 0;
+    }
+    // Peaks grow with the batch, so the fitting batches are a prefix: binary search its end.
+    let (mut lo, mut hi) = (1u32, MAX_BATCH_SEARCH);
+    if ok(hi) {
+        return hi;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if ok(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+// ---- Byte sizes -----------------------------------------------------------------------------------------
+
+/// A `--memory-budget` value that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseBytesError {
+    #[error(
+        "memory size is empty; expected e.g. `8GiB`, `8GB`, `512MiB`, `1.5GiB` or a byte count"
+    )]
+    Empty,
+    #[error(
+        "invalid memory size `{input}`: `{number}` is not a non-negative number; \
+         expected e.g. `8GiB`, `1.5GiB`, `512MiB` or a byte count"
+    )]
+    InvalidNumber { input: String, number: String },
+    #[error(
+        "invalid memory size `{input}`: unknown unit `{unit}`; use B, KiB, MiB, GiB, TiB (binary), \
+         KB, MB, GB, TB (decimal) or K, M, G, T (binary)"
+    )]
+    UnknownUnit { input: String, unit: String },
+    #[error("invalid memory size `{input}`: a byte count cannot have a fraction")]
+    FractionalBytes { input: String },
+    #[error("invalid memory size `{input}`: larger than 2^64 bytes")]
+    TooLarge { input: String },
+}
+
+/// Parses a memory size: `8GiB`, `512MiB`, `1.5GiB` (binary), `8GB`, `500MB` (decimal, powers of 1000),
+/// `8G`, `512M` (single letters are read as binary, like `free -h` and most GPU tools print them), or a
+/// plain byte count. Units are case-insensitive and may follow a space. Fractions round down to a byte.
+pub fn parse_bytes(s: &str) -> Result<u64, ParseBytesError> {
+    let text = s.trim();
+    if text.is_empty() {
+        return Err(ParseBytesError::Empty);
+    }
+    let split = text
+        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim());
+    if number.is_empty() {
+        return Err(ParseBytesError::InvalidNumber {
+            input: s.to_owned(),
+            number: text.to_owned(),
+        });
+    }
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => KIB,
+        "m" | "mib" => MIB,
+        "g" | "gib" => GIB,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(ParseBytesError::UnknownUnit {
+                input: s.to_owned(),
+                unit: unit.to_owned(),
+            })
+        }
+    };
+    let invalid = || ParseBytesError::InvalidNumber {
+        input: s.to_owned(),
+        number: number.to_owned(),
+    };
+    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
+    if (int_part.is_empty() && frac_part.is_empty()) || frac_part.contains('.') {
+        return Err(invalid());
+    }
+    // Digits past the 24th are below a byte for every unit here (the largest is 2^40 < 10^13).
+    let frac_part = &frac_part[..frac_part.len().min(24)];
+    if multiplier == 1 && !frac_part.is_empty() {
+        return Err(ParseBytesError::FractionalBytes {
+            input: s.to_owned(),
+        });
+    }
+    // Exact decimal arithmetic in u128: "1.1GB" must be 1_100_000_000, which f64 would not promise.
+    let digits = format!("{int_part}{frac_part}");
+    // 30 significant digits are far beyond u64 range, so longer inputs are too large (or padding).
+    let digits = digits.trim_start_matches('0');
+    let too_large = || ParseBytesError::TooLarge {
+        input: s.to_owned(),
+    };
+    if digits.len() > 30 {
+        return Err(too_large());
+    }
+    let mantissa: u128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().map_err(|_| invalid())?
+    };
+    let scale = 10u128
+        .checked_pow(u32::try_from(frac_part.len()).map_err(|_| too_large())?)
+        .ok_or_else(too_large)?;
+    let bytes = mantissa
+        .checked_mul(u128::from(multiplier))
+        .ok_or_else(too_large)?
+        / scale;
+    u64::try_from(bytes).map_err(|_| too_large())
+}
+
+/// A byte count for people: GiB with two decimals from 1 GiB up, else MiB, KiB or B.
+pub fn format_bytes(bytes: u64) -> String {
+    // f64 is fine for display: two decimals, never fed back into arithmetic.
+    let b = bytes as f64;
+    if bytes >= GIB {
+        format!("{:.2} GiB", b / GIB as f64)
+    } else if bytes >= MIB {
+        format!("{:.0} MiB", b / MIB as f64)
+    } else if bytes >= KIB {
+        format!("{:.0} KiB", b / KIB as f64)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+    /// CUDA context + display already holding memory when the server starts (an assumption, typical of a
+    /// desktop NVIDIA card: 300–500 MiB).
+    const DRIVER_OVERHEAD: u64 = 400 * MIB;
+
+    /// Z-Image-Turbo in bf16, sizes from the brief (safetensors totals on the hub). One main layer is
+    /// attention 4·3840² + SwiGLU 3·3840·10240 + adaLN 256·4·3840 ≈ 178 M parameters ≈ 356 MB; there are
+    /// 30 layers + 2 noise refiners + 2 context refiners.
+    fn z_image_components() -> ComponentBytes {
+        ComponentBytes {
+            text_encoder: 8_000_000_000,
+            denoiser: 12_300_000_000,
+            denoiser_largest_block: 356_000_000,
+            denoiser_blocks: 34,
+            vae_decoder: 330_000_000,
+        }
+    }
+
+    /// An `gib`-GiB card (how "8 GB" cards are actually sized) with the driver's share already taken.
+    fn device(gib: f64, width: u32, height: u32) -> PlanInput {
+        let total = (gib * GIB as f64) as u64;
+        PlanInput {
+            device_total: total,
+            device_free: total.saturating_sub(DRIVER_OVERHEAD),
+            budget: None,
+            reserve: default_reserve(total),
+            components: z_image_components(),
+            activations: ActivationModel::z_image_turbo(),
+            width,
+            height,
+            batch: 1,
+            cfg_on: true,
+            mode: MemoryMode::Auto,
+        }
+    }
+
+    /// Activations as they would be with fused (flash) attention: no score matrices in the denoiser.
+    fn flash_attention() -> ActivationModel {
+        let mut a = ActivationModel::z_image_turbo();
+        a.denoiser.bytes_per_score = 0;
+        a
+    }
+
+    #[test]
+    fn derived_coefficients_match_hand_counts() {
+        let a = ActivationModel::z_image_turbo();
+        // max(16·3840, 8·3840 + 4·10240) = 71 680 bf16 elements per token.
+        assert_eq!(a.denoiser.bytes_per_token, 71_680 * 2);
+        assert_eq!(a.denoiser.bytes_per_score, 2 * 2);
+        assert_eq!(a.denoiser.heads, 30);
+        // Qwen3-4B: max(16·2560, 8·2560 + 4·9728) = 59 392 elements.
+        assert_eq!(a.text_encoder.bytes_per_token, 59_392 * 2);
+        // Full-resolution VAE resnet: 256 in · (9 + 3) + 2 · 128 out = 3 328 bf16 elements per pixel.
+        assert_eq!(a.vae.bytes_per_pixel, 3_328 * 2);
+        // 1024² → 64² patches + 512 caption tokens.
+        assert_eq!(a.denoiser_tokens(1024, 1024), 4096 + 512);
+        assert_eq!(a.latent_size(1024, 1024), (128, 128));
+    }
+
+    #[test]
+    fn real_model_on_common_cards() {
+        // (card GiB, mode auto picks, fits)
+        let cases = [
+            // Even alone the 8.0 GB text encoder plus its reserve exceeds an 8 GiB card.
+            (8.0, MemoryMode::Low, false),
+            (12.0, MemoryMode::Low, true),
+            (16.0, MemoryMode::Low, true),
+            (24.0, MemoryMode::Balanced, true),
+            (80.0, MemoryMode::Performance, true),
+        ];
+        for (gib, mode, fits) in cases {
+            let p = plan(&device(gib, 1024, 1024));
+            assert_eq!(p.mode, mode, "{gib} GiB: {}", p.summary());
+            assert_eq!(p.fits, fits, "{gib} GiB: {}", p.summary());
+            assert_eq!(p.requested_mode, MemoryMode::Auto);
+            assert_eq!(p.max_batch > 0, fits, "{gib} GiB: {}", p.summary());
+            assert!(p.reasons.iter().any(|r| r.starts_with("available")));
+            if !fits {
+                let last = p.reasons.last().map(String::as_str).unwrap_or("");
+                assert!(last.starts_with("no mode fits: low mode needs"), "{last}");
+                assert!(last.contains("more than available"), "{last}");
+                assert!(last.contains("text encoding"), "{last}");
+            }
+        }
+    }
+
+    #[test]
+    fn residency_follows_the_mode() {
+        let p = plan(&device(80.0, 1024, 1024));
+        assert_eq!(
+            (p.text_encoder, p.denoiser, p.vae, p.vae_tiling),
+            (
+                Residency::Resident,
+                Residency::Resident,
+                Residency::Resident,
+                None
+            )
+        );
+        let p = plan(&device(24.0, 1024, 1024));
+        assert_eq!(
+            (p.text_encoder, p.denoiser, p.vae),
+            (
+                Residency::LoadUseFree,
+                Residency::Resident,
+                Residency::Resident
+            )
+        );
+        assert_eq!(
+            p.vae_tiling, None,
+            "full decode fits on 24 GiB: {:?}",
+            p.reasons
+        );
+        let p = plan(&device(12.0, 1024, 1024));
+        assert_eq!(
+            (p.text_encoder, p.denoiser, p.vae, p.vae_tiling),
+            (
+                Residency::LoadUseFree,
+                Residency::BlockStreamed,
+                Residency::LoadUseFree,
+                Some(DEFAULT_VAE_TILING)
+            )
+        );
+    }
+
+    #[test]
+    fn phase_peaks_add_up_by_hand() {
+        let input = device(80.0, 1024, 1024);
+        let a = &input.activations;
+        let c = &input.components;
+        let p = plan(&input);
+        let all = c.text_encoder + c.denoiser + c.vae_decoder;
+        let tokens = 4096 + 512;
+        // CFG: two sequences through the denoiser.
+        let den = 2 * (a.denoiser.bytes_per_token * tokens + 4 * 30 * tokens * tokens);
+        assert_eq!(p.phase_peaks.denoising, all + den);
+        assert_eq!(p.phase_peaks.decoding, all + 3_328 * 2 * 1024 * 1024);
+        assert_eq!(p.estimated_peak_bytes, p.phase_peaks.max());
+
+        let mut low = input.clone();
+        low.mode = MemoryMode::Low;
+        let p = plan(&low);
+        // Two blocks in flight plus the 196 MB outside the 34 blocks.
+        let streamed = 2 * 356_000_000 + (12_300_000_000 - 34 * 356_000_000);
+        assert_eq!(p.phase_peaks.denoising, streamed + den);
+        assert_eq!(
+            p.phase_peaks.text_encoding,
+            c.text_encoder + a.text_encoder.bytes(512, 2)
+        );
+    }
+
+    #[test]
+    fn more_memory_never_picks_a_lower_mode_or_a_smaller_batch() {
+        for (w, h) in [(512, 512), (1024, 1024), (1280, 768), (1536, 1536)] {
+            for (cfg_on, mode) in [false, true]
+                .into_iter()
+                .flat_map(|c| MemoryMode::ALL.map(|m| (c, m)))
+            {
+                let mut last = (0u8, false, 0u32);
+                for quarter_gib in 4..=4 * 96 {
+                    let mut input = device(f64::from(quarter_gib) / 4.0, w, h);
+                    input.cfg_on = cfg_on;
+                    input.mode = mode;
+                    let p = plan(&input);
+                    let now = (p.mode.rank(), p.fits, p.max_batch);
+                    assert!(
+                        now.0 >= last.0,
+                        "{w}x{h} at {quarter_gib}/4 GiB: {now:?} < {last:?}"
+                    );
+                    assert!(
+                        now.1 >= last.1,
+                        "{w}x{h} at {quarter_gib}/4 GiB: fits regressed"
+                    );
+                    assert!(
+                        now.2 >= last.2,
+                        "{w}x{h} at {quarter_gib}/4 GiB: max batch fell"
+                    );
+                    last = now;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bigger_images_never_pick_a_higher_mode() {
+        for gib in [8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 80.0, 141.0] {
+            for activations in [ActivationModel::z_image_turbo(), flash_attention()] {
+                let mut last = (u8::MAX, true);
+                for side in (256..=4096).step_by(64) {
+                    let mut input = device(gib, side, side * 3 / 4);
+                    input.activations = activations;
+                    let p = plan(&input);
+                    let now = (p.mode.rank(), p.fits);
+                    assert!(now.0 <= last.0, "{gib} GiB at {side}px: mode rose");
+                    assert!(now.1 <= last.1, "{gib} GiB at {side}px: fits came back");
+                    last = now;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn budget_caps_free_memory_but_never_raises_it() {
+        let mut input = device(80.0, 1024, 1024);
+        input.budget = Some(12 * GIB);
+        input.reserve = default_reserve(12 * GIB);
+        let p = plan(&input);
+        assert_eq!(p.available_bytes, 12 * GIB);
+        assert_eq!(p.mode, MemoryMode::Low);
+        assert!(p.reasons[0].contains("budget"), "{}", p.reasons[0]);
+
+        let mut input = device(12.0, 1024, 1024);
+        input.budget = Some(80 * GIB);
+        let p = plan(&input);
+        assert_eq!(p.available_bytes, input.device_free);
+        assert_eq!(p.mode, MemoryMode::Low);
+    }
+
+    #[test]
+    fn max_batch_is_the_edge_of_fitting() {
+        for gib in [12.0, 24.0, 80.0] {
+            let input = device(gib, 1024, 1024);
+            let max = max_batch(&input);
+            assert!(max >= 1, "{gib} GiB");
+            let at = |b: u32| {
+                plan(&PlanInput {
+                    batch: b,
+                    ..input.clone()
+                })
+            };
+            assert!(at(max).fits, "{gib} GiB batch {max}");
+            assert!(!at(max + 1).fits, "{gib} GiB batch {}", max + 1);
+            // A fixed mode's limit never exceeds auto's, which may drop to a lower mode for big batches.
+            for mode in MemoryMode::CONCRETE {
+                assert!(max_batch_in_mode(&input, mode) <= max);
+            }
+        }
+        assert_eq!(max_batch(&device(8.0, 1024, 1024)), 0);
+    }
+
+    #[test]
+    fn a_batch_that_needs_a_lower_mode_gets_one() {
+        let mut input = device(24.0, 1024, 1024);
+        assert_eq!(plan(&input).mode, MemoryMode::Balanced);
+        input.batch = max_batch_in_mode(&input, MemoryMode::Balanced) + 1;
+        let p = plan(&input);
+        assert_eq!(p.mode, MemoryMode::Low);
+        assert!(p.fits);
+    }
+
+    #[test]
+    fn balanced_tiles_when_the_full_decode_would_not_fit() {
+        // With fused attention the denoiser is cheap and the decode's full-resolution convolutions
+        // (≈ 6.5 KiB per output pixel) become the peak: 2048² needs ≈ 26 GiB for a full decode.
+        let mut input = device(24.0, 2048, 2048);
+        input.activations = flash_attention();
+        let p = plan(&input);
+        assert_eq!(p.mode, MemoryMode::Balanced, "{:?}", p.reasons);
+        assert_eq!(p.vae_tiling, Some(DEFAULT_VAE_TILING));
+        assert!(p.fits);
+        assert!(
+            p.reasons
+                .iter()
+                .any(|r| r.contains("full decode phase would need")),
+            "{:?}",
+            p.reasons
+        );
+        // The same model at 1024² decodes in one piece.
+        input.width = 1024;
+        input.height = 1024;
+        assert_eq!(plan(&input).vae_tiling, None);
+    }
+
+    #[test]
+    fn performance_never_tiles_and_low_always_does() {
+        for side in [256, 1024, 2048] {
+            for mode in [MemoryMode::Performance, MemoryMode::Low] {
+                // A card big enough that performance never steps down.
+                let mut input = device(1024.0, side, side);
+                input.mode = mode;
+                let p = plan(&input);
+                assert_eq!(p.mode, mode);
+                assert_eq!(p.vae_tiling.is_some(), mode == MemoryMode::Low);
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_shrink_when_the_default_tile_does_not_fit() {
+        let mut input = device(80.0, 1024, 1024);
+        input.mode = MemoryMode::Low;
+        // Room for the VAE, the accumulator and a 16-latent tile, not a 32-latent one.
+        let a = input.activations.vae;
+        let small = input.components.vae_decoder + a.tiled_decode_bytes(128, 128, SMALL_VAE_TILING);
+        input.components.text_encoder = 0;
+        input.components.denoiser = 0;
+        input.components.denoiser_largest_block = 0;
+        input.budget = Some(small + input.reserve);
+        let p = plan(&input);
+        assert_eq!(p.vae_tiling, Some(SMALL_VAE_TILING), "{:?}", p.reasons);
+    }
+
+    #[test]
+    fn a_fixed_mode_that_does_not_fit_steps_down() {
+        let mut input = device(12.0, 1024, 1024);
+        input.mode = MemoryMode::Performance;
+        let p = plan(&input);
+        assert_eq!(
+            (p.mode, p.requested_mode),
+            (MemoryMode::Low, MemoryMode::Performance)
+        );
+        assert!(p.fits && p.stepped_down());
+        assert!(
+            p.reasons
+                .iter()
+                .any(|r| r == "performance does not fit; stepped down to low"),
+            "{:?}",
+            p.reasons
+        );
+        assert!(max_batch_in_mode(&input, MemoryMode::Performance) == 0);
+
+        // A fixed mode is a ceiling, never a floor: low stays low on a big card.
+        input = device(80.0, 1024, 1024);
+        input.mode = MemoryMode::Low;
+        let p = plan(&input);
+        assert_eq!(p.mode, MemoryMode::Low);
+        assert!(!p.stepped_down());
+        assert_eq!(p.max_batch, max_batch_in_mode(&input, MemoryMode::Low));
+
+        // Low alone cannot step anywhere: it reports the shortfall.
+        input = device(8.0, 1024, 1024);
+        input.mode = MemoryMode::Low;
+        let p = plan(&input);
+        assert!(!p.fits);
+        let last = p.reasons.last().cloned().unwrap_or_default();
+        assert!(last.starts_with("does not fit: low mode needs"), "{last}");
+    }
+
+    #[test]
+    fn unknown_block_sizes_load_the_denoiser_whole() {
+        let mut input = device(24.0, 1024, 1024);
+        input.mode = MemoryMode::Low;
+        input.components.denoiser_blocks = 0;
+        let p = plan(&input);
+        assert_eq!(p.denoiser, Residency::LoadUseFree);
+        assert!(p.phase_peaks.denoising > input.components.denoiser);
+    }
+
+    #[test]
+    fn zero_and_absurd_inputs_do_not_panic() {
+        let zero = PlanInput {
+            device_total: 0,
+            device_free: 0,
+            budget: Some(0),
+            reserve: 0,
+            components: ComponentBytes::default(),
+            activations: ActivationModel::z_image_turbo(),
+            width: 0,
+            height: 0,
+            batch: 0,
+            cfg_on: false,
+            mode: MemoryMode::Auto,
+        };
+        let p = plan(&zero);
+        // Even an empty image runs the caption through both transformers: nothing fits in 0 bytes.
+        assert!(!p.fits);
+        assert_eq!(p.max_batch, 0);
+        assert_eq!(p.mode, MemoryMode::Low);
+
+        let mut zero_arch = zero.clone();
+        zero_arch.activations = ActivationModel::z_image(&ZImageArch {
+            dim: 0,
+            heads: 0,
+            ffn_hidden: 0,
+            patch_size: 0,
+            cap_tokens: 0,
+            text_hidden: 0,
+            text_heads: 0,
+            text_ffn_hidden: 0,
+            vae_block_out_channels: vec![],
+            vae_scale: 0,
+            elem_bytes: 0,
+            vae_elem_bytes: 0,
+        });
+        zero_arch.width = 1024;
+        zero_arch.height = 1024;
+        let _ = plan(&zero_arch);
+
+        let absurd = PlanInput {
+            device_total: u64::MAX,
+            device_free: u64::MAX,
+            budget: None,
+            reserve: u64::MAX,
+            components: ComponentBytes {
+                text_encoder: u64::MAX,
+                denoiser: u64::MAX,
+                denoiser_largest_block: u64::MAX,
+                denoiser_blocks: usize::MAX,
+                vae_decoder: u64::MAX,
+            },
+            activations: ActivationModel::z_image_turbo(),
+            width: u32::MAX,
+            height: u32::MAX,
+            batch: u32::MAX,
+            cfg_on: true,
+            mode: MemoryMode::Auto,
+        };
+        let p = plan(&absurd);
+        assert!(!p.fits);
+        assert_eq!(p.max_batch, 0);
+        assert_eq!(p.estimated_peak_bytes, u64::MAX);
+        for mode in MemoryMode::ALL {
+            let _ = plan(&PlanInput {
+                mode,
+                ..absurd.clone()
+            });
+            let _ = plan(&PlanInput {
+                mode,
+                ..zero.clone()
+            });
+        }
+        // A huge card with a tiny job: the batch search stops at its cap.
+        let p = plan(&device(1e9, 64, 64));
+        assert!(p.fits);
+        assert_eq!(p.max_batch, MAX_BATCH_SEARCH);
+    }
+
+    #[test]
+    fn plan_serialises_for_the_job_record() {
+        let p = plan(&device(12.0, 1024, 1024));
+        let json = serde_json::to_value(&p).expect("plan serialises");
+        assert_eq!(json["mode"], "low");
+        assert_eq!(json["requested_mode"], "auto");
+        assert_eq!(json["denoiser"], "block_streamed");
+        assert_eq!(json["vae_tiling"]["tile_latent"], 32);
+        assert_eq!(json["vae_tiling"]["overlap_latent"], 8);
+        assert!(json["reasons"].as_array().is_some_and(|r| !r.is_empty()));
+        assert!(p
+            .summary()
+            .starts_with("memory plan: mode low (requested auto)"));
+    }
+
+    #[test]
+    fn memory_modes_parse_and_print() {
+        for mode in MemoryMode::ALL {
+            assert_eq!(mode.to_string().parse::<MemoryMode>(), Ok(mode));
+            let json = serde_json::to_string(&mode).expect("serialises");
+            assert_eq!(json, format!("\"{mode}\""));
+        }
+        assert_eq!(" Balanced ".parse::<MemoryMode>(), Ok(MemoryMode::Balanced));
+        let err = "turbo".parse::<MemoryMode>().expect_err("not a mode");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`turbo`") && msg.contains("auto, performance, balanced, low"),
+            "{msg}"
+        );
+        assert_eq!(MemoryMode::default(), MemoryMode::Auto);
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        let cases: [(&str, u64); 14] = [
+            ("8GiB", 8 * GIB),
+            ("8GB", 8 * GB),
+            ("8G", 8 * GIB),
+            ("8g", 8 * GIB),
+            ("512MiB", 512 * MIB),
+            ("1.5GiB", 3 * GIB / 2),
+            ("1.1GB", 1_100_000_000),
+            ("0.5 gib", GIB / 2),
+            (" 12 GiB ", 12 * GIB),
+            ("1073741824", GIB),
+            ("1024B", 1024),
+            ("4k", 4096),
+            (".5GiB", GIB / 2),
+            ("2TB", 2_000_000_000_000),
+        ];
+        for (text, bytes) in cases {
+            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
+        }
+        assert_eq!(parse_bytes("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_bytes("0.000000000000000000000000000000001GiB"), Ok(0));
+    }
+
+    #[test]
+    fn byte_size_errors_name_the_input() {
+        let err = |s: &str| parse_bytes(s).expect_err(s).to_string();
+        assert!(err("").contains("empty"));
+        assert!(
+            err("8 gigs").contains("`8 gigs`") && err("8 gigs").contains("unknown unit `gigs`")
+        );
+        assert!(err("-1GiB").contains("`-1GiB`"));
+        assert!(err("GiB").contains("not a non-negative number"));
+        assert!(err("1.2.3GiB").contains("`1.2.3`"));
+        assert!(err("1.5").contains("cannot have a fraction"));
+        assert!(err("18446744073709551616").contains("larger than"));
+        assert!(err("99999999999999999999999999999999999TiB").contains("larger than"));
+    }
+
+    #[test]
+    fn bytes_format_for_people() {
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1536), "2 KiB");
+        assert_eq!(format_bytes(512 * MIB), "512 MiB");
+        assert_eq!(format_bytes(12 * GIB + GIB / 4), "12.25 GiB");
+    }
+
+    /// The table for the report: `cargo test plan_table -- --nocapture`.
+    #[test]
+    fn plan_table() {
+        println!("| card | mode | fits | peak | phase | available | tiling | max batch (auto) | max batch (chosen mode) |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for gib in [8.0, 12.0, 16.0, 24.0, 80.0] {
+            let input = device(gib, 1024, 1024);
+            let p = plan(&input);
+            println!(
+                "| {gib} GiB | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.mode,
+                p.fits,
+                format_bytes(p.estimated_peak_bytes),
+                p.phase_peaks.largest(),
+                format_bytes(p.available_bytes),
+                p.vae_tiling
+                    .map(|t| format!("{}/{}", t.tile_latent, t.overlap_latent))
+                    .unwrap_or_else(|| "-".into()),
+                p.max_batch,
+                max_batch_in_mode(&input, p.mode),
+            );
+        }
+        for r in plan(&device(24.0, 1024, 1024)).reasons {
+            println!("  {r}");
+        }
+        let short = plan(&device(8.0, 1024, 1024));
+        println!("{}", short.summary());
+        println!(
+            "  {}",
+            short.reasons.last().map(String::as_str).unwrap_or("")
+        );
+    }
+}
