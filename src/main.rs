@@ -59,7 +59,7 @@ fn parse_budget(s: &str) -> Result<u64, String> {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from the terminal.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Download a model into the Hugging Face cache (resumes interrupted downloads).
     Pull {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
@@ -131,7 +131,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
     };

@@ -87,6 +87,13 @@ fn decode_checked(
     loop {
         run.vae_attempts += 1;
         let mut out = family.decode(z)?;
+        if run.faults.vae_black(run.vae_attempts) {
+            tracing::warn!(
+                attempt = run.vae_attempts,
+                "fault injection: VAE output set to black"
+            );
+            out = (out.zeros_like()? - 1.0)?;
+        }
         if run.faults.vae_nan(run.vae_attempts) {
             tracing::warn!(
                 attempt = run.vae_attempts,
@@ -165,19 +172,20 @@ fn decode_tiled(
             let (oy, ox) = (y0 * *factor, x0 * *factor);
             for bi in 0..b {
                 for ci in 0..ch {
-                    for r in 0..ph {
+                    for (r, wr) in wy.iter().enumerate() {
                         let src = ((bi * ch + ci) * ph + r) * pw;
                         let dst = ((bi * ch + ci) * big_h + oy + r) * big_w + ox;
-                        for col in 0..pw {
-                            buf[dst + col] += data[src + col] * wy[r] * wx[col];
+                        let row = &data[src..src + pw];
+                        for ((o, v), wc) in buf[dst..dst + pw].iter_mut().zip(row).zip(&wx) {
+                            *o += v * wr * wc;
                         }
                     }
                 }
             }
-            for r in 0..ph {
+            for (r, wr) in wy.iter().enumerate() {
                 let dst = (oy + r) * big_w + ox;
-                for col in 0..pw {
-                    wsum[dst + col] += wy[r] * wx[col];
+                for (o, wc) in wsum[dst..dst + pw].iter_mut().zip(&wx) {
+                    *o += wr * wc;
                 }
             }
         }

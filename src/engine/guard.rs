@@ -45,6 +45,9 @@ pub enum FaultSpec {
     DenoiserNan { step: usize, attempts: Option<u32> },
     /// NaN from the VAE on the first `attempts` decode attempts (`None` = all).
     VaeNan { attempts: Option<u32> },
+    /// A constant (black) image from the VAE on the first `attempts` decodes (`None` = all):
+    /// finite, so only the black-image check can catch it.
+    VaeBlack { attempts: Option<u32> },
 }
 
 /// The faults to inject in this process (`ZTURBO_FAULT`), for tests and soak runs.
@@ -63,7 +66,8 @@ impl FaultPlan {
     }
 
     /// Syntax: `denoiser-nan@step=3,attempts=2`, `denoiser-nan@step=3,attempts=all`, `vae-nan`
-    /// (first decode attempt), `vae-nan@attempts=all`; several separated by `;`.
+    /// (first decode attempt), `vae-nan@attempts=all`, `vae-black` (first decode, a constant
+    /// image); several separated by `;`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut specs = Vec::new();
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -105,9 +109,10 @@ impl FaultPlan {
                     attempts,
                 }),
                 "vae-nan" => specs.push(FaultSpec::VaeNan { attempts }),
+                "vae-black" => specs.push(FaultSpec::VaeBlack { attempts }),
                 other => {
                     return Err(format!(
-                        "ZTURBO_FAULT: unknown fault `{other}` (denoiser-nan, vae-nan)"
+                        "ZTURBO_FAULT: unknown fault `{other}` (denoiser-nan, vae-nan, vae-black)"
                     ))
                 }
             }
@@ -133,6 +138,16 @@ impl FaultPlan {
     pub fn vae_nan(&self, attempt: u32) -> bool {
         self.specs.iter().any(|s| match s {
             FaultSpec::VaeNan { attempts } => attempts.is_none_or(|n| attempt <= n),
+            _ => false,
+        })
+    }
+}
+
+impl FaultPlan {
+    /// Should decode attempt `attempt` (1-based, per job) come out as a constant image?
+    pub fn vae_black(&self, attempt: u32) -> bool {
+        self.specs.iter().any(|s| match s {
+            FaultSpec::VaeBlack { attempts } => attempts.is_none_or(|n| attempt <= n),
             _ => false,
         })
     }
