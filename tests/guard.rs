@@ -265,8 +265,11 @@ impl Family for Spy {
         }
         self.inner.predict(x, c, s)
     }
-    fn decode(&mut self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
-        self.inner.decode(l)
+    fn vae_input(&self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
+        self.inner.vae_input(l)
+    }
+    fn vae(&mut self) -> Result<&zturbo::families::vae::VaeDecoder, zturbo::families::ModelError> {
+        self.inner.vae()
     }
     fn load(&mut self, c: zturbo::families::Component) -> Result<(), zturbo::families::ModelError> {
         self.inner.load(c)

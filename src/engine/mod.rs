@@ -209,7 +209,23 @@ pub(crate) struct RunState<'a> {
     pub vae_attempts: u32,
 }
 
-impl RunState<'_> {
+impl<'a> RunState<'a> {
+    pub fn new(
+        faults: &'a FaultPlan,
+        cancel: &'a CancelToken,
+        observer: &'a mut dyn Observer,
+        tags: Option<&'a Tags>,
+    ) -> Self {
+        Self {
+            faults,
+            cancel,
+            observer,
+            tags,
+            notices: Vec::new(),
+            vae_attempts: 0,
+        }
+    }
+
     pub fn notice(&mut self, n: Notice) {
         tracing::info!(kind = %n.kind, "{}", n.message);
         self.observer.notice(&n);
@@ -251,6 +267,10 @@ pub fn release_memory(device: &Device) {
         }
         other => {
             let _ = other.synchronize();
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(d) = other {
+                crate::memory::probe::cuda::trim(d);
+            }
         }
     }
 }
@@ -384,14 +404,7 @@ impl Engine {
         let info = self.family.info().clone();
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
-        let mut run = RunState {
-            faults: &faults,
-            cancel,
-            observer,
-            tags: tags.as_deref(),
-            notices: Vec::new(),
-            vae_attempts: 0,
-        };
+        let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         let result = self.generate_inner(req, extras, &info, &mut run, started);
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();

@@ -154,9 +154,19 @@ pub trait Family: Send {
         step: StepInput<'_>,
     ) -> Result<Tensor, ModelError>;
 
-    /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in [-1, 1] (`[B, 3, 8h, 8w]`,
-    /// f32). Works on any latent tile: every operation before the VAE is per element.
-    fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError>;
+    /// The VAE decoder's input for these latents (the pipeline's unscaling, e.g.
+    /// `latents / scaling + shift`): per element, so it works on any latent tile.
+    fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError>;
+
+    /// The VAE decoder (loaded on demand).
+    fn vae(&mut self) -> Result<&vae::VaeDecoder, ModelError>;
+
+    /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
+    /// (`[B, 3, 8h, 8w]`, f32), in one piece.
+    fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError> {
+        let z = self.vae_input(latents)?;
+        Ok(self.vae()?.forward(&z)?)
+    }
 
     /// Loads a component onto the device (no-op when loaded).
     fn load(&mut self, component: Component) -> Result<(), ModelError>;

@@ -3,10 +3,12 @@
 //! forward that frees each feature map as soon as the next one exists.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 const VAE_NORM_EPS: f64 = 1e-6;
+/// Query rows per attention chunk in the mid block (bounds the score matrix to 4096 × positions).
+const ATTENTION_CHUNK: usize = 4096;
 
 /// `vae/config.json` (unknown fields ignored).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -112,7 +114,87 @@ fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Resul
 }
 
 fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
-    candle_nn::group_norm(groups, c, VAE_NORM_EPS, vb)
+    Ok(GroupNorm {
+        weight: vb.get(c, "weight")?,
+        bias: vb.get(c, "bias")?,
+        groups,
+    })
+}
+
+/// GroupNorm statistics of every norm layer of one decode, in call order: per layer the mean and
+/// variance per group, `[B, G, 1]` (f32).
+#[derive(Debug, Clone, Default)]
+pub struct GroupNormStats {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl GroupNormStats {
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+/// Where each GroupNorm takes its statistics from. A tile normalised with its own statistics
+/// drifts in tone from its neighbours (the classic tiled-VAE seam); normalising every tile with
+/// statistics of the whole image removes that drift.
+enum NormCtx<'a> {
+    Local,
+    Record(&'a mut GroupNormStats),
+    Fixed {
+        stats: &'a GroupNormStats,
+        next: usize,
+    },
+}
+
+/// GroupNorm over `[B, C, H, W]`, computed in f32.
+#[derive(Debug, Clone)]
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNorm {
+    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        let g = self.groups;
+        let xf = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
+        let (mean, var) = match ctx {
+            NormCtx::Fixed { stats, next } => {
+                let Some((m, v)) = stats.layers.get(*next) else {
+                    candle_core::bail!(
+                        "group-norm statistics have {} layers, the decoder more",
+                        stats.len()
+                    )
+                };
+                *next += 1;
+                (m.clone(), v.clone())
+            }
+            _ => {
+                let mean = xf.mean_keepdim(2)?;
+                let var = xf.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+                if let NormCtx::Record(stats) = ctx {
+                    stats.layers.push((mean.clone(), var.clone()));
+                }
+                (mean, var)
+            }
+        };
+        let normed = xf
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + VAE_NORM_EPS)?.sqrt()?)?
+            .reshape((b, c, h, w))?;
+        let wgt = self.weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+        let bias = self.bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+        normed
+            .broadcast_mul(&wgt)?
+            .broadcast_add(&bias)?
+            .to_dtype(dtype)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -139,10 +221,10 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = candle_nn::ops::silu(&x.apply(&self.norm1)?)?;
+    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+        let mut h = candle_nn::ops::silu(&self.norm1.forward(x, ctx)?)?;
         h = h.apply(&self.conv1)?;
-        h = candle_nn::ops::silu(&h.apply(&self.norm2)?)?;
+        h = candle_nn::ops::silu(&self.norm2.forward(&h, ctx)?)?;
         h = h.apply(&self.conv2)?;
         match &self.shortcut {
             Some(s) => x.apply(s)? + h,
@@ -173,7 +255,12 @@ impl SpatialAttention {
         };
         let lin = |name: &str| -> candle_core::Result<Linear> {
             let vb = vb.pp(name);
-            let w = vb.get_unchecked("weight")?;
+            // Legacy files may store these as 1×1 conv weights, so take whatever shape is there.
+            let w = if vb.contains_tensor("weight") {
+                vb.get_unchecked("weight")?
+            } else {
+                vb.get((c, c), "weight")?
+            };
             let w = match w.rank() {
                 4 => w.squeeze(3)?.squeeze(2)?,
                 _ => w,
@@ -197,10 +284,11 @@ impl SpatialAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = x
-            .apply(&self.norm)?
+        let t = self
+            .norm
+            .forward(x, ctx)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -209,8 +297,17 @@ impl SpatialAttention {
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
         drop(t);
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let o = probs.matmul(&v)?.apply(&self.out)?;
+        let kt = k.t()?;
+        // Queries in chunks: at 1024² the scores of all 16 384 positions would be 1 GiB at once.
+        let n = h * w;
+        let mut parts = Vec::with_capacity(n.div_ceil(ATTENTION_CHUNK));
+        for start in (0..n).step_by(ATTENTION_CHUNK) {
+            let len = ATTENTION_CHUNK.min(n - start);
+            let qc = q.narrow(1, start, len)?;
+            let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+            parts.push(probs.matmul(&v)?);
+        }
+        let o = Tensor::cat(&parts, 1)?.apply(&self.out)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + o
     }
@@ -299,19 +396,49 @@ impl VaeDecoder {
 
     /// Decoder input (already unscaled: `latents / scaling + shift`) → pixels in about [-1, 1], f32.
     pub fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.trunk(z)?;
+        self.head(&h, &mut NormCtx::Local)
+    }
+
+    /// The low-resolution part of the decoder (`post_quant_conv`, `conv_in`, the mid block with its
+    /// global attention): cheap at latent resolution, and it must see the whole image to be exact.
+    pub fn trunk(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let ctx = &mut NormCtx::Local;
         let mut h = z.to_dtype(self.dtype)?;
         if let Some(pq) = &self.post_quant_conv {
             h = h.apply(pq)?;
         }
         h = h.apply(&self.conv_in)?;
-        h = self.mid_resnets[0].forward(&h)?;
+        h = self.mid_resnets[0].forward(&h, ctx)?;
         if let Some(a) = &self.mid_attention {
-            h = a.forward(&h)?;
+            h = a.forward(&h, ctx)?;
         }
-        h = self.mid_resnets[1].forward(&h)?;
+        self.mid_resnets[1].forward(&h, ctx)
+    }
+
+    /// Runs the upsampling head on (a downscaled copy of) trunk features and records every
+    /// GroupNorm's statistics, for [`VaeDecoder::head_with_stats`].
+    pub fn record_head_stats(&self, features: &Tensor) -> candle_core::Result<GroupNormStats> {
+        let mut stats = GroupNormStats::default();
+        self.head(features, &mut NormCtx::Record(&mut stats))?;
+        Ok(stats)
+    }
+
+    /// The upsampling head on one tile of trunk features, normalised with whole-image statistics
+    /// instead of the tile's own (tiles then agree in tone: no seams).
+    pub fn head_with_stats(
+        &self,
+        features: &Tensor,
+        stats: &GroupNormStats,
+    ) -> candle_core::Result<Tensor> {
+        self.head(features, &mut NormCtx::Fixed { stats, next: 0 })
+    }
+
+    fn head(&self, features: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+        let mut h = features.clone();
         for block in &self.up_blocks {
             for r in &block.resnets {
-                h = r.forward(&h)?;
+                h = r.forward(&h, ctx)?;
             }
             if let Some(up) = &block.upsample {
                 let (_, _, hh, ww) = h.dims4()?;
@@ -319,7 +446,7 @@ impl VaeDecoder {
                 h = h.apply(up)?;
             }
         }
-        h = candle_nn::ops::silu(&h.apply(&self.norm_out)?)?;
+        h = candle_nn::ops::silu(&self.norm_out.forward(&h, ctx)?)?;
         h = self.conv_out.forward(&h)?;
         h.to_dtype(DType::F32)
     }

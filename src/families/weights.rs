@@ -311,6 +311,31 @@ impl Bytes {
             Bytes::Static(s) => s,
         }
     }
+
+    /// Drops the whole pages inside `range` from this process's resident set once a tensor has
+    /// been copied out (they stay in the page cache): RSS then counts each weight once, and a
+    /// streamed block's file pages do not pile up.
+    fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = self {
+            const PAGE: usize = 4096;
+            let start = range.start.div_ceil(PAGE) * PAGE;
+            let end = range.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: private read-only mapping; DONTNEED only makes the next read fault the
+                // page back in from the file, it cannot change the bytes we see.
+                unsafe {
+                    let _ = m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    );
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 fn is_variant(name: &str, suffix: &str) -> bool {
@@ -367,23 +392,11 @@ impl Weights {
         let Some(info) = self.tensors.get(name) else {
             candle_core::bail!("missing tensor `{name}`")
         };
-        let bytes = &self.inner[info.file].1.as_slice()[info.range.clone()];
-        Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, dev)?.to_dtype(dtype)
-    }
-
-    /// Drops the mapped pages from this process's resident set (they stay in the page cache).
-    /// Called once a component's tensors have been copied out, so RSS counts each weight once.
-    pub fn release_pages(&self) {
-        for (_, bytes) in self.inner.iter() {
-            if let Bytes::Mapped(m) = bytes {
-                // SAFETY: the mapping is private and read-only; DONTNEED only makes the next read
-                // fault the page back in from the file, it cannot change the bytes we see.
-                #[cfg(unix)]
-                unsafe {
-                    let _ = m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
-                }
-            }
-        }
+        let source = &self.inner[info.file].1;
+        let bytes = &source.as_slice()[info.range.clone()];
+        let t = Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, dev)?;
+        source.release(info.range.clone());
+        t.to_dtype(dtype)
     }
 
     pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {

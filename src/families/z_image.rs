@@ -3,6 +3,7 @@
 //! and the flow-matching schedule — reproducing diffusers' `ZImagePipeline` step for step.
 
 pub mod dit;
+pub mod synthetic;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -274,11 +275,10 @@ impl ZImage {
                 dit.forward(x, t, caps, blocks, trace)?
             }
             _ => {
-                let weights = self.dit_weights.clone();
-                let vb = weights.var_builder(self.policy.denoiser, &self.device);
+                let vb = self
+                    .dit_weights
+                    .var_builder(self.policy.denoiser, &self.device);
                 let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
-                let w2 = weights.clone();
-                streamed.after_block = Some(Box::new(move || w2.release_pages()));
                 dit.forward(x, t, caps, &mut streamed, trace)?
             }
         };
@@ -410,18 +410,19 @@ impl Family for ZImage {
         Ok(out.neg()?)
     }
 
-    fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        self.load(Component::Vae)?;
-        let vae = self
-            .vae
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))?;
+    fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
         let z = (latents.to_dtype(DType::F32)? / self.vae_cfg.scaling_factor)?;
-        let z = match self.vae_cfg.shift_factor {
+        Ok(match self.vae_cfg.shift_factor {
             Some(s) => (z + s)?,
             None => z,
-        };
-        Ok(vae.forward(&z)?)
+        })
+    }
+
+    fn vae(&mut self) -> Result<&VaeDecoder, ModelError> {
+        self.load(Component::Vae)?;
+        self.vae
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
     }
 
     fn load(&mut self, component: Component) -> Result<(), ModelError> {
@@ -433,7 +434,6 @@ impl Family for ZImage {
                 );
                 let te = ZImageTextEncoder::new(&self.te_cfg, vb)
                     .map_err(|e| self.te_weights.context(e))?;
-                self.te_weights.release_pages();
                 self.text_encoder = Some(te);
             }
             Component::Denoiser if self.dit.is_none() || self.needs_blocks() => {
@@ -454,13 +454,11 @@ impl Family for ZImage {
                         .map_err(|e| self.dit_weights.context(e))?;
                     self.blocks = Some(blocks);
                 }
-                self.dit_weights.release_pages();
             }
             Component::Vae if self.vae.is_none() => {
                 let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
                 let vae =
                     VaeDecoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
-                self.vae_weights.release_pages();
                 self.vae = Some(vae);
             }
             _ => {}

@@ -317,6 +317,120 @@ fn kib_field(
     kib.checked_mul(1024).ok_or_else(bad)
 }
 
+/// CUDA readings: device-wide free/total from the driver, and this process's exact live bytes and
+/// high-water mark from the stream-ordered memory pool that candle's allocations come from.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::result::mem_pool;
+    use cudarc::driver::sys::{CUmemPool_attribute, CUmemoryPool};
+    use cudarc::driver::CudaContext;
+
+    use super::{DeviceKind, MemoryProbe, MemoryReading};
+
+    pub struct CudaProbe {
+        ctx: Arc<CudaContext>,
+        pool: Option<PoolHandle>,
+        name: String,
+    }
+
+    /// The device's default memory pool; a raw handle owned by the driver for the context's life.
+    #[derive(Clone, Copy)]
+    struct PoolHandle(CUmemoryPool);
+    // SAFETY: a CUmemoryPool is a driver handle usable from any thread once the context is bound.
+    unsafe impl Send for PoolHandle {}
+    unsafe impl Sync for PoolHandle {}
+
+    impl CudaProbe {
+        pub fn new(device: candle_core::CudaDevice) -> Self {
+            let ctx = device.cuda_stream().context().clone();
+            let pool = ctx.bind_to_thread().ok().and_then(|_| {
+                // SAFETY: the device comes from a live context.
+                unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }
+                    .ok()
+                    .map(PoolHandle)
+            });
+            let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+            Self { ctx, pool, name }
+        }
+
+        fn attr(&self, a: CUmemPool_attribute) -> Option<u64> {
+            let pool = self.pool?;
+            self.ctx.bind_to_thread().ok()?;
+            let mut v: u64 = 0;
+            // SAFETY: the USED/RESERVED attributes are cuuint64_t, which `v` is.
+            unsafe { mem_pool::get_attribute(pool.0, a, &mut v as *mut u64 as *mut _) }.ok()?;
+            Some(v)
+        }
+    }
+
+    impl MemoryProbe for CudaProbe {
+        fn kind(&self) -> DeviceKind {
+            DeviceKind::Cuda
+        }
+
+        fn read(&self) -> MemoryReading {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            MemoryReading {
+                device: DeviceKind::Cuda,
+                // What the device has in use (all processes, cuBLAS workspaces included): the
+                // chart's curve; the pool's figures below are this process's allocations alone.
+                used_bytes: (total - free.min(total)) as u64,
+                total_bytes: total as u64,
+                free_bytes: free as u64,
+                rss_bytes: super::rss_bytes(),
+                heap_bytes: self.attr(CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT),
+                heap_peak_bytes: self.attr(CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH),
+            }
+        }
+
+        fn reset_peak(&self) {
+            if let (Some(pool), Ok(())) = (self.pool, self.ctx.bind_to_thread()) {
+                let mut zero: u64 = 0;
+                // SAFETY: USED_MEM_HIGH may only be reset to 0, a cuuint64_t.
+                let _ = unsafe {
+                    mem_pool::set_attribute(
+                        pool.0,
+                        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut zero as *mut u64 as *mut _,
+                    )
+                };
+            }
+        }
+
+        fn peak_bytes(&self) -> u64 {
+            self.attr(CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+                .unwrap_or(0)
+        }
+
+        fn total_bytes(&self) -> u64 {
+            self.ctx.total_mem().map(|t| t as u64).unwrap_or(0)
+        }
+
+        fn name(&self) -> String {
+            self.name.clone()
+        }
+    }
+
+    /// Returns the default pool's unused reserve to the device (between denoising steps), so the
+    /// memory a step freed shows as free instead of staying cached.
+    pub fn trim(device: &candle_core::CudaDevice) {
+        let ctx = device.cuda_stream().context().clone();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: the device belongs to a live context; keeping 0 bytes only releases memory that
+        // no allocation uses.
+        unsafe {
+            if let Ok(pool) = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device())
+            {
+                let _ = mem_pool::trim_to(pool, 0);
+            }
+        }
+    }
+}
+
 /// The probe for a candle device: exact device readings where the build supports them.
 pub fn for_device(device: &candle_core::Device) -> std::sync::Arc<dyn MemoryProbe> {
     match device {

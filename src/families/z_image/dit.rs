@@ -817,8 +817,6 @@ pub struct StreamedBlocks<'a> {
         usize,
         std::thread::JoinHandle<candle_core::Result<Block>>,
     )>,
-    /// Called after each block is dropped (e.g. to release mapped pages).
-    pub after_block: Option<Box<dyn FnMut() + 'a>>,
 }
 
 impl<'a> StreamedBlocks<'a> {
@@ -827,7 +825,6 @@ impl<'a> StreamedBlocks<'a> {
             cfg,
             vb,
             prefetched: None,
-            after_block: None,
         }
     }
 
@@ -888,11 +885,6 @@ impl BlockSource for StreamedBlocks<'_> {
         if let Some((g, i)) = self.next_of(group, index) {
             self.prefetched = Some((g, i, self.spawn(g, i)));
         }
-        let out = f(&block);
-        drop(block);
-        if let Some(cb) = self.after_block.as_mut() {
-            cb();
-        }
-        out
+        f(&block)
     }
 }
