@@ -2,7 +2,7 @@
 //! config from `vae/config.json`, diffusers tensor names (new and legacy attention names), and a
 //! forward that frees each feature map as soon as the next one exists.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -111,6 +111,37 @@ fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Resul
         ..Default::default()
     };
     candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+/// Largest im2col buffer one convolution call may build, in elements. candle lowers a convolution
+/// to one im2col matrix of `H·W × Cin·k²` for the whole image — 1.2 GB for a 128-channel 3×3 conv
+/// at 512², 4.5 GB at 1024² — so large convolutions run in row bands that each stay under this.
+const CONV_BAND_ELEMS: usize = 16 << 20;
+
+/// A 3×3 (or 1×1) same-padding convolution evaluated in horizontal bands: each band takes one
+/// halo row from its neighbours (or the real zero padding at the image edge), so the result is
+/// identical to the whole-image convolution while the temporary buffer stays bounded.
+fn conv_banded(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, cin, h, w) = x.dims4()?;
+    let k = conv.weight().dim(2)?;
+    let halo = k / 2;
+    let per_row = w * cin * k * k;
+    let rows = (CONV_BAND_ELEMS / per_row.max(1)).max(1);
+    if rows >= h {
+        return x.apply(conv);
+    }
+    let mut bands = Vec::with_capacity(h.div_ceil(rows));
+    let mut r0 = 0;
+    while r0 < h {
+        let r1 = (r0 + rows).min(h);
+        let a = r0.saturating_sub(halo);
+        let b = (r1 + halo).min(h);
+        let out = x.narrow(2, a, b - a)?.apply(conv)?;
+        // Output row i of this slice is input row a + i; keep rows r0..r1.
+        bands.push(out.narrow(2, r0 - a, r1 - r0)?);
+        r0 = r1;
+    }
+    Tensor::cat(&bands, 2)
 }
 
 fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
@@ -223,11 +254,11 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let mut h = candle_nn::ops::silu(&self.norm1.forward(x, ctx)?)?;
-        h = h.apply(&self.conv1)?;
+        h = conv_banded(&self.conv1, &h)?;
         h = candle_nn::ops::silu(&self.norm2.forward(&h, ctx)?)?;
-        h = h.apply(&self.conv2)?;
+        h = conv_banded(&self.conv2, &h)?;
         match &self.shortcut {
-            Some(s) => x.apply(s)? + h,
+            Some(s) => conv_banded(s, x)? + h,
             None => x + h,
         }
     }
@@ -408,7 +439,7 @@ impl VaeDecoder {
         if let Some(pq) = &self.post_quant_conv {
             h = h.apply(pq)?;
         }
-        h = h.apply(&self.conv_in)?;
+        h = conv_banded(&self.conv_in, &h)?;
         h = self.mid_resnets[0].forward(&h, ctx)?;
         if let Some(a) = &self.mid_attention {
             h = a.forward(&h, ctx)?;
@@ -443,11 +474,47 @@ impl VaeDecoder {
             if let Some(up) = &block.upsample {
                 let (_, _, hh, ww) = h.dims4()?;
                 h = h.upsample_nearest2d(hh * 2, ww * 2)?;
-                h = h.apply(up)?;
+                h = conv_banded(up, &h)?;
             }
         }
         h = candle_nn::ops::silu(&self.norm_out.forward(&h, ctx)?)?;
-        h = self.conv_out.forward(&h)?;
+        h = conv_banded(&self.conv_out, &h)?;
         h.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn banded_convolution_equals_the_whole_one() {
+        let dev = Device::Cpu;
+        // 32 input channels × 9 taps × 600 columns ≈ 173k elements per row: bands of ≈ 97 rows.
+        let x = Tensor::randn(0f32, 1.0, (1, 32, 250, 600), &dev).unwrap();
+        for k in [1usize, 3] {
+            let w = Tensor::randn(0f32, 0.1, (8, 32, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.1, 8, &dev).unwrap();
+            let conv = Conv2d::new(
+                w,
+                Some(b),
+                Conv2dConfig {
+                    padding: k / 2,
+                    ..Default::default()
+                },
+            );
+            let whole = x.apply(&conv).unwrap();
+            let banded = conv_banded(&conv, &x).unwrap();
+            let d = (whole - banded)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "k={k}: {d}");
+        }
     }
 }

@@ -17,6 +17,8 @@ const MAX_PERIOD: f64 = 10_000.0;
 /// diffusers builds the per-head q/k RMSNorm with this eps regardless of `norm_eps`.
 const QK_NORM_EPS: f64 = 1e-5;
 const FINAL_NORM_EPS: f64 = 1e-6;
+/// Most attention scores held at once (elements); longer sequences are processed in query chunks.
+const SCORE_CHUNK_ELEMS: usize = 64 << 20;
 
 /// `transformer/config.json` (unknown fields ignored; defaults are diffusers').
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -242,16 +244,46 @@ impl Attention {
         let q = (q * scale)?.to_dtype(dtype)?;
         let k = k.to_dtype(dtype)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let mut scores = q.matmul(&k.t()?)?;
+        let out = sdpa(&q, &k.t()?, &v, bias, SCORE_CHUNK_ELEMS)?;
+        out.transpose(1, 2)?
+            .reshape((b, l, self.n_heads * self.head_dim))?
+            .apply(&self.to_out)
+    }
+}
+
+/// softmax(q·kᵀ + bias)·v for pre-scaled `q` `[B, H, L, D]`, `kt` `[B, H, D, L]`, with the query
+/// rows in chunks so that at most `max_scores` score values exist at once (at 1024² with guidance
+/// the full matrix would be 2 × 30 × 4160² values, 2 GB in f16, and softmax doubles it).
+fn sdpa(
+    q: &Tensor,
+    kt: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    max_scores: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, h, l, _) = q.dims4()?;
+    let keys = kt.dim(3)?;
+    let chunk = (max_scores / (b * h * keys).max(1)).clamp(1, l.max(1));
+    let mut parts = Vec::with_capacity(l.div_ceil(chunk));
+    for start in (0..l).step_by(chunk) {
+        let len = chunk.min(l - start);
+        let qc = if len == l {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
+        let mut scores = qc.matmul(kt)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         drop(scores);
-        let out = probs.matmul(&v)?;
-        out.transpose(1, 2)?
-            .reshape((b, l, self.n_heads * self.head_dim))?
-            .apply(&self.to_out)
+        parts.push(probs.matmul(v)?);
+    }
+    if parts.len() == 1 {
+        Ok(parts.remove(0))
+    } else {
+        Tensor::cat(&parts, 2)
     }
 }
 
@@ -886,5 +918,24 @@ impl BlockSource for StreamedBlocks<'_> {
             self.prefetched = Some((g, i, self.spawn(g, i)));
         }
         f(&block)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_attention_equals_one_piece() {
+        let d = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
+        let bias = padding_bias(&[50, 37], 50, DType::F32, &d).unwrap();
+        let kt = k.t().unwrap();
+        let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX).unwrap();
+        let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7).unwrap();
+        let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

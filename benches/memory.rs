@@ -1,0 +1,291 @@
+//! `cargo bench --bench memory`: peak memory and time of each memory mode, side by side, on a
+//! random-weight Z-Image of real proportions (written once to `target/bench-models/`, never
+//! committed). Each mode runs in its own process, so the peak RSS (VmHWM: heap, touched mapped
+//! weights, code) is that mode's alone; on a GPU the same harness reports peak device memory.
+//!
+//! Options (after `--`): `--shape bench|real`, `--sizes 256,512`, `--runs 5`, `--steps 8`,
+//! `--cfg 1.8`, `--modes performance,balanced,low`, `--device cpu|cuda`, `--precision auto`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
+use zturbo::families::z_image::synthetic::{self, SyntheticShape};
+use zturbo::families::{self, ModelDir, Precision, PrecisionPolicy};
+use zturbo::memory::planner::MemoryMode;
+use zturbo::memory::probe::{self, peak_rss_bytes};
+use zturbo::request::ValidRequest;
+use zturbo::settings::DeviceSpec;
+
+struct Opts {
+    shape: String,
+    sizes: Vec<u32>,
+    runs: usize,
+    steps: u32,
+    cfg: f32,
+    modes: Vec<MemoryMode>,
+    device: String,
+    precision: String,
+    model_dir: Option<PathBuf>,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    Opts {
+        shape: get("--shape").unwrap_or_else(|| "bench".into()),
+        sizes: get("--sizes")
+            .unwrap_or_else(|| "256,512".into())
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        runs: get("--runs").and_then(|s| s.parse().ok()).unwrap_or(5),
+        steps: get("--steps").and_then(|s| s.parse().ok()).unwrap_or(8),
+        cfg: get("--cfg").and_then(|s| s.parse().ok()).unwrap_or(1.8),
+        modes: get("--modes")
+            .unwrap_or_else(|| "performance,balanced,low".into())
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        device: get("--device").unwrap_or_else(|| "cpu".into()),
+        precision: get("--precision").unwrap_or_else(|| "auto".into()),
+        model_dir: get("--model-dir").map(PathBuf::from),
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChildResult {
+    times_ms: Vec<u64>,
+    peak_bytes: u64,
+    device_peak_bytes: u64,
+    mode: String,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One mode at one size, in this process: a warm-up job, then `runs` timed jobs.
+fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result<ChildResult> {
+    let device = o
+        .device
+        .parse::<DeviceSpec>()
+        .map_err(anyhow::Error::msg)?
+        .open()
+        .map_err(anyhow::Error::msg)?;
+    let precision: Precision = o.precision.parse().map_err(anyhow::Error::msg)?;
+    let policy = PrecisionPolicy::resolve(precision, &device);
+    let family = families::open(ModelDir::open(dir)?, &device, policy)?;
+    let probe = probe::for_device(&device);
+    let mut engine = Engine::new(family, "bench", probe.clone(), EngineConfig::default());
+    let req = ValidRequest {
+        prompt: "a serene mountain lake at dawn, mist rising, pine trees on shore".into(),
+        negative_prompt: None,
+        width: size,
+        height: size,
+        steps: o.steps,
+        cfg: o.cfg,
+        seed: 42,
+        batch: 1,
+        enhance: true,
+        memory_mode: mode,
+    };
+    let mut times = Vec::new();
+    let mut device_peak = 0;
+    let mut resolved = String::new();
+    for i in 0..=o.runs {
+        let t = Instant::now();
+        let g = engine.generate(
+            &req,
+            &RunExtras::default(),
+            &mut NullObserver,
+            &CancelToken::new(),
+        )?;
+        if i > 0 {
+            times.push(t.elapsed().as_millis() as u64);
+        }
+        device_peak = device_peak.max(g.peak_memory_bytes);
+        resolved = g.plan.mode.to_string();
+    }
+    Ok(ChildResult {
+        times_ms: times,
+        peak_bytes: if device.is_cpu() {
+            peak_rss_bytes().unwrap_or(0)
+        } else {
+            device_peak
+        },
+        device_peak_bytes: device_peak,
+        mode: resolved,
+    })
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = opts();
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; a child gets `--child <size> <mode>`.
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let size: u32 = args[i + 1].parse()?;
+        let mode: MemoryMode = args[i + 2].parse()?;
+        let dir = o
+            .model_dir
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--model-dir missing"))?;
+        let r = child(&o, &dir, size, mode)?;
+        println!("RESULT {}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+
+    let dir = o.model_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target/bench-models")
+            .join(&o.shape)
+    });
+    if !dir.join("model_index.json").is_file() {
+        let shape = SyntheticShape::named(&o.shape)
+            .ok_or_else(|| anyhow::anyhow!("unknown shape {}", o.shape))?;
+        eprintln!(
+            "writing the random-weight `{}` model to {} …",
+            o.shape,
+            dir.display()
+        );
+        let t = Instant::now();
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        synthetic::write(&tmp, &shape, 7)?;
+        std::fs::rename(&tmp, &dir)?;
+        eprintln!("written in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let weights: u64 = ["transformer", "text_encoder", "vae"]
+        .iter()
+        .filter_map(|c| std::fs::read_dir(dir.join(c)).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .sum();
+    let exe = std::env::current_exe()?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let total_mem = probe::host_memory().map(|m| m.total_bytes).unwrap_or(0);
+    println!(
+        "memory bench: model `{}` ({:.2} GB of weights on disk), {} steps, cfg {}, {} timed runs per mode after a warm-up, device {}, precision {}",
+        o.shape,
+        weights as f64 / 1e9,
+        o.steps,
+        o.cfg,
+        o.runs,
+        o.device,
+        o.precision
+    );
+    println!(
+        "host: {cpu}, {} threads, {} RAM",
+        candle_core::utils::get_num_threads(),
+        gib(total_mem)
+    );
+    println!();
+    println!(
+        "| size | mode | peak memory | median time | min–max time | vs performance (peak / time) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut summary = None;
+    for &size in &o.sizes {
+        let mut base: Option<(u64, f64)> = None;
+        let mut rows = Vec::new();
+        for &mode in &o.modes {
+            let out = Command::new(&exe)
+                .args([
+                    "--child",
+                    &size.to_string(),
+                    mode.as_str(),
+                    "--model-dir",
+                    dir.to_str().unwrap_or("."),
+                ])
+                .args([
+                    "--steps",
+                    &o.steps.to_string(),
+                    "--runs",
+                    &o.runs.to_string(),
+                    "--cfg",
+                    &o.cfg.to_string(),
+                ])
+                .args(["--device", &o.device, "--precision", &o.precision])
+                .output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+                anyhow::bail!(
+                    "{mode} at {size}² failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            let r: ChildResult = serde_json::from_str(line)?;
+            let mut t: Vec<f64> = r.times_ms.iter().map(|&v| v as f64 / 1000.0).collect();
+            let (lo, hi) = t
+                .iter()
+                .fold((f64::MAX, 0f64), |(a, b), &v| (a.min(v), b.max(v)));
+            let med = median(&mut t);
+            if mode == MemoryMode::Performance {
+                base = Some((r.peak_bytes, med));
+            }
+            let rel = base
+                .map(|(p, tm)| {
+                    format!(
+                        "{:.1} % / {:.2}×",
+                        100.0 * r.peak_bytes as f64 / p as f64,
+                        med / tm
+                    )
+                })
+                .unwrap_or_else(|| "–".into());
+            println!(
+                "| {size}² | {} | {} | {med:.2} s | {lo:.2}–{hi:.2} s | {rel} |",
+                r.mode,
+                gib(r.peak_bytes)
+            );
+            rows.push((mode, r.peak_bytes, med));
+        }
+        if let (Some((bp, bt)), Some((_, lp, lt))) =
+            (base, rows.iter().find(|r| r.0 == MemoryMode::Low))
+        {
+            summary = Some((*lp as f64 / bp as f64, lt / bt, bp, *lp, bt, *lt, size));
+        }
+    }
+    if let Some((pr, tr, bp, lp, bt, lt, size)) = summary {
+        println!();
+        println!("| device | memory | default peak | optimised peak | reduction | time default → optimised |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} ({size}²) | {} | {} | {} | {:.1} % | {bt:.2} s → {lt:.2} s |",
+            o.device,
+            gib(total_mem),
+            gib(bp),
+            gib(lp),
+            100.0 * (1.0 - pr)
+        );
+        println!();
+        println!("summary: low_peak_ratio={pr:.3} low_time_ratio={tr:.3}");
+    }
+    Ok(())
+}
