@@ -745,6 +745,12 @@ function pumpStreams() {
   }
 }
 
+/** The SSE `failed` event carries the API's error shape {field, message}; records carry text. */
+function errorText(e) {
+  if (e && typeof e === 'object') return e.message || (e.field ? `${e.field}: invalid` : 'failed');
+  return e ? String(e) : '';
+}
+
 function parseData(ev) {
   try { return ev.data ? JSON.parse(ev.data) : {}; } catch { return {}; }
 }
@@ -829,7 +835,7 @@ async function finalize(job, finalState, eventData, record) {
   if (job.es) { job.es.close(); job.es = null; }
   clearTimeout(job.reopenTimer);
   job.state = finalState;
-  if (finalState === 'failed' && eventData && eventData.error) job.error = eventData.error;
+  if (finalState === 'failed' && eventData && eventData.error) job.error = errorText(eventData.error);
   renderJob(job);
   updateButtons();
   pumpStreams();
