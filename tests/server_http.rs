@@ -620,3 +620,32 @@ fn journaled_jobs_survive_kill_and_restart() {
         .iter()
         .all(|j| j["state"] == "done"));
 }
+
+#[test]
+fn a_model_that_does_not_load_ends_the_process_with_the_error() {
+    let out = temp_dir("noload");
+    let broken = out.join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    // Found as a folder, fails on the worker thread while loading.
+    std::fs::write(
+        broken.join("model_index.json"),
+        b"{\"_class_name\": \"NoSuchPipeline\"}",
+    )
+    .unwrap();
+    for (model, expect) in [
+        ("no-such-model", "no-such-model"),
+        (broken.to_str().unwrap(), "NoSuchPipeline"),
+    ] {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_zturbo"))
+            .args(["serve", "--port", "0", "--model", model, "--outputs"])
+            .arg(out.join("outputs"))
+            .env_remove("ZTURBO_TEST_WORKER_DELAY_MS")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{model}: {stdout}");
+        assert!(!stdout.contains("listening on"), "{model}: {stdout}");
+        assert!(stderr.contains(expect), "{model}: {stderr}");
+    }
+}
