@@ -4,7 +4,9 @@
 pub mod engine;
 pub mod families;
 pub mod memory;
+pub mod queue;
 pub mod request;
+pub mod server;
 pub mod settings;
 
 /// Every heap allocation is counted, so the CPU memory chart and per-job peaks are exact.

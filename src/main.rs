@@ -35,7 +35,8 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
     /// Model: a diffusers folder, a name in --models-dir, a catalog name (z-image-turbo, sd-turbo,
-    /// sdxl-turbo) found in the Hugging Face cache, or `demo`.
+    /// sdxl-turbo) found in the Hugging Face cache, or `demo`. `serve` defaults to z-image-turbo
+    /// when it is found locally, else to the built-in demo (random weights: images are noise).
     #[arg(long, env = "ZTURBO_MODEL")]
     model: Option<String>,
     /// Folder of local model folders.
@@ -58,6 +59,8 @@ fn parse_budget(s: &str) -> Result<u64, String> {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the web UI and its API (http://127.0.0.1:7860 by default).
+    Serve(Box<ServeArgs>),
     /// Generate images from the terminal.
     Generate(Box<GenerateArgs>),
     /// Download a model into the Hugging Face cache (resumes interrupted downloads).
@@ -70,6 +73,28 @@ enum Command {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
         models_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on. The UI has no login: keep 127.0.0.1 unless the network is trusted.
+    #[arg(long, env = "ZTURBO_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one. The bound address is printed on stdout as
+    /// `listening on http://HOST:PORT` once the model has loaded.
+    #[arg(long, env = "ZTURBO_PORT", default_value_t = 7860)]
+    port: u16,
+    /// Folder for the images (`<job>-<n>.png`), their JSON sidecars (`<job>.json`) and the job
+    /// journal (`.jobs/`) that lets accepted jobs survive a restart.
+    #[arg(long, env = "ZTURBO_OUTPUTS", default_value = "outputs")]
+    outputs: PathBuf,
+    /// Jobs that may wait behind the running one; beyond that a submission gets 429 with
+    /// Retry-After.
+    #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    queue_size: u32,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +156,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve(*args),
         Command::Generate(args) => generate(*args),
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
@@ -141,14 +167,18 @@ fn main() {
     }
 }
 
-/// Opens the device, finds the model, builds the engine.
-fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool)> {
-    let device = args.device.open().map_err(|e| anyhow!(e))?;
-    let resolved = match &args.model {
+/// Finds the model (without loading anything).
+fn resolve_model(args: &ModelArgs, default_to_demo: bool) -> Result<catalog::Resolved> {
+    Ok(match &args.model {
         Some(m) => catalog::resolve(m, &args.models_dir)?,
         None if default_to_demo => catalog::default_model(&args.models_dir),
         None => bail!("--model is required"),
-    };
+    })
+}
+
+/// Opens the device and builds the engine for a resolved model.
+fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> {
+    let device = args.device.open().map_err(|e| anyhow!(e))?;
     let policy = PrecisionPolicy::resolve(args.precision, &device);
     tracing::info!(
         model = %resolved.name,
@@ -164,10 +194,140 @@ fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool
         memory_budget: args.memory_budget,
         faults,
     };
-    Ok((
-        Engine::new(family, resolved.name, probe, config),
-        resolved.demo,
-    ))
+    Ok(Engine::new(family, resolved.name, probe, config))
+}
+
+/// Opens the device, finds the model, builds the engine.
+fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool)> {
+    let resolved = resolve_model(args, default_to_demo)?;
+    let demo = resolved.demo;
+    Ok((open_engine(args, resolved)?, demo))
+}
+
+/// `zturbo serve`: load the model on the worker thread, then bind and serve until Ctrl-C/SIGTERM.
+fn serve(args: ServeArgs) -> Result<()> {
+    use zturbo::memory::monitor::{Monitor, Tags};
+    use zturbo::queue::{self, journal::Journal, worker, QueueConfig};
+    use zturbo::server::{self, AppState, ServerInfo};
+
+    let resolved = resolve_model(&args.model, true)?;
+    let demo = resolved.demo;
+    let description = if demo {
+        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string()
+    } else {
+        catalog::entry(&resolved.name)
+            .map(|e| e.description.to_string())
+            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
+    };
+    std::fs::create_dir_all(&args.outputs)
+        .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
+
+    // The engine loads on its own thread; nothing is served until it reports back.
+    let tags = Arc::new(Tags::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let model_args = args.model.clone();
+    let build = move || -> std::result::Result<Engine, String> {
+        let mut engine = open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
+        engine
+            .warm_up()
+            .map_err(|e| format!("loading the model's weights failed: {e}"))?;
+        Ok(engine)
+    };
+    let worker_config = worker::WorkerConfig {
+        outputs: args.outputs.clone(),
+        tags: tags.clone(),
+        step_delay: worker::WorkerConfig::step_delay_from_env(),
+    };
+    let (worker, loaded) = worker::spawn(build, worker_config, events_tx)
+        .map_err(|e| anyhow!("the model did not load: {e}"))?;
+    tracing::info!(
+        model = %loaded.model,
+        device = %loaded.device,
+        max_batch = loaded.max_batch,
+        "model loaded"
+    );
+    let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
+    let info = ServerInfo::new(
+        &loaded,
+        demo,
+        description,
+        args.queue_size as usize,
+        args.model.models_dir.clone(),
+        args.outputs.clone(),
+    );
+    let recovered = Journal::new(&args.outputs).load();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let queue = queue::start(
+            QueueConfig {
+                capacity: args.queue_size as usize,
+                outputs: args.outputs.clone(),
+                model: loaded.model.clone(),
+            },
+            worker.jobs,
+            events_rx,
+            recovered,
+        );
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let state = AppState {
+            queue: queue.clone(),
+            monitor,
+            info: Arc::new(info),
+            shutdown: shutdown_rx,
+        };
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        // The one line on stdout: scripts and tests read the bound address from it.
+        println!("listening on http://{addr}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tracing::info!("serving {} on http://{addr}", loaded.model);
+        axum::serve(listener, server::app(state))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
+                let _ = shutdown_tx.send(true);
+            })
+            .await
+            .context("serving")?;
+        if tokio::time::timeout(std::time::Duration::from_secs(30), queue.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the running job did not stop within 30 s; exiting anyway");
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 /// Terminal progress: a bar over steps when stderr is a terminal, notices as `notice:` lines.

@@ -745,6 +745,12 @@ function pumpStreams() {
   }
 }
 
+/** The SSE `failed` event carries the API's error shape {field, message}; records carry text. */
+function errorText(e) {
+  if (e && typeof e === 'object') return e.message || (e.field ? `${e.field}: invalid` : 'failed');
+  return e ? String(e) : '';
+}
+
 function parseData(ev) {
   try { return ev.data ? JSON.parse(ev.data) : {}; } catch { return {}; }
 }
@@ -829,7 +835,7 @@ async function finalize(job, finalState, eventData, record) {
   if (job.es) { job.es.close(); job.es = null; }
   clearTimeout(job.reopenTimer);
   job.state = finalState;
-  if (finalState === 'failed' && eventData && eventData.error) job.error = eventData.error;
+  if (finalState === 'failed' && eventData && eventData.error) job.error = errorText(eventData.error);
   renderJob(job);
   updateButtons();
   pumpStreams();
@@ -1222,7 +1228,10 @@ class MemoryChart {
       if (this.used[i] > maxUsed) maxUsed = this.used[i];
       if (this.total[i] > total) total = this.total[i];
     }
-    const yMax = Math.max(total, maxUsed, 64 * MiB) * 1.06;
+    // On a CPU the total is the host's RAM and a job may use a sliver of it: zoom to the curve
+    // (the readout still shows the total) instead of drawing a flat line along the bottom.
+    const zoomed = total > 0 && maxUsed < total * 0.25;
+    const yMax = zoomed ? Math.max(maxUsed * 1.3, 16 * MiB) : Math.max(total, maxUsed, 64 * MiB) * 1.06;
     const x = (t) => L + ((t - t0) / span) * W;
     const y = (b) => T + H - (b / yMax) * H;
 
@@ -1304,7 +1313,7 @@ class MemoryChart {
     }
 
     // total (dashed)
-    if (total > 0) {
+    if (total > 0 && total <= yMax) {
       ctx.strokeStyle = c.total;
       ctx.setLineDash([5, 4]);
       ctx.beginPath();

@@ -32,8 +32,10 @@ fn counts_alloc_free_and_peak() {
     drop(buf);
     let after = live_bytes();
     assert!(after + 60 * MIB <= during, "during {during}, after {after}");
-    // The freed block is gone from the live count but not from the peak.
-    assert!(peak_bytes() >= before + 64 * MIB);
+    // The freed block is gone from the live count but not from the peak. `before` includes other
+    // threads' transient allocations, which may be freed before the block is allocated: same
+    // 4 MiB tolerance as above.
+    assert!(peak_bytes() >= before + 60 * MIB);
 }
 
 #[test]

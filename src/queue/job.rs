@@ -1,0 +1,235 @@
+//! A job's record (what the journal and the sidecar store), its states, and the events its
+//! subscribers receive. Plain data: the actor in `mod.rs` owns every live record.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::prompt::Enhanced;
+use crate::engine::{Notice, ResolvedParams};
+use crate::request::ValidRequest;
+
+/// A job's id: 16 lowercase hex digits (also the stem of its files in the outputs folder).
+pub type JobId = String;
+
+pub const JOB_ID_LEN: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the time of a finished job went. `total_ms` is the engine's run (encode + denoise +
+/// decode and the checks around them); `queue_ms` the wait before it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobTimings {
+    pub queue_ms: u64,
+    pub encode_ms: u64,
+    pub denoise_ms: u64,
+    pub decode_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Everything known about one job; journaled on every state change and written as the sidecar
+/// `<id>.json` next to the images when it is done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    /// Acceptance order; the journal is replayed in this order after a restart.
+    pub seq: u64,
+    pub state: JobState,
+    /// The model the server ran when the job was accepted.
+    pub model: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    #[serde(default)]
+    pub finished_at: Option<u64>,
+    /// The validated request, seed included, so a resumed job makes the same image.
+    pub request: ValidRequest,
+    /// The parameters the run actually used (final prompts, CFG after interception); `None`
+    /// until it ran.
+    #[serde(default)]
+    pub params: Option<ResolvedParams>,
+    #[serde(default)]
+    pub enhancement: Option<Enhanced>,
+    /// File names in the outputs folder, `<id>-<n>.png`.
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub notices: Vec<Notice>,
+    #[serde(default)]
+    pub timings: Option<JobTimings>,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A job as the API shows it: the record plus live progress.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    pub record: JobRecord,
+    /// Jobs ahead of this one (0 = next); `None` unless queued.
+    pub position: Option<usize>,
+    /// Completed denoising steps.
+    pub step: usize,
+    pub total_steps: usize,
+    pub elapsed_ms: Option<u64>,
+}
+
+/// What a job's subscribers hear, in order; the last one is always terminal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Queued {
+        position: usize,
+    },
+    Started,
+    Progress {
+        step: usize,
+        total: usize,
+        elapsed_ms: u64,
+    },
+    Notice(Notice),
+    Done {
+        images: Vec<String>,
+    },
+    Failed {
+        error: String,
+    },
+    Cancelled,
+}
+
+impl JobEvent {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobEvent::Done { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled
+        )
+    }
+
+    /// The terminal event a finished record stands for (`None` while it is not finished).
+    pub fn terminal_for(record: &JobRecord) -> Option<JobEvent> {
+        match record.state {
+            JobState::Done => Some(JobEvent::Done {
+                images: record.images.clone(),
+            }),
+            JobState::Failed => Some(JobEvent::Failed {
+                error: record
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the job failed".into()),
+            }),
+            JobState::Cancelled => Some(JobEvent::Cancelled),
+            JobState::Queued | JobState::Running => None,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh random job id (the std hasher is randomly keyed per process; the counter and the
+/// clock make ids differ within one process too).
+pub fn new_job_id() -> JobId {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Whether `s` has the shape of a job id (so it is safe as a file-name stem).
+pub fn is_job_id(s: &str) -> bool {
+    s.len() == JOB_ID_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `<id>-<n>.png`: the name of image `n` (1-based) of a job.
+pub fn image_name(id: &str, n: usize) -> String {
+    format!("{id}-{n}.png")
+}
+
+/// Whether `name` is an image name [`image_name`] could have produced.
+pub fn is_image_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".png") else {
+        return false;
+    };
+    let Some((id, n)) = stem.split_once('-') else {
+        return false;
+    };
+    is_job_id(id)
+        && !n.is_empty()
+        && n.len() <= 3
+        && n.bytes().all(|b| b.is_ascii_digit())
+        && !n.starts_with('0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hex_and_distinct() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert!(is_job_id(&a), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn image_names_are_strict() {
+        let id = "0123456789abcdef";
+        assert!(is_image_name(&image_name(id, 1)));
+        assert!(is_image_name(&image_name(id, 12)));
+        for bad in [
+            "0123456789abcdef-0.png",
+            "0123456789abcdef-1.jpg",
+            "0123456789abcdef.png",
+            "../0123456789abcdef-1.png",
+            "0123456789ABCDEF-1.png",
+            "0123456789abcdef-1.png/x",
+            "/etc/passwd",
+            "..",
+        ] {
+            assert!(!is_image_name(bad), "{bad}");
+        }
+    }
+}

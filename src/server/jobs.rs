@@ -1,0 +1,363 @@
+//! The UI's job API: submit (`POST /api/jobs`), list and read jobs, cancel (`DELETE`), follow one
+//! job over SSE, and preview the prompt enhancement (`POST /api/enhance`, no engine involved).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::{stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use super::error::{ApiError, ApiJson, ErrorBody};
+use super::{images, sse, AppState, JOB_LIST_LIMIT};
+use crate::engine::prompt::{self, Enhanced, PromptContext};
+use crate::engine::{Notice, ResolvedParams};
+use crate::memory::planner::MemoryMode;
+use crate::queue::{
+    CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
+    SubmitError,
+};
+use crate::request::{GenerationRequest, MAX_PROMPT_CHARS};
+
+/// A job as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub state: JobState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+    pub step: usize,
+    pub total_steps: usize,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub params: ParamsView,
+    /// What the enhancement added (`original_prompt`, `added`, `advice`); `null` until it ran.
+    pub enhancement: Option<Enhanced>,
+    pub images: Vec<String>,
+    pub notices: Vec<Notice>,
+    pub timings: Option<JobTimings>,
+    pub peak_memory_bytes: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// After the run: as resolved (final prompts, the seed, `cfg` = the CFG actually used,
+/// `cfg_requested` = the one asked for). Before: the validated request.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ParamsView {
+    Resolved(ResolvedParams),
+    Requested(RequestedParams),
+}
+
+#[derive(Debug, Serialize)]
+pub struct RequestedParams {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub cfg: f32,
+    pub cfg_requested: f32,
+    pub seed: u64,
+    pub batch: u32,
+    pub enhance: bool,
+    pub memory_mode: MemoryMode,
+}
+
+impl From<JobSnapshot> for JobView {
+    fn from(s: JobSnapshot) -> Self {
+        let r = s.record;
+        let params = match r.params {
+            Some(p) => ParamsView::Resolved(p),
+            None => {
+                let q = r.request;
+                ParamsView::Requested(RequestedParams {
+                    model: r.model,
+                    prompt: q.prompt,
+                    negative_prompt: q.negative_prompt,
+                    width: q.width,
+                    height: q.height,
+                    steps: q.steps,
+                    cfg: q.cfg,
+                    cfg_requested: q.cfg,
+                    seed: q.seed,
+                    batch: q.batch,
+                    enhance: q.enhance,
+                    memory_mode: q.memory_mode,
+                })
+            }
+        };
+        Self {
+            id: r.id,
+            state: r.state,
+            position: s.position,
+            step: s.step,
+            total_steps: s.total_steps,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            params,
+            enhancement: r.enhancement,
+            images: r.images.iter().map(|f| images::url(f)).collect(),
+            notices: r.notices,
+            timings: r.timings,
+            peak_memory_bytes: r.peak_memory_bytes,
+            error: r.error,
+        }
+    }
+}
+
+pub async fn submit(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<GenerationRequest>,
+) -> Result<Response, ApiError> {
+    let valid = req.validate(&s.info.limits)?;
+    match s.queue.submit(valid).await {
+        Ok(sub) => Ok((
+            StatusCode::ACCEPTED,
+            [(
+                axum::http::header::LOCATION,
+                format!("/api/jobs/{}", sub.id),
+            )],
+            Json(json!({ "id": sub.id, "position": sub.position })),
+        )
+            .into_response()),
+        Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            format!(
+                "the queue is full ({} jobs waiting); retry in {retry_after_s} s",
+                s.info.queue_size
+            ),
+        )
+        .with_retry_after(retry_after_s)),
+        Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the server is shutting down",
+        )),
+        Err(e @ SubmitError::Journal(_)) => Err(ApiError::internal(e.to_string())),
+    }
+}
+
+#[derive(Serialize)]
+pub struct JobList {
+    /// Newest first; queued and running jobs included.
+    pub jobs: Vec<JobView>,
+}
+
+pub async fn list(State(s): State<AppState>) -> Json<JobList> {
+    let jobs = s
+        .queue
+        .list(JOB_LIST_LIMIT)
+        .await
+        .into_iter()
+        .map(JobView::from)
+        .collect();
+    Json(JobList { jobs })
+}
+
+fn no_job(id: &str) -> ApiError {
+    ApiError::not_found(format!("no job `{id}`"))
+}
+
+pub async fn get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let snap = s.queue.get(&id).await.ok_or_else(|| no_job(&id))?;
+    Ok(Json(snap.into()))
+}
+
+pub async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.queue.cancel(&id).await {
+        Ok(CancelOutcome::Cancelled) => {
+            Ok(Json(json!({ "id": id, "state": "cancelled" })).into_response())
+        }
+        // Running: it stops between steps; its event stream reports `cancelled`.
+        Ok(CancelOutcome::Stopping) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "state": "cancelling" })),
+        )
+            .into_response()),
+        Err(CancelError::NotFound(_)) => Err(no_job(&id)),
+        Err(e @ CancelError::Finished(..)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, None, e.to_string()))
+        }
+        Err(CancelError::Stopped) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the server is shutting down",
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct Images {
+    images: Vec<String>,
+}
+
+/// SSE name and JSON payload of a job event. Serialised from typed values (not through
+/// `serde_json::Value`, which would widen f32 fields such as a notice's CFG to 2.4000000953…).
+fn event_parts(ev: &JobEvent) -> (&'static str, String) {
+    let text = |v: Result<String, serde_json::Error>| v.unwrap_or_else(|_| "{}".into());
+    match ev {
+        JobEvent::Queued { position } => ("queued", json!({ "position": position }).to_string()),
+        JobEvent::Started => ("started", "{}".into()),
+        JobEvent::Progress {
+            step,
+            total,
+            elapsed_ms,
+        } => (
+            "progress",
+            json!({ "step": step, "total": total, "elapsed_ms": elapsed_ms }).to_string(),
+        ),
+        JobEvent::Notice(n) => ("notice", text(serde_json::to_string(n))),
+        JobEvent::Done { images: files } => (
+            "done",
+            text(serde_json::to_string(&Images {
+                images: files.iter().map(|f| images::url(f)).collect(),
+            })),
+        ),
+        JobEvent::Failed { error } => (
+            "failed",
+            text(serde_json::to_string(&ErrorBody::new(None, error.clone()))),
+        ),
+        JobEvent::Cancelled => ("cancelled", "{}".into()),
+    }
+}
+
+fn to_sse(ev: &JobEvent) -> Result<axum::response::sse::Event, std::convert::Infallible> {
+    let (name, data) = event_parts(ev);
+    Ok(axum::response::sse::Event::default().event(name).data(data))
+}
+
+/// The events that describe where a job stands now.
+fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
+    if let Some(end) = JobEvent::terminal_for(&snap.record) {
+        return vec![end];
+    }
+    match snap.record.state {
+        JobState::Queued => vec![JobEvent::Queued {
+            position: snap.position.unwrap_or(0),
+        }],
+        _ => {
+            // Notices so far (a CFG clamp happens before the first step), then the progress.
+            let mut v = vec![JobEvent::Started];
+            v.extend(snap.record.notices.iter().cloned().map(JobEvent::Notice));
+            if snap.step > 0 {
+                v.push(JobEvent::Progress {
+                    step: snap.step,
+                    total: snap.total_steps,
+                    elapsed_ms: snap.elapsed_ms.unwrap_or(0),
+                });
+            }
+            v
+        }
+    }
+}
+
+struct Follow {
+    id: String,
+    rx: broadcast::Receiver<JobEvent>,
+    queue: QueueHandle,
+    ended: bool,
+}
+
+/// `GET /api/jobs/{id}/events`: the job's current state first, then every event up to and
+/// including the terminal one. Leaving the stream does not cancel the job (only DELETE does).
+pub async fn events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (snap, rx) = s.queue.subscribe(&id).await.ok_or_else(|| no_job(&id))?;
+    let first = current_state(&snap);
+    let ended = first.iter().any(JobEvent::is_terminal);
+    let head = stream::iter(first.iter().map(to_sse).collect::<Vec<_>>());
+    let Some(rx) = rx.filter(|_| !ended) else {
+        return Ok(sse(head));
+    };
+    let follow = Follow {
+        id,
+        rx,
+        queue: s.queue.clone(),
+        ended: false,
+    };
+    let tail = stream::unfold(follow, |mut f| async move {
+        if f.ended {
+            return None;
+        }
+        loop {
+            match f.rx.recv().await {
+                Ok(ev) => {
+                    f.ended = ev.is_terminal();
+                    return Some((to_sse(&ev), f));
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(job_id = %f.id, skipped = n, "job stream lagged");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    // Normally the terminal event arrives before the close; if it was lost,
+                    // read the outcome from the record.
+                    let end = f
+                        .queue
+                        .get(&f.id)
+                        .await
+                        .and_then(|snap| JobEvent::terminal_for(&snap.record))?;
+                    f.ended = true;
+                    return Some((to_sse(&end), f));
+                }
+            }
+        }
+    });
+    Ok(sse(head.chain(tail).take_until(s.shutdown_signal())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnhanceRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+}
+
+/// `POST /api/enhance`: what the enhancement would add to this prompt at the model's defaults.
+/// Pure table work on the request thread; the engine thread is not involved.
+pub async fn enhance(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<EnhanceRequest>,
+) -> Result<Json<Enhanced>, ApiError> {
+    for (field, text) in [
+        ("prompt", Some(&req.prompt)),
+        ("negative_prompt", req.negative_prompt.as_ref()),
+    ] {
+        let n = text.map(|t| t.chars().count()).unwrap_or(0);
+        if n > MAX_PROMPT_CHARS {
+            return Err(ApiError::field(
+                field,
+                format!("must be at most {MAX_PROMPT_CHARS} characters (got {n})"),
+            ));
+        }
+    }
+    let info = &s.info.family;
+    let ctx = PromptContext {
+        cfg: info.defaults.cfg,
+        steps: info.defaults.steps,
+        safe_cfg_max: info.safe_cfg_max,
+    };
+    Ok(Json(prompt::enhance(
+        &req.prompt,
+        req.negative_prompt.as_deref(),
+        &ctx,
+        true,
+    )))
+}

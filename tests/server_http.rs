@@ -1,0 +1,651 @@
+//! End-to-end HTTP tests of `zturbo serve` with the built-in demo model (the tiny random-weight
+//! Z-Image fixture), each on its own ephemeral port and outputs folder.
+//!
+//! Slow paths use the test hook `ZTURBO_TEST_WORKER_DELAY_MS` (the worker sleeps that long after
+//! every denoising step, cancellably) to hold a job "running" while the test acts.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const SLOW: (&str, &str) = ("ZTURBO_TEST_WORKER_DELAY_MS", "300");
+
+#[test]
+fn page_info_models_and_enhance() {
+    let out = temp_dir("info");
+    let s = Server::start(&out, &[], &[]);
+    for (path, ct) in [
+        ("/", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/style.css", "text/css"),
+    ] {
+        let res = client().get(s.url(path)).send().unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let got = res.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(got.starts_with(ct), "{path}: {got}");
+    }
+
+    let (st, health) = get_json(&s.url("/api/health"));
+    assert_eq!(st, 200);
+    assert_eq!(
+        health,
+        json!({"status": "ok", "model": "demo", "device": "cpu"})
+    );
+
+    let (st, info) = get_json(&s.url("/api/info"));
+    assert_eq!(st, 200);
+    let m = &info["model"];
+    assert_eq!(m["name"], "demo");
+    assert_eq!(m["family"], "z-image");
+    assert_eq!(m["demo"], true);
+    // f32 defaults arrive as the decimals the model states (1.8, not 1.7999999523…).
+    assert_eq!(
+        m["defaults"],
+        json!({"width": 1024, "height": 1024, "steps": 8, "cfg": 1.8})
+    );
+    assert_eq!(m["limits"]["width"], json!([64, 2048]));
+    assert_eq!(m["limits"]["steps"], json!([1, 100]));
+    assert_eq!(m["limits"]["cfg"], json!([1.0, 30.0]));
+    assert_eq!(m["limits"]["prompt_chars"], 4000);
+    assert_eq!(m["safe_cfg_max"], 2.4);
+    assert_eq!(m["size_multiple"], 16);
+    let max_batch = info["max_batch"].as_u64().unwrap();
+    assert!((1..=8).contains(&max_batch));
+    assert_eq!(m["limits"]["batch"], json!([1, max_batch]));
+    assert_eq!(info["device"]["kind"], "cpu");
+    assert!(info["device"]["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(info["queue_size"], 32);
+    assert_eq!(
+        info["memory_modes"],
+        json!(["auto", "performance", "balanced", "low"])
+    );
+    let help = info["demo_help"].as_str().unwrap();
+    assert!(
+        help.contains("random") && help.contains("zturbo pull z-image-turbo"),
+        "{help}"
+    );
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+
+    let (st, models) = get_json(&s.url("/api/models"));
+    assert_eq!(st, 200);
+    let list = models["models"].as_array().unwrap();
+    let demo = list.iter().find(|m| m["name"] == "demo").unwrap();
+    assert_eq!(demo["state"], "loaded");
+    let zit = list.iter().find(|m| m["name"] == "z-image-turbo").unwrap();
+    assert_eq!(zit["state"], "not_downloaded");
+    assert!(zit["size_bytes"].as_u64().unwrap() > 10_000_000_000);
+
+    let (st, _, enh) = post_json(
+        &s.url("/api/enhance"),
+        &json!({"prompt": "a mountain lake at dawn"}),
+    );
+    assert_eq!(st, 200, "{enh}");
+    assert!(enh["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("a mountain lake at dawn, "));
+    assert!(!enh["added"]["prompt"].as_array().unwrap().is_empty());
+    assert!(!enh["added"]["negative_prompt"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(!enh["advice"].as_array().unwrap().is_empty());
+    let (st, _, err) = post_json(&s.url("/api/enhance"), &json!({"prompt": "x", "cfg": 2}));
+    assert_eq!(st, 422);
+    assert_eq!(err["error"]["field"], "cfg");
+
+    // Unknown paths and jobs: JSON 404s.
+    let (st, err) = get_json(&s.url("/api/nope"));
+    assert_eq!(st, 404);
+    assert!(err["error"]["message"].is_string());
+    let (st, err) = get_json(&s.url("/api/jobs/0123456789abcdef"));
+    assert_eq!(st, 404);
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("0123456789abcdef"));
+}
+
+#[test]
+fn submit_stream_done_and_png() {
+    let out = temp_dir("generate");
+    let s = Server::start(&out, &[], &[]);
+    let (st, headers, acc) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "a serene mountain lake at dawn", "width": 128, "height": 96,
+                "steps": 4, "cfg": 1.8, "seed": 42}),
+    );
+    assert_eq!(st, 202, "{acc}");
+    let id = acc["id"].as_str().unwrap().to_string();
+    assert_eq!(acc["position"], 0);
+    assert_eq!(headers["location"], format!("/api/jobs/{id}").as_str());
+
+    let events = job_events(&s, &id);
+    let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    assert!(matches!(names[0], "queued" | "started"), "{names:?}");
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e.name == "progress")
+        .map(|e| {
+            assert_eq!(e.data["total"], 4);
+            assert!(e.data["elapsed_ms"].is_u64());
+            e.data["step"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        !steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+    assert_eq!(steps.last(), Some(&4));
+    let url = events.last().unwrap().data["images"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(url, format!("/images/{id}-1.png"));
+
+    let png = client().get(s.url(&url)).send().unwrap();
+    assert_eq!(png.status(), 200);
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let bytes = png.bytes().unwrap();
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 96));
+    let chunks = zturbo::engine::output::png_text_chunks(&bytes).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.contains("Seed: 42") && params.contains("Size: 128x96"),
+        "{params}"
+    );
+    assert!(chunks.iter().any(|(k, _)| k == "zturbo"));
+
+    let (st, job) = get_json(&s.url(&format!("/api/jobs/{id}")));
+    assert_eq!(st, 200);
+    assert_eq!(job["state"], "done");
+    assert_eq!(job["step"], 4);
+    assert_eq!(job["total_steps"], 4);
+    assert_eq!(job["images"], json!([url]));
+    let p = &job["params"];
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(128), Some(96))
+    );
+    assert_eq!(p["seed"], 42);
+    assert_eq!(p["cfg"], 1.8);
+    assert_eq!(p["cfg_requested"], 1.8);
+    assert_eq!(p["model"], "demo");
+    // Final prompts: the enhancement's additions are in, the original is kept alongside.
+    assert!(p["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("a serene mountain lake at dawn, "));
+    assert!(p["negative_prompt"]
+        .as_str()
+        .unwrap()
+        .contains("black screen"));
+    assert_eq!(
+        job["enhancement"]["original_prompt"],
+        "a serene mountain lake at dawn"
+    );
+    let t = &job["timings"];
+    for k in [
+        "queue_ms",
+        "encode_ms",
+        "denoise_ms",
+        "decode_ms",
+        "total_ms",
+    ] {
+        assert!(t[k].is_u64(), "timings.{k}: {t}");
+    }
+    assert!(job["peak_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(job["created_at"].as_u64().unwrap() > 1_600_000_000_000);
+    assert!(job["error"].is_null());
+
+    // The files: image, sidecar with the full record, journal entry.
+    assert!(out.join(format!("{id}-1.png")).is_file());
+    let sidecar: Value =
+        serde_json::from_slice(&std::fs::read(out.join(format!("{id}.json"))).unwrap()).unwrap();
+    assert_eq!(sidecar["state"], "done");
+    assert_eq!(sidecar["params"]["seed"], 42);
+    assert_eq!(
+        sidecar["request"]["prompt"],
+        "a serene mountain lake at dawn"
+    );
+    assert!(out.join(".jobs").join(format!("{id}.json")).is_file());
+
+    // An ended job's stream sends the final event at once, then ends.
+    let again = job_events(&s, &id);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].name, "done");
+
+    // History: newest first.
+    let second = submit(
+        &s,
+        json!({"prompt": "cyberpunk street", "width": 64, "height": 64,
+                                    "steps": 1, "batch": 2, "cfg": 3.2}),
+    );
+    let events = job_events(&s, &second);
+    let notice = events
+        .iter()
+        .find(|e| e.name == "notice")
+        .expect("a cfg notice");
+    assert_eq!(notice.data["kind"], "cfg_clamped");
+    assert_eq!(notice.data["to"], 2.4);
+    let done = events.last().unwrap();
+    assert_eq!(done.name, "done");
+    assert_eq!(done.data["images"].as_array().unwrap().len(), 2);
+    let (_, list) = get_json(&s.url("/api/jobs"));
+    let ids: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![second.as_str(), id.as_str()]);
+    let j2 = &list["jobs"][0];
+    assert_eq!(j2["params"]["cfg"], 2.4);
+    assert_eq!(j2["params"]["cfg_requested"], 3.2);
+    assert_eq!(j2["notices"][0]["kind"], "cfg_clamped");
+}
+
+/// The (status, field) a body is refused with.
+fn refusal(s: &Server, body: Vec<u8>) -> (u16, Value) {
+    let (st, _, json) = post_raw(&s.url("/api/jobs"), "application/json", body);
+    let msg = json["error"]["message"].as_str().unwrap_or("");
+    assert!(!msg.is_empty(), "error without a message: {json}");
+    (st.as_u16(), json["error"]["field"].clone())
+}
+
+#[test]
+fn invalid_bodies_name_the_field() {
+    let out = temp_dir("invalid");
+    let s = Server::start(&out, &[], &[]);
+    let ten_mb = "a".repeat(10 << 20);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"prompt": 5}), "prompt"),
+        (json!({"prompt": "x", "width": "wide"}), "width"),
+        (json!({"prompt": "x", "steps": 2.5}), "steps"),
+        (json!({"prompt": "x", "seed": -1}), "seed"),
+        (json!({"prompt": "x", "enhance": "yes"}), "enhance"),
+        (json!({"prompt": "x", "width": 100}), "width"),
+        (json!({"prompt": "x", "height": 1000}), "height"),
+        (json!({"prompt": "x", "width": 4096}), "width"),
+        (json!({"prompt": "x", "steps": 0}), "steps"),
+        (json!({"prompt": "x", "steps": 500}), "steps"),
+        (json!({"prompt": "x", "cfg": -1}), "cfg"),
+        (json!({"prompt": "x", "batch": 0}), "batch"),
+        (json!({"prompt": "x", "batch": 99}), "batch"),
+        (
+            json!({"prompt": "x", "memory_mode": "turbo"}),
+            "memory_mode",
+        ),
+        (json!({"prompt": "   "}), "prompt"),
+        (json!({"prompt": ten_mb}), "prompt"),
+        (json!({"prompt": "x", "stepz": 4}), "stepz"),
+        (json!({"steps": 4}), "prompt"),
+    ];
+    for (body, field) in cases {
+        let shown = body.to_string().chars().take(80).collect::<String>();
+        let (st, got) = refusal(&s, body.to_string().into_bytes());
+        assert_eq!(st, 422, "{shown}");
+        assert_eq!(got, field, "{shown}");
+    }
+    // Messages name the range and the value given.
+    let (_, _, e) = post_json(&s.url("/api/jobs"), &json!({"prompt": "x", "steps": 500}));
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("1") && msg.contains("100") && msg.contains("500"),
+        "{msg}"
+    );
+    let (_, _, e) = post_json(&s.url("/api/jobs"), &json!({"prompt": "x", "width": 100}));
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("multiple of 16") && msg.contains("100"),
+        "{msg}"
+    );
+
+    // Not JSON at all, trailing garbage: 400 without a field.
+    for body in [&b"{\"prompt\": "[..], b"{\"prompt\": \"x\"} x", b"not json"] {
+        let (st, field) = refusal(&s, body.to_vec());
+        assert_eq!(st, 400);
+        assert!(field.is_null());
+    }
+    // Wrong content type: 415; over the body limit: 413 — both in the JSON error shape.
+    let (st, _, e) = post_raw(
+        &s.url("/api/jobs"),
+        "text/plain",
+        b"{\"prompt\":\"x\"}".to_vec(),
+    );
+    assert_eq!(st, 415, "{e}");
+    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(17 << 20));
+    let (st, _, e) = post_raw(&s.url("/api/jobs"), "application/json", huge.into_bytes());
+    assert_eq!(st, 413, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("MiB"));
+    // Nothing was queued by any of it.
+    let (_, list) = get_json(&s.url("/api/jobs"));
+    assert_eq!(list["jobs"], json!([]));
+}
+
+#[test]
+fn cancel_running_and_queued_jobs() {
+    let out = temp_dir("cancel");
+    let s = Server::start(&out, &[], &[SLOW]);
+    let body = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 30});
+    let running = submit(&s, body.clone());
+    let queued = submit(&s, body);
+
+    let mut events = SseReader::open(&s.url(&format!("/api/jobs/{running}/events")));
+    // Wait until it has really started stepping.
+    let mut seen = Vec::new();
+    for ev in events.by_ref() {
+        seen.push(ev.name.clone());
+        if ev.name == "progress" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("progress"),
+        "{seen:?}"
+    );
+
+    // The queued one first: cancelled at once.
+    let (st, body) = get_json(&s.url(&format!("/api/jobs/{queued}")));
+    assert_eq!(
+        (
+            st.as_u16(),
+            body["state"].as_str(),
+            body["position"].as_u64()
+        ),
+        (200, Some("queued"), Some(0))
+    );
+    let (st, body) = delete(&s.url(&format!("/api/jobs/{queued}")));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["state"], "cancelled");
+    let ev = job_events(&s, &queued);
+    assert_eq!(
+        ev.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        vec!["cancelled"]
+    );
+
+    // The running one stops between steps.
+    let t = Instant::now();
+    let (st, body) = delete(&s.url(&format!("/api/jobs/{running}")));
+    assert_eq!(st, 202, "{body}");
+    assert_eq!(body["state"], "cancelling");
+    let rest: Vec<SseEvent> = events.collect();
+    assert_eq!(
+        rest.last().map(|e| e.name.as_str()),
+        Some("cancelled"),
+        "{rest:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    let job = wait_terminal(&s, &running, Duration::from_secs(10));
+    assert_eq!(job["state"], "cancelled");
+    assert!(job["step"].as_u64().unwrap() < 30);
+    assert_eq!(job["images"], json!([]));
+
+    // Ended jobs cannot be cancelled again; unknown ones are not found.
+    let (st, body) = delete(&s.url(&format!("/api/jobs/{running}")));
+    assert_eq!(st, 409, "{body}");
+    let (st, _) = delete(&s.url("/api/jobs/0123456789abcdef"));
+    assert_eq!(st, 404);
+
+    // The worker is free again.
+    let quick = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1}),
+    );
+    assert_eq!(
+        wait_terminal(&s, &quick, Duration::from_secs(30))["state"],
+        "done"
+    );
+}
+
+#[test]
+fn full_queue_is_429_with_retry_after() {
+    let out = temp_dir("full");
+    let s = Server::start(&out, &["--queue-size", "1"], &[SLOW]);
+    let body = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 30});
+    let a = submit(&s, body.clone());
+    let (st, _, b) = post_json(&s.url("/api/jobs"), &body);
+    assert_eq!(st, 202);
+    assert_eq!(
+        b["position"], 0,
+        "one job ahead is running, so this one is next"
+    );
+    let (st, headers, err) = post_json(&s.url("/api/jobs"), &body);
+    assert_eq!(st, 429, "{err}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=600).contains(&retry), "{retry}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("full"));
+    assert!(err["error"]["field"].is_null());
+    // Jobs list shows both, newest first, with the queued position.
+    let (_, list) = get_json(&s.url("/api/jobs"));
+    let jobs = list["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0]["id"], b["id"]);
+    assert_eq!(jobs[0]["state"], "queued");
+    assert_eq!(jobs[0]["position"], 0);
+    assert_eq!(jobs[1]["id"], a.as_str());
+    assert_eq!(jobs[1]["state"], "running");
+    // Freeing the slot lets the next one in.
+    delete(&s.url(&format!("/api/jobs/{}", b["id"].as_str().unwrap())));
+    let (st, _, _) = post_json(&s.url("/api/jobs"), &body);
+    assert_eq!(st, 202);
+}
+
+#[test]
+fn memory_stream_yields_tagged_samples() {
+    let out = temp_dir("memory");
+    let s = Server::start(&out, &[], &[("ZTURBO_TEST_WORKER_DELAY_MS", "150")]);
+    let mut stream = SseReader::open(&s.url("/api/memory/stream"));
+    let first: Vec<SseEvent> = stream.by_ref().take(3).collect();
+    assert_eq!(first.len(), 3);
+    for e in &first {
+        assert_eq!(e.name, "sample");
+        assert_eq!(e.data["device"], "cpu");
+        assert!(e.data["used_bytes"].as_u64().unwrap() > 0, "{}", e.data);
+        assert!(e.data["total_bytes"].as_u64().unwrap() > 0);
+        assert!(e.data["t_ms"].is_u64());
+    }
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 12}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut busy: Vec<Value> = Vec::new();
+    let mut last_t = 0;
+    for e in stream {
+        let t = e.data["t_ms"].as_u64().unwrap();
+        assert!(t >= last_t, "samples go forward in time");
+        last_t = t;
+        if e.data["job_id"] == id.as_str() {
+            busy.push(e.data);
+        } else if !busy.is_empty() {
+            break; // the job ended
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no end of the job in the memory stream"
+        );
+    }
+    assert!(
+        busy.len() >= 5,
+        "only {} samples while the job ran",
+        busy.len()
+    );
+    assert!(busy
+        .iter()
+        .any(|d| d["phase"] == "denoise" && d["step"].as_u64().is_some()));
+    // ≥ 5 Hz while a job runs (the sampler's busy interval is 100 ms).
+    let span = busy.last().unwrap()["t_ms"].as_u64().unwrap() - busy[0]["t_ms"].as_u64().unwrap();
+    let rate = (busy.len() - 1) as f64 / (span as f64 / 1000.0);
+    assert!(rate >= 5.0, "{rate:.1} Hz over {span} ms");
+}
+
+#[test]
+fn images_serves_only_what_the_server_wrote() {
+    let out = temp_dir("images");
+    let s = Server::start(&out, &[], &[]);
+    std::fs::write(out.join("notes.png"), b"not ours").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("/etc/hostname", out.join("0123456789abcdef-1.png")).unwrap();
+    for path in [
+        "/images/notes.png",
+        "/images/0123456789abcdef-1.png",
+        "/images/0123456789abcdef-2.png",
+        "/images/..%2F..%2FCargo.toml",
+        "/images/%2Fetc%2Fpasswd",
+    ] {
+        let res = client().get(s.url(path)).send().unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        let body: Value = res.json().unwrap();
+        assert!(body["error"]["message"].is_string());
+    }
+    // A raw request line with `..` (no client-side normalisation).
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        tcp,
+        "GET /images/../Cargo.toml HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw:.200}");
+}
+
+fn journal_states(out: &std::path::Path, ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .map(|id| {
+            let bytes = std::fs::read(out.join(".jobs").join(format!("{id}.json")))
+                .unwrap_or_else(|e| panic!("journal entry of {id}: {e}"));
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            v["state"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn journaled_jobs_survive_kill_and_restart() {
+    let out = temp_dir("restart");
+    let body = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 6, "seed": 7});
+
+    // 1. Three accepted jobs, the first one running, then SIGKILL.
+    let s = Server::start(&out, &[], &[SLOW]);
+    let ids: Vec<String> = (0..3).map(|_| submit(&s, body.clone())).collect();
+    let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", ids[0])));
+    assert!(ev.any(|e| e.name == "progress"));
+    s.kill9();
+    assert_eq!(
+        journal_states(&out, &ids),
+        vec!["running", "queued", "queued"]
+    );
+    // A damaged entry must not stop the next start.
+    std::fs::write(
+        out.join(".jobs").join("fedcba9876543210.json"),
+        b"{\"id\": \"fed",
+    )
+    .unwrap();
+
+    // 2. Restart (still slow): the first job runs again; SIGTERM leaves them all journaled.
+    let s = Server::start(&out, &[], &[SLOW]);
+    let (_, list) = get_json(&s.url("/api/jobs"));
+    let states: Vec<(&str, &str)> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["id"].as_str().unwrap(), j["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (ids[2].as_str(), "queued"),
+            (ids[1].as_str(), "queued"),
+            (ids[0].as_str(), "running")
+        ]
+    );
+    let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", ids[0])));
+    assert!(ev.any(|e| e.name == "progress"));
+    assert!(s.terminate(Duration::from_secs(20)), "graceful exit status");
+    assert_eq!(
+        journal_states(&out, &ids),
+        vec!["running", "queued", "queued"]
+    );
+
+    // 3. Restart at full speed: all three finish, in their original order.
+    let s = Server::start(&out, &[], &[]);
+    let jobs: Vec<Value> = ids
+        .iter()
+        .map(|id| wait_terminal(&s, id, Duration::from_secs(60)))
+        .collect();
+    for j in &jobs {
+        assert_eq!(j["state"], "done", "{j}");
+        assert_eq!(j["params"]["seed"], 7);
+        let name = format!("{}-1.png", j["id"].as_str().unwrap());
+        assert!(out.join(&name).is_file(), "{name}");
+    }
+    let started: Vec<u64> = jobs
+        .iter()
+        .map(|j| j["started_at"].as_u64().unwrap())
+        .collect();
+    assert!(started.windows(2).all(|w| w[0] <= w[1]), "{started:?}");
+    assert_eq!(journal_states(&out, &ids), vec!["done", "done", "done"]);
+    assert!(s.terminate(Duration::from_secs(20)));
+
+    // 4. The history survives one more restart.
+    let s = Server::start(&out, &[], &[]);
+    let (_, list) = get_json(&s.url("/api/jobs"));
+    let listed: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        vec![ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]
+    );
+    assert!(list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["state"] == "done"));
+}
+
+#[test]
+fn a_model_that_does_not_load_ends_the_process_with_the_error() {
+    let out = temp_dir("noload");
+    let broken = out.join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    // Found as a folder, fails on the worker thread while loading.
+    std::fs::write(
+        broken.join("model_index.json"),
+        b"{\"_class_name\": \"NoSuchPipeline\"}",
+    )
+    .unwrap();
+    for (model, expect) in [
+        ("no-such-model", "no-such-model"),
+        (broken.to_str().unwrap(), "NoSuchPipeline"),
+    ] {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_zturbo"))
+            .args(["serve", "--port", "0", "--model", model, "--outputs"])
+            .arg(out.join("outputs"))
+            .env_remove("ZTURBO_TEST_WORKER_DELAY_MS")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{model}: {stdout}");
+        assert!(!stdout.contains("listening on"), "{model}: {stdout}");
+        assert!(stderr.contains(expect), "{model}: {stderr}");
+    }
+}

@@ -1,0 +1,300 @@
+//! Helpers for the end-to-end server tests: start the real `zturbo serve` binary on an ephemeral
+//! port with the built-in demo model and a fresh outputs folder, talk to it over HTTP, read SSE.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A fresh, empty folder for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("zturbo-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub outputs: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// `zturbo serve --model demo --port 0 --outputs <outputs>` plus `args`; `env` is added to a
+    /// cleaned environment (no ZTURBO_* from the caller's shell).
+    pub fn start(outputs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        // Next to the outputs folder, one per start (a restarted server gets a fresh log).
+        let log = outputs.with_file_name(format!(
+            "{}.server-{}.log",
+            outputs.file_name().unwrap().to_string_lossy(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zturbo"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ZTURBO_") {
+                cmd.env_remove(k);
+            }
+        }
+        let models_dir = outputs.with_file_name("no-models-here");
+        cmd.args([
+            "serve",
+            "--model",
+            "demo",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ])
+        .arg("--outputs")
+        .arg(outputs)
+        .arg("--models-dir")
+        .arg(&models_dir)
+        .args(args)
+        .env("ZTURBO_LOG", "info,tower_http=warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().expect("spawn zturbo serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the server printed no `listening on` line; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let url = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .to_string();
+        Server {
+            child,
+            url,
+            outputs: outputs.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up (the journal must cope).
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for a graceful exit; returns whether it exited with status 0.
+    pub fn terminate(mut self, within: Duration) -> bool {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the server did not exit within {within:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// POST a JSON value; returns status, headers and the parsed body.
+pub fn post_json(
+    url: &str,
+    body: &Value,
+) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
+    post_raw(url, "application/json", body.to_string().into_bytes())
+}
+
+pub fn post_raw(
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
+    let res = client()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let text = res.text().unwrap();
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:.300}"));
+    (status, headers, json)
+}
+
+pub fn get_json(url: &str) -> (reqwest::StatusCode, Value) {
+    let res = client().get(url).send().unwrap();
+    let status = res.status();
+    let text = res.text().unwrap();
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:.300}"));
+    (status, json)
+}
+
+pub fn delete(url: &str) -> (reqwest::StatusCode, Value) {
+    let res = client().delete(url).send().unwrap();
+    let status = res.status();
+    (status, res.json().unwrap())
+}
+
+/// Submits a job; panics unless it is accepted. Returns its id.
+pub fn submit(server: &Server, body: Value) -> String {
+    let (status, _, json) = post_json(&server.url("/api/jobs"), &body);
+    assert_eq!(status, 202, "{json}");
+    json["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until it is in a terminal state.
+pub fn wait_terminal(server: &Server, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, job) = get_json(&server.url(&format!("/api/jobs/{id}")));
+        assert_eq!(status, 200, "{job}");
+        if matches!(job["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still {} after {within:?}; server log:\n{}",
+            job["state"],
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One SSE event: its name and JSON data.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub name: String,
+    pub data: Value,
+}
+
+/// Reads `text/event-stream` events from a streaming response body.
+pub struct SseReader {
+    lines: std::io::Lines<BufReader<Box<dyn Read + Send>>>,
+}
+
+impl SseReader {
+    pub fn open(url: &str) -> SseReader {
+        let res = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+            .get(url)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200, "GET {url}");
+        let ct = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content type {ct}");
+        assert_eq!(
+            res.headers()
+                .get("x-accel-buffering")
+                .and_then(|v| v.to_str().ok()),
+            Some("no")
+        );
+        let body: Box<dyn Read + Send> = Box::new(res);
+        SseReader {
+            lines: BufReader::new(body).lines(),
+        }
+    }
+}
+
+impl Iterator for SseReader {
+    type Item = SseEvent;
+    fn next(&mut self) -> Option<SseEvent> {
+        let mut name = String::from("message");
+        let mut data = String::new();
+        let mut seen = false;
+        loop {
+            let line = self.lines.next()?.ok()?;
+            if line.is_empty() {
+                if seen {
+                    let data = serde_json::from_str(&data)
+                        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
+                    return Some(SseEvent { name, data });
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue; // keep-alive comment
+            }
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+                seen = true;
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                seen = true;
+            }
+        }
+    }
+}
+
+/// Reads a job's event stream to its end (it closes after the terminal event).
+pub fn job_events(server: &Server, id: &str) -> Vec<SseEvent> {
+    SseReader::open(&server.url(&format!("/api/jobs/{id}/events"))).collect()
+}
