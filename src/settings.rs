@@ -102,6 +102,6 @@ mod tests {
             .unwrap_err()
             .contains("ordinal"));
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("allowed"));
-        assert_eq!(DeviceSpec::Cpu.open().unwrap().is_cpu(), true);
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
     }
 }

@@ -48,8 +48,7 @@ fn stepwise(golden: &str, negative: Option<&str>, cfg: f32) {
         .to_vec1()
         .unwrap();
     let mut x = g.get("initial_latents").clone();
-    for i in 0..8 {
-        let want_t = tmodel[i];
+    for (i, &want_t) in tmodel.iter().enumerate().take(8) {
         let got_t = (1000.0f32 - schedule.timesteps[i]) / 1000.0;
         assert!(
             (got_t - want_t).abs() <= 1e-7,

@@ -165,19 +165,19 @@ fn decode_tiled(
             let (oy, ox) = (y0 * *factor, x0 * *factor);
             for bi in 0..b {
                 for ci in 0..ch {
-                    for r in 0..ph {
+                    for (r, wyr) in wy.iter().enumerate() {
                         let src = ((bi * ch + ci) * ph + r) * pw;
                         let dst = ((bi * ch + ci) * big_h + oy + r) * big_w + ox;
                         for col in 0..pw {
-                            buf[dst + col] += data[src + col] * wy[r] * wx[col];
+                            buf[dst + col] += data[src + col] * wyr * wx[col];
                         }
                     }
                 }
             }
-            for r in 0..ph {
+            for (r, wyr) in wy.iter().enumerate() {
                 let dst = (oy + r) * big_w + ox;
                 for col in 0..pw {
-                    wsum[dst + col] += wy[r] * wx[col];
+                    wsum[dst + col] += wyr * wx[col];
                 }
             }
         }

@@ -317,6 +317,15 @@ fn kib_field(
     kib.checked_mul(1024).ok_or_else(bad)
 }
 
+/// The probe for a candle device: exact device readings where the build supports them.
+pub fn for_device(device: &candle_core::Device) -> std::sync::Arc<dyn MemoryProbe> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => std::sync::Arc::new(cuda::CudaProbe::new(d.clone())),
+        _ => std::sync::Arc::new(CpuProbe::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,14 +424,5 @@ mod tests {
         assert_eq!(json["device"], "cuda");
         assert_eq!(json["heap_bytes"], 3);
         assert!(json["rss_bytes"].is_null());
-    }
-}
-
-/// The probe for a candle device: exact device readings where the build supports them.
-pub fn for_device(device: &candle_core::Device) -> std::sync::Arc<dyn MemoryProbe> {
-    match device {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(d) => std::sync::Arc::new(cuda::CudaProbe::new(d.clone())),
-        _ => std::sync::Arc::new(CpuProbe::new()),
     }
 }
