@@ -584,7 +584,7 @@ impl Engine {
             enhance: req.enhance,
             memory_mode: plan.mode,
             precision: self.family.policy().describe(),
-            sampler: "Euler (flow)".into(),
+            sampler: info.sampler.into(),
         };
         Ok(Generation {
             images,

@@ -240,7 +240,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             }
             let family = ModelDir::open(&p)
                 .ok()
-                .and_then(|d| super::z_image::pipeline_class(&d).ok())
+                .and_then(|d| super::pipeline_class(&d).ok())
                 .map(|c| super::family_of_class(&c).unwrap_or("unknown").to_string())
                 .unwrap_or_else(|| "unknown".into());
             out.push(Listing {

@@ -16,8 +16,8 @@ use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, Component, Conditioning, Defaults, DenoiserResidency, Embedding, Family,
-    FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
+    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
 };
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
@@ -60,21 +60,6 @@ pub struct ZImage {
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
-}
-
-#[derive(serde::Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: Option<String>,
-}
-
-/// Reads `model_index.json` and returns the pipeline class name.
-pub fn pipeline_class(dir: &ModelDir) -> Result<String, ModelError> {
-    let idx: ModelIndex = dir.read_json("model_index.json")?;
-    idx.class_name.ok_or_else(|| ModelError::Malformed {
-        path: dir.display_path("model_index.json"),
-        message: "missing `_class_name`".into(),
-    })
 }
 
 fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -153,6 +138,7 @@ impl ZImage {
             size_multiple: (vae_cfg.scale_factor() * dit_cfg.patch()) as u32,
             defaults: DEFAULTS,
             safe_cfg_max: SAFE_CFG_MAX,
+            sampler: "Euler (flow)",
         };
         let model = Self {
             dir,
