@@ -447,6 +447,7 @@ impl Engine {
             cfg,
             steps: req.steps,
             safe_cfg_max: info.safe_cfg_max,
+            family: info.family,
         };
         let enhancement = prompt::enhance(
             &req.prompt,
