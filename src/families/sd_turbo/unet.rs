@@ -43,9 +43,9 @@ pub struct UNetConfig {
     pub in_channels: usize,
     #[serde(default = "d_4")]
     pub out_channels: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub center_input_sample: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "d_true", deserialize_with = "null_is_true")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
@@ -81,11 +81,11 @@ pub struct UNetConfig {
     pub attention_head_dim: PerBlock<usize>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub dual_cross_attention: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub upcast_attention: bool,
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -99,7 +99,7 @@ pub struct UNetConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub resnet_skip_time_act: bool,
     #[serde(default = "d_1f")]
     pub resnet_out_scale_factor: f64,
@@ -119,7 +119,7 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     #[serde(default = "d_default")]
     pub attention_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub class_embeddings_concat: bool,
     #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
@@ -131,6 +131,15 @@ pub struct UNetConfig {
     pub encoder_hid_dim_type: Option<String>,
     #[serde(default)]
     pub sample_size: Option<serde_json::Value>,
+}
+
+/// diffusers writes `null` for some booleans (e.g. SDXL's `upcast_attention`): null means the
+/// default.
+fn null_is_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+fn null_is_true<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
 }
 
 fn d_4() -> usize {
