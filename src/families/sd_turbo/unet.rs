@@ -507,6 +507,26 @@ fn conv(
     candle_nn::conv2d(cin, cout, k, cfg, vb)
 }
 
+/// What every resnet of one UNet shares.
+#[derive(Debug, Clone, Copy)]
+struct ResnetOptions {
+    temb: usize,
+    groups: usize,
+    eps: f64,
+    /// The output is divided by this (1 everywhere in SD and SDXL).
+    out_scale: f64,
+}
+
+/// What every transformer of one UNet shares.
+#[derive(Debug, Clone, Copy)]
+struct TransformerOptions {
+    groups: usize,
+    /// `use_linear_projection`: Linear projections in/out (SD 2.x, SDXL) instead of 1×1 convs.
+    linear_projection: bool,
+    /// `upcast_attention`: attention scores computed in f32 whatever the compute dtype.
+    upcast_attention: bool,
+}
+
 /// diffusers' `ResnetBlock2D` (time embedding added after the first conv, "default" shift).
 #[derive(Debug, Clone)]
 struct Resnet {
@@ -520,27 +540,19 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        groups: usize,
-        eps: f64,
-        out_scale: f64,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+    fn new(cin: usize, cout: usize, o: ResnetOptions, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            norm1: F32Norm::group(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: F32Norm::group(o.groups, cin, o.eps, vb.pp("norm1"))?,
             conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: F32Norm::group(groups, cout, eps, vb.pp("norm2"))?,
+            time_emb_proj: candle_nn::linear(o.temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: F32Norm::group(o.groups, cout, o.eps, vb.pp("norm2"))?,
             conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             shortcut: if cin != cout {
                 Some(conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
             } else {
                 None
             },
-            out_scale,
+            out_scale: o.out_scale,
         })
     }
 
@@ -607,14 +619,14 @@ impl Attention {
         let (b, l, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
         let s = ctx.dim(1)?;
-        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(self.to_q.forward(x)?, l)?;
-        let k = heads(self.to_k.forward(ctx)?, s)?;
-        let v = heads(self.to_v.forward(ctx)?, s)?;
+        let q = split(self.to_q.forward(x)?, l)?;
+        let k = split(self.to_k.forward(ctx)?, s)?;
+        let v = split(self.to_v.forward(ctx)?, s)?;
         let compute = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // Scores in the compute dtype (f32 when the config asks to upcast), softmax always in f32.
@@ -701,26 +713,23 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         c: usize,
         heads: usize,
         depth: usize,
         cross: usize,
-        groups: usize,
-        linear: bool,
-        upcast: bool,
+        o: TransformerOptions,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let proj = |name: &str| -> candle_core::Result<Projection> {
-            Ok(if linear {
+            Ok(if o.linear_projection {
                 Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
             } else {
                 Projection::Conv(conv(c, c, 1, 1, 0, vb.pp(name))?)
             })
         };
         Ok(Self {
-            norm: F32Norm::group(groups, c, 1e-6, vb.pp("norm"))?,
+            norm: F32Norm::group(o.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
                 .map(|i| {
@@ -728,7 +737,7 @@ impl SpatialTransformer {
                         c,
                         heads,
                         cross,
-                        upcast,
+                        o.upcast_attention,
                         vb.pp("transformer_blocks").pp(i),
                     )
                 })
@@ -832,11 +841,17 @@ impl UNet {
         let n = plan.channels.len();
         let ch = &plan.channels;
         let temb = plan.time_embed_dim();
-        let groups = plan.groups;
-        let eps = cfg.norm_eps;
-        let out_scale = cfg.resnet_out_scale_factor;
-        let linear = cfg.use_linear_projection;
-        let upcast = cfg.upcast_attention;
+        let ro = ResnetOptions {
+            temb,
+            groups: plan.groups,
+            eps: cfg.norm_eps,
+            out_scale: cfg.resnet_out_scale_factor,
+        };
+        let to = TransformerOptions {
+            groups: plan.groups,
+            linear_projection: cfg.use_linear_projection,
+            upcast_attention: cfg.upcast_attention,
+        };
 
         let conv_in = conv(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
         let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
@@ -856,15 +871,7 @@ impl UNet {
             let resnets = (0..plan.layers[i])
                 .map(|j| {
                     let c = if j == 0 { cin } else { ch[i] };
-                    Resnet::new(
-                        c,
-                        ch[i],
-                        temb,
-                        groups,
-                        eps,
-                        out_scale,
-                        vb.pp("resnets").pp(j),
-                    )
+                    Resnet::new(c, ch[i], ro, vb.pp("resnets").pp(j))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let attentions = if plan.down_attn[i] {
@@ -875,9 +882,7 @@ impl UNet {
                             plan.heads[i],
                             plan.transformer_layers[i],
                             plan.cross_dim[i],
-                            groups,
-                            linear,
-                            upcast,
+                            to,
                             vb.pp("attentions").pp(j),
                         )
                     })
@@ -907,20 +912,21 @@ impl UNet {
 
         let top = ch[n - 1];
         let mvb = vb.pp("mid_block");
-        let mid_scale = cfg.mid_block_scale_factor;
+        let mro = ResnetOptions {
+            out_scale: cfg.mid_block_scale_factor,
+            ..ro
+        };
         let mid = MidBlock {
-            resnet0: Resnet::new(top, top, temb, groups, eps, mid_scale, mvb.pp("resnets.0"))?,
+            resnet0: Resnet::new(top, top, mro, mvb.pp("resnets.0"))?,
             attention: SpatialTransformer::new(
                 top,
                 plan.heads[n - 1],
                 plan.transformer_layers[n - 1],
                 plan.cross_dim[n - 1],
-                groups,
-                linear,
-                upcast,
+                to,
                 mvb.pp("attentions.0"),
             )?,
-            resnet1: Resnet::new(top, top, temb, groups, eps, mid_scale, mvb.pp("resnets.1"))?,
+            resnet1: Resnet::new(top, top, mro, mvb.pp("resnets.1"))?,
         };
 
         // Up blocks walk the down blocks in reverse; per-block lists are reversed with them.
@@ -943,15 +949,7 @@ impl UNet {
                 .map(|j| {
                     let skip = if j == count - 1 { input } else { out };
                     let rin = if j == 0 { prev } else { out };
-                    Resnet::new(
-                        rin + skip,
-                        out,
-                        temb,
-                        groups,
-                        eps,
-                        out_scale,
-                        vb.pp("resnets").pp(j),
-                    )
+                    Resnet::new(rin + skip, out, ro, vb.pp("resnets").pp(j))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let attentions = if plan.up_attn[i] {
@@ -962,9 +960,7 @@ impl UNet {
                             rheads[i],
                             rtl[i],
                             rcross[i],
-                            groups,
-                            linear,
-                            upcast,
+                            to,
                             vb.pp("attentions").pp(j),
                         )
                     })
@@ -996,7 +992,7 @@ impl UNet {
             down,
             mid,
             up,
-            norm_out: F32Norm::group(groups, ch[0], eps, vb.pp("conv_norm_out"))?,
+            norm_out: F32Norm::group(plan.groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             plan,
             precision,
