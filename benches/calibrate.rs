@@ -21,16 +21,23 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1).cloned());
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     let shape_name = get("--shape").unwrap_or_else(|| "bench".into());
     let sizes: Vec<usize> = get("--sizes")
         .unwrap_or_else(|| "256,512,768".into())
         .split(',')
         .filter_map(|s| s.parse().ok())
         .collect();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-models").join(&shape_name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-models")
+        .join(&shape_name);
     if !dir.join("model_index.json").is_file() {
-        let shape = SyntheticShape::named(&shape_name).ok_or_else(|| anyhow::anyhow!("unknown shape"))?;
+        let shape =
+            SyntheticShape::named(&shape_name).ok_or_else(|| anyhow::anyhow!("unknown shape"))?;
         let tmp = dir.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         synthetic::write(&tmp, &shape, 7)?;
@@ -56,7 +63,12 @@ fn main() -> anyhow::Result<()> {
     let (cond, te) = peak_of(|| m.encode(&long, Some("blurry")));
     let cond = cond?;
     let tokens = cond.positive.hidden.dim(0)? as u64;
-    row("text encoder (prompt + negative)", format!("{tokens} tokens"), te, act.text_encoder.bytes(tokens, 2));
+    row(
+        "text encoder (prompt + negative)",
+        format!("{tokens} tokens"),
+        te,
+        act.text_encoder.bytes(tokens, 2),
+    );
     m.unload(Component::TextEncoder);
 
     m.load(Component::Denoiser)?;
@@ -64,11 +76,26 @@ fn main() -> anyhow::Result<()> {
         let lat = s / 8;
         let x = Tensor::randn(0f32, 1.0, (1, 16, lat, lat), &Device::Cpu)?;
         let schedule = m.schedule(8, lat, lat)?;
-        let (r, den) = peak_of(|| m.predict(&x, &cond, StepInput { index: 0, schedule: &schedule, cfg: 1.8 }));
+        let (r, den) = peak_of(|| {
+            m.predict(
+                &x,
+                &cond,
+                StepInput {
+                    index: 0,
+                    schedule: &schedule,
+                    cfg: 1.8,
+                },
+            )
+        });
         r?;
         // The sequence this call really had: image tokens plus the padded caption.
         let tok = ((lat / 2) * (lat / 2)) as u64 + tokens.div_ceil(32) * 32;
-        row("denoiser call, CFG (batch 2)", format!("{s}²"), den, act.denoiser.bytes(tok, 2));
+        row(
+            "denoiser call, CFG (batch 2)",
+            format!("{s}²"),
+            den,
+            act.denoiser.bytes(tok, 2),
+        );
     }
     m.unload(Component::Denoiser);
 
@@ -78,10 +105,20 @@ fn main() -> anyhow::Result<()> {
         let z = Tensor::randn(0f32, 1.0, (1, 16, lat as usize, lat as usize), &Device::Cpu)?;
         let (r, full) = peak_of(|| m.decode(&z));
         r?;
-        row("VAE decode, whole", format!("{s}²"), full, act.vae.decode_bytes(lat, lat));
+        row(
+            "VAE decode, whole",
+            format!("{s}²"),
+            full,
+            act.vae.decode_bytes(lat, lat),
+        );
         let (r, tiled) = peak_of(|| decode_image(m.as_mut(), &z, Some(DEFAULT_VAE_TILING)));
         r?;
-        row("VAE decode, tiled 32/8", format!("{s}²"), tiled, act.vae.tiled_decode_bytes(lat, lat, DEFAULT_VAE_TILING));
+        row(
+            "VAE decode, tiled 32/8",
+            format!("{s}²"),
+            tiled,
+            act.vae.tiled_decode_bytes(lat, lat, DEFAULT_VAE_TILING),
+        );
     }
     Ok(())
 }

@@ -265,8 +265,25 @@ function updateWordCount() {
   if (text.length > maxChars) counter.classList.add('bad');
 }
 
+/** UNet Turbo families (SD-Turbo, SDXL-Turbo): distilled for 1–4 steps without guidance. */
+function isUnetTurbo() {
+  const f = model().family || '';
+  return f === 'sd-turbo' || f === 'sdxl-turbo';
+}
+
+/** Step presets per family: the Z-Image ladder, or 1–8 for the UNet Turbo models. */
+function stepPresets() {
+  return isUnetTurbo() ? [1, 2, 4, 8] : [4, 6, 8, 12];
+}
+
 function stepsHint(n) {
   if (!Number.isFinite(n)) return ['', ''];
+  if (isUnetTurbo()) {
+    const d = (model().defaults || {}).steps ?? 1;
+    if (n === d) return [`${n} — default: the model is distilled for one step.`, 'ok'];
+    if (n <= 4) return [`${n} steps: a little more detail, ${n}× slower.`, ''];
+    return ['More than 4: no gain for this distilled model, just slower.', 'warn'];
+  }
   if (n < 4) return ['Very few steps: a rough layout only.', 'warn'];
   if (n === 4) return ['4 — composition only.', ''];
   if (n === 5) return ['Between composition and basic texture.', ''];
@@ -293,6 +310,10 @@ function cfgHint(v) {
   const safe = safeCfgMax();
   if (v >= 3.0) return [`≥ 3.0 is intercepted: the engine clamps it to the safe max ${fmtCfg(safe)}.`, 'bad'];
   if (v > safe + 1e-9) return [`Above the safe max ${fmtCfg(safe)}: the engine lowers it if a step goes black.`, 'warn'];
+  if (isUnetTurbo()) {
+    if (v <= 1.0 + 1e-9) return ['1.0 — default: guidance off, as the model was distilled; the negative prompt is unused.', 'ok'];
+    return ['Guidance on: the negative prompt takes effect, two UNet passes per step; colours may oversaturate.', ''];
+  }
   if (v >= 2.2 - 1e-9) return ['Sharp, may overexpose.', 'warn'];
   if (v > 1.85) return ['Slightly crisper than the default.', ''];
   if (v >= 1.75) return ['1.8 — default, best usable rate.', 'ok'];
@@ -1680,6 +1701,13 @@ function applyInfo(info) {
   const [slo, shi] = lim.steps || [1, 100];
   F.steps.min = String(slo);
   F.steps.max = String(shi);
+  const presets = stepPresets();
+  $('steps-presets').querySelectorAll('button').forEach((b, i) => {
+    if (i < presets.length) {
+      b.dataset.steps = String(presets[i]);
+      b.textContent = String(presets[i]);
+    }
+  });
   for (const b of $('steps-presets').querySelectorAll('button')) {
     const s = Number(b.dataset.steps);
     b.hidden = s < slo || s > shi;

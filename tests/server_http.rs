@@ -320,8 +320,10 @@ fn invalid_bodies_name_the_field() {
         b"{\"prompt\":\"x\"}".to_vec(),
     );
     assert_eq!(st, 415, "{e}");
-    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(17 << 20));
-    let (st, _, e) = post_raw(&s.url("/api/jobs"), "application/json", huge.into_bytes());
+    // The limit is enforced from Content-Length, before any of the body is read: announce 17 MiB
+    // over a raw socket and send none of it (a client streaming the body would race the server's
+    // early close).
+    let (st, e) = announce_body(&s.url, "/api/jobs", 17 << 20);
     assert_eq!(st, 413, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("MiB"));
     // Nothing was queued by any of it.
@@ -648,4 +650,36 @@ fn a_model_that_does_not_load_ends_the_process_with_the_error() {
         assert!(!stdout.contains("listening on"), "{model}: {stdout}");
         assert!(stderr.contains(expect), "{model}: {stderr}");
     }
+}
+
+/// Sends only the headers of a POST announcing `len` body bytes; returns the status and JSON body.
+fn announce_body(base: &str, path: &str, len: usize) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        sock,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = sock.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:.200}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    // A chunked body: take the JSON object inside.
+    let json = body
+        .find('{')
+        .and_then(|a| body.rfind('}').map(|b| &body[a..=b]))
+        .unwrap_or("null");
+    (
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
 }

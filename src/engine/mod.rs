@@ -460,6 +460,7 @@ impl Engine {
             cfg,
             steps: req.steps,
             safe_cfg_max: info.safe_cfg_max,
+            family: info.family,
         };
         let enhancement = prompt::enhance(
             &req.prompt,
@@ -597,7 +598,7 @@ impl Engine {
             enhance: req.enhance,
             memory_mode: plan.mode,
             precision: self.family.policy().describe(),
-            sampler: "Euler (flow)".into(),
+            sampler: info.sampler.into(),
         };
         Ok(Generation {
             images,

@@ -22,6 +22,13 @@ pub struct PromptContext {
     pub cfg: f32,
     pub steps: u32,
     pub safe_cfg_max: f32,
+    /// The model family (`FamilyInfo::family`): the CFG and step advice is per family.
+    pub family: &'static str,
+}
+
+/// Families distilled (adversarial diffusion distillation) for one step without guidance.
+fn unet_turbo(ctx: &PromptContext) -> bool {
+    matches!(ctx.family, "sd-turbo" | "sdxl-turbo")
 }
 
 /// Phrases the enhancement appended, in the order they appear in the final texts.
@@ -92,11 +99,16 @@ pub fn enhance(
         }
     };
     if !guidance_on(ctx) && has_word(&out.negative_prompt) {
+        let hint = if unet_turbo(ctx) {
+            "set CFG above 1 (this model's default is 1.0, off) for it to take effect"
+        } else {
+            "set CFG above 1 (1.8 is the default) for it to take effect"
+        };
         advice_list.push(Advice::info(
             "negative_unused",
             format!(
                 "CFG {} turns guidance off, so the negative prompt is shown but not used by the model; \
-                 set CFG above 1 (1.8 is the default) for it to take effect.",
+                 {hint}.",
                 fmt_num(ctx.cfg)
             ),
         ));
@@ -107,6 +119,13 @@ pub fn enhance(
 
 /// Guidance only (word count, CFG, steps); `enhance` includes it.
 pub fn advice(prompt: &str, ctx: &PromptContext) -> Vec<Advice> {
+    if unet_turbo(ctx) {
+        return vec![
+            prompt_advice(prompt),
+            unet_turbo_cfg_advice(ctx),
+            unet_turbo_steps_advice(ctx.steps),
+        ];
+    }
     vec![
         prompt_advice(prompt),
         cfg_advice(ctx),
@@ -432,6 +451,60 @@ fn cfg_advice(ctx: &PromptContext) -> Advice {
                  is the default."
             ),
         )
+    }
+}
+
+/// SD-Turbo / SDXL-Turbo: trained without guidance; CFG only makes a negative prompt count.
+fn unet_turbo_cfg_advice(ctx: &PromptContext) -> Advice {
+    let cfg = ctx.cfg;
+    let shown = fmt_num(cfg);
+    let safe = fmt_num(ctx.safe_cfg_max);
+    if !cfg.is_finite() {
+        Advice::warn(
+            "cfg",
+            format!("CFG {shown} is not a number; 1.0 (off) is the default."),
+        )
+    } else if cfg <= 1.0 {
+        Advice::info(
+            "cfg",
+            format!(
+                "CFG {shown}: guidance off, as the model was distilled; the default and fastest."
+            ),
+        )
+    } else if cfg <= ctx.safe_cfg_max {
+        Advice::info(
+            "cfg",
+            format!(
+                "CFG {shown}: guidance on (two UNet passes per step) so the negative prompt counts; \
+                 this distilled model oversaturates quickly, 1.0 (off) is the default."
+            ),
+        )
+    } else {
+        Advice::warn(
+            "cfg",
+            format!(
+                "CFG {shown}: above {safe} this distilled model burns colours; from 3 the value is \
+                 intercepted and lowered to {safe}. 1.0 (off) is the default."
+            ),
+        )
+    }
+}
+
+/// SD-Turbo / SDXL-Turbo: one step is the design point, up to four add a little detail.
+fn unet_turbo_steps_advice(steps: u32) -> Advice {
+    match steps {
+        0 | 1 => Advice::info(
+            "steps",
+            "1 step: the default, what the model is distilled for.",
+        ),
+        2..=4 => Advice::info(
+            "steps",
+            format!("{steps} steps: a little more detail than the default 1, {steps}× slower."),
+        ),
+        _ => Advice::warn(
+            "steps",
+            format!("{steps} steps: no gain past 4 for this distilled model, only slower."),
+        ),
     }
 }
 
@@ -1360,6 +1433,7 @@ mod tests {
             cfg,
             steps: 8,
             safe_cfg_max: 3.0,
+            family: "z-image",
         }
     }
 
@@ -2294,6 +2368,35 @@ mod tests {
             assert_eq!(a.level, level, "{steps} steps");
             assert!(a.message.contains(needle), "{steps}: {}", a.message);
         }
+    }
+
+    #[test]
+    fn unet_turbo_families_get_their_own_advice() {
+        let ctx = PromptContext {
+            cfg: 1.0,
+            steps: 1,
+            safe_cfg_max: 2.0,
+            family: "sd-turbo",
+        };
+        let a = advice("a red fox in the snow", &ctx);
+        assert!(a[1].message.contains("guidance off"), "{}", a[1].message);
+        assert!(
+            a[2].message.contains("1 step: the default"),
+            "{}",
+            a[2].message
+        );
+        assert_eq!(a[2].level, AdviceLevel::Info);
+        let many = advice("a red fox", &PromptContext { steps: 8, ..ctx });
+        assert_eq!(many[2].level, AdviceLevel::Warn);
+        let hot = advice("a red fox", &PromptContext { cfg: 2.5, ..ctx });
+        assert_eq!(hot[1].level, AdviceLevel::Warn);
+        let e = enhance("a red fox", Some("blurry"), &ctx, false);
+        let unused = e
+            .advice
+            .iter()
+            .find(|a| a.kind == "negative_unused")
+            .unwrap();
+        assert!(!unused.message.contains("1.8"), "{}", unused.message);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::weights::{self, ModelDir};
-use super::ModelError;
+use super::{sd_turbo, z_image, Defaults, ModelError};
 
 /// A model zturbo knows how to fetch.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -15,6 +15,8 @@ pub struct CatalogEntry {
     pub family: &'static str,
     /// Download size of the files `pull` fetches (approximate, for the UI and the offline hint).
     pub download_bytes: u64,
+    /// What the family reports once loaded (size, steps, CFG), known before the download.
+    pub defaults: Defaults,
     pub description: &'static str,
 }
 
@@ -24,6 +26,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         repo: "Tongyi-MAI/Z-Image-Turbo",
         family: "z-image",
         download_bytes: 20_600_000_000,
+        defaults: z_image::DEFAULTS,
         description: "Z-Image-Turbo (6B DiT, Qwen3-4B text encoder): 1024², 8 steps. Needs a GPU.",
     },
     CatalogEntry {
@@ -31,15 +34,17 @@ pub const CATALOG: &[CatalogEntry] = &[
         repo: "stabilityai/sd-turbo",
         family: "sd-turbo",
         download_bytes: 5_200_000_000,
+        defaults: sd_turbo::SD_TURBO_DEFAULTS,
         description:
-            "SD-Turbo (SD 2.1 distilled, ~1B): 512², 1–4 steps. Runs on CPUs and small GPUs.",
+            "SD-Turbo (SD 2.1 distilled, 866M UNet + OpenCLIP-H): 512², 1 step, no CFG. Runs on CPUs and 6–8 GB GPUs.",
     },
     CatalogEntry {
         name: "sdxl-turbo",
         repo: "stabilityai/sdxl-turbo",
         family: "sdxl-turbo",
         download_bytes: 13_900_000_000,
-        description: "SDXL-Turbo (3.5B UNet): 512², 1–4 steps.",
+        defaults: sd_turbo::SDXL_TURBO_DEFAULTS,
+        description: "SDXL-Turbo (2.6B UNet + two CLIP encoders): 512², 1 step, no CFG.",
     },
 ];
 
@@ -180,6 +185,8 @@ pub struct Listing {
     pub size_bytes: Option<u64>,
     pub demo: bool,
     pub path: Option<PathBuf>,
+    /// Known before loading for the demo and catalog models; `None` for other local folders.
+    pub defaults: Option<Defaults>,
     pub description: String,
 }
 
@@ -202,6 +209,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
         size_bytes: Some(DEMO_FILES.iter().map(|(_, b)| b.len() as u64).sum()),
         demo: true,
         path: None,
+        defaults: Some(z_image::DEFAULTS),
         description:
             "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
                 .into(),
@@ -221,6 +229,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             ),
             demo: false,
             path: found.and_then(|r| r.dir.path().map(Path::to_path_buf)),
+            defaults: Some(e.defaults),
             description: e.description.into(),
         });
     }
@@ -240,7 +249,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             }
             let family = ModelDir::open(&p)
                 .ok()
-                .and_then(|d| super::z_image::pipeline_class(&d).ok())
+                .and_then(|d| super::pipeline_class(&d).ok())
                 .map(|c| super::family_of_class(&c).unwrap_or("unknown").to_string())
                 .unwrap_or_else(|| "unknown".into());
             out.push(Listing {
@@ -251,6 +260,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
                 repo: None,
                 demo: false,
                 path: Some(p),
+                defaults: None,
                 description: "Local diffusers folder".into(),
             });
         }
@@ -292,6 +302,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("z-image-turbo") && e.contains("sd-turbo"), "{e}");
+    }
+
+    #[test]
+    fn catalog_defaults_are_the_families_own() {
+        let sd = entry("stabilityai/sd-turbo").unwrap();
+        assert_eq!(sd.family, "sd-turbo");
+        assert_eq!((sd.defaults.width, sd.defaults.steps), (512, 1));
+        assert_eq!(sd.defaults.cfg, 1.0);
+        assert_eq!(entry("sdxl-turbo").unwrap().defaults.steps, 1);
+        assert_eq!(entry("z-image-turbo").unwrap().defaults.steps, 8);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod precision;
 pub mod rng;
 pub mod scheduler;
+pub mod sd_turbo;
 pub mod vae;
 pub mod weights;
 pub mod z_image;
@@ -78,6 +79,8 @@ pub struct FamilyInfo {
     pub defaults: Defaults,
     /// Highest CFG the model tolerates without breaking; higher requests are clamped to it.
     pub safe_cfg_max: f32,
+    /// The sampler's name as A1111 metadata shows it (`Euler (flow)`, `Euler`).
+    pub sampler: &'static str,
 }
 
 /// One encoded prompt.
@@ -188,12 +191,34 @@ pub fn cfg_combine(pos: &Tensor, neg: &Tensor, cfg: f32) -> candle_core::Result<
     pos + ((pos - neg)? * g)?
 }
 
+#[derive(serde::Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+}
+
+/// Reads `model_index.json` and returns the pipeline class name.
+pub fn pipeline_class(dir: &ModelDir) -> Result<String, ModelError> {
+    let idx: ModelIndex = dir.read_json("model_index.json")?;
+    idx.class_name.ok_or_else(|| ModelError::Malformed {
+        path: dir.display_path("model_index.json"),
+        message: "missing `_class_name`".into(),
+    })
+}
+
+/// Pipeline classes we run, with their family names.
+const PIPELINES: [(&str, &str); 3] = [
+    (z_image::PIPELINE_CLASS, "z-image"),
+    (sd_turbo::SD_PIPELINE_CLASS, "sd-turbo"),
+    (sd_turbo::SDXL_PIPELINE_CLASS, "sdxl-turbo"),
+];
+
 /// The family that runs a diffusers pipeline class, if we have one.
 pub fn family_of_class(class: &str) -> Option<&'static str> {
-    match class {
-        z_image::PIPELINE_CLASS => Some("z-image"),
-        _ => None,
-    }
+    PIPELINES
+        .iter()
+        .find(|(c, _)| *c == class)
+        .map(|(_, family)| *family)
 }
 
 /// Opens a model folder with the family its `model_index.json` names.
@@ -202,13 +227,20 @@ pub fn open(
     device: &Device,
     policy: PrecisionPolicy,
 ) -> Result<Box<dyn Family>, ModelError> {
-    let class = z_image::pipeline_class(&dir)?;
+    let class = pipeline_class(&dir)?;
     match family_of_class(&class) {
         Some("z-image") => Ok(Box::new(z_image::ZImage::open(dir, device, policy)?)),
+        Some("sd-turbo" | "sdxl-turbo") => {
+            Ok(Box::new(sd_turbo::SdTurbo::open(dir, device, policy)?))
+        }
         _ => Err(ModelError::UnknownPipeline {
             path: dir.display_path("model_index.json"),
             class,
-            supported: z_image::PIPELINE_CLASS.to_string(),
+            supported: PIPELINES
+                .iter()
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }

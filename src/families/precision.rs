@@ -79,7 +79,7 @@ impl PrecisionPolicy {
     };
 
     pub fn resolve(precision: Precision, device: &Device) -> Self {
-        match precision {
+        let mut p = match precision {
             Precision::F32 => Self::F32,
             Precision::Bf16 => Self::uniform(DType::BF16),
             Precision::F16 => Self::uniform(DType::F16),
@@ -93,7 +93,12 @@ impl PrecisionPolicy {
                     Self::F32
                 }
             }
+        };
+        // candle's CPU convolution has no bf16 kernel; halves buy nothing on a CPU anyway.
+        if device.is_cpu() && p.vae == DType::BF16 {
+            p.vae = DType::F32;
         }
+        p
     }
 
     /// For logs and job records.
@@ -124,6 +129,8 @@ mod tests {
         assert_eq!(p.denoiser, DType::F16);
         assert_eq!(p.residual, DType::BF16);
         assert_eq!(p.text_encoder, DType::BF16);
+        // No bf16 convolution on the CPU: the VAE stays f32 there.
+        assert_eq!(p.vae, DType::F32);
     }
 
     #[test]

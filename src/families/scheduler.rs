@@ -173,7 +173,8 @@ impl FlowMatchConfig {
     }
 }
 
-/// `EulerDiscreteScheduler` config (SD-Turbo, SDXL-Turbo).
+/// `EulerDiscreteScheduler` config (SD-Turbo, SDXL-Turbo; unknown fields ignored, diffusers'
+/// defaults).
 #[derive(Debug, Clone, Deserialize)]
 pub struct EulerDiscreteConfig {
     #[serde(default = "d_1000")]
@@ -182,11 +183,11 @@ pub struct EulerDiscreteConfig {
     pub beta_start: f64,
     #[serde(default = "d_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "d_scaled_linear")]
+    #[serde(default = "d_linear")]
     pub beta_schedule: String,
     #[serde(default = "d_epsilon")]
     pub prediction_type: String,
-    #[serde(default = "d_leading")]
+    #[serde(default = "d_linspace")]
     pub timestep_spacing: String,
     #[serde(default)]
     pub steps_offset: u32,
@@ -194,6 +195,16 @@ pub struct EulerDiscreteConfig {
     pub interpolation_type: String,
     #[serde(default)]
     pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+    #[serde(default = "d_zero")]
+    pub final_sigmas_type: String,
+    #[serde(default = "d_discrete")]
+    pub timestep_type: String,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
 }
@@ -204,17 +215,20 @@ fn d_beta_start() -> f64 {
 fn d_beta_end() -> f64 {
     0.02
 }
-fn d_scaled_linear() -> String {
-    "linear".into()
-}
 fn d_epsilon() -> String {
     "epsilon".into()
 }
-fn d_leading() -> String {
+fn d_linspace() -> String {
     "linspace".into()
 }
 fn d_linear() -> String {
     "linear".into()
+}
+fn d_zero() -> String {
+    "zero".into()
+}
+fn d_discrete() -> String {
+    "discrete".into()
 }
 
 /// Noise parameterisation of an ε/v model.
@@ -225,20 +239,40 @@ pub enum Prediction {
 }
 
 impl EulerDiscreteConfig {
+    /// Rejects options whose sampler we do not implement, naming the file; returns what the
+    /// model predicts.
     pub fn validate(&self, path: &std::path::Path) -> Result<Prediction, ModelError> {
         let bad = |message: String| ModelError::Malformed {
             path: path.to_path_buf(),
             message,
         };
-        if self.use_karras_sigmas {
-            return Err(bad(
-                "scheduler option `use_karras_sigmas: true` is not supported".into(),
-            ));
+        let unsupported = [
+            (self.use_karras_sigmas, "use_karras_sigmas"),
+            (self.use_exponential_sigmas, "use_exponential_sigmas"),
+            (self.use_beta_sigmas, "use_beta_sigmas"),
+            (self.rescale_betas_zero_snr, "rescale_betas_zero_snr"),
+        ];
+        if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(bad(format!(
+                "scheduler option `{name}: true` is not supported"
+            )));
         }
         if self.interpolation_type != "linear" {
             return Err(bad(format!(
                 "interpolation_type `{}` is not supported (linear)",
                 self.interpolation_type
+            )));
+        }
+        if self.final_sigmas_type != "zero" {
+            return Err(bad(format!(
+                "final_sigmas_type `{}` is not supported (zero)",
+                self.final_sigmas_type
+            )));
+        }
+        if self.timestep_type != "discrete" {
+            return Err(bad(format!(
+                "timestep_type `{}` is not supported (discrete)",
+                self.timestep_type
             )));
         }
         if !["linspace", "leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
@@ -247,16 +281,26 @@ impl EulerDiscreteConfig {
                 self.timestep_spacing
             )));
         }
-        if self.trained_betas.is_none()
-            && !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str())
-        {
-            return Err(bad(format!(
-                "beta_schedule `{}` is not supported (linear, scaled_linear)",
-                self.beta_schedule
-            )));
-        }
         if self.num_train_timesteps < 2 {
             return Err(bad("num_train_timesteps must be at least 2".into()));
+        }
+        match &self.trained_betas {
+            Some(b) if b.len() != self.num_train_timesteps as usize => {
+                return Err(bad(format!(
+                    "trained_betas has {} entries, num_train_timesteps is {}",
+                    b.len(),
+                    self.num_train_timesteps
+                )))
+            }
+            Some(_) => {}
+            None => {
+                if !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str()) {
+                    return Err(bad(format!(
+                        "beta_schedule `{}` is not supported (linear, scaled_linear)",
+                        self.beta_schedule
+                    )));
+                }
+            }
         }
         match self.prediction_type.as_str() {
             "epsilon" => Ok(Prediction::Epsilon),
@@ -267,7 +311,9 @@ impl EulerDiscreteConfig {
         }
     }
 
-    /// ᾱ_t in f32, computed like diffusers (betas in f32, cumulative product in f32).
+    /// ᾱ_t in f32, computed like diffusers on the CPU: betas and `1 − β` in f32, the cumulative
+    /// product accumulated in f64 (PyTorch's CPU `cumprod` accumulates in `acc_type<float>` =
+    /// double) and rounded to f32 at every entry.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let n = self.num_train_timesteps as usize;
         let betas: Vec<f32> = if let Some(b) = &self.trained_betas {
@@ -281,62 +327,82 @@ impl EulerDiscreteConfig {
         } else {
             torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
         };
-        let mut acc = 1.0f32;
+        let mut acc = 1.0f64;
         betas
             .iter()
             .map(|b| {
-                acc *= 1.0 - b;
-                acc
+                acc *= f64::from(1.0f32 - b);
+                acc as f32
             })
             .collect()
     }
 
-    pub fn schedule(&self, steps: usize) -> Schedule {
+    /// The inference timesteps as numpy computes them in `set_timesteps` (f64), before the cast
+    /// to f32.
+    fn timesteps_f64(&self, n: usize) -> Vec<f64> {
         let n_train = self.num_train_timesteps as usize;
-        let n = steps.max(1);
-        // Timesteps in f64 as numpy computes them, then cast to f32.
-        let timesteps: Vec<f64> = match self.timestep_spacing.as_str() {
-            "linspace" => (0..n)
-                .map(|i| {
-                    let last = (n_train - 1) as f64;
-                    if n == 1 {
-                        0.0
-                    } else {
-                        last - i as f64 * (last / (n - 1) as f64)
-                    }
-                })
-                .collect(),
+        match self.timestep_spacing.as_str() {
+            // np.linspace(0, n_train - 1, n)[::-1]: element j is j·step, the last exactly `stop`.
+            "linspace" => {
+                let stop = (n_train - 1) as f64;
+                let step = if n > 1 { stop / (n - 1) as f64 } else { 0.0 };
+                (0..n)
+                    .rev()
+                    .map(|j| {
+                        if j == n - 1 && n > 1 {
+                            stop
+                        } else {
+                            j as f64 * step
+                        }
+                    })
+                    .collect()
+            }
+            // (arange(0, n) · (n_train // n)).round()[::-1] + steps_offset
             "leading" => {
                 let ratio = n_train / n;
                 (0..n)
                     .rev()
-                    .map(|i| (i * ratio) as f64 + self.steps_offset as f64)
+                    .map(|i| (i * ratio) as f64 + f64::from(self.steps_offset))
                     .collect()
             }
+            // arange(n_train, 0, −n_train/n).round() − 1
             _ => {
-                // trailing: round(arange(n_train, 0, -n_train/n)) - 1
                 let ratio = n_train as f64 / n as f64;
                 (0..n)
                     .map(|i| (n_train as f64 - i as f64 * ratio).round() - 1.0)
                     .collect()
             }
-        };
+        }
+    }
+
+    /// The schedule `EulerDiscreteScheduler.set_timesteps(steps)` builds: timesteps, σ(t) by
+    /// linear interpolation of `sqrt((1 − ᾱ)/ᾱ)` (f32 table, interpolated in f64 like
+    /// `np.interp`), a final σ = 0, and `init_noise_sigma` (σ_max for "linspace"/"trailing",
+    /// `sqrt(σ_max² + 1)` for "leading").
+    pub fn schedule(&self, steps: usize) -> Schedule {
+        let n_train = self.num_train_timesteps as usize;
+        let n = steps.max(1);
+        let timesteps: Vec<f32> = self
+            .timesteps_f64(n)
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
         let ac = self.alphas_cumprod();
-        // `np.interp(timesteps, arange(len), sigmas)` on the f32 sigma table.
-        let base32: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let table: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
         let mut sigmas: Vec<f32> = timesteps
             .iter()
             .map(|&t| {
-                let t = t.clamp(0.0, (n_train - 1) as f64);
+                let t = f64::from(t).clamp(0.0, (n_train - 1) as f64);
                 let lo = t.floor() as usize;
-                let hi = (lo + 1).min(n_train - 1);
-                let frac = t - lo as f64;
-                let (a, b) = (base32[lo] as f64, base32[hi] as f64);
-                (a + (b - a) * frac) as f32
+                if lo + 1 >= n_train {
+                    return table[n_train - 1];
+                }
+                let (a, b) = (f64::from(table[lo]), f64::from(table[lo + 1]));
+                ((b - a) * (t - lo as f64) + a) as f32
             })
             .collect();
         sigmas.push(0.0);
-        let max_sigma = sigmas.iter().cloned().fold(0.0f32, f32::max);
+        let max_sigma = sigmas.iter().copied().fold(0.0f32, f32::max);
         let init_noise_sigma =
             if self.timestep_spacing == "linspace" || self.timestep_spacing == "trailing" {
                 max_sigma
@@ -344,14 +410,17 @@ impl EulerDiscreteConfig {
                 (max_sigma * max_sigma + 1.0).sqrt()
             };
         Schedule {
-            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            timesteps,
             sigmas,
             init_noise_sigma,
         }
     }
 }
 
-/// `torch.linspace` in f32: the first half counts up from `start`, the second half down from `end`.
+/// `torch.linspace` in f32 as PyTorch's CPU kernel computes it: the first half counts up from
+/// `start` (`start + step·i`), the second half down from `end` (`end − step·(n−1−i)`), each a fused
+/// multiply-add (the compiled kernel contracts them; plain mul-then-add leaves 121 of SD's 1000
+/// ᾱ values one ulp off the golden).
 pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 0 {
         return vec![];
@@ -364,9 +433,9 @@ pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if i < half {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (n - 1 - i) as f32
+                (-step).mul_add((n - 1 - i) as f32, end)
             }
         })
         .collect()

@@ -17,8 +17,8 @@ use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, Component, Conditioning, Defaults, DenoiserResidency, Embedding, Family,
-    FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
+    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
 };
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
@@ -58,24 +58,11 @@ pub struct ZImage {
     dit: Option<Dit>,
     blocks: Option<ResidentBlocks>,
     residency: DenoiserResidency,
+    /// The residual dtype the policy asked for (restored after a guard fallback).
+    base_residual: DType,
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
-}
-
-#[derive(serde::Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: Option<String>,
-}
-
-/// Reads `model_index.json` and returns the pipeline class name.
-pub fn pipeline_class(dir: &ModelDir) -> Result<String, ModelError> {
-    let idx: ModelIndex = dir.read_json("model_index.json")?;
-    idx.class_name.ok_or_else(|| ModelError::Malformed {
-        path: dir.display_path("model_index.json"),
-        message: "missing `_class_name`".into(),
-    })
 }
 
 fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -154,6 +141,7 @@ impl ZImage {
             size_multiple: (vae_cfg.scale_factor() * dit_cfg.patch()) as u32,
             defaults: DEFAULTS,
             safe_cfg_max: SAFE_CFG_MAX,
+            sampler: "Euler (flow)",
         };
         let model = Self {
             dir,
@@ -171,6 +159,7 @@ impl ZImage {
             dit: None,
             blocks: None,
             residency: DenoiserResidency::Resident,
+            base_residual: policy.residual,
             vae_cfg,
             vae_weights,
             vae: None,
@@ -498,10 +487,13 @@ impl Family for ZImage {
             Component::TextEncoder => self.policy.text_encoder = dtype,
             Component::Denoiser => {
                 self.policy.denoiser = dtype;
-                // A wider compute type needs a residual stream at least as wide.
-                if dtype == DType::F32 {
-                    self.policy.residual = DType::F32;
-                }
+                // f32 compute needs an f32 residual stream; any other dtype goes back to the
+                // residual dtype the policy chose (the guard raises, then restores).
+                self.policy.residual = if dtype == DType::F32 {
+                    DType::F32
+                } else {
+                    self.base_residual
+                };
             }
             Component::Vae => self.policy.vae = dtype,
         }

@@ -119,16 +119,28 @@ where
                 ));
             }
         }
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                format!(
+                    "the request body is larger than {} MiB",
+                    super::BODY_LIMIT_BYTES >> 20
+                ),
+            )
+        };
+        // Refuse an announced oversized body before reading any of it.
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > super::BODY_LIMIT_BYTES as u64) {
+            return Err(too_large());
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    None,
-                    format!(
-                        "the request body is larger than {} MiB",
-                        super::BODY_LIMIT_BYTES >> 20
-                    ),
-                )
+                too_large()
             } else {
                 ApiError::new(rej.status(), None, rej.body_text())
             }

@@ -353,6 +353,7 @@ pub async fn enhance(
         cfg: info.defaults.cfg,
         steps: info.defaults.steps,
         safe_cfg_max: info.safe_cfg_max,
+        family: info.family,
     };
     Ok(Json(prompt::enhance(
         &req.prompt,

@@ -244,6 +244,7 @@ mod tests {
                 cfg: 1.8,
             },
             safe_cfg_max: 2.4,
+            sampler: "Euler (flow)",
         };
         let info = ServerInfo {
             model: "demo".into(),

@@ -96,6 +96,7 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
                 size_bytes: None,
                 demo: info.demo,
                 path: None,
+                defaults: Some(info.family.defaults),
                 description: info.description.clone(),
             });
         }

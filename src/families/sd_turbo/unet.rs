@@ -1,0 +1,1199 @@
+//! diffusers' `UNet2DConditionModel` as SD 2.x (SD-Turbo) and SDXL (SDXL-Turbo) configure it:
+//! cross-attention down/up blocks, the cross-attention mid block, linear or 1×1-conv projections,
+//! several transformer layers per block, and SDXL's `text_time` additional embedding.
+//!
+//! Written here rather than taken from candle-transformers because (1) candle's feed-forward uses
+//! the tanh approximation of GELU where diffusers' GEGLU uses the exact one, (2) it has no
+//! `addition_embed_type` (SDXL's pooled text + size conditioning) and (3) the precision policy
+//! needs two dtypes: weights and matmuls in `compute`, the block-to-block hidden state (including
+//! the skip connections) in `residual`. Norms read the residual stream in f32, so a bf16 stream
+//! with values beyond f16's range never passes through f16 before it is normalised.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// A config value given once for all blocks or once per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// One value per block (`n` blocks), or an error naming `field`.
+    fn expand(&self, n: usize, field: &str) -> Result<Vec<T>, String> {
+        match self {
+            PerBlock::One(v) => Ok(vec![v.clone(); n]),
+            PerBlock::Many(v) if v.len() == n => Ok(v.clone()),
+            PerBlock::Many(v) => Err(format!(
+                "{field} has {} entries but there are {n} down blocks",
+                v.len()
+            )),
+        }
+    }
+}
+
+/// `unet/config.json` (unknown fields ignored, diffusers' defaults). Options we do not implement
+/// are kept as raw JSON so `validate` can name them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d_4")]
+    pub in_channels: usize,
+    #[serde(default = "d_4")]
+    pub out_channels: usize,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub center_input_sample: bool,
+    #[serde(default = "d_true", deserialize_with = "null_is_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_false_json")]
+    pub only_cross_attention: serde_json::Value,
+    #[serde(default = "d_boc")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: PerBlock<usize>,
+    #[serde(default = "d_1usize")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_1f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross")]
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default = "d_tlpb")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub dual_cross_attention: bool,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub use_linear_projection: bool,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub resnet_skip_time_act: bool,
+    #[serde(default = "d_1f")]
+    pub resnet_out_scale_factor: f64,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "d_3")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "d_3")]
+    pub conv_out_kernel: usize,
+    #[serde(default = "d_default")]
+    pub attention_type: String,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub class_embeddings_concat: bool,
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
+}
+
+/// diffusers writes `null` for some booleans (e.g. SDXL's `upcast_attention`): null means the
+/// default.
+fn null_is_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+fn null_is_true<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
+}
+
+fn d_4() -> usize {
+    4
+}
+fn d_3() -> usize {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+fn d_false_json() -> serde_json::Value {
+    serde_json::Value::Bool(false)
+}
+fn d_down() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_up() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_boc() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn d_1usize() -> usize {
+    1
+}
+fn d_1f() -> f64 {
+    1.0
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_cross() -> PerBlock<usize> {
+    PerBlock::One(1280)
+}
+fn d_tlpb() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn d_head_dim() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+
+/// The per-block numbers the model is built from, resolved from the config once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UNetPlan {
+    pub channels: Vec<usize>,
+    /// Down block i has cross-attention.
+    pub down_attn: Vec<bool>,
+    /// Up block i (in up order) has cross-attention.
+    pub up_attn: Vec<bool>,
+    pub layers: Vec<usize>,
+    pub heads: Vec<usize>,
+    pub transformer_layers: Vec<usize>,
+    pub cross_dim: Vec<usize>,
+    pub groups: usize,
+    /// SDXL's `text_time` conditioning: (time-id embedding width, input width of `add_embedding`).
+    pub text_time: Option<(usize, usize)>,
+}
+
+impl UNetPlan {
+    pub fn time_embed_dim(&self) -> usize {
+        self.channels[0] * 4
+    }
+
+    /// Pixels per latent cell lost by the down path (2 per downsampler).
+    pub fn downscale(&self) -> usize {
+        1 << (self.channels.len().saturating_sub(1))
+    }
+}
+
+impl UNetConfig {
+    /// Resolves the config into per-block numbers, rejecting every option this UNet does not
+    /// implement (the message names the field).
+    pub fn plan(&self) -> Result<UNetPlan, String> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err("block_out_channels must not be empty".into());
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(format!(
+                "down_block_types ({}) and up_block_types ({}) must have one entry per block_out_channels entry ({n})",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        let down_attn = self
+            .down_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnDownBlock2D" => Ok(true),
+                "DownBlock2D" => Ok(false),
+                other => Err(format!(
+                    "down block type `{other}` is not supported (CrossAttnDownBlock2D, DownBlock2D)"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let up_attn = self
+            .up_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnUpBlock2D" => Ok(true),
+                "UpBlock2D" => Ok(false),
+                other => Err(format!(
+                    "up block type `{other}` is not supported (CrossAttnUpBlock2D, UpBlock2D)"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => {
+                return Err(format!(
+                    "mid_block_type {other:?} is not supported (UNetMidBlock2DCrossAttn)"
+                ))
+            }
+        }
+        if self.only_cross_attention != serde_json::Value::Bool(false) {
+            return Err("only_cross_attention is not supported".into());
+        }
+        let unsupported: [(bool, &str); 13] = [
+            (self.dual_cross_attention, "dual_cross_attention"),
+            (self.class_embed_type.is_some(), "class_embed_type"),
+            (self.num_class_embeds.is_some(), "num_class_embeds"),
+            (
+                self.resnet_time_scale_shift != "default",
+                "resnet_time_scale_shift",
+            ),
+            (self.resnet_skip_time_act, "resnet_skip_time_act"),
+            (
+                self.time_embedding_type != "positional",
+                "time_embedding_type",
+            ),
+            (self.time_embedding_dim.is_some(), "time_embedding_dim"),
+            (
+                self.time_embedding_act_fn.is_some(),
+                "time_embedding_act_fn",
+            ),
+            (self.timestep_post_act.is_some(), "timestep_post_act"),
+            (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim"),
+            (self.attention_type != "default", "attention_type"),
+            (self.cross_attention_norm.is_some(), "cross_attention_norm"),
+            (
+                self.encoder_hid_dim.is_some() || self.encoder_hid_dim_type.is_some(),
+                "encoder_hid_dim",
+            ),
+        ];
+        if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
+            return Err(format!(
+                "`{name}` is set; this UNet option is not supported"
+            ));
+        }
+        if self.reverse_transformer_layers_per_block.is_some() {
+            return Err("reverse_transformer_layers_per_block is not supported".into());
+        }
+        if self.act_fn != "silu" && self.act_fn != "swish" {
+            return Err(format!("act_fn `{}` is not supported (silu)", self.act_fn));
+        }
+        if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
+            return Err("conv_in_kernel and conv_out_kernel must be 3".into());
+        }
+        if self.downsample_padding > 1 {
+            return Err(format!(
+                "downsample_padding {} is not supported (0, 1)",
+                self.downsample_padding
+            ));
+        }
+        let groups = self
+            .norm_num_groups
+            .ok_or("norm_num_groups null is not supported")?;
+        let layers = self.layers_per_block.expand(n, "layers_per_block")?;
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .expand(n, "attention_head_dim")?;
+        let transformer_layers = self
+            .transformer_layers_per_block
+            .expand(n, "transformer_layers_per_block")?;
+        let cross_dim = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if groups == 0 || c % groups != 0 {
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a multiple of norm_num_groups {groups}"
+                ));
+            }
+            if heads[i] == 0 || c % heads[i] != 0 {
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a multiple of its head count {}",
+                    heads[i]
+                ));
+            }
+            if layers[i] == 0 {
+                return Err(format!("layers_per_block[{i}] must be positive"));
+            }
+        }
+        let text_time = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let t = self
+                    .addition_time_embed_dim
+                    .ok_or("addition_embed_type text_time needs addition_time_embed_dim")?;
+                let p = self.projection_class_embeddings_input_dim.ok_or(
+                    "addition_embed_type text_time needs projection_class_embeddings_input_dim",
+                )?;
+                if p < 6 * t {
+                    return Err(format!(
+                        "projection_class_embeddings_input_dim {p} is smaller than the 6 time ids × {t}"
+                    ));
+                }
+                Some((t, p))
+            }
+            Some(other) => {
+                return Err(format!(
+                    "addition_embed_type `{other}` is not supported (text_time)"
+                ))
+            }
+        };
+        Ok(UNetPlan {
+            channels: self.block_out_channels.clone(),
+            down_attn,
+            up_attn,
+            layers,
+            heads,
+            transformer_layers,
+            cross_dim,
+            groups,
+            text_time,
+        })
+    }
+}
+
+/// Sinusoidal timestep embedding exactly as diffusers' `get_timestep_embedding` computes it in
+/// f32: `exp(−ln(10⁴)·i / (half − shift))`, times t, `[sin, cos]` (flipped to `[cos, sin]`).
+pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip: bool, shift: f64) -> Vec<f32> {
+    let half = dim / 2;
+    let neg_log = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((neg_log * i as f32) / denom).exp())
+        .collect();
+    let mut out = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        let (first, second): (Vec<f32>, Vec<f32>) = if flip {
+            (
+                args.iter().map(|a| a.cos()).collect(),
+                args.iter().map(|a| a.sin()).collect(),
+            )
+        } else {
+            (
+                args.iter().map(|a| a.sin()).collect(),
+                args.iter().map(|a| a.cos()).collect(),
+            )
+        };
+        out.extend(first);
+        out.extend(second);
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    out
+}
+
+/// A norm that reads its input in f32 and returns the compute dtype.
+#[derive(Debug, Clone)]
+struct F32Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    /// `Some(groups)` for GroupNorm over `[B, C, …]`, `None` for LayerNorm over the last dim.
+    groups: Option<usize>,
+    out: DType,
+}
+
+impl F32Norm {
+    fn group(groups: usize, c: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(c, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
+            eps,
+            groups: Some(groups),
+            out: vb.dtype(),
+        })
+    }
+
+    fn layer(c: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(c, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
+            eps,
+            groups: None,
+            out: vb.dtype(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let y = match self.groups {
+            Some(g) => {
+                let c = self.weight.dim(0)?;
+                let gn = candle_nn::GroupNorm::new(
+                    self.weight.clone(),
+                    self.bias.clone(),
+                    c,
+                    g,
+                    self.eps,
+                )?;
+                gn.forward(&x)?
+            }
+            None => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?,
+        };
+        y.to_dtype(self.out)
+    }
+}
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+/// What every resnet of one UNet shares.
+#[derive(Debug, Clone, Copy)]
+struct ResnetOptions {
+    temb: usize,
+    groups: usize,
+    eps: f64,
+    /// The output is divided by this (1 everywhere in SD and SDXL).
+    out_scale: f64,
+}
+
+/// What every transformer of one UNet shares.
+#[derive(Debug, Clone, Copy)]
+struct TransformerOptions {
+    groups: usize,
+    /// `use_linear_projection`: Linear projections in/out (SD 2.x, SDXL) instead of 1×1 convs.
+    linear_projection: bool,
+    /// `upcast_attention`: attention scores computed in f32 whatever the compute dtype.
+    upcast_attention: bool,
+}
+
+/// diffusers' `ResnetBlock2D` (time embedding added after the first conv, "default" shift).
+#[derive(Debug, Clone)]
+struct Resnet {
+    norm1: F32Norm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: F32Norm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    out_scale: f64,
+}
+
+impl Resnet {
+    fn new(cin: usize, cout: usize, o: ResnetOptions, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: F32Norm::group(o.groups, cin, o.eps, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: candle_nn::linear(o.temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: F32Norm::group(o.groups, cout, o.eps, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            shortcut: if cin != cout {
+                Some(conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+            out_scale: o.out_scale,
+        })
+    }
+
+    /// `x` in the residual dtype, `temb_act` = silu(temb) in the compute dtype.
+    fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
+        let residual = x.dtype();
+        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?;
+        let h = self.conv1.forward(&h)?;
+        let t = self
+            .time_emb_proj
+            .forward(temb_act)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(&x.to_dtype(h.dtype())?)?.to_dtype(residual)?,
+            None => x.clone(),
+        };
+        let out = (skip + h.to_dtype(residual)?)?;
+        if self.out_scale == 1.0 {
+            Ok(out)
+        } else {
+            out / self.out_scale
+        }
+    }
+}
+
+/// diffusers' `Attention` with the default processor (no bias on q/k/v).
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    fn new(
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let head_dim = dim / heads;
+        let inner = head_dim * heads;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let ctx = context.unwrap_or(x);
+        let s = ctx.dim(1)?;
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.to_q.forward(x)?, l)?;
+        let k = split(self.to_k.forward(ctx)?, s)?;
+        let v = split(self.to_v.forward(ctx)?, s)?;
+        let compute = q.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Scores in the compute dtype (f32 when the config asks to upcast), softmax always in f32.
+        let (q, k) = if self.upcast {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(compute)?;
+        drop(scores);
+        let o = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.head_dim))?;
+        self.to_out.forward(&o)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each behind a
+/// LayerNorm and added into the token stream.
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: F32Norm,
+    attn1: Attention,
+    norm2: F32Norm,
+    attn2: Attention,
+    norm3: F32Norm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(
+        dim: usize,
+        heads: usize,
+        cross: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            norm1: F32Norm::layer(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(dim, dim, heads, upcast, vb.pp("attn1"))?,
+            norm2: F32Norm::layer(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(dim, cross, heads, upcast, vb.pp("attn2"))?,
+            norm3: F32Norm::layer(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: candle_nn::linear(dim, inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    /// `x` `[B, L, dim]` in the residual dtype, `context` in the compute dtype.
+    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let residual = x.dtype();
+        let a = self.attn1.forward(&self.norm1.forward(x)?, None)?;
+        let x = (x + a.to_dtype(residual)?)?;
+        let a = self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?;
+        let x = (x + a.to_dtype(residual)?)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let parts = h.chunk(2, D::Minus1)?;
+        let f = (&parts[0] * parts[1].gelu_erf()?)?;
+        let f = self.ff_out.forward(&f)?;
+        x + f.to_dtype(residual)?
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// `Transformer2DModel` over a feature map: GroupNorm, projection in, transformer blocks,
+/// projection out, plus the input.
+#[derive(Debug, Clone)]
+struct SpatialTransformer {
+    norm: F32Norm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(
+        c: usize,
+        heads: usize,
+        depth: usize,
+        cross: usize,
+        o: TransformerOptions,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let proj = |name: &str| -> candle_core::Result<Projection> {
+            Ok(if o.linear_projection {
+                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv(c, c, 1, 1, 0, vb.pp(name))?)
+            })
+        };
+        Ok(Self {
+            norm: F32Norm::group(o.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..depth)
+                .map(|i| {
+                    TransformerBlock::new(
+                        c,
+                        heads,
+                        cross,
+                        o.upcast_attention,
+                        vb.pp("transformer_blocks").pp(i),
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let residual = x.dtype();
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let tokens = match &self.proj_in {
+            Projection::Linear(p) => p.forward(&to_tokens(&n)?)?,
+            Projection::Conv(p) => to_tokens(&p.forward(&n)?)?,
+        };
+        drop(n);
+        let mut tokens = tokens.to_dtype(residual)?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let compute = context.dtype();
+        let tokens = tokens.to_dtype(compute)?;
+        let to_map = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
+            Projection::Conv(p) => p.forward(&to_map(&tokens)?)?,
+        };
+        out.to_dtype(residual)? + x
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<Resnet>,
+    attentions: Vec<SpatialTransformer>,
+    downsample: Option<Conv2d>,
+    downsample_pad: bool,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    attentions: Vec<SpatialTransformer>,
+    upsample: Option<Conv2d>,
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet0: Resnet,
+    attention: SpatialTransformer,
+    resnet1: Resnet,
+}
+
+/// Weights and matmuls in `compute`, the hidden state between layers in `residual`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UNetPrecision {
+    pub compute: DType,
+    pub residual: DType,
+}
+
+/// SDXL's additional conditioning: pooled text embedding `[B, D]` and the six size/crop ids
+/// `[B, 6]` (original h, w, crop top, left, target h, w).
+#[derive(Debug, Clone)]
+pub struct TextTime<'a> {
+    pub text_embeds: &'a Tensor,
+    pub time_ids: &'a Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct UNet {
+    plan: UNetPlan,
+    center_input: bool,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    add_linear: Option<(Linear, Linear)>,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: F32Norm,
+    conv_out: Conv2d,
+    precision: UNetPrecision,
+}
+
+impl UNet {
+    /// `vb` in the compute dtype, rooted at the UNet's weight file.
+    pub fn new(
+        cfg: &UNetConfig,
+        vb: VarBuilder,
+        precision: UNetPrecision,
+    ) -> candle_core::Result<Self> {
+        let plan = cfg.plan().map_err(candle_core::Error::msg)?;
+        let n = plan.channels.len();
+        let ch = &plan.channels;
+        let temb = plan.time_embed_dim();
+        let ro = ResnetOptions {
+            temb,
+            groups: plan.groups,
+            eps: cfg.norm_eps,
+            out_scale: cfg.resnet_out_scale_factor,
+        };
+        let to = TransformerOptions {
+            groups: plan.groups,
+            linear_projection: cfg.use_linear_projection,
+            upcast_attention: cfg.upcast_attention,
+        };
+
+        let conv_in = conv(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
+        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let add_linear = match plan.text_time {
+            Some((_, p)) => Some((
+                candle_nn::linear(p, temb, vb.pp("add_embedding.linear_1"))?,
+                candle_nn::linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+            )),
+            None => None,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb = vb.pp("down_blocks").pp(i);
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let resnets = (0..plan.layers[i])
+                .map(|j| {
+                    let c = if j == 0 { cin } else { ch[i] };
+                    Resnet::new(c, ch[i], ro, vb.pp("resnets").pp(j))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = if plan.down_attn[i] {
+                (0..plan.layers[i])
+                    .map(|j| {
+                        SpatialTransformer::new(
+                            ch[i],
+                            plan.heads[i],
+                            plan.transformer_layers[i],
+                            plan.cross_dim[i],
+                            to,
+                            vb.pp("attentions").pp(j),
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let downsample = if i + 1 < n {
+                Some(conv(
+                    ch[i],
+                    ch[i],
+                    3,
+                    2,
+                    cfg.downsample_padding,
+                    vb.pp("downsamplers.0.conv"),
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+                downsample_pad: cfg.downsample_padding == 0,
+            });
+        }
+
+        let top = ch[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mro = ResnetOptions {
+            out_scale: cfg.mid_block_scale_factor,
+            ..ro
+        };
+        let mid = MidBlock {
+            resnet0: Resnet::new(top, top, mro, mvb.pp("resnets.0"))?,
+            attention: SpatialTransformer::new(
+                top,
+                plan.heads[n - 1],
+                plan.transformer_layers[n - 1],
+                plan.cross_dim[n - 1],
+                to,
+                mvb.pp("attentions.0"),
+            )?,
+            resnet1: Resnet::new(top, top, mro, mvb.pp("resnets.1"))?,
+        };
+
+        // Up blocks walk the down blocks in reverse; per-block lists are reversed with them.
+        let rev = |v: &Vec<usize>| -> Vec<usize> { v.iter().rev().copied().collect() };
+        let (rch, rlayers, rheads, rtl, rcross) = (
+            rev(ch),
+            rev(&plan.layers),
+            rev(&plan.heads),
+            rev(&plan.transformer_layers),
+            rev(&plan.cross_dim),
+        );
+        let mut up = Vec::with_capacity(n);
+        let mut prev = rch[0];
+        for i in 0..n {
+            let vb = vb.pp("up_blocks").pp(i);
+            let out = rch[i];
+            let input = rch[(i + 1).min(n - 1)];
+            let count = rlayers[i] + 1;
+            let resnets = (0..count)
+                .map(|j| {
+                    let skip = if j == count - 1 { input } else { out };
+                    let rin = if j == 0 { prev } else { out };
+                    Resnet::new(rin + skip, out, ro, vb.pp("resnets").pp(j))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = if plan.up_attn[i] {
+                (0..count)
+                    .map(|j| {
+                        SpatialTransformer::new(
+                            out,
+                            rheads[i],
+                            rtl[i],
+                            rcross[i],
+                            to,
+                            vb.pp("attentions").pp(j),
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            let upsample = if i + 1 < n {
+                Some(conv(out, out, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
+            prev = out;
+        }
+
+        Ok(Self {
+            center_input: cfg.center_input_sample,
+            flip_sin_to_cos: cfg.flip_sin_to_cos,
+            freq_shift: cfg.freq_shift,
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            add_linear,
+            down,
+            mid,
+            up,
+            norm_out: F32Norm::group(plan.groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            plan,
+            precision,
+        })
+    }
+
+    pub fn plan(&self) -> &UNetPlan {
+        &self.plan
+    }
+
+    pub fn precision(&self) -> UNetPrecision {
+        self.precision
+    }
+
+    /// The time embedding (plus SDXL's text/size embedding) in the compute dtype: `[B, temb]`.
+    fn embedding(
+        &self,
+        timesteps: &[f32],
+        text_time: Option<&TextTime<'_>>,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let b = timesteps.len();
+        let c0 = self.plan.channels[0];
+        let compute = self.precision.compute;
+        let t = timestep_embedding(timesteps, c0, self.flip_sin_to_cos, self.freq_shift);
+        let t = Tensor::from_vec(t, (b, c0), dev)?.to_dtype(compute)?;
+        let emb = self
+            .time_linear_2
+            .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&t)?)?)?;
+        match (&self.add_linear, self.plan.text_time, text_time) {
+            (Some((l1, l2)), Some((tdim, _)), Some(tt)) => {
+                let ids: Vec<f32> = tt
+                    .time_ids
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let n_ids = ids.len() / b.max(1);
+                let te = timestep_embedding(&ids, tdim, self.flip_sin_to_cos, self.freq_shift);
+                let te = Tensor::from_vec(te, (b, n_ids * tdim), dev)?;
+                let add = Tensor::cat(&[&tt.text_embeds.to_dtype(DType::F32)?, &te], D::Minus1)?
+                    .to_dtype(compute)?;
+                let aug = l2.forward(&candle_nn::ops::silu(&l1.forward(&add)?)?)?;
+                emb + aug
+            }
+            (Some(_), _, None) => candle_core::bail!(
+                "this UNet (addition_embed_type text_time) needs the pooled text embedding and time ids"
+            ),
+            _ => Ok(emb),
+        }
+    }
+
+    /// One UNet call: `sample` `[B, C, h, w]`, one timestep per batch row, `context`
+    /// `[B, L, cross_attention_dim]`. Returns the model output in f32.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+        text_time: Option<&TextTime<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, _, _) = sample.dims4()?;
+        if timesteps.len() != b {
+            candle_core::bail!("{} timesteps for a batch of {b}", timesteps.len());
+        }
+        let dev = sample.device();
+        let UNetPrecision { compute, residual } = self.precision;
+        let emb = self.embedding(timesteps, text_time, dev)?;
+        let temb_act = candle_nn::ops::silu(&emb)?;
+        drop(emb);
+        let context = context.to_dtype(compute)?;
+
+        let x = if self.center_input {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut h = self
+            .conv_in
+            .forward(&x.to_dtype(compute)?)?
+            .to_dtype(residual)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down {
+            for (j, r) in block.resnets.iter().enumerate() {
+                h = r.forward(&h, &temb_act)?;
+                if let Some(a) = block.attentions.get(j) {
+                    h = a.forward(&h, &context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(d) = &block.downsample {
+                let mut c = h.to_dtype(compute)?;
+                if block.downsample_pad {
+                    c = c.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+                }
+                h = d.forward(&c)?.to_dtype(residual)?;
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid.resnet0.forward(&h, &temb_act)?;
+        h = self.mid.attention.forward(&h, &context)?;
+        h = self.mid.resnet1.forward(&h, &temb_act)?;
+
+        for block in &self.up {
+            for (j, r) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::msg("UNet skip connections exhausted"))?;
+                h = Tensor::cat(&[&h, &skip], 1)?;
+                drop(skip);
+                h = r.forward(&h, &temb_act)?;
+                if let Some(a) = block.attentions.get(j) {
+                    h = a.forward(&h, &context)?;
+                }
+            }
+            if let Some(u) = &block.upsample {
+                // To the size of the skip it meets next: ×2, or the odd size the down path
+                // rounded up (diffusers' `upsample_size`).
+                let (th, tw) = match skips.last() {
+                    Some(s) => {
+                        let (_, _, sh, sw) = s.dims4()?;
+                        (sh, sw)
+                    }
+                    None => {
+                        let (_, _, hh, ww) = h.dims4()?;
+                        (hh * 2, ww * 2)
+                    }
+                };
+                let c = upsample_nearest(&h.to_dtype(compute)?, th, tw)?;
+                h = u.forward(&c)?.to_dtype(residual)?;
+            }
+        }
+        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)?.to_dtype(DType::F32)
+    }
+}
+
+/// Nearest-neighbour resize with PyTorch's index rule `floor(dst · (in/out))` in f32, which for
+/// an exact doubling is `dst / 2`.
+fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if th == 2 * h && tw == 2 * w {
+        return x.upsample_nearest2d(th, tw);
+    }
+    let index = |src: usize, dst: usize| -> Vec<u32> {
+        let scale = src as f32 / dst as f32;
+        (0..dst)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(src - 1) as u32)
+            .collect()
+    };
+    let dev = x.device();
+    let iy = Tensor::new(index(h, th).as_slice(), dev)?;
+    let ix = Tensor::new(index(w, tw).as_slice(), dev)?;
+    x.index_select(&iy, 2)?.index_select(&ix, 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_block_values_expand() {
+        assert_eq!(PerBlock::One(2).expand(3, "x").unwrap(), vec![2, 2, 2]);
+        assert!(PerBlock::Many(vec![1, 2]).expand(3, "x").is_err());
+    }
+
+    #[test]
+    fn timestep_embedding_is_cos_then_sin() {
+        let e = timestep_embedding(&[0.0], 8, true, 0.0);
+        assert_eq!(&e[..4], &[1.0; 4]);
+        assert_eq!(&e[4..], &[0.0; 4]);
+        let e = timestep_embedding(&[1.0], 4, false, 1.0);
+        // freqs exp(-ln(1e4)·i / (2 − 1)) = [1, 1e-4]
+        assert!((e[0] - 1f32.sin()).abs() < 1e-7 && (e[1] - 1e-4f32.sin()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn nearest_resize_follows_torch_indices() {
+        let x = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let y = upsample_nearest(&x, 3, 5).unwrap();
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        // rows [0, 0, 1], cols [0, 0, 1, 1, 2]
+        assert_eq!(
+            v,
+            vec![0., 0., 1., 1., 2., 0., 0., 1., 1., 2., 3., 3., 4., 4., 5.]
+        );
+    }
+
+    #[test]
+    fn rejects_unsupported_options_by_name() {
+        let mut cfg: UNetConfig = serde_json::from_str("{}").unwrap();
+        cfg.class_embed_type = Some("timestep".into());
+        assert!(cfg.plan().unwrap_err().contains("class_embed_type"));
+        let cfg: UNetConfig =
+            serde_json::from_str(r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D","DownBlock2D","DownBlock2D","DownBlock2D"]}"#).unwrap();
+        assert!(cfg
+            .plan()
+            .unwrap_err()
+            .contains("SimpleCrossAttnDownBlock2D"));
+    }
+}
