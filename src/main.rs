@@ -196,7 +196,12 @@ fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> 
         memory_budget: args.memory_budget,
         faults,
     };
-    Ok(Engine::new(family, resolved.name, probe, config))
+    let engine = Engine::new(family, resolved.name, probe, config);
+    Ok(if resolved.demo {
+        engine.with_defaults(catalog::DEMO_DEFAULTS)
+    } else {
+        engine
+    })
 }
 
 /// Opens the device, finds the model, builds the engine.

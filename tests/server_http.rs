@@ -42,10 +42,11 @@ fn page_info_models_and_enhance() {
     assert_eq!(m["name"], "demo");
     assert_eq!(m["family"], "z-image");
     assert_eq!(m["demo"], true);
-    // f32 defaults arrive as the decimals the model states (1.8, not 1.7999999523…).
+    // f32 defaults arrive as the decimals the model states (1.8, not 1.7999999523…); the demo
+    // keeps Z-Image's steps and CFG at 512² (its images are noise: no need to wait for 1024²).
     assert_eq!(
         m["defaults"],
-        json!({"width": 1024, "height": 1024, "steps": 8, "cfg": 1.8})
+        json!({"width": 512, "height": 512, "steps": 8, "cfg": 1.8})
     );
     assert_eq!(m["limits"]["width"], json!([64, 2048]));
     assert_eq!(m["limits"]["steps"], json!([1, 100]));

@@ -283,6 +283,8 @@ pub struct Engine {
     config: EngineConfig,
     base_policy: PrecisionPolicy,
     tags: Option<Arc<Tags>>,
+    /// The family's facts, with the model's own defaults where they differ (the demo's size).
+    info: FamilyInfo,
 }
 
 impl Engine {
@@ -296,7 +298,9 @@ impl Engine {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
         let base_policy = family.policy();
+        let info = family.info().clone();
         Self {
+            info,
             family,
             model_name: model_name.into(),
             probe,
@@ -313,7 +317,13 @@ impl Engine {
     }
 
     pub fn info(&self) -> &FamilyInfo {
-        self.family.info()
+        &self.info
+    }
+
+    /// Overrides the model's default size/steps/CFG (a model-level fact, e.g. the demo's).
+    pub fn with_defaults(mut self, defaults: crate::families::Defaults) -> Self {
+        self.info.defaults = defaults;
+        self
     }
 
     pub fn model_name(&self) -> &str {
@@ -370,14 +380,14 @@ impl Engine {
 
     /// The largest batch the default size fits (the server's start-up figure).
     pub fn max_batch(&self) -> u32 {
-        let d = self.family.info().defaults;
+        let d = self.info.defaults;
         planner::max_batch(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto))
     }
 
     /// Loads what the performance plan keeps resident, so the first job does not pay for it and a
     /// broken model folder fails at start-up rather than on the first request.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
-        let d = self.family.info().defaults;
+        let d = self.info.defaults;
         let plan =
             planner::plan(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto));
         for (c, r) in [
@@ -401,7 +411,7 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         let started = Instant::now();
         self.probe.reset_peak();
-        let info = self.family.info().clone();
+        let info = self.info.clone();
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());

@@ -51,6 +51,15 @@ pub const CATALOG: &[CatalogEntry] = &[
 /// The model compiled into the binary: the tiny random-weight Z-Image test fixture.
 pub const DEMO: &str = "demo";
 
+/// The demo's defaults: Z-Image's 8 steps and CFG 1.8, but 512² — its images are noise anyway, and
+/// on a CPU 512² takes seconds where 1024² takes most of a minute.
+pub const DEMO_DEFAULTS: Defaults = Defaults {
+    width: 512,
+    height: 512,
+    steps: 8,
+    cfg: 1.8,
+};
+
 pub fn entry(name: &str) -> Option<&'static CatalogEntry> {
     CATALOG
         .iter()
@@ -209,7 +218,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
         size_bytes: Some(DEMO_FILES.iter().map(|(_, b)| b.len() as u64).sum()),
         demo: true,
         path: None,
-        defaults: Some(z_image::DEFAULTS),
+        defaults: Some(DEMO_DEFAULTS),
         description:
             "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
                 .into(),
