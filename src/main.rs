@@ -1,6 +1,8 @@
 //! The `zturbo` command: `serve` the web UI, `generate` one image from the terminal, `pull` a
 //! model from the Hugging Face hub, list `models`.
 
+mod soak;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,6 +72,8 @@ enum Command {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
         name: String,
     },
+    /// Runs many random jobs through a real server with injected faults and audits the results.
+    Soak(soak::SoakArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
@@ -162,6 +166,7 @@ fn main() {
         Command::Generate(args) => generate(*args),
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
+        Command::Soak(args) => soak::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -97,14 +97,14 @@ fn decode_checked(
     loop {
         run.vae_attempts += 1;
         let mut out = attempt(family, raised)?;
-        if run.faults.vae_black(run.vae_attempts) {
+        if run.faults.vae_black(run.vae_attempts, run.salt) {
             tracing::warn!(
                 attempt = run.vae_attempts,
                 "fault injection: VAE output set to black"
             );
             out = (out.zeros_like()? - 1.0)?;
         }
-        if run.faults.vae_nan(run.vae_attempts) {
+        if run.faults.vae_nan(run.vae_attempts, run.salt) {
             tracing::warn!(
                 attempt = run.vae_attempts,
                 "fault injection: VAE output set to NaN"

@@ -37,7 +37,7 @@ pub(crate) fn denoise(
                 cfg: *cfg,
             };
             let mut d = family.predict(&x, cond, step)?;
-            if run.faults.denoiser_nan(i + 1, attempt) {
+            if run.faults.denoiser_nan(i + 1, attempt, run.salt) {
                 tracing::warn!(
                     step = i + 1,
                     attempt,

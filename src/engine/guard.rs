@@ -48,6 +48,10 @@ pub enum FaultSpec {
     /// A constant (black) image from the VAE on the first `attempts` decodes (`None` = all):
     /// finite, so only the black-image check can catch it.
     VaeBlack { attempts: Option<u32> },
+    /// Soak testing: every denoiser attempt and every decode is poisoned (NaN) with probability
+    /// `rate`, and every decode comes out black with probability `rate / 2` — decided by a hash of
+    /// (seed, the job's seed, where), so a run is reproducible.
+    Random { rate: f64, seed: u64 },
 }
 
 /// The faults to inject in this process (`ZTURBO_FAULT`), for tests and soak runs.
@@ -67,13 +71,15 @@ impl FaultPlan {
 
     /// Syntax: `denoiser-nan@step=3,attempts=2`, `denoiser-nan@step=3,attempts=all`, `vae-nan`
     /// (first decode attempt), `vae-nan@attempts=all`, `vae-black` (first decode, a constant
-    /// image); several separated by `;`.
+    /// image), `random@rate=0.05,seed=1`; several separated by `;`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut specs = Vec::new();
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (kind, args) = part.split_once('@').unwrap_or((part, ""));
             let mut step = None;
             let mut attempts = Some(1);
+            let mut rate = None;
+            let mut seed = 0u64;
             for kv in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
                 let (k, v) = kv
                     .split_once('=')
@@ -97,6 +103,20 @@ impl FaultPlan {
                             })?)
                         }
                     }
+                    "rate" => {
+                        let r: f64 = v
+                            .parse()
+                            .map_err(|_| format!("ZTURBO_FAULT: rate `{v}` is not a number"))?;
+                        if !(0.0..=1.0).contains(&r) {
+                            return Err(format!("ZTURBO_FAULT: rate {r} is not between 0 and 1"));
+                        }
+                        rate = Some(r);
+                    }
+                    "seed" => {
+                        seed = v
+                            .parse()
+                            .map_err(|_| format!("ZTURBO_FAULT: seed `{v}` is not a number"))?
+                    }
                     other => {
                         return Err(format!("ZTURBO_FAULT: unknown key `{other}` in `{part}`"))
                     }
@@ -110,9 +130,13 @@ impl FaultPlan {
                 }),
                 "vae-nan" => specs.push(FaultSpec::VaeNan { attempts }),
                 "vae-black" => specs.push(FaultSpec::VaeBlack { attempts }),
+                "random" => specs.push(FaultSpec::Random {
+                    rate: rate.ok_or_else(|| format!("ZTURBO_FAULT: `{part}` needs rate=R"))?,
+                    seed,
+                }),
                 other => {
                     return Err(format!(
-                        "ZTURBO_FAULT: unknown fault `{other}` (denoiser-nan, vae-nan, vae-black)"
+                        "ZTURBO_FAULT: unknown fault `{other}` (denoiser-nan, vae-nan, vae-black, random)"
                     ))
                 }
             }
@@ -125,32 +149,47 @@ impl FaultPlan {
     }
 
     /// Should the denoiser output at `step` (1-based), attempt `attempt` (1-based), be poisoned?
-    pub fn denoiser_nan(&self, step: usize, attempt: u32) -> bool {
+    /// `salt` identifies the job (its seed) for the random faults.
+    pub fn denoiser_nan(&self, step: usize, attempt: u32, salt: u64) -> bool {
         self.specs.iter().any(|s| match s {
             FaultSpec::DenoiserNan { step: at, attempts } => {
                 *at == step && attempts.is_none_or(|n| attempt <= n)
+            }
+            FaultSpec::Random { rate, seed } => {
+                chance(*seed, salt, 1, step as u64, attempt) < *rate
             }
             _ => false,
         })
     }
 
     /// Should decode attempt `attempt` (1-based, counted per job) be poisoned?
-    pub fn vae_nan(&self, attempt: u32) -> bool {
+    pub fn vae_nan(&self, attempt: u32, salt: u64) -> bool {
         self.specs.iter().any(|s| match s {
             FaultSpec::VaeNan { attempts } => attempts.is_none_or(|n| attempt <= n),
+            FaultSpec::Random { rate, seed } => chance(*seed, salt, 2, 0, attempt) < *rate,
+            _ => false,
+        })
+    }
+
+    /// Should decode attempt `attempt` (1-based, per job) come out as a constant image?
+    pub fn vae_black(&self, attempt: u32, salt: u64) -> bool {
+        self.specs.iter().any(|s| match s {
+            FaultSpec::VaeBlack { attempts } => attempts.is_none_or(|n| attempt <= n),
+            FaultSpec::Random { rate, seed } => chance(*seed, salt, 3, 0, attempt) < rate / 2.0,
             _ => false,
         })
     }
 }
 
-impl FaultPlan {
-    /// Should decode attempt `attempt` (1-based, per job) come out as a constant image?
-    pub fn vae_black(&self, attempt: u32) -> bool {
-        self.specs.iter().any(|s| match s {
-            FaultSpec::VaeBlack { attempts } => attempts.is_none_or(|n| attempt <= n),
-            _ => false,
-        })
-    }
+/// A uniform number in [0, 1) from a hash of where a fault could strike.
+fn chance(seed: u64, salt: u64, kind: u64, step: u64, attempt: u32) -> f64 {
+    let mut rng = crate::families::rng::NoiseRng::new(
+        seed ^ salt.rotate_left(17)
+            ^ kind.rotate_left(41)
+            ^ step.rotate_left(7)
+            ^ u64::from(attempt),
+    );
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Replaces a tensor's values by NaN (same shape, dtype and device).
@@ -176,11 +215,18 @@ mod tests {
                 FaultSpec::VaeNan { attempts: Some(1) }
             ]
         );
-        assert!(p.denoiser_nan(3, 1) && p.denoiser_nan(3, 2) && !p.denoiser_nan(3, 3));
-        assert!(!p.denoiser_nan(2, 1));
-        assert!(p.vae_nan(1) && !p.vae_nan(2));
+        assert!(p.denoiser_nan(3, 1, 0) && p.denoiser_nan(3, 2, 0) && !p.denoiser_nan(3, 3, 0));
+        assert!(!p.denoiser_nan(2, 1, 0));
+        assert!(p.vae_nan(1, 0) && !p.vae_nan(2, 0));
         let all = FaultPlan::parse("denoiser-nan@step=1,attempts=all").unwrap();
-        assert!(all.denoiser_nan(1, 99));
+        assert!(all.denoiser_nan(1, 99, 0));
+        // Random faults strike at about their rate, reproducibly.
+        let r = FaultPlan::parse("random@rate=0.1,seed=3").unwrap();
+        let hits = (0..10_000u64).filter(|&j| r.denoiser_nan(1, 1, j)).count();
+        assert!((800..1200).contains(&hits), "{hits}");
+        assert_eq!(r.denoiser_nan(4, 2, 77), r.denoiser_nan(4, 2, 77));
+        assert!(FaultPlan::parse("random@rate=2").is_err());
+        assert!(FaultPlan::parse("random").is_err());
     }
 
     #[test]

@@ -207,6 +207,8 @@ pub(crate) struct RunState<'a> {
     pub notices: Vec<Notice>,
     /// Decode attempts so far in this job (fault specs count them).
     pub vae_attempts: u32,
+    /// Identifies the job to random fault injection (its seed).
+    pub salt: u64,
 }
 
 impl<'a> RunState<'a> {
@@ -223,6 +225,7 @@ impl<'a> RunState<'a> {
             tags,
             notices: Vec::new(),
             vae_attempts: 0,
+            salt: 0,
         }
     }
 
@@ -415,6 +418,7 @@ impl Engine {
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
+        run.salt = req.seed;
         let result = self.generate_inner(req, extras, &info, &mut run, started);
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
