@@ -189,7 +189,18 @@ fn batch_writes_numbered_files_with_consecutive_seeds_and_reruns_from_png() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let px = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
-    assert_eq!(px(&second), px(&alone));
+    // Equal up to rounding: a batch of 2 runs the matmuls at another shape (other blocking), so
+    // the latents may differ in the last bits and a pixel can land on the other side of .5.
+    let worst = px(&second)
+        .iter()
+        .zip(px(&alone))
+        .map(|(a, b)| (*a as i16 - b as i16).abs())
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "batch item 2 and its seed alone differ by {worst} levels"
+    );
     // …and from its PNG's parameters (prompt as enhanced, seed, size, steps, cfg).
     let again = d.join("again.png");
     let o = zturbo(

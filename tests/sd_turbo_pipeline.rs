@@ -207,46 +207,42 @@ fn f16_vae_overflow_falls_back_to_f32() {
     );
 }
 
-/// The low-memory plan decodes in overlapping tiles; for this VAE the blended result stays close to
-/// the whole decode (random weights give it a wide receptive field, so seams are not invisible,
-/// but there are no tile-edge artefacts beyond a few levels on average).
+/// The engine's tiled decode (what low-memory plans use when the whole decode would set their peak)
+/// on this VAE stays close to the whole decode: tiles share whole-image GroupNorm statistics, so
+/// the difference is a small, even offset rather than seams.
 #[test]
 fn tiled_decode_works_for_the_sd_vae() {
-    let req_full = request(384, MemoryMode::Performance);
-    let req_low = request(384, MemoryMode::Low);
     let mut e = engine(PrecisionPolicy::F32);
     let full = e
         .generate(
-            &req_full,
+            &request(384, MemoryMode::Performance),
             &RunExtras::default(),
             &mut NullObserver,
             &CancelToken::new(),
         )
         .unwrap();
     assert!(full.plan.vae_tiling.is_none());
-    let tiled = e
-        .generate(
-            &req_low,
-            &RunExtras::default(),
-            &mut NullObserver,
-            &CancelToken::new(),
-        )
-        .unwrap();
-    let tiling = tiled.plan.vae_tiling.expect("low mode tiles the decode");
-    assert!(tiling.tile_latent < 48, "{tiling:?}");
-    assert_eq!(
-        max_abs_diff(&full.latents, &tiled.latents),
-        0.0,
-        "same noise, same latents"
-    );
-    let (a, b) = (&full.images[0].rgb, &tiled.images[0].rgb);
+    let tiling = zturbo::memory::planner::DEFAULT_VAE_TILING;
+    let whole = e.family_mut().decode(&full.latents).unwrap();
+    let tiled =
+        zturbo::engine::decode::decode_image(e.family_mut(), &full.latents, Some(tiling)).unwrap();
+    assert_eq!(whole.dims(), tiled.dims());
+    let to_levels = |t: &Tensor| -> Vec<f64> {
+        ((t / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|v| (v * 255.0).round() as f64)
+            .collect()
+    };
+    let (a, b) = (to_levels(&whole), to_levels(&tiled));
     assert_eq!(a.len(), 384 * 384 * 3);
-    let mean = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64;
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64;
     eprintln!("tiled vs whole decode: mean |diff| = {mean:.3} levels");
     assert!(
         mean < 4.0,

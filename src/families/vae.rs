@@ -2,7 +2,7 @@
 //! config from `vae/config.json`, diffusers tensor names (new and legacy attention names), and a
 //! forward that frees each feature map as soon as the next one exists.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -105,12 +105,148 @@ impl VaeConfig {
     }
 }
 
-fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
+/// A decoder convolution (k×k, stride 1, padding k/2, with bias). 3×3 convolutions of f32 tensors on
+/// the CPU run as [`Conv3x3Taps`] (no im2col at all); everything else through candle's `conv2d` in
+/// row bands ([`conv_banded`]).
+#[derive(Debug, Clone)]
+struct Conv(Conv2d);
+
+fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
     let cfg = Conv2dConfig {
         padding: k / 2,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Ok(Conv(candle_nn::conv2d(cin, cout, k, cfg, vb)?))
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.0.weight();
+        match self.0.bias() {
+            Some(b)
+                if x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && w.dtype() == DType::F32
+                    && b.dtype() == DType::F32
+                    && w.dims()[2..] == [3, 3] =>
+            {
+                x.contiguous()?
+                    .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Conv3x3Taps)
+            }
+            _ => conv_banded(&self.0, x),
+        }
+    }
+}
+
+/// 3×3 convolution, stride 1, padding 1, f32 on the CPU, as nine matrix products accumulated in
+/// place: output `[c_out, y·(W+2) + x]` += `w[:, :, kh, kw]` · (the zero-padded input, flattened with
+/// row length W+2, read from offset `kh·(W+2) + kw`). Each tap's input is a strided view of one padded
+/// copy, so no im2col matrix is built; the two extra columns per row are dropped at the end.
+/// candle's CPU `conv2d` builds im2col tiles with strided scalar copies and reached about a third of
+/// its matmul rate on the VAE's shapes (benches/compare, "Profile").
+struct Conv3x3Taps;
+
+impl CustomOp3 for Conv3x3Taps {
+    fn name(&self) -> &'static str {
+        "conv3x3-taps"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) = (
+            xl.contiguous_offsets(),
+            wl.contiguous_offsets(),
+            bl.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("conv3x3-taps: inputs must be contiguous");
+        };
+        let x = &xs.as_slice::<f32>()?[x0..x1];
+        let wt = &ws.as_slice::<f32>()?[w0..w1];
+        let bias = &bs.as_slice::<f32>()?[b0..b1];
+        let (n, c_in, h, w) = xl.shape().dims4()?;
+        let (c_out, wc_in, kh, kw) = wl.shape().dims4()?;
+        if wc_in != c_in || (kh, kw) != (3, 3) || bias.len() != c_out {
+            candle_core::bail!(
+                "conv3x3-taps: input {:?}, weight {:?}, bias {:?}",
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        let row = w + 2;
+        // One zero row above, two below: the second keeps the last tap's view of the last row
+        // (which reads two elements past the padded image) inside the buffer.
+        let plane = (h + 3) * row;
+        let cols = h * row;
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut out = vec![0f32; n * c_out * h * w];
+        let mut padded = vec![0f32; c_in * plane];
+        let mut acc = vec![0f32; c_out * cols];
+        for item in 0..n {
+            let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
+            for c in 0..c_in {
+                for y in 0..h {
+                    let at = c * plane + (y + 1) * row + 1;
+                    padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
+                }
+            }
+            for (c, b) in bias.iter().enumerate() {
+                acc[c * cols..(c + 1) * cols].fill(*b);
+            }
+            for tap in 0..9 {
+                let offset = (tap / 3) * row + tap % 3;
+                // SAFETY: dst is `acc`, c_out rows of `cols` elements (row stride cols, column stride
+                // 1). lhs element (o, i) is wt[o·9·c_in + i·9 + tap] < wt.len() = c_out·c_in·9. rhs
+                // element (i, j) is padded[offset + i·plane + j] with offset ≤ 2·row + 2 and
+                // j < h·row, so the index is at most (c_in − 1)·plane + (h + 2)·row + 1, which is
+                // below c_in·plane because plane = (h + 3)·row and row ≥ 2. The three buffers do not
+                // overlap.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        cols,
+                        c_in,
+                        acc.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        true,
+                        wt.as_ptr().add(tap),
+                        9,
+                        (9 * c_in) as isize,
+                        padded.as_ptr().add(offset),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
+            }
+            let dst = &mut out[item * c_out * h * w..(item + 1) * c_out * h * w];
+            for c in 0..c_out {
+                for y in 0..h {
+                    let from = c * cols + y * row;
+                    dst[(c * h + y) * w..(c * h + y + 1) * w].copy_from_slice(&acc[from..from + w]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
+    }
 }
 
 /// Largest im2col buffer one convolution call may build, in elements. candle lowers a convolution
@@ -231,10 +367,10 @@ impl GroupNorm {
 #[derive(Debug, Clone)]
 struct Resnet {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: Conv,
+    shortcut: Option<Conv>,
 }
 
 impl Resnet {
@@ -254,11 +390,11 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let mut h = candle_nn::ops::silu(&self.norm1.forward(x, ctx)?)?;
-        h = conv_banded(&self.conv1, &h)?;
+        h = self.conv1.forward(&h)?;
         h = candle_nn::ops::silu(&self.norm2.forward(&h, ctx)?)?;
-        h = conv_banded(&self.conv2, &h)?;
+        h = self.conv2.forward(&h)?;
         match &self.shortcut {
-            Some(s) => conv_banded(s, x)? + h,
+            Some(s) => s.forward(x)? + h,
             None => x + h,
         }
     }
@@ -347,19 +483,19 @@ impl SpatialAttention {
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<Resnet>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv>,
 }
 
 /// The decoder half of AutoencoderKL (plus `post_quant_conv` when the config has it).
 #[derive(Debug, Clone)]
 pub struct VaeDecoder {
-    post_quant_conv: Option<Conv2d>,
-    conv_in: Conv2d,
+    post_quant_conv: Option<Conv>,
+    conv_in: Conv,
     mid_resnets: [Resnet; 2],
     mid_attention: Option<SpatialAttention>,
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
     dtype: DType,
 }
 
@@ -439,7 +575,7 @@ impl VaeDecoder {
         if let Some(pq) = &self.post_quant_conv {
             h = h.apply(pq)?;
         }
-        h = conv_banded(&self.conv_in, &h)?;
+        h = self.conv_in.forward(&h)?;
         h = self.mid_resnets[0].forward(&h, ctx)?;
         if let Some(a) = &self.mid_attention {
             h = a.forward(&h, ctx)?;
@@ -474,11 +610,11 @@ impl VaeDecoder {
             if let Some(up) = &block.upsample {
                 let (_, _, hh, ww) = h.dims4()?;
                 h = h.upsample_nearest2d(hh * 2, ww * 2)?;
-                h = conv_banded(up, &h)?;
+                h = up.forward(&h)?;
             }
         }
         h = candle_nn::ops::silu(&self.norm_out.forward(&h, ctx)?)?;
-        h = conv_banded(&self.conv_out, &h)?;
+        h = self.conv_out.forward(&h)?;
         h.to_dtype(DType::F32)
     }
 }
@@ -516,5 +652,36 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-4, "k={k}: {d}");
         }
+    }
+
+    /// The tap-wise 3×3 convolution against candle's `conv2d` (im2col), which the parity tests in
+    /// turn check against PyTorch: batch 2, non-square, channel counts that differ.
+    #[test]
+    fn conv3x3_taps_matches_candle_conv2d() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (n, c_in, c_out, h, w) in [(2, 5, 7, 6, 9), (1, 16, 8, 1, 1), (1, 3, 4, 13, 2)] {
+            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let reference = Conv2d::new(wt.clone(), Some(b.clone()), cfg);
+            let want = reference.forward(&x)?;
+            let got = Conv(reference).forward(&x)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-4,
+                "max |diff| {diff} for {:?}",
+                (n, c_in, c_out, h, w)
+            );
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Drives the zturbo-vs-diffusers comparison (run.sh calls it with the venv's python).
+
+For each case it starts both sides once (model loaded, as a server would hold it), checks that they
+compute the same thing (final latents and image from the same initial noise), runs one warm-up each,
+then R rounds of one run per side, alternating which side goes first (ABBA...), so a slow spell of a
+shared machine falls on both. Prints a markdown table per case and, last, the machine-readable
+`summary:` line for medium@512.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+
+CASES = {
+    "tiny@128": ("tiny", 128),
+    "medium@256": ("medium", 256),
+    "medium@512": ("medium", 512),
+}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Side:
+    """One long-lived benchmark process speaking the line protocol (`run [dir]` -> one JSON line)."""
+
+    def __init__(self, name, cmd, env):
+        self.name = name
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1, cwd=REPO
+        )
+        self.ready = self._read()
+
+    def _read(self):
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit(f"{self.name}: the benchmark process exited (code {self.proc.wait()})")
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def run(self, save_dir=None):
+        self.proc.stdin.write("run" + (f" {save_dir}" if save_dir else "") + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def read_latents(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)["latents"].astype("float64")
+
+
+def check_outputs(dz, dd):
+    import numpy as np
+
+    lz, ld = read_latents(os.path.join(dz, "latents.safetensors")), read_latents(
+        os.path.join(dd, "latents.safetensors")
+    )
+    if lz.shape != ld.shape:
+        raise SystemExit(f"final latents differ in shape: zturbo {lz.shape}, diffusers {ld.shape}")
+    lat = float(np.abs(lz - ld).max())
+    iz = np.fromfile(os.path.join(dz, "image.rgb"), dtype=np.uint8).astype(int)
+    idd = np.fromfile(os.path.join(dd, "image.rgb"), dtype=np.uint8).astype(int)
+    img = int(np.abs(iz - idd).max()) if iz.shape == idd.shape else None
+    spread = int(idd.max() - idd.min())
+    return {"latents_max_abs_diff": lat, "latents_max_abs": float(np.abs(ld).max()), "image_max_level_diff": img,
+            "image_range_levels": spread}
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_s(x):
+    if x >= 10:
+        return f"{x:.1f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    return f"{x * 1000:.1f} ms"
+
+
+def stage_medians(runs):
+    steps = [s for r in runs for s in r["steps_s"]]
+    return {
+        "text encode": median([r["text_encode_s"] for r in runs]),
+        "denoise step (median of all steps)": median(steps),
+        "denoise (all steps)": median([r["denoise_s"] for r in runs]),
+        "VAE decode": median([r["vae_decode_s"] for r in runs]),
+        "total": median([r["total_s"] for r in runs]),
+    }
+
+
+def run_case(label, model, size, a, bench_bin, env_common):
+    lat = subprocess.check_output(
+        [sys.executable, os.path.join(HERE, "make_model.py"), "latents", str(size), str(size)], text=True, cwd=REPO
+    ).strip()
+    common = ["--model", model, "--width", str(size), "--height", str(size), "--steps", str(a.steps),
+              "--cfg", str(a.cfg), "--init-latents", lat]
+    out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-"))
+    log(f"== {label}: starting both sides ({model})")
+    zt = Side("zturbo", [bench_bin] + common, env_common)
+    dp = Side("diffusers", [sys.executable, os.path.join(HERE, "bench_diffusers.py")] + common +
+              ["--threads", str(a.threads)], env_common)
+    for s in (zt, dp):
+        if s.ready["threads"] != a.threads:
+            raise SystemExit(f"{s.name} runs {s.ready['threads']} threads, not {a.threads}")
+    # Warm-up (also the parity check: both write their final latents and image).
+    t0 = time.perf_counter()
+    wz = zt.run(os.path.join(out_dir, "zturbo"))
+    wd = dp.run(os.path.join(out_dir, "diffusers"))
+    parity = check_outputs(os.path.join(out_dir, "zturbo"), os.path.join(out_dir, "diffusers"))
+    log(f"   warm-up: zturbo {wz['total_s']:.2f} s, diffusers {wd['total_s']:.2f} s; parity {parity}")
+    if wz.get("notices"):
+        log(f"   zturbo notices: {wz['notices']}")
+    if parity["latents_max_abs_diff"] > a.tolerance:
+        raise SystemExit(
+            f"{label}: final latents differ by {parity['latents_max_abs_diff']:.3g} > {a.tolerance}: "
+            "the two sides do not compute the same thing, so the timing would be meaningless")
+    runs = {"zturbo": [], "diffusers": []}
+    for i in range(a.runs):
+        order = [zt, dp] if i % 2 == 0 else [dp, zt]
+        for s in order:
+            r = s.run()
+            if s is zt and r.get("notices"):
+                raise SystemExit(f"zturbo adapted the run ({r['notices']}): not comparable")
+            runs[s.name].append(r)
+        log(f"   round {i + 1}/{a.runs}: zturbo {runs['zturbo'][-1]['total_s']:.2f} s, "
+            f"diffusers {runs['diffusers'][-1]['total_s']:.2f} s")
+    zt.close()
+    dp.close()
+    mz, md = stage_medians(runs["zturbo"]), stage_medians(runs["diffusers"])
+    return {
+        "label": label,
+        "size": size,
+        "medians": {"zturbo": mz, "diffusers": md},
+        "ratios": {k: mz[k] / md[k] for k in mz},
+        "parity": parity,
+        "wall_s": time.perf_counter() - t0,
+        "runs": runs,
+        "ready": {"zturbo": zt.ready, "diffusers": dp.ready},
+        "vae_only_s": median([r["vae_only_s"] for r in runs["diffusers"]]),
+    }
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = line.split(":", 1)[1].split()
+                    return "avx512f" if "avx512f" in fl else ("avx2" if "avx2" in fl else "no avx2")
+    except OSError:
+        pass
+    return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench-bin", required=True, help="the compare_zturbo bench executable")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument("--runs", type=int, default=5, help="timed rounds per case (one run per side each)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cfg", type=float, default=1.0, help="ComfyUI scale (1.0 = off = diffusers guidance 0)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--tolerance", type=float, default=1e-3, help="max |latents diff| accepted")
+    ap.add_argument("--json", default=os.path.join(REPO, "target", "compare-runs", "results.json"))
+    a = ap.parse_args()
+    if a.runs < 5:
+        log("note: fewer than 5 timed rounds; medians will be noisy")
+
+    env = dict(os.environ)
+    n = str(a.threads)
+    # candle: rayon pool + gemm (RAYON_NUM_THREADS) and its barrier pool (CANDLE_NUM_THREADS);
+    # torch: intra-op threads (set_num_threads in the script) and the OpenMP/MKL runtimes.
+    env.update(RAYON_NUM_THREADS=n, CANDLE_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               ZTURBO_LOG="warn")
+    models = {}
+    results = []
+    for label in a.cases.split(","):
+        label = label.strip()
+        if label not in CASES:
+            raise SystemExit(f"unknown case {label!r} ({', '.join(CASES)})")
+        shape, size = CASES[label]
+        if shape not in models:
+            models[shape] = subprocess.check_output(
+                [sys.executable, os.path.join(HERE, "make_model.py"), shape], text=True, cwd=REPO
+            ).strip()
+        results.append(run_case(label, models[shape], size, a, a.bench_bin, env))
+
+    import diffusers
+    import torch
+
+    hw = (f"{cpu_model()} ({cpu_flags()}), {os.cpu_count()} logical CPUs, {a.threads} threads per side; "
+          f"float32; {a.steps} steps, cfg {a.cfg:g} (diffusers guidance_scale {max(a.cfg - 1, 0):g}); "
+          f"{a.runs} timed rounds after 1 warm-up, alternating; "
+          f"zturbo (candle 0.11, bench profile) vs diffusers {diffusers.__version__} / torch {torch.__version__}; "
+          f"Python {platform.python_version()}")
+    print(f"hardware: {hw}")
+    print()
+    for r in results:
+        p = r["parity"]
+        print(f"### {r['label']}  (final latents max |diff| {p['latents_max_abs_diff']:.2e}, "
+              f"image max diff {p['image_max_level_diff']} levels)")
+        print()
+        print("| stage | diffusers median | zturbo median | ratio (zturbo/diffusers) |")
+        print("|---|---|---|---|")
+        for k in r["medians"]["zturbo"]:
+            d, z = r["medians"]["diffusers"][k], r["medians"]["zturbo"][k]
+            print(f"| {k} | {fmt_s(d)} | {fmt_s(z)} | {z / d:.2f} |")
+        print()
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump({"hardware": hw, "results": results}, f, indent=1)
+    print(f"(raw runs: {os.path.relpath(a.json, REPO)})")
+    main_case = next((r for r in results if r["label"] == "medium@512"), None)
+    if main_case is None:
+        print("summary: total_ratio=nan step_ratio=nan (medium@512 not run)")
+    else:
+        rt = main_case["ratios"]
+        print(f"summary: total_ratio={rt['total']:.3f} step_ratio={rt['denoise step (median of all steps)']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

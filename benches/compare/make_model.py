@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Random-weight Z-Image pipelines (diffusers layout) for the zturbo-vs-diffusers comparison.
+
+Usage:  python make_model.py SHAPE [--root target/compare-models]   -> prints the model folder
+
+  tiny    the committed test fixture tests/fixtures/tiny-z-image (nothing is built)
+  medium  the real Z-Image-Turbo proportions at reduced width/depth, built here with fixed seeds and
+          saved under <root>/medium/ (git-ignored; reused when its `done` marker exists)
+
+Also:   python make_model.py latents H W [--root ...]   -> prints <root>/latents-HxW.safetensors,
+        the initial noise both sides start from (torch.randn, seed 42, tensor `latents`).
+
+Weights follow tests/fixtures/gen/common.py:reinit_ (N(0,1)/sqrt(fan_in) matrices, 1+N(0,0.1^2)
+norm scales, N(0,0.05^2) biases) so activations stay O(1) through every layer, as in a trained model.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "tiny-z-image")
+sys.path.insert(0, os.path.join(REPO, "tests", "fixtures", "gen"))
+from common import reinit_, write_json  # noqa: E402
+
+SEED_TEXT_ENCODER = 3001
+SEED_TRANSFORMER = 3002
+SEED_VAE = 3003
+SEED_LATENTS = 42
+VERSION = 1  # bump when a config below changes: an existing folder is rebuilt
+
+# Real Z-Image-Turbo: dim 3840, 30 heads x 128, 30 layers, 2 refiner layers, axes_dims [32,48,48];
+# Qwen3-4B text encoder hidden 2560 (= cap_feat_dim, 2/3 of the DiT width), 36 layers, 32 q heads x 128,
+# 8 kv heads, intermediate 9728 (3.8x hidden). "medium" keeps head_dim 128, the RoPE axes, the refiner
+# depth, the FFN ratio (int(dim/3*8)), the text/DiT width ratio (~0.75), GQA 4:1 and the MLP ratio (3.8x),
+# at dim 1024 / 8 layers, so that matrix products dominate as they do in the real model.
+MEDIUM_TRANSFORMER = dict(
+    all_patch_size=[2],
+    all_f_patch_size=[1],
+    in_channels=16,
+    dim=1024,
+    n_layers=8,
+    n_refiner_layers=2,
+    n_heads=8,
+    n_kv_heads=8,
+    norm_eps=1e-05,
+    qk_norm=True,
+    cap_feat_dim=768,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+)
+
+MEDIUM_TEXT_ENCODER = dict(
+    head_dim=128,
+    hidden_size=768,
+    intermediate_size=2944,
+    num_attention_heads=8,
+    num_hidden_layers=8,
+    num_key_value_heads=2,
+)
+
+# Half the real VAE's widths ([128, 256, 512, 512]) with the real layout (4 up blocks, 3 resnets each,
+# mid attention, 32 groups): 4x fewer conv FLOPs. At real width the decode alone takes ~75 s (candle)
+# at 512^2 on 2 cores, which would put one medium@512 comparison (12 runs) near half an hour; at half
+# width it still runs the same 3x3 convolutions at 64-256 channels, the kernels where candle is slow.
+MEDIUM_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[64, 128, 256, 256],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+
+
+def build_medium(out):
+    import diffusers
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tmp = out + ".partial"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    # Tokenizer, scheduler and pipeline index as in the fixture (vocab 599 tokens, 640 rows).
+    shutil.copytree(os.path.join(FIXTURE, "tokenizer"), os.path.join(tmp, "tokenizer"))
+    shutil.copytree(os.path.join(FIXTURE, "scheduler"), os.path.join(tmp, "scheduler"))
+    shutil.copy(os.path.join(FIXTURE, "model_index.json"), tmp)
+
+    with open(os.path.join(FIXTURE, "text_encoder", "config.json")) as f:
+        te_cfg = json.load(f)
+    te_cfg.update(MEDIUM_TEXT_ENCODER)
+    te_cfg["max_window_layers"] = te_cfg["num_hidden_layers"]
+    te_dir = os.path.join(tmp, "text_encoder")
+    write_json(os.path.join(te_dir, "config.json"), te_cfg)
+    torch.manual_seed(SEED_TEXT_ENCODER)
+    te = Qwen3ForCausalLM(Qwen3Config.from_pretrained(te_dir)).float().eval()
+    reinit_(te, SEED_TEXT_ENCODER)
+    sd = {k: v.contiguous() for k, v in te.state_dict().items() if not k.startswith("lm_head.")}
+    save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
+    del te, sd
+
+    torch.manual_seed(SEED_TRANSFORMER)
+    tr = ZImageTransformer2DModel(**MEDIUM_TRANSFORMER).float().eval()
+    reinit_(tr, SEED_TRANSFORMER)
+    tr.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
+    del tr
+
+    torch.manual_seed(SEED_VAE)
+    vae = AutoencoderKL(**MEDIUM_VAE).float().eval()
+    reinit_(vae, SEED_VAE)
+    vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
+    del vae
+
+    write_json(
+        os.path.join(tmp, "done"),
+        {"version": VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__},
+    )
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+def model_dir(shape, root):
+    if shape == "tiny":
+        return FIXTURE
+    if shape != "medium":
+        raise SystemExit(f"unknown shape {shape!r} (tiny, medium)")
+    out = os.path.join(root, "medium")
+    marker = os.path.join(out, "done")
+    current = False
+    if os.path.exists(marker):
+        with open(marker) as f:
+            current = json.load(f).get("version") == VERSION
+    if not current:
+        print(f"building the medium model in {out} ...", file=sys.stderr)
+        build_medium(out)
+    return out
+
+
+def latents_file(h, w, root):
+    path = os.path.join(root, f"latents-{h}x{w}.safetensors")
+    if not os.path.exists(path):
+        from safetensors.torch import save_file
+
+        g = torch.Generator("cpu").manual_seed(SEED_LATENTS)
+        lat = torch.randn((1, 16, h // 8, w // 8), generator=g, dtype=torch.float32)
+        os.makedirs(root, exist_ok=True)
+        save_file({"latents": lat}, path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", help="tiny | medium | latents")
+    ap.add_argument("size", nargs="*", type=int, help="for latents: H W")
+    ap.add_argument("--root", default=os.path.join(REPO, "target", "compare-models"))
+    a = ap.parse_args()
+    if a.what == "latents":
+        h, w = a.size
+        print(latents_file(h, w, a.root))
+    else:
+        print(model_dir(a.what, a.root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# zturbo vs diffusers, side by side on this machine's CPU (see benches/compare/README.md).
+#   benches/compare/run.sh [--cases tiny@128,medium@256,medium@512] [--runs 5] [--steps 8]
+#                          [--threads N] [--cfg 1.0]
+# Creates benches/compare/.venv from requirements.txt when missing, builds the Rust side in the
+# bench profile, builds the random-weight models under target/compare-models/, and prints one table
+# per case; the last line is `summary: total_ratio=... step_ratio=...` (medium model, 512x512).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=benches/compare
+venv=$here/.venv
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
+  echo "creating $venv from $here/requirements.txt ..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
+  cp "$here/requirements.txt" "$venv/requirements.txt"
+fi
+echo "building the zturbo side (cargo bench profile) ..." >&2
+bench_bin=$(cargo bench --locked --bench compare_zturbo --no-run --message-format=json 2>/dev/null \
+  | "$venv/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "compare_zturbo" and m.get("executable"):
+        print(m["executable"])')
+if [ -z "$bench_bin" ]; then
+  cargo bench --locked --bench compare_zturbo --no-run >&2  # show the build error
+  exit 1
+fi
+exec "$venv/bin/python" "$here/compare.py" --bench-bin "$bench_bin" "$@"

@@ -1,0 +1,202 @@
+//! Where the time of one medium-model generation goes, op by op, on zturbo's side (the diffusers side is
+//! `benches/compare/ops_torch.py`, same shapes). Run by hand, not by CI:
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench --bench compare_ops -- --model target/compare-models/medium --size 512
+//! ```
+//!
+//! Prints one JSON object per line: `{"op", "ms", "gflops"}` (median of `--reps` runs after one warm-up).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use clap::Parser;
+use serde_json::json;
+
+use zturbo::families::z_image::dit::{Block, DitConfig, RopeTables, SEQ_MULTI_OF};
+use zturbo::families::ModelDir;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Comma-separated op-name prefixes to run (default: all).
+    #[arg(long)]
+    only: Option<String>,
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+struct Timer {
+    reps: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Timer {
+    fn time(
+        &self,
+        op: &str,
+        flops: f64,
+        mut f: impl FnMut() -> candle_core::Result<Tensor>,
+    ) -> Result<()> {
+        if let Some(only) = &self.only {
+            if !only.iter().any(|p| op.starts_with(p.as_str())) {
+                return Ok(());
+            }
+        }
+        drop(f()?);
+        let mut ms: Vec<f64> = (0..self.reps)
+            .map(|_| {
+                let t = Instant::now();
+                let out = f()?;
+                let dt = t.elapsed().as_secs_f64() * 1e3;
+                drop(out);
+                Ok(dt)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        ms.sort_by(f64::total_cmp);
+        let med = ms[ms.len() / 2];
+        let gflops = (flops > 0.0).then(|| flops / med / 1e6);
+        println!("{}", json!({ "op": op, "ms": med, "gflops": gflops }));
+        Ok(())
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dev = Device::Cpu;
+    let timer = Timer {
+        reps: args.reps,
+        only: args
+            .only
+            .as_ref()
+            .map(|s| s.split(',').map(str::to_string).collect()),
+    };
+    let dir = ModelDir::open(&args.model)?;
+    let cfg: DitConfig = dir.read_json("transformer/config.json")?;
+    let vb = dir
+        .open_weights("transformer")?
+        .var_builder(DType::F32, &dev);
+
+    // One main-layer block on the unified sequence of a batch-1, cfg-off step.
+    let side = args.size / 16;
+    let n_img = side * side;
+    let l = n_img.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF + SEQ_MULTI_OF;
+    let (d, h, hd, ffn) = (cfg.dim, cfg.n_heads, cfg.head_dim(), cfg.ffn_hidden());
+    let lf = l as f64;
+    let block = Block::new(&cfg, true, vb.pp("layers").pp(0))?;
+    let ids: Vec<[usize; 3]> = (0..l).map(|i| [33, i / side % side, i % side]).collect();
+    let rope = RopeTables::new(&cfg).rope(&[ids], l, &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, l, d), &dev)?;
+    let adaln = Tensor::randn(0f32, 1.0, (1, cfg.adaln_dim()), &dev)?;
+    let block_flops =
+        2.0 * lf * (4.0 * (d * d) as f64 + 3.0 * (d * ffn) as f64) + 4.0 * lf * lf * d as f64;
+    timer.time("dit.block", block_flops, || {
+        block.forward(&x, &rope, None, Some(&adaln))
+    })?;
+
+    let lin = |i: usize, o: usize, name: &str| {
+        candle_nn::linear_no_bias(i, o, vb.pp("layers.0").pp(name))
+    };
+    let to_q = lin(d, d, "attention.to_q")?;
+    let w1 = lin(d, ffn, "feed_forward.w1")?;
+    let w2 = lin(ffn, d, "feed_forward.w2")?;
+    let hidden = Tensor::randn(0f32, 1.0, (1, l, ffn), &dev)?;
+    timer.time("dit.linear.dim_to_dim", 2.0 * lf * (d * d) as f64, || {
+        x.apply(&to_q)
+    })?;
+    timer.time("dit.linear.dim_to_ffn", 2.0 * lf * (d * ffn) as f64, || {
+        x.apply(&w1)
+    })?;
+    timer.time("dit.linear.ffn_to_dim", 2.0 * lf * (d * ffn) as f64, || {
+        hidden.apply(&w2)
+    })?;
+    let gate = Tensor::randn(0f32, 1.0, (1, l, ffn), &dev)?;
+    timer.time("dit.ffn.silu_mul", 0.0, || {
+        candle_nn::ops::silu(&gate)? * &hidden
+    })?;
+
+    let norm_w = Tensor::ones(d, DType::F32, &dev)?;
+    timer.time("dit.rms_norm", 0.0, || {
+        candle_nn::ops::rms_norm(&x, &norm_w, 1e-5)
+    })?;
+    let xh = x.reshape((1, l, h, hd))?;
+    let hd_w = Tensor::ones(hd, DType::F32, &dev)?;
+    timer.time("dit.qk_norm", 0.0, || {
+        candle_nn::ops::rms_norm(&xh, &hd_w, 1e-5)
+    })?;
+    timer.time("dit.heads_transpose", 0.0, || {
+        xh.transpose(1, 2)?.contiguous()
+    })?;
+    let q = xh.transpose(1, 2)?.contiguous()?;
+    let k = (&q * 0.5)?;
+    let v = (&q * 0.25)?;
+    let cos = Tensor::randn(0f32, 1.0, (1, l, hd / 2), &dev)?;
+    let sin = Tensor::randn(0f32, 1.0, (1, l, hd / 2), &dev)?;
+    timer.time("dit.rope_i", 0.0, || {
+        candle_nn::rotary_emb::rope_i(&q, &cos, &sin)
+    })?;
+    timer.time("dit.attn.scale_q", 0.0, || &q * 0.088)?;
+    let attn_mm = 2.0 * lf * lf * d as f64;
+    timer.time("dit.attn.qk_matmul", attn_mm, || q.matmul(&k.t()?))?;
+    let scores = q.matmul(&k.t()?)?;
+    timer.time("dit.attn.softmax", 0.0, || {
+        candle_nn::ops::softmax_last_dim(&scores)
+    })?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    timer.time("dit.attn.pv_matmul", attn_mm, || probs.matmul(&v))?;
+    timer.time("dit.attn.sdpa_total", 2.0 * attn_mm, || {
+        let s = (&q * 0.088)?.matmul(&k.t()?)?;
+        candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)
+    })?;
+    timer.time("dit.attn.merge_heads", 0.0, || {
+        q.transpose(1, 2)?.reshape((1, l, d))
+    })?;
+
+    // VAE decoder convolutions of the medium model at this image size (3×3, stride 1, pad 1).
+    let px = args.size;
+    let convs = [
+        (256, 256, px / 8),
+        (256, 256, px / 4),
+        (256, 128, px / 2),
+        (128, 128, px / 2),
+        (128, 64, px),
+        (64, 64, px),
+    ];
+    let cvb = VarBuilder::zeros(DType::F32, &dev);
+    for (cin, cout, hw) in convs {
+        let conv = candle_nn::conv2d(
+            cin,
+            cout,
+            3,
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+            cvb.pp(format!("c{cin}_{cout}_{hw}")),
+        )?;
+        let inp = Tensor::randn(0f32, 1.0, (1, cin, hw, hw), &dev)?;
+        let flops = 2.0 * (cin * cout * 9 * hw * hw) as f64;
+        timer.time(&format!("vae.conv3x3.{cin}to{cout}@{hw}"), flops, || {
+            conv.forward(&inp)
+        })?;
+    }
+    let gn = candle_nn::group_norm(32, 64, 1e-6, cvb.pp("gn"))?;
+    let big = Tensor::randn(0f32, 1.0, (1, 64, px, px), &dev)?;
+    timer.time(&format!("vae.group_norm.64@{px}"), 0.0, || big.apply(&gn))?;
+    timer.time(&format!("vae.silu.64@{px}"), 0.0, || {
+        candle_nn::ops::silu(&big)
+    })?;
+    let half = Tensor::randn(0f32, 1.0, (1, 128, px / 2, px / 2), &dev)?;
+    timer.time(&format!("vae.upsample_nearest.128@{}", px / 2), 0.0, || {
+        half.upsample_nearest2d(px, px)
+    })?;
+    Ok(())
+}
