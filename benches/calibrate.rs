@@ -15,7 +15,9 @@ use zturbo::memory::planner::{format_bytes, DEFAULT_VAE_TILING};
 fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let base = alloc::live_bytes();
     alloc::reset_peak();
+    let t = std::time::Instant::now();
     let out = f();
+    eprintln!("  ({:.2} s)", t.elapsed().as_secs_f64());
     (out, alloc::peak_bytes().saturating_sub(base))
 }
 

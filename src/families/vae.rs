@@ -184,16 +184,12 @@ impl CustomOp3 for Conv3x3Taps {
         // One zero row above, two below: the second keeps the last tap's view of the last row
         // (which reads two elements past the padded image) inside the buffer.
         let plane = (h + 3) * row;
-        let cols = h * row;
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        // Output rows in bands whose accumulator stays in cache across the nine taps (the whole
+        // image's accumulator would stream through memory nine times), one band per task.
+        let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
+        let bands = h.div_ceil(band);
         let mut out = vec![0f32; n * c_out * h * w];
         let mut padded = vec![0f32; c_in * plane];
-        let mut acc = vec![0f32; c_out * cols];
         for item in 0..n {
             let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
             for c in 0..c_in {
@@ -202,50 +198,86 @@ impl CustomOp3 for Conv3x3Taps {
                     padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
                 }
             }
-            for (c, b) in bias.iter().enumerate() {
-                acc[c * cols..(c + 1) * cols].fill(*b);
-            }
-            for tap in 0..9 {
-                let offset = (tap / 3) * row + tap % 3;
-                // SAFETY: dst is `acc`, c_out rows of `cols` elements (row stride cols, column stride
-                // 1). lhs element (o, i) is wt[o·9·c_in + i·9 + tap] < wt.len() = c_out·c_in·9. rhs
-                // element (i, j) is padded[offset + i·plane + j] with offset ≤ 2·row + 2 and
-                // j < h·row, so the index is at most (c_in − 1)·plane + (h + 2)·row + 1, which is
-                // below c_in·plane because plane = (h + 3)·row and row ≥ 2. The three buffers do not
-                // overlap.
-                unsafe {
-                    gemm::gemm(
-                        c_out,
-                        cols,
-                        c_in,
-                        acc.as_mut_ptr(),
-                        1,
-                        cols as isize,
-                        true,
-                        wt.as_ptr().add(tap),
-                        9,
-                        (9 * c_in) as isize,
-                        padded.as_ptr().add(offset),
-                        1,
-                        plane as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
+            let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
+            let padded = &padded;
+            let run_band = |b: usize, acc: &mut Vec<f32>| {
+                let y0 = b * band;
+                let rows = band.min(h - y0);
+                let cols = rows * row;
+                acc.clear();
+                acc.resize(c_out * cols, 0.0);
+                for (c, bv) in bias.iter().enumerate() {
+                    acc[c * cols..(c + 1) * cols].fill(*bv);
                 }
-            }
-            let dst = &mut out[item * c_out * h * w..(item + 1) * c_out * h * w];
-            for c in 0..c_out {
-                for y in 0..h {
-                    let from = c * cols + y * row;
-                    dst[(c * h + y) * w..(c * h + y + 1) * w].copy_from_slice(&acc[from..from + w]);
+                for tap in 0..9 {
+                    let offset = y0 * row + (tap / 3) * row + tap % 3;
+                    // SAFETY: dst is `acc`, c_out rows of `cols` elements. lhs element (o, i) is
+                    // wt[o·9·c_in + i·9 + tap] < c_out·c_in·9 = wt.len(). rhs element (i, j) is
+                    // padded[offset + i·plane + j] with offset ≤ (y0 + 2)·row + 2 and
+                    // j < rows·row ≤ (h − y0)·row, so the index is at most
+                    // (c_in − 1)·plane + (h + 2)·row + 1 < c_in·plane, as plane = (h + 3)·row.
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            cols,
+                            c_in,
+                            acc.as_mut_ptr(),
+                            1,
+                            cols as isize,
+                            true,
+                            wt.as_ptr().add(tap),
+                            9,
+                            (9 * c_in) as isize,
+                            padded.as_ptr().add(offset),
+                            1,
+                            plane as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 }
-            }
+                for c in 0..c_out {
+                    for r in 0..rows {
+                        let from = c * cols + r * row;
+                        let to = (c * h + y0 + r) * w;
+                        // SAFETY: bands cover disjoint output rows, so no two tasks write the same
+                        // elements; `to + w` ≤ c_out·h·w, inside this item's output.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                acc.as_ptr().add(from),
+                                dst.get().add(to),
+                                w,
+                            );
+                        }
+                    }
+                }
+            };
+            use rayon::prelude::*;
+            (0..bands)
+                .into_par_iter()
+                .for_each_init(Vec::new, |acc, b| run_band(b, acc));
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
+    }
+}
+
+/// Accumulator elements per band of the tap-wise convolution (1 MiB of f32: fits a core's L2).
+const ACC_BAND_ELEMS: usize = 1 << 18;
+
+/// A raw output pointer shared by the band tasks, which write disjoint rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes from the band tasks, while the buffer outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
