@@ -60,6 +60,7 @@ pub struct ZImage {
     residency: DenoiserResidency,
     /// The residual dtype the policy asked for (restored after a guard fallback).
     base_residual: DType,
+    exec_override: Option<dit::Execution>,
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
@@ -160,6 +161,7 @@ impl ZImage {
             blocks: None,
             residency: DenoiserResidency::Resident,
             base_residual: policy.residual,
+            exec_override: None,
             vae_cfg,
             vae_weights,
             vae: None,
@@ -434,8 +436,9 @@ impl Family for ZImage {
                         compute: self.policy.denoiser,
                         residual: self.policy.residual,
                     };
-                    let dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
+                    let mut dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
                         .map_err(|e| self.dit_weights.context(e))?;
+                    dit.set_execution(self.execution());
                     self.dit = Some(dit);
                 }
                 if self.needs_blocks() {
@@ -479,6 +482,10 @@ impl Family for ZImage {
         if residency == DenoiserResidency::Streamed {
             self.blocks = None;
         }
+        let exec = self.execution();
+        if let Some(dit) = self.dit.as_mut() {
+            dit.set_execution(exec);
+        }
     }
 
     fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
@@ -514,6 +521,25 @@ impl Family for ZImage {
 }
 
 impl ZImage {
+    /// Streaming is the low-memory plan: it also runs the CFG pair one item at a time and keeps
+    /// attention chunks small, so activations shrink with the weights.
+    fn execution(&self) -> dit::Execution {
+        self.exec_override.unwrap_or(match self.residency {
+            DenoiserResidency::Resident => dit::Execution::default(),
+            DenoiserResidency::Streamed => dit::Execution::LOW_MEMORY,
+        })
+    }
+
+    /// Pins the denoiser's execution strategy regardless of residency (tests and benchmarks
+    /// separate block streaming from micro-batching with it); `None` restores the default.
+    pub fn set_execution(&mut self, exec: Option<dit::Execution>) {
+        self.exec_override = exec;
+        let exec = self.execution();
+        if let Some(dit) = self.dit.as_mut() {
+            dit.set_execution(exec);
+        }
+    }
+
     fn needs_blocks(&self) -> bool {
         self.residency == DenoiserResidency::Resident && self.blocks.is_none()
     }

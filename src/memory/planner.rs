@@ -80,6 +80,8 @@ pub const DIT_SCORE_CAP: u64 = 64 << 20;
 /// The VAE's convolutions run in row bands whose im2col buffer holds at most this many values
 /// (`CONV_BAND_ELEMS` in `vae.rs`), and its mid-block attention takes this many query rows at a time.
 pub const VAE_IM2COL_CAP: u64 = 16 << 20;
+/// The DiT's score cap in its low-memory execution (`Execution::LOW_MEMORY` in `dit.rs`).
+pub const DIT_LOW_MEMORY_SCORE_CAP: u64 = 8 << 20;
 pub const VAE_ATTENTION_ROWS: u64 = 4096;
 /// im2col column buffer of a 3 × 3 convolution, in input-channel multiples (the UNet's convolutions
 /// build it whole).
@@ -351,6 +353,9 @@ pub struct ActivationModel {
     /// Tokens the text encoder runs over per prompt (its maximum).
     pub text_tokens: u32,
     pub vae: VaeActivations,
+    /// The denoiser's score cap in low mode, when the family then runs batch items (the CFG pair
+    /// included) one at a time; `None` when low mode runs the batch as usual.
+    pub low_memory_scores: Option<u64>,
 }
 
 /// Architecture numbers of a Z-Image-style single-stream DiT pipeline, for [`ActivationModel::z_image`].
@@ -469,6 +474,7 @@ impl ActivationModel {
                 arch.vae_scale,
                 arch.vae_elem_bytes,
             ),
+            low_memory_scores: Some(DIT_LOW_MEMORY_SCORE_CAP),
         }
     }
 
@@ -562,6 +568,7 @@ impl ActivationModel {
                 arch.vae_scale,
                 arch.vae_elem_bytes,
             ),
+            low_memory_scores: None,
         }
     }
 
@@ -818,6 +825,24 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
         MemoryMode::Low => {
             let (denoiser, den_weights) = streamed_denoiser(c);
             let text_encoding = c.text_encoder.saturating_add(te_act);
+            // Families with a low-memory execution run one batch item at a time there.
+            // Families with a low-memory execution run one batch item at a time there; the other
+            // items' hidden states wait between blocks (a quarter of the per-token activations:
+            // residual, the item's output and the concatenation, of 16 token-wide copies).
+            let den_act = match a.low_memory_scores {
+                Some(cap) => {
+                    let tokens = a.denoiser_tokens(input.width, input.height);
+                    let one = SequenceActivations {
+                        max_scores: cap,
+                        ..a.denoiser
+                    }
+                    .bytes(tokens, 1);
+                    let waiting = (batch * passes - 1)
+                        .saturating_mul(a.denoiser.bytes_per_token.saturating_mul(tokens) / 4);
+                    one.saturating_add(waiting)
+                }
+                None => den_act,
+            };
             let denoising = den_weights.saturating_add(den_act);
             // Tile only when the whole decode would set low mode's peak: tiles recompute their
             // overlaps, and a decode under the other phases' peak costs no memory that matters.
@@ -1387,9 +1412,12 @@ mod tests {
         let mut low = input.clone();
         low.mode = MemoryMode::Low;
         let p = plan(&low);
-        // Two blocks in flight plus the 196 MB outside the 34 blocks.
+        // Two blocks in flight plus the 196 MB outside the 34 blocks; the CFG pair runs one item at
+        // a time with scores capped at 8 Mi, the other item's hidden state waiting.
         let streamed = 2 * 356_000_000 + (12_300_000_000 - 34 * 356_000_000);
-        assert_eq!(p.phase_peaks.denoising, streamed + den);
+        let one = a.denoiser.bytes_per_token * tokens + 4 * (30 * tokens * tokens).min(8 << 20);
+        let waiting = a.denoiser.bytes_per_token * tokens / 4;
+        assert_eq!(p.phase_peaks.denoising, streamed + one + waiting);
         assert_eq!(
             p.phase_peaks.text_encoding,
             c.text_encoder + a.text_encoder.bytes(512, 1)

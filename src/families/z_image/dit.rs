@@ -221,6 +221,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         bias: Option<&Tensor>,
+        max_scores: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let dtype = x.dtype();
@@ -244,7 +245,7 @@ impl Attention {
         let q = (q * scale)?.to_dtype(dtype)?;
         let k = k.to_dtype(dtype)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let out = sdpa(&q, &k.t()?, &v, bias, SCORE_CHUNK_ELEMS)?;
+        let out = sdpa(&q, &k.t()?, &v, bias, max_scores)?;
         out.transpose(1, 2)?
             .reshape((b, l, self.n_heads * self.head_dim))?
             .apply(&self.to_out)
@@ -355,38 +356,112 @@ impl Block {
         bias: Option<&Tensor>,
         adaln: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with(x, rope, bias, adaln, &Execution::default())
+    }
+
+    /// [`Block::forward`] with an explicit execution strategy (attention chunk size). Each
+    /// sub-result is dropped as soon as the next exists, so only one stage's temporaries live.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        bias: Option<&Tensor>,
+        adaln: Option<&Tensor>,
+        exec: &Execution,
+    ) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
         let norm = |t: &Tensor, w: &Tensor| rms_norm(t, w, self.eps);
-        match (&self.modulation, adaln) {
+        let (scale_msa, gate_msa, scale_mlp, gate_mlp) = match (&self.modulation, adaln) {
             (Some(m), Some(c)) => {
                 let mods = c.apply(m)?.unsqueeze(1)?; // [B, 1, 4·dim]
                 let chunks = mods.chunk(4, D::Minus1)?;
-                let scale_msa = (&chunks[0] + 1.0)?;
-                let gate_msa = chunks[1].tanh()?;
-                let scale_mlp = (&chunks[2] + 1.0)?;
-                let gate_mlp = chunks[3].tanh()?;
-
-                let h = norm(x, &self.attention_norm1)?.broadcast_mul(&scale_msa)?;
-                let a = self.attention.forward(&h, rope, bias)?;
-                let a = norm(&a, &self.attention_norm2)?.broadcast_mul(&gate_msa)?;
-                let x = (x + a.to_dtype(residual)?)?;
-
-                let h = norm(&x, &self.ffn_norm1)?.broadcast_mul(&scale_mlp)?;
-                let f = self.feed_forward.forward(&h)?;
-                let f = norm(&f, &self.ffn_norm2)?.broadcast_mul(&gate_mlp)?;
-                x + f.to_dtype(residual)?
+                (
+                    Some((&chunks[0] + 1.0)?),
+                    Some(chunks[1].tanh()?),
+                    Some((&chunks[2] + 1.0)?),
+                    Some(chunks[3].tanh()?),
+                )
             }
-            (None, _) => {
-                let h = norm(x, &self.attention_norm1)?;
-                let a = self.attention.forward(&h, rope, bias)?;
-                let x = (x + norm(&a, &self.attention_norm2)?.to_dtype(residual)?)?;
-                let h = norm(&x, &self.ffn_norm1)?;
-                let f = self.feed_forward.forward(&h)?;
-                x + norm(&f, &self.ffn_norm2)?.to_dtype(residual)?
-            }
+            (None, _) => (None, None, None, None),
             (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
+        };
+        let scaled = |t: Tensor, s: &Option<Tensor>| match s {
+            Some(s) => t.broadcast_mul(s),
+            None => Ok(t),
+        };
+        let x = {
+            let h = scaled(norm(x, &self.attention_norm1)?, &scale_msa)?;
+            let a = self.attention.forward(&h, rope, bias, exec.max_scores)?;
+            drop(h);
+            let a = scaled(norm(&a, &self.attention_norm2)?, &gate_msa)?;
+            (x + a.to_dtype(residual)?)?
+        };
+        let f = {
+            let h = scaled(norm(&x, &self.ffn_norm1)?, &scale_mlp)?;
+            let f = self.feed_forward.forward(&h)?;
+            drop(h);
+            scaled(norm(&f, &self.ffn_norm2)?, &gate_mlp)?
+        };
+        x + f.to_dtype(residual)?
+    }
+}
+
+/// How a forward trades speed for memory: the resident default runs the whole batch through each
+/// block with generous attention chunks; the low-memory plan runs batch items one at a time (the
+/// CFG pair no longer doubles the activations) with small attention chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Execution {
+    /// Batch items per block call (`None`: the whole batch).
+    pub micro_batch: Option<usize>,
+    /// Most attention scores that exist at once.
+    pub max_scores: usize,
+}
+
+impl Default for Execution {
+    fn default() -> Self {
+        Self {
+            micro_batch: None,
+            max_scores: SCORE_CHUNK_ELEMS,
         }
     }
+}
+
+impl Execution {
+    /// One batch item at a time, attention scores in chunks of 8 Mi.
+    pub const LOW_MEMORY: Execution = Execution {
+        micro_batch: Some(1),
+        max_scores: 8 << 20,
+    };
+}
+
+/// Runs a block over the batch, in micro-batches when the execution strategy asks for them.
+fn run_block(
+    blk: &Block,
+    x: &Tensor,
+    rope: &Rope,
+    bias: Option<&Tensor>,
+    adaln: Option<&Tensor>,
+    exec: &Execution,
+) -> candle_core::Result<Tensor> {
+    let b = x.dim(0)?;
+    let micro = exec.micro_batch.unwrap_or(b).max(1);
+    if micro >= b {
+        return blk.forward_with(x, rope, bias, adaln, exec);
+    }
+    let mut parts = Vec::with_capacity(b.div_ceil(micro));
+    for start in (0..b).step_by(micro) {
+        let n = micro.min(b - start);
+        let bias = bias.map(|t| t.narrow(0, start, n)).transpose()?;
+        let adaln = adaln.map(|t| t.narrow(0, start, n)).transpose()?;
+        parts.push(blk.forward_with(
+            &x.narrow(0, start, n)?,
+            &rope.narrow(start, n)?,
+            bias.as_ref(),
+            adaln.as_ref(),
+            exec,
+        )?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// cos/sin of the rotary angles for a batch of sequences, `[B, L, head_dim/2]` f32.
@@ -394,6 +469,16 @@ impl Block {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+}
+
+impl Rope {
+    /// The rows of batch items `start..start + len`.
+    fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Rope> {
+        Ok(Rope {
+            cos: self.cos.narrow(0, start, len)?.contiguous()?,
+            sin: self.sin.narrow(0, start, len)?.contiguous()?,
+        })
+    }
 }
 
 /// Per-axis angle tables, computed once: `angle[pos][i] = pos / θ^(2i/d)` (f64, rounded to f32).
@@ -533,6 +618,7 @@ pub struct Dit {
     pub stem: DitStem,
     tables: RopeTables,
     precision: DitPrecision,
+    exec: Execution,
 }
 
 /// How the forward obtains its repeated blocks: all resident, or loaded one by one.
@@ -583,7 +669,12 @@ impl Dit {
             stem,
             tables,
             precision,
+            exec: Execution::default(),
         })
+    }
+
+    pub fn set_execution(&mut self, exec: Execution) {
+        self.exec = exec;
     }
 
     pub fn precision(&self) -> DitPrecision {
@@ -677,7 +768,7 @@ impl Dit {
         let img_rope = self.tables.rope(&img_ids, n_img_padded, &dev)?;
         for i in 0..cfg.n_refiner_layers {
             img = blocks.with_block(BlockGroup::NoiseRefiner, i, &mut |blk| {
-                blk.forward(&img, &img_rope, None, Some(&adaln))
+                run_block(blk, &img, &img_rope, None, Some(&adaln), &self.exec)
             })?;
             record(&format!("noise_refiner.{i}"), &img);
         }
@@ -708,7 +799,7 @@ impl Dit {
         let cap_rope = self.tables.rope(&cap_ids, cap_max, &dev)?;
         for i in 0..cfg.n_refiner_layers {
             cap = blocks.with_block(BlockGroup::ContextRefiner, i, &mut |blk| {
-                blk.forward(&cap, &cap_rope, cap_bias.as_ref(), None)
+                run_block(blk, &cap, &cap_rope, cap_bias.as_ref(), None, &self.exec)
             })?;
             record(&format!("context_refiner.{i}"), &cap);
         }
@@ -747,7 +838,14 @@ impl Dit {
         let uni_bias = padding_bias(&uni_lens, uni_max, compute, &dev)?;
         for i in 0..cfg.n_layers {
             unified = blocks.with_block(BlockGroup::Layers, i, &mut |blk| {
-                blk.forward(&unified, &uni_rope, uni_bias.as_ref(), Some(&adaln))
+                run_block(
+                    blk,
+                    &unified,
+                    &uni_rope,
+                    uni_bias.as_ref(),
+                    Some(&adaln),
+                    &self.exec,
+                )
             })?;
             record(&format!("layers.{i}"), &unified);
         }
