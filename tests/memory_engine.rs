@@ -224,6 +224,11 @@ fn tiles_are_exact_given_whole_image_statistics_and_context() {
     let vae = m.vae().unwrap().clone();
     let features = vae.trunk(&input).unwrap();
     let stats = vae.record_head_stats(&features).unwrap();
+    // The reference: the whole head with the same (two-pass) statistics. The plain decode's fused
+    // normalisation differs from it only in the last bits.
+    let whole = vae.head_with_stats(&features, &stats).unwrap();
+    assert!(max_abs_diff(&full, &whole) < 1e-3);
+    let full = whole;
     let tiling = VaeTiling {
         tile_latent: 16,
         overlap_latent: 4,

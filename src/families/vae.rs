@@ -349,7 +349,7 @@ enum NormCtx<'a> {
     },
 }
 
-/// GroupNorm over `[B, C, H, W]`, computed in f32.
+/// GroupNorm over `[B, C, H, W]`; statistics accumulate in f32 whatever the dtype.
 #[derive(Debug, Clone)]
 struct GroupNorm {
     weight: Tensor,
@@ -362,6 +362,27 @@ impl GroupNorm {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let g = self.groups;
+        let wgt = self.weight.to_dtype(dtype)?.reshape((1, c, 1, 1))?;
+        let bias = self.bias.to_dtype(dtype)?.reshape((1, c, 1, 1))?;
+        if let NormCtx::Local = ctx {
+            // One fused pass (candle's layer norm over each group's values, f32 accumulation in
+            // any dtype) instead of a chain of full-size f32 temporaries: at 1024² a 128-channel
+            // map is 0.5 GB in f32, and the chain held several at once.
+            let n = (c / g) * h * w;
+            let ones = Tensor::ones(n, dtype, x.device())?;
+            let zeros = Tensor::zeros(n, dtype, x.device())?;
+            let normed = candle_nn::ops::layer_norm(
+                &x.contiguous()?.reshape((b * g, n))?,
+                &ones,
+                &zeros,
+                VAE_NORM_EPS as f32,
+            )?
+            .reshape((b, c, h, w))?;
+            drop((ones, zeros));
+            let scaled = normed.broadcast_mul(&wgt)?;
+            drop(normed);
+            return scaled.broadcast_add(&bias);
+        }
         let xf = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
         let (mean, var) = match ctx {
             NormCtx::Fixed { stats, next } => {
@@ -383,16 +404,12 @@ impl GroupNorm {
                 (mean, var)
             }
         };
-        let normed = xf
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + VAE_NORM_EPS)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        let wgt = self.weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-        normed
-            .broadcast_mul(&wgt)?
-            .broadcast_add(&bias)?
-            .to_dtype(dtype)
+        let mut t = xf.broadcast_sub(&mean)?;
+        drop(xf);
+        t = t.broadcast_div(&(var + VAE_NORM_EPS)?.sqrt()?)?;
+        t = t.reshape((b, c, h, w))?.to_dtype(dtype)?;
+        t = t.broadcast_mul(&wgt)?;
+        t.broadcast_add(&bias)
     }
 }
 
