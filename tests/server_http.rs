@@ -684,3 +684,29 @@ fn announce_body(base: &str, path: &str, len: usize) -> (u16, serde_json::Value)
         serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
     )
 }
+
+#[test]
+fn serves_an_sd_turbo_folder_too() {
+    // The second family through the same server: defaults follow the model (512², 1 step, CFG 1).
+    let out = temp_dir("sd");
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd-turbo");
+    let s = Server::start_model(&out, model, &[], &[]);
+    let (st, info) = get_json(&s.url("/api/info"));
+    assert_eq!(st, 200);
+    assert_eq!(info["model"]["family"], "sd-turbo");
+    assert_eq!(
+        info["model"]["defaults"],
+        json!({"width": 512, "height": 512, "steps": 1, "cfg": 1.0})
+    );
+    assert_eq!(info["model"]["size_multiple"], 8);
+    let id = submit(
+        &s,
+        json!({"prompt": "a serene mountain lake at dawn", "width": 136, "height": 96, "steps": 2}),
+    );
+    let rec = wait_terminal(&s, &id, Duration::from_secs(120));
+    assert_eq!(rec["state"], "done", "{rec}");
+    let url = rec["images"][0].as_str().unwrap();
+    let bytes = client().get(s.url(url)).send().unwrap().bytes().unwrap();
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (136, 96));
+}

@@ -32,6 +32,11 @@ impl Server {
     /// `zturbo serve --model demo --port 0 --outputs <outputs>` plus `args`; `env` is added to a
     /// cleaned environment (no ZTURBO_* from the caller's shell).
     pub fn start(outputs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_model(outputs, "demo", args, env)
+    }
+
+    /// [`Server::start`] with another `--model`.
+    pub fn start_model(outputs: &Path, model: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         // Next to the outputs folder, one per start (a restarted server gets a fresh log).
         let log = outputs.with_file_name(format!(
             "{}.server-{}.log",
@@ -51,7 +56,7 @@ impl Server {
         cmd.args([
             "serve",
             "--model",
-            "demo",
+            model,
             "--port",
             "0",
             "--host",
