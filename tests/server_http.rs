@@ -202,6 +202,11 @@ fn submit_stream_done_and_png() {
         assert!(t[k].is_u64(), "timings.{k}: {t}");
     }
     assert!(job["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // The memory plan the run used is part of the record.
+    assert!(job["plan"]["mode"].is_string(), "{}", job["plan"]);
+    assert!(job["plan"]["reasons"]
+        .as_array()
+        .is_some_and(|r| !r.is_empty()));
     assert!(job["created_at"].as_u64().unwrap() > 1_600_000_000_000);
     assert!(job["error"].is_null());
 

@@ -630,7 +630,7 @@ pub struct VaeTiling {
 }
 
 /// Estimated peak bytes of each phase of a job (weights loaded during it + its activations).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhasePeaks {
     pub text_encoding: u64,
     pub denoising: u64,
@@ -656,7 +656,7 @@ impl PhasePeaks {
 }
 
 /// The planner's decision for one job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The mode used; never `auto`.
     pub mode: MemoryMode,

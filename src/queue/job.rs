@@ -93,6 +93,9 @@ pub struct JobRecord {
     pub timings: Option<JobTimings>,
     #[serde(default)]
     pub peak_memory_bytes: Option<u64>,
+    /// The memory plan the run used (mode, residency, tiling, estimated peaks, reasons).
+    #[serde(default)]
+    pub plan: Option<crate::memory::planner::Plan>,
     #[serde(default)]
     pub error: Option<String>,
 }

@@ -117,6 +117,7 @@ mod tests {
             notices: vec![],
             timings: None,
             peak_memory_bytes: None,
+            plan: None,
             error: None,
         }
     }

@@ -387,6 +387,7 @@ impl Actor {
             notices: Vec::new(),
             timings: None,
             peak_memory_bytes: None,
+            plan: None,
             error: None,
         };
         // Journaled before it is acknowledged: an accepted job survives a crash.
@@ -541,6 +542,7 @@ impl Actor {
                     notices,
                     timings,
                     peak_memory_bytes,
+                    plan,
                     images,
                 } = *out;
                 job.record.params = Some(params);
@@ -554,6 +556,7 @@ impl Actor {
                     total_ms: timings.total_ms,
                 });
                 job.record.peak_memory_bytes = Some(peak_memory_bytes);
+                job.record.plan = Some(plan);
                 job.record.images = images;
                 job.step = job.total;
                 self.finish(id, JobState::Done, None).await;

@@ -47,6 +47,7 @@ pub struct RunOutput {
     pub notices: Vec<Notice>,
     pub timings: Timings,
     pub peak_memory_bytes: u64,
+    pub plan: crate::memory::planner::Plan,
     /// Image file names written to the outputs folder.
     pub images: Vec<String>,
 }
@@ -232,6 +233,7 @@ fn run(
                         notices: gen.notices,
                         timings: gen.timings,
                         peak_memory_bytes: gen.peak_memory_bytes,
+                        plan: gen.plan,
                         images,
                     })
                 })

@@ -41,6 +41,8 @@ pub struct JobView {
     pub notices: Vec<Notice>,
     pub timings: Option<JobTimings>,
     pub peak_memory_bytes: Option<u64>,
+    /// The memory plan the run used; `null` until it ran.
+    pub plan: Option<crate::memory::planner::Plan>,
     pub error: Option<String>,
 }
 
@@ -107,6 +109,7 @@ impl From<JobSnapshot> for JobView {
             notices: r.notices,
             timings: r.timings,
             peak_memory_bytes: r.peak_memory_bytes,
+            plan: r.plan,
             error: r.error,
         }
     }
