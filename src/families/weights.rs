@@ -373,14 +373,6 @@ impl Weights {
         VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
     }
 
-    pub fn component(&self) -> &str {
-        &self.component
-    }
-
-    pub fn files(&self) -> Vec<&Path> {
-        self.inner.iter().map(|(p, _)| p.as_path()).collect()
-    }
-
     /// A builder that checks names and shapes against the headers and hands out zero-cost
     /// broadcast placeholders: building a model with it validates a folder without reading weights.
     pub fn shape_only(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -405,20 +397,6 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
-    }
-
-    /// Stored bytes of all tensors.
-    pub fn total_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| t.bytes).sum()
-    }
-
-    /// Stored bytes of the tensors whose name starts with `prefix`.
-    pub fn bytes_with_prefix(&self, prefix: &str) -> u64 {
-        self.tensors
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, t)| t.bytes)
-            .sum()
     }
 
     /// Bytes the tensors would take in `dtype` (what the device will hold after conversion).

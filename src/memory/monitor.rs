@@ -67,13 +67,6 @@ impl Tags {
     fn snapshot(&self) -> TagState {
         self.state.lock().map(|s| s.clone()).unwrap_or_default()
     }
-
-    pub fn busy(&self) -> bool {
-        self.state
-            .lock()
-            .map(|s| s.job_id.is_some())
-            .unwrap_or(false)
-    }
 }
 
 /// Owns the sampler thread; dropping it stops the thread.
