@@ -491,14 +491,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let bytes = safetensors_bytes(&gen.latents)?;
         write_atomic(p, &bytes).with_context(|| format!("writing {}", p.display()))?;
     }
-    let record = serde_json::json!({
-        "params": gen.params,
-        "enhancement": gen.enhancement,
-        "notices": gen.notices,
-        "timings": gen.timings,
-        "peak_memory_bytes": gen.peak_memory_bytes,
-        "plan": gen.plan,
-    });
     let n = gen.images.len();
     for (i, img) in gen.images.iter().enumerate() {
         let path = if n == 1 {
@@ -507,12 +499,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
             numbered(&args.output, i + 1)
         };
         let params_text = a1111_parameters(&gen.params, img.seed, &gen.notices);
-        let mut rec = record.clone();
-        rec["params"]["seed"] = serde_json::json!(img.seed);
-        let png = encode_png(
-            img,
-            &[("parameters", &params_text), ("zturbo", &rec.to_string())],
-        )?;
+        let rec = output::record_text(None, &gen, img.seed);
+        let png = encode_png(img, &[("parameters", &params_text), ("zturbo", &rec)])?;
         write_atomic(&path, &png).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {} (seed {})", path.display(), img.seed);
     }

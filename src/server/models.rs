@@ -436,3 +436,60 @@ pub async fn pull_events(
     });
     Ok(super::sse(head.chain(tail).take_until(s.shutdown_signal())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_download_at_a_time_and_the_end_is_kept() {
+        let d = Downloads::default();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let started = d
+            .start("sd-turbo", move |p| {
+                p.file_started("unet/x.safetensors", 0, 0, 1);
+                p.file_size(10);
+                p.advanced(4);
+                wait.recv().map_err(|e| e.to_string())?;
+                Err("hub unreachable".into())
+            })
+            .unwrap();
+        assert_eq!(started, PullStart::Started);
+        let noop = |_: &mut dyn weights::DownloadProgress| Ok(std::path::PathBuf::new());
+        assert_eq!(
+            d.start("sd-turbo", noop).unwrap(),
+            PullStart::AlreadyRunning
+        );
+        assert_eq!(
+            d.start("sdxl-turbo", noop).unwrap(),
+            PullStart::Busy("sd-turbo".into())
+        );
+        let (_, rx) = d.subscribe("sd-turbo").unwrap();
+        let mut rx = rx.expect("live while running");
+        assert!(d.subscribe("sdxl-turbo").is_none());
+        go.send(()).unwrap();
+        let end = loop {
+            match rx.blocking_recv() {
+                Ok(ev) if ev.is_terminal() => break ev,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(
+            end,
+            PullEvent::Failed {
+                error: "hub unreachable".into()
+            }
+        );
+        // Once ended: the last event is replayed, and another download may start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.current().is_some() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        let (first, rx) = d.subscribe("sd-turbo").unwrap();
+        assert_eq!(first, Some(end));
+        assert!(rx.is_none());
+        assert_eq!(d.start("sdxl-turbo", noop).unwrap(), PullStart::Started);
+    }
+}

@@ -32,6 +32,11 @@ impl Server {
     /// `zturbo serve --model demo --port 0 --outputs <outputs>` plus `args`; `env` is added to a
     /// cleaned environment (no ZTURBO_* from the caller's shell).
     pub fn start(outputs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_on(outputs, "127.0.0.1", args, env)
+    }
+
+    /// [`Server::start`] listening on `host`.
+    pub fn start_on(outputs: &Path, host: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         // Next to the outputs folder, one per start (a restarted server gets a fresh log).
         let log = outputs.with_file_name(format!(
             "{}.server-{}.log",
@@ -48,24 +53,16 @@ impl Server {
             }
         }
         let models_dir = outputs.with_file_name("no-models-here");
-        cmd.args([
-            "serve",
-            "--model",
-            "demo",
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ])
-        .arg("--outputs")
-        .arg(outputs)
-        .arg("--models-dir")
-        .arg(&models_dir)
-        .args(args)
-        .env("ZTURBO_LOG", "info,tower_http=warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args(["serve", "--model", "demo", "--port", "0", "--host", host])
+            .arg("--outputs")
+            .arg(outputs)
+            .arg("--models-dir")
+            .arg(&models_dir)
+            .args(args)
+            .env("ZTURBO_LOG", "info,tower_http=warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().expect("spawn zturbo serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
