@@ -5,8 +5,8 @@
 //!
 //! Mapping: `size` → width × height (`auto` = the model's default; any `WxH` the model accepts);
 //! `n` → batch; `quality` → steps (`low` = half the model's steps, `standard`/`medium`/`auto` =
-//! its default, `hd`/`high` = 1.5 × — at least one more); `style` and `user` are accepted and
-//! ignored; `model` is the loaded model's name or an OpenAI alias (`dall-e-2`, `dall-e-3`,
+//! its default, `hd`/`high` = 1.5 × — at least one more, `xhigh`/`max` = 2 ×); `style` and
+//! `user` are accepted and ignored; `model` is the loaded model's name or an OpenAI alias (`dall-e-2`, `dall-e-3`,
 //! `gpt-image-*`), all served by the loaded model. Prompts are enhanced, and `revised_prompt` is
 //! the enhanced prompt.
 
@@ -172,9 +172,11 @@ pub fn quality_steps(quality: &str, default_steps: u32) -> Result<u32, String> {
         "auto" | "standard" | "medium" => default_steps,
         "low" => default_steps.div_ceil(2).max(1),
         "hd" | "high" => (default_steps + 1).max(default_steps * 3 / 2),
+        "xhigh" | "max" => default_steps * 2,
         _ => {
             return Err(format!(
-                "`{quality}` is not a quality: use standard, hd, low, medium, high or auto"
+                "`{quality}` is not a quality: use standard, hd, low, medium, high, xhigh, max \
+                 or auto"
             ))
         }
     })
@@ -412,6 +414,7 @@ mod tests {
         assert_eq!(quality_steps("high", 1), Ok(2));
         assert_eq!(quality_steps("low", 8), Ok(4));
         assert_eq!(quality_steps("low", 1), Ok(1));
+        assert_eq!(quality_steps("max", 8), Ok(16));
         assert!(quality_steps("ultra", 8).is_err());
     }
 

@@ -290,7 +290,7 @@ fn components() -> Value {
                 "n": { "type": "integer", "minimum": 1, "nullable": true },
                 "size": { "type": "string", "description": "WIDTHxHEIGHT (256x256, 512x512, 1024x1024, 1792x1024, 1024x1792, …) or auto", "nullable": true },
                 "response_format": { "type": "string", "enum": ["b64_json", "url"], "nullable": true },
-                "quality": { "type": "string", "enum": ["standard", "hd", "auto", "low", "medium", "high"], "nullable": true },
+                "quality": { "type": "string", "enum": ["standard", "hd", "auto", "low", "medium", "high", "xhigh", "max"], "nullable": true },
                 "style": { "type": "string", "description": "ignored", "nullable": true },
                 "user": { "type": "string", "description": "ignored", "nullable": true },
                 "output_format": { "type": "string", "enum": ["png"], "nullable": true },
