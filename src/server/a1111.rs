@@ -549,6 +549,16 @@ pub async fn set_options(
             "type_error.dict",
         ));
     };
+    if opts
+        .get("sd_model_checkpoint")
+        .is_some_and(|v| !v.is_string())
+    {
+        return Err(validation(
+            Some("sd_model_checkpoint"),
+            "str type expected",
+            "type_error.str",
+        ));
+    }
     let keys: Vec<&String> = opts.keys().collect();
     tracing::info!(?keys, "A1111 options ignored");
     if let Some(ckpt) = opts.get("sd_model_checkpoint").and_then(Value::as_str) {

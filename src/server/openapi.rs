@@ -3,8 +3,7 @@
 //! it lists exactly the routes of [`super::routes`], that every `$ref` resolves, and that the
 //! request schemas name the same fields as the request types.
 
-use std::sync::OnceLock;
-
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -185,11 +184,42 @@ fn error_response(description: &str, name: &str) -> Value {
     json!({ "description": description, "content": json_body(name) })
 }
 
-fn components() -> Value {
+/// What the schemas depend on: the loaded model's size multiple and the device's batch limit.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// The loaded model's name (OpenAI's `model` accepts it and the aliases).
+    pub model: String,
+    pub size_multiple: u32,
+    pub max_batch: u32,
+}
+
+/// A prompt: not blank, no control characters but tab and newlines (what validation accepts).
+fn prompt_schema() -> Value {
+    const OK: &str = r"[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]";
+    const VISIBLE: &str = r"[^\s\u0000-\u001f\u007f-\u009f]";
+    json!({ "type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+            "pattern": format!("^{OK}*{VISIBLE}{OK}*$") })
+}
+
+/// `schema` that also accepts `null` (= the default, as every optional request field does).
+fn nullable(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("nullable".into(), Value::Bool(true));
+    }
+    schema
+}
+
+fn components(f: &Facts) -> Value {
     let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
     let nullable_string = json!({ "type": "string", "nullable": true });
-    let side = json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "description": "a multiple of the model's size multiple (16 for Z-Image, 8 for SD)" });
-    let steps = json!({ "type": "integer", "minimum": MIN_STEPS, "maximum": MAX_STEPS });
+    let side = nullable(
+        json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": f.size_multiple,
+        "description": "a multiple of the loaded model's size multiple (16 for Z-Image, 8 for SD)" }),
+    );
+    let batch = nullable(json!({ "type": "integer", "minimum": 1, "maximum": f.max_batch }));
+    let text = json!({ "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true,
+        "pattern": r"^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]*$" });
+    let steps = nullable(json!({ "type": "integer", "minimum": MIN_STEPS, "maximum": MAX_STEPS }));
     let security = json!({
             "bearer": { "type": "http", "scheme": "bearer", "description": "the key given to `zturbo serve --api-key` (only when one is set)" },
             "basic": { "type": "http", "scheme": "basic", "description": "any user name, the API key as the password (A1111 clients)" },
@@ -226,14 +256,14 @@ fn components() -> Value {
                 "type": "object", "required": ["field", "message"],
                 "properties": { "field": nullable_string.clone(), "message": { "type": "string" } } } } },
             "GenerationRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
-                "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
-                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true },
+                "prompt": prompt_schema(),
+                "negative_prompt": text.clone(),
                 "width": side.clone(), "height": side.clone(), "steps": steps.clone(),
-                "cfg": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "description": "1.0 = guidance off; ≥ 3 is clamped to the model's safe maximum" },
-                "seed": { "type": "integer", "minimum": 0, "format": "int64" },
-                "batch": { "type": "integer", "minimum": 1 },
-                "enhance": { "type": "boolean" },
-                "memory_mode": { "type": "string", "enum": modes },
+                "cfg": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true, "description": "1.0 = guidance off; ≥ 3 is clamped to the model's safe maximum" },
+                "seed": { "type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true },
+                "batch": batch.clone(),
+                "enhance": { "type": "boolean", "nullable": true },
+                "memory_mode": { "type": "string", "enum": modes, "nullable": true },
             } },
             "Accepted": { "type": "object", "required": ["id", "position"], "properties": { "id": { "type": "string" }, "position": { "type": "integer" } } },
             "CancelResult": { "type": "object", "properties": { "id": { "type": "string" }, "state": { "type": "string", "enum": ["cancelled", "cancelling"] } } },
@@ -259,7 +289,7 @@ fn components() -> Value {
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
-                "negative_prompt": { "type": "string", "nullable": true } } },
+                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true } } },
             "Enhanced": { "type": "object", "properties": {
                 "prompt": { "type": "string" }, "negative_prompt": { "type": "string" },
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
@@ -285,10 +315,14 @@ fn components() -> Value {
                 "type": "object", "required": ["message", "type", "param", "code"],
                 "properties": { "message": { "type": "string" }, "type": { "type": "string" }, "param": nullable_string.clone(), "code": nullable_string.clone() } } } },
             "OpenAiImagesRequest": { "type": "object", "required": ["prompt"], "properties": {
-                "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
-                "model": { "type": "string", "description": "the loaded model's name, dall-e-2, dall-e-3 or gpt-image-*", "nullable": true },
-                "n": { "type": "integer", "minimum": 1, "nullable": true },
-                "size": { "type": "string", "description": "WIDTHxHEIGHT (256x256, 512x512, 1024x1024, 1792x1024, 1024x1792, …) or auto", "nullable": true },
+                "prompt": prompt_schema(),
+                "model": { "type": "string", "nullable": true,
+                    "enum": std::iter::once(f.model.as_str()).chain(super::openai::ALIASES).collect::<Vec<_>>(),
+                    "description": "the loaded model's name or an alias (also any gpt-image-* name); all run the loaded model" },
+                "n": { "type": "integer", "minimum": 1, "maximum": f.max_batch, "nullable": true },
+                "size": { "type": "string", "nullable": true,
+                    "enum": ["auto", "256x256", "512x512", "1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536"],
+                    "description": "these, or any WIDTHxHEIGHT the model accepts (see GenerationRequest's width and height)" },
                 "response_format": { "type": "string", "enum": ["b64_json", "url"], "nullable": true },
                 "quality": { "type": "string", "enum": ["standard", "hd", "auto", "low", "medium", "high", "xhigh", "max"], "nullable": true },
                 "style": { "type": "string", "description": "ignored", "nullable": true },
@@ -309,14 +343,14 @@ fn components() -> Value {
                 "type": "object", "required": ["loc", "msg", "type"], "properties": {
                     "loc": { "type": "array", "items": { "type": "string" } }, "msg": { "type": "string" }, "type": { "type": "string" } } } } } },
             "A1111RunError": { "type": "object", "properties": { "error": { "type": "string" }, "detail": { "type": "string" }, "body": { "type": "string" }, "errors": { "type": "string" } } },
-            "A1111Txt2ImgRequest": { "type": "object", "additionalProperties": true,
+            "A1111Txt2ImgRequest": { "type": "object", "additionalProperties": true, "required": ["prompt"],
                 "description": "A1111's txt2img body; fields not listed (sampler_name, scheduler, override_settings, alwayson_scripts, …) are ignored", "properties": {
-                "prompt": { "type": "string", "nullable": true }, "negative_prompt": { "type": "string", "nullable": true },
+                "prompt": prompt_schema(), "negative_prompt": text,
                 "width": side.clone(), "height": side,
-                "steps": steps, "cfg_scale": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG },
-                "seed": { "type": "integer", "format": "int64", "description": "-1 = random" },
-                "batch_size": { "type": "integer", "minimum": 1 },
-                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER } } },
+                "steps": steps, "cfg_scale": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true },
+                "seed": { "type": "integer", "format": "int64", "description": "-1 = random", "nullable": true },
+                "batch_size": batch,
+                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true } } },
             "A1111Txt2ImgResponse": { "type": "object", "required": ["images", "parameters", "info"], "properties": {
                 "images": { "type": "array", "items": { "type": "string", "format": "byte" } },
                 "parameters": { "type": "object" },
@@ -336,11 +370,29 @@ fn components() -> Value {
     })
 }
 
-/// The whole document.
-pub fn spec() -> &'static Value {
-    static SPEC: OnceLock<Value> = OnceLock::new();
-    SPEC.get_or_init(|| {
-        json!({
+/// A nullable schema with an `enum` must list `null` in it too (OpenAPI 3.0.3's clarification).
+fn null_in_enums(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if o.get("nullable") == Some(&Value::Bool(true)) {
+                if let Some(Value::Array(e)) = o.get_mut("enum") {
+                    if !e.contains(&Value::Null) {
+                        e.push(Value::Null);
+                    }
+                }
+            }
+            o.values_mut().for_each(null_in_enums);
+        }
+        Value::Array(a) => a.iter_mut().for_each(null_in_enums),
+        _ => {}
+    }
+}
+
+/// The whole document, for the loaded model.
+pub fn spec(f: &Facts) -> Value {
+    let mut components = components(f);
+    null_in_enums(&mut components);
+    json!({
             "openapi": "3.0.3",
             "info": {
                 "title": "zturbo",
@@ -353,16 +405,20 @@ pub fn spec() -> &'static Value {
             ],
             "security": [{}, { "bearer": [] }, { "basic": [] }, { "cookie": [] }],
             "paths": paths(),
-            "components": components(),
-        })
+            "components": components,
     })
 }
 
 /// `GET /openapi.json`.
-pub async fn document() -> Response {
+pub async fn document(State(s): State<super::AppState>) -> Response {
+    let facts = Facts {
+        model: s.info.model.clone(),
+        size_multiple: s.info.family.size_multiple,
+        max_batch: s.info.limits.max_batch,
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
-        axum::Json(spec()),
+        axum::Json(spec(&facts)),
     )
         .into_response()
 }
@@ -372,6 +428,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            model: "demo".into(),
+            size_multiple: 16,
+            max_batch: 4,
+        }
+    }
 
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -388,7 +452,7 @@ mod tests {
 
     #[test]
     fn documents_exactly_the_routers_routes() {
-        let doc = spec();
+        let doc = &spec(&facts());
         let documented: BTreeSet<(String, String)> = doc["paths"]
             .as_object()
             .unwrap()
@@ -410,7 +474,7 @@ mod tests {
 
     #[test]
     fn is_structurally_openapi_3() {
-        let doc = spec();
+        let doc = &spec(&facts());
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.0."));
         assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
         let mut ids = BTreeSet::new();
@@ -457,7 +521,7 @@ mod tests {
     }
 
     fn properties(name: &str) -> BTreeSet<String> {
-        spec()["components"]["schemas"][name]["properties"]
+        spec(&facts())["components"]["schemas"][name]["properties"]
             .as_object()
             .unwrap()
             .keys()
