@@ -85,9 +85,20 @@ enum Command {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Address to listen on. The UI has no login: keep 127.0.0.1 unless the network is trusted.
+    /// Address to listen on. Any address but loopback needs --api-key (or --insecure-no-auth).
     #[arg(long, env = "ZTURBO_HOST", default_value = "127.0.0.1")]
     host: String,
+    /// Require this key on every /api, /v1, /sdapi and /images call (`Authorization: Bearer KEY`;
+    /// the browser UI asks for it once and keeps a cookie).
+    #[arg(long, env = "ZTURBO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allow listening on a non-loopback address without an API key (anyone who can reach the
+    /// port can use the server).
+    #[arg(long, env = "ZTURBO_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Let web pages from this one origin (e.g. https://app.example.com) call the API (CORS).
+    #[arg(long, env = "ZTURBO_CORS_ORIGIN")]
+    cors_origin: Option<String>,
     /// Port to listen on; 0 picks a free one. The bound address is printed on stdout as
     /// `listening on http://HOST:PORT` once the model has loaded.
     #[arg(long, env = "ZTURBO_PORT", default_value_t = 7860)]
@@ -220,9 +231,37 @@ fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool
 fn serve(args: ServeArgs) -> Result<()> {
     use zturbo::memory::monitor::{Monitor, Tags};
     use zturbo::queue::{self, journal::Journal, worker, QueueConfig};
+    use zturbo::server::security::{check_api_key, is_loopback_host, parse_cors_origin, Security};
     use zturbo::server::{self, AppState, ServerInfo};
 
+    // Checked before anything loads: a refused configuration fails at once.
+    let api_key = args
+        .api_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    if let Some(k) = api_key {
+        check_api_key(k).map_err(|e| anyhow!("--api-key: {e}"))?;
+    }
+    let loopback = is_loopback_host(&args.host);
+    if !loopback && api_key.is_none() && !args.insecure_no_auth {
+        bail!(
+            "refusing to listen on {} without an API key: anyone who can reach it could use this \
+             server. Pass --api-key KEY (or set ZTURBO_API_KEY), or --insecure-no-auth if the \
+             network is trusted; --host 127.0.0.1 keeps it local",
+            args.host
+        );
+    }
+    if !loopback && api_key.is_none() {
+        tracing::warn!(host = %args.host, "--insecure-no-auth: the API is open to anyone who can reach this address");
+    }
+    let cors_origin = match &args.cors_origin {
+        Some(o) => Some(parse_cors_origin(o).map_err(|e| anyhow!("--cors-origin: {e}"))?),
+        None => None,
+    };
+
     let resolved = resolve_model(&args.model, true)?;
+    let model_path = resolved.dir.path().map(|p| p.display().to_string());
     let demo = resolved.demo;
     let description = if demo {
         "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
@@ -260,7 +299,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         "model loaded"
     );
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
-    let info = ServerInfo::new(
+    let mut info = ServerInfo::new(
         &loaded,
         demo,
         description,
@@ -268,6 +307,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.model.models_dir.clone(),
         args.outputs.clone(),
     );
+    info.model_path = model_path;
+    let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -286,16 +327,24 @@ fn serve(args: ServeArgs) -> Result<()> {
             recovered,
         );
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
         let state = AppState {
             queue: queue.clone(),
             monitor,
             info: Arc::new(info),
             shutdown: shutdown_rx,
+            security: Arc::new(Security {
+                api_key,
+                // What was bound, not what was asked: `localhost` may resolve to either family.
+                loopback: addr.ip().is_loopback(),
+                port: addr.port(),
+                cors_origin,
+            }),
+            downloads: Default::default(),
         };
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        let addr = listener.local_addr()?;
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -447,14 +496,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let bytes = safetensors_bytes(&gen.latents)?;
         write_atomic(p, &bytes).with_context(|| format!("writing {}", p.display()))?;
     }
-    let record = serde_json::json!({
-        "params": gen.params,
-        "enhancement": gen.enhancement,
-        "notices": gen.notices,
-        "timings": gen.timings,
-        "peak_memory_bytes": gen.peak_memory_bytes,
-        "plan": gen.plan,
-    });
     let n = gen.images.len();
     for (i, img) in gen.images.iter().enumerate() {
         let path = if n == 1 {
@@ -463,12 +504,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
             numbered(&args.output, i + 1)
         };
         let params_text = a1111_parameters(&gen.params, img.seed, &gen.notices);
-        let mut rec = record.clone();
-        rec["params"]["seed"] = serde_json::json!(img.seed);
-        let png = encode_png(
-            img,
-            &[("parameters", &params_text), ("zturbo", &rec.to_string())],
-        )?;
+        let rec = output::record_text(None, &gen, img.seed);
+        let png = encode_png(img, &[("parameters", &params_text), ("zturbo", &rec)])?;
         write_atomic(&path, &png).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {} (seed {})", path.display(), img.seed);
     }
@@ -515,6 +552,7 @@ fn safetensors_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// One indicatif bar per file: a spinner until the hub says the size, then a bar.
 struct BarProgress {
     bar: Option<ProgressBar>,
 }
@@ -528,6 +566,17 @@ impl families::weights::DownloadProgress for BarProgress {
         );
         b.set_message(format!("[{}/{count}] {name}", index + 1));
         self.bar = Some(b);
+    }
+    fn file_size(&mut self, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+        }
     }
     fn advanced(&mut self, bytes: u64) {
         if let Some(b) = &self.bar {

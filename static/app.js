@@ -94,6 +94,7 @@ async function api(path, opts = {}) {
   if (text) {
     try { data = JSON.parse(text); } catch { data = null; }
   }
+  if (res.status === 401 && !opts.noAuthPrompt) askForKey();
   if (!res.ok) {
     const err = data && data.error ? data.error : null;
     const message = err && err.message ? err.message : `${res.status} ${res.statusText || 'error'}`;
@@ -1762,18 +1763,108 @@ async function loadModels() {
       return;
     }
     const stateText = { loaded: 'loaded', on_disk: 'on disk', not_downloaded: 'not downloaded' };
-    list.replaceChildren(...models.map((mdl) => el('li', null,
-      el('span', { class: 'model-name', text: mdl.name }),
-      el('span', { class: `state state-${mdl.state}`, text: stateText[mdl.state] || mdl.state }),
-      mdl.demo ? el('span', { class: 'state state-demo', text: 'random weights' }) : null,
-      el('span', {
-        class: 'model-meta',
-        title: mdl.repo || '',
-        text: [mdl.family, mdl.size_bytes ? fmtBytes(mdl.size_bytes) : null, mdl.repo].filter(Boolean).join(' · '),
-      }))));
+    list.replaceChildren(...models.map((mdl) => {
+      const canPull = mdl.state === 'not_downloaded' && !!mdl.repo;
+      const li = el('li', { dataset: { model: mdl.name } },
+        el('span', { class: 'model-name', text: mdl.name }),
+        el('span', { class: `state state-${mdl.state}`, text: stateText[mdl.state] || mdl.state }),
+        mdl.demo ? el('span', { class: 'state state-demo', text: 'random weights' }) : null,
+        canPull ? el('button', {
+          type: 'button', class: 'small-btn pull-btn', text: 'Download',
+          'aria-label': `Download ${mdl.name}${mdl.size_bytes ? ` (${fmtBytes(mdl.size_bytes)})` : ''}`,
+          onclick: () => startPull(mdl.name),
+        }) : null,
+        el('span', {
+          class: 'model-meta',
+          title: mdl.repo || '',
+          text: [mdl.family, mdl.size_bytes ? fmtBytes(mdl.size_bytes) : null, mdl.repo].filter(Boolean).join(' · '),
+        }));
+      return li;
+    }));
+    // A download started earlier (or from another tab) is still running: follow it.
+    if (data && data.pull && data.pull.name) followPull(data.pull.name);
   } catch (e) {
     list.replaceChildren(el('li', { class: 'muted', text: `Could not list models (${e.message}).` }));
   }
+}
+
+/* model downloads: POST starts one, SSE reports it */
+
+const pulls = new Map();
+
+function pullRow(name) {
+  const li = document.querySelector(`#models li[data-model="${CSS.escape(name)}"]`);
+  if (!li) return null;
+  let box = li.querySelector('.pull-progress');
+  if (!box) {
+    box = el('div', { class: 'pull-progress' },
+      el('div', { class: 'bar', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-label': `Downloading ${name}` }, el('span')),
+      el('div', { class: 'pull-text muted', 'aria-live': 'polite' }));
+    li.append(box);
+  }
+  const btn = li.querySelector('.pull-btn');
+  if (btn) btn.disabled = true;
+  return { li, bar: box.querySelector('.bar'), fill: box.querySelector('.bar > span'), text: box.querySelector('.pull-text'), btn };
+}
+
+async function startPull(name) {
+  try {
+    await api(`/api/models/${encodeURIComponent(name)}/pull`, { method: 'POST' });
+    followPull(name);
+  } catch (e) {
+    toast(`Download of ${name} not started: ${e.message}`, 'bad', 7000);
+  }
+}
+
+function followPull(name) {
+  if (pulls.has(name)) return;
+  const row = pullRow(name);
+  if (!row) return;
+  row.bar.classList.add('indeterminate');
+  row.text.textContent = 'Starting…';
+  const es = new EventSource(`/api/models/${encodeURIComponent(name)}/pull/events`);
+  pulls.set(name, es);
+  const end = () => { es.close(); pulls.delete(name); };
+  es.addEventListener('progress', (ev) => {
+    const d = JSON.parse(ev.data);
+    const file = `${d.index + 1}/${d.count} ${d.file}`;
+    if (d.total_bytes) {
+      const pct = Math.min(100, Math.round((d.bytes / d.total_bytes) * 100));
+      row.bar.classList.remove('indeterminate');
+      row.fill.style.width = `${pct}%`;
+      row.bar.setAttribute('aria-valuenow', String(pct));
+      row.text.textContent = `${file}: ${fmtBytes(d.bytes)} of ${fmtBytes(d.total_bytes)}`;
+    } else {
+      row.bar.classList.add('indeterminate');
+      row.text.textContent = `${file}: ${fmtBytes(d.bytes)}`;
+    }
+  });
+  es.addEventListener('done', () => {
+    end();
+    row.bar.classList.remove('indeterminate');
+    row.bar.classList.add('done');
+    row.text.textContent = 'Downloaded. Restart the server with --model to use it.';
+    toast(`${name} is downloaded. Start zturbo serve --model ${name} to use it.`, 'info', 8000);
+    setTimeout(loadModels, 1500);
+  });
+  es.addEventListener('failed', (ev) => {
+    end();
+    let msg = 'the download failed';
+    try { msg = JSON.parse(ev.data).error || msg; } catch { /* keep */ }
+    row.bar.classList.remove('indeterminate');
+    row.bar.classList.add('failed');
+    row.text.textContent = msg;
+    if (row.btn) { row.btn.disabled = false; row.btn.textContent = 'Retry'; }
+    toast(`Download of ${name} failed.`, 'bad', 6000);
+  });
+  es.onerror = () => {
+    // The server closes the stream after the last event; anything else is a lost connection.
+    if (es.readyState === EventSource.CLOSED && pulls.has(name)) {
+      end();
+      row.text.textContent = 'Lost the connection to the download; reload to see where it stands.';
+      if (row.btn) row.btn.disabled = false;
+    }
+  };
 }
 
 async function loadHistory() {
@@ -1879,7 +1970,55 @@ function wire() {
   setupDragDrop();
 }
 
+/* API key: a server started with --api-key asks for it once; POST /api/auth sets an HttpOnly
+ * cookie that every later request (fetch, EventSource, <img>) carries. A `?key=` in the page's
+ * address is used the same way and then removed from the address bar. */
+
+let keyPrompt = null;
+
+async function sendKey(key) {
+  await api('/api/auth', { method: 'POST', body: { key }, noAuthPrompt: true });
+}
+
+function askForKey() {
+  if (keyPrompt) return keyPrompt;
+  const dlg = $('key-dialog');
+  const input = $('key-input');
+  const err = $('key-error');
+  keyPrompt = new Promise(() => {
+    dlg.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      err.textContent = '';
+      try {
+        await sendKey(input.value.trim());
+        location.reload();
+      } catch (x) {
+        err.textContent = x.status === 401 ? 'That key is not right.' : x.message;
+        input.select();
+      }
+    });
+    if (typeof dlg.showModal === 'function') dlg.showModal(); else dlg.setAttribute('open', '');
+    input.focus();
+  });
+  return keyPrompt;
+}
+
+async function checkAuth() {
+  const url = new URL(location.href);
+  const key = url.searchParams.get('key');
+  if (key !== null) {
+    url.searchParams.delete('key');
+    history.replaceState(null, '', url.pathname + url.search + url.hash);
+    try { await sendKey(key); } catch { /* asked below */ }
+  }
+  try {
+    const { data } = await api('/api/auth', { noAuthPrompt: true });
+    if (data && data.required && !data.authorized) await askForKey();
+  } catch { /* an old or unreachable server: carry on, api() reports */ }
+}
+
 async function main() {
+  await checkAuth();
   wire();
   updateAllHints();
   mem.chart = new MemoryChart($('memory-chart'), $('memory-readout'));

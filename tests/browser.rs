@@ -1,8 +1,10 @@
 //! The real-browser test: `zturbo serve` with the demo model, driven by headless Chromium through
 //! `tests/browser/ui_test.mjs` (playwright-core from npm, the system's Debian `chromium`; never a
 //! browser download). It types a prompt, clicks Generate, waits for the image in the gallery and
-//! checks the memory chart got samples. Screenshots for humans: `target/browser-screenshot.png`
-//! (1280 px wide) and `target/browser-screenshot-narrow.png` (420 px).
+//! checks the memory chart got samples; downloads a model from the Models panel (from a fake hub)
+//! and logs into a second server started with `--api-key`. Screenshots for humans:
+//! `target/browser-screenshot.png` (1280 px wide) and `target/browser-screenshot-narrow.png`
+//! (420 px).
 //!
 //! Needs `node`, `npm ci --prefix tests/browser` and `apt-get install chromium`; `.ci/run` does
 //! all three. A missing piece fails the test with a message saying which.
@@ -12,7 +14,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{temp_dir, Server};
+use support::{fake_hub, temp_dir, Server};
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
@@ -45,7 +47,25 @@ fn ui_generates_an_image_in_headless_chromium() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     check_prerequisites(&root);
     let out = temp_dir("browser");
-    let server = Server::start(&out, &[], &[]);
+    // Downloads from the Models panel go to a fake hub (no network in tests).
+    let hub = fake_hub(false);
+    let hf_home = out.with_file_name(format!("{}-hf", out.file_name().unwrap().to_string_lossy()));
+    let server = Server::start(
+        &out,
+        &[],
+        &[
+            ("HF_ENDPOINT", hub.url.as_str()),
+            ("HF_HOME", hf_home.to_str().unwrap()),
+        ],
+    );
+    let keyed = Server::start(
+        &out.with_file_name(format!(
+            "{}-keyed",
+            out.file_name().unwrap().to_string_lossy()
+        )),
+        &["--api-key", "browser-test-key"],
+        &[],
+    );
     let target = root.join("target");
     std::fs::create_dir_all(&target).unwrap();
     let shot = target.join("browser-screenshot.png");
@@ -57,6 +77,9 @@ fn ui_generates_an_image_in_headless_chromium() {
         .arg(&shot)
         .arg(&narrow)
         .env("CHROMIUM", chromium())
+        .env("PULL_MODEL", "sd-turbo")
+        .env("KEYED_URL", &keyed.url)
+        .env("KEYED_KEY", "browser-test-key")
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&run.stdout);

@@ -8,6 +8,7 @@ use super::guard::{all_finite, poison};
 use super::{EngineError, Notice, RunState};
 use crate::families::vae::GroupNormStats;
 use crate::families::{Component, Family};
+pub use crate::memory::planner::tile_starts;
 use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
 
 /// Latent cells of real context decoded around every tile and cropped away again. Measured on the
@@ -15,21 +16,6 @@ use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
 /// 0.2 % that the overlap blend already hides — far below the statistics estimate's, so the extra
 /// compute is not spent by default.
 pub const TILE_CONTEXT: usize = 0;
-
-/// Tile origins along one axis: stride `tile − overlap`, the last tile flush with the end.
-pub fn tile_starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
-    if len <= tile {
-        return vec![0];
-    }
-    let stride = tile.saturating_sub(overlap).max(1);
-    let mut starts: Vec<usize> = (0..)
-        .map(|i| i * stride)
-        .take_while(|s| s + tile < len)
-        .collect();
-    starts.push(len - tile);
-    starts.dedup();
-    starts
-}
 
 /// smootherstep: C²-continuous ramp from 0 to 1; `s(t) + s(1 − t) = 1`, so two overlapping tiles'
 /// weights already sum to one.

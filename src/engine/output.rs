@@ -5,7 +5,38 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::{GeneratedImage, Notice, ResolvedParams};
+use super::{GeneratedImage, Generation, Notice, ResolvedParams};
+
+/// The `zturbo` text chunk of image `seed` of a run: the full JSON record (params with that
+/// image's seed, enhancement, notices, timings, peak memory, plan). Serialised from the typed
+/// values, not through `serde_json::Value`, which would widen f32 fields (a CFG of 1.8 would
+/// read 1.7999999523162842 when a page or `--from-png` restores it).
+pub fn record_text(job_id: Option<&str>, gen: &Generation, seed: u64) -> String {
+    #[derive(serde::Serialize)]
+    struct Record<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job_id: Option<&'a str>,
+        params: ResolvedParams,
+        enhancement: &'a super::prompt::Enhanced,
+        notices: &'a [Notice],
+        timings: &'a super::Timings,
+        peak_memory_bytes: u64,
+        plan: &'a crate::memory::planner::Plan,
+    }
+    let record = Record {
+        job_id,
+        params: ResolvedParams {
+            seed,
+            ..gen.params.clone()
+        },
+        enhancement: &gen.enhancement,
+        notices: &gen.notices,
+        timings: &gen.timings,
+        peak_memory_bytes: gen.peak_memory_bytes,
+        plan: &gen.plan,
+    };
+    serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
+}
 
 /// A1111's infotext: prompt, `Negative prompt:` line, then `Key: value` pairs. Our notices ride
 /// along as `Notices: "…"` so other tools show them too.

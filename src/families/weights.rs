@@ -521,6 +521,9 @@ pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
 /// Reports download progress (a terminal bar, or SSE events to the UI).
 pub trait DownloadProgress {
     fn file_started(&mut self, name: &str, size: u64, index: usize, count: usize);
+    /// The file's size, once the hub has said it (before the first `advanced`); the bytes
+    /// already on disk from an interrupted download are reported as advanced at once.
+    fn file_size(&mut self, _total: u64) {}
     fn advanced(&mut self, bytes: u64);
     fn file_finished(&mut self, name: &str);
 }
@@ -528,7 +531,9 @@ pub trait DownloadProgress {
 struct HubProgress<'a>(&'a mut dyn DownloadProgress);
 
 impl hf_hub::api::Progress for HubProgress<'_> {
-    fn init(&mut self, _size: usize, _filename: &str) {}
+    fn init(&mut self, size: usize, _filename: &str) {
+        self.0.file_size(size as u64);
+    }
     fn update(&mut self, size: usize) {
         self.0.advanced(size as u64);
     }

@@ -110,6 +110,8 @@ pub struct JobSnapshot {
     pub step: usize,
     pub total_steps: usize,
     pub elapsed_ms: Option<u64>,
+    /// Running, and asked to stop (it ends at the next step boundary).
+    pub cancelling: bool,
 }
 
 /// What a job's subscribers hear, in order; the last one is always terminal.

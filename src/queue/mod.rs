@@ -76,6 +76,13 @@ pub enum CancelError {
 
 type Subscription = (JobSnapshot, Option<broadcast::Receiver<JobEvent>>);
 
+/// What the worker is doing now: the running job (if any) and how many wait behind it.
+#[derive(Debug, Clone)]
+pub struct QueueStatus {
+    pub running: Option<JobSnapshot>,
+    pub queued: usize,
+}
+
 enum Command {
     Submit(
         ValidRequest,
@@ -85,6 +92,7 @@ enum Command {
     List(usize, oneshot::Sender<Vec<JobSnapshot>>),
     Cancel(JobId, oneshot::Sender<Result<CancelOutcome, CancelError>>),
     Subscribe(JobId, oneshot::Sender<Option<Subscription>>),
+    Status(oneshot::Sender<QueueStatus>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -133,6 +141,32 @@ impl QueueHandle {
         self.ask(|tx| Command::Subscribe(id.to_string(), tx))
             .await
             .flatten()
+    }
+
+    /// The running job and the number of queued ones, read atomically.
+    pub async fn status(&self) -> QueueStatus {
+        self.ask(Command::Status).await.unwrap_or(QueueStatus {
+            running: None,
+            queued: 0,
+        })
+    }
+
+    /// Follows a job to its end and returns its final snapshot (`None` if it is unknown or the
+    /// queue stopped). Dropping the future does not cancel the job.
+    pub async fn wait(&self, id: &str) -> Option<JobSnapshot> {
+        let (snap, rx) = self.subscribe(id).await?;
+        if let Some(mut rx) = rx.filter(|_| !snap.record.state.is_terminal()) {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.is_terminal() => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
+        // The record, not the event: it carries the images, params and error.
+        let snap = self.get(id).await?;
+        snap.record.state.is_terminal().then_some(snap)
     }
 
     /// Stops starting jobs and interrupts the running one (it stays journaled and restarts with
@@ -309,6 +343,13 @@ impl Actor {
                 });
                 let _ = reply.send(out);
             }
+            Command::Status(reply) => {
+                let running = self.running.as_ref().and_then(|id| self.snapshot(id));
+                let _ = reply.send(QueueStatus {
+                    running,
+                    queued: self.pending.len(),
+                });
+            }
             Command::Shutdown(reply) => {
                 self.shutting_down = true;
                 match self.running.as_ref().and_then(|id| self.jobs.get_mut(id)) {
@@ -338,6 +379,7 @@ impl Actor {
             step: job.step,
             total_steps: job.total,
             elapsed_ms: job.elapsed_ms,
+            cancelling: job.cancel.as_ref().is_some_and(|c| c.is_cancelled()),
         })
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::job::{image_name, JobId};
-use crate::engine::output::{a1111_parameters, encode_png, write_atomic};
+use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
 use crate::engine::prompt::Enhanced;
 use crate::engine::{
     CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
@@ -307,22 +307,12 @@ fn write_images(
     id: &str,
     gen: &Generation,
 ) -> std::io::Result<Vec<String>> {
-    let record = serde_json::json!({
-        "job_id": id,
-        "params": gen.params,
-        "enhancement": gen.enhancement,
-        "notices": gen.notices,
-        "timings": gen.timings,
-        "peak_memory_bytes": gen.peak_memory_bytes,
-        "plan": gen.plan,
-    });
     let mut names = Vec::with_capacity(gen.images.len());
     for (i, img) in gen.images.iter().enumerate() {
         let name = image_name(id, i + 1);
         let text = a1111_parameters(&gen.params, img.seed, &gen.notices);
-        let mut rec = record.clone();
-        rec["params"]["seed"] = serde_json::json!(img.seed);
-        let png = encode_png(img, &[("parameters", &text), ("zturbo", &rec.to_string())])
+        let rec = record_text(Some(id), gen, img.seed);
+        let png = encode_png(img, &[("parameters", &text), ("zturbo", &rec)])
             .map_err(std::io::Error::other)?;
         write_atomic(&outputs.join(&name), &png)?;
         names.push(name);

@@ -105,6 +105,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let JsonBody(bytes) = JsonBody::from_request(req, state).await?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// The raw bytes of a JSON body, after the checks every JSON endpoint shares: a JSON content
+/// type (or none), and the size limit (415 and 413 in our shape; other surfaces convert them).
+pub struct JsonBody(pub Bytes);
+
+impl<S> FromRequest<S> for JsonBody
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         // A missing content type is accepted (curl -d without -H); a wrong one is not.
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
@@ -145,7 +161,7 @@ where
                 ApiError::new(rej.status(), None, rej.body_text())
             }
         })?;
-        parse_json(&bytes).map(ApiJson)
+        Ok(JsonBody(bytes))
     }
 }
 

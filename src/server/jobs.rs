@@ -17,9 +17,9 @@ use crate::engine::{Notice, ResolvedParams};
 use crate::memory::planner::MemoryMode;
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
-    SubmitError,
+    SubmitError, Submitted,
 };
-use crate::request::{GenerationRequest, MAX_PROMPT_CHARS};
+use crate::request::{GenerationRequest, ValidRequest, MAX_PROMPT_CHARS};
 
 /// A job as the API shows it.
 #[derive(Debug, Serialize)]
@@ -120,16 +120,22 @@ pub async fn submit(
     ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
     let valid = req.validate(&s.info.limits)?;
+    let sub = submit_valid(&s, valid).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(
+            axum::http::header::LOCATION,
+            format!("/api/jobs/{}", sub.id),
+        )],
+        Json(json!({ "id": sub.id, "position": sub.position })),
+    )
+        .into_response())
+}
+
+/// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here.
+pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted, ApiError> {
     match s.queue.submit(valid).await {
-        Ok(sub) => Ok((
-            StatusCode::ACCEPTED,
-            [(
-                axum::http::header::LOCATION,
-                format!("/api/jobs/{}", sub.id),
-            )],
-            Json(json!({ "id": sub.id, "position": sub.position })),
-        )
-            .into_response()),
+        Ok(sub) => Ok(sub),
         Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             None,
@@ -139,13 +145,44 @@ pub async fn submit(
             ),
         )
         .with_retry_after(retry_after_s)),
-        Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "the server is shutting down",
-        )),
+        Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(shutting_down()),
         Err(e @ SubmitError::Journal(_)) => Err(ApiError::internal(e.to_string())),
     }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+        "the server is shutting down",
+    )
+}
+
+/// Waits for a job to end (for the synchronous OpenAI and A1111 calls). A server shutdown ends
+/// the wait with a 503 (the job stays journaled and runs after the restart); the caller going
+/// away drops this future and leaves the job running.
+pub async fn wait_job(s: &AppState, id: &str) -> Result<JobSnapshot, ApiError> {
+    tokio::select! {
+        snap = s.queue.wait(id) => snap.ok_or_else(shutting_down),
+        _ = s.shutdown_signal() => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            format!("the server is shutting down; job {id} stays queued and runs after the restart"),
+        )),
+    }
+}
+
+/// The PNG files of a finished job, read from the outputs folder.
+pub async fn read_images(s: &AppState, snap: &JobSnapshot) -> Result<Vec<Vec<u8>>, ApiError> {
+    let mut out = Vec::with_capacity(snap.record.images.len());
+    for name in &snap.record.images {
+        let path = s.info.outputs.join(name);
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| ApiError::internal(format!("could not read {}: {e}", path.display())))?;
+        out.push(bytes);
+    }
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -195,11 +232,7 @@ pub async fn cancel(
         Err(e @ CancelError::Finished(..)) => {
             Err(ApiError::new(StatusCode::CONFLICT, None, e.to_string()))
         }
-        Err(CancelError::Stopped) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "the server is shutting down",
-        )),
+        Err(CancelError::Stopped) => Err(shutting_down()),
     }
 }
 

@@ -2,21 +2,26 @@
 //! file per surface; [`app`] builds the router from an [`AppState`] so tests can drive it without
 //! a socket. The server knows jobs, requests and memory samples — never tensors.
 
+pub mod a1111;
 pub mod error;
 pub mod images;
 pub mod jobs;
 pub mod memory;
 pub mod models;
+pub mod openai;
+pub mod openapi;
+pub mod security;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::handler::Handler;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use futures::Stream;
 use tokio::sync::watch;
@@ -51,6 +56,10 @@ pub struct ServerInfo {
     pub queue_size: usize,
     pub models_dir: PathBuf,
     pub outputs: PathBuf,
+    /// The loaded model's folder (`None` for the embedded demo).
+    pub model_path: Option<String>,
+    /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
+    pub started_at_s: u64,
 }
 
 impl ServerInfo {
@@ -83,6 +92,8 @@ impl ServerInfo {
             queue_size,
             models_dir,
             outputs,
+            model_path: None,
+            started_at_s: crate::queue::job::now_ms() / 1000,
         }
     }
 }
@@ -94,6 +105,9 @@ pub struct AppState {
     pub info: Arc<ServerInfo>,
     /// Turns `true` when the server shuts down: SSE streams end so connections can drain.
     pub shutdown: watch::Receiver<bool>,
+    pub security: Arc<security::Security>,
+    /// Model downloads started from the UI.
+    pub downloads: models::Downloads,
 }
 
 impl AppState {
@@ -108,26 +122,129 @@ impl AppState {
     }
 }
 
+/// A route's method; the router and the OpenAPI document's test both read [`routes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Verb::Get => Method::GET,
+            Verb::Post => Method::POST,
+            Verb::Delete => Method::DELETE,
+        }
+    }
+
+    /// The lower-case name OpenAPI uses for the operation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Post => "post",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
+/// One route: method, path (axum's and OpenAPI's `{param}` syntax are the same) and handler.
+pub struct Route {
+    pub verb: Verb,
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    Route {
+        verb,
+        path,
+        handler: on(verb.filter(), handler),
+    }
+}
+
+/// Every route the server answers, in one table: [`app`] builds the router from it and the
+/// OpenAPI test checks that `/openapi.json` documents exactly these.
+pub fn routes() -> Vec<Route> {
+    use Verb::{Delete, Get, Post};
+    vec![
+        route(Get, "/", index),
+        route(Get, "/index.html", index),
+        route(Get, "/app.js", app_js),
+        route(Get, "/style.css", style_css),
+        route(Get, "/openapi.json", openapi::document),
+        route(Get, "/images/{file}", images::get),
+        route(Get, "/api/health", models::health),
+        route(Get, "/api/info", models::info),
+        route(Get, "/api/auth", security::auth_status),
+        route(Post, "/api/auth", security::auth),
+        route(Get, "/api/models", models::list),
+        route(Post, "/api/models/{name}/pull", models::pull),
+        route(Get, "/api/models/{name}/pull/events", models::pull_events),
+        route(Post, "/api/enhance", jobs::enhance),
+        route(Get, "/api/jobs", jobs::list),
+        route(Post, "/api/jobs", jobs::submit),
+        route(Get, "/api/jobs/{id}", jobs::get),
+        route(Delete, "/api/jobs/{id}", jobs::cancel),
+        route(Get, "/api/jobs/{id}/events", jobs::events),
+        route(Get, "/api/memory/stream", memory::stream),
+        route(Post, "/v1/images/generations", openai::generations),
+        route(Get, "/v1/models", openai::models),
+        route(Get, "/v1/models/{model}", openai::model),
+        route(Post, "/sdapi/v1/txt2img", a1111::txt2img),
+        route(Get, "/sdapi/v1/progress", a1111::progress),
+        route(Post, "/sdapi/v1/interrupt", a1111::interrupt),
+        route(Get, "/sdapi/v1/sd-models", a1111::sd_models),
+        route(Get, "/sdapi/v1/options", a1111::options),
+        route(Post, "/sdapi/v1/options", a1111::set_options),
+        route(Get, "/sdapi/v1/samplers", a1111::samplers),
+        route(Get, "/sdapi/v1/schedulers", a1111::schedulers),
+        route(Get, "/sdapi/v1/scripts", a1111::scripts),
+    ]
+}
+
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/health", get(models::health))
-        .route("/info", get(models::info))
-        .route("/models", get(models::list))
-        .route("/enhance", axum::routing::post(jobs::enhance))
-        .route("/jobs", get(jobs::list).post(jobs::submit))
-        .route("/jobs/{id}", get(jobs::get).delete(jobs::cancel))
-        .route("/jobs/{id}/events", get(jobs::events))
-        .route("/memory/stream", get(memory::stream));
-    Router::new()
-        .route("/", get(index))
-        .route("/index.html", get(index))
-        .route("/app.js", get(app_js))
-        .route("/style.css", get(style_css))
-        .route("/images/{file}", get(images::get))
-        .nest("/api", api)
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    let cors = state.security.cors_origin.as_deref().and_then(|o| {
+        let origin = HeaderValue::from_str(o).ok()?;
+        Some(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+                .max_age(Duration::from_secs(600)),
+        )
+    });
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ));
+    // CORS outside the guard: a preflight carries no credentials and is answered here.
+    let router = match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    };
+    router
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -161,15 +278,32 @@ async fn style_css() -> Response {
     asset("text/css; charset=utf-8", STYLE_CSS)
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no such page or endpoint: {}", uri.path()))
+/// An error in the shape of the surface `path` belongs to.
+fn surface_error(path: &str, status: StatusCode, message: String) -> Response {
+    if path == "/v1" || path.starts_with("/v1/") {
+        openai::error(status, None, None, message).into_response()
+    } else if path.starts_with("/sdapi/") {
+        a1111::detail(status, message)
+    } else {
+        ApiError::new(status, None, message).into_response()
+    }
 }
 
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    surface_error(
+        path,
+        StatusCode::NOT_FOUND,
+        format!("no such page or endpoint: {path}"),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    surface_error(
+        path,
         StatusCode::METHOD_NOT_ALLOWED,
-        None,
-        format!("{method} is not allowed on {}", uri.path()),
+        format!("{method} is not allowed on {path}"),
     )
 }
 
@@ -218,6 +352,10 @@ mod tests {
     }
 
     fn fixture(capacity: usize) -> Fixture {
+        fixture_with(capacity, security::Security::default())
+    }
+
+    fn fixture_with(capacity: usize, security: security::Security) -> Fixture {
         let outputs =
             std::env::temp_dir().join(format!("zturbo-router-{}", crate::queue::job::new_job_id()));
         let (work_tx, work) = std::sync::mpsc::channel();
@@ -266,6 +404,8 @@ mod tests {
             queue_size: capacity,
             models_dir: outputs.join("models"),
             outputs,
+            model_path: None,
+            started_at_s: 0,
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let monitor = Arc::new(Monitor::start(
@@ -278,6 +418,8 @@ mod tests {
                 monitor,
                 info: Arc::new(info),
                 shutdown,
+                security: Arc::new(security),
+                downloads: models::Downloads::default(),
             }),
             work,
             _events: events,
@@ -291,7 +433,20 @@ mod tests {
         uri: &str,
         body: Option<&str>,
     ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        call_with(app, method, uri, &[], body).await
+    }
+
+    async fn call_with(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
         let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -383,5 +538,272 @@ mod tests {
             .map(|j| j["state"].as_str().unwrap())
             .collect();
         assert_eq!(states, vec!["cancelled", "running"]);
+    }
+
+    fn guarded() -> Fixture {
+        fixture_with(
+            4,
+            security::Security {
+                api_key: Some("s3cret-key".into()),
+                loopback: true,
+                port: 7860,
+                cors_origin: Some("https://app.example.com".into()),
+            },
+        )
+    }
+
+    const HOST: (&str, &str) = ("host", "127.0.0.1:7860");
+    const BEARER: (&str, &str) = ("authorization", "Bearer s3cret-key");
+
+    #[tokio::test]
+    async fn host_must_name_this_loopback_server() {
+        let f = guarded();
+        for host in [
+            "evil.example:7860",
+            "127.0.0.1:8080",
+            "192.168.1.5:7860",
+            "localhost",
+        ] {
+            let (st, _, err) = call_with(&f.app, "GET", "/", &[("host", host), BEARER], None).await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "{host}");
+            assert!(err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("loopback"));
+        }
+        for host in ["127.0.0.1:7860", "localhost:7860", "[::1]:7860"] {
+            let (st, _, _) = call_with(
+                &f.app,
+                "GET",
+                "/api/health",
+                &[("host", host), BEARER],
+                None,
+            )
+            .await;
+            assert_eq!(st, StatusCode::OK, "{host}");
+        }
+    }
+
+    #[tokio::test]
+    async fn api_key_is_required_on_the_api_surfaces() {
+        let f = guarded();
+        let (st, h, err) = call_with(&f.app, "GET", "/api/health", &[HOST], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert!(h[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert!(err["error"]["message"].is_string());
+        let (st, _, err) = call_with(&f.app, "GET", "/v1/models", &[HOST], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert_eq!(err["error"]["code"], "invalid_api_key");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+        let (st, _, err) = call_with(&f.app, "GET", "/sdapi/v1/options", &[HOST], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert!(err["detail"].is_string());
+        let wrong = ("authorization", "Bearer nope");
+        let (st, _, _) = call_with(&f.app, "GET", "/v1/models", &[HOST, wrong], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // The page itself and the API description need no key.
+        for path in ["/", "/app.js", "/openapi.json"] {
+            let (st, _, _) = call_with(&f.app, "GET", path, &[HOST], None).await;
+            assert_eq!(st, StatusCode::OK, "{path}");
+        }
+        // Bearer (OpenAI SDKs) and Basic with the key as password (A1111 clients).
+        let (st, _, m) = call_with(&f.app, "GET", "/v1/models", &[HOST, BEARER], None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(m["object"], "list");
+        use base64::Engine as _;
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("user:s3cret-key")
+        );
+        let (st, _, _) = call_with(
+            &f.app,
+            "GET",
+            "/sdapi/v1/sd-models",
+            &[HOST, ("authorization", &basic)],
+            None,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn the_ui_logs_in_with_a_cookie() {
+        let f = guarded();
+        let (_, _, st) = call_with(&f.app, "GET", "/api/auth", &[HOST], None).await;
+        assert_eq!(
+            st,
+            serde_json::json!({"required": true, "authorized": false})
+        );
+        let (code, _, err) = call_with(
+            &f.app,
+            "POST",
+            "/api/auth",
+            &[HOST, ("content-type", "application/json")],
+            Some(r#"{"key":"wrong"}"#),
+        )
+        .await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert_eq!(err["error"]["field"], "key");
+        let (code, headers, _) = call_with(
+            &f.app,
+            "POST",
+            "/api/auth",
+            &[HOST, ("content-type", "application/json")],
+            Some(r#"{"key":"s3cret-key"}"#),
+        )
+        .await;
+        assert_eq!(code, StatusCode::NO_CONTENT);
+        let cookie = headers[header::SET_COOKIE].to_str().unwrap().to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        assert!(
+            !cookie.contains("s3cret-key"),
+            "the cookie must not carry the key"
+        );
+        let pair = cookie.split(';').next().unwrap().to_string();
+        let (code, _, _) =
+            call_with(&f.app, "GET", "/api/info", &[HOST, ("cookie", &pair)], None).await;
+        assert_eq!(code, StatusCode::OK);
+        let (_, _, st) =
+            call_with(&f.app, "GET", "/api/auth", &[HOST, ("cookie", &pair)], None).await;
+        assert_eq!(st["authorized"], true);
+    }
+
+    #[tokio::test]
+    async fn signed_image_urls_open_one_image() {
+        let f = guarded();
+        let sec = security::Security {
+            api_key: Some("s3cret-key".into()),
+            ..Default::default()
+        };
+        let file = "0123456789abcdef-1.png";
+        let signed = sec.image_path(file);
+        assert!(
+            signed.starts_with("/images/0123456789abcdef-1.png?sig="),
+            "{signed}"
+        );
+        // Authorized (the file does not exist: 404, not 401).
+        let (st, _, _) = call_with(&f.app, "GET", &signed, &[HOST], None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let other = signed.replace("-1.png", "-2.png");
+        let (st, _, _) = call_with(&f.app, "GET", &other, &[HOST], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn cross_origin_state_changes_are_refused() {
+        let f = guarded();
+        let json = ("content-type", "application/json");
+        let body = Some(r#"{"prompt": "a lake", "width": 64, "height": 64}"#);
+        for origin in ["https://evil.example", "null", "http://127.0.0.1:9999"] {
+            let (st, _, err) = call_with(
+                &f.app,
+                "POST",
+                "/api/jobs",
+                &[HOST, BEARER, json, ("origin", origin)],
+                body,
+            )
+            .await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "{origin}");
+            assert!(err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cross-origin"));
+        }
+        // Fetch Metadata without Origin.
+        let (st, _, _) = call_with(
+            &f.app,
+            "POST",
+            "/api/jobs",
+            &[HOST, BEARER, json, ("sec-fetch-site", "cross-site")],
+            body,
+        )
+        .await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        // Our own origin (either loopback name), the configured one, and no Origin at all pass.
+        for origin in [
+            Some("http://127.0.0.1:7860"),
+            Some("http://localhost:7860"),
+            Some("https://app.example.com"),
+            None,
+        ] {
+            let mut headers = vec![HOST, BEARER, json];
+            if let Some(o) = origin {
+                headers.push(("origin", o));
+            }
+            let (st, _, out) = call_with(&f.app, "POST", "/api/jobs", &headers, body).await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{origin:?}: {out}");
+        }
+        // A GET from another origin is not state-changing (and CORS keeps its answer unreadable).
+        let (st, h, _) = call_with(
+            &f.app,
+            "GET",
+            "/api/health",
+            &[HOST, BEARER, ("origin", "https://evil.example")],
+            None,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(h
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none_or(|v| v == "https://app.example.com"));
+    }
+
+    #[tokio::test]
+    async fn cors_allows_the_configured_origin_only() {
+        let f = guarded();
+        let preflight = |origin: &'static str| {
+            Request::builder()
+                .method("OPTIONS")
+                .uri("/v1/images/generations")
+                .header("host", "127.0.0.1:7860")
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header(
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                )
+                .body(Body::empty())
+                .unwrap()
+        };
+        let res = f
+            .app
+            .clone()
+            .oneshot(preflight("https://app.example.com"))
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+        assert_eq!(
+            res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example.com"
+        );
+        // The one allowed origin is named whoever asks: a browser on another origin sees no match.
+        let res = f
+            .app
+            .clone()
+            .oneshot(preflight("https://evil.example"))
+            .await
+            .unwrap();
+        assert!(res
+            .headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none_or(|v| v == "https://app.example.com"));
+        // Off by default: no CORS headers at all.
+        let plain = fixture(1);
+        let res = plain
+            .app
+            .clone()
+            .oneshot(preflight("https://app.example.com"))
+            .await
+            .unwrap();
+        assert!(res
+            .headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none());
     }
 }

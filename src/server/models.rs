@@ -1,13 +1,22 @@
 //! What is loaded and what could be: `/api/health`, `/api/info` (everything the form needs to
-//! set itself up) and `/api/models` (catalog, local folders and the demo, with their state).
+//! set itself up), `/api/models` (catalog, local folders and the demo, with their state), and
+//! downloads the UI starts (`POST /api/models/{name}/pull`, progress over SSE).
 
-use axum::extract::State;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::{stream, StreamExt};
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::families::catalog::{self, ModelState};
+use crate::families::weights;
 use crate::memory::planner::MemoryMode;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
@@ -104,5 +113,383 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     })
     .await
     .map_err(|e| ApiError::internal(format!("listing models failed: {e}")))?;
-    Ok(Json(json!({ "models": models })))
+    let pull = s
+        .downloads
+        .current()
+        .map(|(name, progress)| json!({ "name": name, "progress": progress }));
+    Ok(Json(json!({ "models": models, "pull": pull })))
+}
+
+/// A download's events, as `GET /api/models/{name}/pull/events` sends them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// `bytes` of file `index` (0-based) of `count` are on disk; `total_bytes` once known.
+    Progress {
+        file: String,
+        index: usize,
+        count: usize,
+        bytes: u64,
+        total_bytes: Option<u64>,
+    },
+    Done {
+        path: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl PullEvent {
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, PullEvent::Progress { .. })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            PullEvent::Progress { .. } => "progress",
+            PullEvent::Done { .. } => "done",
+            PullEvent::Failed { .. } => "failed",
+        }
+    }
+
+    fn to_sse(&self) -> Result<axum::response::sse::Event, std::convert::Infallible> {
+        let mut data = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(o) = data.as_object_mut() {
+            o.remove("event");
+        }
+        Ok(super::json_event(self.name(), &data))
+    }
+}
+
+/// UI-started downloads: one at a time, on a thread of their own (never on the async runtime),
+/// each with a broadcast of its progress. The state sits behind a mutex that handlers hold only
+/// to read or swap it.
+#[derive(Clone, Default)]
+pub struct Downloads {
+    inner: Arc<Mutex<DownloadsInner>>,
+}
+
+#[derive(Default)]
+struct DownloadsInner {
+    current: Option<Running>,
+    /// How each model's last download ended.
+    last: HashMap<String, PullEvent>,
+}
+
+struct Running {
+    name: String,
+    latest: Option<PullEvent>,
+    tx: broadcast::Sender<PullEvent>,
+}
+
+/// Answer to a pull request.
+#[derive(Debug, PartialEq)]
+pub enum PullStart {
+    Started,
+    AlreadyRunning,
+    Busy(String),
+}
+
+impl Downloads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DownloadsInner> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The running download's name and latest progress.
+    pub fn current(&self) -> Option<(String, Option<PullEvent>)> {
+        let g = self.lock();
+        g.current
+            .as_ref()
+            .map(|r| (r.name.clone(), r.latest.clone()))
+    }
+
+    /// Starts downloading `repo` as `name` unless a download is running; `pull` runs on a new
+    /// thread and reports through the progress it is given.
+    pub fn start<F>(&self, name: &str, pull: F) -> std::io::Result<PullStart>
+    where
+        F: FnOnce(&mut dyn weights::DownloadProgress) -> Result<std::path::PathBuf, String>
+            + Send
+            + 'static,
+    {
+        let mut g = self.lock();
+        if let Some(r) = &g.current {
+            return Ok(if r.name == name {
+                PullStart::AlreadyRunning
+            } else {
+                PullStart::Busy(r.name.clone())
+            });
+        }
+        let (tx, _) = broadcast::channel(256);
+        g.current = Some(Running {
+            name: name.to_string(),
+            latest: None,
+            tx,
+        });
+        g.last.remove(name);
+        drop(g);
+        let this = self.clone();
+        let owned = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("zturbo-pull".into())
+            .spawn(move || {
+                let mut progress = Reporter {
+                    downloads: this.clone(),
+                    file: String::new(),
+                    index: 0,
+                    count: 0,
+                    bytes: 0,
+                    total: None,
+                    sent: None,
+                };
+                let end = match pull(&mut progress) {
+                    Ok(path) => PullEvent::Done {
+                        path: path.display().to_string(),
+                    },
+                    Err(error) => PullEvent::Failed { error },
+                };
+                match &end {
+                    PullEvent::Failed { error } => {
+                        tracing::warn!(model = %owned, "download failed: {error}")
+                    }
+                    _ => tracing::info!(model = %owned, "download finished"),
+                }
+                this.finish(&owned, end);
+            });
+        if let Err(e) = spawned {
+            self.lock().current = None;
+            return Err(e);
+        }
+        Ok(PullStart::Started)
+    }
+
+    fn publish(&self, ev: PullEvent) {
+        let mut g = self.lock();
+        if let Some(r) = g.current.as_mut() {
+            r.latest = Some(ev.clone());
+            let _ = r.tx.send(ev);
+        }
+    }
+
+    fn finish(&self, name: &str, end: PullEvent) {
+        let mut g = self.lock();
+        if let Some(r) = g.current.take() {
+            let _ = r.tx.send(end.clone());
+        }
+        g.last.insert(name.to_string(), end);
+    }
+
+    /// What to replay to a new subscriber and, while the download runs, the live events.
+    #[allow(clippy::type_complexity)]
+    pub fn subscribe(
+        &self,
+        name: &str,
+    ) -> Option<(Option<PullEvent>, Option<broadcast::Receiver<PullEvent>>)> {
+        let g = self.lock();
+        match &g.current {
+            Some(r) if r.name == name => Some((r.latest.clone(), Some(r.tx.subscribe()))),
+            _ => g.last.get(name).map(|end| (Some(end.clone()), None)),
+        }
+    }
+}
+
+/// Turns hf-hub's per-read callbacks into at most ~10 progress events a second.
+struct Reporter {
+    downloads: Downloads,
+    file: String,
+    index: usize,
+    count: usize,
+    bytes: u64,
+    total: Option<u64>,
+    sent: Option<std::time::Instant>,
+}
+
+impl Reporter {
+    fn send(&mut self, force: bool) {
+        let due = self
+            .sent
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
+        if !(force || due) {
+            return;
+        }
+        self.sent = Some(std::time::Instant::now());
+        self.downloads.publish(PullEvent::Progress {
+            file: self.file.clone(),
+            index: self.index,
+            count: self.count,
+            bytes: self.bytes,
+            total_bytes: self.total,
+        });
+    }
+}
+
+impl weights::DownloadProgress for Reporter {
+    fn file_started(&mut self, name: &str, _size: u64, index: usize, count: usize) {
+        self.file = name.to_string();
+        self.index = index;
+        self.count = count;
+        self.bytes = 0;
+        self.total = None;
+        self.send(true);
+    }
+    fn file_size(&mut self, total: u64) {
+        self.total = Some(total);
+    }
+    fn advanced(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.send(false);
+    }
+    fn file_finished(&mut self, _name: &str) {
+        if let Some(t) = self.total {
+            self.bytes = self.bytes.max(t);
+        }
+        self.send(true);
+    }
+}
+
+/// `POST /api/models/{name}/pull`: starts downloading a catalog model into the Hugging Face cache
+/// (202; `GET /api/models/{name}/pull/events` follows it). One download at a time: 409 while
+/// another runs. The served model does not change.
+pub async fn pull(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    if name.eq_ignore_ascii_case(catalog::DEMO) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            None,
+            "the demo model is built into the binary: nothing to download",
+        ));
+    }
+    let entry = catalog::entry(&name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no model `{name}` in the catalog (known: {})",
+            catalog::CATALOG
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let repo = entry.repo.to_string();
+    let started = s
+        .downloads
+        .start(entry.name, move |progress| {
+            weights::pull(&repo, progress).map_err(|e| e.to_string())
+        })
+        .map_err(|e| ApiError::internal(format!("could not start the download: {e}")))?;
+    let events = format!("/api/models/{}/pull/events", entry.name);
+    match started {
+        PullStart::Started | PullStart::AlreadyRunning => Ok((
+            StatusCode::ACCEPTED,
+            [(axum::http::header::LOCATION, events.clone())],
+            Json(json!({
+                "name": entry.name,
+                "repo": entry.repo,
+                "state": "downloading",
+                "events": events,
+            })),
+        )
+            .into_response()),
+        PullStart::Busy(other) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            None,
+            format!("`{other}` is downloading; one download at a time"),
+        )),
+    }
+}
+
+/// `GET /api/models/{name}/pull/events`: SSE `progress {file, index, count, bytes, total_bytes}`,
+/// then `done {path}` or `failed {error}`; the stream ends after that. A finished download's
+/// stream sends its last event at once.
+pub async fn pull_events(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let name = catalog::entry(&name)
+        .map(|e| e.name.to_string())
+        .unwrap_or(name);
+    let (first, rx) = s
+        .downloads
+        .subscribe(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no download of `{name}` has been started")))?;
+    let head = stream::iter(first.iter().map(PullEvent::to_sse).collect::<Vec<_>>());
+    let ended = first.as_ref().is_some_and(PullEvent::is_terminal);
+    let Some(rx) = rx.filter(|_| !ended) else {
+        return Ok(super::sse(head));
+    };
+    let tail = stream::unfold((rx, false), |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let end = ev.is_terminal();
+                    return Some((ev.to_sse(), (rx, end)));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(super::sse(head.chain(tail).take_until(s.shutdown_signal())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_download_at_a_time_and_the_end_is_kept() {
+        let d = Downloads::default();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let started = d
+            .start("sd-turbo", move |p| {
+                p.file_started("unet/x.safetensors", 0, 0, 1);
+                p.file_size(10);
+                p.advanced(4);
+                wait.recv().map_err(|e| e.to_string())?;
+                Err("hub unreachable".into())
+            })
+            .unwrap();
+        assert_eq!(started, PullStart::Started);
+        let noop = |_: &mut dyn weights::DownloadProgress| Ok(std::path::PathBuf::new());
+        assert_eq!(
+            d.start("sd-turbo", noop).unwrap(),
+            PullStart::AlreadyRunning
+        );
+        assert_eq!(
+            d.start("sdxl-turbo", noop).unwrap(),
+            PullStart::Busy("sd-turbo".into())
+        );
+        let (_, rx) = d.subscribe("sd-turbo").unwrap();
+        let mut rx = rx.expect("live while running");
+        assert!(d.subscribe("sdxl-turbo").is_none());
+        go.send(()).unwrap();
+        let end = loop {
+            match rx.blocking_recv() {
+                Ok(ev) if ev.is_terminal() => break ev,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(
+            end,
+            PullEvent::Failed {
+                error: "hub unreachable".into()
+            }
+        );
+        // Once ended: the last event is replayed, and another download may start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.current().is_some() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        let (first, rx) = d.subscribe("sd-turbo").unwrap();
+        assert_eq!(first, Some(end));
+        assert!(rx.is_none());
+        assert_eq!(d.start("sdxl-turbo", noop).unwrap(), PullStart::Started);
+    }
 }

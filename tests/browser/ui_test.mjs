@@ -6,7 +6,11 @@
 // Drives the page in headless Chromium (system binary, $CHROMIUM or /usr/bin/chromium):
 // waits for /api/info to be applied, sets 128×128 / 8 steps, types a prompt, clicks Generate,
 // waits for the job's image to load in #gallery, checks the memory chart received samples and
-// that the console stayed free of errors, then saves a full-page screenshot.
+// that the console stayed free of errors, then saves a full-page screenshot. With PULL_MODEL set,
+// it also clicks that model's Download button (the server talks to a fake hub) and waits for the
+// progress bar to finish and the model to show as on disk. With KEYED_URL and KEYED_KEY, it opens
+// a server started with --api-key, answers the key prompt (a wrong key first) and checks the page
+// comes up.
 // Exits 0 on success, 1 on any failure (with a message saying which check failed).
 
 import { chromium } from 'playwright-core';
@@ -173,6 +177,32 @@ try {
     .catch(() => fail('memory chart', '#memory-chart[data-samples] stayed 0 for 10 s after the image loaded'));
   ok('memory chart fed', `${samples} samples`);
 
+  // 6. models panel: Download buttons for catalog models not on disk; one download end to end
+  const pullModel = process.env.PULL_MODEL;
+  if (pullModel) {
+    const btn = `#models li[data-model="${pullModel}"] button.pull-btn`;
+    await page.waitForSelector(btn, { timeout: 10_000 })
+      .catch(() => fail('download button', `no Download button for ${pullModel} in #models`));
+    const pullResp = page.waitForResponse((r) => r.url().endsWith(`/api/models/${pullModel}/pull`), { timeout: 10_000 });
+    await page.click(btn);
+    const pr = await pullResp.catch(() => fail('POST pull', 'no request within 10 s of the click'));
+    if (pr.status() !== 202) fail('POST pull', `status ${pr.status()}`);
+    const progressSeen = await page.waitForFunction((name) => {
+      const bar = document.querySelector(`#models li[data-model="${name}"] .pull-progress .bar`);
+      const fill = bar && bar.querySelector('span');
+      return fill && fill.style.width && fill.style.width !== '100%' ? fill.style.width : null;
+    }, pullModel, { timeout: 20_000, polling: 20 }).then((h) => h.jsonValue()).catch(() => null);
+    await page.waitForFunction((name) => {
+      const li = document.querySelector(`#models li[data-model="${name}"]`);
+      return li && li.querySelector('.state-on_disk');
+    }, pullModel, { timeout: 30_000, polling: 200 }).catch(async () => {
+      const t = await page.$eval('#models', (e) => e.innerText).catch(() => '');
+      fail('download finished', `${pullModel} never showed as on disk; models panel: ${t.replace(/\s+/g, ' ').slice(0, 300)}`);
+    });
+    if (await page.$(`#models li[data-model="${pullModel}"] button.pull-btn`)) fail('download finished', 'the Download button is still there');
+    ok('model downloaded from the UI', `${pullModel}${progressSeen ? `, progress bar seen at ${progressSeen}` : ''}`);
+  }
+
   // let the fade-in finish, then check the console and take the screenshot
   await page.waitForTimeout(700);
   if (consoleErrors.length) fail('console clean', `${consoleErrors.length} error(s):\n  ${consoleErrors.slice(0, 10).join('\n  ')}`);
@@ -184,6 +214,32 @@ try {
   if (narrowShotPath) {
     await fullPageShot(page, 420, narrowShotPath).catch((e) => fail('narrow screenshot', e.message.split('\n')[0]));
     ok('narrow screenshot saved', narrowShotPath);
+  }
+
+  // 7. a server with --api-key: the page asks for the key once, then works
+  const keyedUrl = process.env.KEYED_URL;
+  if (keyedUrl) {
+    const key = process.env.KEYED_KEY || '';
+    const kctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const kpage = await kctx.newPage();
+    await kpage.goto(keyedUrl, { waitUntil: 'domcontentloaded', timeout: 30_000 })
+      .catch((e) => fail('open keyed page', e.message.split('\n')[0]));
+    await kpage.waitForSelector('#key-dialog[open]', { timeout: 10_000 })
+      .catch(() => fail('key prompt', 'the page did not ask for the API key'));
+    await kpage.fill('#key-input', 'not-the-key');
+    await kpage.click('#key-dialog button[type=submit]');
+    await kpage.waitForFunction(() => document.getElementById('key-error').textContent.length > 0, null, { timeout: 10_000 })
+      .catch(() => fail('wrong key', 'no error shown for a wrong key'));
+    await kpage.fill('#key-input', key);
+    await Promise.all([
+      kpage.waitForNavigation({ timeout: 15_000 }).catch(() => null),
+      kpage.click('#key-dialog button[type=submit]'),
+    ]);
+    await kpage.waitForFunction(() => document.documentElement.dataset.info === 'ready', null, { timeout: 20_000 })
+      .catch(() => fail('keyed page', 'the page did not come up after the key was given'));
+    if (await kpage.$('#key-dialog[open]')) fail('keyed page', 'the key prompt is still open');
+    ok('API key prompt', 'wrong key refused, right key lets the page load');
+    await kctx.close();
   }
 } catch (e) {
   exitCode = 1;

@@ -2,13 +2,14 @@
 //! port with the built-in demo model and a fresh outputs folder, talk to it over HTTP, read SSE.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A fresh, empty folder for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -32,11 +33,26 @@ impl Server {
     /// `zturbo serve --model demo --port 0 --outputs <outputs>` plus `args`; `env` is added to a
     /// cleaned environment (no ZTURBO_* from the caller's shell).
     pub fn start(outputs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Self::start_model(outputs, "demo", args, env)
+        Server::start_full(outputs, "demo", "127.0.0.1", args, env)
     }
 
     /// [`Server::start`] with another `--model`.
     pub fn start_model(outputs: &Path, model: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_full(outputs, model, "127.0.0.1", args, env)
+    }
+
+    /// [`Server::start`] listening on `host`.
+    pub fn start_on(outputs: &Path, host: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_full(outputs, "demo", host, args, env)
+    }
+
+    fn start_full(
+        outputs: &Path,
+        model: &str,
+        host: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         // Next to the outputs folder, one per start (a restarted server gets a fresh log).
         let log = outputs.with_file_name(format!(
             "{}.server-{}.log",
@@ -53,24 +69,16 @@ impl Server {
             }
         }
         let models_dir = outputs.with_file_name("no-models-here");
-        cmd.args([
-            "serve",
-            "--model",
-            model,
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ])
-        .arg("--outputs")
-        .arg(outputs)
-        .arg("--models-dir")
-        .arg(&models_dir)
-        .args(args)
-        .env("ZTURBO_LOG", "info,tower_http=warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args(["serve", "--model", model, "--port", "0", "--host", host])
+            .arg("--outputs")
+            .arg(outputs)
+            .arg("--models-dir")
+            .arg(&models_dir)
+            .args(args)
+            .env("ZTURBO_LOG", "info,tower_http=warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().expect("spawn zturbo serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -302,4 +310,123 @@ impl Iterator for SseReader {
 /// Reads a job's event stream to its end (it closes after the terminal event).
 pub fn job_events(server: &Server, id: &str) -> Vec<SseEvent> {
     SseReader::open(&server.url(&format!("/api/jobs/{id}/events"))).collect()
+}
+
+/// A fake Hugging Face hub: the repository API, and files served with ranges. The first full
+/// download of the weight file is cut off halfway when `cut_once` is set.
+pub struct FakeHub {
+    pub url: String,
+    /// `Range` headers of weight-file downloads, in order.
+    pub ranges: Arc<Mutex<Vec<String>>>,
+}
+
+pub const WEIGHTS_LEN: usize = 3 << 20;
+
+pub fn weights_bytes() -> Vec<u8> {
+    (0..WEIGHTS_LEN).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+pub fn fake_hub(cut_once: bool) -> FakeHub {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = ranges.clone();
+    std::thread::spawn(move || {
+        let weights = Arc::new(weights_bytes());
+        let cut = Arc::new(Mutex::new(cut_once));
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (weights, cut, seen) = (weights.clone(), cut.clone(), seen.clone());
+            std::thread::spawn(move || serve_hub(conn, &weights, &cut, &seen));
+        }
+    });
+    FakeHub { url, ranges }
+}
+
+fn serve_hub(mut conn: TcpStream, weights: &[u8], cut: &Mutex<bool>, seen: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_string());
+            }
+        }
+    }
+    let index = br#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#;
+    let files: [(&str, &[u8]); 3] = [
+        ("model_index.json", index),
+        ("unet/config.json", b"{}"),
+        ("unet/diffusion_pytorch_model.safetensors", weights),
+    ];
+    if path.starts_with("/api/models/") {
+        let body = json!({"sha": "0123456789abcdef0123456789abcdef01234567", "siblings":
+            files.iter().map(|(f, _)| json!({"rfilename": f})).chain([json!({"rfilename": "README.md"})]).collect::<Vec<_>>()})
+        .to_string();
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let Some((name, bytes)) = files
+        .iter()
+        .find(|(f, _)| path.ends_with(&format!("/resolve/main/{f}")))
+    else {
+        let _ = write!(
+            conn,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    };
+    let start: usize = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let metadata_probe = range.as_deref() == Some("bytes=0-0");
+    let end = if metadata_probe { 1 } else { bytes.len() };
+    if name.ends_with(".safetensors") && !metadata_probe {
+        seen.lock().unwrap().push(range.clone().unwrap_or_default());
+    }
+    let body = &bytes[start.min(end)..end];
+    let _ = write!(
+        conn,
+        "HTTP/1.1 206 Partial Content\r\nETag: \"etag-{}\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\nContent-Range: bytes {start}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        name.len() * 1000 + bytes.len(),
+        end.saturating_sub(1),
+        bytes.len(),
+        body.len()
+    );
+    // The weights trickle in 64 KiB pieces (so progress is seen); the first time, only half.
+    let mut sent = 0;
+    let half = body.len() / 2;
+    let cut_now = name.ends_with(".safetensors") && !metadata_probe && {
+        let mut c = cut.lock().unwrap();
+        std::mem::replace(&mut *c, false)
+    };
+    for piece in body.chunks(64 << 10) {
+        if cut_now && sent >= half {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if conn.write_all(piece).is_err() {
+            return;
+        }
+        sent += piece.len();
+        if body.len() > 1 {
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    }
 }

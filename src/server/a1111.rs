@@ -1,0 +1,624 @@
+//! The AUTOMATIC1111 web UI's API, enough for its common clients (the `webuiapi` package, Open WebUI,
+//! editor plug-ins): `POST /sdapi/v1/txt2img` (synchronous; `n_iter` jobs of `batch_size` images
+//! through the same queue as everything else), `GET /sdapi/v1/progress`, `POST /sdapi/v1/interrupt`,
+//! `GET /sdapi/v1/sd-models`, `GET|POST /sdapi/v1/options`, and the lists clients probe
+//! (`samplers`, `schedulers`, `scripts`).
+//!
+//! A1111 clients send many fields we have no use for (`sampler_name`, `scheduler`,
+//! `override_settings`, `alwayson_scripts`, hires-fix settings, …): they are ignored. Known fields
+//! with the wrong type, and our own validation errors, are 422 in FastAPI's shape
+//! (`{"detail": [{"loc": ["body", field], "msg", "type"}]}`); other errors are `{"detail": msg}`.
+//! Prompts reach the model as given (no enhancement, no default negative prompt): A1111 users
+//! write their own. `seed` -1 (any negative) picks a random seed; image `i` of the request has
+//! seed + i, as in A1111.
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::error::{parse_json, ApiError, JsonBody};
+use super::jobs::{read_images, submit_valid, wait_job};
+use super::models::json_f32;
+use super::AppState;
+use crate::engine::output::png_text_chunks;
+use crate::engine::ResolvedParams;
+use crate::queue::{JobSnapshot, JobState};
+use crate::request::{FieldError, GenerationRequest, ValidRequest};
+
+/// Most `n_iter` one request may ask for (each iteration is one queued job).
+pub const MAX_N_ITER: i64 = 16;
+
+/// An error in one of FastAPI's shapes.
+#[derive(Debug)]
+pub struct A1111Error {
+    status: StatusCode,
+    body: Value,
+    retry_after_s: Option<u64>,
+}
+
+/// `{"detail": message}` (FastAPI's `HTTPException`).
+pub fn detail(status: StatusCode, message: impl Into<String>) -> Response {
+    A1111Error {
+        status,
+        body: json!({ "detail": message.into() }),
+        retry_after_s: None,
+    }
+    .into_response()
+}
+
+/// 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`.
+fn validation(field: Option<&str>, msg: impl Into<String>, kind: &str) -> A1111Error {
+    let loc = match field {
+        Some(f) => json!(["body", f]),
+        None => json!(["body"]),
+    };
+    A1111Error {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: json!({ "detail": [{ "loc": loc, "msg": msg.into(), "type": kind }] }),
+        retry_after_s: None,
+    }
+}
+
+/// Our field names → A1111's.
+fn a1111_field(field: &str) -> &str {
+    match field {
+        "cfg" => "cfg_scale",
+        "batch" => "batch_size",
+        other => other,
+    }
+}
+
+/// pydantic's error type for a wrongly typed field.
+fn type_error(field: &str) -> &'static str {
+    match field {
+        "prompt" | "negative_prompt" => "type_error.str",
+        "cfg_scale" => "type_error.float",
+        _ => "type_error.integer",
+    }
+}
+
+impl From<ApiError> for A1111Error {
+    fn from(e: ApiError) -> Self {
+        let field = e.body.error.field.as_deref().map(a1111_field);
+        match e.status {
+            StatusCode::BAD_REQUEST => {
+                validation(None, e.body.error.message, "value_error.jsondecode")
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                let kind = field.map(type_error).unwrap_or("value_error");
+                validation(field, e.body.error.message, kind)
+            }
+            status => A1111Error {
+                status,
+                body: json!({ "detail": e.body.error.message }),
+                retry_after_s: e.retry_after_s,
+            },
+        }
+    }
+}
+
+impl From<FieldError> for A1111Error {
+    fn from(e: FieldError) -> Self {
+        let field = a1111_field(&e.field);
+        validation(
+            Some(field),
+            format!("{field}: {}", e.message),
+            "value_error",
+        )
+    }
+}
+
+impl IntoResponse for A1111Error {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "{}", self.body);
+        } else {
+            tracing::debug!(status = %self.status, "{}", self.body);
+        }
+        let mut res = (self.status, Json(self.body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        res
+    }
+}
+
+/// A failed run, as A1111's exception handler reports it.
+fn run_failed(message: String) -> A1111Error {
+    A1111Error {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        body: json!({ "error": "RuntimeError", "detail": "", "body": "", "errors": message }),
+        retry_after_s: None,
+    }
+}
+
+/// An integer as pydantic accepts it: a JSON integer, or a float with no fractional part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Int(pub i64);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Int;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+                i64::try_from(v)
+                    .map(Int)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Int, E> {
+                if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                    Ok(Int(v as i64))
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The fields of A1111's `StableDiffusionTxt2ImgProcessingAPI` that mean something here.
+#[derive(Debug, Default, Deserialize)]
+pub struct Txt2ImgRequest {
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub width: Option<Int>,
+    #[serde(default)]
+    pub height: Option<Int>,
+    #[serde(default)]
+    pub steps: Option<Int>,
+    #[serde(default)]
+    pub cfg_scale: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<Int>,
+    #[serde(default)]
+    pub batch_size: Option<Int>,
+    #[serde(default)]
+    pub n_iter: Option<Int>,
+}
+
+fn to_u32(field: &str, v: Option<Int>) -> Result<Option<u32>, FieldError> {
+    match v {
+        None => Ok(None),
+        Some(Int(n)) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| FieldError::new(field, format!("must be a positive number (got {n})"))),
+    }
+}
+
+impl Txt2ImgRequest {
+    /// The request as our one request type, and the number of iterations.
+    fn validate(&self, s: &AppState) -> Result<(ValidRequest, u32), FieldError> {
+        let n_iter = self.n_iter.map(|i| i.0).unwrap_or(1);
+        if !(1..=MAX_N_ITER).contains(&n_iter) {
+            return Err(FieldError::new(
+                "n_iter",
+                format!("must be between 1 and {MAX_N_ITER} (got {n_iter})"),
+            ));
+        }
+        let valid = GenerationRequest {
+            prompt: self.prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone().filter(|n| !n.is_empty()),
+            width: to_u32("width", self.width)?,
+            height: to_u32("height", self.height)?,
+            steps: to_u32("steps", self.steps)?,
+            cfg: self.cfg_scale.map(|c| c as f32),
+            seed: self.seed.and_then(|Int(v)| u64::try_from(v).ok()),
+            batch: to_u32("batch_size", self.batch_size)?,
+            enhance: Some(false),
+            memory_mode: None,
+        }
+        .validate(&s.info.limits)?;
+        Ok((valid, n_iter as u32))
+    }
+}
+
+/// `YYYYMMDDhhmmss` (UTC) of a Unix time in milliseconds, as A1111's `job_timestamp`.
+pub fn job_timestamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One finished image: its PNG and what its `parameters` chunk says.
+struct Made {
+    png: Vec<u8>,
+    infotext: String,
+    seed: Option<u64>,
+}
+
+async fn collect(s: &AppState, snap: &JobSnapshot) -> Result<Vec<Made>, ApiError> {
+    let pngs = read_images(s, snap).await?;
+    Ok(pngs
+        .into_iter()
+        .map(|png| {
+            let infotext = png_text_chunks(&png)
+                .ok()
+                .and_then(|c| c.into_iter().find(|(k, _)| k == "parameters"))
+                .map(|(_, v)| v)
+                .unwrap_or_default();
+            let seed = crate::engine::output::parse_parameters(&infotext).seed;
+            Made {
+                png,
+                infotext,
+                seed,
+            }
+        })
+        .collect())
+}
+
+/// `POST /sdapi/v1/txt2img`.
+pub async fn txt2img(
+    State(s): State<AppState>,
+    body: Result<JsonBody, ApiError>,
+) -> Result<Json<Value>, A1111Error> {
+    let JsonBody(bytes) = body?;
+    let Value::Object(echo) = parse_json::<Value>(&bytes)? else {
+        return Err(validation(
+            None,
+            "the body must be a JSON object",
+            "type_error.dict",
+        ));
+    };
+    let req: Txt2ImgRequest = parse_json(&bytes)?;
+    let (valid, n_iter) = req.validate(&s)?;
+
+    // n_iter jobs, queued back to back; seeds continue across them as in A1111.
+    let mut ids = Vec::with_capacity(n_iter as usize);
+    for k in 0..n_iter {
+        let mut job = valid.clone();
+        job.seed = valid
+            .seed
+            .wrapping_add(u64::from(k) * u64::from(valid.batch));
+        match submit_valid(&s, job).await {
+            Ok(sub) => ids.push(sub.id),
+            Err(e) => {
+                for id in &ids {
+                    let _ = s.queue.cancel(id).await;
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    let mut made = Vec::new();
+    let mut params: Option<ResolvedParams> = None;
+    let mut interrupted = false;
+    for (i, id) in ids.iter().enumerate() {
+        let snap = wait_job(&s, id).await?;
+        match snap.record.state {
+            JobState::Done => {
+                made.extend(collect(&s, &snap).await?);
+                if params.is_none() {
+                    params = snap.record.params.clone();
+                }
+            }
+            state => {
+                // Interrupted (or failed): the rest of the request is not wanted any more.
+                for rest in &ids[i + 1..] {
+                    let _ = s.queue.cancel(rest).await;
+                }
+                if state == JobState::Cancelled {
+                    interrupted = true;
+                    break;
+                }
+                return Err(run_failed(
+                    snap.record.error.unwrap_or_else(|| "the job failed".into()),
+                ));
+            }
+        }
+    }
+    if interrupted {
+        tracing::info!(images = made.len(), "txt2img interrupted");
+    }
+
+    let info = info_json(&s, &valid, params.as_ref(), &made);
+    let parameters = echo_parameters(echo, &valid, n_iter, &s);
+    let images: Vec<String> = made
+        .iter()
+        .map(|m| base64::engine::general_purpose::STANDARD.encode(&m.png))
+        .collect();
+    Ok(Json(json!({
+        "images": images,
+        "parameters": parameters,
+        "info": info.to_string(),
+    })))
+}
+
+/// The request as received, with the values A1111 would have filled in for missing fields.
+fn echo_parameters(
+    mut echo: Map<String, Value>,
+    v: &ValidRequest,
+    n_iter: u32,
+    s: &AppState,
+) -> Value {
+    let defaults = [
+        ("prompt", json!(v.prompt)),
+        (
+            "negative_prompt",
+            json!(v.negative_prompt.clone().unwrap_or_default()),
+        ),
+        ("width", json!(v.width)),
+        ("height", json!(v.height)),
+        ("steps", json!(v.steps)),
+        ("cfg_scale", json!(json_f32(v.cfg))),
+        ("seed", json!(-1)),
+        ("batch_size", json!(v.batch)),
+        ("n_iter", json!(n_iter)),
+        ("sampler_name", json!(s.info.family.sampler)),
+    ];
+    for (k, d) in defaults {
+        let missing = echo.get(k).is_none_or(Value::is_null);
+        if missing {
+            echo.insert(k.to_string(), d);
+        }
+    }
+    Value::Object(echo)
+}
+
+/// A1111's `info`: what ran, per image.
+fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &[Made]) -> Value {
+    let n = made.len().max(1);
+    let prompt = p
+        .map(|p| p.prompt.clone())
+        .unwrap_or_else(|| v.prompt.clone());
+    let negative = p
+        .and_then(|p| p.negative_prompt.clone())
+        .or_else(|| v.negative_prompt.clone())
+        .unwrap_or_default();
+    let all_seeds: Vec<u64> = if made.is_empty() {
+        vec![v.seed]
+    } else {
+        made.iter()
+            .enumerate()
+            .map(|(i, m)| m.seed.unwrap_or(v.seed.wrapping_add(i as u64)))
+            .collect()
+    };
+    json!({
+        "prompt": prompt,
+        "all_prompts": vec![prompt.clone(); n],
+        "negative_prompt": negative,
+        "all_negative_prompts": vec![negative.clone(); n],
+        "seed": all_seeds[0],
+        "all_seeds": all_seeds,
+        "subseed": -1,
+        "all_subseeds": vec![-1; n],
+        "subseed_strength": 0,
+        "width": p.map(|p| p.width).unwrap_or(v.width),
+        "height": p.map(|p| p.height).unwrap_or(v.height),
+        "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.family.sampler.to_string()),
+        "cfg_scale": json_f32(p.map(|p| p.cfg).unwrap_or(v.cfg)),
+        "steps": p.map(|p| p.steps).unwrap_or(v.steps),
+        "batch_size": v.batch,
+        "restore_faces": false,
+        "face_restoration_model": null,
+        "sd_model_name": s.info.model,
+        "sd_model_hash": null,
+        "sd_vae_name": null,
+        "sd_vae_hash": null,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": null,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": made.iter().map(|m| m.infotext.clone()).collect::<Vec<_>>(),
+        "styles": [],
+        "job_timestamp": job_timestamp(crate::queue::job::now_ms()),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": false,
+        "version": format!("zturbo {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// `GET /sdapi/v1/progress`: the running job's progress (whoever submitted it).
+pub async fn progress(State(s): State<AppState>) -> Json<Value> {
+    let st = s.queue.status().await;
+    let job_count = st.queued + usize::from(st.running.is_some());
+    let (progress, eta, job, step, total, interrupted, stamp) = match &st.running {
+        Some(r) => {
+            let total = r.total_steps.max(1);
+            let step = r.step.min(total);
+            let eta = match r.elapsed_ms {
+                Some(ms) if step > 0 => ms as f64 / step as f64 * (total - step) as f64 / 1000.0,
+                _ => 0.0,
+            };
+            (
+                step as f64 / total as f64,
+                eta,
+                r.record.id.clone(),
+                step,
+                total,
+                r.cancelling,
+                job_timestamp(r.record.started_at.unwrap_or(r.record.created_at)),
+            )
+        }
+        None => (0.0, 0.0, String::new(), 0, 0, false, "0".into()),
+    };
+    Json(json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false,
+            "interrupted": interrupted,
+            "stopping_generation": false,
+            "job": job,
+            "job_count": job_count,
+            "job_timestamp": stamp,
+            "job_no": 0,
+            "sampling_step": step,
+            "sampling_steps": total,
+        },
+        "current_image": null,
+        "textinfo": null,
+    }))
+}
+
+/// `POST /sdapi/v1/interrupt`: stops the running job between steps.
+pub async fn interrupt(State(s): State<AppState>) -> Json<Value> {
+    if let Some(r) = s.queue.status().await.running {
+        match s.queue.cancel(&r.record.id).await {
+            Ok(_) => tracing::info!(job_id = %r.record.id, "interrupted (A1111 API)"),
+            Err(e) => tracing::debug!("interrupt: {e}"),
+        }
+    }
+    Json(json!({}))
+}
+
+fn checkpoint_title(s: &AppState) -> String {
+    s.info.model.clone()
+}
+
+/// `GET /sdapi/v1/sd-models`: the loaded model (switching models is not supported).
+pub async fn sd_models(State(s): State<AppState>) -> Json<Value> {
+    let filename = if s.info.demo {
+        "<embedded demo>".to_string()
+    } else {
+        s.info
+            .model_path
+            .clone()
+            .unwrap_or_else(|| s.info.model.clone())
+    };
+    Json(json!([{
+        "title": checkpoint_title(&s),
+        "model_name": s.info.model,
+        "hash": null,
+        "sha256": null,
+        "filename": filename,
+        "config": null,
+    }]))
+}
+
+/// `GET /sdapi/v1/options`: the settings clients read.
+pub async fn options(State(s): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "sd_model_checkpoint": checkpoint_title(&s),
+        "sd_checkpoint_hash": null,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "eta_noise_seed_delta": 0,
+        "samples_format": "png",
+        "samples_save": true,
+        "outdir_samples": s.info.outputs.display().to_string(),
+        "outdir_txt2img_samples": s.info.outputs.display().to_string(),
+        "enable_pnginfo": true,
+        "sd_checkpoints_limit": 1,
+    }))
+}
+
+/// `POST /sdapi/v1/options`: accepted and ignored (logged); a different checkpoint is not loaded.
+pub async fn set_options(
+    State(s): State<AppState>,
+    body: Result<JsonBody, ApiError>,
+) -> Result<Json<Value>, A1111Error> {
+    let JsonBody(bytes) = body?;
+    let Value::Object(opts) = parse_json::<Value>(&bytes)? else {
+        return Err(validation(
+            None,
+            "the body must be a JSON object",
+            "type_error.dict",
+        ));
+    };
+    if opts
+        .get("sd_model_checkpoint")
+        .is_some_and(|v| !v.is_string())
+    {
+        return Err(validation(
+            Some("sd_model_checkpoint"),
+            "str type expected",
+            "type_error.str",
+        ));
+    }
+    let keys: Vec<&String> = opts.keys().collect();
+    tracing::info!(?keys, "A1111 options ignored");
+    if let Some(ckpt) = opts.get("sd_model_checkpoint").and_then(Value::as_str) {
+        if ckpt != checkpoint_title(&s) {
+            tracing::warn!(
+                requested = ckpt,
+                loaded = %s.info.model,
+                "switching models is not supported; restart with --model"
+            );
+        }
+    }
+    Ok(Json(Value::Null))
+}
+
+/// `GET /sdapi/v1/samplers`: the one sampler the loaded model runs.
+pub async fn samplers(State(s): State<AppState>) -> Json<Value> {
+    Json(json!([{ "name": s.info.family.sampler, "aliases": [], "options": {} }]))
+}
+
+/// `GET /sdapi/v1/schedulers`.
+pub async fn schedulers() -> Json<Value> {
+    Json(json!([{
+        "name": "automatic",
+        "label": "Automatic",
+        "aliases": null,
+        "default_rho": -1,
+        "need_inner_model": false,
+    }]))
+}
+
+/// `GET /sdapi/v1/scripts`: no scripts (clients probe it for extensions).
+pub async fn scripts() -> Json<Value> {
+    Json(json!({ "txt2img": [], "img2img": [] }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_civil_time() {
+        assert_eq!(job_timestamp(0), "19700101000000");
+        // 2024-02-29T13:45:07Z
+        assert_eq!(job_timestamp(1_709_214_307_000), "20240229134507");
+    }
+
+    #[test]
+    fn integers_accept_integral_floats_only() {
+        let r: Txt2ImgRequest =
+            serde_json::from_str(r#"{"width": 512.0, "seed": -1, "steps": 4}"#).unwrap();
+        assert_eq!(
+            (r.width, r.seed, r.steps),
+            (Some(Int(512)), Some(Int(-1)), Some(Int(4)))
+        );
+        assert!(serde_json::from_str::<Txt2ImgRequest>(r#"{"width": 512.5}"#).is_err());
+        assert!(serde_json::from_str::<Txt2ImgRequest>(r#"{"steps": "4"}"#).is_err());
+        // Unknown fields (A1111 clients send dozens) are ignored.
+        assert!(serde_json::from_str::<Txt2ImgRequest>(
+            r#"{"sampler_name": "Euler a", "override_settings": {}, "alwayson_scripts": {}}"#
+        )
+        .is_ok());
+    }
+}

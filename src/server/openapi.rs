@@ -1,0 +1,562 @@
+//! `GET /openapi.json`: an OpenAPI 3.0 description of every route and its schemas, for API
+//! fuzzers and client generators. Written by hand next to the router; the tests below check that
+//! it lists exactly the routes of [`super::routes`], that every `$ref` resolves, and that the
+//! request schemas name the same fields as the request types.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::memory::planner::MemoryMode;
+use crate::request::{
+    MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
+};
+
+fn schema(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn json_body(name: &str) -> Value {
+    json!({ "application/json": { "schema": schema(name) } })
+}
+
+fn ok(description: &str, name: &str) -> Value {
+    json!({ "description": description, "content": json_body(name) })
+}
+
+fn error_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/responses/{name}") })
+}
+
+fn sse(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": { "text/event-stream": { "schema": { "type": "string" } } }
+    })
+}
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({ "name": name, "in": "path", "required": true, "description": description,
+            "schema": { "type": "string" } })
+}
+
+/// An operation with the responses every route may give (the guard's 401 and 403).
+fn op(id: &str, tag: &str, summary: &str, mut responses: Value) -> Value {
+    let (unauth, forbidden) = match tag {
+        "openai" => ("OpenAiUnauthorized", "OpenAiForbidden"),
+        "a1111" => ("A1111Unauthorized", "A1111Forbidden"),
+        _ => ("Unauthorized", "Forbidden"),
+    };
+    if let Some(r) = responses.as_object_mut() {
+        r.entry("401").or_insert_with(|| error_ref(unauth));
+        r.entry("403").or_insert_with(|| error_ref(forbidden));
+    }
+    json!({ "operationId": id, "tags": [tag], "summary": summary, "responses": responses })
+}
+
+fn with(mut operation: Value, key: &str, value: Value) -> Value {
+    if let Some(o) = operation.as_object_mut() {
+        o.insert(key.to_string(), value);
+    }
+    operation
+}
+
+fn body(operation: Value, name: &str) -> Value {
+    with(
+        operation,
+        "requestBody",
+        json!({ "required": true, "content": json_body(name) }),
+    )
+}
+
+fn paths() -> Value {
+    let job_id = path_param("id", "a job id (16 hex digits)");
+    let model_name = path_param(
+        "name",
+        "a catalog model: z-image-turbo, sd-turbo, sdxl-turbo",
+    );
+    let ui = json!({
+        "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
+        "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
+        "/app.js": { "get": op("ui_script", "ui", "The UI's script", json!({ "200": { "description": "JavaScript", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
+        "/style.css": { "get": op("ui_style", "ui", "The UI's style sheet", json!({ "200": { "description": "CSS", "content": { "text/css": { "schema": { "type": "string" } } } } })) },
+        "/openapi.json": { "get": op("openapi", "meta", "This document", json!({ "200": { "description": "OpenAPI 3.0 document", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
+        "/images/{file}": { "get": with(op("image", "images", "An image the server wrote (`<job>-<n>.png`)", json!({
+            "200": { "description": "PNG with `parameters` (A1111 infotext) and `zturbo` (JSON record) text chunks", "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } },
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([
+            path_param("file", "`<job id>-<n>.png`"),
+            { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } }
+        ])) },
+        "/api/health": { "get": op("health", "server", "Liveness and the loaded model", json!({ "200": ok("ok", "Health") })) },
+        "/api/info": { "get": op("info", "server", "Model, limits, device and queue facts for the form", json!({ "200": ok("server facts", "Info") })) },
+        "/api/auth": {
+            "get": op("auth_status", "server", "Whether an API key is required and whether this client has it", json!({ "200": ok("status", "AuthStatus") })),
+            "post": body(op("auth", "server", "Check the API key and set the UI's cookie", json!({
+                "204": { "description": "key accepted (cookie set when a key is configured)" },
+                "400": error_ref("BadRequest"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"),
+            })), "AuthRequest"),
+        },
+        "/api/models": { "get": op("models", "models", "Known and local models, and the running download", json!({ "200": ok("models", "ModelList") })) },
+        "/api/models/{name}/pull": { "post": with(op("pull_model", "models", "Download a catalog model into the Hugging Face cache", json!({
+            "202": ok("download started (or already running)", "PullAccepted"),
+            "404": error_ref("NotFound"),
+            "409": error_ref("Conflict"),
+        })), "parameters", json!([model_name.clone()])) },
+        "/api/models/{name}/pull/events": { "get": with(op("pull_events", "models", "Download progress (SSE)", json!({
+            "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`"),
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([model_name])) },
+        "/api/enhance": { "post": body(op("enhance", "jobs", "Preview the prompt enhancement", json!({
+            "200": ok("the enhanced texts and advice", "Enhanced"),
+            "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"),
+        })), "EnhanceRequest") },
+        "/api/jobs": {
+            "get": op("list_jobs", "jobs", "Queued, running and recent jobs, newest first", json!({ "200": ok("jobs", "JobList") })),
+            "post": body(op("submit_job", "jobs", "Queue a generation", json!({
+                "202": ok("accepted", "Accepted"),
+                "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"),
+                "422": error_ref("Invalid"), "429": error_ref("QueueFull"), "503": error_ref("Unavailable"),
+            })), "GenerationRequest"),
+        },
+        "/api/jobs/{id}": {
+            "get": with(op("get_job", "jobs", "One job", json!({ "200": ok("the job", "Job"), "404": error_ref("NotFound") })), "parameters", json!([job_id.clone()])),
+            "delete": with(op("cancel_job", "jobs", "Cancel a job (queued: at once; running: between steps)", json!({
+                "200": ok("cancelled", "CancelResult"), "202": ok("stopping", "CancelResult"),
+                "404": error_ref("NotFound"), "409": error_ref("Conflict"),
+            })), "parameters", json!([job_id.clone()])),
+        },
+        "/api/jobs/{id}/events": { "get": with(op("job_events", "jobs", "A job's events (SSE)", json!({
+            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`"),
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([job_id])) },
+        "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
+            "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`"),
+        })) },
+    });
+    let openai = json!({
+        "/v1/images/generations": { "post": body(op("openai_images_generations", "openai", "OpenAI Images API: create images", json!({
+            "200": ok("the images", "OpenAiImagesResponse"),
+            "400": error_ref("OpenAiBadRequest"), "413": error_ref("OpenAiTooLarge"), "415": error_ref("OpenAiUnsupportedMediaType"),
+            "429": error_ref("OpenAiRateLimited"), "500": error_ref("OpenAiServerError"), "503": error_ref("OpenAiUnavailable"),
+        })), "OpenAiImagesRequest") },
+        "/v1/models": { "get": op("openai_models", "openai", "OpenAI models list: the loaded model and its aliases", json!({ "200": ok("models", "OpenAiModelList") })) },
+        "/v1/models/{model}": { "get": with(op("openai_model", "openai", "One OpenAI model object", json!({
+            "200": ok("the model", "OpenAiModel"), "404": error_ref("OpenAiNotFound"),
+        })), "parameters", json!([path_param("model", "model id")])) },
+    });
+    let a1111 = json!({
+        "/sdapi/v1/txt2img": { "post": body(op("a1111_txt2img", "a1111", "AUTOMATIC1111 txt2img", json!({
+            "200": ok("the images", "A1111Txt2ImgResponse"),
+            "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
+            "429": error_ref("A1111Error"), "500": error_ref("A1111RunError"), "503": error_ref("A1111Error"),
+        })), "A1111Txt2ImgRequest") },
+        "/sdapi/v1/progress": { "get": op("a1111_progress", "a1111", "Progress of the running job", json!({ "200": ok("progress", "A1111Progress") })) },
+        "/sdapi/v1/interrupt": { "post": op("a1111_interrupt", "a1111", "Stop the running job", json!({ "200": { "description": "`{}`", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
+        "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The loaded checkpoint", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
+        "/sdapi/v1/options": {
+            "get": op("a1111_options", "a1111", "Settings clients read", json!({ "200": ok("options", "A1111Options") })),
+            "post": body(op("a1111_set_options", "a1111", "Accepted and ignored (logged)", json!({
+                "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } },
+                "422": error_ref("A1111Validation"),
+            })), "A1111Options"),
+        },
+        "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
+        "/sdapi/v1/schedulers": { "get": op("a1111_schedulers", "a1111", "Schedulers", json!({ "200": { "description": "schedulers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
+        "/sdapi/v1/scripts": { "get": op("a1111_scripts", "a1111", "Scripts (none)", json!({ "200": { "description": "scripts", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
+    });
+    merge([ui, openai, a1111])
+}
+
+/// One object with the keys of all `parts`.
+fn merge<const N: usize>(parts: [Value; N]) -> Value {
+    let mut out = serde_json::Map::new();
+    for p in parts {
+        if let Value::Object(o) = p {
+            out.extend(o);
+        }
+    }
+    Value::Object(out)
+}
+
+fn error_response(description: &str, name: &str) -> Value {
+    json!({ "description": description, "content": json_body(name) })
+}
+
+/// What the schemas depend on: the loaded model's size multiple and the device's batch limit.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// The loaded model's name (OpenAI's `model` accepts it and the aliases).
+    pub model: String,
+    pub size_multiple: u32,
+    pub max_batch: u32,
+}
+
+/// A prompt: not blank, no control characters but tab and newlines (what validation accepts).
+fn prompt_schema() -> Value {
+    const OK: &str = r"[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]";
+    const VISIBLE: &str = r"[^\s\u0000-\u001f\u007f-\u009f]";
+    json!({ "type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+            "pattern": format!("^{OK}*{VISIBLE}{OK}*$") })
+}
+
+/// `schema` that also accepts `null` (= the default, as every optional request field does).
+fn nullable(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("nullable".into(), Value::Bool(true));
+    }
+    schema
+}
+
+fn components(f: &Facts) -> Value {
+    let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
+    let nullable_string = json!({ "type": "string", "nullable": true });
+    let side = nullable(
+        json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": f.size_multiple,
+        "description": "a multiple of the loaded model's size multiple (16 for Z-Image, 8 for SD)" }),
+    );
+    let batch = nullable(json!({ "type": "integer", "minimum": 1, "maximum": f.max_batch }));
+    let text = json!({ "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true,
+        "pattern": r"^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]*$" });
+    let steps = nullable(json!({ "type": "integer", "minimum": MIN_STEPS, "maximum": MAX_STEPS }));
+    let security = json!({
+            "bearer": { "type": "http", "scheme": "bearer", "description": "the key given to `zturbo serve --api-key` (only when one is set)" },
+            "basic": { "type": "http", "scheme": "basic", "description": "any user name, the API key as the password (A1111 clients)" },
+            "cookie": { "type": "apiKey", "in": "cookie", "name": super::security::COOKIE, "description": "set by POST /api/auth for the browser UI" },
+    });
+    let responses = json!({
+            "BadRequest": error_response("malformed JSON", "Error"),
+            "Invalid": error_response("an invalid value; `field` names it", "Error"),
+            "TooLarge": error_response("body over 16 MiB", "Error"),
+            "UnsupportedMediaType": error_response("not application/json", "Error"),
+            "NotFound": error_response("no such thing", "Error"),
+            "Conflict": error_response("not in a state that allows it", "Error"),
+            "QueueFull": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("Error") },
+            "Unavailable": error_response("shutting down", "Error"),
+            "Unauthorized": error_response("an API key is required", "Error"),
+            "Forbidden": error_response("Host not loopback, or a cross-origin state-changing request", "Error"),
+            "OpenAiBadRequest": error_response("invalid request; `param` names the field", "OpenAiError"),
+            "OpenAiTooLarge": error_response("body over 16 MiB", "OpenAiError"),
+            "OpenAiUnsupportedMediaType": error_response("not application/json", "OpenAiError"),
+            "OpenAiNotFound": error_response("no such model", "OpenAiError"),
+            "OpenAiRateLimited": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("OpenAiError") },
+            "OpenAiServerError": error_response("the generation failed", "OpenAiError"),
+            "OpenAiUnavailable": error_response("shutting down", "OpenAiError"),
+            "OpenAiUnauthorized": error_response("an API key is required", "OpenAiError"),
+            "OpenAiForbidden": error_response("Host not loopback, or cross-origin", "OpenAiError"),
+            "A1111Error": error_response("`{detail}`", "A1111Detail"),
+            "A1111Validation": error_response("FastAPI validation error", "A1111ValidationError"),
+            "A1111RunError": error_response("the generation failed", "A1111RunError"),
+            "A1111Unauthorized": error_response("an API key is required", "A1111Detail"),
+            "A1111Forbidden": error_response("Host not loopback, or cross-origin", "A1111Detail"),
+    });
+    let core = json!({
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": {
+                "type": "object", "required": ["field", "message"],
+                "properties": { "field": nullable_string.clone(), "message": { "type": "string" } } } } },
+            "GenerationRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
+                "prompt": prompt_schema(),
+                "negative_prompt": text.clone(),
+                "width": side.clone(), "height": side.clone(), "steps": steps.clone(),
+                "cfg": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true, "description": "1.0 = guidance off; ≥ 3 is clamped to the model's safe maximum" },
+                "seed": { "type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true },
+                "batch": batch.clone(),
+                "enhance": { "type": "boolean", "nullable": true },
+                "memory_mode": { "type": "string", "enum": modes, "nullable": true },
+            } },
+            "Accepted": { "type": "object", "required": ["id", "position"], "properties": { "id": { "type": "string" }, "position": { "type": "integer" } } },
+            "CancelResult": { "type": "object", "properties": { "id": { "type": "string" }, "state": { "type": "string", "enum": ["cancelled", "cancelling"] } } },
+            "Job": { "type": "object", "required": ["id", "state", "step", "total_steps", "created_at", "params", "images", "notices"], "properties": {
+                "id": { "type": "string" },
+                "state": { "type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"] },
+                "position": { "type": "integer" },
+                "step": { "type": "integer" }, "total_steps": { "type": "integer" },
+                "created_at": { "type": "integer", "format": "int64" },
+                "started_at": { "type": "integer", "format": "int64", "nullable": true },
+                "finished_at": { "type": "integer", "format": "int64", "nullable": true },
+                "params": { "type": "object", "description": "as resolved after the run (final prompts, seed, cfg used, cfg_requested); before it, the validated request" },
+                "enhancement": { "type": "object", "nullable": true },
+                "images": { "type": "array", "items": { "type": "string" } },
+                "notices": { "type": "array", "items": schema("Notice") },
+                "timings": { "type": "object", "nullable": true },
+                "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
+                "error": nullable_string.clone(),
+            } },
+            "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
+            "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
+                "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
+                "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
+            "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
+                "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
+                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true } } },
+            "Enhanced": { "type": "object", "properties": {
+                "prompt": { "type": "string" }, "negative_prompt": { "type": "string" },
+                "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
+                "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
+                "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
+            "Health": { "type": "object", "properties": { "status": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" } } },
+            "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": { "type": "object" }, "device": { "type": "object" },
+                "max_batch": { "type": "integer" }, "queue_size": { "type": "integer" }, "memory_modes": { "type": "array", "items": { "type": "string" } },
+                "demo_help": nullable_string.clone() } },
+            "AuthRequest": { "type": "object", "required": ["key"], "additionalProperties": false, "properties": { "key": { "type": "string" } } },
+            "AuthStatus": { "type": "object", "properties": { "required": { "type": "boolean" }, "authorized": { "type": "boolean" } } },
+            "ModelListing": { "type": "object", "properties": {
+                "name": { "type": "string" }, "family": { "type": "string" }, "repo": nullable_string.clone(),
+                "state": { "type": "string", "enum": ["loaded", "on_disk", "not_downloaded"] },
+                "size_bytes": { "type": "integer", "format": "int64", "nullable": true }, "demo": { "type": "boolean" },
+                "path": nullable_string.clone(), "defaults": { "type": "object", "nullable": true }, "description": { "type": "string" } } },
+            "ModelList": { "type": "object", "properties": { "models": { "type": "array", "items": schema("ModelListing") },
+                "pull": { "type": "object", "nullable": true, "description": "the running download: {name, progress}" } } },
+            "PullAccepted": { "type": "object", "properties": { "name": { "type": "string" }, "repo": { "type": "string" }, "state": { "type": "string" }, "events": { "type": "string" } } },
+    });
+    let openai = json!({
+            "OpenAiError": { "type": "object", "required": ["error"], "properties": { "error": {
+                "type": "object", "required": ["message", "type", "param", "code"],
+                "properties": { "message": { "type": "string" }, "type": { "type": "string" }, "param": nullable_string.clone(), "code": nullable_string.clone() } } } },
+            "OpenAiImagesRequest": { "type": "object", "required": ["prompt"], "properties": {
+                "prompt": prompt_schema(),
+                "model": { "type": "string", "nullable": true,
+                    "enum": std::iter::once(f.model.as_str()).chain(super::openai::ALIASES).collect::<Vec<_>>(),
+                    "description": "the loaded model's name or an alias (also any gpt-image-* name); all run the loaded model" },
+                "n": { "type": "integer", "minimum": 1, "maximum": f.max_batch, "nullable": true },
+                "size": { "type": "string", "nullable": true,
+                    "enum": ["auto", "256x256", "512x512", "1024x1024", "1792x1024", "1024x1792", "1536x1024", "1024x1536"],
+                    "description": "these, or any WIDTHxHEIGHT the model accepts (see GenerationRequest's width and height)" },
+                "response_format": { "type": "string", "enum": ["b64_json", "url"], "nullable": true },
+                "quality": { "type": "string", "enum": ["standard", "hd", "auto", "low", "medium", "high", "xhigh", "max"], "nullable": true },
+                "style": { "type": "string", "description": "ignored", "nullable": true },
+                "user": { "type": "string", "description": "ignored", "nullable": true },
+                "output_format": { "type": "string", "enum": ["png"], "nullable": true },
+                "stream": { "type": "boolean", "enum": [false], "nullable": true } } },
+            "OpenAiImage": { "type": "object", "properties": { "b64_json": { "type": "string" }, "url": { "type": "string" }, "revised_prompt": { "type": "string" } } },
+            "OpenAiImagesResponse": { "type": "object", "required": ["created", "data"], "properties": {
+                "created": { "type": "integer", "format": "int64" }, "data": { "type": "array", "items": schema("OpenAiImage") } } },
+            "OpenAiModel": { "type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+                "id": { "type": "string" }, "object": { "type": "string", "enum": ["model"] }, "created": { "type": "integer", "format": "int64" }, "owned_by": { "type": "string" } } },
+            "OpenAiModelList": { "type": "object", "required": ["object", "data"], "properties": {
+                "object": { "type": "string", "enum": ["list"] }, "data": { "type": "array", "items": schema("OpenAiModel") } } },
+    });
+    let a1111 = json!({
+            "A1111Detail": { "type": "object", "required": ["detail"], "properties": { "detail": { "type": "string" } } },
+            "A1111ValidationError": { "type": "object", "required": ["detail"], "properties": { "detail": { "type": "array", "items": {
+                "type": "object", "required": ["loc", "msg", "type"], "properties": {
+                    "loc": { "type": "array", "items": { "type": "string" } }, "msg": { "type": "string" }, "type": { "type": "string" } } } } } },
+            "A1111RunError": { "type": "object", "properties": { "error": { "type": "string" }, "detail": { "type": "string" }, "body": { "type": "string" }, "errors": { "type": "string" } } },
+            "A1111Txt2ImgRequest": { "type": "object", "additionalProperties": true, "required": ["prompt"],
+                "description": "A1111's txt2img body; fields not listed (sampler_name, scheduler, override_settings, alwayson_scripts, …) are ignored", "properties": {
+                "prompt": prompt_schema(), "negative_prompt": text,
+                "width": side.clone(), "height": side,
+                "steps": steps, "cfg_scale": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true },
+                "seed": { "type": "integer", "format": "int64", "description": "-1 = random", "nullable": true },
+                "batch_size": batch,
+                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true } } },
+            "A1111Txt2ImgResponse": { "type": "object", "required": ["images", "parameters", "info"], "properties": {
+                "images": { "type": "array", "items": { "type": "string", "format": "byte" } },
+                "parameters": { "type": "object" },
+                "info": { "type": "string", "description": "JSON text: prompt, all_prompts, seed, all_seeds, infotexts, …" } } },
+            "A1111Progress": { "type": "object", "properties": {
+                "progress": { "type": "number" }, "eta_relative": { "type": "number" }, "state": { "type": "object" },
+                "current_image": nullable_string.clone(), "textinfo": nullable_string } },
+            "A1111SdModel": { "type": "object", "properties": {
+                "title": { "type": "string" }, "model_name": { "type": "string" }, "hash": { "type": "string", "nullable": true },
+                "sha256": { "type": "string", "nullable": true }, "filename": { "type": "string" }, "config": { "type": "string", "nullable": true } } },
+            "A1111Options": { "type": "object", "additionalProperties": true, "properties": { "sd_model_checkpoint": { "type": "string" } } },
+    });
+    json!({
+        "securitySchemes": security,
+        "responses": responses,
+        "schemas": merge([core, openai, a1111]),
+    })
+}
+
+/// A nullable schema with an `enum` must list `null` in it too (OpenAPI 3.0.3's clarification).
+fn null_in_enums(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if o.get("nullable") == Some(&Value::Bool(true)) {
+                if let Some(Value::Array(e)) = o.get_mut("enum") {
+                    if !e.contains(&Value::Null) {
+                        e.push(Value::Null);
+                    }
+                }
+            }
+            o.values_mut().for_each(null_in_enums);
+        }
+        Value::Array(a) => a.iter_mut().for_each(null_in_enums),
+        _ => {}
+    }
+}
+
+/// The whole document, for the loaded model.
+pub fn spec(f: &Facts) -> Value {
+    let mut components = components(f);
+    null_in_enums(&mut components);
+    json!({
+            "openapi": "3.0.3",
+            "info": {
+                "title": "zturbo",
+                "version": env!("CARGO_PKG_VERSION"),
+                "description": "Local image generation with Turbo diffusion models: the UI's job API, the OpenAI Images API and the AUTOMATIC1111 API, all through one queue. With `--api-key`, every /api, /v1, /sdapi and /images call needs the key.",
+            },
+            "tags": [
+                { "name": "ui" }, { "name": "meta" }, { "name": "images" }, { "name": "server" },
+                { "name": "models" }, { "name": "jobs" }, { "name": "openai" }, { "name": "a1111" },
+            ],
+            "security": [{}, { "bearer": [] }, { "basic": [] }, { "cookie": [] }],
+            "paths": paths(),
+            "components": components,
+    })
+}
+
+/// `GET /openapi.json`.
+pub async fn document(State(s): State<super::AppState>) -> Response {
+    let facts = Facts {
+        model: s.info.model.clone(),
+        size_multiple: s.info.family.size_multiple,
+        max_batch: s.info.limits.max_batch,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::Json(spec(&facts)),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            model: "demo".into(),
+            size_multiple: 16,
+            max_batch: 4,
+        }
+    }
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(r)) = o.get("$ref") {
+                    out.push(r.clone());
+                }
+                o.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn documents_exactly_the_routers_routes() {
+        let doc = &spec(&facts());
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(move |m| (path.clone(), m.clone()))
+            })
+            .collect();
+        let routed: BTreeSet<(String, String)> = crate::server::routes()
+            .iter()
+            .map(|r| (r.path.to_string(), r.verb.as_str().to_string()))
+            .collect();
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn is_structurally_openapi_3() {
+        let doc = &spec(&facts());
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.0."));
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+        let mut ids = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            assert!(path.starts_with('/'), "{path}");
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path}"));
+                assert!(ids.insert(id.to_string()), "operationId {id} twice");
+                let responses = op["responses"].as_object().unwrap();
+                assert!(!responses.is_empty(), "{method} {path}");
+                for (code, r) in responses {
+                    assert!(
+                        code.len() == 3 && code.parse::<u16>().is_ok(),
+                        "{method} {path} {code}"
+                    );
+                    assert!(r["description"].is_string() || r["$ref"].is_string());
+                }
+                // Every `{param}` in the path is declared as a path parameter.
+                let declared: BTreeSet<&str> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path")
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                let in_path: BTreeSet<&str> = path
+                    .split('/')
+                    .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                    .collect();
+                assert_eq!(declared, in_path, "{method} {path}");
+            }
+        }
+        let mut all = Vec::new();
+        refs(doc, &mut all);
+        assert!(!all.is_empty());
+        for r in all {
+            let pointer = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("external ref {r}"));
+            assert!(doc.pointer(pointer).is_some(), "unresolved {r}");
+        }
+    }
+
+    fn properties(name: &str) -> BTreeSet<String> {
+        spec(&facts())["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn request_schemas_name_the_request_types_fields() {
+        let fields =
+            |v: Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+        let gen = serde_json::to_value(crate::request::GenerationRequest::default()).unwrap();
+        assert_eq!(properties("GenerationRequest"), fields(gen));
+        assert_eq!(
+            properties("EnhanceRequest"),
+            BTreeSet::from(["prompt".into(), "negative_prompt".into()])
+        );
+        // The A1111 and OpenAI request schemas list what the handlers read.
+        let a1111: crate::server::a1111::Txt2ImgRequest = serde_json::from_value(json!({
+            "prompt": "p", "negative_prompt": "n", "width": 64, "height": 64, "steps": 1,
+            "cfg_scale": 1.0, "seed": 1, "batch_size": 1, "n_iter": 1,
+        }))
+        .unwrap();
+        assert_eq!(
+            format!("{a1111:?}").matches(": Some(").count(),
+            properties("A1111Txt2ImgRequest").len()
+        );
+        let openai: crate::server::openai::ImagesRequest = serde_json::from_value(json!({
+            "prompt": "p", "model": "m", "n": 1, "size": "auto", "response_format": "url",
+            "quality": "hd", "style": "vivid", "user": "u", "output_format": "png", "stream": false,
+        }))
+        .unwrap();
+        assert_eq!(
+            format!("{openai:?}").matches(": Some(").count() + 1,
+            properties("OpenAiImagesRequest").len()
+        );
+    }
+}
