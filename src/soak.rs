@@ -276,11 +276,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
                 } else {
                     e
                 };
-                // Group by the message without numbers (steps differ).
-                let key: String = e
-                    .chars()
-                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
-                    .collect();
+                let key = without_numbers(&e);
                 *failed.entry(key).or_default() += 1;
             }
             _ => cancelled += 1,
@@ -303,7 +299,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     println!("|---|---|");
     println!("| jobs | {} ({} images) |", submitted.len(), images);
     println!(
-        "| model, fault rate | {} , {} per denoiser attempt and per decode (black: half that) |",
+        "| model, fault rate | {}, {} per denoiser attempt and per decode (black: half that) |",
         args.model, args.fault_rate
     );
     println!("| completed | {completed} |");
@@ -347,4 +343,42 @@ pub fn run(args: SoakArgs) -> Result<()> {
         bail!("soak found problems (see the table)");
     }
     Ok(())
+}
+
+/// A failure message with its numbers (steps, seeds, values) each replaced by `#`, to group
+/// failures of one kind; digits inside words (`f32`, `bf16`) stay.
+fn without_numbers(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut prev: Option<char> = None;
+    let mut in_word = false;
+    for c in message.chars() {
+        if c.is_ascii_digit() {
+            if !prev.is_some_and(|p| p.is_ascii_digit()) {
+                in_word = prev.is_some_and(char::is_alphabetic);
+                if !in_word {
+                    out.push('#');
+                }
+            }
+            if in_word {
+                out.push(c);
+            }
+        } else {
+            out.push(c);
+        }
+        prev = Some(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_numbers;
+
+    #[test]
+    fn failures_group_without_their_numbers_but_keep_dtype_names() {
+        assert_eq!(
+            without_numbers("step 12 failed at cfg 2.4 in f32 (seed 1000003), bf16 too"),
+            "step # failed at cfg #.# in f32 (seed #), bf16 too"
+        );
+    }
 }

@@ -141,7 +141,6 @@ fn decode_tiled(
     tiling: VaeTiling,
     run: &mut RunState<'_>,
 ) -> Result<Tensor, EngineError> {
-    let tile = tiling.tile_latent as usize;
     let mut cache: Option<(Tensor, GroupNormStats)> = None;
     tiled(latents, tiling, TILE_CONTEXT, |z, (y0, x0)| {
         decode_checked(family, run, &mut |f, raised| {
@@ -151,7 +150,9 @@ fn decode_tiled(
                 let features = vae.trunk(&input)?;
                 // Statistics from the whole image at tile size (pooling the latents, not the
                 // features: pooled features lose the variance the head normalises away).
-                let small = vae.trunk(&stats_latents(&input, tile)?)?;
+                let (_, _, h, w) = input.dims4()?;
+                let ((tw, th), _) = tiling.on(w, h);
+                let small = vae.trunk(&stats_latents(&input, tw, th)?)?;
                 let stats = vae.record_head_stats(&small)?;
                 cache = Some((features, stats));
             }
@@ -168,12 +169,24 @@ fn decode_tiled(
     })
 }
 
-/// The latents subsampled (every f-th cell, f the smallest integer that fits them in one tile).
+/// The latents subsampled (every f-th cell, f the smallest integer that brings them to no more
+/// cells than one `tile_w × tile_h` tile, so the statistics pass needs no more memory than a tile).
 /// Subsampling, unlike average pooling, keeps the latents' per-cell distribution — pooling
 /// noise-like detail shrinks its variance and every GroupNorm downstream would misjudge the image.
-pub fn stats_latents(latents: &Tensor, tile: usize) -> candle_core::Result<Tensor> {
+/// By area rather than by side: a band as wide as the image gets statistics as fine as a square
+/// tile of the same size would.
+pub fn stats_latents(
+    latents: &Tensor,
+    tile_w: usize,
+    tile_h: usize,
+) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = latents.dims4()?;
-    let f = h.max(w).div_ceil(tile.max(1)).max(1);
+    let cells = tile_w.max(1) * tile_h.max(1);
+    // At most the short side, so that neither axis subsamples to nothing.
+    let most = h.min(w).max(1);
+    let f = (1..=most)
+        .find(|&f| (h / f) * (w / f) <= cells)
+        .unwrap_or(most);
     if f == 1 {
         return Ok(latents.clone());
     }
@@ -210,11 +223,9 @@ pub fn tiled<E: From<candle_core::Error>>(
     mut decode_tile: impl FnMut(&Tensor, (usize, usize)) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     let (b, _c, h, w) = latents.dims4()?;
-    let tile = (tiling.tile_latent as usize).max(1);
-    let overlap = (tiling.overlap_latent as usize).min(tile / 2);
-    let ys = tile_starts(h, tile, overlap);
-    let xs = tile_starts(w, tile, overlap);
-    let (th, tw) = (tile.min(h), tile.min(w));
+    let ((tw, th), (ox, oy)) = tiling.on(w, h);
+    let ys = tile_starts(h, th, oy);
+    let xs = tile_starts(w, tw, ox);
     let mut out: Option<(usize, usize, Vec<f32>, Vec<f32>)> = None; // (factor, channels, pixels, weight sums)
     for (yi, &y0) in ys.iter().enumerate() {
         for (xi, &x0) in xs.iter().enumerate() {
@@ -244,9 +255,8 @@ pub fn tiled<E: From<candle_core::Error>>(
                 )
             });
             let (big_h, big_w) = (h * *factor, w * *factor);
-            let ramp = overlap * *factor;
-            let wy = axis_weights(ph, ramp, yi > 0, yi + 1 < ys.len());
-            let wx = axis_weights(pw, ramp, xi > 0, xi + 1 < xs.len());
+            let wy = axis_weights(ph, oy * *factor, yi > 0, yi + 1 < ys.len());
+            let wx = axis_weights(pw, ox * *factor, xi > 0, xi + 1 < xs.len());
             let data = px.flatten_all()?.to_vec1::<f32>()?;
             let (oy, ox) = (y0 * *factor, x0 * *factor);
             for bi in 0..b {

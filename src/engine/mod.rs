@@ -533,7 +533,9 @@ impl Engine {
         run.phase(Phase::Denoise);
         self.family
             .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
-                DenoiserResidency::Streamed
+                DenoiserResidency::Streamed {
+                    resident_blocks: plan.resident_blocks as usize,
+                }
             } else {
                 DenoiserResidency::Resident
             });

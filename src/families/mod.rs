@@ -113,8 +113,9 @@ pub enum Component {
 pub enum DenoiserResidency {
     /// All blocks on the device.
     Resident,
-    /// Blocks stay memory-mapped on the host and visit the device one at a time.
-    Streamed,
+    /// Blocks stay memory-mapped on the host and visit the device one at a time, except the first
+    /// `resident_blocks` (in execution order), which stay on the device for the whole job.
+    Streamed { resident_blocks: usize },
 }
 
 /// What the family needs to run one sampler step.

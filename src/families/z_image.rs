@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
 
-use self::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks, StreamedBlocks};
+use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
 use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
@@ -57,6 +57,8 @@ pub struct ZImage {
     dit_weights: Weights,
     dit: Option<Dit>,
     blocks: Option<ResidentBlocks>,
+    /// While streaming: the blocks that stay on the device (see `DenoiserResidency::Streamed`).
+    kept: Option<KeptBlocks>,
     residency: DenoiserResidency,
     /// The residual dtype the policy asked for (restored after a guard fallback).
     base_residual: DType,
@@ -159,6 +161,7 @@ impl ZImage {
             dit_weights,
             dit: None,
             blocks: None,
+            kept: None,
             residency: DenoiserResidency::Resident,
             base_residual: policy.residual,
             exec_override: None,
@@ -257,6 +260,20 @@ impl ZImage {
         trace: Option<&mut dit::Trace>,
     ) -> Result<Tensor, ModelError> {
         self.load(Component::Denoiser)?;
+        if let DenoiserResidency::Streamed { resident_blocks } = self.residency {
+            let want = resident_blocks.min(dit::execution_order(&self.dit_cfg).len());
+            if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
+                self.kept = None;
+                if want > 0 {
+                    let vb = self
+                        .dit_weights
+                        .var_builder(self.policy.denoiser, &self.device);
+                    let kept = KeptBlocks::load(&self.dit_cfg, &vb, want)
+                        .map_err(|e| self.dit_weights.context(e))?;
+                    self.kept = Some(kept);
+                }
+            }
+        }
         let dit = self
             .dit
             .as_ref()
@@ -270,6 +287,9 @@ impl ZImage {
                     .dit_weights
                     .var_builder(self.policy.denoiser, &self.device);
                 let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
+                if let Some(kept) = self.kept.as_ref() {
+                    streamed = streamed.with_kept(kept);
+                }
                 dit.forward(x, t, caps, &mut streamed, trace)?
             }
         };
@@ -464,6 +484,7 @@ impl Family for ZImage {
             Component::Denoiser => {
                 self.dit = None;
                 self.blocks = None;
+                self.kept = None;
             }
             Component::Vae => self.vae = None,
         }
@@ -479,8 +500,9 @@ impl Family for ZImage {
 
     fn set_denoiser_residency(&mut self, residency: DenoiserResidency) {
         self.residency = residency;
-        if residency == DenoiserResidency::Streamed {
-            self.blocks = None;
+        match residency {
+            DenoiserResidency::Streamed { .. } => self.blocks = None,
+            DenoiserResidency::Resident => self.kept = None,
         }
         let exec = self.execution();
         if let Some(dit) = self.dit.as_mut() {
@@ -526,7 +548,7 @@ impl ZImage {
     fn execution(&self) -> dit::Execution {
         self.exec_override.unwrap_or(match self.residency {
             DenoiserResidency::Resident => dit::Execution::default(),
-            DenoiserResidency::Streamed => dit::Execution::LOW_MEMORY,
+            DenoiserResidency::Streamed { .. } => dit::Execution::LOW_MEMORY,
         })
     }
 

@@ -44,15 +44,9 @@ const GIB: u64 = 1 << 30;
 pub const MAX_BATCH_SEARCH: u32 = 1024;
 
 /// Default VAE tile for a tiled decode: 32 × 32 latents (256 px), 8 latents of overlap.
-pub const DEFAULT_VAE_TILING: VaeTiling = VaeTiling {
-    tile_latent: 32,
-    overlap_latent: 8,
-};
+pub const DEFAULT_VAE_TILING: VaeTiling = VaeTiling::square(32, 8);
 /// Fallback when even the default tile does not fit.
-pub const SMALL_VAE_TILING: VaeTiling = VaeTiling {
-    tile_latent: 16,
-    overlap_latent: 4,
-};
+pub const SMALL_VAE_TILING: VaeTiling = VaeTiling::square(16, 4);
 
 // ---- Activation coefficients ----------------------------------------------------------------------------
 //
@@ -329,13 +323,14 @@ impl VaeActivations {
 
     /// Peak bytes to decode the same latent tile by tile.
     pub fn tiled_decode_bytes(&self, latent_w: u64, latent_h: u64, tiling: VaeTiling) -> u64 {
-        let tile = u64::from(tiling.tile_latent.max(1));
+        let tile_w = u64::from(tiling.tile_width_latent.max(1));
+        let tile_h = u64::from(tiling.tile_height_latent.max(1));
         let scale = u64::from(self.scale);
         let pixels = latent_w
             .saturating_mul(scale)
             .saturating_mul(latent_h.saturating_mul(scale));
         let accumulator = self.tile_accumulator_bytes_per_pixel.saturating_mul(pixels);
-        self.decode_bytes(latent_w.min(tile), latent_h.min(tile))
+        self.decode_bytes(latent_w.min(tile_w), latent_h.min(tile_h))
             .saturating_add(accumulator)
     }
 }
@@ -622,11 +617,43 @@ pub fn default_reserve(device_total: u64) -> u64 {
 
 // ---- Output ---------------------------------------------------------------------------------------------
 
-/// Tiled VAE decode: square tiles of `tile_latent` latents, neighbours overlapping by `overlap_latent`.
+/// Tiled VAE decode: tiles of `tile_width_latent × tile_height_latent` latents, neighbours
+/// overlapping by `overlap_latent` (at most half a tile on each axis). A tile as wide (or tall) as
+/// the image makes bands: the decode recomputes fewer overlaps than square tiles of the same area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaeTiling {
-    pub tile_latent: u32,
+    pub tile_width_latent: u32,
+    pub tile_height_latent: u32,
     pub overlap_latent: u32,
+}
+
+impl VaeTiling {
+    pub const fn square(tile_latent: u32, overlap_latent: u32) -> Self {
+        Self {
+            tile_width_latent: tile_latent,
+            tile_height_latent: tile_latent,
+            overlap_latent,
+        }
+    }
+
+    /// Tile size (width, height) and overlap (x, y) on a `w × h` latent: tiles no larger than the
+    /// latent, overlaps no more than half a tile.
+    pub fn on(&self, w: usize, h: usize) -> ((usize, usize), (usize, usize)) {
+        let tw = (self.tile_width_latent as usize).max(1).min(w.max(1));
+        let th = (self.tile_height_latent as usize).max(1).min(h.max(1));
+        let o = self.overlap_latent as usize;
+        ((tw, th), (o.min(tw / 2), o.min(th / 2)))
+    }
+}
+
+impl fmt::Display for VaeTiling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}x{}/{}",
+            self.tile_width_latent, self.tile_height_latent, self.overlap_latent
+        )
+    }
 }
 
 /// Estimated peak bytes of each phase of a job (weights loaded during it + its activations).
@@ -665,6 +692,12 @@ pub struct Plan {
     pub denoiser: Residency,
     pub vae: Residency,
     pub vae_tiling: Option<VaeTiling>,
+    /// With a block-streamed denoiser: how many of its blocks (the first, in execution order) stay
+    /// on the device for the whole job. Low mode entered because nothing faster fits fills the
+    /// room left over with them, so fewer bytes cross the bus every step; `low` requested by the
+    /// user streams every block (the smallest peak).
+    #[serde(default)]
+    pub resident_blocks: u32,
     /// Largest phase peak, without the reserve.
     pub estimated_peak_bytes: u64,
     pub phase_peaks: PhasePeaks,
@@ -682,7 +715,7 @@ impl Plan {
     /// One line for the log.
     pub fn summary(&self) -> String {
         let decode = match self.vae_tiling {
-            Some(t) => format!("tiled {}/{}", t.tile_latent, t.overlap_latent),
+            Some(t) => format!("tiled {t}"),
             None => "full".to_owned(),
         };
         format!(
@@ -765,33 +798,89 @@ pub fn tile_starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
     starts
 }
 
-/// Latent cells a tiled decode runs through the VAE head (overlaps are decoded twice).
-fn tiled_cells(lw: u64, lh: u64, t: VaeTiling) -> u64 {
-    let tile = t.tile_latent as usize;
-    let overlap = (t.overlap_latent as usize).min(tile / 2);
-    let axis = |len: u64| {
-        let n = tile_starts(len as usize, tile, overlap).len() as u64;
-        n.saturating_mul((tile as u64).min(len))
-    };
-    axis(lw).saturating_mul(axis(lh))
+/// How many tiles [`tile_starts`] places along an axis, without building the list.
+fn tile_count(len: u64, tile: u64, overlap: u64) -> u64 {
+    if len <= tile {
+        return 1;
+    }
+    let stride = tile.saturating_sub(overlap).max(1);
+    (len - tile).div_ceil(stride) + 1
 }
 
-/// The cheapest tiling (fewest decoded cells) whose decode phase, next to `loaded` bytes of
-/// weights, stays within `limit`; tiles from 16 latents up (overlap 8, 4 below 32 latents). With
-/// no tiling under the limit, the smallest-memory one.
+/// Latent cells a tiled decode runs through the VAE head (overlaps are decoded twice).
+pub fn tiled_cells(lw: u64, lh: u64, t: VaeTiling) -> u64 {
+    let ((tw, th), (ox, oy)) = t.on(lw as usize, lh as usize);
+    let axis = |len: u64, tile: usize, overlap: usize| {
+        tile_count(len, tile as u64, overlap as u64).saturating_mul(tile as u64)
+    };
+    axis(lw, tw, ox).saturating_mul(axis(lh, th, oy))
+}
+
+/// Overlap for a tiling whose smallest split side is `side` latents: a quarter of it, at most 8.
+fn overlap_for(side: u64) -> u64 {
+    (side / 4).min(8)
+}
+
+/// Tile sides worth trying along an axis of `len` latents: the whole axis, and for each tile count
+/// n = 2, 3, … (up to 64) the smallest side (a multiple of 4, at least 16) that covers it with n
+/// tiles. A side between two of these decodes more cells with as many tiles.
+fn side_candidates(len: u64) -> Vec<u64> {
+    let len = len.max(1);
+    let mut sides = vec![len];
+    for n in 2..=64u64 {
+        let side = [8u64, 7, 6, 5, 4]
+            .into_iter()
+            .map(|o| {
+                let covering = len.saturating_add((n - 1) * o).div_ceil(n);
+                covering.div_ceil(4).saturating_mul(4).max(16)
+            })
+            .find(|&side| tile_count(len, side, overlap_for(side)) <= n)
+            .unwrap_or(16);
+        if side < len {
+            sides.push(side);
+        }
+        if side <= 16 {
+            break;
+        }
+    }
+    sides.sort_unstable();
+    sides.dedup();
+    sides
+}
+
+/// The cheapest tiling (fewest decoded cells, then fewest tiles, then wide tiles) whose decode
+/// phase, next to `loaded` bytes of weights, stays within `limit`. Tile sides from
+/// [`side_candidates`] — the whole side makes bands; overlap a quarter of the smallest split side,
+/// at most 8 latents (the default tiling's). With no tiling under the limit, the smallest-memory
+/// one.
 fn choose_tiling(input: &PlanInput, loaded: u64, limit: u64) -> (VaeTiling, u64) {
     let vae = &input.activations.vae;
     let (lw, lh) = input.activations.latent_size(input.width, input.height);
     let phase = |t: VaeTiling| loaded.saturating_add(vae.tiled_decode_bytes(lw, lh, t));
-    let largest = lw.max(lh).max(16) as u32;
-    let best = (16..=largest)
-        .step_by(8)
-        .map(|tile| VaeTiling {
-            tile_latent: tile,
-            overlap_latent: if tile >= 32 { 8 } else { 4 },
+    let (ws, hs) = (side_candidates(lw), side_candidates(lh));
+    let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let split = |side: u64, len: u64| if side < len { side } else { u64::MAX };
+    let best = ws
+        .iter()
+        .flat_map(|&w| hs.iter().map(move |&h| (w, h)))
+        .filter(|&(w, h)| w < lw || h < lh)
+        .map(|(w, h)| VaeTiling {
+            tile_width_latent: as_u32(w),
+            tile_height_latent: as_u32(h),
+            overlap_latent: as_u32(overlap_for(split(w, lw).min(split(h, lh)))),
         })
         .filter(|&t| phase(t) <= limit)
-        .min_by_key(|&t| (tiled_cells(lw, lh, t), std::cmp::Reverse(t.tile_latent)));
+        .min_by_key(|&t| {
+            let ((tw, th), (ox, oy)) = t.on(lw as usize, lh as usize);
+            let tiles = tile_count(lw, tw as u64, ox as u64)
+                .saturating_mul(tile_count(lh, th as u64, oy as u64));
+            // Wide tiles last: a band of whole rows is contiguous in memory.
+            (
+                tiled_cells(lw, lh, t),
+                tiles,
+                std::cmp::Reverse(t.tile_width_latent),
+            )
+        });
     match best {
         Some(t) => (t, phase(t)),
         None => (SMALL_VAE_TILING, phase(SMALL_VAE_TILING)),
@@ -937,6 +1026,28 @@ fn streamed_denoiser(c: &ComponentBytes) -> (Residency, u64) {
     (Residency::BlockStreamed, streamed.min(c.denoiser))
 }
 
+/// How many denoiser blocks a block-streamed plan keeps on the device: when low mode was not asked
+/// for (it is where `auto` or a step-down landed), as many as the room above its denoising phase
+/// holds; their bytes join that phase. Zero for every other plan.
+fn keep_blocks(input: &PlanInput, chosen: &mut Estimate) -> u32 {
+    let c = &input.components;
+    if !chosen.fits
+        || chosen.denoiser != Residency::BlockStreamed
+        || input.mode == MemoryMode::Low
+        || c.denoiser_largest_block == 0
+    {
+        return 0;
+    }
+    let spare = room(input).saturating_sub(chosen.phases.denoising);
+    let blocks = u64::try_from(c.denoiser_blocks).unwrap_or(u64::MAX);
+    let kept = (spare / c.denoiser_largest_block).min(blocks);
+    chosen.phases.denoising = chosen
+        .phases
+        .denoising
+        .saturating_add(kept.saturating_mul(c.denoiser_largest_block));
+    u32::try_from(kept).unwrap_or(u32::MAX)
+}
+
 /// The concrete modes a request may run in, fastest first: a fixed mode is a ceiling, never a floor.
 fn candidates(requested: MemoryMode) -> &'static [MemoryMode] {
     match requested {
@@ -971,7 +1082,7 @@ fn resolve(input: &PlanInput, batch: u32) -> (Estimate, Vec<Estimate>) {
 /// the server can tell the user instead of running out of memory mid-job.
 pub fn plan(input: &PlanInput) -> Plan {
     let batch = input.batch.max(1);
-    let (chosen, tried) = resolve(input, batch);
+    let (mut chosen, tried) = resolve(input, batch);
     let available = available_bytes(input);
     let mut reasons = Vec::new();
 
@@ -1034,6 +1145,14 @@ pub fn plan(input: &PlanInput) -> Plan {
             _ => {}
         }
     }
+    let resident_blocks = keep_blocks(input, &mut chosen);
+    if resident_blocks > 0 {
+        reasons.push(format!(
+            "{resident_blocks} of {} denoiser blocks stay on the device ({}), the rest stream",
+            input.components.denoiser_blocks,
+            format_bytes(u64::from(resident_blocks) * input.components.denoiser_largest_block),
+        ));
+    }
     if let Some(t) = chosen.tiling {
         let why = match chosen.full_decode_phase {
             Some(full) => format!(
@@ -1042,11 +1161,13 @@ pub fn plan(input: &PlanInput) -> Plan {
             ),
             None => "tiled".to_owned(),
         };
+        let scale = u64::from(input.activations.vae.scale);
         reasons.push(format!(
-            "VAE decode tiled: {}x{} latents ({} px), overlap {}; {}",
-            t.tile_latent,
-            t.tile_latent,
-            u64::from(t.tile_latent) * u64::from(input.activations.vae.scale),
+            "VAE decode tiled: {}x{} latents ({}x{} px), overlap {}; {}",
+            t.tile_width_latent,
+            t.tile_height_latent,
+            u64::from(t.tile_width_latent) * scale,
+            u64::from(t.tile_height_latent) * scale,
             t.overlap_latent,
             why,
         ));
@@ -1077,6 +1198,7 @@ pub fn plan(input: &PlanInput) -> Plan {
         denoiser: chosen.denoiser,
         vae: chosen.vae,
         vae_tiling: chosen.tiling,
+        resident_blocks,
         estimated_peak_bytes: chosen.phases.max(),
         phase_peaks: chosen.phases,
         available_bytes: available,
@@ -1395,6 +1517,65 @@ mod tests {
     }
 
     #[test]
+    fn tile_count_agrees_with_tile_starts() {
+        for len in 1..200u64 {
+            for tile in [16u64, 20, 28, 32, 48, 64] {
+                for overlap in [4u64, 7, 8] {
+                    assert_eq!(
+                        tile_count(len, tile, overlap),
+                        tile_starts(len as usize, tile as usize, overlap as usize).len() as u64,
+                        "len {len} tile {tile} overlap {overlap}"
+                    );
+                }
+            }
+        }
+        // Side candidates: the whole axis, then ever smaller sides, none below 16; bounded.
+        let c = side_candidates(48);
+        assert!(c.contains(&48) && c.contains(&28), "{c:?}");
+        assert!(c.iter().all(|&s| s >= 16));
+        assert!(side_candidates(u64::from(u32::MAX)).len() <= 64);
+    }
+
+    #[test]
+    fn low_mode_reached_by_auto_keeps_the_blocks_that_fit() {
+        let c = z_image_components();
+        // 12 and 16 GiB cards land in low mode: the room above its denoising phase keeps blocks
+        // resident, as many as fit (on 16 GiB all 34: only the text encoder did not fit beside
+        // the denoiser), and the phase still fits with the reserve.
+        for (gib, all) in [(12.0, false), (16.0, true)] {
+            let input = device(gib, 1024, 1024);
+            let p = plan(&input);
+            assert_eq!(
+                (p.mode, p.denoiser),
+                (MemoryMode::Low, Residency::BlockStreamed)
+            );
+            assert!(p.fits, "{}", p.summary());
+            let k = u64::from(p.resident_blocks);
+            let room = available_bytes(&input) - input.reserve;
+            assert!(p.phase_peaks.denoising <= room);
+            if all {
+                assert_eq!(k, 34);
+            } else {
+                assert!(k > 0 && k < 34, "{gib} GiB keeps {k}");
+                assert!(p.phase_peaks.denoising + c.denoiser_largest_block > room);
+            }
+            let mut streamed_only = input.clone();
+            streamed_only.mode = MemoryMode::Low;
+            let q = plan(&streamed_only);
+            assert_eq!(q.resident_blocks, 0, "requested low streams every block");
+            assert_eq!(
+                p.phase_peaks.denoising,
+                q.phase_peaks.denoising + k * c.denoiser_largest_block
+            );
+            assert!(p.reasons.iter().any(|r| r.contains("denoiser blocks stay")));
+        }
+        // Modes that keep the denoiser whole never report kept blocks.
+        for gib in [22.0, 80.0] {
+            assert_eq!(plan(&device(gib, 1024, 1024)).resident_blocks, 0);
+        }
+    }
+
+    #[test]
     fn residency_follows_the_mode() {
         let p = plan(&device(80.0, 1024, 1024));
         assert_eq!(
@@ -1432,8 +1613,9 @@ mod tests {
                 None
             )
         );
-        // The cheapest tiling that keeps the decode under the text-encoding peak: 2 × 2 tiles of
-        // 136 latents decode 13 % more cells than the whole image (32-latent tiles: 89 % more).
+        // The cheapest tiling that keeps the decode under the text-encoding peak. The best square
+        // one, 2 × 2 tiles of 136 latents, decodes 13 % more cells than the whole image (32-latent
+        // tiles: 89 % more); bands as wide as the image do better still.
         let p = plan(&device(12.0, 2048, 2048));
         let t = p.vae_tiling.expect("tiled");
         assert!(
@@ -1441,12 +1623,12 @@ mod tests {
             "{:?}",
             p.reasons
         );
-        assert_eq!(
-            t,
-            VaeTiling {
-                tile_latent: 136,
-                overlap_latent: 8
-            }
+        let whole = 256 * 256;
+        let square = tiled_cells(256, 256, VaeTiling::square(136, 8));
+        assert_eq!(square, 272 * 272);
+        assert!(
+            tiled_cells(256, 256, t) <= square && tiled_cells(256, 256, t) > whole,
+            "{t}"
         );
         assert!(tiled_cells(256, 256, t) < tiled_cells(256, 256, DEFAULT_VAE_TILING));
     }
@@ -1786,9 +1968,9 @@ mod tests {
         assert_eq!(json["mode"], "low");
         assert_eq!(json["requested_mode"], "auto");
         assert_eq!(json["denoiser"], "block_streamed");
-        assert!(json["vae_tiling"]["tile_latent"]
-            .as_u64()
-            .is_some_and(|t| t >= 16));
+        for side in ["tile_width_latent", "tile_height_latent"] {
+            assert!(json["vae_tiling"][side].as_u64().is_some_and(|t| t >= 16));
+        }
         assert_eq!(json["vae_tiling"]["overlap_latent"], 8);
         assert!(json["reasons"].as_array().is_some_and(|r| !r.is_empty()));
         assert!(p
@@ -1880,7 +2062,7 @@ mod tests {
                 p.phase_peaks.largest(),
                 format_bytes(p.available_bytes),
                 p.vae_tiling
-                    .map(|t| format!("{}/{}", t.tile_latent, t.overlap_latent))
+                    .map(|t| t.to_string())
                     .unwrap_or_else(|| "-".into()),
                 p.max_batch,
                 max_batch_in_mode(&input, p.mode),

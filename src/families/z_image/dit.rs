@@ -937,11 +937,63 @@ impl BlockSource for ResidentBlocks {
     }
 }
 
+/// Every block of the model in execution order: noise refiner, context refiner, main layers.
+pub fn execution_order(cfg: &DitConfig) -> Vec<(BlockGroup, usize)> {
+    [
+        (BlockGroup::NoiseRefiner, cfg.n_refiner_layers),
+        (BlockGroup::ContextRefiner, cfg.n_refiner_layers),
+        (BlockGroup::Layers, cfg.n_layers),
+    ]
+    .into_iter()
+    .flat_map(|(g, n)| (0..n).map(move |i| (g, i)))
+    .collect()
+}
+
+/// The first blocks in execution order, kept on the device for a whole job while the rest stream
+/// (the low-memory plan when memory is left over: fewer bytes cross the bus every step).
+pub struct KeptBlocks {
+    blocks: Vec<(BlockGroup, usize, Block)>,
+}
+
+impl KeptBlocks {
+    pub fn load(cfg: &DitConfig, vb: &VarBuilder, n: usize) -> candle_core::Result<Self> {
+        let blocks = execution_order(cfg)
+            .into_iter()
+            .take(n)
+            .map(|(g, i)| {
+                let b = Block::new(
+                    cfg,
+                    g != BlockGroup::ContextRefiner,
+                    vb.pp(g.prefix()).pp(i),
+                )?;
+                Ok((g, i, b))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { blocks })
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    fn get(&self, group: BlockGroup, index: usize) -> Option<&Block> {
+        self.blocks
+            .iter()
+            .find(|(g, i, _)| *g == group && *i == index)
+            .map(|(_, _, b)| b)
+    }
+}
+
 /// Blocks loaded from the host mapping just before use and dropped after; the next block is
-/// read on a helper thread while the current one computes.
+/// read on a helper thread while the current one computes. Blocks in `kept` are used in place.
 pub struct StreamedBlocks<'a> {
     pub cfg: &'a DitConfig,
     pub vb: VarBuilder<'static>,
+    kept: Option<&'a KeptBlocks>,
     prefetched: Option<(
         BlockGroup,
         usize,
@@ -954,8 +1006,31 @@ impl<'a> StreamedBlocks<'a> {
         Self {
             cfg,
             vb,
+            kept: None,
             prefetched: None,
         }
+    }
+
+    /// Uses the blocks of `kept` from the device instead of streaming them.
+    pub fn with_kept(mut self, kept: &'a KeptBlocks) -> Self {
+        self.kept = Some(kept);
+        self
+    }
+
+    fn is_kept(&self, group: BlockGroup, index: usize) -> bool {
+        self.kept.is_some_and(|k| k.get(group, index).is_some())
+    }
+
+    /// The next block after `(group, index)` that has to be streamed.
+    fn next_streamed(&self, group: BlockGroup, index: usize) -> Option<(BlockGroup, usize)> {
+        let mut at = self.next_of(group, index);
+        while let Some((g, i)) = at {
+            if !self.is_kept(g, i) {
+                break;
+            }
+            at = self.next_of(g, i);
+        }
+        at
     }
 
     fn next_of(&self, group: BlockGroup, index: usize) -> Option<(BlockGroup, usize)> {
@@ -997,6 +1072,15 @@ impl BlockSource for StreamedBlocks<'_> {
         index: usize,
         f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
+        if let Some(block) = self.kept.and_then(|k| k.get(group, index)) {
+            // Load the next streamed block while the kept ones compute.
+            if self.prefetched.is_none() {
+                if let Some((g, i)) = self.next_streamed(group, index) {
+                    self.prefetched = Some((g, i, self.spawn(g, i)));
+                }
+            }
+            return f(block);
+        }
         let block = match self.prefetched.take() {
             Some((g, i, handle)) if g == group && i == index => handle
                 .join()
@@ -1012,7 +1096,7 @@ impl BlockSource for StreamedBlocks<'_> {
                 )?
             }
         };
-        if let Some((g, i)) = self.next_of(group, index) {
+        if let Some((g, i)) = self.next_streamed(group, index) {
             self.prefetched = Some((g, i, self.spawn(g, i)));
         }
         f(&block)
