@@ -62,6 +62,33 @@ pub struct PrecisionPolicy {
 impl PrecisionPolicy {
     pub const F32: Self = Self::uniform(DType::F32);
 
+    /// The dtype of one component (the denoiser's: its compute dtype).
+    pub fn of(&self, component: super::Component) -> DType {
+        match component {
+            super::Component::TextEncoder => self.text_encoder,
+            super::Component::Denoiser => self.denoiser,
+            super::Component::Vae => self.vae,
+        }
+    }
+
+    /// Changes one component's dtype. f32 denoiser compute needs an f32 residual stream; any
+    /// other dtype goes back to `base_residual`, the residual dtype the policy started with (the
+    /// guard raises precision, then restores it).
+    pub fn set(&mut self, component: super::Component, dtype: DType, base_residual: DType) {
+        match component {
+            super::Component::TextEncoder => self.text_encoder = dtype,
+            super::Component::Denoiser => {
+                self.denoiser = dtype;
+                self.residual = if dtype == DType::F32 {
+                    DType::F32
+                } else {
+                    base_residual
+                };
+            }
+            super::Component::Vae => self.vae = dtype,
+        }
+    }
+
     pub const fn uniform(dtype: DType) -> Self {
         Self {
             text_encoder: dtype,

@@ -690,20 +690,7 @@ impl Family for SdTurbo {
 
     fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
         let was_loaded = self.is_loaded(component);
-        match component {
-            Component::TextEncoder => self.policy.text_encoder = dtype,
-            Component::Denoiser => {
-                self.policy.denoiser = dtype;
-                // A wider compute type needs a residual stream at least as wide; going back
-                // restores the policy's own residual dtype.
-                self.policy.residual = if dtype == DType::F32 {
-                    DType::F32
-                } else {
-                    self.base_residual
-                };
-            }
-            Component::Vae => self.policy.vae = dtype,
-        }
+        self.policy.set(component, dtype, self.base_residual);
         self.unload(component);
         if was_loaded {
             self.load(component)?;
@@ -712,10 +699,6 @@ impl Family for SdTurbo {
     }
 
     fn dtype(&self, component: Component) -> DType {
-        match component {
-            Component::TextEncoder => self.policy.text_encoder,
-            Component::Denoiser => self.policy.denoiser,
-            Component::Vae => self.policy.vae,
-        }
+        self.policy.of(component)
     }
 }

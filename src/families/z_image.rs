@@ -261,7 +261,7 @@ impl ZImage {
     ) -> Result<Tensor, ModelError> {
         self.load(Component::Denoiser)?;
         if let DenoiserResidency::Streamed { resident_blocks } = self.residency {
-            let want = resident_blocks.min(dit::execution_order(&self.dit_cfg).len());
+            let want = resident_blocks.min(self.dit_cfg.n_blocks());
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
                 if want > 0 {
@@ -512,20 +512,7 @@ impl Family for ZImage {
 
     fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
         let was_loaded = self.is_loaded(component);
-        match component {
-            Component::TextEncoder => self.policy.text_encoder = dtype,
-            Component::Denoiser => {
-                self.policy.denoiser = dtype;
-                // f32 compute needs an f32 residual stream; any other dtype goes back to the
-                // residual dtype the policy chose (the guard raises, then restores).
-                self.policy.residual = if dtype == DType::F32 {
-                    DType::F32
-                } else {
-                    self.base_residual
-                };
-            }
-            Component::Vae => self.policy.vae = dtype,
-        }
+        self.policy.set(component, dtype, self.base_residual);
         self.unload(component);
         if was_loaded {
             self.load(component)?;
@@ -534,11 +521,7 @@ impl Family for ZImage {
     }
 
     fn dtype(&self, component: Component) -> DType {
-        match component {
-            Component::TextEncoder => self.policy.text_encoder,
-            Component::Denoiser => self.policy.denoiser,
-            Component::Vae => self.policy.vae,
-        }
+        self.policy.of(component)
     }
 }
 

@@ -99,6 +99,11 @@ fn d_axes_lens() -> Vec<usize> {
 }
 
 impl DitConfig {
+    /// Transformer blocks in all: both refiners and the main layers.
+    pub fn n_blocks(&self) -> usize {
+        2 * self.n_refiner_layers + self.n_layers
+    }
+
     pub fn head_dim(&self) -> usize {
         self.dim / self.n_heads
     }
@@ -938,7 +943,7 @@ impl BlockSource for ResidentBlocks {
 }
 
 /// Every block of the model in execution order: noise refiner, context refiner, main layers.
-pub fn execution_order(cfg: &DitConfig) -> Vec<(BlockGroup, usize)> {
+fn execution_order(cfg: &DitConfig) -> Vec<(BlockGroup, usize)> {
     [
         (BlockGroup::NoiseRefiner, cfg.n_refiner_layers),
         (BlockGroup::ContextRefiner, cfg.n_refiner_layers),
@@ -1118,6 +1123,9 @@ mod tests {
         let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX).unwrap();
         let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7).unwrap();
         let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Chunks change only the matmul blocking: last-bit differences of f32 sums over 50
+        // terms of unit size (a few 1e-7; 1e-6 failed on rare random draws).
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
