@@ -15,6 +15,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use clap::Parser;
 use serde_json::json;
 
+use zturbo::families::cpu_gemm::{self, Lin};
 use zturbo::families::z_image::dit::{Block, DitConfig, RopeTables, SEQ_MULTI_OF};
 use zturbo::families::ModelDir;
 
@@ -102,6 +103,23 @@ fn main() -> Result<()> {
         block.forward(&x, &rope, None, Some(&adaln))
     })?;
 
+    // The same block with bf16 matrices and f32 activations (zturbo's CPU default when the build
+    // has MKL and the CPU multiplies bf16 natively; otherwise candle converts, and this is slower).
+    let vb16 = dir
+        .open_weights("transformer")?
+        .var_builder(DType::BF16, &dev);
+    let block16 = Block::new(&cfg, true, vb16.pp("layers").pp(0))?;
+    timer.time("dit.block.bf16_operands", block_flops, || {
+        block16.forward(&x, &rope, None, Some(&adaln))
+    })?;
+    let lin16 =
+        |i: usize, o: usize, name: &str| Lin::new(i, o, false, vb16.pp("layers.0").pp(name));
+    let (q16, w1_16, w2_16) = (
+        lin16(d, d, "attention.to_q")?,
+        lin16(d, ffn, "feed_forward.w1")?,
+        lin16(ffn, d, "feed_forward.w2")?,
+    );
+
     let lin = |i: usize, o: usize, name: &str| {
         candle_nn::linear_no_bias(i, o, vb.pp("layers.0").pp(name))
     };
@@ -118,9 +136,27 @@ fn main() -> Result<()> {
     timer.time("dit.linear.ffn_to_dim", 2.0 * lf * (d * ffn) as f64, || {
         hidden.apply(&w2)
     })?;
+    timer.time(
+        "dit.linear.dim_to_dim.bf16_operands",
+        2.0 * lf * (d * d) as f64,
+        || x.apply(&q16),
+    )?;
+    timer.time(
+        "dit.linear.dim_to_ffn.bf16_operands",
+        2.0 * lf * (d * ffn) as f64,
+        || x.apply(&w1_16),
+    )?;
+    timer.time(
+        "dit.linear.ffn_to_dim.bf16_operands",
+        2.0 * lf * (d * ffn) as f64,
+        || hidden.apply(&w2_16),
+    )?;
     let gate = Tensor::randn(0f32, 1.0, (1, l, ffn), &dev)?;
-    timer.time("dit.ffn.silu_mul", 0.0, || {
+    timer.time("dit.ffn.silu_mul.candle", 0.0, || {
         candle_nn::ops::silu(&gate)? * &hidden
+    })?;
+    timer.time("dit.ffn.silu_mul", 0.0, || {
+        cpu_gemm::silu_mul(&gate, &hidden)
     })?;
 
     let norm_w = Tensor::ones(d, DType::F32, &dev)?;
@@ -152,6 +188,19 @@ fn main() -> Result<()> {
     })?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     timer.time("dit.attn.pv_matmul", attn_mm, || probs.matmul(&v))?;
+    timer.time("dit.attn.qk_matmul.bf16_operands", attn_mm, || {
+        cpu_gemm::matmul(&q, &k.t()?, true)
+    })?;
+    timer.time("dit.attn.pv_matmul.bf16_operands", attn_mm, || {
+        cpu_gemm::matmul(&probs, &v, true)
+    })?;
+    timer.time("dit.attn.fused_bf16_operands", 2.0 * attn_mm, || {
+        let q = (&q * 0.088)?;
+        match cpu_gemm::attention_bf16(&q, &k, &v, None)? {
+            Some(o) => Ok(o),
+            None => candle_core::bail!("no fused attention in this build"),
+        }
+    })?;
     timer.time("dit.attn.sdpa_total", 2.0 * attn_mm, || {
         let s = (&q * 0.088)?.matmul(&k.t()?)?;
         candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)

@@ -45,6 +45,10 @@ struct Args {
     /// Safetensors file with the initial noise `latents` `[1, C, H/8, W/8]` (shared with diffusers).
     #[arg(long)]
     init_latents: PathBuf,
+    /// zturbo's precision (`auto`: f32, or bf16 denoiser matrices with f32 activations on a CPU
+    /// with native bf16 products in an `mkl` build).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Accepted and ignored: `cargo bench` passes `--bench` to harness-less targets.
     #[arg(long, hide = true)]
     bench: bool,
@@ -85,7 +89,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = Device::Cpu;
     let t_load = Instant::now();
-    let policy = PrecisionPolicy::resolve(Precision::F32, &device);
+    let policy = PrecisionPolicy::resolve(args.precision, &device);
     let dir = ModelDir::open(&args.model)?;
     let family = families::open(dir, &device, policy)?;
     let probe = zturbo::memory::probe::for_device(&device);
@@ -130,7 +134,8 @@ fn main() -> Result<()> {
             "threads": candle_core::utils::get_num_threads(),
             "load_s": t_load.elapsed().as_secs_f64(),
             "candle": "0.11",
-            "precision": "f32",
+            "precision": policy.describe(),
+            "cpu_bf16_products": zturbo::families::cpu_gemm::bf16_ready(),
         })
     )?;
     out.flush()?;

@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod families;
 pub mod memory;
+pub mod profile;
 pub mod queue;
 pub mod request;
 pub mod server;

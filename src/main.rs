@@ -517,6 +517,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         gen.timings.decode_ms,
         zturbo::memory::format_bytes(gen.peak_memory_bytes)
     );
+    if zturbo::profile::enabled() {
+        eprintln!(
+            "profile (ZTURBO_PROFILE):\n{}",
+            zturbo::profile::take_report()
+        );
+    }
     Ok(())
 }
 

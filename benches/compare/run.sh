@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # zturbo vs diffusers, side by side on this machine's CPU (see benches/compare/README.md).
 #   benches/compare/run.sh [--cases tiny@128,medium@256,medium@512] [--runs 5] [--steps 8]
-#                          [--threads N] [--cfg 1.0]
+#                          [--threads N] [--cfg 1.0] [--precision auto|f32] [--no-mkl]
 # Creates benches/compare/.venv from requirements.txt when missing, builds the Rust side in the
 # bench profile, builds the random-weight models under target/compare-models/, and prints one table
 # per case; the last line is `summary: total_ratio=... step_ratio=...` (medium model, 512x512).
@@ -15,8 +15,19 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$here/requirements.txt" "$venv/requi
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
   cp "$here/requirements.txt" "$venv/requirements.txt"
 fi
-echo "building the zturbo side (cargo bench profile) ..." >&2
-bench_bin=$(cargo bench --locked --bench compare_zturbo --no-run --message-format=json 2>/dev/null \
+# zturbo is built with MKL (scripts/fetch-mkl.sh, static libraries from PyPI) unless --no-mkl:
+# with it, CPUs with AMX / AVX512-BF16 multiply bf16 operands natively (see README, "Speed").
+features=(--features mkl)
+args=()
+for a in "$@"; do
+  if [ "$a" = "--no-mkl" ]; then features=(); else args+=("$a"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
+if [ ${#features[@]} -gt 0 ]; then
+  PYTHON="$venv/bin/python" scripts/fetch-mkl.sh
+fi
+echo "building the zturbo side (cargo bench profile${features[*]:+, ${features[*]}}) ..." >&2
+bench_bin=$(cargo bench --locked "${features[@]}" --bench compare_zturbo --no-run --message-format=json 2>/dev/null \
   | "$venv/bin/python" -c '
 import json, sys
 for line in sys.stdin:
@@ -24,7 +35,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "compare_zturbo" and m.get("executable"):
         print(m["executable"])')
 if [ -z "$bench_bin" ]; then
-  cargo bench --locked --bench compare_zturbo --no-run >&2  # show the build error
+  cargo bench --locked "${features[@]}" --bench compare_zturbo --no-run >&2  # show the build error
   exit 1
 fi
 exec "$venv/bin/python" "$here/compare.py" --bench-bin "$bench_bin" "$@"

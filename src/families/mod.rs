@@ -3,6 +3,7 @@
 //! family-agnostic and never sees diffusers configs or tensor names.
 
 pub mod catalog;
+pub mod cpu_gemm;
 pub mod precision;
 pub mod rng;
 pub mod scheduler;

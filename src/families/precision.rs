@@ -116,13 +116,22 @@ impl PrecisionPolicy {
                     Self::MIXED
                 } else if device.is_metal() {
                     Self::uniform(DType::BF16)
+                } else if super::cpu_gemm::bf16_ready() {
+                    // bf16 denoiser and VAE matrices multiplied natively (AMX / AVX512-BF16
+                    // through MKL) with f32 activations and accumulation; the text encoder
+                    // stays f32 (it is a small share of the time).
+                    Self {
+                        denoiser: DType::BF16,
+                        vae: DType::BF16,
+                        ..Self::F32
+                    }
                 } else {
                     Self::F32
                 }
             }
         };
         // candle's CPU convolution has no bf16 kernel; halves buy nothing on a CPU anyway.
-        if device.is_cpu() && p.vae == DType::BF16 {
+        if device.is_cpu() && p.vae == DType::BF16 && !super::cpu_gemm::bf16_ready() {
             p.vae = DType::F32;
         }
         p
@@ -143,11 +152,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_on_cpu_is_f32() {
-        assert_eq!(
-            PrecisionPolicy::resolve(Precision::Auto, &Device::Cpu),
-            PrecisionPolicy::F32
-        );
+    fn auto_on_cpu_is_f32_unless_bf16_is_native() {
+        let p = PrecisionPolicy::resolve(Precision::Auto, &Device::Cpu);
+        if crate::families::cpu_gemm::bf16_ready() {
+            assert_eq!(p.denoiser, DType::BF16);
+            assert_eq!(
+                crate::families::cpu_gemm::activation_dtype(p.denoiser, &Device::Cpu),
+                DType::F32
+            );
+            assert_eq!((p.text_encoder, p.vae), (DType::F32, DType::BF16));
+        } else {
+            assert_eq!(p, PrecisionPolicy::F32);
+        }
     }
 
     #[test]
@@ -157,7 +173,8 @@ mod tests {
         assert_eq!(p.residual, DType::BF16);
         assert_eq!(p.text_encoder, DType::BF16);
         // No bf16 convolution on the CPU: the VAE stays f32 there.
-        assert_eq!(p.vae, DType::F32);
+        let native = crate::families::cpu_gemm::bf16_ready();
+        assert_eq!(p.vae, if native { DType::BF16 } else { DType::F32 });
     }
 
     #[test]

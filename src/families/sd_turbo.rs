@@ -161,6 +161,13 @@ impl SdTurbo {
         device: &Device,
         policy: PrecisionPolicy,
     ) -> Result<Self, ModelError> {
+        let mut policy = policy;
+        if device.is_cpu() && policy.denoiser == DType::BF16 && super::cpu_gemm::bf16_ready() {
+            // The UNet has no bf16-weights/f32-activations path (the Z-Image DiT and the VAE do):
+            // candle would run it in bf16 with conversions, slower than f32. Its VAE keeps bf16.
+            policy.denoiser = DType::F32;
+            policy.residual = DType::F32;
+        }
         let class = pipeline_class(&dir)?;
         let variant = match class.as_str() {
             SD_PIPELINE_CLASS => Variant::Sd,
@@ -511,7 +518,10 @@ impl Family for SdTurbo {
             elem_bytes: elem(self.policy.denoiser),
             residual_elem_bytes: elem(self.policy.residual),
             text_elem_bytes: elem(self.policy.text_encoder),
-            vae_elem_bytes: elem(self.policy.vae),
+            vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
+                self.policy.vae,
+                &self.device,
+            )),
         })
     }
 

@@ -3,7 +3,9 @@
 //! forward that frees each feature map as soon as the next one exists.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use super::cpu_gemm::{self, Lin};
 use serde::Deserialize;
 
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -126,12 +128,25 @@ impl Module for Conv {
             Some(b)
                 if x.device().is_cpu()
                     && x.dtype() == DType::F32
-                    && w.dtype() == DType::F32
-                    && b.dtype() == DType::F32
+                    && (w.dtype() == DType::F32
+                        || (w.dtype() == DType::BF16 && cpu_gemm::bf16_ready()))
                     && w.dims()[2..] == [3, 3] =>
             {
-                x.contiguous()?
-                    .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Conv3x3Taps)
+                x.contiguous()?.apply_op3_no_bwd(
+                    &w.contiguous()?,
+                    &b.to_dtype(DType::F32)?.contiguous()?,
+                    &Conv3x3Taps,
+                )
+            }
+            _ if w.dtype() != x.dtype() => {
+                // Weights stored narrower than the activations (bf16 on a CPU): this layer
+                // (a 1×1 shortcut or post_quant_conv) is small, so convert it for the call.
+                let conv = Conv2d::new(
+                    w.to_dtype(x.dtype())?,
+                    self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
+                    *self.0.config(),
+                );
+                conv_banded(&conv, x)
             }
             _ => conv_banded(&self.0, x),
         }
@@ -168,8 +183,12 @@ impl CustomOp3 for Conv3x3Taps {
             candle_core::bail!("conv3x3-taps: inputs must be contiguous");
         };
         let x = &xs.as_slice::<f32>()?[x0..x1];
-        let wt = &ws.as_slice::<f32>()?[w0..w1];
         let bias = &bs.as_slice::<f32>()?[b0..b1];
+        #[cfg(feature = "mkl")]
+        if let CpuStorage::BF16(w) = ws {
+            return taps_bf16(x, xl.shape(), &w[w0..w1], wl.shape(), bias);
+        }
+        let wt = &ws.as_slice::<f32>()?[w0..w1];
         let (n, c_in, h, w) = xl.shape().dims4()?;
         let (c_out, wc_in, kh, kw) = wl.shape().dims4()?;
         if wc_in != c_in || (kh, kw) != (3, 3) || bias.len() != c_out {
@@ -267,6 +286,97 @@ impl CustomOp3 for Conv3x3Taps {
 
 /// Accumulator elements per band of the tap-wise convolution (1 MiB of f32: fits a core's L2).
 const ACC_BAND_ELEMS: usize = 1 << 18;
+
+/// [`Conv3x3Taps`] with bf16 weights: the same nine accumulated products per band, with bf16
+/// operands (weights regrouped per tap, the padded input rounded once) and f32 accumulation
+/// through MKL.
+#[cfg(feature = "mkl")]
+fn taps_bf16(
+    x: &[f32],
+    x_shape: &Shape,
+    wt: &[half::bf16],
+    w_shape: &Shape,
+    bias: &[f32],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (n, c_in, h, w) = x_shape.dims4()?;
+    let (c_out, wc_in, kh, kw) = w_shape.dims4()?;
+    if wc_in != c_in || (kh, kw) != (3, 3) || bias.len() != c_out || wt.len() != c_out * c_in * 9 {
+        candle_core::bail!(
+            "conv3x3-taps: input {x_shape:?}, weight {w_shape:?}, bias {}",
+            bias.len()
+        );
+    }
+    // Per tap a contiguous [c_out, c_in] matrix.
+    let mut taps = vec![0u16; 9 * c_out * c_in];
+    for o in 0..c_out {
+        for i in 0..c_in {
+            for t in 0..9 {
+                taps[(t * c_out + o) * c_in + i] = wt[(o * c_in + i) * 9 + t].to_bits();
+            }
+        }
+    }
+    let row = w + 2;
+    let plane = (h + 3) * row;
+    let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
+    let bands = h.div_ceil(band);
+    let mut out = vec![0f32; n * c_out * h * w];
+    let mut padded = vec![0f32; c_in * plane];
+    for item in 0..n {
+        let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
+        for c in 0..c_in {
+            for y in 0..h {
+                let at = c * plane + (y + 1) * row + 1;
+                padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
+            }
+        }
+        let pb = cpu_gemm::to_bf16_bits(&padded);
+        let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
+        let (pb, taps) = (&pb, &taps);
+        let run_band = |b: usize, acc: &mut Vec<f32>| {
+            let y0 = b * band;
+            let rows = band.min(h - y0);
+            let cols = rows * row;
+            acc.clear();
+            acc.resize(c_out * cols, 0.0);
+            for (c, bv) in bias.iter().enumerate() {
+                acc[c * cols..(c + 1) * cols].fill(*bv);
+            }
+            for tap in 0..9 {
+                let offset = y0 * row + (tap / 3) * row + tap % 3;
+                // rhs rows i: pb[offset + i·plane ..][..cols], inside pb as in Conv3x3Taps.
+                cpu_gemm::gemm_bf16(
+                    c_out,
+                    cols,
+                    c_in,
+                    &taps[tap * c_out * c_in..],
+                    c_in,
+                    &pb[offset..],
+                    plane,
+                    false,
+                    acc,
+                    cols,
+                    1.0,
+                );
+            }
+            for c in 0..c_out {
+                for r in 0..rows {
+                    let from = c * cols + r * row;
+                    let to = (c * h + y0 + r) * w;
+                    // SAFETY: bands cover disjoint output rows, so no two tasks write the same
+                    // elements; `to + w` ≤ c_out·h·w, inside this item's output.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(acc.as_ptr().add(from), dst.get().add(to), w);
+                    }
+                }
+            }
+        };
+        use rayon::prelude::*;
+        (0..bands)
+            .into_par_iter()
+            .for_each_init(Vec::new, |acc, b| run_band(b, acc));
+    }
+    Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
+}
 
 /// A raw output pointer shared by the band tasks, which write disjoint rows.
 #[derive(Clone, Copy)]
@@ -453,10 +563,10 @@ impl Resnet {
 #[derive(Debug, Clone)]
 struct SpatialAttention {
     norm: GroupNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
 }
 
 impl SpatialAttention {
@@ -469,7 +579,8 @@ impl SpatialAttention {
         } else {
             ["to_q", "to_k", "to_v", "to_out.0"]
         };
-        let lin = |name: &str| -> candle_core::Result<Linear> {
+        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let lin = |name: &str| -> candle_core::Result<Lin> {
             let vb = vb.pp(name);
             // Legacy files may store these as 1×1 conv weights, so take whatever shape is there.
             let w = if vb.contains_tensor("weight") {
@@ -489,7 +600,7 @@ impl SpatialAttention {
                 );
             }
             let b = vb.get(c, "bias")?;
-            Ok(Linear::new(w, Some(b)))
+            Lin::from_parts(w, Some(b), act)
         };
         Ok(Self {
             norm: group_norm(groups, c, vb.pp("group_norm"))?,
@@ -513,6 +624,16 @@ impl SpatialAttention {
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
         drop(t);
+        let bf16_weights = self.q.weight().dtype() == DType::BF16 && q.dtype() == DType::F32;
+        if bf16_weights {
+            let heads = |t: &Tensor| t.unsqueeze(1); // [B, 1, n, c]
+            if let Some(o) = cpu_gemm::attention_bf16(&heads(&q)?, &heads(&k)?, &heads(&v)?, None)?
+            {
+                let o = o.squeeze(1)?.apply(&self.out)?;
+                let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
+                return x + o;
+            }
+        }
         let kt = k.t()?;
         // Queries in chunks: at 1024² the scores of all 16 384 positions would be 1 GiB at once.
         let n = h * w;
@@ -602,7 +723,8 @@ impl VaeDecoder {
             up_blocks,
             norm_out: group_norm(groups, boc[0], d.pp("conv_norm_out"))?,
             conv_out: conv(boc[0], cfg.out_channels, 3, d.pp("conv_out"))?,
-            dtype: vb.dtype(),
+            // bf16 weights on a bf16-ready CPU run f32 activations (cpu_gemm).
+            dtype: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -729,6 +851,39 @@ mod tests {
                 diff < 1e-4,
                 "max |diff| {diff} for {:?}",
                 (n, c_in, c_out, h, w)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_with_bf16_weights_matches_f32_within_rounding() -> candle_core::Result<()> {
+        // bf16 weights, f32 input: MKL's bf16 taps where available, else a converted conv2d.
+        let dev = Device::Cpu;
+        for (n, c_in, c_out, h, w, k) in
+            [(2, 5, 7, 6, 9, 3), (1, 16, 8, 3, 70, 3), (1, 6, 4, 5, 5, 1)]
+        {
+            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;
+            let cfg = Conv2dConfig {
+                padding: k / 2,
+                ..Default::default()
+            };
+            let want = Conv2d::new(wt.clone(), Some(b.clone()), cfg).forward(&x)?;
+            let narrow = Conv2d::new(
+                wt.to_dtype(DType::BF16)?,
+                Some(b.to_dtype(DType::BF16)?),
+                cfg,
+            );
+            let got = Conv(narrow).forward(&x)?;
+            assert_eq!(got.dtype(), DType::F32);
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 0.02 * scale,
+                "max |diff| {diff} of {scale} for {:?}",
+                (n, c_in, c_out, h, w, k)
             );
         }
         Ok(())

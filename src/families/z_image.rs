@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
 
 use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
+use super::cpu_gemm;
 use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
@@ -361,8 +362,11 @@ impl Family for ZImage {
                 .map(|&c| c as u32)
                 .collect(),
             vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(self.policy.denoiser),
-            vae_elem_bytes: elem(self.policy.vae),
+            elem_bytes: elem(cpu_gemm::activation_dtype(
+                self.policy.denoiser,
+                &self.device,
+            )),
+            vae_elem_bytes: elem(cpu_gemm::activation_dtype(self.policy.vae, &self.device)),
         })
     }
 
@@ -452,10 +456,11 @@ impl Family for ZImage {
                     .dit_weights
                     .var_builder(self.policy.denoiser, &self.device);
                 if self.dit.is_none() {
-                    let prec = DitPrecision {
-                        compute: self.policy.denoiser,
-                        residual: self.policy.residual,
-                    };
+                    let prec = DitPrecision::for_weights(
+                        self.policy.denoiser,
+                        self.policy.residual,
+                        &self.device,
+                    );
                     let mut dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
                         .map_err(|e| self.dit_weights.context(e))?;
                     dit.set_execution(self.execution());

@@ -4,7 +4,10 @@
 //! stream) and block streaming need the block loop in our hands.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::families::cpu_gemm::{self, Lin};
+use crate::profile;
 use serde::Deserialize;
 
 /// Width of the adaLN conditioning vector (capped at the model width).
@@ -176,8 +179,31 @@ pub struct DitPrecision {
     pub residual: DType,
 }
 
+impl DitPrecision {
+    /// The precision of a DiT whose weights are loaded as `weights`: activations in the weights'
+    /// dtype, except bf16 weights on a bf16-ready CPU, which run f32 activations and residual
+    /// ([`cpu_gemm::activation_dtype`]).
+    pub fn for_weights(weights: DType, residual: DType, device: &Device) -> Self {
+        let compute = cpu_gemm::activation_dtype(weights, device);
+        Self {
+            compute,
+            residual: if compute == DType::F32 {
+                DType::F32
+            } else {
+                residual
+            },
+        }
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    // Computed in f32 like diffusers' RMSNorm, then returned in the weight's dtype.
+    // Computed in f32 like diffusers' RMSNorm, then returned in the weight's dtype (the compute
+    // dtype: norm weights are loaded in it). candle's CUDA kernel reads half types into f32,
+    // accumulates and scales in f32 and rounds once at the end, so for an input already in the
+    // weight's dtype it gives the same values without the two f32 copies.
+    if x.dtype() == w.dtype() && (x.dtype() == DType::F32 || x.device().is_cuda()) {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
+    }
     let xf = x.to_dtype(DType::F32)?.contiguous()?;
     let wf = w.to_dtype(DType::F32)?;
     candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(w.dtype())
@@ -185,24 +211,28 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
+    to_out: Lin,
     norm_q: Option<Tensor>,
     norm_k: Option<Tensor>,
     n_heads: usize,
     head_dim: usize,
+    /// Scores and values multiply through bf16 operands (bf16 weights, f32 activations on a
+    /// bf16-ready CPU), like the projections.
+    bf16_products: bool,
 }
 
 impl Attention {
     fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
-        let lin = |name: &str| candle_nn::linear_no_bias(dim, dim, vb.pp(name));
+        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let lin = |name: &str| Lin::new(dim, dim, false, vb.pp(name));
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
-                Some(vb.get(hd, "norm_q.weight")?),
-                Some(vb.get(hd, "norm_k.weight")?),
+                Some(vb.get(hd, "norm_q.weight")?.to_dtype(act)?),
+                Some(vb.get(hd, "norm_k.weight")?.to_dtype(act)?),
             )
         } else {
             (None, None)
@@ -211,11 +241,12 @@ impl Attention {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,
-            to_out: candle_nn::linear_no_bias(dim, dim, vb.pp("to_out").pp("0"))?,
+            to_out: Lin::new(dim, dim, false, vb.pp("to_out").pp("0"))?,
             norm_q,
             norm_k,
             n_heads: cfg.n_heads,
             head_dim: hd,
+            bf16_products: act != vb.dtype(),
         })
     }
 
@@ -230,30 +261,40 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let dtype = x.dtype();
+        let dev = x.device();
         let heads = |t: Tensor| t.reshape((b, l, self.n_heads, self.head_dim));
-        let mut q = heads(x.apply(&self.to_q)?)?;
-        let mut k = heads(x.apply(&self.to_k)?)?;
-        let v = heads(x.apply(&self.to_v)?)?;
-        if let Some(w) = &self.norm_q {
-            q = rms_norm(&q, w, QK_NORM_EPS)?;
-        }
-        if let Some(w) = &self.norm_k {
-            k = rms_norm(&k, w, QK_NORM_EPS)?;
-        }
-        // Rotary embedding in f32 on interleaved pairs, as diffusers' complex multiply does.
-        let q = q.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
-        let k = k.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?;
-        // Scaling q before the product saves a full pass over the L×L scores.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (q * scale)?.to_dtype(dtype)?;
-        let k = k.to_dtype(dtype)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let out = sdpa(&q, &k.t()?, &v, bias, max_scores)?;
-        out.transpose(1, 2)?
-            .reshape((b, l, self.n_heads * self.head_dim))?
-            .apply(&self.to_out)
+        let (q, k, v) = profile::span("dit.attn.qkv", dev, || {
+            Ok((
+                heads(x.apply(&self.to_q)?)?,
+                heads(x.apply(&self.to_k)?)?,
+                heads(x.apply(&self.to_v)?)?,
+            ))
+        })?;
+        let (q, k, v) = profile::span("dit.attn.qk_norm_rope", dev, || {
+            let (mut q, mut k) = (q, k);
+            if let Some(w) = &self.norm_q {
+                q = rms_norm(&q, w, QK_NORM_EPS)?;
+            }
+            if let Some(w) = &self.norm_k {
+                k = rms_norm(&k, w, QK_NORM_EPS)?;
+            }
+            // Rotary embedding in f32 on interleaved pairs, as diffusers' complex multiply does.
+            let q = q.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
+            let k = k.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?;
+            // Scaling q before the product saves a full pass over the L×L scores.
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let q = (q * scale)?.to_dtype(dtype)?;
+            let k = k.to_dtype(dtype)?;
+            Ok((q, k, v.transpose(1, 2)?.contiguous()?))
+        })?;
+        let out = sdpa(&q, &k.t()?, &v, bias, max_scores, self.bf16_products)?;
+        profile::span("dit.attn.out", dev, || {
+            out.transpose(1, 2)?
+                .reshape((b, l, self.n_heads * self.head_dim))?
+                .apply(&self.to_out)
+        })
     }
 }
 
@@ -266,7 +307,17 @@ fn sdpa(
     v: &Tensor,
     bias: Option<&Tensor>,
     max_scores: usize,
+    bf16_products: bool,
 ) -> candle_core::Result<Tensor> {
+    let dev = q.device();
+    if bf16_products {
+        let fused = profile::span("dit.attn.fused", dev, || {
+            cpu_gemm::attention_bf16(q, &kt.t()?, v, bias)
+        })?;
+        if let Some(out) = fused {
+            return Ok(out);
+        }
+    }
     let (b, h, l, _) = q.dims4()?;
     let keys = kt.dim(3)?;
     let chunk = (max_scores / (b * h * keys).max(1)).clamp(1, l.max(1));
@@ -278,41 +329,47 @@ fn sdpa(
         } else {
             q.narrow(2, start, len)?
         };
-        let mut scores = qc.matmul(kt)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = profile::span("dit.attn.scores", dev, || {
+            let s = cpu_gemm::matmul(&qc, kt, bf16_products)?;
+            match bias {
+                Some(bias) => s.broadcast_add(bias),
+                None => Ok(s),
+            }
+        })?;
+        let probs = profile::span("dit.attn.softmax", dev, || {
+            candle_nn::ops::softmax_last_dim(&scores)
+        })?;
         drop(scores);
-        parts.push(probs.matmul(v)?);
+        parts.push(profile::span("dit.attn.pv", dev, || {
+            cpu_gemm::matmul(&probs, v, bf16_products)
+        })?);
     }
     if parts.len() == 1 {
         Ok(parts.remove(0))
     } else {
-        Tensor::cat(&parts, 2)
+        profile::span("dit.attn.cat", dev, || Tensor::cat(&parts, 2))
     }
 }
 
 #[derive(Debug, Clone)]
 struct FeedForward {
-    w1: Linear,
-    w2: Linear,
-    w3: Linear,
+    w1: Lin,
+    w2: Lin,
+    w3: Lin,
 }
 
 impl FeedForward {
     fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.ffn_hidden();
         Ok(Self {
-            w1: candle_nn::linear_no_bias(cfg.dim, h, vb.pp("w1"))?,
-            w2: candle_nn::linear_no_bias(h, cfg.dim, vb.pp("w2"))?,
-            w3: candle_nn::linear_no_bias(cfg.dim, h, vb.pp("w3"))?,
+            w1: Lin::new(cfg.dim, h, false, vb.pp("w1"))?,
+            w2: Lin::new(h, cfg.dim, false, vb.pp("w2"))?,
+            w3: Lin::new(cfg.dim, h, false, vb.pp("w3"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&x.apply(&self.w1)?)?;
-        (gate * x.apply(&self.w3)?)?.apply(&self.w2)
+        cpu_gemm::silu_mul(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
     }
 }
 
@@ -325,29 +382,32 @@ pub struct Block {
     attention_norm2: Tensor,
     ffn_norm1: Tensor,
     ffn_norm2: Tensor,
-    modulation: Option<Linear>,
+    modulation: Option<Lin>,
     eps: f64,
 }
 
 impl Block {
     pub fn new(cfg: &DitConfig, modulated: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.dim;
+        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
         let modulation = if modulated {
-            Some(candle_nn::linear(
+            Some(Lin::new(
                 cfg.adaln_dim(),
                 4 * dim,
+                true,
                 vb.pp("adaLN_modulation").pp("0"),
             )?)
         } else {
             None
         };
+        let norm = |name: &str| vb.get(dim, name)?.to_dtype(act);
         Ok(Self {
             attention: Attention::new(cfg, vb.pp("attention"))?,
             feed_forward: FeedForward::new(cfg, vb.pp("feed_forward"))?,
-            attention_norm1: vb.get(dim, "attention_norm1.weight")?,
-            attention_norm2: vb.get(dim, "attention_norm2.weight")?,
-            ffn_norm1: vb.get(dim, "ffn_norm1.weight")?,
-            ffn_norm2: vb.get(dim, "ffn_norm2.weight")?,
+            attention_norm1: norm("attention_norm1.weight")?,
+            attention_norm2: norm("attention_norm2.weight")?,
+            ffn_norm1: norm("ffn_norm1.weight")?,
+            ffn_norm2: norm("ffn_norm2.weight")?,
             modulation,
             eps: cfg.norm_eps,
         })
@@ -375,39 +435,48 @@ impl Block {
         exec: &Execution,
     ) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
+        let dev = x.device();
         let norm = |t: &Tensor, w: &Tensor| rms_norm(t, w, self.eps);
-        let (scale_msa, gate_msa, scale_mlp, gate_mlp) = match (&self.modulation, adaln) {
-            (Some(m), Some(c)) => {
-                let mods = c.apply(m)?.unsqueeze(1)?; // [B, 1, 4·dim]
-                let chunks = mods.chunk(4, D::Minus1)?;
-                (
-                    Some((&chunks[0] + 1.0)?),
-                    Some(chunks[1].tanh()?),
-                    Some((&chunks[2] + 1.0)?),
-                    Some(chunks[3].tanh()?),
-                )
-            }
-            (None, _) => (None, None, None, None),
-            (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
-        };
+        let (scale_msa, gate_msa, scale_mlp, gate_mlp) = profile::span("dit.adaln", dev, || {
+            Ok(match (&self.modulation, adaln) {
+                (Some(m), Some(c)) => {
+                    let mods = c.apply(m)?.unsqueeze(1)?; // [B, 1, 4·dim]
+                    let chunks = mods.chunk(4, D::Minus1)?;
+                    (
+                        Some((&chunks[0] + 1.0)?),
+                        Some(chunks[1].tanh()?),
+                        Some((&chunks[2] + 1.0)?),
+                        Some(chunks[3].tanh()?),
+                    )
+                }
+                (None, _) => (None, None, None, None),
+                (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
+            })
+        })?;
         let scaled = |t: Tensor, s: &Option<Tensor>| match s {
             Some(s) => t.broadcast_mul(s),
             None => Ok(t),
         };
+        let norms = |t: &Tensor, w: &Tensor, s: &Option<Tensor>| {
+            profile::span("dit.norm_scale", dev, || scaled(norm(t, w)?, s))
+        };
+        let add = |x: &Tensor, a: Tensor| {
+            profile::span("dit.residual_add", dev, || x + a.to_dtype(residual)?)
+        };
         let x = {
-            let h = scaled(norm(x, &self.attention_norm1)?, &scale_msa)?;
+            let h = norms(x, &self.attention_norm1, &scale_msa)?;
             let a = self.attention.forward(&h, rope, bias, exec.max_scores)?;
             drop(h);
-            let a = scaled(norm(&a, &self.attention_norm2)?, &gate_msa)?;
-            (x + a.to_dtype(residual)?)?
+            let a = norms(&a, &self.attention_norm2, &gate_msa)?;
+            add(x, a)?
         };
         let f = {
-            let h = scaled(norm(&x, &self.ffn_norm1)?, &scale_mlp)?;
-            let f = self.feed_forward.forward(&h)?;
+            let h = norms(&x, &self.ffn_norm1, &scale_mlp)?;
+            let f = profile::span("dit.ffn", dev, || self.feed_forward.forward(&h))?;
             drop(h);
-            scaled(norm(&f, &self.ffn_norm2)?, &gate_mlp)?
+            norms(&f, &self.ffn_norm2, &gate_mlp)?
         };
-        x + f.to_dtype(residual)?
+        add(&x, f)
     }
 }
 
@@ -556,47 +625,62 @@ impl RopeTables {
 /// The parts of the DiT that are not repeated blocks (always resident while denoising).
 #[derive(Debug, Clone)]
 pub struct DitStem {
-    t_mlp1: Linear,
-    t_mlp2: Linear,
+    t_mlp1: Lin,
+    t_mlp2: Lin,
     cap_norm: Tensor,
-    cap_linear: Linear,
-    x_embedder: Linear,
-    final_linear: Linear,
-    final_adaln: Linear,
+    cap_linear: Lin,
+    x_embedder: Lin,
+    final_linear: Lin,
+    final_adaln: Lin,
     x_pad_token: Tensor,
     cap_pad_token: Tensor,
+    /// The dtype activations run in (the weights' dtype, or f32 for bf16 weights on a bf16-ready
+    /// CPU).
+    act: DType,
 }
 
 impl DitStem {
     pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
         let key = format!("{p}-{fp}");
+        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
         let patch_dim = fp * p * p * c;
         Ok(Self {
-            t_mlp1: candle_nn::linear(
+            t_mlp1: Lin::new(
                 FREQUENCY_EMBEDDING_SIZE,
                 T_EMBED_MID,
+                true,
                 vb.pp("t_embedder.mlp.0"),
             )?,
-            t_mlp2: candle_nn::linear(T_EMBED_MID, cfg.adaln_dim(), vb.pp("t_embedder.mlp.2"))?,
-            cap_norm: vb.get(cfg.cap_feat_dim, "cap_embedder.0.weight")?,
-            cap_linear: candle_nn::linear(cfg.cap_feat_dim, dim, vb.pp("cap_embedder.1"))?,
-            x_embedder: candle_nn::linear(patch_dim, dim, vb.pp("all_x_embedder").pp(&key))?,
-            final_linear: candle_nn::linear(
+            t_mlp2: Lin::new(
+                T_EMBED_MID,
+                cfg.adaln_dim(),
+                true,
+                vb.pp("t_embedder.mlp.2"),
+            )?,
+            cap_norm: vb
+                .get(cfg.cap_feat_dim, "cap_embedder.0.weight")?
+                .to_dtype(act)?,
+            cap_linear: Lin::new(cfg.cap_feat_dim, dim, true, vb.pp("cap_embedder.1"))?,
+            x_embedder: Lin::new(patch_dim, dim, true, vb.pp("all_x_embedder").pp(&key))?,
+            final_linear: Lin::new(
                 dim,
                 patch_dim,
+                true,
                 vb.pp("all_final_layer").pp(&key).pp("linear"),
             )?,
-            final_adaln: candle_nn::linear(
+            final_adaln: Lin::new(
                 cfg.adaln_dim(),
                 dim,
+                true,
                 vb.pp("all_final_layer")
                     .pp(&key)
                     .pp("adaLN_modulation")
                     .pp("1"),
             )?,
-            x_pad_token: vb.get((1, dim), "x_pad_token")?,
-            cap_pad_token: vb.get((1, dim), "cap_pad_token")?,
+            x_pad_token: vb.get((1, dim), "x_pad_token")?.to_dtype(act)?,
+            cap_pad_token: vb.get((1, dim), "cap_pad_token")?.to_dtype(act)?,
+            act,
         })
     }
 
@@ -611,7 +695,7 @@ impl DitStem {
         let t = (t.to_dtype(DType::F32)? * t_scale)?.unsqueeze(1)?;
         let args = t.broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
-        let dtype = self.t_mlp1.weight().dtype();
+        let dtype = self.act;
         let h = candle_nn::ops::silu(&emb.to_dtype(dtype)?.apply(&self.t_mlp1)?)?;
         h.apply(&self.t_mlp2)
     }
@@ -1120,8 +1204,8 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
         let bias = padding_bias(&[50, 37], 50, DType::F32, &d).unwrap();
         let kt = k.t().unwrap();
-        let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX).unwrap();
-        let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7).unwrap();
+        let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX, false).unwrap();
+        let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7, false).unwrap();
         let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
         // Chunks change only the matmul blocking: last-bit differences of f32 sums over 50
         // terms of unit size (a few 1e-7; 1e-6 failed on rare random draws).

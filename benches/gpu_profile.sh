@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Where the GPU time of one 1024² Z-Image-Turbo generation goes, on a CUDA machine, from the repository
+# root, given binaries built elsewhere with `--features cuda` (README.md, "GPU build"):
+#
+#   benches/gpu_profile.sh <folder with zturbo[.xz], memory[.xz]> <output folder>
+#
+# 1. the memory bench, performance mode, CFG 1.0 (writes the real-shaped random-weight model to
+#    $ZT_MODEL_DIR on first use): warm time and peak device memory per job;
+# 2. one `zturbo generate` of the same job with ZTURBO_PROFILE=1: encode / denoise / decode times and
+#    the device-synchronised share of every DiT stage (qkv, qk-norm + RoPE, attention, out projection,
+#    feed-forward, norms, residual adds, adaLN). Synchronising adds a little time; read the shares.
+set -uo pipefail
+BIN=${1:?binary folder}
+OUT=${2:?output folder}
+mkdir -p "$OUT"
+ZT_MODEL_DIR=${ZT_MODEL_DIR:-/tmp/zturbo-real}
+WORK=$(mktemp -d)
+for b in zturbo memory; do
+  if [ -f "$BIN/$b.xz" ]; then
+    python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN/$b.xz" "$WORK/$b"
+  else
+    cp "$BIN/$b" "$WORK/$b"
+  fi
+  chmod +x "$WORK/$b"
+done
+SP=$(python3 -c 'import site;print(site.getsitepackages()[0])' 2>/dev/null || true)
+if [ -n "$SP" ] && [ -d "$SP/nvidia/cu13/lib" ]; then
+  export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+echo "== 1. memory bench, performance, CFG 1.0, 1024², 8 steps"
+"$WORK/memory" --model-dir "$ZT_MODEL_DIR" --shape real --sizes 1024 --steps 8 --cfg 1.0 --runs "${RUNS:-2}" \
+  --device cuda --precision auto --modes performance > "$OUT/memory_perf.txt" 2> "$OUT/memory_perf.err"
+cat "$OUT/memory_perf.txt"; tail -3 "$OUT/memory_perf.err"
+
+echo "== 2. profile of one generation"
+ZTURBO_PROFILE=1 timeout 240 "$WORK/zturbo" generate --model "$ZT_MODEL_DIR" --device cuda --precision auto \
+  --enhance off --prompt "a serene mountain lake at dawn" --width 1024 --height 1024 --steps 8 --cfg 1.0 \
+  --seed 42 --memory-mode performance --output "$OUT/profile.png" > "$OUT/profile.log" 2>&1
+grep -v "^\s*$" "$OUT/profile.log" | tail -20
+echo "== done"

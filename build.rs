@@ -1,0 +1,44 @@
+//! Links Intel MKL statically when the `mkl` feature is on (CPU bf16 matrix products, see
+//! `src/families/cpu_gemm.rs`). The libraries come from PyPI's `mkl-static` wheel:
+//! `scripts/fetch-mkl.sh` installs it under `target/mkl`; `ZTURBO_MKL_DIR` points elsewhere.
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=ZTURBO_MKL_DIR");
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_MKL");
+    if std::env::var_os("CARGO_FEATURE_MKL").is_none() {
+        return;
+    }
+    let root = match std::env::var_os("ZTURBO_MKL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+            .join("target")
+            .join("mkl"),
+    };
+    let lib = root.join("lib");
+    let libs = [
+        "libmkl_intel_lp64.a",
+        "libmkl_sequential.a",
+        "libmkl_core.a",
+    ];
+    for l in libs {
+        let p = lib.join(l);
+        if !p.is_file() {
+            panic!(
+                "feature `mkl`: {} not found. Run scripts/fetch-mkl.sh (installs PyPI's mkl-static \
+                 under target/mkl) or set ZTURBO_MKL_DIR to a folder with lib/{l}.",
+                p.display()
+            );
+        }
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    println!("cargo:rustc-link-arg=-Wl,--start-group");
+    for l in libs {
+        println!("cargo:rustc-link-arg={}", lib.join(l).display());
+    }
+    println!("cargo:rustc-link-arg=-Wl,--end-group");
+    for l in ["pthread", "m", "dl"] {
+        println!("cargo:rustc-link-arg=-l{l}");
+    }
+}

@@ -1,0 +1,831 @@
+//! Matrix products on the CPU with bf16 operands and f32 accumulation.
+//!
+//! candle multiplies bf16 matrices on the CPU by converting them to f32 first, so bf16 weights were
+//! slower than f32 there. Built with the `mkl` cargo feature on a CPU with AMX or AVX512-BF16 tiles,
+//! products go through MKL's `cblas_gemm_bf16bf16f32` instead: about 1.3 TFLOP/s on two cores of a
+//! Sapphire Rapids Xeon against 0.3 TFLOP/s for f32 (benches/compare, "Profile"). The CPU precision
+//! policy then keeps the denoiser's matrices in bf16 (half the memory) while activations, norms,
+//! softmax and the residual stream stay in f32 — what CUDA's mixed precision does on the GPU.
+//!
+//! [`Lin`] is the linear layer that takes this path when its weight is bf16 and its input f32;
+//! [`matmul`] multiplies two f32 tensors through bf16 operands (attention scores and values);
+//! [`silu_mul`] is the fused SwiGLU gate. Without the feature (or without the instructions) every
+//! entry point falls back to candle, so results and tests do not depend on the build.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+/// True when this build and this CPU multiply bf16 operands natively (MKL + AMX or AVX512-BF16),
+/// and `ZTURBO_CPU_BF16=0` does not turn it off.
+pub fn bf16_ready() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(|| {
+        let off = std::env::var("ZTURBO_CPU_BF16").is_ok_and(|v| v == "0" || v == "off");
+        cfg!(feature = "mkl") && !off && cpu_has_bf16_dot()
+    })
+}
+
+/// AMX-BF16 (CPUID.7.0:EDX[22]) or AVX512-BF16 (CPUID.7.1:EAX[5]).
+fn cpu_has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let l0 = __cpuid_count(7, 0);
+        let l1 = __cpuid_count(7, 1);
+        (l0.edx >> 22) & 1 == 1 || (l1.eax >> 5) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The dtype activations run in when a component's weights are stored as `weights` on `device`:
+/// f32 for bf16 weights on a CPU that multiplies bf16 natively, otherwise the weights' own dtype.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if weights == DType::BF16 && device.is_cpu() && bf16_ready() {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b` whose weight may be stored in a narrower dtype than its input
+/// (bf16 weight, f32 input on the CPU). The bias is kept in the activation dtype.
+#[derive(Debug, Clone)]
+pub struct Lin {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Lin {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb` in its dtype; when that is bf16 on
+    /// a bf16-ready CPU the bias is converted to f32.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let act = activation_dtype(vb.dtype(), vb.device());
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?.to_dtype(act)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// From loaded tensors; the bias is converted to `act`, the activation dtype.
+    pub fn from_parts(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        act: DType,
+    ) -> candle_core::Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(act)).transpose()?;
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Lin {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if x.dtype() == self.weight.dtype() {
+            let w = match x.dims() {
+                [b1, b2, _, _] => self.weight.broadcast_left((*b1, *b2))?.t()?,
+                [bsize, _, _] => self.weight.broadcast_left(*bsize)?.t()?,
+                _ => self.weight.t()?,
+            };
+            x.matmul(&w)?
+        } else {
+            linear_mixed(x, &self.weight)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x·wᵀ` for an f32 `x` `[…, K]` and a weight `w` `[N, K]` of another dtype.
+fn linear_mixed(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "mkl")]
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::BF16 && bf16_ready() {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &mkl::LinearBf16);
+    }
+    let w = w.to_dtype(x.dtype())?;
+    x.broadcast_matmul(&w.t()?)
+}
+
+/// `a·b` for f32 tensors `[…, M, K]`·`[…, K, N]` (same leading dims; `b` contiguous or the
+/// transpose of a contiguous tensor), with bf16 operands and f32 accumulation when `bf16` is set and
+/// the CPU supports it; otherwise candle's product in the tensors' dtype.
+pub fn matmul(a: &Tensor, b: &Tensor, bf16: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "mkl")]
+    if bf16
+        && a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && bf16_ready()
+    {
+        return a.contiguous()?.apply_op2_no_bwd(b, &mkl::MatmulBf16);
+    }
+    let _ = bf16;
+    a.matmul(b)
+}
+
+/// softmax(q·kᵀ + bias)·v for a pre-scaled `q` `[B, H, L, D]`, `k`, `v` `[B, H, Lk, D]` and an
+/// optional additive `bias` broadcastable to `[B, 1, 1, Lk]`, fused with bf16 operands on a
+/// bf16-ready CPU. Returns `None` where the fused kernel does not apply (the caller runs its own).
+pub fn attention_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "mkl")]
+    if q.device().is_cpu()
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+        && bias.is_none_or(|b| b.dtype() == DType::F32)
+        && bf16_ready()
+    {
+        let (b, _, _, _) = q.dims4()?;
+        let lk = k.dim(2)?;
+        let bias = match bias {
+            Some(t) => Some(
+                t.broadcast_as((b, 1, 1, lk))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => None,
+        };
+        let op = mkl::AttentionBf16 { bias };
+        return Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &op,
+        )?));
+    }
+    let _ = (q, k, v, bias);
+    Ok(None)
+}
+
+/// `c[m×n] (+)= a[m×k] · op(b)` on one thread with row-major bf16 operands (`b_t`: b stored
+/// `[n, k]`), `beta` 0 (overwrite) or 1 (accumulate). For kernels that tile their own work.
+#[cfg(feature = "mkl")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[u16],
+    lda: usize,
+    b: &[u16],
+    ldb: usize,
+    b_t: bool,
+    c: &mut [f32],
+    ldc: usize,
+    beta: f32,
+) {
+    mkl::gemm(m, n, k, a, lda, b, ldb, b_t, c, ldc, beta)
+}
+
+/// f32 → bf16 bits for a whole slice (rounding to nearest even), in parallel.
+#[cfg(feature = "mkl")]
+pub(crate) fn to_bf16_bits(src: &[f32]) -> Vec<u16> {
+    mkl::to_bf16(src)
+}
+
+/// `silu(a) · b`, fused into one pass for contiguous f32 tensors on the CPU (two candle ops and an
+/// intermediate tensor otherwise).
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.dims() == b.dims()
+    {
+        return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &SiluMul);
+    }
+    candle_nn::ops::silu(a)? * b
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: inputs must be contiguous");
+        };
+        let a = &s1.as_slice::<f32>()?[a0..a1];
+        let b = &s2.as_slice::<f32>()?[b0..b1];
+        let mut out = vec![0f32; a.len()];
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| silu_mul_slice(a, b, o));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+fn silu_mul_slice(a: &[f32], b: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        unsafe { silu_mul_avx512(a, b, out) };
+        return;
+    }
+    silu_mul_scalar(a, b, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn silu_mul_avx512(a: &[f32], b: &[f32], out: &mut [f32]) {
+    silu_mul_scalar(a, b, out);
+}
+
+/// Written so that the compiler vectorises it: `exp` through 2^n · p(f) with a degree-6 polynomial
+/// (see [`fast_exp`]), no branches in the loop.
+#[inline(always)]
+fn silu_mul_scalar(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x / (1.0 + exp_neg(x)) * y;
+    }
+}
+
+/// e^(−x), clamped to the range where f32 stays finite and normal.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    fast_exp(-x)
+}
+
+/// e^x for x in f32's normal range (clamped to [−87.3, 88.3]); relative error ≤ 4e-6 (≤ 1e-6
+/// for |x| < 15).
+/// Branch-free (rounding by the 1.5·2²³ trick) so that loops over it vectorise.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * std::f32::consts::LOG2_E;
+    let r = t + MAGIC;
+    let n = r - MAGIC; // t rounded to the nearest integer
+    let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    // 2^f = e^(f·ln2) for f = t − n in [−0.5, 0.5]: Taylor to degree 7 in g = f·ln2, |g| ≤ 0.347.
+    let g = (t - n) * std::f32::consts::LN_2;
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5
+                + g * (1.0 / 6.0
+                    + g * (1.0 / 24.0
+                        + g * (1.0 / 120.0 + g * (1.0 / 720.0 + g * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+/// f32 → bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. Branch-free.
+#[cfg(feature = "mkl")]
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        rounded
+    }
+}
+
+#[cfg(feature = "mkl")]
+mod mkl {
+    //! The MKL bindings (static libraries from the `mkl-static` wheel; see build.rs).
+
+    use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
+    use half::bf16;
+    use rayon::prelude::*;
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    unsafe extern "C" {
+        fn cblas_gemm_bf16bf16f32(
+            layout: i32,
+            transa: i32,
+            transb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const u16,
+            lda: i32,
+            b: *const u16,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    /// Rounds f32 → bf16 (nearest even; NaN stays NaN, overflow becomes ∞), in parallel.
+    pub(super) fn to_bf16(src: &[f32]) -> Vec<u16> {
+        let mut dst = vec![0u16; src.len()];
+        const CHUNK: usize = 1 << 15;
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| convert(s, d));
+        dst
+    }
+
+    fn convert(src: &[f32], dst: &mut [u16]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { convert_avx512(src, dst) };
+            return;
+        }
+        convert_plain(src, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn convert_avx512(src: &[f32], dst: &mut [u16]) {
+        convert_plain(src, dst);
+    }
+
+    #[inline(always)]
+    fn convert_plain(src: &[f32], dst: &mut [u16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = super::bf16_bits(*s);
+        }
+    }
+
+    /// [`gemm`] with the rows of `a` and `c` split across the rayon pool. MKL is linked sequential:
+    /// its own OpenMP team and candle's rayon pool would otherwise spin against each other on the
+    /// same cores between calls (the fused attention ran 5× slower that way).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_par(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[u16],
+        lda: usize,
+        b: &[u16],
+        ldb: usize,
+        b_t: bool,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let threads = rayon::current_num_threads().max(1);
+        // Rows per task: an even split, but at least 64 rows so each call stays efficient.
+        let rows = m.div_ceil(threads).max(64);
+        if rows >= m {
+            return gemm(m, n, k, a, lda, b, ldb, b_t, c, ldc, 0.0);
+        }
+        c[..(m - 1) * ldc + n]
+            .par_chunks_mut(rows * ldc)
+            .enumerate()
+            .for_each(|(i, c)| {
+                let r0 = i * rows;
+                let mr = rows.min(m - r0);
+                gemm(mr, n, k, &a[r0 * lda..], lda, b, ldb, b_t, c, ldc, 0.0);
+            });
+    }
+
+    /// `c[m×n] = a[m×k] · op(b)` with row-major bf16 operands; `b_t`: b is stored `[n, k]`. One
+    /// thread (MKL sequential).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[u16],
+        lda: usize,
+        b: &[u16],
+        ldb: usize,
+        b_t: bool,
+        c: &mut [f32],
+        ldc: usize,
+        beta: f32,
+    ) {
+        assert!(m > 0 && n > 0 && k > 0);
+        assert!(lda >= k && a.len() >= (m - 1) * lda + k);
+        if b_t {
+            assert!(ldb >= k && b.len() >= (n - 1) * ldb + k);
+        } else {
+            assert!(ldb >= n && b.len() >= (k - 1) * ldb + n);
+        }
+        assert!(ldc >= n && c.len() >= (m - 1) * ldc + n);
+        assert!([m, n, k, lda, ldb, ldc]
+            .iter()
+            .all(|&v| v <= i32::MAX as usize));
+        // SAFETY: the asserts above keep every element MKL reads or writes inside the slices.
+        unsafe {
+            cblas_gemm_bf16bf16f32(
+                ROW_MAJOR,
+                NO_TRANS,
+                if b_t { TRANS } else { NO_TRANS },
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                lda as i32,
+                b.as_ptr(),
+                ldb as i32,
+                beta,
+                c.as_mut_ptr(),
+                ldc as i32,
+            );
+        }
+    }
+
+    /// `x[…, K] · w[N, K]ᵀ` for f32 `x` and bf16 `w`, both contiguous.
+    pub(super) struct LinearBf16;
+
+    impl CustomOp2 for LinearBf16 {
+        fn name(&self) -> &'static str {
+            "linear-bf16-mkl"
+        }
+
+        fn cpu_fwd(
+            &self,
+            xs: &CpuStorage,
+            xl: &Layout,
+            ws: &CpuStorage,
+            wl: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (Some((x0, x1)), Some((w0, w1))) =
+                (xl.contiguous_offsets(), wl.contiguous_offsets())
+            else {
+                candle_core::bail!("linear-bf16: inputs must be contiguous");
+            };
+            let x = &xs.as_slice::<f32>()?[x0..x1];
+            let w = &ws.as_slice::<bf16>()?[w0..w1];
+            let (n, k) = wl.shape().dims2()?;
+            let dims = xl.shape().dims();
+            if dims.last() != Some(&k) {
+                candle_core::bail!(
+                    "linear-bf16: input {:?} against weight {:?}",
+                    xl.shape(),
+                    wl.shape()
+                );
+            }
+            let m = x.len() / k.max(1);
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("non-empty") = n;
+            let mut out = vec![0f32; m * n];
+            if m > 0 && n > 0 && k > 0 {
+                let a = to_bf16(x);
+                // SAFETY: bf16 is a transparent u16.
+                let wb: &[u16] = unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), w.len()) };
+                gemm_par(m, n, k, &a, k, wb, k, true, &mut out, n);
+            }
+            Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        }
+    }
+
+    /// Score rows per block of the fused attention (with the key count, ≈ 1 MiB of f32 scores:
+    /// the block stays in cache between the two products).
+    const SCORE_BLOCK_ELEMS: usize = 1 << 18;
+
+    /// softmax(q·kᵀ + bias)·v for f32 `q` (pre-scaled), `k`, `v` `[B, H, L, D]` / `[B, H, Lk, D]`,
+    /// with bf16 operands: per head, blocks of query rows get their scores (one product), a
+    /// softmax that writes bf16 probabilities directly, and the product with `v` — no score matrix
+    /// beyond one block ever exists. `bias`: `[B, Lk]` additive, f32.
+    pub(super) struct AttentionBf16 {
+        pub(super) bias: Option<Vec<f32>>,
+    }
+
+    impl candle_core::CustomOp3 for AttentionBf16 {
+        fn name(&self) -> &'static str {
+            "attention-bf16-mkl"
+        }
+
+        fn cpu_fwd(
+            &self,
+            qs: &CpuStorage,
+            ql: &Layout,
+            ks: &CpuStorage,
+            kl: &Layout,
+            vs: &CpuStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
+                ql.contiguous_offsets(),
+                kl.contiguous_offsets(),
+                vl.contiguous_offsets(),
+            ) else {
+                candle_core::bail!("attention-bf16: inputs must be contiguous");
+            };
+            let (b, h, l, d) = ql.shape().dims4()?;
+            let (kb_, kh, lk, kd) = kl.shape().dims4()?;
+            if (kb_, kh, kd) != (b, h, d) || vl.shape().dims4()? != (b, h, lk, d) {
+                candle_core::bail!(
+                    "attention-bf16: q {:?}, k {:?}, v {:?}",
+                    ql.shape(),
+                    kl.shape(),
+                    vl.shape()
+                );
+            }
+            if let Some(bias) = &self.bias {
+                if bias.len() != b * lk {
+                    candle_core::bail!("attention-bf16: bias of {} for {b}×{lk}", bias.len());
+                }
+            }
+            let mut out = vec![0f32; b * h * l * d];
+            if l == 0 || lk == 0 || d == 0 {
+                return Ok((CpuStorage::F32(out), ql.shape().clone()));
+            }
+            let qb = to_bf16(&qs.as_slice::<f32>()?[q0..q1]);
+            let kb = to_bf16(&ks.as_slice::<f32>()?[k0..k1]);
+            let vb = to_bf16(&vs.as_slice::<f32>()?[v0..v1]);
+            let block = (SCORE_BLOCK_ELEMS / lk).clamp(16, l);
+            // One head per task, each with its own score block (heads ≥ threads in every model).
+            out.par_chunks_mut(l * d).enumerate().for_each_init(
+                || (vec![0f32; block * lk], vec![0u16; block * lk]),
+                |(scores, probs), (bh, out)| {
+                    let bias = self
+                        .bias
+                        .as_ref()
+                        .map(|v| &v[(bh / h) * lk..(bh / h + 1) * lk]);
+                    let (kh, vh) = (&kb[bh * lk * d..], &vb[bh * lk * d..]);
+                    for r0 in (0..l).step_by(block) {
+                        let rows = block.min(l - r0);
+                        let qa = &qb[(bh * l + r0) * d..];
+                        gemm(rows, lk, d, qa, d, kh, d, true, scores, lk, 0.0);
+                        for (s, p) in scores[..rows * lk]
+                            .chunks_mut(lk)
+                            .zip(probs[..rows * lk].chunks_mut(lk))
+                        {
+                            softmax_row(s, bias, p);
+                        }
+                        gemm(
+                            rows,
+                            d,
+                            lk,
+                            probs,
+                            lk,
+                            vh,
+                            d,
+                            false,
+                            &mut out[r0 * d..],
+                            d,
+                            0.0,
+                        );
+                    }
+                },
+            );
+            Ok((CpuStorage::F32(out), ql.shape().clone()))
+        }
+    }
+
+    fn softmax_row(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { softmax_row_avx512(s, bias, p) };
+            return;
+        }
+        softmax_row_plain(s, bias, p);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn softmax_row_avx512(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
+        softmax_row_plain(s, bias, p);
+    }
+
+    /// One row: (+ bias), − max, exp, normalise, round to bf16 into `p`. The max and the sum run
+    /// over 16 lanes (the compiler does not reorder a single float accumulator, so one-lane
+    /// reductions would stay scalar).
+    #[inline(always)]
+    fn softmax_row_plain(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
+        const W: usize = 16;
+        if let Some(bias) = bias {
+            for (x, b) in s.iter_mut().zip(bias) {
+                *x += *b;
+            }
+        }
+        let mut lanes = [f32::NEG_INFINITY; W];
+        let mut chunks = s.chunks_exact(W);
+        for c in &mut chunks {
+            for (m, x) in lanes.iter_mut().zip(c) {
+                *m = m.max(*x);
+            }
+        }
+        let max = chunks
+            .remainder()
+            .iter()
+            .chain(lanes.iter())
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sums = [0f32; W];
+        let mut chunks = s.chunks_exact_mut(W);
+        for c in &mut chunks {
+            for (acc, x) in sums.iter_mut().zip(c.iter_mut()) {
+                *x = super::fast_exp(*x - max);
+                *acc += *x;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = super::fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for (d, x) in p.iter_mut().zip(s.iter()) {
+            *d = super::bf16_bits(*x * inv);
+        }
+    }
+
+    /// Batched `a[…, M, K] · b[…, K, N]` for f32 tensors through bf16 operands.
+    pub(super) struct MatmulBf16;
+
+    impl CustomOp2 for MatmulBf16 {
+        fn name(&self) -> &'static str {
+            "matmul-bf16-mkl"
+        }
+
+        fn cpu_fwd(
+            &self,
+            as_: &CpuStorage,
+            al: &Layout,
+            bs: &CpuStorage,
+            bl: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let ad = al.shape().dims();
+            let bd = bl.shape().dims();
+            let r = ad.len();
+            if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+                candle_core::bail!("matmul-bf16: shapes {:?} · {:?}", al.shape(), bl.shape());
+            }
+            let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+            let batch: usize = ad[..r - 2].iter().product();
+            let Some((a0, a1)) = al.contiguous_offsets() else {
+                candle_core::bail!("matmul-bf16: lhs must be contiguous");
+            };
+            // rhs: contiguous `[…, K, N]`, or the transpose of a contiguous `[…, N, K]`.
+            let st = bl.stride();
+            let b_t = if bl.is_contiguous() {
+                false
+            } else if st[r - 2] == 1 && st[r - 1] == k && (r == 2 || st[r - 3] == n * k) {
+                let lead_ok = (0..r - 2).rev().all(|i| {
+                    let inner: usize = bd[i + 1..].iter().product();
+                    st[i] == inner || bd[i] == 1
+                });
+                if !lead_ok {
+                    candle_core::bail!("matmul-bf16: unsupported rhs strides {st:?}");
+                }
+                true
+            } else {
+                candle_core::bail!("matmul-bf16: unsupported rhs strides {st:?}");
+            };
+            let a = to_bf16(&as_.as_slice::<f32>()?[a0..a1]);
+            let b_all = bs.as_slice::<f32>()?;
+            let b0 = bl.start_offset();
+            let b = to_bf16(&b_all[b0..b0 + batch * k * n]);
+            let mut out = vec![0f32; batch * m * n];
+            if m > 0 && n > 0 && k > 0 {
+                out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+                    let (ldb, bb) = if b_t {
+                        (k, &b[i * n * k..])
+                    } else {
+                        (n, &b[i * k * n..])
+                    };
+                    gemm(m, n, k, &a[i * m * k..], k, bb, ldb, b_t, c, n, 0.0);
+                });
+            }
+            let mut dims = ad.to_vec();
+            dims[r - 1] = n;
+            Ok((CpuStorage::F32(out), Shape::from(dims)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((fast_exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.01;
+        }
+        // The range reduction t = x·log2(e) in f32 carries |x|·6e-8 absolute error into the
+        // exponent: ≈ 4e-6 relative at |x| ≈ 87, below 1e-6 for the softmax range |x| < 15.
+        assert!(worst < 1e-5, "worst relative error {worst}");
+        let floor = (-87.3f32).exp();
+        assert!(((fast_exp(-1000.0) - floor) / floor).abs() < 1e-5);
+    }
+
+    #[test]
+    fn silu_mul_matches_candle() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = (Tensor::randn(0f32, 3.0, (7, 1001), &dev)? * 4.0)?;
+        let b = Tensor::randn(0f32, 1.0, (7, 1001), &dev)?;
+        let want = (candle_nn::ops::silu(&a)? * &b)?;
+        let got = silu_mul(&a, &b)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max |diff| {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn lin_matches_candle_linear() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev)?;
+        let ours = Lin {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
+        let theirs = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let diff = (x.apply(&ours)? - x.apply(&theirs)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max |diff| {diff}");
+        // A bf16 weight against an f32 input: bf16 operands, f32 accumulation (or candle's
+        // conversion without MKL) — within bf16's rounding of the exact product.
+        let mixed = Lin {
+            weight: w.to_dtype(DType::BF16)?,
+            bias: Some(b),
+        };
+        let y = x.apply(&mixed)?;
+        assert_eq!(y.dtype(), DType::F32);
+        let diff = (y - x.apply(&theirs)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 0.1, "max |diff| {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn matmul_bf16_matches_f32_within_rounding() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 9, 32), &dev)?;
+        let bt = Tensor::randn(0f32, 1.0, (2, 3, 11, 32), &dev)?;
+        let b = bt.t()?; // transposed view
+        let want = a.matmul(&b.contiguous()?)?;
+        for rhs in [b.clone(), b.contiguous()?] {
+            let got = matmul(&a, &rhs, true)?;
+            assert_eq!(got.dims(), &[2, 3, 9, 11]);
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 0.15, "max |diff| {diff}");
+        }
+        let exact = matmul(&a, &b, false)?;
+        let diff = (exact - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max |diff| {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_matches_softmax_product() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, l, lk, d) = (2, 3, 37, 41, 16);
+        let q = (Tensor::randn(0f32, 1.0, (b, h, l, d), &dev)? * 0.25)?;
+        let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+        let mut mask = vec![0f32; b * lk];
+        for m in &mut mask[lk + 30..] {
+            *m = f32::NEG_INFINITY; // the second item's last keys are padding
+        }
+        let bias = Tensor::from_vec(mask, (b, 1, 1, lk), &dev)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
+        let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        match attention_bf16(&q, &k, &v, Some(&bias))? {
+            Some(got) => {
+                assert!(bf16_ready());
+                let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 0.05, "max |diff| {diff}");
+            }
+            None => assert!(!bf16_ready()),
+        }
+        Ok(())
+    }
+}
