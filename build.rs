@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 fn main() {
+    cuda_kernels();
     println!("cargo:rerun-if-env-changed=ZTURBO_MKL_DIR");
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_MKL");
     if std::env::var_os("CARGO_FEATURE_MKL").is_none() {
@@ -40,5 +41,35 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,--end-group");
     for l in ["pthread", "m", "dl"] {
         println!("cargo:rustc-link-arg=-l{l}");
+    }
+}
+
+/// With the `cuda` feature: compiles `src/cuda/*.cu` to one PTX module (`$OUT_DIR/zturbo_kernels.ptx`)
+/// with the nvcc candle's own kernels use (`NVCC`, else `nvcc` on PATH), for `CUDA_COMPUTE_CAP`
+/// (default 80; PTX is JIT-compiled by the driver for newer GPUs).
+fn cuda_kernels() {
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let src = PathBuf::from("src/cuda/softmax.cu");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("zturbo_kernels.ptx");
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-O3", "--use_fast_math"])
+        .arg(format!("--gpu-architecture=compute_{cap}"))
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("feature `cuda`: running {nvcc}: {e} (set NVCC; see README, GPU build)")
+        });
+    if !status.success() {
+        panic!("feature `cuda`: {nvcc} failed on {}", src.display());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod cpu_gemm;
+pub mod gpu_ops;
 pub mod precision;
 pub mod rng;
 pub mod scheduler;

@@ -641,7 +641,7 @@ impl SpatialAttention {
         for start in (0..n).step_by(ATTENTION_CHUNK) {
             let len = ATTENTION_CHUNK.min(n - start);
             let qc = q.narrow(1, start, len)?;
-            let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+            let probs = super::gpu_ops::softmax_last_dim(&qc.matmul(&kt)?)?;
             parts.push(probs.matmul(&v)?);
         }
         let o = Tensor::cat(&parts, 1)?.apply(&self.out)?;

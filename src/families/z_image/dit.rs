@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::families::cpu_gemm::{self, Lin};
+use crate::families::gpu_ops;
 use crate::profile;
 use serde::Deserialize;
 
@@ -337,7 +338,7 @@ fn sdpa(
             }
         })?;
         let probs = profile::span("dit.attn.softmax", dev, || {
-            candle_nn::ops::softmax_last_dim(&scores)
+            gpu_ops::softmax_last_dim(&scores)
         })?;
         drop(scores);
         parts.push(profile::span("dit.attn.pv", dev, || {
