@@ -459,7 +459,12 @@ impl Block {
             None => Ok(t),
         };
         let norms = |t: &Tensor, w: &Tensor, s: &Option<Tensor>| {
-            profile::span("dit.norm_scale", dev, || scaled(norm(t, w)?, s))
+            profile::span("dit.norm_scale", dev, || {
+                match gpu_ops::rms_norm_scale(t, w, s.as_ref(), self.eps)? {
+                    Some(y) => Ok(y),
+                    None => scaled(norm(t, w)?, s),
+                }
+            })
         };
         let add = |x: &Tensor, a: Tensor| {
             profile::span("dit.residual_add", dev, || x + a.to_dtype(residual)?)
