@@ -190,7 +190,14 @@ fn batch_writes_numbered_files_with_consecutive_seeds_and_reruns_from_png() {
     assert!(o.status.success(), "{}", stderr(&o));
     let px = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
     // Equal up to rounding: a batch of 2 runs the matmuls at another shape (other blocking), so
-    // the latents may differ in the last bits and a pixel can land on the other side of .5.
+    // the latents may differ in the last bits and a pixel can land on the other side of .5. With
+    // bf16 matrix operands (an `mkl` build on a CPU with native bf16 products) a last-bit change
+    // can also move an activation across a bf16 rounding step: a few levels.
+    let allowed = if zturbo::families::cpu_gemm::bf16_ready() {
+        6
+    } else {
+        1
+    };
     let worst = px(&second)
         .iter()
         .zip(px(&alone))
@@ -198,7 +205,7 @@ fn batch_writes_numbered_files_with_consecutive_seeds_and_reruns_from_png() {
         .max()
         .unwrap();
     assert!(
-        worst <= 1,
+        worst <= allowed,
         "batch item 2 and its seed alone differ by {worst} levels"
     );
     // …and from its PNG's parameters (prompt as enhanced, seed, size, steps, cfg).
