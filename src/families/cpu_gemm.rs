@@ -205,6 +205,18 @@ pub(crate) fn to_bf16_bits(src: &[f32]) -> Vec<u16> {
     mkl::to_bf16(src)
 }
 
+/// The elements of a contiguous f32 CPU tensor (custom ops' inputs), or `op`'s error naming it.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((o1, o2)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: inputs must be contiguous");
+    };
+    Ok(&s.as_slice::<f32>()?[o1..o2])
+}
+
 /// `silu(a) · b`, fused into one pass for contiguous f32 tensors on the CPU (two candle ops and an
 /// intermediate tensor otherwise).
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -232,12 +244,8 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul: inputs must be contiguous");
-        };
-        let a = &s1.as_slice::<f32>()?[a0..a1];
-        let b = &s2.as_slice::<f32>()?[b0..b1];
+        let a = f32_slice(s1, l1, "silu-mul")?;
+        let b = f32_slice(s2, l2, "silu-mul")?;
         let mut out = vec![0f32; a.len()];
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::cpu_gemm::{self, Lin};
+use crate::profile::span;
 use serde::Deserialize;
 
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -138,6 +139,21 @@ impl Module for Conv {
                     &Conv3x3Taps,
                 )
             }
+            Some(b)
+                if x.device().is_cpu() && x.dtype() == DType::F32 && w.dims()[2..] == [1, 1] =>
+            {
+                // 1×1 on the CPU: one matrix product per item, W[out, in] · X[in, H·W] (bf16
+                // operands when the weight is bf16 on a bf16-ready CPU), no im2col copy.
+                let (n, c_in, h, wd) = x.dims4()?;
+                let c_out = w.dim(0)?;
+                let w2 = w.reshape((1, c_out, c_in))?.to_dtype(DType::F32)?;
+                let w2 = w2.broadcast_as((n, c_out, c_in))?.contiguous()?;
+                let bf16 = w.dtype() == DType::BF16;
+                let xm = x.contiguous()?.reshape((n, c_in, h * wd))?;
+                let y = cpu_gemm::matmul(&w2, &xm, bf16)?;
+                let bias = b.to_dtype(DType::F32)?.reshape((1, c_out, 1))?;
+                y.broadcast_add(&bias)?.reshape((n, c_out, h, wd))
+            }
             _ if w.dtype() != x.dtype() => {
                 // Weights stored narrower than the activations (bf16 on a CPU): this layer
                 // (a 1×1 shortcut or post_quant_conv) is small, so convert it for the call.
@@ -175,15 +191,11 @@ impl CustomOp3 for Conv3x3Taps {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) = (
-            xl.contiguous_offsets(),
-            wl.contiguous_offsets(),
-            bl.contiguous_offsets(),
-        ) else {
+        let x = cpu_gemm::f32_slice(xs, xl, "conv3x3-taps")?;
+        let bias = cpu_gemm::f32_slice(bs, bl, "conv3x3-taps")?;
+        let Some((w0, w1)) = wl.contiguous_offsets() else {
             candle_core::bail!("conv3x3-taps: inputs must be contiguous");
         };
-        let x = &xs.as_slice::<f32>()?[x0..x1];
-        let bias = &bs.as_slice::<f32>()?[b0..b1];
         #[cfg(feature = "mkl")]
         if let CpuStorage::BF16(w) = ws {
             return taps_bf16(x, xl.shape(), &w[w0..w1], wl.shape(), bias);
@@ -459,6 +471,34 @@ enum NormCtx<'a> {
     },
 }
 
+impl NormCtx<'_> {
+    /// The next norm layer's per-group (mean, variance) `[B, G, 1]`: the recorded ones in `Fixed`,
+    /// else `compute`d here (and kept in `Record`).
+    fn stats(
+        &mut self,
+        compute: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            NormCtx::Fixed { stats, next } => {
+                let Some((m, v)) = stats.layers.get(*next) else {
+                    candle_core::bail!(
+                        "group-norm statistics have {} layers, the decoder more",
+                        stats.len()
+                    )
+                };
+                *next += 1;
+                Ok((m.clone(), v.clone()))
+            }
+            NormCtx::Record(stats) => {
+                let (m, v) = compute()?;
+                stats.layers.push((m.clone(), v.clone()));
+                Ok((m, v))
+            }
+            NormCtx::Local => compute(),
+        }
+    }
+}
+
 /// GroupNorm over `[B, C, H, W]`; statistics accumulate in f32 whatever the dtype.
 #[derive(Debug, Clone)]
 struct GroupNorm {
@@ -494,32 +534,180 @@ impl GroupNorm {
             return scaled.broadcast_add(&bias);
         }
         let xf = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
-        let (mean, var) = match ctx {
-            NormCtx::Fixed { stats, next } => {
-                let Some((m, v)) = stats.layers.get(*next) else {
-                    candle_core::bail!(
-                        "group-norm statistics have {} layers, the decoder more",
-                        stats.len()
-                    )
-                };
-                *next += 1;
-                (m.clone(), v.clone())
-            }
-            _ => {
-                let mean = xf.mean_keepdim(2)?;
-                let var = xf.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
-                if let NormCtx::Record(stats) = ctx {
-                    stats.layers.push((mean.clone(), var.clone()));
-                }
-                (mean, var)
-            }
-        };
+        let (mean, var) = ctx.stats(|| {
+            let mean = xf.mean_keepdim(2)?;
+            let var = xf.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+            Ok((mean, var))
+        })?;
         let mut t = xf.broadcast_sub(&mean)?;
         drop(xf);
         t = t.broadcast_div(&(var + VAE_NORM_EPS)?.sqrt()?)?;
         t = t.reshape((b, c, h, w))?.to_dtype(dtype)?;
         t = t.broadcast_mul(&wgt)?;
         t.broadcast_add(&bias)
+    }
+}
+
+impl GroupNorm {
+    /// GroupNorm followed by SiLU when `silu`. f32 on the CPU: group statistics in one pass (f64
+    /// sums), then one pass that applies the per-channel scale and shift and the SiLU — instead of
+    /// a layer norm, a multiply, an add and candle's SiLU, each a sweep over the feature map.
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        ctx: &mut NormCtx<'_>,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+            let y = self.forward(x, ctx)?;
+            return if silu {
+                candle_nn::ops::silu(&y)
+            } else {
+                Ok(y)
+            };
+        }
+        let (b, c, _, _) = x.dims4()?;
+        let g = self.groups;
+        if g == 0 || c % g != 0 {
+            candle_core::bail!("group norm: {c} channels in {g} groups");
+        }
+        let x = x.contiguous()?;
+        let (mean, var) = ctx.stats(|| {
+            let st = x.apply_op1_no_bwd(&GroupStats { groups: g })?; // [B, G, 2]
+            Ok((
+                st.narrow(2, 0, 1)?.contiguous()?,
+                st.narrow(2, 1, 1)?.contiguous()?,
+            ))
+        })?;
+        // Per channel: y = x·a + s with a = γ / √(var + ε), s = β − mean·a.
+        let rstd = (var.to_dtype(DType::F32)? + VAE_NORM_EPS)?
+            .sqrt()?
+            .recip()?; // [B, G, 1]
+        let gamma = self.weight.to_dtype(DType::F32)?.reshape((1, g, c / g))?;
+        let beta = self.bias.to_dtype(DType::F32)?.reshape((1, g, c / g))?;
+        let a = rstd.broadcast_mul(&gamma)?; // [B, G, C/G]
+        let shift = beta.broadcast_sub(&mean.to_dtype(DType::F32)?.broadcast_mul(&a)?)?;
+        let a = a.reshape((b, c))?.contiguous()?;
+        let shift = shift.reshape((b, c))?.contiguous()?;
+        x.apply_op3_no_bwd(&a, &shift, &ChannelAffine { silu })
+    }
+}
+
+/// Mean and (population) variance per group of a contiguous f32 `[B, C, H, W]`: `[B, G, 2]`.
+struct GroupStats {
+    groups: usize,
+}
+
+impl candle_core::CustomOp1 for GroupStats {
+    fn name(&self) -> &'static str {
+        "group-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_gemm::f32_slice(s, l, "group-stats")?;
+        let (b, _, _, _) = l.shape().dims4()?;
+        let g = self.groups;
+        let n = x.len() / (b * g).max(1);
+        use rayon::prelude::*;
+        let mut out = vec![0f32; b * g * 2];
+        out.par_chunks_mut(2)
+            .zip(x.par_chunks(n.max(1)))
+            .for_each(|(o, xs)| {
+                let (sum, sq) = sums(xs);
+                let mean = sum / n as f64;
+                o[0] = mean as f32;
+                o[1] = (sq / n as f64 - mean * mean).max(0.0) as f32;
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, g, 2))))
+    }
+}
+
+/// Σx and Σx² in f64, over 8 lanes so that the loop vectorises.
+fn sums(xs: &[f32]) -> (f64, f64) {
+    let mut s = [0f64; 8];
+    let mut q = [0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            let v = c[i] as f64;
+            s[i] += v;
+            q[i] += v * v;
+        }
+    }
+    let (mut sum, mut sq): (f64, f64) = (s.iter().sum(), q.iter().sum());
+    for &v in chunks.remainder() {
+        sum += v as f64;
+        sq += v as f64 * v as f64;
+    }
+    (sum, sq)
+}
+
+/// `y = x·a[b, c] + s[b, c]` over each `[H, W]` plane of a contiguous f32 `[B, C, H, W]`, then
+/// SiLU when `silu`.
+struct ChannelAffine {
+    silu: bool,
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_gemm::f32_slice(xs, xl, "channel-affine")?;
+        let a = cpu_gemm::f32_slice(as_, al, "channel-affine")?;
+        let sh = cpu_gemm::f32_slice(ss, sl, "channel-affine")?;
+        let (b, c, h, w) = xl.shape().dims4()?;
+        if a.len() != b * c || sh.len() != b * c {
+            candle_core::bail!("channel-affine: {} scales for {b}×{c} planes", a.len());
+        }
+        let plane = (h * w).max(1);
+        let mut out = vec![0f32; x.len()];
+        use rayon::prelude::*;
+        let silu = self.silu;
+        out.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (o, xs))| affine_plane(xs, o, a[i], sh[i], silu));
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+fn affine_plane(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        unsafe { affine_plane_avx512(x, out, a, s, silu) };
+        return;
+    }
+    affine_plane_plain(x, out, a, s, silu);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn affine_plane_avx512(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
+    affine_plane_plain(x, out, a, s, silu);
+}
+
+#[inline(always)]
+fn affine_plane_plain(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
+    if silu {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let y = v * a + s;
+            *o = y / (1.0 + cpu_gemm::exp_neg(y));
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * a + s;
+        }
     }
 }
 
@@ -548,14 +736,19 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
-        let mut h = candle_nn::ops::silu(&self.norm1.forward(x, ctx)?)?;
-        h = self.conv1.forward(&h)?;
-        h = candle_nn::ops::silu(&self.norm2.forward(&h, ctx)?)?;
-        h = self.conv2.forward(&h)?;
-        match &self.shortcut {
+        let dev = x.device();
+        let mut h = span("vae.norm_silu", dev, || {
+            self.norm1.forward_act(x, ctx, true)
+        })?;
+        h = span("vae.conv3x3", dev, || self.conv1.forward(&h))?;
+        h = span("vae.norm_silu", dev, || {
+            self.norm2.forward_act(&h, ctx, true)
+        })?;
+        h = span("vae.conv3x3", dev, || self.conv2.forward(&h))?;
+        span("vae.shortcut_add", dev, || match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
-        }
+        })
     }
 }
 
@@ -615,7 +808,7 @@ impl SpatialAttention {
         let (b, c, h, w) = x.dims4()?;
         let t = self
             .norm
-            .forward(x, ctx)?
+            .forward_act(x, ctx, false)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -749,7 +942,8 @@ impl VaeDecoder {
         h = self.conv_in.forward(&h)?;
         h = self.mid_resnets[0].forward(&h, ctx)?;
         if let Some(a) = &self.mid_attention {
-            h = a.forward(&h, ctx)?;
+            let dev = h.device().clone();
+            h = span("vae.attention", &dev, || a.forward(&h, ctx))?;
         }
         self.mid_resnets[1].forward(&h, ctx)
     }
@@ -780,12 +974,18 @@ impl VaeDecoder {
             }
             if let Some(up) = &block.upsample {
                 let (_, _, hh, ww) = h.dims4()?;
-                h = h.upsample_nearest2d(hh * 2, ww * 2)?;
-                h = up.forward(&h)?;
+                let dev = h.device().clone();
+                h = span("vae.upsample", &dev, || {
+                    h.upsample_nearest2d(hh * 2, ww * 2)
+                })?;
+                h = span("vae.conv3x3", &dev, || up.forward(&h))?;
             }
         }
-        h = candle_nn::ops::silu(&self.norm_out.forward(&h, ctx)?)?;
-        h = self.conv_out.forward(&h)?;
+        let dev = h.device().clone();
+        h = span("vae.norm_silu", &dev, || {
+            self.norm_out.forward_act(&h, ctx, true)
+        })?;
+        h = span("vae.conv3x3", &dev, || self.conv_out.forward(&h))?;
         h.to_dtype(DType::F32)
     }
 }
@@ -886,6 +1086,43 @@ mod tests {
                 (n, c_in, c_out, h, w, k)
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_group_norm_silu_matches_the_unfused_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, c, h, w, g) = (2, 8, 5, 7, 4);
+        let x = (Tensor::randn(0f32, 2.0, (b, c, h, w), &dev)? + 0.5)?;
+        let gn = GroupNorm {
+            weight: Tensor::randn(1f32, 0.3, c, &dev)?,
+            bias: Tensor::randn(0f32, 0.3, c, &dev)?,
+            groups: g,
+        };
+        for silu in [false, true] {
+            let want = gn.forward(&x, &mut NormCtx::Local)?;
+            let want = if silu {
+                candle_nn::ops::silu(&want)?
+            } else {
+                want
+            };
+            let got = gn.forward_act(&x, &mut NormCtx::Local, silu)?;
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "silu {silu}: max |diff| {diff}");
+        }
+        // Recorded statistics replayed on the same input give the same result.
+        let mut stats = GroupNormStats::default();
+        let rec = gn.forward_act(&x, &mut NormCtx::Record(&mut stats), true)?;
+        let fixed = gn.forward_act(
+            &x,
+            &mut NormCtx::Fixed {
+                stats: &stats,
+                next: 0,
+            },
+            true,
+        )?;
+        let diff = (rec - fixed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff == 0.0, "record vs fixed: {diff}");
         Ok(())
     }
 }
