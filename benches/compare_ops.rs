@@ -196,9 +196,16 @@ fn main() -> Result<()> {
     })?;
     timer.time("dit.attn.fused_bf16_operands", 2.0 * attn_mm, || {
         let q = (&q * 0.088)?;
-        match cpu_gemm::attention_bf16(&q, &k, &v, None)? {
+        match cpu_gemm::attention(&q, &k, &v, None, true)? {
             Some(o) => Ok(o),
-            None => candle_core::bail!("no fused attention in this build"),
+            None => candle_core::bail!("no fused attention"),
+        }
+    })?;
+    timer.time("dit.attn.fused_f32", 2.0 * attn_mm, || {
+        let q = (&q * 0.088)?;
+        match cpu_gemm::attention(&q, &k, &v, None, false)? {
+            Some(o) => Ok(o),
+            None => candle_core::bail!("no fused attention"),
         }
     })?;
     timer.time("dit.attn.sdpa_total", 2.0 * attn_mm, || {

@@ -8,9 +8,11 @@
 //! softmax and the residual stream stay in f32 — what CUDA's mixed precision does on the GPU.
 //!
 //! [`Lin`] is the linear layer that takes this path when its weight is bf16 and its input f32;
-//! [`matmul`] multiplies two f32 tensors through bf16 operands (attention scores and values);
-//! [`silu_mul`] is the fused SwiGLU gate. Without the feature (or without the instructions) every
-//! entry point falls back to candle, so results and tests do not depend on the build.
+//! [`matmul`] multiplies two f32 tensors through bf16 operands; [`attention`] is the fused CPU
+//! attention (blocks of query rows: scores, in-place softmax, ·V — f32 products through candle's
+//! `gemm`, or bf16 operands through MKL); [`silu_mul`] is the fused SwiGLU gate. Without the feature
+//! (or without the instructions) the bf16 entry points fall back to f32, so results and tests do
+//! not depend on the build.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -144,39 +146,233 @@ pub fn matmul(a: &Tensor, b: &Tensor, bf16: bool) -> candle_core::Result<Tensor>
 }
 
 /// softmax(q·kᵀ + bias)·v for a pre-scaled `q` `[B, H, L, D]`, `k`, `v` `[B, H, Lk, D]` and an
-/// optional additive `bias` broadcastable to `[B, 1, 1, Lk]`, fused with bf16 operands on a
-/// bf16-ready CPU. Returns `None` where the fused kernel does not apply (the caller runs its own).
-pub fn attention_bf16(
+/// optional additive `bias` broadcastable to `[B, 1, 1, Lk]`, fused on the CPU for f32 tensors: per
+/// head, blocks of query rows get their scores (one product), an in-place softmax and the product
+/// with `v`, so no score matrix beyond one ≈ 1 MiB block ever exists. With `bf16` on a bf16-ready
+/// CPU the products take bf16 operands (MKL), else f32 (candle's `gemm`). Returns `None` off the
+/// CPU or for other dtypes (the caller runs its own).
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: Option<&Tensor>,
+    bf16: bool,
 ) -> candle_core::Result<Option<Tensor>> {
-    #[cfg(feature = "mkl")]
-    if q.device().is_cpu()
+    if !(q.device().is_cpu()
         && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
-        && bias.is_none_or(|b| b.dtype() == DType::F32)
-        && bf16_ready()
+        && bias.is_none_or(|b| b.dtype() == DType::F32))
     {
-        let (b, _, _, _) = q.dims4()?;
-        let lk = k.dim(2)?;
-        let bias = match bias {
-            Some(t) => Some(
-                t.broadcast_as((b, 1, 1, lk))?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            ),
-            None => None,
-        };
-        let op = mkl::AttentionBf16 { bias };
-        return Ok(Some(q.contiguous()?.apply_op3_no_bwd(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            &op,
-        )?));
+        return Ok(None);
     }
-    let _ = (q, k, v, bias);
-    Ok(None)
+    let (b, _, _, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let bias = match bias {
+        Some(t) => Some(
+            t.broadcast_as((b, 1, 1, lk))?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
+        None => None,
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    #[cfg(feature = "mkl")]
+    if bf16 && bf16_ready() {
+        let op = mkl::AttentionBf16 { bias };
+        return Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?));
+    }
+    let _ = bf16;
+    Ok(Some(q.apply_op3_no_bwd(&k, &v, &AttentionF32 { bias })?))
+}
+
+/// Checks the fused attention's inputs; returns `(b, h, l, lk, d)`.
+fn attention_dims(
+    ql: &Layout,
+    kl: &Layout,
+    vl: &Layout,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+    let (b, h, l, d) = ql.shape().dims4()?;
+    let (kb, kh, lk, kd) = kl.shape().dims4()?;
+    if (kb, kh, kd) != (b, h, d) || vl.shape().dims4()? != (b, h, lk, d) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}",
+            ql.shape(),
+            kl.shape(),
+            vl.shape()
+        );
+    }
+    if bias.is_some_and(|v| v.len() != b * lk) {
+        candle_core::bail!("attention: bias does not match {b}×{lk}");
+    }
+    Ok((b, h, l, lk, d))
+}
+
+/// Score rows per block of the fused attention (with the key count, ≈ 1 MiB of f32 scores:
+/// the block stays in cache between the two products).
+const SCORE_BLOCK_ELEMS: usize = 1 << 18;
+
+/// [`attention`] with f32 products through candle's `gemm` crate (one thread per head).
+struct AttentionF32 {
+    bias: Option<Vec<f32>>,
+}
+
+impl candle_core::CustomOp3 for AttentionF32 {
+    fn name(&self) -> &'static str {
+        "attention-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, h, l, lk, d) = attention_dims(ql, kl, vl, self.bias.as_deref())?;
+        let q = f32_slice(qs, ql, "attention-f32")?;
+        let k = f32_slice(ks, kl, "attention-f32")?;
+        let v = f32_slice(vs, vl, "attention-f32")?;
+        let mut out = vec![0f32; q.len()];
+        if l == 0 || lk == 0 || d == 0 {
+            return Ok((CpuStorage::F32(out), ql.shape().clone()));
+        }
+        let block = (SCORE_BLOCK_ELEMS / lk).clamp(16, l);
+        use rayon::prelude::*;
+        out.par_chunks_mut(l * d).enumerate().for_each_init(
+            || vec![0f32; block * lk],
+            |scores, (bh, out)| {
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|v| &v[(bh / h) * lk..(bh / h + 1) * lk]);
+                let (kh, vh) = (
+                    &k[bh * lk * d..(bh + 1) * lk * d],
+                    &v[bh * lk * d..(bh + 1) * lk * d],
+                );
+                for r0 in (0..l).step_by(block) {
+                    let rows = block.min(l - r0);
+                    let qa = &q[(bh * l + r0) * d..(bh * l + r0 + rows) * d];
+                    // SAFETY (both products): every index stays inside the slices, whose lengths
+                    // are rows·d (qa), lk·d (kh, vh), rows·lk (scores) and rows·d (out rows).
+                    unsafe {
+                        // scores[r, j] = Σ_i qa[r, i] · kh[j, i]
+                        gemm::gemm(
+                            rows,
+                            lk,
+                            d,
+                            scores.as_mut_ptr(),
+                            1,
+                            lk as isize,
+                            false,
+                            qa.as_ptr(),
+                            1,
+                            d as isize,
+                            kh.as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for s in scores[..rows * lk].chunks_mut(lk) {
+                        softmax_row(s, bias);
+                    }
+                    let o = &mut out[r0 * d..(r0 + rows) * d];
+                    // SAFETY: as above.
+                    unsafe {
+                        // o[r, i] = Σ_j scores[r, j] · vh[j, i]
+                        gemm::gemm(
+                            rows,
+                            d,
+                            lk,
+                            o.as_mut_ptr(),
+                            1,
+                            d as isize,
+                            false,
+                            scores.as_ptr(),
+                            1,
+                            lk as isize,
+                            vh.as_ptr(),
+                            1,
+                            d as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+}
+
+/// In-place softmax of one score row (after adding `bias`).
+pub(crate) fn softmax_row(s: &mut [f32], bias: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        unsafe { softmax_row_avx512(s, bias) };
+        return;
+    }
+    softmax_row_plain(s, bias);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_row_avx512(s: &mut [f32], bias: Option<&[f32]>) {
+    softmax_row_plain(s, bias);
+}
+
+/// (+ bias), − max, exp, normalise. The max and the sum run over 16 lanes (the compiler does not
+/// reorder a single float accumulator, so one-lane reductions would stay scalar).
+#[inline(always)]
+fn softmax_row_plain(s: &mut [f32], bias: Option<&[f32]>) {
+    const W: usize = 16;
+    if let Some(bias) = bias {
+        for (x, b) in s.iter_mut().zip(bias) {
+            *x += *b;
+        }
+    }
+    let mut lanes = [f32::NEG_INFINITY; W];
+    let mut chunks = s.chunks_exact(W);
+    for c in &mut chunks {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            *m = m.max(*x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(lanes.iter())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sums = [0f32; W];
+    let mut chunks = s.chunks_exact_mut(W);
+    for c in &mut chunks {
+        for (acc, x) in sums.iter_mut().zip(c.iter_mut()) {
+            *x = fast_exp(*x - max);
+            *acc += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
 }
 
 /// `c[m×n] (+)= a[m×k] · op(b)` on one thread with row-major bf16 operands (`b_t`: b stored
@@ -511,10 +707,6 @@ mod mkl {
         }
     }
 
-    /// Score rows per block of the fused attention (with the key count, ≈ 1 MiB of f32 scores:
-    /// the block stays in cache between the two products).
-    const SCORE_BLOCK_ELEMS: usize = 1 << 18;
-
     /// softmax(q·kᵀ + bias)·v for f32 `q` (pre-scaled), `k`, `v` `[B, H, L, D]` / `[B, H, Lk, D]`,
     /// with bf16 operands: per head, blocks of query rows get their scores (one product), a
     /// softmax that writes bf16 probabilities directly, and the product with `v` — no score matrix
@@ -537,36 +729,18 @@ mod mkl {
             vs: &CpuStorage,
             vl: &Layout,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
-            let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
-                ql.contiguous_offsets(),
-                kl.contiguous_offsets(),
-                vl.contiguous_offsets(),
-            ) else {
-                candle_core::bail!("attention-bf16: inputs must be contiguous");
-            };
-            let (b, h, l, d) = ql.shape().dims4()?;
-            let (kb_, kh, lk, kd) = kl.shape().dims4()?;
-            if (kb_, kh, kd) != (b, h, d) || vl.shape().dims4()? != (b, h, lk, d) {
-                candle_core::bail!(
-                    "attention-bf16: q {:?}, k {:?}, v {:?}",
-                    ql.shape(),
-                    kl.shape(),
-                    vl.shape()
-                );
-            }
-            if let Some(bias) = &self.bias {
-                if bias.len() != b * lk {
-                    candle_core::bail!("attention-bf16: bias of {} for {b}×{lk}", bias.len());
-                }
-            }
+            let (b, h, l, lk, d) = super::attention_dims(ql, kl, vl, self.bias.as_deref())?;
+            let q = super::f32_slice(qs, ql, "attention-bf16")?;
+            let k = super::f32_slice(ks, kl, "attention-bf16")?;
+            let v = super::f32_slice(vs, vl, "attention-bf16")?;
             let mut out = vec![0f32; b * h * l * d];
             if l == 0 || lk == 0 || d == 0 {
                 return Ok((CpuStorage::F32(out), ql.shape().clone()));
             }
-            let qb = to_bf16(&qs.as_slice::<f32>()?[q0..q1]);
-            let kb = to_bf16(&ks.as_slice::<f32>()?[k0..k1]);
-            let vb = to_bf16(&vs.as_slice::<f32>()?[v0..v1]);
-            let block = (SCORE_BLOCK_ELEMS / lk).clamp(16, l);
+            let qb = to_bf16(q);
+            let kb = to_bf16(k);
+            let vb = to_bf16(v);
+            let block = (super::SCORE_BLOCK_ELEMS / lk).clamp(16, l);
             // One head per task, each with its own score block (heads ≥ threads in every model).
             out.par_chunks_mut(l * d).enumerate().for_each_init(
                 || (vec![0f32; block * lk], vec![0u16; block * lk]),
@@ -580,12 +754,10 @@ mod mkl {
                         let rows = block.min(l - r0);
                         let qa = &qb[(bh * l + r0) * d..];
                         gemm(rows, lk, d, qa, d, kh, d, true, scores, lk, 0.0);
-                        for (s, p) in scores[..rows * lk]
-                            .chunks_mut(lk)
-                            .zip(probs[..rows * lk].chunks_mut(lk))
-                        {
-                            softmax_row(s, bias, p);
+                        for s in scores[..rows * lk].chunks_mut(lk) {
+                            super::softmax_row(s, bias);
                         }
+                        convert(&scores[..rows * lk], &mut probs[..rows * lk]);
                         gemm(
                             rows,
                             d,
@@ -603,65 +775,6 @@ mod mkl {
                 },
             );
             Ok((CpuStorage::F32(out), ql.shape().clone()))
-        }
-    }
-
-    fn softmax_row(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { softmax_row_avx512(s, bias, p) };
-            return;
-        }
-        softmax_row_plain(s, bias, p);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn softmax_row_avx512(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
-        softmax_row_plain(s, bias, p);
-    }
-
-    /// One row: (+ bias), − max, exp, normalise, round to bf16 into `p`. The max and the sum run
-    /// over 16 lanes (the compiler does not reorder a single float accumulator, so one-lane
-    /// reductions would stay scalar).
-    #[inline(always)]
-    fn softmax_row_plain(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) {
-        const W: usize = 16;
-        if let Some(bias) = bias {
-            for (x, b) in s.iter_mut().zip(bias) {
-                *x += *b;
-            }
-        }
-        let mut lanes = [f32::NEG_INFINITY; W];
-        let mut chunks = s.chunks_exact(W);
-        for c in &mut chunks {
-            for (m, x) in lanes.iter_mut().zip(c) {
-                *m = m.max(*x);
-            }
-        }
-        let max = chunks
-            .remainder()
-            .iter()
-            .chain(lanes.iter())
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut sums = [0f32; W];
-        let mut chunks = s.chunks_exact_mut(W);
-        for c in &mut chunks {
-            for (acc, x) in sums.iter_mut().zip(c.iter_mut()) {
-                *x = super::fast_exp(*x - max);
-                *acc += *x;
-            }
-        }
-        let mut sum: f32 = sums.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = super::fast_exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for (d, x) in p.iter_mut().zip(s.iter()) {
-            *d = super::bf16_bits(*x * inv);
         }
     }
 
@@ -826,14 +939,16 @@ mod tests {
         let bias = Tensor::from_vec(mask, (b, 1, 1, lk), &dev)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
         let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        match attention_bf16(&q, &k, &v, Some(&bias))? {
-            Some(got) => {
-                assert!(bf16_ready());
-                let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 0.05, "max |diff| {diff}");
-            }
-            None => assert!(!bf16_ready()),
-        }
+        // f32 products: equal up to summation order; bf16 operands (where native): within bf16.
+        let exact = attention(&q, &k, &v, Some(&bias), false)?.expect("f32 on the CPU");
+        let diff = (exact - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "f32: max |diff| {diff}");
+        let narrow = attention(&q, &k, &v, Some(&bias), true)?.expect("f32 on the CPU");
+        let diff = (narrow - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 0.05, "bf16 operands: max |diff| {diff}");
+        // Other dtypes are left to the caller.
+        let q16 = q.to_dtype(DType::F16)?;
+        assert!(attention(&q16, &k, &v, None, false)?.is_none());
         Ok(())
     }
 }

@@ -817,15 +817,14 @@ impl SpatialAttention {
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
         drop(t);
-        let bf16_weights = self.q.weight().dtype() == DType::BF16 && q.dtype() == DType::F32;
-        if bf16_weights {
-            let heads = |t: &Tensor| t.unsqueeze(1); // [B, 1, n, c]
-            if let Some(o) = cpu_gemm::attention_bf16(&heads(&q)?, &heads(&k)?, &heads(&v)?, None)?
-            {
-                let o = o.squeeze(1)?.apply(&self.out)?;
-                let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
-                return x + o;
-            }
+        let bf16_weights = self.q.weight().dtype() == DType::BF16;
+        let heads = |t: &Tensor| t.unsqueeze(1); // [B, 1, n, c]
+        if let Some(o) =
+            cpu_gemm::attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, None, bf16_weights)?
+        {
+            let o = o.squeeze(1)?.apply(&self.out)?;
+            let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
+            return x + o;
         }
         let kt = k.t()?;
         // Queries in chunks: at 1024² the scores of all 16 384 positions would be 1 GiB at once.

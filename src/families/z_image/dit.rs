@@ -311,9 +311,9 @@ fn sdpa(
     bf16_products: bool,
 ) -> candle_core::Result<Tensor> {
     let dev = q.device();
-    if bf16_products {
+    if dev.is_cpu() {
         let fused = profile::span("dit.attn.fused", dev, || {
-            cpu_gemm::attention_bf16(q, &kt.t()?, v, bias)
+            cpu_gemm::attention(q, &kt.t()?, v, bias, bf16_products)
         })?;
         if let Some(out) = fused {
             return Ok(out);
