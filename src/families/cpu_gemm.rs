@@ -17,6 +17,28 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+/// Defines `$name(args)`: runs `$plain` compiled with AVX-512F enabled when the CPU has it (the
+/// compiler then vectorises its loops 16 lanes wide), as is otherwise.
+macro_rules! with_avx512 {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $plain:ident) => {
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn wide($($arg: $ty),*) {
+                    $plain($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $plain($($arg),*)
+        }
+    };
+}
+pub(crate) use with_avx512;
+
 /// True when this build and this CPU multiply bf16 operands natively (MKL + AMX or AVX512-BF16),
 /// and `ZTURBO_CPU_BF16=0` does not turn it off.
 pub fn bf16_ready() -> bool {
@@ -316,22 +338,7 @@ impl candle_core::CustomOp3 for AttentionF32 {
     }
 }
 
-/// In-place softmax of one score row (after adding `bias`).
-pub(crate) fn softmax_row(s: &mut [f32], bias: Option<&[f32]>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        unsafe { softmax_row_avx512(s, bias) };
-        return;
-    }
-    softmax_row_plain(s, bias);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn softmax_row_avx512(s: &mut [f32], bias: Option<&[f32]>) {
-    softmax_row_plain(s, bias);
-}
+with_avx512!(pub(crate) fn softmax_row(s: &mut [f32], bias: Option<&[f32]>) => softmax_row_plain);
 
 /// (+ bias), − max, exp, normalise. The max and the sum run over 16 lanes (the compiler does not
 /// reorder a single float accumulator, so one-lane reductions would stay scalar).
@@ -452,21 +459,7 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-fn silu_mul_slice(a: &[f32], b: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        unsafe { silu_mul_avx512(a, b, out) };
-        return;
-    }
-    silu_mul_scalar(a, b, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn silu_mul_avx512(a: &[f32], b: &[f32], out: &mut [f32]) {
-    silu_mul_scalar(a, b, out);
-}
+with_avx512!(fn silu_mul_slice(a: &[f32], b: &[f32], out: &mut [f32]) => silu_mul_scalar);
 
 /// Written so that the compiler vectorises it: `exp` through 2^n · p(f) with a degree-6 polynomial
 /// (see [`fast_exp`]), no branches in the loop.
@@ -559,21 +552,7 @@ mod mkl {
         dst
     }
 
-    fn convert(src: &[f32], dst: &mut [u16]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { convert_avx512(src, dst) };
-            return;
-        }
-        convert_plain(src, dst);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn convert_avx512(src: &[f32], dst: &mut [u16]) {
-        convert_plain(src, dst);
-    }
+    super::with_avx512!(fn convert(src: &[f32], dst: &mut [u16]) => convert_plain);
 
     #[inline(always)]
     fn convert_plain(src: &[f32], dst: &mut [u16]) {

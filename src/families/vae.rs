@@ -681,21 +681,7 @@ impl CustomOp3 for ChannelAffine {
     }
 }
 
-fn affine_plane(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        unsafe { affine_plane_avx512(x, out, a, s, silu) };
-        return;
-    }
-    affine_plane_plain(x, out, a, s, silu);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn affine_plane_avx512(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
-    affine_plane_plain(x, out, a, s, silu);
-}
+cpu_gemm::with_avx512!(fn affine_plane(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) => affine_plane_plain);
 
 #[inline(always)]
 fn affine_plane_plain(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
