@@ -14,19 +14,8 @@ BIN=${1:?binary folder}
 OUT=${2:?output folder}
 mkdir -p "$OUT"
 ZT_MODEL_DIR=${ZT_MODEL_DIR:-/tmp/zturbo-real}
-WORK=$(mktemp -d)
-for b in zturbo memory; do
-  if [ -f "$BIN/$b.xz" ]; then
-    python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$BIN/$b.xz" "$WORK/$b"
-  else
-    cp "$BIN/$b" "$WORK/$b"
-  fi
-  chmod +x "$WORK/$b"
-done
-SP=$(python3 -c 'import site;print(site.getsitepackages()[0])' 2>/dev/null || true)
-if [ -n "$SP" ] && [ -d "$SP/nvidia/cu13/lib" ]; then
-  export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-fi
+# shellcheck source=benches/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 

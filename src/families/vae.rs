@@ -196,11 +196,6 @@ impl CustomOp3 for Conv3x3Taps {
         let Some((w0, w1)) = wl.contiguous_offsets() else {
             candle_core::bail!("conv3x3-taps: inputs must be contiguous");
         };
-        #[cfg(feature = "mkl")]
-        if let CpuStorage::BF16(w) = ws {
-            return taps_bf16(x, xl.shape(), &w[w0..w1], wl.shape(), bias);
-        }
-        let wt = &ws.as_slice::<f32>()?[w0..w1];
         let (n, c_in, h, w) = xl.shape().dims4()?;
         let (c_out, wc_in, kh, kw) = wl.shape().dims4()?;
         if wc_in != c_in || (kh, kw) != (3, 3) || bias.len() != c_out {
@@ -211,87 +206,40 @@ impl CustomOp3 for Conv3x3Taps {
                 bl.shape()
             );
         }
-        let row = w + 2;
-        // One zero row above, two below: the second keeps the last tap's view of the last row
-        // (which reads two elements past the padded image) inside the buffer.
-        let plane = (h + 3) * row;
-        // Output rows in bands whose accumulator stays in cache across the nine taps (the whole
-        // image's accumulator would stream through memory nine times), one band per task.
-        let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
-        let bands = h.div_ceil(band);
-        let mut out = vec![0f32; n * c_out * h * w];
-        let mut padded = vec![0f32; c_in * plane];
-        for item in 0..n {
-            let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
-            for c in 0..c_in {
-                for y in 0..h {
-                    let at = c * plane + (y + 1) * row + 1;
-                    padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
-                }
-            }
-            let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
-            let padded = &padded;
-            let run_band = |b: usize, acc: &mut Vec<f32>| {
-                let y0 = b * band;
-                let rows = band.min(h - y0);
-                let cols = rows * row;
-                acc.clear();
-                acc.resize(c_out * cols, 0.0);
-                for (c, bv) in bias.iter().enumerate() {
-                    acc[c * cols..(c + 1) * cols].fill(*bv);
-                }
-                for tap in 0..9 {
-                    let offset = y0 * row + (tap / 3) * row + tap % 3;
-                    // SAFETY: dst is `acc`, c_out rows of `cols` elements. lhs element (o, i) is
-                    // wt[o·9·c_in + i·9 + tap] < c_out·c_in·9 = wt.len(). rhs element (i, j) is
-                    // padded[offset + i·plane + j] with offset ≤ (y0 + 2)·row + 2 and
-                    // j < rows·row ≤ (h − y0)·row, so the index is at most
-                    // (c_in − 1)·plane + (h + 2)·row + 1 < c_in·plane, as plane = (h + 3)·row.
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            cols,
-                            c_in,
-                            acc.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            true,
-                            wt.as_ptr().add(tap),
-                            9,
-                            (9 * c_in) as isize,
-                            padded.as_ptr().add(offset),
-                            1,
-                            plane as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                }
-                for c in 0..c_out {
-                    for r in 0..rows {
-                        let from = c * cols + r * row;
-                        let to = (c * h + y0 + r) * w;
-                        // SAFETY: bands cover disjoint output rows, so no two tasks write the same
-                        // elements; `to + w` ≤ c_out·h·w, inside this item's output.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                acc.as_ptr().add(from),
-                                dst.get().add(to),
-                                w,
-                            );
-                        }
-                    }
-                }
-            };
-            use rayon::prelude::*;
-            (0..bands)
-                .into_par_iter()
-                .for_each_init(Vec::new, |acc, b| run_band(b, acc));
+        #[cfg(feature = "mkl")]
+        if let CpuStorage::BF16(wb) = ws {
+            let out = taps_bf16(x, (n, c_in, h, w), &wb[w0..w1], bias);
+            return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
+        let wt = &ws.as_slice::<f32>()?[w0..w1];
+        let out = conv3x3_bands(x, (n, c_in, h, w), bias, as_is, |p| {
+            // SAFETY: dst is `acc`, c_out rows of `cols` elements. lhs element (o, i) is
+            // wt[o·9·c_in + i·9 + tap] < c_out·c_in·9 = wt.len(). rhs element (i, j) is
+            // padded[offset + i·plane + j], inside the padded input (see conv3x3_bands).
+            unsafe {
+                gemm::gemm(
+                    c_out,
+                    p.cols,
+                    c_in,
+                    p.acc.as_mut_ptr(),
+                    1,
+                    p.cols as isize,
+                    true,
+                    wt.as_ptr().add(p.tap),
+                    9,
+                    (9 * c_in) as isize,
+                    p.padded.as_ptr().add(p.offset),
+                    1,
+                    p.plane as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
     }
 }
@@ -305,19 +253,11 @@ const ACC_BAND_ELEMS: usize = 1 << 18;
 #[cfg(feature = "mkl")]
 fn taps_bf16(
     x: &[f32],
-    x_shape: &Shape,
+    dims: (usize, usize, usize, usize),
     wt: &[half::bf16],
-    w_shape: &Shape,
     bias: &[f32],
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (n, c_in, h, w) = x_shape.dims4()?;
-    let (c_out, wc_in, kh, kw) = w_shape.dims4()?;
-    if wc_in != c_in || (kh, kw) != (3, 3) || bias.len() != c_out || wt.len() != c_out * c_in * 9 {
-        candle_core::bail!(
-            "conv3x3-taps: input {x_shape:?}, weight {w_shape:?}, bias {}",
-            bias.len()
-        );
-    }
+) -> Vec<f32> {
+    let (c_in, c_out) = (dims.1, bias.len());
     // Per tap a contiguous [c_out, c_in] matrix.
     let mut taps = vec![0u16; 9 * c_out * c_in];
     for o in 0..c_out {
@@ -327,6 +267,56 @@ fn taps_bf16(
             }
         }
     }
+    fn rounded(p: &[f32]) -> std::borrow::Cow<'_, [u16]> {
+        std::borrow::Cow::Owned(cpu_gemm::to_bf16_bits(p))
+    }
+    conv3x3_bands(x, dims, bias, rounded, |p| {
+        cpu_gemm::gemm_bf16(
+            c_out,
+            p.cols,
+            c_in,
+            &taps[p.tap * c_out * c_in..],
+            c_in,
+            &p.padded[p.offset..],
+            p.plane,
+            false,
+            p.acc,
+            p.cols,
+            1.0,
+        );
+    })
+}
+
+/// The padded f32 input as it is (for f32 weights).
+fn as_is(p: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+    std::borrow::Cow::Borrowed(p)
+}
+
+/// One tap's product for [`conv3x3_bands`]: `acc` (`c_out` rows of `cols`) += weights of `tap` ·
+/// (the padded input's `c_in` rows of `plane` elements, read from `offset`, `cols` wide).
+struct TapProduct<'a, P> {
+    tap: usize,
+    offset: usize,
+    cols: usize,
+    plane: usize,
+    padded: &'a [P],
+    acc: &'a mut [f32],
+}
+
+/// A 3×3, stride-1, padding-1 convolution as nine accumulated products per band of output rows:
+/// each item's input is zero-padded once (row length W+2, one zero row above and two below, so the
+/// last tap's view of the last row — two elements past the image — stays inside), converted with
+/// `prepare`; each band's accumulator starts at the bias, `product` adds the nine taps, and the
+/// rows are copied out without the two padding columns. Bands run in parallel; their accumulator
+/// stays in cache across the taps (the whole image's would stream through memory nine times).
+fn conv3x3_bands<P: Clone + Sync>(
+    x: &[f32],
+    (n, c_in, h, w): (usize, usize, usize, usize),
+    bias: &[f32],
+    prepare: impl for<'p> Fn(&'p [f32]) -> std::borrow::Cow<'p, [P]>,
+    product: impl Fn(TapProduct<'_, P>) + Sync,
+) -> Vec<f32> {
+    let c_out = bias.len();
     let row = w + 2;
     let plane = (h + 3) * row;
     let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
@@ -341,9 +331,9 @@ fn taps_bf16(
                 padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
             }
         }
-        let pb = cpu_gemm::to_bf16_bits(&padded);
+        let prepared = prepare(&padded);
+        let prepared: &[P] = &prepared;
         let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
-        let (pb, taps) = (&pb, &taps);
         let run_band = |b: usize, acc: &mut Vec<f32>| {
             let y0 = b * band;
             let rows = band.min(h - y0);
@@ -354,21 +344,16 @@ fn taps_bf16(
                 acc[c * cols..(c + 1) * cols].fill(*bv);
             }
             for tap in 0..9 {
-                let offset = y0 * row + (tap / 3) * row + tap % 3;
-                // rhs rows i: pb[offset + i·plane ..][..cols], inside pb as in Conv3x3Taps.
-                cpu_gemm::gemm_bf16(
-                    c_out,
+                // offset ≤ (y0 + 2)·row + 2 and the band reads < rows·row columns per input row,
+                // so the last index is at most (c_in − 1)·plane + (h + 2)·row + 1 < c_in·plane.
+                product(TapProduct {
+                    tap,
+                    offset: y0 * row + (tap / 3) * row + tap % 3,
                     cols,
-                    c_in,
-                    &taps[tap * c_out * c_in..],
-                    c_in,
-                    &pb[offset..],
                     plane,
-                    false,
+                    padded: prepared,
                     acc,
-                    cols,
-                    1.0,
-                );
+                });
             }
             for c in 0..c_out {
                 for r in 0..rows {
@@ -387,7 +372,7 @@ fn taps_bf16(
             .into_par_iter()
             .for_each_init(Vec::new, |acc, b| run_band(b, acc));
     }
-    Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
+    out
 }
 
 /// A raw output pointer shared by the band tasks, which write disjoint rows.
