@@ -61,6 +61,8 @@ fn opts() -> Opts {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct ChildResult {
     times_ms: Vec<u64>,
+    /// Per timed run: text encode, denoise and decode (ms), as the engine times them.
+    phases_ms: Vec<[u64; 3]>,
     peak_bytes: u64,
     device_peak_bytes: u64,
     mode: String,
@@ -105,6 +107,7 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         memory_mode: mode,
     };
     let mut times = Vec::new();
+    let mut phases = Vec::new();
     let mut device_peak = 0;
     let mut resolved = String::new();
     for i in 0..=o.runs {
@@ -117,12 +120,15 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         )?;
         if i > 0 {
             times.push(t.elapsed().as_millis() as u64);
+            let tm = &g.timings;
+            phases.push([tm.encode_ms, tm.denoise_ms, tm.decode_ms]);
         }
         device_peak = device_peak.max(g.peak_memory_bytes);
         resolved = g.plan.mode.to_string();
     }
     Ok(ChildResult {
         times_ms: times,
+        phases_ms: phases,
         peak_bytes: if device.is_cpu() {
             peak_rss_bytes().unwrap_or(0)
         } else {
@@ -208,9 +214,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| size | mode | peak memory | median time | min–max time | vs performance (peak / time) |"
+        "| size | mode | peak memory | median time | min–max time | encode / denoise / decode | vs performance (peak / time) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let mut summary = None;
     for &size in &o.sizes {
         let mut base: Option<(u64, f64)> = None;
@@ -247,6 +253,11 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .fold((f64::MAX, 0f64), |(a, b), &v| (a.min(v), b.max(v)));
             let med = median(&mut t);
+            let phase = |k: usize| {
+                let mut v: Vec<f64> = r.phases_ms.iter().map(|p| p[k] as f64 / 1000.0).collect();
+                median(&mut v)
+            };
+            let phases = format!("{:.2} / {:.2} / {:.2} s", phase(0), phase(1), phase(2));
             if mode == MemoryMode::Performance {
                 base = Some((r.peak_bytes, med));
             }
@@ -260,7 +271,7 @@ fn main() -> anyhow::Result<()> {
                 })
                 .unwrap_or_else(|| "–".into());
             println!(
-                "| {size}² | {} | {} | {med:.2} s | {lo:.2}–{hi:.2} s | {rel} |",
+                "| {size}² | {} | {} | {med:.2} s | {lo:.2}–{hi:.2} s | {phases} | {rel} |",
                 r.mode,
                 gib(r.peak_bytes)
             );

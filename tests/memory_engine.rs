@@ -30,7 +30,10 @@ fn streamed_blocks_give_exactly_the_resident_output() {
     let resident = m
         .transformer_forward(&x, g.get("b.t"), &caps, None)
         .unwrap();
-    m.set_denoiser_residency(DenoiserResidency::Streamed { resident_blocks: 0 });
+    m.set_denoiser_residency(DenoiserResidency::Streamed {
+        resident_blocks: 0,
+        one_at_a_time: true,
+    });
     m.unload(zturbo::families::Component::Denoiser);
     // Streaming alone (same execution strategy) is bit-exact.
     m.set_execution(Some(Execution::default()));
@@ -43,13 +46,17 @@ fn streamed_blocks_give_exactly_the_resident_output() {
     for kept in [1, 3, 1000] {
         m.set_denoiser_residency(DenoiserResidency::Streamed {
             resident_blocks: kept,
+            one_at_a_time: false,
         });
         let partly = m
             .transformer_forward(&x, g.get("b.t"), &caps, None)
             .unwrap();
         assert_eq!(max_abs_diff(&resident, &partly), 0.0, "{kept} kept");
     }
-    m.set_denoiser_residency(DenoiserResidency::Streamed { resident_blocks: 0 });
+    m.set_denoiser_residency(DenoiserResidency::Streamed {
+        resident_blocks: 0,
+        one_at_a_time: true,
+    });
     // The low-memory strategy (one batch item at a time, small attention chunks) only changes the
     // matmul blocking: last-bit differences.
     m.set_execution(None);
@@ -58,6 +65,20 @@ fn streamed_blocks_give_exactly_the_resident_output() {
         .unwrap();
     let d = max_abs_diff(&resident, &low);
     assert!(d < 1e-5, "low-memory execution differs by {d}");
+    // Low mode with the batch run whole (the planner's choice where splitting it would not lower
+    // the peak): small attention chunks only.
+    m.set_denoiser_residency(DenoiserResidency::Streamed {
+        resident_blocks: 0,
+        one_at_a_time: false,
+    });
+    let whole = m
+        .transformer_forward(&x, g.get("b.t"), &caps, None)
+        .unwrap();
+    let d = max_abs_diff(&resident, &whole);
+    assert!(
+        d < 1e-5,
+        "low-memory execution, batch whole, differs by {d}"
+    );
 }
 
 #[test]

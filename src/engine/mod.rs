@@ -535,6 +535,7 @@ impl Engine {
             .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
                 DenoiserResidency::Streamed {
                     resident_blocks: plan.resident_blocks as usize,
+                    one_at_a_time: plan.denoiser_one_at_a_time,
                 }
             } else {
                 DenoiserResidency::Resident

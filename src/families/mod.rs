@@ -116,8 +116,12 @@ pub enum DenoiserResidency {
     /// All blocks on the device.
     Resident,
     /// Blocks stay memory-mapped on the host and visit the device one at a time, except the first
-    /// `resident_blocks` (in execution order), which stay on the device for the whole job.
-    Streamed { resident_blocks: usize },
+    /// `resident_blocks` (in execution order), which stay on the device for the whole job. With
+    /// `one_at_a_time`, each block runs the batch's items (the CFG pair included) one by one.
+    Streamed {
+        resident_blocks: usize,
+        one_at_a_time: bool,
+    },
 }
 
 /// What the family needs to run one sampler step.

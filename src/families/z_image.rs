@@ -261,7 +261,10 @@ impl ZImage {
         trace: Option<&mut dit::Trace>,
     ) -> Result<Tensor, ModelError> {
         self.load(Component::Denoiser)?;
-        if let DenoiserResidency::Streamed { resident_blocks } = self.residency {
+        if let DenoiserResidency::Streamed {
+            resident_blocks, ..
+        } = self.residency
+        {
             let want = resident_blocks.min(self.dit_cfg.n_blocks());
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
@@ -536,7 +539,14 @@ impl ZImage {
     fn execution(&self) -> dit::Execution {
         self.exec_override.unwrap_or(match self.residency {
             DenoiserResidency::Resident => dit::Execution::default(),
-            DenoiserResidency::Streamed { .. } => dit::Execution::LOW_MEMORY,
+            DenoiserResidency::Streamed {
+                one_at_a_time: true,
+                ..
+            } => dit::Execution::LOW_MEMORY,
+            DenoiserResidency::Streamed { .. } => dit::Execution {
+                micro_batch: None,
+                ..dit::Execution::LOW_MEMORY
+            },
         })
     }
 

@@ -698,6 +698,10 @@ pub struct Plan {
     /// user streams every block (the smallest peak).
     #[serde(default)]
     pub resident_blocks: u32,
+    /// Low mode runs the denoiser's batch (the CFG pair included) one item at a time, when the
+    /// whole batch would make denoising the plan's peak phase; otherwise the batch runs whole.
+    #[serde(default)]
+    pub denoiser_one_at_a_time: bool,
     /// Largest phase peak, without the reserve.
     pub estimated_peak_bytes: u64,
     pub phase_peaks: PhasePeaks,
@@ -774,6 +778,8 @@ struct Estimate {
     fits: bool,
     /// Bytes the full decode would need in this mode's decode phase, when it chose tiles instead.
     full_decode_phase: Option<u64>,
+    /// The denoiser runs its batch one item at a time (see [`Plan::denoiser_one_at_a_time`]).
+    one_at_a_time: bool,
 }
 
 fn fits(peak: u64, input: &PlanInput) -> bool {
@@ -925,6 +931,7 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
                 fits: fits(phases.max(), input),
                 phases,
                 full_decode_phase: None,
+                one_at_a_time: false,
             }
         }
         MemoryMode::Balanced => {
@@ -950,28 +957,37 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
                 fits: fits(phases.max(), input),
                 phases,
                 full_decode_phase,
+                one_at_a_time: false,
             }
         }
         MemoryMode::Low => {
             let (denoiser, den_weights) = streamed_denoiser(c);
             let text_encoding = c.text_encoder.saturating_add(te_act);
-            // Families with a low-memory execution run one batch item at a time there.
-            // Families with a low-memory execution run one batch item at a time there; the other
-            // items' hidden states wait between blocks (a quarter of the per-token activations:
-            // residual, the item's output and the concatenation, of 16 token-wide copies).
-            let den_act = match a.low_memory_scores {
+            // Families with a low-memory execution keep attention chunks small there, and run the
+            // batch (the CFG pair included) one item at a time when the whole batch would make
+            // denoising the mode's peak: like tiling, micro-batching costs time (every block's
+            // weights are read once per item), so it is only worth what it takes off the peak.
+            // One at a time, the other items' hidden states wait between blocks (a quarter of the
+            // per-token activations: residual, the item's output and the concatenation, of 16
+            // token-wide copies).
+            let (den_act, one_at_a_time) = match a.low_memory_scores {
                 Some(cap) => {
                     let tokens = a.denoiser_tokens(input.width, input.height);
-                    let one = SequenceActivations {
+                    let items = batch * passes;
+                    let low = SequenceActivations {
                         max_scores: cap,
                         ..a.denoiser
+                    };
+                    let whole = low.bytes(tokens, items);
+                    if items <= 1 || den_weights.saturating_add(whole) <= text_encoding {
+                        (whole, false)
+                    } else {
+                        let waiting = (items - 1)
+                            .saturating_mul(a.denoiser.bytes_per_token.saturating_mul(tokens) / 4);
+                        (low.bytes(tokens, 1).saturating_add(waiting), true)
                     }
-                    .bytes(tokens, 1);
-                    let waiting = (batch * passes - 1)
-                        .saturating_mul(a.denoiser.bytes_per_token.saturating_mul(tokens) / 4);
-                    one.saturating_add(waiting)
                 }
-                None => den_act,
+                None => (den_act, false),
             };
             let denoising = den_weights.saturating_add(den_act);
             // Tile only when the whole decode would set low mode's peak: tiles recompute their
@@ -1004,6 +1020,7 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
                 fits: fits(phases.max(), input),
                 phases,
                 full_decode_phase,
+                one_at_a_time,
             }
         }
     }
@@ -1153,6 +1170,12 @@ pub fn plan(input: &PlanInput) -> Plan {
             format_bytes(u64::from(resident_blocks) * input.components.denoiser_largest_block),
         ));
     }
+    if chosen.one_at_a_time {
+        reasons.push(format!(
+            "denoiser runs the batch one item at a time: whole, denoising would need more than text encoding's {}",
+            format_bytes(chosen.phases.text_encoding),
+        ));
+    }
     if let Some(t) = chosen.tiling {
         let why = match chosen.full_decode_phase {
             Some(full) => format!(
@@ -1199,6 +1222,7 @@ pub fn plan(input: &PlanInput) -> Plan {
         vae: chosen.vae,
         vae_tiling: chosen.tiling,
         resident_blocks,
+        denoiser_one_at_a_time: chosen.one_at_a_time,
         estimated_peak_bytes: chosen.phases.max(),
         phase_peaks: chosen.phases,
         available_bytes: available,
@@ -1537,6 +1561,53 @@ mod tests {
     }
 
     #[test]
+    fn low_mode_runs_the_batch_one_item_at_a_time_only_when_that_lowers_the_peak() {
+        // The real model's CFG pair at 1024²: the 8 GB text encoder sets low mode's peak, so the
+        // pair runs whole (micro-batching would cost time and save nothing).
+        let mut input = device(80.0, 1024, 1024);
+        input.mode = MemoryMode::Low;
+        let p = plan(&input);
+        assert!(!p.denoiser_one_at_a_time, "{:?}", p.reasons);
+        assert!(p.phase_peaks.denoising <= p.phase_peaks.text_encoding);
+        assert!(!p.reasons.iter().any(|r| r.contains("one item at a time")));
+        // A batch whose whole activations outgrow the text encoder's phase runs one item at a
+        // time, and the estimate counts one item plus the others' waiting hidden states.
+        input.batch = 8;
+        let q = plan(&input);
+        assert!(q.denoiser_one_at_a_time, "{:?}", q.reasons);
+        assert!(q.reasons.iter().any(|r| r.contains("one item at a time")));
+        let a = &input.activations;
+        let tokens = a.denoiser_tokens(1024, 1024);
+        let low = SequenceActivations {
+            max_scores: DIT_LOW_MEMORY_SCORE_CAP,
+            ..a.denoiser
+        };
+        let (den_weights, whole) = (
+            streamed_denoiser(&input.components).1,
+            low.bytes(tokens, 16),
+        );
+        assert!(den_weights + whole > q.phase_peaks.text_encoding);
+        let waiting = 15 * (a.denoiser.bytes_per_token * tokens / 4);
+        assert_eq!(
+            q.phase_peaks.denoising,
+            den_weights + low.bytes(tokens, 1) + waiting
+        );
+        // Without CFG and with one image there is nothing to split.
+        input.batch = 1;
+        input.cfg_on = false;
+        assert!(!plan(&input).denoiser_one_at_a_time);
+        // Modes other than low never split the batch.
+        for mode in [MemoryMode::Performance, MemoryMode::Balanced] {
+            let r = plan(&PlanInput {
+                mode,
+                batch: 8,
+                ..device(80.0, 1024, 1024)
+            });
+            assert!(!r.denoiser_one_at_a_time);
+        }
+    }
+
+    #[test]
     fn low_mode_reached_by_auto_keeps_the_blocks_that_fit() {
         let c = z_image_components();
         // 12 and 16 GiB cards land in low mode: the room above its denoising phase keeps blocks
@@ -1656,12 +1727,13 @@ mod tests {
         let mut low = input.clone();
         low.mode = MemoryMode::Low;
         let p = plan(&low);
-        // Two blocks in flight plus the 196 MB outside the 34 blocks; the CFG pair runs one item at
-        // a time with scores capped at 8 Mi, the other item's hidden state waiting.
+        // Two blocks in flight plus the 196 MB outside the 34 blocks; the CFG pair runs whole (the
+        // text encoder's phase is larger) with scores capped at 8 Mi.
         let streamed = 2 * 356_000_000 + (12_300_000_000 - 34 * 356_000_000);
-        let one = a.denoiser.bytes_per_token * tokens + 4 * (30 * tokens * tokens).min(8 << 20);
-        let waiting = a.denoiser.bytes_per_token * tokens / 4;
-        assert_eq!(p.phase_peaks.denoising, streamed + one + waiting);
+        let pair =
+            2 * a.denoiser.bytes_per_token * tokens + 4 * (2 * 30 * tokens * tokens).min(8 << 20);
+        assert_eq!(p.phase_peaks.denoising, streamed + pair);
+        assert!(!p.denoiser_one_at_a_time);
         assert_eq!(
             p.phase_peaks.text_encoding,
             c.text_encoder + a.text_encoder.bytes(512, 1)
