@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""diffusers' side of the zturbo comparison: one ZImagePipeline (CPU, float32) kept loaded; every
+"""diffusers' side of the zturbo comparison: one pipeline (CPU, float32) kept loaded — the class the
+model folder's model_index.json names (ZImagePipeline, StableDiffusionPipeline for SD-Turbo); every
 stdin line `run` (or `run OUT_DIR`, which also writes the final latents and the RGB8 image) runs one
 generation from the shared initial latents and prints one JSON line of per-stage times on stdout.
 
 Stages, measured around the pipeline's own calls (nothing in diffusers is changed):
-  text_encode_s  pipe.encode_prompt (tokenize to max_sequence_length=512, Qwen3 forward, unpad)
+  text_encode_s  pipe.encode_prompt (Z-Image: tokenize to max_sequence_length=512, Qwen3 forward,
+                 unpad; SD: CLIP to 77 tokens)
   steps_s        per denoising step: between consecutive callback_on_step_end calls, the first
-                 from the loop start (scheduler.set_begin_index, called just before the loop)
+                 from the loop start (Z-Image: scheduler.set_begin_index, called just before the
+                 loop; SD: the end of prepare_latents, its last call of note before the loop)
   vae_decode_s   last step's end -> image in memory (latent unscale + vae.decode + postprocess "np")
   vae_only_s     vae.decode alone
   total_s        the whole pipe(...) call
@@ -39,14 +42,14 @@ def main():
 
     import numpy as np
     import torch
-    from diffusers import ZImagePipeline
+    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
     from safetensors.torch import load_file, save_file
 
     dlog.set_verbosity_error()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    pipe = ZImagePipeline.from_pretrained(a.model, torch_dtype=torch.float32, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, local_files_only=True)
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     # clone(): tensors straight from safetensors may be unaligned, which changes some CPU kernels.
@@ -69,7 +72,9 @@ def main():
         setattr(obj, name, f)
 
     wrap(pipe, "encode_prompt", before="enc0", after="enc1")
-    wrap(pipe.scheduler, "set_begin_index", after="loop0")
+    wrap(pipe, "prepare_latents", after="latents1")
+    if type(pipe).__name__ == "ZImagePipeline":
+        wrap(pipe.scheduler, "set_begin_index", after="loop0")
     wrap(pipe.vae, "decode", before="vae0", after="vae1")
 
     proto.write(
@@ -115,7 +120,7 @@ def main():
             callback_on_step_end_tensor_inputs=["latents"],
         )
         end = time.perf_counter()
-        prev = marks["loop0"]
+        prev = marks.get("loop0", marks["latents1"])
         steps = []
         for t in step_ends:
             steps.append(t - prev)
@@ -130,7 +135,7 @@ def main():
                 {
                     "text_encode_s": marks["enc1"] - marks["enc0"],
                     "steps_s": steps,
-                    "denoise_s": step_ends[-1] - marks["loop0"],
+                    "denoise_s": step_ends[-1] - marks.get("loop0", marks["latents1"]),
                     "vae_decode_s": end - step_ends[-1],
                     "vae_only_s": marks["vae1"] - marks["vae0"],
                     "total_s": end - start,

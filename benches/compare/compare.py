@@ -20,11 +20,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 
+# label: (model shape, image size, steps or None for --steps, latent channels). Z-Image runs
+# --steps (8 by default); SD-Turbo, a 1-4 step model, runs 4.
 CASES = {
-    "tiny@128": ("tiny", 128),
-    "medium@256": ("medium", 256),
-    "medium@512": ("medium", 512),
+    "tiny@128": ("tiny", 128, None, 16),
+    "medium@256": ("medium", 256, None, 16),
+    "medium@512": ("medium", 512, None, 16),
+    "sd-turbo@512": ("sd-turbo", 512, 4, 4),
 }
+DEFAULT_CASES = ["tiny@128", "medium@256", "medium@512"]
 
 
 def log(*a):
@@ -115,11 +119,12 @@ def stage_medians(runs):
     }
 
 
-def run_case(label, model, size, a, bench_bin, env_common):
+def run_case(label, model, size, steps, channels, a, bench_bin, env_common):
     lat = subprocess.check_output(
-        [sys.executable, os.path.join(HERE, "make_model.py"), "latents", str(size), str(size)], text=True, cwd=REPO
+        [sys.executable, os.path.join(HERE, "make_model.py"), "latents", str(size), str(size), str(channels)],
+        text=True, cwd=REPO,
     ).strip()
-    common = ["--model", model, "--width", str(size), "--height", str(size), "--steps", str(a.steps),
+    common = ["--model", model, "--width", str(size), "--height", str(size), "--steps", str(steps),
               "--cfg", str(a.cfg), "--init-latents", lat]
     zt_extra = ["--precision", a.precision]
     out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-"))
@@ -163,6 +168,7 @@ def run_case(label, model, size, a, bench_bin, env_common):
     return {
         "label": label,
         "size": size,
+        "steps": steps,
         "medians": {"zturbo": mz, "diffusers": md},
         "ratios": {k: mz[k] / md[k] for k in mz},
         "parity": parity,
@@ -201,7 +207,8 @@ def cpu_flags():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench-bin", required=True, help="the compare_zturbo bench executable")
-    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help="comma-separated: " + ", ".join(CASES) + " (default: the Z-Image ones)")
     ap.add_argument("--runs", type=int, default=5, help="timed rounds per case (one run per side each)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=1.0, help="ComfyUI scale (1.0 = off = diffusers guidance 0)")
@@ -229,12 +236,12 @@ def main():
         label = label.strip()
         if label not in CASES:
             raise SystemExit(f"unknown case {label!r} ({', '.join(CASES)})")
-        shape, size = CASES[label]
+        shape, size, steps, channels = CASES[label]
         if shape not in models:
             models[shape] = subprocess.check_output(
                 [sys.executable, os.path.join(HERE, "make_model.py"), shape], text=True, cwd=REPO
             ).strip()
-        results.append(run_case(label, models[shape], size, a, a.bench_bin, env))
+        results.append(run_case(label, models[shape], size, steps or a.steps, channels, a, a.bench_bin, env))
 
     import diffusers
     import torch
@@ -245,7 +252,7 @@ def main():
                 and "bf16" in str(zr.get("precision")) else "")
              + ", diffusers float32")
     hw = (f"{cpu_model()} ({cpu_flags()}), {os.cpu_count()} logical CPUs, {a.threads} threads per side; "
-          f"{zprec}; {a.steps} steps, cfg {a.cfg:g} (diffusers guidance_scale {max(a.cfg - 1, 0):g}); "
+          f"{zprec}; {a.steps} steps (sd-turbo: 4), cfg {a.cfg:g} (diffusers guidance_scale {max(a.cfg - 1, 0):g}); "
           f"{a.runs} timed rounds after 1 warm-up, alternating; "
           f"zturbo (candle 0.11, bench profile) vs diffusers {diffusers.__version__} / torch {torch.__version__}; "
           f"Python {platform.python_version()}")
@@ -255,7 +262,7 @@ def main():
         p = r["parity"]
         psnr = p.get("image_psnr_db")
         psnr_s = "identical" if psnr == float("inf") else (f"{psnr:.1f} dB" if psnr is not None else "n/a")
-        print(f"### {r['label']}  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
+        print(f"### {r['label']}, {r['steps']} steps  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
               f"{100 * p['latents_rel_diff']:.2g} % of their range, image max diff "
               f"{p['image_max_level_diff']} levels, PSNR {psnr_s})")
         print()

@@ -6,9 +6,13 @@ Usage:  python make_model.py SHAPE [--root target/compare-models]   -> prints th
   tiny    the committed test fixture tests/fixtures/tiny-z-image (nothing is built)
   medium  the real Z-Image-Turbo proportions at reduced width/depth, built here with fixed seeds and
           saved under <root>/medium/ (git-ignored; reused when its `done` marker exists)
+  sd-turbo  stabilityai/sd-turbo's shapes (865 M UNet, OpenCLIP ViT-H text tower, SD VAE) with the
+          tiny fixture's 802-token tokenizer (the only change: a smaller embedding table), under
+          <root>/sd-turbo/ — the model CPU users actually run
 
-Also:   python make_model.py latents H W [--root ...]   -> prints <root>/latents-HxW.safetensors,
-        the initial noise both sides start from (torch.randn, seed 42, tensor `latents`).
+Also:   python make_model.py latents H W [C] [--root ...]   -> prints the initial noise both sides
+        start from, <root>/latents-HxW.safetensors for Z-Image's 16 channels or
+        <root>/latents-CxHxW.safetensors otherwise (torch.randn, seed 42, tensor `latents`).
 
 Weights follow tests/fixtures/gen/common.py:reinit_ (N(0,1)/sqrt(fan_in) matrices, 1+N(0,0.1^2)
 norm scales, N(0,0.05^2) biases) so activations stay O(1) through every layer, as in a trained model.
@@ -25,12 +29,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "tiny-z-image")
+SD_FIXTURE = os.path.join(REPO, "tests", "fixtures", "tiny-sd-turbo")
 sys.path.insert(0, os.path.join(REPO, "tests", "fixtures", "gen"))
 from common import reinit_, write_json  # noqa: E402
 
 SEED_TEXT_ENCODER = 3001
 SEED_TRANSFORMER = 3002
 SEED_VAE = 3003
+SEED_UNET = 3004
 SEED_LATENTS = 42
 VERSION = 1  # bump when a config below changes: an existing folder is rebuilt
 
@@ -92,6 +98,99 @@ MEDIUM_VAE = dict(
 )
 
 
+# stabilityai/sd-turbo (SD 2.1 architecture at 512²): its unet, text_encoder and vae configs.
+SD_TURBO_UNET = dict(
+    act_fn="silu",
+    attention_head_dim=[5, 10, 20, 20],
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    downsample_padding=1,
+    dual_cross_attention=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    upcast_attention=False,
+    use_linear_projection=True,
+)
+SD_TURBO_TEXT_ENCODER = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=23,
+    projection_dim=512,
+    hidden_act="gelu",
+)
+SD_VAE = dict(
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+
+def build_sd_turbo(out):
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tmp = out + ".partial"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    for sub in ("tokenizer", "scheduler"):
+        shutil.copytree(os.path.join(SD_FIXTURE, sub), os.path.join(tmp, sub))
+    shutil.copy(os.path.join(SD_FIXTURE, "model_index.json"), tmp)
+
+    with open(os.path.join(SD_FIXTURE, "text_encoder", "config.json")) as f:
+        te_cfg = json.load(f)
+    te_cfg.update(SD_TURBO_TEXT_ENCODER)
+    te_dir = os.path.join(tmp, "text_encoder")
+    write_json(os.path.join(te_dir, "config.json"), te_cfg)
+    torch.manual_seed(SEED_TEXT_ENCODER)
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(te_dir)).float().eval()
+    reinit_(te, SEED_TEXT_ENCODER)
+    sd = {k: v.contiguous() for k, v in te.state_dict().items()}
+    save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
+    del te, sd
+
+    torch.manual_seed(SEED_UNET)
+    unet = UNet2DConditionModel(**SD_TURBO_UNET).float().eval()
+    reinit_(unet, SEED_UNET)
+    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+    del unet
+
+    torch.manual_seed(SEED_VAE)
+    vae = AutoencoderKL(**SD_VAE).float().eval()
+    reinit_(vae, SEED_VAE)
+    vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
+    del vae
+
+    write_json(
+        os.path.join(tmp, "done"),
+        {"version": VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__},
+    )
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
 def build_medium(out):
     import diffusers
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
@@ -144,27 +243,29 @@ def build_medium(out):
 def model_dir(shape, root):
     if shape == "tiny":
         return FIXTURE
-    if shape != "medium":
-        raise SystemExit(f"unknown shape {shape!r} (tiny, medium)")
-    out = os.path.join(root, "medium")
+    builders = {"medium": build_medium, "sd-turbo": build_sd_turbo}
+    if shape not in builders:
+        raise SystemExit(f"unknown shape {shape!r} (tiny, medium, sd-turbo)")
+    out = os.path.join(root, shape)
     marker = os.path.join(out, "done")
     current = False
     if os.path.exists(marker):
         with open(marker) as f:
             current = json.load(f).get("version") == VERSION
     if not current:
-        print(f"building the medium model in {out} ...", file=sys.stderr)
-        build_medium(out)
+        print(f"building the {shape} model in {out} ...", file=sys.stderr)
+        builders[shape](out)
     return out
 
 
-def latents_file(h, w, root):
-    path = os.path.join(root, f"latents-{h}x{w}.safetensors")
+def latents_file(h, w, root, channels=16):
+    name = f"latents-{h}x{w}" if channels == 16 else f"latents-{channels}x{h}x{w}"
+    path = os.path.join(root, name + ".safetensors")
     if not os.path.exists(path):
         from safetensors.torch import save_file
 
         g = torch.Generator("cpu").manual_seed(SEED_LATENTS)
-        lat = torch.randn((1, 16, h // 8, w // 8), generator=g, dtype=torch.float32)
+        lat = torch.randn((1, channels, h // 8, w // 8), generator=g, dtype=torch.float32)
         os.makedirs(root, exist_ok=True)
         save_file({"latents": lat}, path)
     return path
@@ -172,13 +273,13 @@ def latents_file(h, w, root):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", help="tiny | medium | latents")
-    ap.add_argument("size", nargs="*", type=int, help="for latents: H W")
+    ap.add_argument("what", help="tiny | medium | sd-turbo | latents")
+    ap.add_argument("size", nargs="*", type=int, help="for latents: H W [C]")
     ap.add_argument("--root", default=os.path.join(REPO, "target", "compare-models"))
     a = ap.parse_args()
     if a.what == "latents":
-        h, w = a.size
-        print(latents_file(h, w, a.root))
+        h, w = a.size[:2]
+        print(latents_file(h, w, a.root, *a.size[2:3]))
     else:
         print(model_dir(a.what, a.root))
 

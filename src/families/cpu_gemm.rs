@@ -247,7 +247,7 @@ impl candle_core::CustomOp3 for AttentionF32 {
         if l == 0 || lk == 0 || d == 0 {
             return Ok((CpuStorage::F32(out), ql.shape().clone()));
         }
-        let block = (SCORE_BLOCK_ELEMS / lk).clamp(16, l);
+        let block = (SCORE_BLOCK_ELEMS / lk).max(16).min(l);
         use rayon::prelude::*;
         out.par_chunks_mut(l * d).enumerate().for_each_init(
             || vec![0f32; block * lk],
@@ -706,7 +706,7 @@ mod mkl {
             let qb = to_bf16(q);
             let kb = to_bf16(k);
             let vb = to_bf16(v);
-            let block = (super::SCORE_BLOCK_ELEMS / lk).clamp(16, l);
+            let block = (super::SCORE_BLOCK_ELEMS / lk).max(16).min(l);
             // One head per task, each with its own score block (heads ≥ threads in every model).
             out.par_chunks_mut(l * d).enumerate().for_each_init(
                 || (vec![0f32; block * lk], vec![0u16; block * lk]),
@@ -901,6 +901,19 @@ mod tests {
         let narrow = attention(&q, &k, &v, Some(&bias), true)?.expect("f32 on the CPU");
         let diff = (narrow - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 0.05, "bf16 operands: max |diff| {diff}");
+        // Fewer query rows than a score block's minimum (a UNet's coarsest level: 4 tokens
+        // attending to 77 of text).
+        let (qs, ks, vs) = (
+            Tensor::randn(0f32, 0.25, (1, 2, 4, d), &dev)?,
+            Tensor::randn(0f32, 1.0, (1, 2, 77, d), &dev)?,
+            Tensor::randn(0f32, 1.0, (1, 2, 77, d), &dev)?,
+        );
+        let want = candle_nn::ops::softmax_last_dim(&qs.matmul(&ks.t()?)?)?.matmul(&vs)?;
+        for bf16 in [false, true] {
+            let got = attention(&qs, &ks, &vs, None, bf16)?.expect("f32 on the CPU");
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < if bf16 { 0.05 } else { 1e-5 }, "4 rows: {diff}");
+        }
         // Other dtypes are left to the caller.
         let q16 = q.to_dtype(DType::F16)?;
         assert!(attention(&q16, &k, &v, None, false)?.is_none());

@@ -124,49 +124,66 @@ fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Resul
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.0.weight();
-        match self.0.bias() {
-            Some(b)
-                if x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && (w.dtype() == DType::F32
-                        || (w.dtype() == DType::BF16 && cpu_gemm::bf16_ready()))
-                    && w.dims()[2..] == [3, 3] =>
-            {
-                x.contiguous()?.apply_op3_no_bwd(
-                    &w.contiguous()?,
-                    &b.to_dtype(DType::F32)?.contiguous()?,
-                    &Conv3x3Taps,
-                )
-            }
-            Some(b)
-                if x.device().is_cpu() && x.dtype() == DType::F32 && w.dims()[2..] == [1, 1] =>
-            {
-                // 1×1 on the CPU: one matrix product per item, W[out, in] · X[in, H·W] (bf16
-                // operands when the weight is bf16 on a bf16-ready CPU), no im2col copy.
-                let (n, c_in, h, wd) = x.dims4()?;
-                let c_out = w.dim(0)?;
-                let w2 = w.reshape((1, c_out, c_in))?.to_dtype(DType::F32)?;
-                let w2 = w2.broadcast_as((n, c_out, c_in))?.contiguous()?;
-                let bf16 = w.dtype() == DType::BF16;
-                let xm = x.contiguous()?.reshape((n, c_in, h * wd))?;
-                let y = cpu_gemm::matmul(&w2, &xm, bf16)?;
-                let bias = b.to_dtype(DType::F32)?.reshape((1, c_out, 1))?;
-                y.broadcast_add(&bias)?.reshape((n, c_out, h, wd))
-            }
-            _ if w.dtype() != x.dtype() => {
-                // Weights stored narrower than the activations (bf16 on a CPU): this layer
-                // (a 1×1 shortcut or post_quant_conv) is small, so convert it for the call.
-                let conv = Conv2d::new(
-                    w.to_dtype(x.dtype())?,
-                    self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
-                    *self.0.config(),
-                );
-                conv_banded(&conv, x)
-            }
-            _ => conv_banded(&self.0, x),
+        if let Some(y) = conv_fast(&self.0, x)? {
+            return Ok(y);
         }
+        let w = self.0.weight();
+        if w.dtype() != x.dtype() {
+            // Weights stored narrower than the activations (bf16 on a CPU): this layer (a 1×1
+            // shortcut or post_quant_conv) is small, so convert it for the call.
+            let conv = Conv2d::new(
+                w.to_dtype(x.dtype())?,
+                self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
+                *self.0.config(),
+            );
+            return conv_banded(&conv, x);
+        }
+        conv_banded(&self.0, x)
     }
+}
+
+/// The CPU fast paths of a same-padded, stride-1 convolution with a bias on an f32 input: 3×3 as
+/// [`Conv3x3Taps`] (f32 weights, or bf16 on a bf16-ready CPU), 1×1 as one matrix product per item.
+/// `None` where neither applies (the caller runs candle's `conv2d`). Shared with the UNet.
+pub(crate) fn conv_fast(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let w = conv.weight();
+    let cfg = conv.config();
+    let k = w.dims()[2..].to_vec();
+    let Some(b) = conv.bias() else {
+        return Ok(None);
+    };
+    let same = cfg.stride == 1
+        && cfg.dilation == 1
+        && cfg.groups == 1
+        && k.len() == 2
+        && k[0] == k[1]
+        && cfg.padding == k[0] / 2;
+    if !(same && x.device().is_cpu() && x.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    if k[0] == 3
+        && (w.dtype() == DType::F32 || (w.dtype() == DType::BF16 && cpu_gemm::bf16_ready()))
+    {
+        return Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &b.to_dtype(DType::F32)?.contiguous()?,
+            &Conv3x3Taps,
+        )?));
+    }
+    if k[0] == 1 {
+        // W[out, in] · X[in, H·W] per item (bf16 operands when the weight is bf16 on a
+        // bf16-ready CPU), no im2col copy.
+        let (n, c_in, h, wd) = x.dims4()?;
+        let c_out = w.dim(0)?;
+        let w2 = w.reshape((1, c_out, c_in))?.to_dtype(DType::F32)?;
+        let w2 = w2.broadcast_as((n, c_out, c_in))?.contiguous()?;
+        let bf16 = w.dtype() == DType::BF16;
+        let xm = x.contiguous()?.reshape((n, c_in, h * wd))?;
+        let y = cpu_gemm::matmul(&w2, &xm, bf16)?;
+        let bias = b.to_dtype(DType::F32)?.reshape((1, c_out, 1))?;
+        return Ok(Some(y.broadcast_add(&bias)?.reshape((n, c_out, h, wd))?));
+    }
+    Ok(None)
 }
 
 /// 3×3 convolution, stride 1, padding 1, f32 on the CPU, as nine matrix products accumulated in

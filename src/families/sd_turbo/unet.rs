@@ -13,6 +13,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::families::{cpu_gemm, vae};
+use crate::profile;
+
 /// A config value given once for all blocks or once per block.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -467,6 +470,15 @@ impl F32Norm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let name = if self.groups.is_some() {
+            "unet.group_norm"
+        } else {
+            "unet.layer_norm"
+        };
+        profile::span(name, x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let y = match self.groups {
             Some(g) => {
@@ -491,6 +503,24 @@ impl F32Norm {
     }
 }
 
+/// A convolution that takes the VAE's CPU fast paths where they apply (f32, stride 1, same
+/// padding: 3×3 as nine in-place matrix products, 1×1 as one) and candle's `conv2d` elsewhere
+/// (the stride-2 downsamplers, other devices). candle's CPU `conv2d` builds im2col tiles with
+/// strided scalar copies, about a third of its matrix-product rate.
+#[derive(Debug, Clone)]
+struct Conv(Conv2d);
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        profile::span("unet.conv", x.device(), || {
+            match vae::conv_fast(&self.0, x)? {
+                Some(y) => Ok(y),
+                None => x.apply(&self.0),
+            }
+        })
+    }
+}
+
 fn conv(
     cin: usize,
     cout: usize,
@@ -498,13 +528,13 @@ fn conv(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
+) -> candle_core::Result<Conv> {
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Ok(Conv(candle_nn::conv2d(cin, cout, k, cfg, vb)?))
 }
 
 /// What every resnet of one UNet shares.
@@ -531,11 +561,11 @@ struct TransformerOptions {
 #[derive(Debug, Clone)]
 struct Resnet {
     norm1: F32Norm,
-    conv1: Conv2d,
+    conv1: Conv,
     time_emb_proj: Linear,
     norm2: F32Norm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: Conv,
+    shortcut: Option<Conv>,
     out_scale: f64,
 }
 
@@ -559,7 +589,9 @@ impl Resnet {
     /// `x` in the residual dtype, `temb_act` = silu(temb) in the compute dtype.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
-        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?;
+        let dev = x.device();
+        let h = self.norm1.forward(x)?;
+        let h = profile::span("unet.silu", dev, || candle_nn::ops::silu(&h))?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -567,7 +599,8 @@ impl Resnet {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward(&h)?;
+        let h = profile::span("unet.silu", dev, || candle_nn::ops::silu(&h))?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(&x.to_dtype(h.dtype())?)?.to_dtype(residual)?,
@@ -624,11 +657,32 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.to_q.forward(x)?, l)?;
-        let k = split(self.to_k.forward(ctx)?, s)?;
-        let v = split(self.to_v.forward(ctx)?, s)?;
+        let dev = x.device();
+        let (q, k, v) = profile::span("unet.attn.qkv", dev, || {
+            Ok((
+                split(self.to_q.forward(x)?, l)?,
+                split(self.to_k.forward(ctx)?, s)?,
+                split(self.to_v.forward(ctx)?, s)?,
+            ))
+        })?;
         let compute = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let merge = |o: Tensor| -> candle_core::Result<Tensor> {
+            o.transpose(1, 2)?
+                .reshape((b, l, self.heads * self.head_dim))
+        };
+        // On the CPU in f32 (the UNet's CPU precision): fused, so no [B, H, L, S] score matrix
+        // exists (5 × 4096² values = 336 MB per copy in SD-Turbo's first block at 512²). Scaling
+        // q before the product instead of the scores after it only moves f32 rounding.
+        if q.device().is_cpu() && compute == DType::F32 {
+            let fused = profile::span("unet.attn.fused", dev, || {
+                cpu_gemm::attention(&(&q * scale)?, &k, &v, None, false)
+            })?;
+            if let Some(o) = fused {
+                let o = merge(o)?;
+                return profile::span("unet.attn.out", dev, || self.to_out.forward(&o));
+            }
+        }
         // Scores in the compute dtype (f32 when the config asks to upcast), softmax always in f32.
         let (q, k) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
@@ -638,10 +692,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(compute)?;
         drop(scores);
-        let o = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * self.head_dim))?;
+        let o = merge(probs.matmul(&v)?)?;
         self.to_out.forward(&o)
     }
 }
@@ -688,10 +739,13 @@ impl TransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?;
         let x = (x + a.to_dtype(residual)?)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let parts = h.chunk(2, D::Minus1)?;
-        let f = (&parts[0] * parts[1].gelu_erf()?)?;
-        let f = self.ff_out.forward(&f)?;
+        let h = self.norm3.forward(&x)?;
+        let f = profile::span("unet.ff", x.device(), || {
+            let h = self.ff_in.forward(&h)?;
+            let parts = h.chunk(2, D::Minus1)?;
+            let f = (&parts[0] * parts[1].gelu_erf()?)?;
+            self.ff_out.forward(&f)
+        })?;
         x + f.to_dtype(residual)?
     }
 }
@@ -699,7 +753,7 @@ impl TransformerBlock {
 #[derive(Debug, Clone)]
 enum Projection {
     Linear(Linear),
-    Conv(Conv2d),
+    Conv(Conv),
 }
 
 /// `Transformer2DModel` over a feature map: GroupNorm, projection in, transformer blocks,
@@ -779,7 +833,7 @@ impl SpatialTransformer {
 struct DownBlock {
     resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
-    downsample: Option<Conv2d>,
+    downsample: Option<Conv>,
     downsample_pad: bool,
 }
 
@@ -787,7 +841,7 @@ struct DownBlock {
 struct UpBlock {
     resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv>,
 }
 
 #[derive(Debug, Clone)]
@@ -818,7 +872,7 @@ pub struct UNet {
     center_input: bool,
     flip_sin_to_cos: bool,
     freq_shift: f64,
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_linear_1: Linear,
     time_linear_2: Linear,
     add_linear: Option<(Linear, Linear)>,
@@ -826,7 +880,7 @@ pub struct UNet {
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: F32Norm,
-    conv_out: Conv2d,
+    conv_out: Conv,
     precision: UNetPrecision,
 }
 
