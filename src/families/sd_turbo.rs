@@ -161,13 +161,6 @@ impl SdTurbo {
         device: &Device,
         policy: PrecisionPolicy,
     ) -> Result<Self, ModelError> {
-        let mut policy = policy;
-        if device.is_cpu() && policy.denoiser == DType::BF16 && super::cpu_gemm::bf16_ready() {
-            // The UNet has no bf16-weights/f32-activations path (the Z-Image DiT and the VAE do):
-            // candle would run it in bf16 with conversions, slower than f32. Its VAE keeps bf16.
-            policy.denoiser = DType::F32;
-            policy.residual = DType::F32;
-        }
         let class = pipeline_class(&dir)?;
         let variant = match class.as_str() {
             SD_PIPELINE_CLASS => Variant::Sd,
@@ -341,10 +334,17 @@ impl SdTurbo {
         self.text_2.as_ref().map(|t| &t.tokenizer)
     }
 
+    /// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations,
+    /// norms and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
     fn unet_precision(&self) -> UNetPrecision {
+        let compute = super::cpu_gemm::activation_dtype(self.policy.denoiser, &self.device);
         UNetPrecision {
-            compute: self.policy.denoiser,
-            residual: self.policy.residual,
+            compute,
+            residual: if compute == self.policy.denoiser {
+                self.policy.residual
+            } else {
+                compute
+            },
         }
     }
 
@@ -515,8 +515,8 @@ impl Family for SdTurbo {
                 .map(|&c| c as u32)
                 .collect(),
             vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(self.policy.denoiser),
-            residual_elem_bytes: elem(self.policy.residual),
+            elem_bytes: elem(self.unet_precision().compute),
+            residual_elem_bytes: elem(self.unet_precision().residual),
             text_elem_bytes: elem(self.policy.text_encoder),
             vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
                 self.policy.vae,

@@ -10,10 +10,11 @@
 //! with values beyond f16's range never passes through f16 before it is normalised.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::families::{cpu_gemm, vae};
+use crate::families::cpu_gemm::{self, Lin};
+use crate::families::vae;
 use crate::profile;
 
 /// A config value given once for all blocks or once per block.
@@ -455,7 +456,7 @@ impl F32Norm {
             bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
             eps,
             groups: Some(groups),
-            out: vb.dtype(),
+            out: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -465,7 +466,7 @@ impl F32Norm {
             bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
             eps,
             groups: None,
-            out: vb.dtype(),
+            out: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -513,10 +514,21 @@ struct Conv(Conv2d);
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         profile::span("unet.conv", x.device(), || {
-            match vae::conv_fast(&self.0, x)? {
-                Some(y) => Ok(y),
-                None => x.apply(&self.0),
+            if let Some(y) = vae::conv_fast(&self.0, x)? {
+                return Ok(y);
             }
+            let w = self.0.weight();
+            if w.dtype() == x.dtype() {
+                return x.apply(&self.0);
+            }
+            // bf16 weights with f32 activations (a bf16-ready CPU) where no fast path applies:
+            // the three stride-2 downsamplers. Converted for the call.
+            let conv = Conv2d::new(
+                w.to_dtype(x.dtype())?,
+                self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
+                *self.0.config(),
+            );
+            x.apply(&conv)
         })
     }
 }
@@ -562,7 +574,7 @@ struct TransformerOptions {
 struct Resnet {
     norm1: F32Norm,
     conv1: Conv,
-    time_emb_proj: Linear,
+    time_emb_proj: Lin,
     norm2: F32Norm,
     conv2: Conv,
     shortcut: Option<Conv>,
@@ -574,7 +586,7 @@ impl Resnet {
         Ok(Self {
             norm1: F32Norm::group(o.groups, cin, o.eps, vb.pp("norm1"))?,
             conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(o.temb, cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: Lin::new(o.temb, cout, true, vb.pp("time_emb_proj"))?,
             norm2: F32Norm::group(o.groups, cout, o.eps, vb.pp("norm2"))?,
             conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             shortcut: if cin != cout {
@@ -598,7 +610,7 @@ impl Resnet {
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let h = profile::span("unet.temb_add", dev, || h.broadcast_add(&t))?;
         let h = self.norm2.forward(&h)?;
         let h = profile::span("unet.silu", dev, || candle_nn::ops::silu(&h))?;
         let h = self.conv2.forward(&h)?;
@@ -606,7 +618,7 @@ impl Resnet {
             Some(s) => s.forward(&x.to_dtype(h.dtype())?)?.to_dtype(residual)?,
             None => x.clone(),
         };
-        let out = (skip + h.to_dtype(residual)?)?;
+        let out = profile::span("unet.residual_add", dev, || skip + h.to_dtype(residual)?)?;
         if self.out_scale == 1.0 {
             Ok(out)
         } else {
@@ -618,13 +630,15 @@ impl Resnet {
 /// diffusers' `Attention` with the default processor (no bias on q/k/v).
 #[derive(Debug, Clone)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
+    to_out: Lin,
     heads: usize,
     head_dim: usize,
     upcast: bool,
+    /// bf16 weights with f32 activations: the fused CPU attention multiplies bf16 operands too.
+    bf16_products: bool,
 }
 
 impl Attention {
@@ -638,13 +652,14 @@ impl Attention {
         let head_dim = dim / heads;
         let inner = head_dim * heads;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: Lin::new(dim, inner, false, vb.pp("to_q"))?,
+            to_k: Lin::new(context_dim, inner, false, vb.pp("to_k"))?,
+            to_v: Lin::new(context_dim, inner, false, vb.pp("to_v"))?,
+            to_out: Lin::new(inner, dim, true, vb.pp("to_out.0"))?,
             heads,
             head_dim,
             upcast,
+            bf16_products: vb.dtype() == DType::BF16,
         })
     }
 
@@ -671,12 +686,12 @@ impl Attention {
             o.transpose(1, 2)?
                 .reshape((b, l, self.heads * self.head_dim))
         };
-        // On the CPU in f32 (the UNet's CPU precision): fused, so no [B, H, L, S] score matrix
+        // On the CPU in f32 (the UNet's CPU activations): fused, so no [B, H, L, S] score matrix
         // exists (5 × 4096² values = 336 MB per copy in SD-Turbo's first block at 512²). Scaling
         // q before the product instead of the scores after it only moves f32 rounding.
         if q.device().is_cpu() && compute == DType::F32 {
             let fused = profile::span("unet.attn.fused", dev, || {
-                cpu_gemm::attention(&(&q * scale)?, &k, &v, None, false)
+                cpu_gemm::attention(&(&q * scale)?, &k, &v, None, self.bf16_products)
             })?;
             if let Some(o) = fused {
                 let o = merge(o)?;
@@ -706,8 +721,8 @@ struct TransformerBlock {
     norm2: F32Norm,
     attn2: Attention,
     norm3: F32Norm,
-    ff_in: Linear,
-    ff_out: Linear,
+    ff_in: Lin,
+    ff_out: Lin,
 }
 
 impl TransformerBlock {
@@ -725,8 +740,8 @@ impl TransformerBlock {
             norm2: F32Norm::layer(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(dim, cross, heads, upcast, vb.pp("attn2"))?,
             norm3: F32Norm::layer(dim, 1e-5, vb.pp("norm3"))?,
-            ff_in: candle_nn::linear(dim, inner * 2, vb.pp("ff.net.0.proj"))?,
-            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+            ff_in: Lin::new(dim, inner * 2, true, vb.pp("ff.net.0.proj"))?,
+            ff_out: Lin::new(inner, dim, true, vb.pp("ff.net.2"))?,
         })
     }
 
@@ -741,9 +756,7 @@ impl TransformerBlock {
         let x = (x + a.to_dtype(residual)?)?;
         let h = self.norm3.forward(&x)?;
         let f = profile::span("unet.ff", x.device(), || {
-            let h = self.ff_in.forward(&h)?;
-            let parts = h.chunk(2, D::Minus1)?;
-            let f = (&parts[0] * parts[1].gelu_erf()?)?;
+            let f = cpu_gemm::geglu(&self.ff_in.forward(&h)?)?;
             self.ff_out.forward(&f)
         })?;
         x + f.to_dtype(residual)?
@@ -752,7 +765,7 @@ impl TransformerBlock {
 
 #[derive(Debug, Clone)]
 enum Projection {
-    Linear(Linear),
+    Linear(Lin),
     Conv(Conv),
 }
 
@@ -777,7 +790,7 @@ impl SpatialTransformer {
     ) -> candle_core::Result<Self> {
         let proj = |name: &str| -> candle_core::Result<Projection> {
             Ok(if o.linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+                Projection::Linear(Lin::new(c, c, true, vb.pp(name))?)
             } else {
                 Projection::Conv(conv(c, c, 1, 1, 0, vb.pp(name))?)
             })
@@ -807,10 +820,11 @@ impl SpatialTransformer {
         let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
         };
-        let tokens = match &self.proj_in {
-            Projection::Linear(p) => p.forward(&to_tokens(&n)?)?,
-            Projection::Conv(p) => to_tokens(&p.forward(&n)?)?,
-        };
+        let dev = x.device();
+        let tokens = profile::span("unet.proj", dev, || match &self.proj_in {
+            Projection::Linear(p) => p.forward(&to_tokens(&n)?),
+            Projection::Conv(p) => to_tokens(&p.forward(&n)?),
+        })?;
         drop(n);
         let mut tokens = tokens.to_dtype(residual)?;
         for block in &self.blocks {
@@ -821,11 +835,11 @@ impl SpatialTransformer {
         let to_map = |t: &Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
         };
-        let out = match &self.proj_out {
-            Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
-            Projection::Conv(p) => p.forward(&to_map(&tokens)?)?,
-        };
-        out.to_dtype(residual)? + x
+        let out = profile::span("unet.proj", dev, || match &self.proj_out {
+            Projection::Linear(p) => to_map(&p.forward(&tokens)?),
+            Projection::Conv(p) => p.forward(&to_map(&tokens)?),
+        })?;
+        profile::span("unet.residual_add", dev, || out.to_dtype(residual)? + x)
     }
 }
 
@@ -873,9 +887,9 @@ pub struct UNet {
     flip_sin_to_cos: bool,
     freq_shift: f64,
     conv_in: Conv,
-    time_linear_1: Linear,
-    time_linear_2: Linear,
-    add_linear: Option<(Linear, Linear)>,
+    time_linear_1: Lin,
+    time_linear_2: Lin,
+    add_linear: Option<(Lin, Lin)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -885,7 +899,8 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// `vb` in the compute dtype, rooted at the UNet's weight file.
+    /// `vb` in the weights' dtype (the compute dtype, or bf16 under f32 activations on a
+    /// bf16-ready CPU), rooted at the UNet's weight file.
     pub fn new(
         cfg: &UNetConfig,
         vb: VarBuilder,
@@ -908,12 +923,12 @@ impl UNet {
         };
 
         let conv_in = conv(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = Lin::new(ch[0], temb, true, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = Lin::new(temb, temb, true, vb.pp("time_embedding.linear_2"))?;
         let add_linear = match plan.text_time {
             Some((_, p)) => Some((
-                candle_nn::linear(p, temb, vb.pp("add_embedding.linear_1"))?,
-                candle_nn::linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+                Lin::new(p, temb, true, vb.pp("add_embedding.linear_1"))?,
+                Lin::new(temb, temb, true, vb.pp("add_embedding.linear_2"))?,
             )),
             None => None,
         };
@@ -1155,7 +1170,7 @@ impl UNet {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::msg("UNet skip connections exhausted"))?;
-                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = profile::span("unet.cat", h.device(), || Tensor::cat(&[&h, &skip], 1))?;
                 drop(skip);
                 h = r.forward(&h, &temb_act)?;
                 if let Some(a) = block.attentions.get(j) {
