@@ -144,93 +144,71 @@ SD_VAE = dict(
 )
 
 
-def build_sd_turbo(out):
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def save_random(model, seed, path):
+    """Fixture-style weights for a freshly built diffusers model, saved in its own layout."""
+    reinit_(model.float().eval(), seed)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def save_text_encoder(tmp, fixture, overrides, build, seed, keep=lambda k: True):
+    """The fixture's text-encoder config with `overrides`, random weights (tensors `keep` accepts)."""
     from safetensors.torch import save_file
+
+    with open(os.path.join(fixture, "text_encoder", "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(overrides)
+    te_dir = os.path.join(tmp, "text_encoder")
+    write_json(os.path.join(te_dir, "config.json"), cfg)
+    torch.manual_seed(seed)
+    te = build(te_dir).float().eval()
+    reinit_(te, seed)
+    sd = {k: v.contiguous() for k, v in te.state_dict().items() if keep(k)}
+    save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def build_sd_turbo(tmp):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    save_text_encoder(tmp, SD_FIXTURE, SD_TURBO_TEXT_ENCODER,
+                      lambda d: CLIPTextModel(CLIPTextConfig.from_pretrained(d)), SEED_TEXT_ENCODER)
+    torch.manual_seed(SEED_UNET)
+    save_random(UNet2DConditionModel(**SD_TURBO_UNET), SEED_UNET, os.path.join(tmp, "unet"))
+    torch.manual_seed(SEED_VAE)
+    save_random(AutoencoderKL(**SD_VAE), SEED_VAE, os.path.join(tmp, "vae"))
+
+
+def build_medium(tmp):
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    te = dict(MEDIUM_TEXT_ENCODER, max_window_layers=MEDIUM_TEXT_ENCODER["num_hidden_layers"])
+    save_text_encoder(tmp, FIXTURE, te, lambda d: Qwen3ForCausalLM(Qwen3Config.from_pretrained(d)),
+                      SEED_TEXT_ENCODER, keep=lambda k: not k.startswith("lm_head."))
+    torch.manual_seed(SEED_TRANSFORMER)
+    save_random(ZImageTransformer2DModel(**MEDIUM_TRANSFORMER), SEED_TRANSFORMER,
+                os.path.join(tmp, "transformer"))
+    torch.manual_seed(SEED_VAE)
+    save_random(AutoencoderKL(**MEDIUM_VAE), SEED_VAE, os.path.join(tmp, "vae"))
+
+
+# shape: (builder, fixture whose tokenizer, scheduler and pipeline index the model reuses)
+BUILDERS = {"medium": (build_medium, FIXTURE), "sd-turbo": (build_sd_turbo, SD_FIXTURE)}
+
+
+def build(shape, out):
+    """Builds `shape` in `out`.partial, then renames it into place with a `done` marker."""
+    import diffusers
+
+    builder, fixture = BUILDERS[shape]
     tmp = out + ".partial"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     for sub in ("tokenizer", "scheduler"):
-        shutil.copytree(os.path.join(SD_FIXTURE, sub), os.path.join(tmp, sub))
-    shutil.copy(os.path.join(SD_FIXTURE, "model_index.json"), tmp)
-
-    with open(os.path.join(SD_FIXTURE, "text_encoder", "config.json")) as f:
-        te_cfg = json.load(f)
-    te_cfg.update(SD_TURBO_TEXT_ENCODER)
-    te_dir = os.path.join(tmp, "text_encoder")
-    write_json(os.path.join(te_dir, "config.json"), te_cfg)
-    torch.manual_seed(SEED_TEXT_ENCODER)
-    te = CLIPTextModel(CLIPTextConfig.from_pretrained(te_dir)).float().eval()
-    reinit_(te, SEED_TEXT_ENCODER)
-    sd = {k: v.contiguous() for k, v in te.state_dict().items()}
-    save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
-    del te, sd
-
-    torch.manual_seed(SEED_UNET)
-    unet = UNet2DConditionModel(**SD_TURBO_UNET).float().eval()
-    reinit_(unet, SEED_UNET)
-    unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-    del unet
-
-    torch.manual_seed(SEED_VAE)
-    vae = AutoencoderKL(**SD_VAE).float().eval()
-    reinit_(vae, SEED_VAE)
-    vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
-    del vae
-
-    write_json(
-        os.path.join(tmp, "done"),
-        {"version": VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__},
-    )
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-
-
-def build_medium(out):
-    import diffusers
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from safetensors.torch import save_file
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tmp = out + ".partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    # Tokenizer, scheduler and pipeline index as in the fixture (vocab 599 tokens, 640 rows).
-    shutil.copytree(os.path.join(FIXTURE, "tokenizer"), os.path.join(tmp, "tokenizer"))
-    shutil.copytree(os.path.join(FIXTURE, "scheduler"), os.path.join(tmp, "scheduler"))
-    shutil.copy(os.path.join(FIXTURE, "model_index.json"), tmp)
-
-    with open(os.path.join(FIXTURE, "text_encoder", "config.json")) as f:
-        te_cfg = json.load(f)
-    te_cfg.update(MEDIUM_TEXT_ENCODER)
-    te_cfg["max_window_layers"] = te_cfg["num_hidden_layers"]
-    te_dir = os.path.join(tmp, "text_encoder")
-    write_json(os.path.join(te_dir, "config.json"), te_cfg)
-    torch.manual_seed(SEED_TEXT_ENCODER)
-    te = Qwen3ForCausalLM(Qwen3Config.from_pretrained(te_dir)).float().eval()
-    reinit_(te, SEED_TEXT_ENCODER)
-    sd = {k: v.contiguous() for k, v in te.state_dict().items() if not k.startswith("lm_head.")}
-    save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
-    del te, sd
-
-    torch.manual_seed(SEED_TRANSFORMER)
-    tr = ZImageTransformer2DModel(**MEDIUM_TRANSFORMER).float().eval()
-    reinit_(tr, SEED_TRANSFORMER)
-    tr.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
-    del tr
-
-    torch.manual_seed(SEED_VAE)
-    vae = AutoencoderKL(**MEDIUM_VAE).float().eval()
-    reinit_(vae, SEED_VAE)
-    vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
-    del vae
-
+        shutil.copytree(os.path.join(fixture, sub), os.path.join(tmp, sub))
+    shutil.copy(os.path.join(fixture, "model_index.json"), tmp)
+    builder(tmp)
     write_json(
         os.path.join(tmp, "done"),
         {"version": VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__},
@@ -243,8 +221,7 @@ def build_medium(out):
 def model_dir(shape, root):
     if shape == "tiny":
         return FIXTURE
-    builders = {"medium": build_medium, "sd-turbo": build_sd_turbo}
-    if shape not in builders:
+    if shape not in BUILDERS:
         raise SystemExit(f"unknown shape {shape!r} (tiny, medium, sd-turbo)")
     out = os.path.join(root, shape)
     marker = os.path.join(out, "done")
@@ -254,7 +231,7 @@ def model_dir(shape, root):
             current = json.load(f).get("version") == VERSION
     if not current:
         print(f"building the {shape} model in {out} ...", file=sys.stderr)
-        builders[shape](out)
+        build(shape, out)
     return out
 
 

@@ -493,6 +493,7 @@ impl Family for SdTurbo {
 
     fn activation_model(&self) -> ActivationModel {
         let elem = |d: DType| d.size_in_bytes() as u64;
+        let unet = self.unet_precision();
         // Both CLIPs run one after the other: the wider one sets the text-encoding peak.
         let widest = std::iter::once(&self.text.cfg)
             .chain(self.text_2.as_ref().map(|t| &t.cfg))
@@ -515,8 +516,8 @@ impl Family for SdTurbo {
                 .map(|&c| c as u32)
                 .collect(),
             vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(self.unet_precision().compute),
-            residual_elem_bytes: elem(self.unet_precision().residual),
+            elem_bytes: elem(unet.compute),
+            residual_elem_bytes: elem(unet.residual),
             text_elem_bytes: elem(self.policy.text_encoder),
             vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
                 self.policy.vae,

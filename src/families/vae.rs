@@ -2,6 +2,8 @@
 //! config from `vae/config.json`, diffusers tensor names (new and legacy attention names), and a
 //! forward that frees each feature map as soon as the next one exists.
 
+use std::borrow::Cow;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
@@ -127,19 +129,23 @@ impl Module for Conv {
         if let Some(y) = conv_fast(&self.0, x)? {
             return Ok(y);
         }
-        let w = self.0.weight();
-        if w.dtype() != x.dtype() {
-            // Weights stored narrower than the activations (bf16 on a CPU): this layer (a 1×1
-            // shortcut or post_quant_conv) is small, so convert it for the call.
-            let conv = Conv2d::new(
-                w.to_dtype(x.dtype())?,
-                self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
-                *self.0.config(),
-            );
-            return conv_banded(&conv, x);
-        }
-        conv_banded(&self.0, x)
+        // Weights stored narrower than the activations (bf16 on a CPU) reach here only for small
+        // layers (a 1×1 shortcut or post_quant_conv without the fast path).
+        conv_banded(in_dtype(&self.0, x.dtype())?.as_ref(), x)
     }
+}
+
+/// `conv` with its weight and bias in `dtype`: itself when they already are, else a converted copy
+/// for one call (bf16 weights under f32 activations where no fast path applies).
+pub(crate) fn in_dtype(conv: &Conv2d, dtype: DType) -> candle_core::Result<Cow<'_, Conv2d>> {
+    if conv.weight().dtype() == dtype {
+        return Ok(Cow::Borrowed(conv));
+    }
+    Ok(Cow::Owned(Conv2d::new(
+        conv.weight().to_dtype(dtype)?,
+        conv.bias().map(|b| b.to_dtype(dtype)).transpose()?,
+        *conv.config(),
+    )))
 }
 
 /// The CPU fast paths of a same-padded, stride-1 convolution with a bias on an f32 input: 3×3 as
@@ -284,8 +290,8 @@ fn taps_bf16(
             }
         }
     }
-    fn rounded(p: &[f32]) -> std::borrow::Cow<'_, [u16]> {
-        std::borrow::Cow::Owned(cpu_gemm::to_bf16_bits(p))
+    fn rounded(p: &[f32]) -> Cow<'_, [u16]> {
+        Cow::Owned(cpu_gemm::to_bf16_bits(p))
     }
     conv3x3_bands(x, dims, bias, rounded, |p| {
         cpu_gemm::gemm_bf16(
@@ -305,8 +311,8 @@ fn taps_bf16(
 }
 
 /// The padded f32 input as it is (for f32 weights).
-fn as_is(p: &[f32]) -> std::borrow::Cow<'_, [f32]> {
-    std::borrow::Cow::Borrowed(p)
+fn as_is(p: &[f32]) -> Cow<'_, [f32]> {
+    Cow::Borrowed(p)
 }
 
 /// One tap's product for [`conv3x3_bands`]: `acc` (`c_out` rows of `cols`) += weights of `tap` ·
@@ -330,7 +336,7 @@ fn conv3x3_bands<P: Clone + Sync>(
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
     bias: &[f32],
-    prepare: impl for<'p> Fn(&'p [f32]) -> std::borrow::Cow<'p, [P]>,
+    prepare: impl for<'p> Fn(&'p [f32]) -> Cow<'p, [P]>,
     product: impl Fn(TapProduct<'_, P>) + Sync,
 ) -> Vec<f32> {
     let c_out = bias.len();

@@ -517,18 +517,9 @@ impl Module for Conv {
             if let Some(y) = vae::conv_fast(&self.0, x)? {
                 return Ok(y);
             }
-            let w = self.0.weight();
-            if w.dtype() == x.dtype() {
-                return x.apply(&self.0);
-            }
-            // bf16 weights with f32 activations (a bf16-ready CPU) where no fast path applies:
-            // the three stride-2 downsamplers. Converted for the call.
-            let conv = Conv2d::new(
-                w.to_dtype(x.dtype())?,
-                self.0.bias().map(|b| b.to_dtype(x.dtype())).transpose()?,
-                *self.0.config(),
-            );
-            x.apply(&conv)
+            // bf16 weights under f32 activations without a fast path: the three stride-2
+            // downsamplers, converted for the call.
+            x.apply(vae::in_dtype(&self.0, x.dtype())?.as_ref())
         })
     }
 }
