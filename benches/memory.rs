@@ -105,6 +105,7 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         batch: 1,
         enhance: true,
         memory_mode: mode,
+        enhance_exclude: Vec::new(),
     };
     let mut times = Vec::new();
     let mut phases = Vec::new();

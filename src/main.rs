@@ -467,6 +467,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         batch: args.batch,
         enhance: args.enhance.or(args.from_png.as_ref().map(|_| false)),
         memory_mode: args.memory_mode,
+        ..Default::default()
     }
     .validate(&limits)
     .map_err(|e| anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
@@ -628,7 +629,7 @@ fn models(models_dir: &Path) -> Result<()> {
             .to_string();
         let size = m
             .size_bytes
-            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_default();
         let source = m
             .path

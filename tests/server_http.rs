@@ -95,9 +95,54 @@ fn page_info_models_and_enhance() {
         .unwrap()
         .is_empty());
     assert!(!enh["advice"].as_array().unwrap().is_empty());
-    let (st, _, err) = post_json(&s.url("/api/enhance"), &json!({"prompt": "x", "cfg": 2}));
+    // Unknown fields are refused, naming them (`cfg` and `steps` are the form's, see below).
+    let (st, _, err) = post_json(&s.url("/api/enhance"), &json!({"prompt": "x", "seed": 2}));
     assert_eq!(st, 422);
-    assert_eq!(err["error"]["field"], "cfg");
+    assert_eq!(err["error"]["field"], "seed");
+    // The preview reads the form's CFG and steps, so its advice matches the form: CFG 3.0 is
+    // called out as intercepted, not "1.8, the default".
+    let (st, _, enh) = post_json(
+        &s.url("/api/enhance"),
+        &json!({"prompt": "a mountain lake at dawn", "cfg": 3.0, "steps": 4}),
+    );
+    assert_eq!(st, 200, "{enh}");
+    let advice: Vec<&str> = enh["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        advice
+            .iter()
+            .any(|m| m.starts_with("CFG 3") && m.contains("intercepted")),
+        "{advice:?}"
+    );
+    assert!(advice.iter().any(|m| m.contains('4')), "{advice:?}");
+    // Removed phrases stay out.
+    let first = enh["added"]["prompt"][0].as_str().unwrap().to_string();
+    let (st, _, enh2) = post_json(
+        &s.url("/api/enhance"),
+        &json!({"prompt": "a mountain lake at dawn", "exclude": [first]}),
+    );
+    assert_eq!(st, 200, "{enh2}");
+    assert!(!enh2["added"]["prompt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == &json!(first)));
+    for (body, field) in [
+        (json!({"prompt": "x", "cfg": 0.5}), "cfg"),
+        (json!({"prompt": "x", "steps": 0}), "steps"),
+        (json!({"prompt": "x", "exclude": ["a\u{0007}"]}), "exclude"),
+    ] {
+        let (st, _, err) = post_json(&s.url("/api/enhance"), &body);
+        assert_eq!(
+            (st.as_u16(), err["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{body}"
+        );
+    }
 
     // Unknown paths and jobs: JSON 404s.
     let (st, err) = get_json(&s.url("/api/nope"));
@@ -148,6 +193,7 @@ fn submit_stream_done_and_png() {
         .unwrap()
         .to_string();
     assert_eq!(url, format!("/images/{id}-1.png"));
+    let done_peak = events.last().unwrap().data["peak_memory_bytes"].as_u64();
 
     let png = client().get(s.url(&url)).send().unwrap();
     assert_eq!(png.status(), 200);
@@ -202,6 +248,20 @@ fn submit_stream_done_and_png() {
         assert!(t[k].is_u64(), "timings.{k}: {t}");
     }
     assert!(job["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // The done event carries the record's exact peak (the chart shows that, not a sample).
+    assert_eq!(done_peak, job["peak_memory_bytes"].as_u64());
+    assert_eq!(job["image_seeds"], json!([42]));
+    // A download is an attachment named after the prompt, the image's seed and its index.
+    let dl = client()
+        .get(s.url(&format!("{url}?download=1")))
+        .send()
+        .unwrap();
+    assert_eq!(dl.status(), 200);
+    assert_eq!(
+        dl.headers()["content-disposition"],
+        "attachment; filename=\"a-serene-mountain-lake-at-dawn-42-1.png\""
+    );
+    assert!(png_has_no_disposition(&s, &url));
     // The memory plan the run used is part of the record.
     assert!(job["plan"]["mode"].is_string(), "{}", job["plan"]);
     assert!(job["plan"]["reasons"]
@@ -252,9 +312,16 @@ fn submit_stream_done_and_png() {
         .collect();
     assert_eq!(ids, vec![second.as_str(), id.as_str()]);
     let j2 = &list["jobs"][0];
+    let base_seed = j2["params"]["seed"].as_u64().unwrap();
+    assert_eq!(j2["image_seeds"], json!([base_seed, base_seed + 1]));
     assert_eq!(j2["params"]["cfg"], 2.4);
     assert_eq!(j2["params"]["cfg_requested"], 3.2);
     assert_eq!(j2["notices"][0]["kind"], "cfg_clamped");
+}
+
+fn png_has_no_disposition(s: &Server, url: &str) -> bool {
+    let res = client().get(s.url(url)).send().unwrap();
+    res.status() == 200 && res.headers().get("content-disposition").is_none()
 }
 
 /// The (status, field) a body is refused with.
@@ -291,6 +358,14 @@ fn invalid_bodies_name_the_field() {
         (json!({"prompt": "   "}), "prompt"),
         (json!({"prompt": ten_mb}), "prompt"),
         (json!({"prompt": "x", "stepz": 4}), "stepz"),
+        (
+            json!({"prompt": "x", "enhance_exclude": "all"}),
+            "enhance_exclude",
+        ),
+        (
+            json!({"prompt": "x", "enhance_exclude": ["x".repeat(201)]}),
+            "enhance_exclude",
+        ),
         (json!({"steps": 4}), "prompt"),
     ];
     for (body, field) in cases {
@@ -581,8 +656,24 @@ fn journaled_jobs_survive_kill_and_restart() {
             (ids[0].as_str(), "running")
         ]
     );
+    // The interrupted job says it restarted from step 1; the ones that never ran do not.
+    let resumed = |id: &str| -> bool {
+        let (_, j) = get_json(&s.url(&format!("/api/jobs/{id}")));
+        j["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["kind"] == "resumed")
+    };
+    assert!(resumed(&ids[0]));
+    assert!(!resumed(&ids[1]) && !resumed(&ids[2]));
     let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", ids[0])));
-    assert!(ev.any(|e| e.name == "progress"));
+    let mut saw_notice = false;
+    assert!(ev.any(|e| {
+        saw_notice |= e.name == "notice" && e.data["kind"] == "resumed";
+        e.name == "progress"
+    }));
+    assert!(saw_notice, "the stream tells the page the job restarted");
     assert!(s.terminate(Duration::from_secs(20)), "graceful exit status");
     assert_eq!(
         journal_states(&out, &ids),
@@ -595,6 +686,24 @@ fn journaled_jobs_survive_kill_and_restart() {
         .iter()
         .map(|id| wait_terminal(&s, id, Duration::from_secs(60)))
         .collect();
+    let kinds = |j: &Value| -> Vec<String> {
+        j["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Resumed twice, noted once, and still there once it has run.
+    assert_eq!(
+        kinds(&jobs[0])
+            .iter()
+            .filter(|k| k.as_str() == "resumed")
+            .count(),
+        1,
+        "{}",
+        jobs[0]
+    );
     for j in &jobs {
         assert_eq!(j["state"], "done", "{j}");
         assert_eq!(j["params"]["seed"], 7);
@@ -714,4 +823,111 @@ fn serves_an_sd_turbo_folder_too() {
     let bytes = client().get(s.url(url)).send().unwrap().bytes().unwrap();
     let img = image::load_from_memory(&bytes).unwrap();
     assert_eq!((img.width(), img.height()), (136, 96));
+}
+
+#[test]
+fn history_pages_search_delete_and_cancel_all() {
+    let out = temp_dir("history");
+    let s = Server::start(&out, &[], &[]);
+    let prompts = [
+        "a red fox",
+        "a blue lake",
+        "a red barn",
+        "a green hill",
+        "a red kite",
+    ];
+    let ids: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            submit(
+                &s,
+                json!({"prompt": p, "width": 64, "height": 64, "steps": 1, "enhance": false}),
+            )
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            wait_terminal(&s, id, Duration::from_secs(60))["state"],
+            "done"
+        );
+    }
+    // Pages of two, newest first; `next_before` walks to the end.
+    let mut seen = Vec::new();
+    let mut url = s.url("/api/history?limit=2");
+    loop {
+        let (st, page) = get_json(&url);
+        assert_eq!(st, 200, "{page}");
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 2);
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        match page["next_before"].as_u64() {
+            Some(b) => url = s.url(&format!("/api/history?limit=2&before={b}")),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    // Search: case-insensitive text in the prompt.
+    let (_, page) = get_json(&s.url("/api/history?q=RED"));
+    let found: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["params"]["prompt"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, vec!["a red kite", "a red barn", "a red fox"]);
+    assert!(page["next_before"].is_null());
+    for bad in ["limit=0", "limit=101", "limit=x", "colour=red"] {
+        let (st, err) = get_json(&s.url(&format!("/api/history?{bad}")));
+        assert_eq!(st, 422, "{bad}: {err}");
+        assert!(err["error"]["message"].is_string());
+    }
+
+    // Delete: the record, its images, its sidecar and its journal entry go; a second delete is 404.
+    let victim = &ids[1];
+    let (st, _) = delete(&s.url(&format!("/api/history/{victim}")));
+    assert_eq!(st, 204);
+    assert!(!out.join(format!("{victim}-1.png")).exists());
+    assert!(!out.join(format!("{victim}.json")).exists());
+    assert!(!out.join(".jobs").join(format!("{victim}.json")).exists());
+    let (st, _) = get_json(&s.url(&format!("/api/jobs/{victim}")));
+    assert_eq!(st, 404);
+    let (st, _) = delete(&s.url(&format!("/api/history/{victim}")));
+    assert_eq!(st, 404);
+    let (_, page) = get_json(&s.url("/api/history?q=lake"));
+    assert_eq!(page["jobs"], json!([]));
+    drop(s);
+
+    // A restart does not bring it back; cancel-all empties the queue but leaves the running job.
+    let s = Server::start(&out, &[], &[SLOW]);
+    let (_, page) = get_json(&s.url("/api/history?limit=100"));
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 4);
+    let body = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 8});
+    let queued: Vec<String> = (0..4).map(|_| submit(&s, body.clone())).collect();
+    let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", queued[0])));
+    assert!(ev.any(|e| e.name == "progress"));
+    let (st, err) = delete(&s.url("/api/jobs"));
+    assert_eq!(st, 422, "{err}");
+    assert_eq!(err["error"]["field"], "state");
+    let (st, out_) = delete(&s.url("/api/jobs?state=queued"));
+    assert_eq!(st, 200, "{out_}");
+    let mut cancelled: Vec<String> = out_["cancelled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    cancelled.sort();
+    let mut expected = queued[1..].to_vec();
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    for id in &queued[1..] {
+        let (_, j) = get_json(&s.url(&format!("/api/jobs/{id}")));
+        assert_eq!(j["state"], "cancelled");
+    }
+    let (_, j) = get_json(&s.url(&format!("/api/jobs/{}", queued[0])));
+    assert_eq!(j["state"], "running");
+    // Deleting a job that has not finished is refused.
+    let (st, err) = delete(&s.url(&format!("/api/history/{}", queued[0])));
+    assert_eq!(st, 409, "{err}");
 }

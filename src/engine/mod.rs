@@ -476,11 +476,12 @@ impl Engine {
             safe_cfg_max: info.safe_cfg_max,
             family: info.family,
         };
-        let enhancement = prompt::enhance(
+        let enhancement = prompt::enhance_with(
             &req.prompt,
             req.negative_prompt.as_deref(),
             &ctx,
             req.enhance,
+            &req.enhance_exclude,
         );
         let negative = guided.then(|| enhancement.negative_prompt.clone());
 

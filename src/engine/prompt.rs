@@ -83,9 +83,28 @@ pub fn enhance(
     ctx: &PromptContext,
     enabled: bool,
 ) -> Enhanced {
+    enhance_with(prompt, negative_prompt, ctx, enabled, &[])
+}
+
+/// [`enhance`], leaving out the added phrases listed in `exclude` (compared case-insensitively):
+/// the phrases a user removed from the preview stay removed in the job.
+pub fn enhance_with(
+    prompt: &str,
+    negative_prompt: Option<&str>,
+    ctx: &PromptContext,
+    enabled: bool,
+    exclude: &[String],
+) -> Enhanced {
     let mut advice_list = advice(prompt, ctx);
     let mut out = if enabled {
-        rewrite(rules(), prompt, negative_prompt, ctx, &mut advice_list)
+        rewrite(
+            rules(),
+            prompt,
+            negative_prompt,
+            ctx,
+            &mut advice_list,
+            exclude,
+        )
     } else {
         Enhanced {
             prompt: prompt.to_owned(),
@@ -151,8 +170,10 @@ fn rewrite(
     negative_prompt: Option<&str>,
     ctx: &PromptContext,
     advice_list: &mut Vec<Advice>,
+    exclude: &[String],
 ) -> Enhanced {
     let limits = rules.limits;
+    let excluded = |text: &str| exclude.iter().any(|x| x.trim().eq_ignore_ascii_case(text));
     let script = classify(prompt);
     let english = script == Script::English;
     let tokens = tokenize(prompt);
@@ -175,11 +196,13 @@ fn rewrite(
     // Above the seed's 15-word cliff more words only hurt composition, so long prompts get no additions;
     // the negative prompt is encoded separately and still gets its defects.
     let expand = english && words <= limits.expand_max_words;
-    let (details, lighting) = if expand {
+    let (mut details, mut lighting) = if expand {
         rules.expand(&tokens, &subjects, &lights)
     } else {
         (Vec::new(), Vec::new())
     };
+    details.retain(|p| !excluded(&p.text));
+    lighting.retain(|p| !excluded(&p.text));
     let added_prompt: Vec<String> = details
         .iter()
         .chain(&lighting)
@@ -201,6 +224,7 @@ fn rewrite(
         let positive = tokenize(&final_prompt);
         added_negative.extend(rules.purify(&subjects, &positive, &mut items));
     }
+    added_negative.retain(|p| !excluded(p));
     let final_negative = join(negative_prompt.unwrap_or_default(), &added_negative);
 
     let (subject_names, lighting_names) = rules.names(&subjects, &lights);
@@ -1686,10 +1710,44 @@ mod tests {
             None,
             &ctx(),
             &mut advice_list,
+            &[],
         );
         assert_eq!(e.prompt, "a serene mountain lake at dawn");
         assert_eq!(e.negative_prompt, DEFAULT_NEGATIVE_PROMPT);
         assert!(e.added.prompt.is_empty());
+    }
+
+    #[test]
+    fn excluded_phrases_stay_out_of_the_prompt_and_the_negative() {
+        // The UI's removed chips: what the preview showed, minus what the user took away.
+        let ctx = ctx_cfg(1.8);
+        let full = enhance("a serene mountain lake at dawn", None, &ctx, true);
+        assert!(full.added.prompt.len() >= 2, "{:?}", full.added);
+        let gone = full.added.prompt[0].clone();
+        let neg_gone = full.added.negative_prompt[0].clone();
+        let kept = full.added.prompt[1].clone();
+        let e = enhance_with(
+            "a serene mountain lake at dawn",
+            None,
+            &ctx,
+            true,
+            &[gone.to_uppercase(), format!(" {neg_gone} ")],
+        );
+        assert!(!e.added.prompt.contains(&gone), "{:?}", e.added);
+        assert!(!e.prompt.contains(&gone), "{}", e.prompt);
+        assert!(e.added.prompt.contains(&kept));
+        assert!(!e.added.negative_prompt.contains(&neg_gone));
+        assert!(
+            !e.negative_prompt.contains(&neg_gone),
+            "{}",
+            e.negative_prompt
+        );
+        // Nothing else changes.
+        assert_eq!(e.added.prompt.len(), full.added.prompt.len() - 1);
+        assert_eq!(
+            e.added.negative_prompt.len(),
+            full.added.negative_prompt.len() - 1
+        );
     }
 
     #[test]

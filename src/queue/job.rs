@@ -87,6 +87,9 @@ pub struct JobRecord {
     /// File names in the outputs folder, `<id>-<n>.png`.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Each image's own seed (base seed + index, or the seed a blank-image retry used).
+    #[serde(default)]
+    pub image_seeds: Vec<u64>,
     #[serde(default)]
     pub notices: Vec<Notice>,
     #[serde(default)]
@@ -129,6 +132,8 @@ pub enum JobEvent {
     Notice(Notice),
     Done {
         images: Vec<String>,
+        /// The job's exact high-water mark of device memory (the chart shows this one).
+        peak_memory_bytes: Option<u64>,
     },
     Failed {
         error: String,
@@ -149,6 +154,7 @@ impl JobEvent {
         match record.state {
             JobState::Done => Some(JobEvent::Done {
                 images: record.images.clone(),
+                peak_memory_bytes: record.peak_memory_bytes,
             }),
             JobState::Failed => Some(JobEvent::Failed {
                 error: record
@@ -161,6 +167,9 @@ impl JobEvent {
         }
     }
 }
+
+/// `kind` of the notice a job gets when a server start re-queues it.
+pub const RESUMED_NOTICE: &str = "resumed";
 
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -40,6 +40,14 @@ impl Journal {
         write_atomic(&self.path(&record.id), &bytes)
     }
 
+    /// Removes a job's entry (a deleted history item); a missing entry is not an error.
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every readable entry, in acceptance order. Unreadable or foreign files are skipped with a
     /// warning: one damaged entry must not keep the server from starting.
     pub fn load(&self) -> Vec<JobRecord> {
@@ -110,10 +118,12 @@ mod tests {
                 batch: 1,
                 enhance: false,
                 memory_mode: MemoryMode::Auto,
+                enhance_exclude: Vec::new(),
             },
             params: None,
             enhancement: None,
             images: vec![],
+            image_seeds: vec![],
             notices: vec![],
             timings: None,
             peak_memory_bytes: None,

@@ -94,6 +94,38 @@ enum Command {
     Subscribe(JobId, oneshot::Sender<Option<Subscription>>),
     Status(oneshot::Sender<QueueStatus>),
     Shutdown(oneshot::Sender<()>),
+    CancelQueued(oneshot::Sender<Vec<JobId>>),
+    Delete(JobId, oneshot::Sender<Result<(), DeleteError>>),
+    History(HistoryQuery, oneshot::Sender<HistoryPage>),
+}
+
+/// `GET /api/history`: finished jobs (done or failed), newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Case-insensitive text the prompt (as typed or as enhanced) must contain.
+    pub text: Option<String>,
+    /// Only jobs accepted before this one (its `seq`): the next page.
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub jobs: Vec<JobSnapshot>,
+    /// `before` for the next page; `None` when this page is the last.
+    pub next_before: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeleteError {
+    #[error("no job `{0}`")]
+    NotFound(String),
+    #[error("job `{0}` is {1}: cancel it first, only finished jobs can be deleted")]
+    NotFinished(String, JobState),
+    #[error("could not delete the files of job `{0}`: {1}")]
+    Io(String, String),
+    #[error("the queue has stopped")]
+    Stopped,
 }
 
 /// Talks to the queue actor; cheap to clone.
@@ -169,6 +201,28 @@ impl QueueHandle {
         snap.record.state.is_terminal().then_some(snap)
     }
 
+    /// Cancels every queued job (not the running one) in one step; returns their ids.
+    pub async fn cancel_queued(&self) -> Vec<JobId> {
+        self.ask(Command::CancelQueued).await.unwrap_or_default()
+    }
+
+    /// Deletes a finished job: its images, its sidecar, its journal entry and its history entry.
+    pub async fn delete(&self, id: &str) -> Result<(), DeleteError> {
+        self.ask(|tx| Command::Delete(id.to_string(), tx))
+            .await
+            .unwrap_or(Err(DeleteError::Stopped))
+    }
+
+    /// A page of the finished jobs kept in memory (the newest [`HISTORY_LIMIT`]).
+    pub async fn history(&self, query: HistoryQuery) -> HistoryPage {
+        self.ask(|tx| Command::History(query, tx))
+            .await
+            .unwrap_or(HistoryPage {
+                jobs: Vec::new(),
+                next_before: None,
+            })
+    }
+
     /// Stops starting jobs and interrupts the running one (it stays journaled and restarts with
     /// the next server); returns once the worker is idle.
     pub async fn shutdown(&self) {
@@ -205,6 +259,15 @@ pub fn start(
             actor.history.push_back(record.id.clone());
             actor.jobs.insert(record.id.clone(), Job::new(record));
         } else {
+            if record.state == JobState::Running
+                && !record.notices.iter().any(|n| n.kind == job::RESUMED_NOTICE)
+            {
+                // It restarts from step 1: say so, in the record and on its event stream.
+                record.notices.push(crate::engine::Notice::new(
+                    job::RESUMED_NOTICE,
+                    "restarted after the server restarted (from step 1)".into(),
+                ));
+            }
             record.state = JobState::Queued;
             record.started_at = None;
             actor.pending.push_back(record.id.clone());
@@ -350,6 +413,23 @@ impl Actor {
                     queued: self.pending.len(),
                 });
             }
+            Command::CancelQueued(reply) => {
+                let ids: Vec<JobId> = self.pending.drain(..).collect();
+                for id in &ids {
+                    self.finish(id, JobState::Cancelled, None).await;
+                }
+                if !ids.is_empty() {
+                    tracing::info!(jobs = ids.len(), "cancelled every queued job");
+                }
+                let _ = reply.send(ids);
+            }
+            Command::Delete(id, reply) => {
+                let r = self.delete(&id).await;
+                let _ = reply.send(r);
+            }
+            Command::History(q, reply) => {
+                let _ = reply.send(self.history_page(&q));
+            }
             Command::Shutdown(reply) => {
                 self.shutting_down = true;
                 match self.running.as_ref().and_then(|id| self.jobs.get_mut(id)) {
@@ -426,6 +506,7 @@ impl Actor {
             params: None,
             enhancement: None,
             images: Vec::new(),
+            image_seeds: Vec::new(),
             notices: Vec::new(),
             timings: None,
             peak_memory_bytes: None,
@@ -463,6 +544,94 @@ impl Actor {
             }
             s => Err(CancelError::Finished(id.to_string(), s)),
         }
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<(), DeleteError> {
+        let job = self
+            .jobs
+            .get(id)
+            .ok_or_else(|| DeleteError::NotFound(id.to_string()))?;
+        let state = job.record.state;
+        if !state.is_terminal() {
+            return Err(DeleteError::NotFinished(id.to_string(), state));
+        }
+        let mut files: Vec<PathBuf> = job
+            .record
+            .images
+            .iter()
+            .map(|f| self.config.outputs.join(f))
+            .collect();
+        files.push(self.config.outputs.join(format!("{id}.json")));
+        let journal = self.journal.clone();
+        let owned = id.to_string();
+        // The journal entry goes first: a crash half-way leaves orphan images, never a record
+        // pointing at missing files.
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            journal.remove(&owned)?;
+            for f in files {
+                match std::fs::remove_file(&f) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|e| DeleteError::Io(id.to_string(), e.to_string()))?;
+        self.jobs.remove(id);
+        self.history.retain(|h| h != id);
+        tracing::info!(job_id = %id, "deleted from the history");
+        Ok(())
+    }
+
+    fn history_page(&self, q: &HistoryQuery) -> HistoryPage {
+        let needle = q
+            .text
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_lowercase);
+        let matches = |r: &JobRecord| {
+            let Some(n) = &needle else { return true };
+            let texts = [
+                Some(r.request.prompt.as_str()),
+                r.params.as_ref().map(|p| p.prompt.as_str()),
+                r.enhancement.as_ref().map(|e| e.original_prompt.as_str()),
+            ];
+            texts
+                .into_iter()
+                .flatten()
+                .any(|t| t.to_lowercase().contains(n))
+        };
+        let limit = q.limit.max(1);
+        let mut jobs = Vec::new();
+        let mut more = false;
+        for id in self.history.iter().rev() {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let r = &job.record;
+            if !matches!(r.state, JobState::Done | JobState::Failed)
+                || q.before.is_some_and(|b| r.seq >= b)
+                || !matches(r)
+            {
+                continue;
+            }
+            if jobs.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(s) = self.snapshot(id) {
+                jobs.push(s);
+            }
+        }
+        let next_before = if more {
+            jobs.last().map(|s| s.record.seq)
+        } else {
+            None
+        };
+        HistoryPage { jobs, next_before }
     }
 
     /// Starts the next job when the worker is free.
@@ -586,10 +755,20 @@ impl Actor {
                     peak_memory_bytes,
                     plan,
                     images,
+                    image_seeds,
                 } = *out;
                 job.record.params = Some(params);
                 job.record.enhancement = Some(enhancement);
-                job.record.notices = notices;
+                // A resumed job keeps saying it was restarted.
+                let mut kept: Vec<_> = job
+                    .record
+                    .notices
+                    .drain(..)
+                    .filter(|n| n.kind == job::RESUMED_NOTICE)
+                    .collect();
+                kept.extend(notices);
+                job.record.notices = kept;
+                job.record.image_seeds = image_seeds;
                 job.record.timings = Some(JobTimings {
                     queue_ms,
                     encode_ms: timings.encode_ms,

@@ -50,6 +50,8 @@ pub struct RunOutput {
     pub plan: crate::memory::planner::Plan,
     /// Image file names written to the outputs folder.
     pub images: Vec<String>,
+    /// Each image's own seed, in the same order.
+    pub image_seeds: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -227,6 +229,7 @@ fn run(
         let outcome = match result {
             Ok(Ok(gen)) => write_images(&config.outputs, &item.id, &gen)
                 .map(|images| {
+                    let image_seeds = gen.images.iter().map(|i| i.seed).collect();
                     Box::new(RunOutput {
                         params: gen.params,
                         enhancement: gen.enhancement,
@@ -235,6 +238,7 @@ fn run(
                         peak_memory_bytes: gen.peak_memory_bytes,
                         plan: gen.plan,
                         images,
+                        image_seeds,
                     })
                 })
                 .map_err(|e| RunError::Failed(format!("could not write the image: {e}"))),

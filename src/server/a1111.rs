@@ -224,6 +224,7 @@ impl Txt2ImgRequest {
             batch: to_u32("batch_size", self.batch_size)?,
             enhance: Some(false),
             memory_mode: None,
+            ..Default::default()
         }
         .validate(&s.info.limits)?;
         Ok((valid, n_iter as u32))

@@ -16,15 +16,20 @@ use crate::engine::prompt::{self, Enhanced, PromptContext};
 use crate::engine::{Notice, ResolvedParams};
 use crate::memory::planner::MemoryMode;
 use crate::queue::{
-    CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
-    SubmitError, Submitted,
+    CancelError, CancelOutcome, DeleteError, HistoryQuery, JobEvent, JobSnapshot, JobState,
+    JobTimings, QueueHandle, SubmitError, Submitted,
 };
-use crate::request::{GenerationRequest, ValidRequest, MAX_PROMPT_CHARS};
+use crate::request::{
+    check_excluded, GenerationRequest, ValidRequest, MAX_CFG, MAX_PROMPT_CHARS, MAX_STEPS, MIN_CFG,
+    MIN_STEPS,
+};
 
 /// A job as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct JobView {
     pub id: String,
+    /// Acceptance order (the history's page cursor, `before`).
+    pub seq: u64,
     pub state: JobState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<usize>,
@@ -38,6 +43,8 @@ pub struct JobView {
     /// What the enhancement added (`original_prompt`, `added`, `advice`); `null` until it ran.
     pub enhancement: Option<Enhanced>,
     pub images: Vec<String>,
+    /// Each image's own seed, in the order of `images`.
+    pub image_seeds: Vec<u64>,
     pub notices: Vec<Notice>,
     pub timings: Option<JobTimings>,
     pub peak_memory_bytes: Option<u64>,
@@ -96,6 +103,7 @@ impl From<JobSnapshot> for JobView {
         };
         Self {
             id: r.id,
+            seq: r.seq,
             state: r.state,
             position: s.position,
             step: s.step,
@@ -106,6 +114,7 @@ impl From<JobSnapshot> for JobView {
             params,
             enhancement: r.enhancement,
             images: r.images.iter().map(|f| images::url(f)).collect(),
+            image_seeds: r.image_seeds,
             notices: r.notices,
             timings: r.timings,
             peak_memory_bytes: r.peak_memory_bytes,
@@ -214,6 +223,106 @@ pub async fn get(
     Ok(Json(snap.into()))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelAllQuery {
+    pub state: String,
+}
+
+/// `DELETE /api/jobs?state=queued`: cancels every queued job at once (the running one goes on;
+/// Esc or `DELETE /api/jobs/{id}` stops it) → `{"cancelled": [ids]}`.
+pub async fn cancel_all(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<CancelAllQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = query.map(|q| q.0.state).unwrap_or_default();
+    if state != "queued" {
+        return Err(ApiError::field(
+            "state",
+            format!("must be `queued` (only queued jobs are cancelled all at once; got `{state}`)"),
+        ));
+    }
+    let ids = s.queue.cancel_queued().await;
+    Ok(Json(json!({ "cancelled": ids })))
+}
+
+/// Most finished jobs one `GET /api/history` page holds.
+pub const HISTORY_PAGE_MAX: usize = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    #[serde(default)]
+    pub q: Option<String>,
+    #[serde(default)]
+    pub before: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct HistoryView {
+    /// Finished jobs (done or failed), newest first.
+    pub jobs: Vec<JobView>,
+    /// Pass as `before` for the next (older) page; `null` on the last page.
+    pub next_before: Option<u64>,
+}
+
+/// `GET /api/history?q=&before=&limit=`: the gallery's pages of finished jobs, newest first,
+/// optionally only those whose prompt contains `q`.
+pub async fn history(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<HistoryView>, ApiError> {
+    let q = query
+        .map_err(|e| ApiError::field("query", e.body_text()))?
+        .0;
+    let limit = q.limit.unwrap_or(24);
+    if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {HISTORY_PAGE_MAX} (got {limit})"),
+        ));
+    }
+    if let Some(text) = &q.q {
+        let n = text.chars().count();
+        if n > MAX_PROMPT_CHARS {
+            return Err(ApiError::field(
+                "q",
+                format!("must be at most {MAX_PROMPT_CHARS} characters (got {n})"),
+            ));
+        }
+    }
+    let page = s
+        .queue
+        .history(HistoryQuery {
+            text: q.q,
+            before: q.before,
+            limit,
+        })
+        .await;
+    Ok(Json(HistoryView {
+        jobs: page.jobs.into_iter().map(JobView::from).collect(),
+        next_before: page.next_before,
+    }))
+}
+
+/// `DELETE /api/history/{id}`: deletes a finished job's images, sidecar and record (204).
+pub async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.queue.delete(&id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(DeleteError::NotFound(_)) => Err(no_job(&id)),
+        Err(e @ DeleteError::NotFinished(..)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, None, e.to_string()))
+        }
+        Err(e @ DeleteError::Io(..)) => Err(ApiError::internal(e.to_string())),
+        Err(DeleteError::Stopped) => Err(shutting_down()),
+    }
+}
+
 pub async fn cancel(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -239,6 +348,7 @@ pub async fn cancel(
 #[derive(Serialize)]
 struct Images {
     images: Vec<String>,
+    peak_memory_bytes: Option<u64>,
 }
 
 /// SSE name and JSON payload of a job event. Serialised from typed values (not through
@@ -257,10 +367,14 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
             json!({ "step": step, "total": total, "elapsed_ms": elapsed_ms }).to_string(),
         ),
         JobEvent::Notice(n) => ("notice", text(serde_json::to_string(n))),
-        JobEvent::Done { images: files } => (
+        JobEvent::Done {
+            images: files,
+            peak_memory_bytes,
+        } => (
             "done",
             text(serde_json::to_string(&Images {
                 images: files.iter().map(|f| images::url(f)).collect(),
+                peak_memory_bytes: *peak_memory_bytes,
             })),
         ),
         JobEvent::Failed { error } => (
@@ -364,6 +478,15 @@ pub struct EnhanceRequest {
     pub prompt: String,
     #[serde(default)]
     pub negative_prompt: Option<String>,
+    /// The form's CFG and steps, so the advice matches the form's own hints (model defaults
+    /// when absent).
+    #[serde(default)]
+    pub cfg: Option<f32>,
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Phrases the user removed from the preview (as `enhance_exclude` of a job).
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// `POST /api/enhance`: what the enhancement would add to this prompt at the model's defaults.
@@ -385,16 +508,33 @@ pub async fn enhance(
         }
     }
     let info = &s.info.family;
+    let cfg = req.cfg.unwrap_or(info.defaults.cfg);
+    if !cfg.is_finite() || !(MIN_CFG..=MAX_CFG).contains(&cfg) {
+        return Err(ApiError::field(
+            "cfg",
+            format!("must be between {MIN_CFG} and {MAX_CFG} (got {cfg})"),
+        ));
+    }
+    let steps = req.steps.unwrap_or(info.defaults.steps);
+    if !(MIN_STEPS..=MAX_STEPS).contains(&steps) {
+        return Err(ApiError::field(
+            "steps",
+            format!("must be between {MIN_STEPS} and {MAX_STEPS} (got {steps})"),
+        ));
+    }
+    let exclude = check_excluded(req.exclude).map_err(|e| ApiError::field("exclude", e.message))?;
+    // The CFG as the form shows it: the advice itself says when it will be intercepted.
     let ctx = PromptContext {
-        cfg: info.defaults.cfg,
-        steps: info.defaults.steps,
+        cfg,
+        steps,
         safe_cfg_max: info.safe_cfg_max,
         family: info.family,
     };
-    Ok(Json(prompt::enhance(
+    Ok(Json(prompt::enhance_with(
         &req.prompt,
         req.negative_prompt.as_deref(),
         &ctx,
         true,
+        &exclude,
     )))
 }

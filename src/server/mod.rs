@@ -181,10 +181,11 @@ where
 pub fn routes() -> Vec<Route> {
     use Verb::{Delete, Get, Post};
     vec![
-        route(Get, "/", index),
-        route(Get, "/index.html", index),
-        route(Get, "/app.js", app_js),
-        route(Get, "/style.css", style_css),
+        route(Get, "/", static_file),
+        route(Get, "/index.html", static_file),
+        route(Get, "/app.js", static_file),
+        route(Get, "/style.css", static_file),
+        route(Get, "/js/{file}", static_file),
         route(Get, "/openapi.json", openapi::document),
         route(Get, "/images/{file}", images::get),
         route(Get, "/api/health", models::health),
@@ -197,6 +198,9 @@ pub fn routes() -> Vec<Route> {
         route(Post, "/api/enhance", jobs::enhance),
         route(Get, "/api/jobs", jobs::list),
         route(Post, "/api/jobs", jobs::submit),
+        route(Delete, "/api/jobs", jobs::cancel_all),
+        route(Get, "/api/history", jobs::history),
+        route(Delete, "/api/history/{id}", jobs::delete),
         route(Get, "/api/jobs/{id}", jobs::get),
         route(Delete, "/api/jobs/{id}", jobs::cancel),
         route(Get, "/api/jobs/{id}/events", jobs::events),
@@ -249,33 +253,56 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-// The UI is compiled in, so the binary serves it from anywhere with no build step.
-const INDEX_HTML: &str = include_str!("../../static/index.html");
-const APP_JS: &str = include_str!("../../static/app.js");
-const STYLE_CSS: &str = include_str!("../../static/style.css");
+/// The UI: every file under `static/` compiled in by `build.rs` as (path below `static/`,
+/// content type, bytes), so the binary serves it from anywhere with no build step.
+pub static ASSETS: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/static_assets.rs"));
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            // Revalidate every load: a new binary may bring a new UI.
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
+/// A UI file by its path below `static/` (`index.html`, `js/api.js`).
+pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
+    ASSETS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|(_, ct, body)| (*ct, *body))
+}
+
+/// UI development: `ZTURBO_UI_DIR=static` serves the UI's files from that folder instead of the
+/// compiled-in copies (edit, reload, no rebuild). Only names the binary knows are served.
+pub const UI_DIR_ENV: &str = "ZTURBO_UI_DIR";
+
+fn asset_response(path: &str) -> Option<Response> {
+    let (content_type, body) = asset(path)?;
+    let body: std::borrow::Cow<'static, [u8]> = match std::env::var_os(UI_DIR_ENV) {
+        Some(dir) => match std::fs::read(std::path::Path::new(&dir).join(path)) {
+            Ok(bytes) => bytes.into(),
+            Err(e) => {
+                tracing::warn!("{UI_DIR_ENV}: cannot read {path}: {e}; serving the built-in copy");
+                body.into()
+            }
+        },
+        None => body.into(),
+    };
+    Some(
+        (
+            [
+                (header::CONTENT_TYPE, content_type),
+                // Revalidate every load: a new binary may bring a new UI.
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
     )
-        .into_response()
 }
 
-async fn index() -> Response {
-    asset("text/html; charset=utf-8", INDEX_HTML)
-}
-
-async fn app_js() -> Response {
-    asset("text/javascript; charset=utf-8", APP_JS)
-}
-
-async fn style_css() -> Response {
-    asset("text/css; charset=utf-8", STYLE_CSS)
+async fn static_file(uri: axum::http::Uri) -> Response {
+    let path = match uri.path() {
+        "/" => "index.html",
+        p => p.trim_start_matches('/'),
+    };
+    match asset_response(path) {
+        Some(r) => r,
+        None => not_found(uri).await,
+    }
 }
 
 /// An error in the shape of the surface `path` belongs to.
@@ -480,6 +507,113 @@ mod tests {
         let (st, _, err) = call(&f.app, "PUT", "/api/jobs", Some("{}")).await;
         assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
         assert!(err["error"]["message"].is_string());
+    }
+
+    /// Every `src`/`href` of index.html and every module a module imports (`import … from
+    /// './x.js'`, `export … from`, `import('./x.js')`), resolved like a browser would.
+    fn referenced_assets() -> Vec<String> {
+        fn quoted_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while let Some(i) = rest.find(marker) {
+                rest = &rest[i + marker.len()..];
+                let trimmed = rest.trim_start_matches(['(', ' ']);
+                if let Some(q) = trimmed.chars().next().filter(|c| matches!(c, '\'' | '"')) {
+                    if let Some(end) = trimmed[1..].find(q) {
+                        out.push(&trimmed[1..1 + end]);
+                    }
+                }
+            }
+            out
+        }
+        fn resolve(from: &str, spec: &str) -> String {
+            let mut parts: Vec<&str> = from.split('/').collect();
+            parts.pop();
+            for seg in spec.split('/') {
+                match seg {
+                    "." => {}
+                    ".." => {
+                        parts.pop();
+                    }
+                    s => parts.push(s),
+                }
+            }
+            parts.join("/")
+        }
+        let html = std::str::from_utf8(asset("index.html").unwrap().1).unwrap();
+        let mut todo: Vec<String> = ["src=", "href="]
+            .iter()
+            .flat_map(|m| quoted_after(html, m))
+            .filter(|u| !u.starts_with('#') && !u.starts_with("data:") && !u.contains("://"))
+            .map(|u| resolve("index.html", u))
+            .collect();
+        let mut seen = Vec::new();
+        while let Some(path) = todo.pop() {
+            if seen.contains(&path) {
+                continue;
+            }
+            if path.ends_with(".js") {
+                if let Some((_, body)) = asset(&path) {
+                    let js = std::str::from_utf8(body).unwrap();
+                    for marker in [" from ", "import(", "import "] {
+                        for spec in quoted_after(js, marker) {
+                            if spec.starts_with("./") || spec.starts_with("../") {
+                                todo.push(resolve(&path, spec));
+                            }
+                        }
+                    }
+                }
+            }
+            seen.push(path);
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn every_module_the_page_loads_is_served_as_javascript() {
+        let f = fixture(1);
+        let assets = referenced_assets();
+        let modules: Vec<&String> = assets.iter().filter(|p| p.ends_with(".js")).collect();
+        // app.js, and the modules it imports (directly or not).
+        assert!(modules.len() >= 10, "{assets:?}");
+        assert!(
+            modules.iter().any(|m| m.as_str() == "js/i18n.zh-CN.js"),
+            "{modules:?}"
+        );
+        for path in &assets {
+            let res = f
+                .app
+                .clone()
+                .oneshot(
+                    Request::get(format!("/{path}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "/{path}");
+            let ct = res.headers()[header::CONTENT_TYPE].to_str().unwrap();
+            let want = if path.ends_with(".js") {
+                "text/javascript"
+            } else if path.ends_with(".css") {
+                "text/css"
+            } else {
+                "text/html"
+            };
+            assert!(ct.starts_with(want), "/{path}: {ct}");
+        }
+        // Every module under static/ is reachable from the page (none is dead weight), and a
+        // name the UI does not have is a 404 in the API's error shape.
+        for (path, _, _) in ASSETS {
+            if path.ends_with(".js") {
+                assert!(assets.iter().any(|a| a == path), "{path} is never imported");
+            }
+        }
+        let (st, _, err) = call(&f.app, "GET", "/js/nope.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(err["error"]["message"].is_string());
+        let (st, _, _) = call(&f.app, "GET", "/js/..%2Fapp.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

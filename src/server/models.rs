@@ -40,9 +40,10 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
 pub fn demo_help() -> String {
     let size = catalog::entry("z-image-turbo")
         .map(|e| {
+            // GiB, as the Models panel and the memory chart count.
             format!(
-                " (about {:.1} GB, needs a GPU)",
-                e.download_bytes as f64 / 1e9
+                " (about {:.1} GiB, needs a GPU)",
+                e.download_bytes as f64 / (1u64 << 30) as f64
             )
         })
         .unwrap_or_default();
@@ -87,6 +88,8 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
         "queue_size": i.queue_size,
         "memory_modes": modes,
         "demo_help": if i.demo { Some(demo_help()) } else { None },
+        // What `zturbo pull z-image-turbo` downloads (the UI words the demo help in its language).
+        "demo_download_bytes": if i.demo { catalog::entry("z-image-turbo").map(|e| e.download_bytes) } else { None },
     }))
 }
 

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::memory::planner::MemoryMode;
 use crate::request::{
-    MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
+    MAX_CFG, MAX_EXCLUDED_PHRASES, MAX_EXCLUDE_CHARS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS,
+    MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
 
 fn schema(name: &str) -> Value {
@@ -79,7 +80,11 @@ fn paths() -> Value {
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
-        "/app.js": { "get": op("ui_script", "ui", "The UI's script", json!({ "200": { "description": "JavaScript", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
+        "/app.js": { "get": op("ui_script", "ui", "The UI's entry module", json!({ "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
+        "/js/{file}": { "get": with(op("ui_module", "ui", "One of the UI's ES modules, as written (no bundling)", json!({
+            "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } },
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([path_param("file", "a module name, e.g. `api.js`")])) },
         "/style.css": { "get": op("ui_style", "ui", "The UI's style sheet", json!({ "200": { "description": "CSS", "content": { "text/css": { "schema": { "type": "string" } } } } })) },
         "/openapi.json": { "get": op("openapi", "meta", "This document", json!({ "200": { "description": "OpenAPI 3.0 document", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
         "/images/{file}": { "get": with(op("image", "images", "An image the server wrote (`<job>-<n>.png`)", json!({
@@ -87,7 +92,8 @@ fn paths() -> Value {
             "404": error_ref("NotFound"),
         })), "parameters", json!([
             path_param("file", "`<job id>-<n>.png`"),
-            { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } }
+            { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } },
+            { "name": "download", "in": "query", "required": false, "description": "`1`: an attachment named after the prompt, the image's seed and its index (`Content-Disposition`)", "schema": { "type": "string", "enum": ["1"] } }
         ])) },
         "/api/health": { "get": op("health", "server", "Liveness and the loaded model", json!({ "200": ok("ok", "Health") })) },
         "/api/info": { "get": op("info", "server", "Model, limits, device and queue facts for the form", json!({ "200": ok("server facts", "Info") })) },
@@ -119,7 +125,21 @@ fn paths() -> Value {
                 "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"),
                 "422": error_ref("Invalid"), "429": error_ref("QueueFull"), "503": error_ref("Unavailable"),
             })), "GenerationRequest"),
+            "delete": with(op("cancel_queued_jobs", "jobs", "Cancel every queued job at once (the running one goes on)", json!({
+                "200": { "description": "`{cancelled: [ids]}`", "content": { "application/json": { "schema": { "type": "object", "properties": { "cancelled": { "type": "array", "items": { "type": "string" } } } } } } },
+                "422": error_ref("Invalid"),
+            })), "parameters", json!([{ "name": "state", "in": "query", "required": true, "description": "`queued`", "schema": { "type": "string", "enum": ["queued"] } }])),
         },
+        "/api/history": { "get": with(op("history", "jobs", "Finished jobs (done or failed), newest first, a page at a time", json!({
+            "200": ok("a page", "HistoryPage"), "422": error_ref("Invalid"),
+        })), "parameters", json!([
+            { "name": "q", "in": "query", "required": false, "description": "text the prompt contains (case-insensitive)", "schema": { "type": "string" } },
+            { "name": "before", "in": "query", "required": false, "description": "`next_before` of the previous page", "schema": { "type": "integer", "format": "int64" } },
+            { "name": "limit", "in": "query", "required": false, "description": "jobs per page (1-100, default 24)", "schema": { "type": "integer", "minimum": 1, "maximum": 100 } },
+        ])) },
+        "/api/history/{id}": { "delete": with(op("delete_history", "jobs", "Delete a finished job: its images, sidecar and record", json!({
+            "204": { "description": "deleted" }, "404": error_ref("NotFound"), "409": error_ref("Conflict"),
+        })), "parameters", json!([job_id.clone()])) },
         "/api/jobs/{id}": {
             "get": with(op("get_job", "jobs", "One job", json!({ "200": ok("the job", "Job"), "404": error_ref("NotFound") })), "parameters", json!([job_id.clone()])),
             "delete": with(op("cancel_job", "jobs", "Cancel a job (queued: at once; running: between steps)", json!({
@@ -264,6 +284,7 @@ fn components(f: &Facts) -> Value {
                 "batch": batch.clone(),
                 "enhance": { "type": "boolean", "nullable": true },
                 "memory_mode": { "type": "string", "enum": modes, "nullable": true },
+                "enhance_exclude": { "type": "array", "maxItems": MAX_EXCLUDED_PHRASES, "items": { "type": "string", "maxLength": MAX_EXCLUDE_CHARS }, "description": "added phrases the enhancement leaves out (removed from the preview)" },
             } },
             "Accepted": { "type": "object", "required": ["id", "position"], "properties": { "id": { "type": "string" }, "position": { "type": "integer" } } },
             "CancelResult": { "type": "object", "properties": { "id": { "type": "string" }, "state": { "type": "string", "enum": ["cancelled", "cancelling"] } } },
@@ -277,19 +298,27 @@ fn components(f: &Facts) -> Value {
                 "finished_at": { "type": "integer", "format": "int64", "nullable": true },
                 "params": { "type": "object", "description": "as resolved after the run (final prompts, seed, cfg used, cfg_requested); before it, the validated request" },
                 "enhancement": { "type": "object", "nullable": true },
+                "seq": { "type": "integer", "format": "int64", "description": "acceptance order" },
                 "images": { "type": "array", "items": { "type": "string" } },
+                "image_seeds": { "type": "array", "items": { "type": "integer", "format": "int64" }, "description": "each image's own seed" },
                 "notices": { "type": "array", "items": schema("Notice") },
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
                 "error": nullable_string.clone(),
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
+            "HistoryPage": { "type": "object", "required": ["jobs", "next_before"], "properties": {
+                "jobs": { "type": "array", "items": schema("Job") },
+                "next_before": { "type": "integer", "format": "int64", "nullable": true, "description": "`before` of the next page; null on the last" } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
                 "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
-                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true } } },
+                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true },
+                "cfg": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true, "description": "the form's CFG (the model's default when absent)" },
+                "steps": steps.clone(),
+                "exclude": { "type": "array", "maxItems": MAX_EXCLUDED_PHRASES, "items": { "type": "string", "maxLength": MAX_EXCLUDE_CHARS } } } },
             "Enhanced": { "type": "object", "properties": {
                 "prompt": { "type": "string" }, "negative_prompt": { "type": "string" },
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
@@ -537,7 +566,13 @@ mod tests {
         assert_eq!(properties("GenerationRequest"), fields(gen));
         assert_eq!(
             properties("EnhanceRequest"),
-            BTreeSet::from(["prompt".into(), "negative_prompt".into()])
+            BTreeSet::from([
+                "prompt".into(),
+                "negative_prompt".into(),
+                "cfg".into(),
+                "steps".into(),
+                "exclude".into()
+            ])
         );
         // The A1111 and OpenAI request schemas list what the handlers read.
         let a1111: crate::server::a1111::Txt2ImgRequest = serde_json::from_value(json!({

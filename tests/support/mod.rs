@@ -200,10 +200,18 @@ pub fn get_json(url: &str) -> (reqwest::StatusCode, Value) {
     (status, json)
 }
 
+/// DELETE; the body parsed as JSON (`null` when empty, as a 204's is).
 pub fn delete(url: &str) -> (reqwest::StatusCode, Value) {
     let res = client().delete(url).send().unwrap();
     let status = res.status();
-    (status, res.json().unwrap())
+    let text = res.text().unwrap();
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:.300}"))
+    };
+    (status, json)
 }
 
 /// Submits a job; panics unless it is accepted. Returns its id.
