@@ -389,6 +389,17 @@ impl SdTurbo {
         self.text.encode(text, &self.device)
     }
 
+    /// The second text encoder's raw outputs for one text (SDXL only; for parity tests).
+    pub fn text_encoder_2_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
+        self.load(Component::TextEncoder)?;
+        match &self.text_2 {
+            Some(t2) => t2.encode(text, &self.device),
+            None => Err(ModelError::Invalid(
+                "this pipeline has no second text encoder".into(),
+            )),
+        }
+    }
+
     /// One prompt as the pipeline encodes it.
     fn encode_one(&mut self, text: &str) -> Result<Embedding, ModelError> {
         self.load(Component::TextEncoder)?;
