@@ -345,7 +345,7 @@ fn open_tiny() -> SdTurbo {
 fn tiny_sdxl_opens_as_the_sdxl_family() {
     let dir = ModelDir::open(tiny_sdxl()).unwrap();
     let f = families::open(dir, &Device::Cpu, PrecisionPolicy::F32).unwrap();
-    let info = f.info();
+    let info = f.profile();
     assert_eq!(info.family, "sdxl-turbo");
     assert_eq!(
         (
