@@ -1,9 +1,9 @@
-//! Embeds the web UI (every file under `static/`) into the binary, and links Intel MKL
-//! statically when the `mkl` feature is on (CPU bf16 matrix products, see
-//! `src/families/cpu_gemm.rs`). The MKL libraries come from PyPI's `mkl-static` wheel:
-//! `scripts/fetch-mkl.sh` installs it under `target/mkl`; `ZTURBO_MKL_DIR` points elsewhere.
+//! Build steps: the table of the browser UI's files (`static/`, compiled into the binary), the CUDA
+//! kernels with the `cuda` feature, and Intel MKL linked statically with the `mkl` feature (CPU
+//! bf16 matrix products). MKL comes from PyPI's `mkl-static` wheel: `scripts/fetch-mkl.sh`
+//! installs it under `target/mkl`; `ZTURBO_MKL_DIR` points elsewhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() {
     static_assets();
@@ -76,9 +76,8 @@ fn cuda_kernels() {
     }
 }
 
-/// Writes `$OUT_DIR/static_assets.rs`: one `(url path, content type, bytes)` entry per file under
-/// `static/`, so the server serves the UI's ES modules as they are (no bundler, no build step)
-/// and a new module needs no route of its own.
+/// Writes `$OUT_DIR/static_assets.rs`: every file under `static/` as `("/rel/path", bytes)`, so
+/// the server serves whatever the UI is made of (ES modules included) with no list to maintain.
 fn static_assets() {
     let root =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("static");
@@ -86,53 +85,40 @@ fn static_assets() {
     let mut files = Vec::new();
     collect_files(&root, &mut files);
     files.sort();
-    let mut out = String::from("&[\n");
-    for path in files {
-        let rel = path
-            .strip_prefix(&root)
-            .expect("under static/")
-            .to_str()
-            .unwrap_or_else(|| panic!("static/: non-UTF-8 file name {}", path.display()))
-            .replace('\\', "/");
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let content_type = match ext {
-            "html" => "text/html; charset=utf-8",
-            "js" | "mjs" => "text/javascript; charset=utf-8",
-            "css" => "text/css; charset=utf-8",
-            "json" => "application/json",
-            "svg" => "image/svg+xml",
-            "png" => "image/png",
-            "txt" | "md" => "text/plain; charset=utf-8",
-            _ => panic!(
-                "static/{rel}: no content type known for `.{ext}` files (add one in build.rs)"
-            ),
-        };
+    let mut out = String::from("pub static ASSETS: &[(&str, &[u8])] = &[\n");
+    for f in &files {
+        let rel = f.strip_prefix(&root).expect("under static/");
+        let url: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
         out.push_str(&format!(
-            "    ({rel:?}, {content_type:?}, include_bytes!({:?})),\n",
-            path.display().to_string()
+            "    ({:?}, include_bytes!({:?})),\n",
+            format!("/{}", url.join("/")),
+            f.display().to_string()
         ));
     }
-    out.push_str("]\n");
+    out.push_str("];\n");
     let dest =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("static_assets.rs");
     std::fs::write(&dest, out).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
 }
 
-fn collect_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    let entries =
-        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
-    for entry in entries {
-        let path = entry.expect("a directory entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        // Editor back-ups and hidden files are not part of the UI.
-        if name.starts_with('.') || name.ends_with('~') {
+/// Regular files below `dir`, skipping hidden entries (editor swap files, `.DS_Store`).
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        if path.is_dir() {
-            println!("cargo:rerun-if-changed={}", path.display());
-            collect_files(&path, out);
-        } else {
-            out.push(path);
+        println!("cargo:rerun-if-changed={}", p.display());
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else if p.is_file() {
+            out.push(p);
         }
     }
 }

@@ -507,15 +507,15 @@ pub async fn enhance(
             ));
         }
     }
-    let info = &s.info.family;
-    let cfg = req.cfg.unwrap_or(info.defaults.cfg);
+    let profile = s.info.profile;
+    let cfg = req.cfg.unwrap_or(profile.defaults.cfg);
     if !cfg.is_finite() || !(MIN_CFG..=MAX_CFG).contains(&cfg) {
         return Err(ApiError::field(
             "cfg",
             format!("must be between {MIN_CFG} and {MAX_CFG} (got {cfg})"),
         ));
     }
-    let steps = req.steps.unwrap_or(info.defaults.steps);
+    let steps = req.steps.unwrap_or(profile.defaults.steps);
     if !(MIN_STEPS..=MAX_STEPS).contains(&steps) {
         return Err(ApiError::field(
             "steps",
@@ -527,8 +527,7 @@ pub async fn enhance(
     let ctx = PromptContext {
         cfg,
         steps,
-        safe_cfg_max: info.safe_cfg_max,
-        family: info.family,
+        profile,
     };
     Ok(Json(prompt::enhance_with(
         &req.prompt,

@@ -26,7 +26,7 @@ use axum::Router;
 use futures::Stream;
 use tokio::sync::watch;
 
-use crate::families::FamilyInfo;
+use crate::families::Profile;
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
 use crate::queue::worker::Loaded;
@@ -47,7 +47,8 @@ pub struct ServerInfo {
     pub model: String,
     pub demo: bool,
     pub description: String,
-    pub family: FamilyInfo,
+    /// The loaded model's profile (defaults as the model serves them).
+    pub profile: Profile,
     pub limits: Limits,
     /// `cpu`, `cuda:0`, `metal`.
     pub device: String,
@@ -71,21 +72,12 @@ impl ServerInfo {
         models_dir: PathBuf,
         outputs: PathBuf,
     ) -> Self {
-        let d = loaded.info.defaults;
         Self {
             model: loaded.model.clone(),
             demo,
             description,
-            family: loaded.info.clone(),
-            limits: Limits {
-                default_width: d.width,
-                default_height: d.height,
-                default_steps: d.steps,
-                default_cfg: d.cfg,
-                size_multiple: loaded.info.size_multiple,
-                max_batch: loaded.max_batch,
-                default_memory_mode: MemoryMode::Auto,
-            },
+            profile: loaded.profile,
+            limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
             device: loaded.device.clone(),
             device_name: loaded.probe.name(),
             device_total_bytes: loaded.probe.total_bytes(),
@@ -181,11 +173,10 @@ where
 pub fn routes() -> Vec<Route> {
     use Verb::{Delete, Get, Post};
     vec![
-        route(Get, "/", static_file),
-        route(Get, "/index.html", static_file),
-        route(Get, "/app.js", static_file),
-        route(Get, "/style.css", static_file),
-        route(Get, "/js/{file}", static_file),
+        route(Get, "/", index),
+        route(Get, "/index.html", index),
+        route(Get, "/app.js", app_js),
+        route(Get, "/style.css", style_css),
         route(Get, "/openapi.json", openapi::document),
         route(Get, "/images/{file}", images::get),
         route(Get, "/api/health", models::health),
@@ -253,56 +244,88 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The UI: every file under `static/` compiled in by `build.rs` as (path below `static/`,
-/// content type, bytes), so the binary serves it from anywhere with no build step.
-pub static ASSETS: &[(&str, &str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/static_assets.rs"));
+// The UI is compiled in (every file under `static/`, listed by build.rs), so the binary serves it
+// from anywhere with no build step.
+mod assets {
+    include!(concat!(env!("OUT_DIR"), "/static_assets.rs"));
+}
 
-/// A UI file by its path below `static/` (`index.html`, `js/api.js`).
-pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
-    ASSETS
+/// The file of the UI at `path` (`/app.js`, `/js/api.js`), if there is one.
+pub fn static_asset(path: &str) -> Option<&'static [u8]> {
+    assets::ASSETS
         .iter()
-        .find(|(p, _, _)| *p == path)
-        .map(|(_, ct, body)| (*ct, *body))
+        .find(|(p, _)| *p == path)
+        .map(|(_, body)| *body)
+}
+
+/// The content type the browser needs for a UI file (ES modules must be JavaScript).
+fn content_type(path: &str) -> &'static str {
+    let ext = path.rsplit_once('.').map_or("", |(_, e)| e);
+    match ext.to_ascii_lowercase().as_str() {
+        "html" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "ico" => "image/x-icon",
+        "woff2" => "font/woff2",
+        _ => "application/octet-stream",
+    }
 }
 
 /// UI development: `ZTURBO_UI_DIR=static` serves the UI's files from that folder instead of the
-/// compiled-in copies (edit, reload, no rebuild). Only names the binary knows are served.
+/// compiled-in copies (edit, reload, no rebuild). Only paths the binary has are served.
 pub const UI_DIR_ENV: &str = "ZTURBO_UI_DIR";
 
-fn asset_response(path: &str) -> Option<Response> {
-    let (content_type, body) = asset(path)?;
-    let body: std::borrow::Cow<'static, [u8]> = match std::env::var_os(UI_DIR_ENV) {
-        Some(dir) => match std::fs::read(std::path::Path::new(&dir).join(path)) {
-            Ok(bytes) => bytes.into(),
-            Err(e) => {
-                tracing::warn!("{UI_DIR_ENV}: cannot read {path}: {e}; serving the built-in copy");
-                body.into()
-            }
-        },
-        None => body.into(),
-    };
-    Some(
-        (
-            [
-                (header::CONTENT_TYPE, content_type),
-                // Revalidate every load: a new binary may bring a new UI.
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            body,
-        )
-            .into_response(),
-    )
+/// Serves the UI file at `path`, or 404 in the UI's error shape.
+fn asset(path: &str) -> Response {
+    match static_asset(path) {
+        Some(body) => {
+            let body: std::borrow::Cow<'static, [u8]> = match std::env::var_os(UI_DIR_ENV) {
+                Some(dir) => {
+                    let file = std::path::Path::new(&dir).join(path.trim_start_matches('/'));
+                    match std::fs::read(&file) {
+                        Ok(bytes) => bytes.into(),
+                        Err(e) => {
+                            tracing::warn!(
+                                "{UI_DIR_ENV}: cannot read {}: {e}; serving the built-in copy",
+                                file.display()
+                            );
+                            body.into()
+                        }
+                    }
+                }
+                None => body.into(),
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, content_type(path)),
+                    // Revalidate every load: a new binary may bring a new UI.
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        None => surface_error(
+            path,
+            StatusCode::NOT_FOUND,
+            format!("no such page or endpoint: {path}"),
+        ),
+    }
 }
 
-async fn static_file(uri: axum::http::Uri) -> Response {
-    let path = match uri.path() {
-        "/" => "index.html",
-        p => p.trim_start_matches('/'),
-    };
-    match asset_response(path) {
-        Some(r) => r,
-        None => not_found(uri).await,
-    }
+async fn index() -> Response {
+    asset("/index.html")
+}
+
+async fn app_js() -> Response {
+    asset("/app.js")
+}
+
+async fn style_css() -> Response {
+    asset("/style.css")
 }
 
 /// An error in the shape of the surface `path` belongs to.
@@ -316,8 +339,13 @@ fn surface_error(path: &str, status: StatusCode, message: String) -> Response {
     }
 }
 
-async fn not_found(uri: axum::http::Uri) -> Response {
+/// Anything not in the route table: a UI file (a GET of any path under `static/`, e.g. the UI's
+/// ES modules), else 404 in the shape of the surface the path belongs to.
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     let path = uri.path();
+    if (method == Method::GET || method == Method::HEAD) && static_asset(path).is_some() {
+        return asset(path);
+    }
     surface_error(
         path,
         StatusCode::NOT_FOUND,
@@ -364,7 +392,7 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
-    use crate::families::Defaults;
+    use crate::families::{Defaults, FamilyKind};
     use crate::memory::monitor::Tags;
     use crate::memory::probe::CpuProbe;
     use crate::queue::worker::{WorkItem, WorkerEvent};
@@ -397,19 +425,14 @@ mod tests {
             events_rx,
             Vec::new(),
         );
-        let family = FamilyInfo {
-            family: "z-image",
-            latent_channels: 16,
-            vae_scale_factor: 8,
-            size_multiple: 16,
+        let profile = Profile {
             defaults: Defaults {
                 width: 1024,
                 height: 1024,
                 steps: 8,
                 cfg: 1.8,
             },
-            safe_cfg_max: 2.4,
-            sampler: "Euler (flow)",
+            ..FamilyKind::ZImage.profile()
         };
         let info = ServerInfo {
             model: "demo".into(),
@@ -424,7 +447,7 @@ mod tests {
                 max_batch: 2,
                 default_memory_mode: MemoryMode::Auto,
             },
-            family,
+            profile,
             device: "cpu".into(),
             device_name: "test cpu".into(),
             device_total_bytes: 1 << 30,
@@ -504,6 +527,19 @@ mod tests {
         assert_eq!(st, StatusCode::OK);
         assert_eq!(info["model"]["defaults"]["cfg"], 1.8);
         assert_eq!(info["max_batch"], 2);
+        // The family's profile, as the UI draws presets and hints from it.
+        let profile = &info["model"]["profile"];
+        assert_eq!(profile["family"], "z-image");
+        assert_eq!(
+            profile["steps"]["presets"],
+            serde_json::json!([4, 6, 8, 12])
+        );
+        assert_eq!(profile["cfg"]["intercept_at"], 3.0);
+        let bands = profile["cfg"]["bands"].as_array().unwrap();
+        assert!(bands.last().unwrap()["max"].is_null());
+        assert!(bands
+            .iter()
+            .all(|b| b["hint"].is_string() && b["advice"].is_string()));
         let (st, _, err) = call(&f.app, "PUT", "/api/jobs", Some("{}")).await;
         assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
         assert!(err["error"]["message"].is_string());
@@ -540,7 +576,7 @@ mod tests {
             }
             parts.join("/")
         }
-        let html = std::str::from_utf8(asset("index.html").unwrap().1).unwrap();
+        let html = std::str::from_utf8(static_asset("/index.html").unwrap()).unwrap();
         let mut todo: Vec<String> = ["src=", "href="]
             .iter()
             .flat_map(|m| quoted_after(html, m))
@@ -553,7 +589,7 @@ mod tests {
                 continue;
             }
             if path.ends_with(".js") {
-                if let Some((_, body)) = asset(&path) {
+                if let Some(body) = static_asset(&format!("/{path}")) {
                     let js = std::str::from_utf8(body).unwrap();
                     for marker in [" from ", "import(", "import "] {
                         for spec in quoted_after(js, marker) {
@@ -604,9 +640,10 @@ mod tests {
         }
         // Every module under static/ is reachable from the page (none is dead weight), and a
         // name the UI does not have is a 404 in the API's error shape.
-        for (path, _, _) in ASSETS {
+        for (path, _) in assets::ASSETS {
             if path.ends_with(".js") {
-                assert!(assets.iter().any(|a| a == path), "{path} is never imported");
+                let rel = path.trim_start_matches('/');
+                assert!(assets.iter().any(|a| a == rel), "{path} is never imported");
             }
         }
         let (st, _, err) = call(&f.app, "GET", "/js/nope.js", None).await;
@@ -614,6 +651,37 @@ mod tests {
         assert!(err["error"]["message"].is_string());
         let (st, _, _) = call(&f.app, "GET", "/js/..%2Fapp.js", None).await;
         assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+
+    /// Every file under `static/` is served at its path with a content type the browser accepts
+    /// (ES modules need JavaScript's), whether or not the route table names it.
+    #[tokio::test]
+    async fn every_ui_file_is_served_with_its_content_type() {
+        let f = fixture(1);
+        assert!(static_asset("/index.html").is_some() && static_asset("/app.js").is_some());
+        for (path, body) in assets::ASSETS {
+            let res = f
+                .app
+                .clone()
+                .oneshot(Request::get(*path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{path}");
+            let ct = res.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            if path.ends_with(".js") {
+                assert_eq!(ct, "text/javascript; charset=utf-8", "{path}");
+            }
+            let got = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(&got[..], *body, "{path}");
+        }
+        let (st, _, err) = call(&f.app, "GET", "/js/no-such-module.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(err["error"]["message"].is_string());
+        assert_eq!(content_type("/js/api.js"), "text/javascript; charset=utf-8");
+        assert_eq!(content_type("/style.css"), "text/css; charset=utf-8");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
 use crate::request::{
     MAX_CFG, MAX_EXCLUDED_PHRASES, MAX_EXCLUDE_CHARS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS,
@@ -80,11 +81,7 @@ fn paths() -> Value {
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
-        "/app.js": { "get": op("ui_script", "ui", "The UI's entry module", json!({ "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
-        "/js/{file}": { "get": with(op("ui_module", "ui", "One of the UI's ES modules, as written (no bundling)", json!({
-            "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } },
-            "404": error_ref("NotFound"),
-        })), "parameters", json!([path_param("file", "a module name, e.g. `api.js`")])) },
+        "/app.js": { "get": op("ui_script", "ui", "The UI's entry module (it imports the others, served from static/ at their paths)", json!({ "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
         "/style.css": { "get": op("ui_style", "ui", "The UI's style sheet", json!({ "200": { "description": "CSS", "content": { "text/css": { "schema": { "type": "string" } } } } })) },
         "/openapi.json": { "get": op("openapi", "meta", "This document", json!({ "200": { "description": "OpenAPI 3.0 document", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
         "/images/{file}": { "get": with(op("image", "images", "An image the server wrote (`<job>-<n>.png`)", json!({
@@ -325,9 +322,33 @@ fn components(f: &Facts) -> Value {
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
             "Health": { "type": "object", "properties": { "status": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" } } },
-            "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": { "type": "object" }, "device": { "type": "object" },
+            "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": schema("InfoModel"), "device": { "type": "object" },
                 "max_batch": { "type": "integer" }, "queue_size": { "type": "integer" }, "memory_modes": { "type": "array", "items": { "type": "string" } },
                 "demo_help": nullable_string.clone() } },
+            "InfoModel": { "type": "object", "properties": {
+                "name": { "type": "string" }, "family": schema("Family"), "demo": { "type": "boolean" },
+                "description": { "type": "string" }, "defaults": { "type": "object" }, "limits": { "type": "object" },
+                "safe_cfg_max": { "type": "number" }, "size_multiple": { "type": "integer" },
+                "profile": schema("Profile") } },
+            "Family": { "type": "string", "enum": FamilyKind::ALL.iter().map(|f| f.as_str()).collect::<Vec<_>>() },
+            "Profile": { "type": "object", "required": ["family", "steps", "cfg"],
+                "description": "The loaded family's presets and bands: the UI draws its step and CFG presets and hints from them",
+                "properties": {
+                    "family": schema("Family"),
+                    "steps": { "type": "object", "required": ["presets", "bands"], "properties": {
+                        "presets": { "type": "array", "items": { "type": "integer" } },
+                        "bands": { "type": "array", "items": schema("Band") } } },
+                    "cfg": { "type": "object", "required": ["presets", "intercept_at", "bands"], "properties": {
+                        "presets": { "type": "array", "items": { "type": "number" } },
+                        "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
+                        "bands": { "type": "array", "items": schema("Band") } } } } },
+            "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
+                "description": "A value falls in the first band whose max is ≥ the value; texts may hold {value}, {default} and {safe}",
+                "properties": {
+                    "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
+                    "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },
+                    "hint": { "type": "string", "description": "the form's short hint" },
+                    "advice": { "type": "string", "description": "the prompt advice's sentence" } } },
             "AuthRequest": { "type": "object", "required": ["key"], "additionalProperties": false, "properties": { "key": { "type": "string" } } },
             "AuthStatus": { "type": "object", "properties": { "required": { "type": "boolean" }, "authorized": { "type": "boolean" } } },
             "ModelListing": { "type": "object", "properties": {
@@ -442,7 +463,7 @@ pub fn spec(f: &Facts) -> Value {
 pub async fn document(State(s): State<super::AppState>) -> Response {
     let facts = Facts {
         model: s.info.model.clone(),
-        size_multiple: s.info.family.size_multiple,
+        size_multiple: s.info.profile.size_multiple,
         max_batch: s.info.limits.max_batch,
     };
     (

@@ -253,7 +253,19 @@ async function desktop(browser) {
   if (prof) {
     const presets = await page.$$eval('#steps-presets button', (bs) => bs.map((b) => Number(b.dataset.steps)));
     check(JSON.stringify(presets) === JSON.stringify(prof.steps.presets), 'step presets from the profile', `page ${presets}, profile ${prof.steps.presets}`);
-    ok('step presets from /api/info profile', presets.join(', '));
+    // Each preset's hint is the profile's band text, with its placeholders filled in.
+    const fill = (text, vars) => String(text).replace(/\{(\w+)\}/g, (m, k) => (vars[k] === undefined ? m : String(vars[k])));
+    const band = (bands, v) => bands.find((b) => b.max === null || v <= b.max + 1e-9);
+    const shownHints = [];
+    for (const n of prof.steps.presets) {
+      await page.click(`#steps-presets button[data-steps="${n}"]`);
+      const hint = await page.$eval('#steps-hint', (e) => ({ text: e.textContent, cls: e.className }));
+      const b = band(prof.steps.bands, n);
+      const want = fill(b.hint, { value: n, default: info.model.defaults.steps });
+      check(hint.text === want && (b.level === 'info' || hint.cls.includes(b.level)), 'step hint from the profile', `${n} steps: page "${hint.text}" (${hint.cls}), profile "${want}" (${b.level})`);
+      shownHints.push(hint.text);
+    }
+    ok('step presets and hints from /api/info profile', `${presets.join(', ')}: ${shownHints.join(' | ')}`);
   }
 
   if (info.model.demo) {
