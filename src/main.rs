@@ -112,6 +112,11 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     queue_size: u32,
+    /// Live previews: each step's latents as a small image on the job's event stream (a page
+    /// can also turn them off for itself with `?preview=0`).
+    #[arg(long, env = "ZTURBO_PREVIEW", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
+    preview: bool,
 }
 
 #[derive(clap::Args)]
@@ -289,6 +294,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         outputs: args.outputs.clone(),
         tags: tags.clone(),
         step_delay: worker::WorkerConfig::step_delay_from_env(),
+        preview: args.preview,
     };
     let (worker, loaded) = worker::spawn(build, worker_config, events_tx)
         .map_err(|e| anyhow!("the model did not load: {e}"))?;
@@ -308,6 +314,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.outputs.clone(),
     );
     info.model_path = model_path;
+    info.preview = args.preview;
     let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
 

@@ -931,3 +931,57 @@ fn history_pages_search_delete_and_cancel_all() {
     let (st, err) = delete(&s.url(&format!("/api/history/{}", queued[0])));
     assert_eq!(st, 409, "{err}");
 }
+
+/// Each step's preview: a PNG data URL of the denoised estimate, one pixel per latent cell.
+fn preview_size(event: &SseEvent) -> (u32, u32) {
+    use base64::Engine as _;
+    let url = event.data["image"].as_str().unwrap();
+    let b64 = url
+        .strip_prefix("data:image/png;base64,")
+        .unwrap_or_else(|| panic!("not a PNG data URL: {url:.60}"));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    (img.width(), img.height())
+}
+
+#[test]
+fn live_previews_reach_the_stream_unless_turned_off() {
+    let out = temp_dir("preview");
+    let s = Server::start(&out, &[], &[SLOW]);
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["preview"], true);
+    let body = json!({"prompt": "a lake", "width": 128, "height": 96, "steps": 3, "batch": 2});
+    let id = submit(&s, body.clone());
+    // Two streams on the same job: one with previews, one that asked for none.
+    let quiet = SseReader::open(&s.url(&format!("/api/jobs/{id}/events?preview=0")));
+    let events = job_events(&s, &id);
+    let previews: Vec<&SseEvent> = events.iter().filter(|e| e.name == "preview").collect();
+    let steps: Vec<u64> = previews
+        .iter()
+        .map(|e| e.data["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+    assert_eq!(steps.last(), Some(&3));
+    for p in &previews {
+        // 128×96 px at 8 px per latent cell (the batch's first image only).
+        assert_eq!(preview_size(p), (16, 12));
+    }
+    let quiet: Vec<SseEvent> = quiet.collect();
+    assert!(quiet.iter().all(|e| e.name != "preview"), "?preview=0");
+    assert_eq!(quiet.last().unwrap().name, "done");
+    drop(s);
+
+    // Server-wide off: no previews on any stream, and /api/info says so.
+    let s = Server::start(&out, &["--preview", "off"], &[]);
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["preview"], false);
+    let id = submit(&s, body);
+    let events = job_events(&s, &id);
+    assert!(events.iter().all(|e| e.name != "preview"));
+    assert_eq!(events.last().unwrap().name, "done");
+}

@@ -6,6 +6,7 @@ pub mod decode;
 pub mod denoise;
 pub mod guard;
 pub mod output;
+pub mod preview;
 pub mod prompt;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +104,14 @@ pub trait Observer {
     fn step(&mut self, _event: &StepEvent) {}
     fn notice(&mut self, _notice: &Notice) {}
     fn plan(&mut self, _plan: &Plan) {}
+    /// Whether [`Observer::preview`] should get the denoised estimate after each step (computing
+    /// it costs one latent-sized tensor operation per step).
+    fn wants_preview(&self) -> bool {
+        false
+    }
+    /// The denoised estimate x̂₀ = x − σ·d of the batch's first image after step `step`, as
+    /// `[C, h, w]` f32 in the denoiser's latent space (see [`preview`]).
+    fn preview(&mut self, _step: usize, _total: usize, _x0: &Tensor) {}
 }
 
 /// An observer that ignores everything.
@@ -242,6 +251,14 @@ impl<'a> RunState<'a> {
     fn phase(&mut self, phase: Phase) {
         self.set_step(phase, None);
         self.observer.phase(phase);
+    }
+
+    pub fn wants_preview(&self) -> bool {
+        self.observer.wants_preview()
+    }
+
+    pub fn preview(&mut self, step: usize, total: usize, x0: &Tensor) {
+        self.observer.preview(step, total, x0);
     }
 
     pub fn step(&mut self, ev: StepEvent) {

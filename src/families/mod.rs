@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::memory::planner::{ActivationModel, ComponentBytes};
 
 pub use precision::{Precision, PrecisionPolicy};
-pub use profile::{Defaults, FamilyKind, Profile};
+pub use profile::{Defaults, FamilyKind, LatentPreview, Profile};
 pub use scheduler::Schedule;
 pub use weights::ModelDir;
 

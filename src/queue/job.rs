@@ -115,6 +115,8 @@ pub struct JobSnapshot {
     pub elapsed_ms: Option<u64>,
     /// Running, and asked to stop (it ends at the next step boundary).
     pub cancelling: bool,
+    /// The latest live preview `(step, data URL)` while it runs.
+    pub preview: Option<(usize, String)>,
 }
 
 /// What a job's subscribers hear, in order; the last one is always terminal.
@@ -130,6 +132,11 @@ pub enum JobEvent {
         elapsed_ms: u64,
     },
     Notice(Notice),
+    /// The live preview after `step` (a `data:image/png` URL); not kept in the record.
+    Preview {
+        step: usize,
+        image: String,
+    },
     Done {
         images: Vec<String>,
         /// The job's exact high-water mark of device memory (the chart shows this one).

@@ -293,6 +293,8 @@ struct Job {
     elapsed_ms: Option<u64>,
     started: Option<Instant>,
     events: Option<broadcast::Sender<JobEvent>>,
+    /// The latest live preview (a page that opens the stream mid-run starts from it).
+    preview: Option<(usize, String)>,
 }
 
 impl Job {
@@ -307,6 +309,7 @@ impl Job {
             elapsed_ms: None,
             started: None,
             events: None,
+            preview: None,
         }
     }
 
@@ -460,6 +463,7 @@ impl Actor {
             total_steps: job.total,
             elapsed_ms: job.elapsed_ms,
             cancelling: job.cancel.as_ref().is_some_and(|c| c.is_cancelled()),
+            preview: job.preview.clone(),
         })
     }
 
@@ -652,6 +656,7 @@ impl Actor {
         job.started = Some(Instant::now());
         job.cancel = Some(cancel.clone());
         job.step = 0;
+        job.preview = None;
         let queue_ms = now.saturating_sub(job.record.created_at);
         let item = WorkItem {
             id: id.clone(),
@@ -703,6 +708,14 @@ impl Actor {
                         total,
                         elapsed_ms,
                     });
+                }
+            }
+            WorkerEvent::Preview { id, step, image } => {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    if job.record.state == JobState::Running {
+                        job.preview = Some((step, image.clone()));
+                        job.emit(JobEvent::Preview { step, image });
+                    }
                 }
             }
             WorkerEvent::Notice { id, notice } => {
@@ -787,6 +800,7 @@ impl Actor {
                 job.record.state = JobState::Queued;
                 job.record.started_at = None;
                 job.step = 0;
+                job.preview = None;
             }
             Err(RunError::Cancelled) => self.finish(id, JobState::Cancelled, None).await,
             Err(RunError::Failed(e)) => self.finish(id, JobState::Failed, Some(e)).await,
@@ -800,6 +814,7 @@ impl Actor {
         };
         job.record.state = state;
         job.record.finished_at = Some(job::now_ms());
+        job.preview = None;
         job.record.error = error;
         let record = job.record.clone();
         if let Some(ev) = JobEvent::terminal_for(&record) {

@@ -14,9 +14,10 @@ use super::job::{image_name, JobId};
 use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
 use crate::engine::prompt::Enhanced;
 use crate::engine::{
-    CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
-    StepEvent, Timings,
+    preview, CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams,
+    RunExtras, StepEvent, Timings,
 };
+use crate::families::LatentPreview;
 use crate::families::Profile;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
@@ -71,6 +72,12 @@ pub enum WorkerEvent {
         id: JobId,
         notice: Notice,
     },
+    /// The live preview after `step`: a `data:image/png` URL, at most 256 px on the long side.
+    Preview {
+        id: JobId,
+        step: usize,
+        image: String,
+    },
     Finished {
         id: JobId,
         outcome: Result<Box<RunOutput>, RunError>,
@@ -94,6 +101,8 @@ pub struct WorkerConfig {
     pub tags: Arc<Tags>,
     /// See [`STEP_DELAY_ENV`].
     pub step_delay: Option<Duration>,
+    /// Render a live preview after every denoising step ([`WorkerEvent::Preview`]).
+    pub preview: bool,
 }
 
 impl WorkerConfig {
@@ -199,6 +208,17 @@ fn run(
     jobs: std_mpsc::Receiver<WorkItem>,
     events: UnboundedSender<WorkerEvent>,
 ) {
+    let previews = if config.preview {
+        match preview_thread(events.clone()) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                tracing::warn!("live previews off: their thread did not start: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     while let Ok(item) = jobs.recv() {
         let span = tracing::info_span!(
             "job",
@@ -214,6 +234,8 @@ fn run(
             events: &events,
             cancel: &item.cancel,
             step_delay: config.step_delay,
+            preview: previews.as_ref().map(|tx| (tx, engine.profile().preview)),
+            preview_failed: false,
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
             engine.generate(
@@ -265,11 +287,54 @@ fn run(
     }
 }
 
+/// One step's denoised estimate on its way to the preview thread.
+struct PreviewWork {
+    id: JobId,
+    step: usize,
+    dims: [usize; 3],
+    data: Vec<f32>,
+    projection: LatentPreview,
+}
+
+/// Projects and encodes previews off the engine thread: a step only pays for x̂₀ and its copy to
+/// the host. One preview waits at most; a step that finds the thread busy skips its preview.
+fn preview_thread(
+    events: UnboundedSender<WorkerEvent>,
+) -> std::io::Result<std_mpsc::SyncSender<PreviewWork>> {
+    let (tx, rx) = std_mpsc::sync_channel::<PreviewWork>(1);
+    std::thread::Builder::new()
+        .name("zturbo-preview".into())
+        .spawn(move || {
+            while let Ok(w) = rx.recv() {
+                match preview::project_raw(&w.data, w.dims, &w.projection)
+                    .and_then(|img| img.data_url())
+                {
+                    Ok(image) => {
+                        let ev = WorkerEvent::Preview {
+                            id: w.id,
+                            step: w.step,
+                            image,
+                        };
+                        if events.send(ev).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(job_id = %w.id, "no preview for step {}: {e}", w.step),
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
 struct JobObserver<'a> {
     id: &'a JobId,
     events: &'a UnboundedSender<WorkerEvent>,
     cancel: &'a CancelToken,
     step_delay: Option<Duration>,
+    /// The preview thread and the family's latent → RGB projection, when previews are on.
+    preview: Option<(&'a std_mpsc::SyncSender<PreviewWork>, LatentPreview)>,
+    /// A preview failed once in this job: say so once, then stop trying.
+    preview_failed: bool,
 }
 
 impl Observer for JobObserver<'_> {
@@ -298,6 +363,37 @@ impl Observer for JobObserver<'_> {
             id: self.id.clone(),
             notice: n.clone(),
         });
+    }
+
+    fn wants_preview(&self) -> bool {
+        self.preview.is_some() && !self.preview_failed
+    }
+
+    fn preview(&mut self, step: usize, _total: usize, x0: &candle_core::Tensor) {
+        let Some((tx, projection)) = self.preview else {
+            return;
+        };
+        let work = match preview::to_host(x0) {
+            Ok((dims, data)) => PreviewWork {
+                id: self.id.clone(),
+                step,
+                dims,
+                data,
+                projection,
+            },
+            Err(e) => {
+                tracing::warn!("live preview off for this job: {e}");
+                self.preview_failed = true;
+                return;
+            }
+        };
+        match tx.try_send(work) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(_)) => {
+                tracing::debug!(step, "preview thread busy: this step's preview skipped")
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => self.preview_failed = true,
+        }
     }
 }
 

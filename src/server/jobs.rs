@@ -367,6 +367,10 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
             json!({ "step": step, "total": total, "elapsed_ms": elapsed_ms }).to_string(),
         ),
         JobEvent::Notice(n) => ("notice", text(serde_json::to_string(n))),
+        JobEvent::Preview { step, image } => (
+            "preview",
+            json!({ "step": step, "image": image }).to_string(),
+        ),
         JobEvent::Done {
             images: files,
             peak_memory_bytes,
@@ -390,8 +394,8 @@ fn to_sse(ev: &JobEvent) -> Result<axum::response::sse::Event, std::convert::Inf
     Ok(axum::response::sse::Event::default().event(name).data(data))
 }
 
-/// The events that describe where a job stands now.
-fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
+/// The events that describe where a job stands now (with its latest preview when `preview`).
+fn current_state(snap: &JobSnapshot, preview: bool) -> Vec<JobEvent> {
     if let Some(end) = JobEvent::terminal_for(&snap.record) {
         return vec![end];
     }
@@ -410,9 +414,22 @@ fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
                     elapsed_ms: snap.elapsed_ms.unwrap_or(0),
                 });
             }
+            if let Some((step, image)) = snap.preview.clone().filter(|_| preview) {
+                v.push(JobEvent::Preview { step, image });
+            }
             v
         }
     }
+}
+
+/// `?preview=0` (or `false`, `off`): this stream leaves the live previews out.
+fn wants_preview(uri: &axum::http::Uri) -> bool {
+    !uri.query().unwrap_or("").split('&').any(|kv| {
+        matches!(
+            kv,
+            "preview=0" | "preview=false" | "preview=off" | "preview=no"
+        )
+    })
 }
 
 struct Follow {
@@ -420,6 +437,8 @@ struct Follow {
     rx: broadcast::Receiver<JobEvent>,
     queue: QueueHandle,
     ended: bool,
+    /// Pass `preview` events on.
+    preview: bool,
 }
 
 /// `GET /api/jobs/{id}/events`: the job's current state first, then every event up to and
@@ -427,9 +446,11 @@ struct Follow {
 pub async fn events(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    let preview = s.info.preview && wants_preview(&uri);
     let (snap, rx) = s.queue.subscribe(&id).await.ok_or_else(|| no_job(&id))?;
-    let first = current_state(&snap);
+    let first = current_state(&snap, preview);
     let ended = first.iter().any(JobEvent::is_terminal);
     let head = stream::iter(first.iter().map(to_sse).collect::<Vec<_>>());
     let Some(rx) = rx.filter(|_| !ended) else {
@@ -440,6 +461,7 @@ pub async fn events(
         rx,
         queue: s.queue.clone(),
         ended: false,
+        preview,
     };
     let tail = stream::unfold(follow, |mut f| async move {
         if f.ended {
@@ -447,6 +469,7 @@ pub async fn events(
         }
         loop {
             match f.rx.recv().await {
+                Ok(JobEvent::Preview { .. }) if !f.preview => continue,
                 Ok(ev) => {
                     f.ended = ev.is_terminal();
                     return Some((to_sse(&ev), f));

@@ -61,6 +61,8 @@ pub struct ServerInfo {
     pub model_path: Option<String>,
     /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
     pub started_at_s: u64,
+    /// Job streams carry `preview` events (`zturbo serve --preview off` turns them off).
+    pub preview: bool,
 }
 
 impl ServerInfo {
@@ -86,6 +88,7 @@ impl ServerInfo {
             outputs,
             model_path: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
+            preview: true,
         }
     }
 }
@@ -456,6 +459,7 @@ mod tests {
             outputs,
             model_path: None,
             started_at_s: 0,
+            preview: true,
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let monitor = Arc::new(Monitor::start(

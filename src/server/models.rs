@@ -87,6 +87,7 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
         },
         "max_batch": i.limits.max_batch,
         "queue_size": i.queue_size,
+        "preview": i.preview,
         "memory_modes": modes,
         "demo_help": if i.demo { Some(demo_help()) } else { None },
         // What `zturbo pull z-image-turbo` downloads (the UI words the demo help in its language).

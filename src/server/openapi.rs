@@ -145,9 +145,9 @@ fn paths() -> Value {
             })), "parameters", json!([job_id.clone()])),
         },
         "/api/jobs/{id}/events": { "get": with(op("job_events", "jobs", "A job's events (SSE)", json!({
-            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`"),
+            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `preview {step,image}` (a `data:image/png` URL, at most 256 px, unless `?preview=0` or the server runs with `--preview off`), `notice {kind,message}`, then `done {images, peak_memory_bytes}`, `failed {error}` or `cancelled`"),
             "404": error_ref("NotFound"),
-        })), "parameters", json!([job_id])) },
+        })), "parameters", json!([job_id, { "name": "preview", "in": "query", "required": false, "description": "`0`: leave the live previews out of this stream", "schema": { "type": "string", "enum": ["0", "1"] } }])) },
         "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
             "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`"),
         })) },

@@ -122,6 +122,7 @@ export default {
   'hero.empty': 'Write a prompt and press Generate: the image appears here as it forms.',
   'hero.open': 'Open',
   'hero.previewAlt': 'Preview at step {step}: {prompt}',
+  'hero.previewToggle': 'Live preview while the image forms',
 
   'queue.title': 'Queue',
   'queue.empty': 'Nothing queued.',

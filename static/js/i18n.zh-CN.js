@@ -121,6 +121,7 @@ export default {
   'hero.empty': '写下提示词并点击“生成”：图像会在这里逐步成形。',
   'hero.open': '打开',
   'hero.previewAlt': '第 {step} 步预览：{prompt}',
+  'hero.previewToggle': '生成过程中实时预览',
 
   'queue.title': '队列',
   'queue.empty': '队列为空。',

@@ -2,7 +2,7 @@
 // one SSE stream per active job (progress, live previews, notices, the outcome), cancel one,
 // cancel all queued, Esc, and the outage path (stale rows, resync on reconnect).
 
-import { $, el, fmtMs, fmtBytes } from './dom.js';
+import { $, el, fmtMs, fmtBytes, stored } from './dom.js';
 import { state, set, emit, on } from './store.js';
 import { t, tn } from './i18n.js';
 import { api, ApiError, setOnline } from './api.js';
@@ -292,8 +292,16 @@ function parse(ev) {
   try { return ev.data ? JSON.parse(ev.data) : {}; } catch { return {}; }
 }
 
+const PREVIEW_KEY = 'zturbo.preview';
+
+/** This page's choice: live previews on the job streams (kept in localStorage). */
+export function previewsWanted() {
+  return stored.get(PREVIEW_KEY, '1') === '1' && !(state.info && state.info.preview === false);
+}
+
 function openStream(job) {
-  const es = new EventSource(`/api/jobs/${encodeURIComponent(job.id)}/events`);
+  const q = previewsWanted() ? '' : '?preview=0';
+  const es = new EventSource(`/api/jobs/${encodeURIComponent(job.id)}/events${q}`);
   job.es = es;
   const listen = (name, fn) => es.addEventListener(name, (ev) => {
     if (job.es !== es) return;
@@ -603,6 +611,18 @@ export function wireJobs() {
   });
   F.cancel.addEventListener('click', cancelCurrent);
   $('cancel-all').addEventListener('click', cancelAllQueued);
+  const toggle = $('preview-toggle');
+  toggle.checked = stored.get(PREVIEW_KEY, '1') === '1';
+  toggle.addEventListener('change', () => {
+    stored.set(PREVIEW_KEY, toggle.checked ? '1' : '0');
+    // Streams opened from now on follow the choice; open ones are reopened.
+    for (const job of activeJobs()) {
+      if (job.es) { job.es.close(); job.es = null; }
+      if (!toggle.checked) { job.preview = null; emit('job:update', job); }
+    }
+    pumpStreams();
+  });
+  on('info', (info) => { $('preview-toggle-row').hidden = info.preview === false; });
   $('mini-progress').addEventListener('click', () => $('hero').scrollIntoView({ behavior: 'smooth', block: 'start' }));
   // The sticky bar only stands in for the hero's own progress while that is off screen.
   new IntersectionObserver((entries) => {

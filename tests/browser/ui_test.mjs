@@ -602,13 +602,20 @@ async function phone(browser, url) {
     if (vis(mini)) return 'mini';
     return null;
   }, null, { timeout: 5000, polling: 100 }).then((h) => h.jsonValue()).catch(() => fail('phone progress', 'after Generate no progress is within the 390×844 viewport'));
+  // The job's live previews reach the hero while it runs (one pixel per latent cell).
+  const preview = await page.waitForFunction(() => {
+    const img = document.getElementById('hero-image');
+    return img.dataset.preview && img.src.startsWith('data:image/png') && img.complete && img.naturalWidth > 0
+      ? { step: Number(img.dataset.preview), w: img.naturalWidth, h: img.naturalHeight } : null;
+  }, null, { timeout: 10_000, polling: 100 }).then((h) => h.jsonValue()).catch(() => fail('live preview', 'no preview image in the hero while the job runs'));
+  check(preview.w === 16 && preview.h === 16 && preview.step >= 1, 'live preview', JSON.stringify(preview));
   const seedOverflow = await page.$$eval('.job-meta, .hero-meta', (els) => els.some((e) => e.scrollWidth > e.clientWidth + 1));
   check(!seedOverflow, 'seeds wrap', 'a seed overflows its card');
   await page.waitForTimeout(800);
   await page.screenshot({ path: join(shotDir, 'browser-phone.png') });
   await page.waitForFunction(() => !document.querySelector('#queue .job:not(.leaving)') || [...document.querySelectorAll('#queue .job')].every((j) => /done/.test(j.innerText)), null, { timeout: 60_000 }).catch(() => {});
   check(!errors.length, 'console clean (phone)', errors.join(' | '));
-  ok('phone 390×844: progress in view after Generate, 44 px targets, banner dismissed, no shortcut text', `shown by the ${where} progress`);
+  ok('phone 390×844: progress in view after Generate, live preview in the hero, 44 px targets, banner dismissed, no shortcut text', `shown by the ${where} progress; preview at step ${preview.step}, ${preview.w}×${preview.h} px`);
   await context.close();
 }
 
