@@ -46,7 +46,7 @@ fn main() {
     }
 }
 
-/// With the `cuda` feature: compiles `src/cuda/*.cu` to one PTX module (`$OUT_DIR/zturbo_kernels.ptx`)
+/// With the `cuda` feature: compiles `src/ops/cuda/*.cu` to one PTX module (`$OUT_DIR/zturbo_kernels.ptx`)
 /// with the nvcc candle's own kernels use (`NVCC`, else `nvcc` on PATH), for `CUDA_COMPUTE_CAP`
 /// (default 80; PTX is JIT-compiled by the driver for newer GPUs).
 fn cuda_kernels() {
@@ -55,7 +55,7 @@ fn cuda_kernels() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = PathBuf::from("src/cuda/softmax.cu");
+    let src = PathBuf::from("src/ops/cuda/softmax.cu");
     println!("cargo:rerun-if-changed={}", src.display());
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("zturbo_kernels.ptx");

@@ -15,9 +15,9 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use clap::Parser;
 use serde_json::json;
 
-use zturbo::families::cpu_gemm::{self, Lin};
 use zturbo::families::z_image::dit::{Block, DitConfig, RopeTables, SEQ_MULTI_OF};
 use zturbo::families::ModelDir;
+use zturbo::ops::linear::{self as cpu_gemm, Lin};
 
 #[derive(Parser)]
 struct Args {

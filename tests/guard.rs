@@ -79,7 +79,7 @@ fn reference(cfgs: &[f32], init: &Tensor) -> Tensor {
 }
 
 fn init_latents() -> Tensor {
-    zturbo::families::rng::noise(42, &[16, 16, 16], &Device::Cpu)
+    zturbo::nn::rng::noise(42, &[16, 16, 16], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap()
@@ -268,7 +268,7 @@ impl Family for Spy {
     fn vae_input(&self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
         self.inner.vae_input(l)
     }
-    fn vae(&mut self) -> Result<&zturbo::families::vae::VaeDecoder, zturbo::families::ModelError> {
+    fn vae(&mut self) -> Result<&zturbo::nn::vae::VaeDecoder, zturbo::families::ModelError> {
         self.inner.vae()
     }
     fn load(&mut self, c: zturbo::families::Component) -> Result<(), zturbo::families::ModelError> {

@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::guard::{all_finite, poison};
 use super::{EngineError, Notice, RunState};
-use crate::families::vae::GroupNormStats;
 use crate::families::{Component, Family};
 pub use crate::memory::planner::tile_starts;
 use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
+use crate::nn::vae::GroupNormStats;
 
 /// Latent cells of real context decoded around every tile and cropped away again. Measured on the
 /// tiny VAE with exact statistics: 8 cells make tiles exact (1e-6), 0 cells leave a mean error of

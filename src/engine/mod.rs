@@ -15,11 +15,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::families::rng;
 use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
+use crate::nn::rng;
 use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
 use prompt::{Enhanced, PromptContext};

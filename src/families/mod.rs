@@ -3,14 +3,9 @@
 //! family-agnostic and never sees diffusers configs or tensor names.
 
 pub mod catalog;
-pub mod cpu_gemm;
-pub mod gpu_ops;
 pub mod precision;
 pub mod profile;
-pub mod rng;
-pub mod scheduler;
 pub mod sd_turbo;
-pub mod vae;
 pub mod weights;
 pub mod z_image;
 
@@ -20,9 +15,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::memory::planner::{ActivationModel, ComponentBytes};
 
+pub use crate::nn::scheduler::Schedule;
 pub use precision::{Precision, PrecisionPolicy};
 pub use profile::{Defaults, FamilyKind, Profile};
-pub use scheduler::Schedule;
 pub use weights::ModelDir;
 
 /// Everything that can go wrong loading or running a model. Messages name the file at fault.
@@ -146,7 +141,7 @@ pub trait Family: Send {
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError>;
 
     /// The VAE decoder (loaded on demand).
-    fn vae(&mut self) -> Result<&vae::VaeDecoder, ModelError>;
+    fn vae(&mut self) -> Result<&crate::nn::vae::VaeDecoder, ModelError>;
 
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.

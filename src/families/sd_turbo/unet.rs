@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::families::cpu_gemm::{self, Lin};
-use crate::families::vae;
+use crate::nn::vae;
+use crate::ops::linear::{self as cpu_gemm, Lin};
 use crate::profile;
 
 /// A config value given once for all blocks or once per block.

@@ -6,8 +6,8 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::families::cpu_gemm::{self, Lin};
-use crate::families::gpu_ops;
+use crate::ops::cuda as gpu_ops;
+use crate::ops::linear::{self as cpu_gemm, Lin};
 use crate::profile;
 use serde::Deserialize;
 

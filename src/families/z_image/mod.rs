@@ -14,14 +14,14 @@ use tokenizers::Tokenizer;
 use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
 
 use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
-use super::cpu_gemm;
-use super::scheduler::{FlowMatchConfig, Schedule};
-use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
 use super::{
     cfg_combine, pipeline_class, Component, Conditioning, DenoiserResidency, Embedding, Family,
     ModelError, PrecisionPolicy, Profile, StepInput,
 };
+use crate::nn::scheduler::{FlowMatchConfig, Schedule};
+use crate::nn::vae::{VaeConfig, VaeDecoder};
+use crate::ops::linear as cpu_gemm;
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
 /// The pipeline's `max_sequence_length`: prompts are cut at this many tokens.

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use super::cpu_gemm::{self, Lin};
+use crate::ops::linear::{self as cpu_gemm, Lin};
 use crate::profile::span;
 use serde::Deserialize;
 
@@ -827,7 +827,7 @@ impl SpatialAttention {
         for start in (0..n).step_by(ATTENTION_CHUNK) {
             let len = ATTENTION_CHUNK.min(n - start);
             let qc = q.narrow(1, start, len)?;
-            let probs = super::gpu_ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+            let probs = crate::ops::cuda::softmax_last_dim(&qc.matmul(&kt)?)?;
             parts.push(probs.matmul(&v)?);
         }
         let o = Tensor::cat(&parts, 1)?.apply(&self.out)?;

@@ -13,13 +13,13 @@ use crate::memory::planner::{ActivationModel, ComponentBytes, UNetArch};
 
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use self::unet::{TextTime, UNet, UNetConfig, UNetPlan, UNetPrecision};
-use super::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
-use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
 use super::{
     cfg_combine, pipeline_class, Component, Conditioning, DenoiserResidency, Embedding, Family,
     FamilyKind, ModelError, PrecisionPolicy, Profile, StepInput,
 };
+use crate::nn::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
+use crate::nn::vae::{VaeConfig, VaeDecoder};
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
 pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
@@ -314,7 +314,7 @@ impl SdTurbo {
     /// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations,
     /// norms and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
     fn unet_precision(&self) -> UNetPrecision {
-        let compute = super::cpu_gemm::activation_dtype(self.policy.denoiser, &self.device);
+        let compute = crate::ops::linear::activation_dtype(self.policy.denoiser, &self.device);
         UNetPrecision {
             compute,
             residual: if compute == self.policy.denoiser {
@@ -507,7 +507,7 @@ impl Family for SdTurbo {
             elem_bytes: elem(unet.compute),
             residual_elem_bytes: elem(unet.residual),
             text_elem_bytes: elem(self.policy.text_encoder),
-            vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
+            vae_elem_bytes: elem(crate::ops::linear::activation_dtype(
                 self.policy.vae,
                 &self.device,
             )),

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::ModelError;
+use crate::families::ModelError;
 
 /// The schedule of one run: `sigmas` has one more entry than `timesteps` (the final 0).
 #[derive(Debug, Clone, PartialEq)]
