@@ -21,7 +21,7 @@ use super::{
 };
 use crate::nn::scheduler::{FlowMatchConfig, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
-use crate::ops::linear as cpu_gemm;
+use crate::ops::linear;
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
 /// The pipeline's `max_sequence_length`: prompts are cut at this many tokens.
@@ -356,11 +356,8 @@ impl Family for ZImage {
                 .map(|&c| c as u32)
                 .collect(),
             vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(cpu_gemm::activation_dtype(
-                self.policy.denoiser,
-                &self.device,
-            )),
-            vae_elem_bytes: elem(cpu_gemm::activation_dtype(self.policy.vae, &self.device)),
+            elem_bytes: elem(linear::activation_dtype(self.policy.denoiser, &self.device)),
+            vae_elem_bytes: elem(linear::activation_dtype(self.policy.vae, &self.device)),
         })
     }
 
