@@ -356,7 +356,7 @@ fn tiny_sdxl_opens_as_the_sdxl_family() {
         (512, 512, 1)
     );
     assert_eq!(info.defaults.cfg, 1.0);
-    assert_eq!(f.component_bytes().denoiser_blocks, 0);
+    assert_eq!(f.components().bytes().denoiser_blocks, 0);
     // Two text encoders count together.
     let m = open_tiny();
     assert_eq!(m.variant(), Variant::Sdxl);

@@ -2,6 +2,7 @@
 //! matches transformers' `hidden_states[-2]`), our DiT (`dit.rs`), the shared AutoencoderKL decoder
 //! and the flow-matching schedule — reproducing diffusers' `ZImagePipeline` step for step.
 
+pub mod activations;
 pub mod dit;
 pub mod profile;
 pub mod synthetic;
@@ -11,17 +12,18 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
 use tokenizers::Tokenizer;
 
-use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
+use crate::memory::planner::ActivationModel;
 
+use self::activations::ZImageArch;
 use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
+use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, Conditioning, DenoiserResidency, Embedding, Family,
-    ModelError, PrecisionPolicy, Profile, StepInput,
+    cfg_combine, pipeline_class, Conditioning, DenoiserResidency, Embedding, Family, ModelError,
+    PrecisionPolicy, Profile, StepInput,
 };
 use crate::nn::scheduler::{FlowMatchConfig, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
-use crate::ops::linear;
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
 /// The pipeline's `max_sequence_length`: prompts are cut at this many tokens.
@@ -35,32 +37,199 @@ pub fn chat_template(prompt: &str) -> String {
     format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
 }
 
-/// A loaded Z-Image model folder. Components are built on the device on demand (`load`) so the
-/// engine can keep, free or stream each one as the memory plan says.
-pub struct ZImage {
-    dir: ModelDir,
-    profile: Profile,
-    device: Device,
-    policy: PrecisionPolicy,
-    tokenizer: Tokenizer,
-    scheduler: FlowMatchConfig,
-    te_cfg: TextEncoderConfig,
-    te_weights: Weights,
-    te_prefixed: bool,
-    text_encoder: Option<ZImageTextEncoder>,
-    dit_cfg: DitConfig,
-    dit_weights: Weights,
-    dit: Option<Dit>,
+/// The Qwen3 text encoder's source: its config and weights, and whether the file carries
+/// transformers 4's `model.` prefix.
+pub struct TextEncoderSource {
+    cfg: TextEncoderConfig,
+    weights: Weights,
+    prefixed: bool,
+}
+
+impl TextEncoderSource {
+    fn vb(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
+        if self.prefixed {
+            vb
+        } else {
+            // transformers 5 saves Qwen3Model without the `model.` prefix; candle expects it.
+            vb.rename_f(|name: &str| name.strip_prefix("model.").unwrap_or(name).to_string())
+        }
+    }
+}
+
+impl Module for ZImageTextEncoder {
+    type Source = TextEncoderSource;
+
+    fn build(
+        src: &TextEncoderSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let vb = src.vb(src.weights.var_builder(policy.text_encoder, device));
+        ZImageTextEncoder::new(&src.cfg, vb).map_err(|e| src.weights.context(e))
+    }
+
+    fn bytes(src: &TextEncoderSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.bytes_in("", policy.text_encoder)
+    }
+}
+
+/// The DiT's source: config, weights, and how its blocks are held ([`DenoiserResidency`]) and run.
+pub struct DenoiserSource {
+    cfg: DitConfig,
+    weights: Weights,
+    residency: DenoiserResidency,
+    exec_override: Option<dit::Execution>,
+}
+
+impl DenoiserSource {
+    /// Streaming is the low-memory plan: it also runs the CFG pair one item at a time and keeps
+    /// attention chunks small, so activations shrink with the weights.
+    fn execution(&self) -> dit::Execution {
+        self.exec_override.unwrap_or(match self.residency {
+            DenoiserResidency::Resident => dit::Execution::default(),
+            DenoiserResidency::Streamed {
+                one_at_a_time: true,
+                ..
+            } => dit::Execution::LOW_MEMORY,
+            DenoiserResidency::Streamed { .. } => dit::Execution {
+                micro_batch: None,
+                ..dit::Execution::LOW_MEMORY
+            },
+        })
+    }
+}
+
+/// The loaded DiT: the stem and final layer, and its blocks as the residency asks — all resident,
+/// or streamed from the host with the first few kept on the device.
+pub struct Denoiser {
+    dit: Dit,
     blocks: Option<ResidentBlocks>,
     /// While streaming: the blocks that stay on the device (see `DenoiserResidency::Streamed`).
     kept: Option<KeptBlocks>,
-    residency: DenoiserResidency,
-    /// The residual dtype the policy asked for (restored after a guard fallback).
-    base_residual: DType,
-    exec_override: Option<dit::Execution>,
-    vae_cfg: VaeConfig,
-    vae_weights: Weights,
-    vae: Option<VaeDecoder>,
+}
+
+impl Module for Denoiser {
+    type Source = DenoiserSource;
+
+    fn build(
+        src: &DenoiserSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let vb = src.weights.var_builder(policy.denoiser, device);
+        let prec = DitPrecision::for_weights(policy.denoiser, policy.residual, device);
+        let mut dit = Dit::new(src.cfg.clone(), vb, prec).map_err(|e| src.weights.context(e))?;
+        dit.set_execution(src.execution());
+        Ok(Self {
+            dit,
+            blocks: None,
+            kept: None,
+        })
+    }
+
+    fn bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.bytes_in("", policy.denoiser)
+    }
+
+    fn block_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> Vec<u64> {
+        let (w, d) = (&src.weights, policy.denoiser);
+        (0..src.cfg.n_refiner_layers)
+            .flat_map(|i| {
+                [
+                    w.bytes_in(&format!("noise_refiner.{i}."), d),
+                    w.bytes_in(&format!("context_refiner.{i}."), d),
+                ]
+            })
+            .chain((0..src.cfg.n_layers).map(|i| w.bytes_in(&format!("layers.{i}."), d)))
+            .collect()
+    }
+
+    /// Resident, the blocks must be on the device too.
+    fn complete(&self, src: &DenoiserSource) -> bool {
+        src.residency != DenoiserResidency::Resident || self.blocks.is_some()
+    }
+
+    fn finish(
+        &mut self,
+        src: &DenoiserSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<(), ModelError> {
+        let vb = src.weights.var_builder(policy.denoiser, device);
+        let blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
+        self.blocks = Some(blocks);
+        Ok(())
+    }
+
+    fn set_residency(
+        src: &mut DenoiserSource,
+        module: Option<&mut Self>,
+        residency: DenoiserResidency,
+    ) {
+        src.residency = residency;
+        if let Some(m) = module {
+            match residency {
+                DenoiserResidency::Streamed { .. } => m.blocks = None,
+                DenoiserResidency::Resident => m.kept = None,
+            }
+            m.dit.set_execution(src.execution());
+        }
+    }
+}
+
+impl Denoiser {
+    /// One DiT call; streams the blocks (keeping the first ones) when the residency says so.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        src: &DenoiserSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+        x: &Tensor,
+        t: &Tensor,
+        caps: &[&Tensor],
+        trace: Option<&mut dit::Trace>,
+    ) -> Result<Tensor, ModelError> {
+        if let DenoiserResidency::Streamed {
+            resident_blocks, ..
+        } = src.residency
+        {
+            let want = resident_blocks.min(src.cfg.n_blocks());
+            if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
+                self.kept = None;
+                if want > 0 {
+                    let vb = src.weights.var_builder(policy.denoiser, device);
+                    let kept = KeptBlocks::load(&src.cfg, &vb, want)
+                        .map_err(|e| src.weights.context(e))?;
+                    self.kept = Some(kept);
+                }
+            }
+        }
+        let out = match (src.residency, self.blocks.as_mut()) {
+            (DenoiserResidency::Resident, Some(blocks)) => {
+                self.dit.forward(x, t, caps, blocks, trace)?
+            }
+            _ => {
+                let vb = src.weights.var_builder(policy.denoiser, device);
+                let mut streamed = StreamedBlocks::new(&src.cfg, vb);
+                if let Some(kept) = self.kept.as_ref() {
+                    streamed = streamed.with_kept(kept);
+                }
+                self.dit.forward(x, t, caps, &mut streamed, trace)?
+            }
+        };
+        Ok(out)
+    }
+}
+
+/// A loaded Z-Image model folder. Components are built on the device on demand so the engine can
+/// keep, free or stream each one as the memory plan says.
+pub struct ZImage {
+    dir: ModelDir,
+    profile: Profile,
+    tokenizer: Tokenizer,
+    scheduler: FlowMatchConfig,
+    parts: Parts<ZImageTextEncoder, Denoiser>,
 }
 
 fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -86,8 +255,11 @@ impl ZImage {
                 supported: PIPELINE_CLASS.into(),
             });
         }
-        let scheduler: FlowMatchConfig = dir.read_json("scheduler/scheduler_config.json")?;
-        scheduler.validate(&dir.display_path("scheduler/scheduler_config.json"))?;
+        let sched_rel = "scheduler/scheduler_config.json";
+        let scheduler: FlowMatchConfig = dir.read_json(sched_rel)?;
+        scheduler
+            .validate()
+            .map_err(|m| config_error(&dir, sched_rel, m))?;
 
         let dit_cfg: DitConfig = dir.read_json("transformer/config.json")?;
         dit_cfg
@@ -128,38 +300,33 @@ impl ZImage {
 
         let tokenizer = load_tokenizer(&dir)?;
         let te_weights = dir.open_weights("text_encoder")?;
-        let te_prefixed = te_weights.contains("model.embed_tokens.weight");
-        let dit_weights = dir.open_weights("transformer")?;
-        let vae_weights = dir.open_weights("vae")?;
-
+        let te = TextEncoderSource {
+            prefixed: te_weights.contains("model.embed_tokens.weight"),
+            cfg: te_cfg,
+            weights: te_weights,
+        };
         let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: vae_cfg.scale_factor(),
             size_multiple: (vae_cfg.scale_factor() * dit_cfg.patch()) as u32,
             ..profile::PROFILE
         };
+        let den = DenoiserSource {
+            weights: dir.open_weights("transformer")?,
+            cfg: dit_cfg,
+            residency: DenoiserResidency::Resident,
+            exec_override: None,
+        };
+        let vae = VaeSource {
+            weights: dir.open_weights("vae")?,
+            cfg: vae_cfg,
+        };
         let model = Self {
             dir,
             profile,
-            device: device.clone(),
-            policy,
             tokenizer,
             scheduler,
-            te_cfg,
-            te_weights,
-            te_prefixed,
-            text_encoder: None,
-            dit_cfg,
-            dit_weights,
-            dit: None,
-            blocks: None,
-            kept: None,
-            residency: DenoiserResidency::Resident,
-            base_residual: policy.residual,
-            exec_override: None,
-            vae_cfg,
-            vae_weights,
-            vae: None,
+            parts: Parts::new(device, policy, te, den, vae),
         };
         model.validate_tensors()?;
         Ok(model)
@@ -170,50 +337,35 @@ impl ZImage {
     }
 
     pub fn dit_config(&self) -> &DitConfig {
-        &self.dit_cfg
+        &self.parts.denoiser.source().cfg
     }
 
     pub fn vae_config(&self) -> &VaeConfig {
-        &self.vae_cfg
+        &self.parts.vae.source().cfg
     }
 
     pub fn text_encoder_config(&self) -> &TextEncoderConfig {
-        &self.te_cfg
-    }
-
-    pub fn weights(&self, component: Component) -> &Weights {
-        match component {
-            Component::TextEncoder => &self.te_weights,
-            Component::Denoiser => &self.dit_weights,
-            Component::Vae => &self.vae_weights,
-        }
+        &self.parts.text_encoder.source().cfg
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
     fn validate_tensors(&self) -> Result<(), ModelError> {
         let dev = Device::Cpu;
-        let te = self.te_vb(self.te_weights.shape_only(DType::F32, &dev));
-        ZImageTextEncoder::new(&self.te_cfg, te).map_err(|e| self.te_weights.context(e))?;
-        let vb = self.dit_weights.shape_only(DType::F32, &dev);
+        let te = self.parts.text_encoder.source();
+        ZImageTextEncoder::new(&te.cfg, te.vb(te.weights.shape_only(DType::F32, &dev)))
+            .map_err(|e| te.weights.context(e))?;
+        let den = self.parts.denoiser.source();
+        let vb = den.weights.shape_only(DType::F32, &dev);
         let prec = DitPrecision {
             compute: DType::F32,
             residual: DType::F32,
         };
-        Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
-            .map_err(|e| self.dit_weights.context(e))?;
-        ResidentBlocks::load(&self.dit_cfg, &vb).map_err(|e| self.dit_weights.context(e))?;
-        VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
-            .map_err(|e| self.vae_weights.context(e))?;
+        Dit::new(den.cfg.clone(), vb.clone(), prec).map_err(|e| den.weights.context(e))?;
+        ResidentBlocks::load(&den.cfg, &vb).map_err(|e| den.weights.context(e))?;
+        let vae = self.parts.vae.source();
+        VaeDecoder::new(&vae.cfg, vae.weights.shape_only(DType::F32, &dev))
+            .map_err(|e| vae.weights.context(e))?;
         Ok(())
-    }
-
-    fn te_vb(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
-        if self.te_prefixed {
-            vb
-        } else {
-            // transformers 5 saves Qwen3Model without the `model.` prefix; candle expects it.
-            vb.rename_f(|name: &str| name.strip_prefix("model.").unwrap_or(name).to_string())
-        }
     }
 
     /// Token ids of the chat-templated prompt, as the pipeline feeds the text encoder (the valid,
@@ -232,13 +384,10 @@ impl ZImage {
     /// `hidden_states[-2]` of the text encoder for one prompt: `[L, hidden]` f32.
     pub fn encode_one(&mut self, prompt: &str) -> Result<Tensor, ModelError> {
         let ids = self.tokenize(prompt)?;
-        self.load(Component::TextEncoder)?;
-        let te = self
-            .text_encoder
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
+        let device = self.parts.device().clone();
+        let te = self.parts.text_encoder()?;
         let n = ids.len();
-        let input = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let input = Tensor::from_vec(ids, (1, n), &device)?;
         let hidden = te.forward(&input)?;
         Ok(hidden.squeeze(0)?.to_dtype(DType::F32)?)
     }
@@ -251,44 +400,19 @@ impl ZImage {
         caps: &[&Tensor],
         trace: Option<&mut dit::Trace>,
     ) -> Result<Tensor, ModelError> {
-        self.load(Component::Denoiser)?;
-        if let DenoiserResidency::Streamed {
-            resident_blocks, ..
-        } = self.residency
-        {
-            let want = resident_blocks.min(self.dit_cfg.n_blocks());
-            if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
-                self.kept = None;
-                if want > 0 {
-                    let vb = self
-                        .dit_weights
-                        .var_builder(self.policy.denoiser, &self.device);
-                    let kept = KeptBlocks::load(&self.dit_cfg, &vb, want)
-                        .map_err(|e| self.dit_weights.context(e))?;
-                    self.kept = Some(kept);
-                }
-            }
+        let (device, policy) = (self.parts.device().clone(), self.parts.policy());
+        let (src, den) = self.parts.denoiser()?;
+        den.forward(src, &policy, &device, x, t, caps, trace)
+    }
+
+    /// Pins the denoiser's execution strategy regardless of residency (tests and benchmarks
+    /// separate block streaming from micro-batching with it); `None` restores the default.
+    pub fn set_execution(&mut self, exec: Option<dit::Execution>) {
+        let (src, module) = self.parts.denoiser.split_mut();
+        src.exec_override = exec;
+        if let Some(m) = module {
+            m.dit.set_execution(src.execution());
         }
-        let dit = self
-            .dit
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("denoiser not loaded".into()))?;
-        let out = match (self.residency, self.blocks.as_mut()) {
-            (DenoiserResidency::Resident, Some(blocks)) => {
-                dit.forward(x, t, caps, blocks, trace)?
-            }
-            _ => {
-                let vb = self
-                    .dit_weights
-                    .var_builder(self.policy.denoiser, &self.device);
-                let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
-                if let Some(kept) = self.kept.as_ref() {
-                    streamed = streamed.with_kept(kept);
-                }
-                dit.forward(x, t, caps, &mut streamed, trace)?
-            }
-        };
-        Ok(out)
     }
 }
 
@@ -306,59 +430,22 @@ impl Family for ZImage {
         &self.profile
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn components(&self) -> &dyn Components {
+        &self.parts
     }
 
-    fn policy(&self) -> PrecisionPolicy {
-        self.policy
-    }
-
-    fn component_bytes(&self) -> ComponentBytes {
-        let dit = &self.dit_weights;
-        let d = self.policy.denoiser;
-        let blocks: Vec<u64> = (0..self.dit_cfg.n_refiner_layers)
-            .flat_map(|i| {
-                [
-                    dit.bytes_in(&format!("noise_refiner.{i}."), d),
-                    dit.bytes_in(&format!("context_refiner.{i}."), d),
-                ]
-            })
-            .chain((0..self.dit_cfg.n_layers).map(|i| dit.bytes_in(&format!("layers.{i}."), d)))
-            .collect();
-        ComponentBytes {
-            text_encoder: self.te_weights.bytes_in("", self.policy.text_encoder),
-            denoiser: dit.bytes_in("", d),
-            denoiser_largest_block: blocks.iter().copied().max().unwrap_or(0),
-            denoiser_blocks: blocks.len(),
-            vae_decoder: self.vae_weights.bytes_in("decoder.", self.policy.vae)
-                + self
-                    .vae_weights
-                    .bytes_in("post_quant_conv.", self.policy.vae),
-        }
+    fn components_mut(&mut self) -> &mut dyn Components {
+        &mut self.parts
     }
 
     fn activation_model(&self) -> ActivationModel {
-        let elem = |d: DType| d.size_in_bytes() as u64;
-        ActivationModel::z_image(&ZImageArch {
-            dim: self.dit_cfg.dim as u64,
-            heads: self.dit_cfg.n_heads as u64,
-            ffn_hidden: self.dit_cfg.ffn_hidden() as u64,
-            patch_size: self.dit_cfg.patch() as u32,
-            cap_tokens: MAX_SEQUENCE_LENGTH as u32,
-            text_hidden: self.te_cfg.hidden_size as u64,
-            text_heads: self.te_cfg.num_attention_heads as u64,
-            text_ffn_hidden: self.te_cfg.intermediate_size as u64,
-            vae_block_out_channels: self
-                .vae_cfg
-                .block_out_channels
-                .iter()
-                .map(|&c| c as u32)
-                .collect(),
-            vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(linear::activation_dtype(self.policy.denoiser, &self.device)),
-            vae_elem_bytes: elem(linear::activation_dtype(self.policy.vae, &self.device)),
-        })
+        activations::model(&ZImageArch::of(
+            self.dit_config(),
+            self.text_encoder_config(),
+            self.vae_config(),
+            &self.parts.policy(),
+            self.parts.device(),
+        ))
     }
 
     fn schedule(
@@ -367,7 +454,7 @@ impl Family for ZImage {
         latent_h: usize,
         latent_w: usize,
     ) -> Result<Schedule, ModelError> {
-        let p = self.dit_cfg.patch();
+        let p = self.dit_config().patch();
         Ok(self
             .scheduler
             .schedule(steps, (latent_h / p) * (latent_w / p)))
@@ -395,12 +482,13 @@ impl Family for ZImage {
         step: StepInput<'_>,
     ) -> Result<Tensor, ModelError> {
         let b = x.dim(0)?;
+        let device = self.parts.device().clone();
         let timestep = step.schedule.timesteps[step.index];
         let t_model = (1000.0f32 - timestep) / 1000.0;
         let guided = step.cfg > 1.0 && cond.negative.is_some();
         let out = if let (true, Some(neg)) = (guided, cond.negative.as_ref()) {
             let xx = Tensor::cat(&[x, x], 0)?;
-            let t = Tensor::full(t_model, 2 * b, &self.device)?;
+            let t = Tensor::full(t_model, 2 * b, &device)?;
             let mut caps: Vec<&Tensor> = vec![&cond.positive.hidden; b];
             caps.extend(std::iter::repeat_n(&neg.hidden, b));
             let out = self.transformer_forward(&xx, &t, &caps, None)?;
@@ -408,7 +496,7 @@ impl Family for ZImage {
             let neg = out.narrow(0, b, b)?;
             cfg_combine(&pos, &neg, step.cfg)?
         } else {
-            let t = Tensor::full(t_model, b, &self.device)?;
+            let t = Tensor::full(t_model, b, &device)?;
             let caps: Vec<&Tensor> = vec![&cond.positive.hidden; b];
             self.transformer_forward(x, &t, &caps, None)?
         };
@@ -417,138 +505,11 @@ impl Family for ZImage {
     }
 
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        let z = (latents.to_dtype(DType::F32)? / self.vae_cfg.scaling_factor)?;
-        Ok(match self.vae_cfg.shift_factor {
+        let cfg = self.vae_config();
+        let z = (latents.to_dtype(DType::F32)? / cfg.scaling_factor)?;
+        Ok(match cfg.shift_factor {
             Some(s) => (z + s)?,
             None => z,
         })
-    }
-
-    fn vae(&mut self) -> Result<&VaeDecoder, ModelError> {
-        self.load(Component::Vae)?;
-        self.vae
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
-    }
-
-    fn load(&mut self, component: Component) -> Result<(), ModelError> {
-        match component {
-            Component::TextEncoder if self.text_encoder.is_none() => {
-                let vb = self.te_vb(
-                    self.te_weights
-                        .var_builder(self.policy.text_encoder, &self.device),
-                );
-                let te = ZImageTextEncoder::new(&self.te_cfg, vb)
-                    .map_err(|e| self.te_weights.context(e))?;
-                self.text_encoder = Some(te);
-            }
-            Component::Denoiser if self.dit.is_none() || self.needs_blocks() => {
-                let vb = self
-                    .dit_weights
-                    .var_builder(self.policy.denoiser, &self.device);
-                if self.dit.is_none() {
-                    let prec = DitPrecision::for_weights(
-                        self.policy.denoiser,
-                        self.policy.residual,
-                        &self.device,
-                    );
-                    let mut dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
-                        .map_err(|e| self.dit_weights.context(e))?;
-                    dit.set_execution(self.execution());
-                    self.dit = Some(dit);
-                }
-                if self.needs_blocks() {
-                    let blocks = ResidentBlocks::load(&self.dit_cfg, &vb)
-                        .map_err(|e| self.dit_weights.context(e))?;
-                    self.blocks = Some(blocks);
-                }
-            }
-            Component::Vae if self.vae.is_none() => {
-                let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
-                let vae =
-                    VaeDecoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
-                self.vae = Some(vae);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn unload(&mut self, component: Component) {
-        match component {
-            Component::TextEncoder => self.text_encoder = None,
-            Component::Denoiser => {
-                self.dit = None;
-                self.blocks = None;
-                self.kept = None;
-            }
-            Component::Vae => self.vae = None,
-        }
-    }
-
-    fn is_loaded(&self, component: Component) -> bool {
-        match component {
-            Component::TextEncoder => self.text_encoder.is_some(),
-            Component::Denoiser => self.dit.is_some() && !self.needs_blocks(),
-            Component::Vae => self.vae.is_some(),
-        }
-    }
-
-    fn set_denoiser_residency(&mut self, residency: DenoiserResidency) {
-        self.residency = residency;
-        match residency {
-            DenoiserResidency::Streamed { .. } => self.blocks = None,
-            DenoiserResidency::Resident => self.kept = None,
-        }
-        let exec = self.execution();
-        if let Some(dit) = self.dit.as_mut() {
-            dit.set_execution(exec);
-        }
-    }
-
-    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
-        let was_loaded = self.is_loaded(component);
-        self.policy.set(component, dtype, self.base_residual);
-        self.unload(component);
-        if was_loaded {
-            self.load(component)?;
-        }
-        Ok(())
-    }
-
-    fn dtype(&self, component: Component) -> DType {
-        self.policy.of(component)
-    }
-}
-
-impl ZImage {
-    /// Streaming is the low-memory plan: it also runs the CFG pair one item at a time and keeps
-    /// attention chunks small, so activations shrink with the weights.
-    fn execution(&self) -> dit::Execution {
-        self.exec_override.unwrap_or(match self.residency {
-            DenoiserResidency::Resident => dit::Execution::default(),
-            DenoiserResidency::Streamed {
-                one_at_a_time: true,
-                ..
-            } => dit::Execution::LOW_MEMORY,
-            DenoiserResidency::Streamed { .. } => dit::Execution {
-                micro_batch: None,
-                ..dit::Execution::LOW_MEMORY
-            },
-        })
-    }
-
-    /// Pins the denoiser's execution strategy regardless of residency (tests and benchmarks
-    /// separate block streaming from micro-batching with it); `None` restores the default.
-    pub fn set_execution(&mut self, exec: Option<dit::Execution>) {
-        self.exec_override = exec;
-        let exec = self.execution();
-        if let Some(dit) = self.dit.as_mut() {
-            dit.set_execution(exec);
-        }
-    }
-
-    fn needs_blocks(&self) -> bool {
-        self.residency == DenoiserResidency::Resident && self.blocks.is_none()
     }
 }
