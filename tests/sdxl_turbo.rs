@@ -23,12 +23,12 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use common::{fixture, max_abs, max_abs_diff};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
-use zturbo::families::rng::noise;
 use zturbo::families::sd_turbo::clip::{ClipTextConfig, ClipTextModel};
 use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetConfig, UNetPrecision};
 use zturbo::families::sd_turbo::{SdTurbo, Variant};
 use zturbo::families::{self, Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
+use zturbo::nn::rng::noise;
 use zturbo::request::{GenerationRequest, Limits};
 
 /// Records every tensor a model asks for; hands out zero-cost placeholders.
@@ -356,7 +356,7 @@ fn tiny_sdxl_opens_as_the_sdxl_family() {
         (512, 512, 1)
     );
     assert_eq!(info.defaults.cfg, 1.0);
-    assert_eq!(f.component_bytes().denoiser_blocks, 0);
+    assert_eq!(f.components().bytes().denoiser_blocks, 0);
     // Two text encoders count together.
     let m = open_tiny();
     assert_eq!(m.variant(), Variant::Sdxl);

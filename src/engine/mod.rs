@@ -16,11 +16,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::families::rng;
 use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
+use crate::nn::rng;
 use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
 use prompt::{Enhanced, PromptContext};
@@ -315,7 +315,7 @@ impl Engine {
         if !config.faults.is_empty() {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
-        let base_policy = family.policy();
+        let base_policy = family.components().policy();
         let profile = *family.profile();
         Self {
             profile,
@@ -349,7 +349,7 @@ impl Engine {
     }
 
     pub fn device(&self) -> &Device {
-        self.family.device()
+        self.family.components().device()
     }
 
     pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
@@ -371,14 +371,14 @@ impl Engine {
         mode: MemoryMode,
     ) -> PlanInput {
         let reading = self.probe.read();
-        let bytes = self.family.component_bytes();
+        let bytes = self.family.components().bytes();
         let loaded: u64 = [
             (Component::TextEncoder, bytes.text_encoder),
             (Component::Denoiser, bytes.denoiser),
             (Component::Vae, bytes.vae_decoder),
         ]
         .iter()
-        .filter(|(c, _)| self.family.is_loaded(*c))
+        .filter(|(c, _)| self.family.components().is_loaded(*c))
         .map(|(_, b)| *b)
         .sum();
         PlanInput {
@@ -414,7 +414,7 @@ impl Engine {
             (Component::Vae, plan.vae),
         ] {
             if r == Residency::Resident {
-                self.family.load(c)?;
+                self.family.components_mut().load(c)?;
             }
         }
         Ok(())
@@ -440,7 +440,7 @@ impl Engine {
         if let Some(t) = &tags {
             t.set_phase(None, None);
         }
-        release_memory(self.family.device());
+        release_memory(self.family.components().device());
         result
     }
 
@@ -451,8 +451,8 @@ impl Engine {
             (Component::Denoiser, base.denoiser),
             (Component::Vae, base.vae),
         ] {
-            if self.family.dtype(c) != d {
-                if let Err(e) = self.family.set_dtype(c, d) {
+            if self.family.components().dtype(c) != d {
+                if let Err(e) = self.family.components_mut().set_dtype(c, d) {
                     tracing::warn!("could not restore {c:?} to {d:?}: {e}");
                 }
             }
@@ -528,33 +528,34 @@ impl Engine {
         if plan.text_encoder != Residency::Resident {
             // Low-memory plans keep only one big component at a time.
             if plan.denoiser == Residency::BlockStreamed {
-                self.family.unload(Component::Denoiser);
+                self.family.components_mut().unload(Component::Denoiser);
             }
             if plan.vae != Residency::Resident {
-                self.family.unload(Component::Vae);
+                self.family.components_mut().unload(Component::Vae);
             }
         }
         let cond = self
             .family
             .encode(&enhancement.prompt, negative.as_deref())?;
         if plan.text_encoder != Residency::Resident {
-            self.family.unload(Component::TextEncoder);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::TextEncoder);
+            release_memory(self.family.components().device());
         }
         let encode_ms = t_encode.elapsed().as_millis() as u64;
 
         // 5. Denoise.
         let t_denoise = Instant::now();
         run.phase(Phase::Denoise);
-        self.family
-            .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
+        self.family.components_mut().set_denoiser_residency(
+            if plan.denoiser == Residency::BlockStreamed {
                 DenoiserResidency::Streamed {
                     resident_blocks: plan.resident_blocks as usize,
                     one_at_a_time: plan.denoiser_one_at_a_time,
                 }
             } else {
                 DenoiserResidency::Resident
-            });
+            },
+        );
         let seeds: Vec<u64> = (0..req.batch as u64)
             .map(|i| req.seed.wrapping_add(i))
             .collect();
@@ -569,8 +570,8 @@ impl Engine {
         let t_decode = Instant::now();
         let tiling = plan.vae_tiling;
         if plan.denoiser != Residency::Resident {
-            self.family.unload(Component::Denoiser);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::Denoiser);
+            release_memory(self.family.components().device());
         }
         run.phase(Phase::Decode);
         let mut images = Vec::with_capacity(seeds.len());
@@ -594,7 +595,7 @@ impl Engine {
                     let noise = self.seeded_noise(&[retry_seed], req.width, req.height)?;
                     let z = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
                     if plan.denoiser != Residency::Resident {
-                        self.family.unload(Component::Denoiser);
+                        self.family.components_mut().unload(Component::Denoiser);
                     }
                     run.phase(Phase::Decode);
                     let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
@@ -612,7 +613,7 @@ impl Engine {
             }
         }
         if plan.vae != Residency::Resident {
-            self.family.unload(Component::Vae);
+            self.family.components_mut().unload(Component::Vae);
         }
         let decode_ms = t_decode.elapsed().as_millis() as u64;
 
@@ -629,7 +630,7 @@ impl Engine {
             batch: req.batch,
             enhance: req.enhance,
             memory_mode: plan.mode,
-            precision: self.family.policy().describe(),
+            precision: self.family.components().policy().describe(),
             sampler: profile.sampler.into(),
         };
         Ok(Generation {
@@ -660,7 +661,7 @@ impl Engine {
         let (_, _, lh, lw) = noise.dims4()?;
         let schedule = self.family.schedule(req.steps as usize, lh, lw)?;
         let x = (noise * schedule.init_noise_sigma as f64)?;
-        self.family.load(Component::Denoiser)?;
+        self.family.components_mut().load(Component::Denoiser)?;
         denoise::denoise(self.family.as_mut(), x, cond, &schedule, cfg, run)
     }
 
@@ -678,7 +679,7 @@ impl Engine {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| rng::noise(s, &[c, h, w], self.family.device()))
+            .map(|&s| rng::noise(s, &[c, h, w], self.family.components().device()))
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::stack(&per, 0)?)
     }
@@ -694,7 +695,8 @@ impl Engine {
                 f = self.family.profile().vae_scale_factor
             )));
         }
-        Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)
+        Ok(t.to_dtype(DType::F32)?
+            .to_device(self.family.components().device())?)
     }
 }
 
