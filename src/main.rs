@@ -199,6 +199,23 @@ fn resolve_model(args: &ModelArgs, default_to_demo: bool) -> Result<catalog::Res
     })
 }
 
+/// What the server says about a model besides what its engine knows.
+fn model_meta(resolved: &catalog::Resolved) -> zturbo::queue::worker::ModelMeta {
+    let description = if resolved.demo {
+        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string()
+    } else {
+        catalog::entry(&resolved.name)
+            .map(|e| e.description.to_string())
+            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
+    };
+    zturbo::queue::worker::ModelMeta {
+        demo: resolved.demo,
+        description,
+        path: resolved.dir.path().map(|p| p.display().to_string()),
+    }
+}
+
 /// Opens the device and builds the engine for a resolved model.
 fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> {
     let device = args.device.open().map_err(|e| anyhow!(e))?;
@@ -265,38 +282,39 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
 
-    let resolved = resolve_model(&args.model, true)?;
-    let model_path = resolved.dir.path().map(|p| p.display().to_string());
-    let demo = resolved.demo;
-    let description = if demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
-    } else {
-        catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
-    };
+    // Resolved here so a missing model fails before anything starts.
+    let initial = resolve_model(&args.model, true)?.name;
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
 
     // The engine loads on its own thread; nothing is served until it reports back.
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The worker loads models by name: the one asked for now, and later those a switch names
+    // (the names `/api/models` lists: local folders, cached catalog models, the demo).
     let model_args = args.model.clone();
-    let build = move || -> std::result::Result<Engine, String> {
+    let first = initial.clone();
+    let loader: worker::Loader = Arc::new(move |name: &str| {
+        let resolved = if name == first {
+            resolve_model(&model_args, true)
+        } else {
+            catalog::resolve(name, &model_args.models_dir).map_err(anyhow::Error::from)
+        }
+        .map_err(|e| format!("{e:#}"))?;
+        let meta = model_meta(&resolved);
         let mut engine = open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
-        Ok(engine)
-    };
+        Ok((engine, meta))
+    });
     let worker_config = worker::WorkerConfig {
         outputs: args.outputs.clone(),
         tags: tags.clone(),
         step_delay: worker::WorkerConfig::step_delay_from_env(),
         preview: args.preview,
     };
-    let (worker, loaded) = worker::spawn(build, worker_config, events_tx)
+    let (worker, loaded) = worker::spawn(loader, initial, worker_config, events_tx)
         .map_err(|e| anyhow!("the model did not load: {e}"))?;
     tracing::info!(
         model = %loaded.model,
@@ -307,13 +325,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let mut info = ServerInfo::new(
         &loaded,
-        demo,
-        description,
         args.queue_size as usize,
         args.model.models_dir.clone(),
         args.outputs.clone(),
     );
-    info.model_path = model_path;
     info.preview = args.preview;
     let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
@@ -341,7 +356,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let state = AppState {
             queue: queue.clone(),
             monitor,
-            info: Arc::new(info),
+            info: server::SharedInfo::new(info),
             shutdown: shutdown_rx,
             security: Arc::new(Security {
                 api_key,
@@ -356,6 +371,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {} on http://{addr}", loaded.model);
+        tokio::spawn(state.clone().follow_model_switches());
         axum::serve(listener, server::app(state))
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;

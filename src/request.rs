@@ -47,6 +47,10 @@ pub struct GenerationRequest {
     /// Phrases the enhancement must not add (the UI's removed chips), as the preview showed them.
     #[serde(default)]
     pub enhance_exclude: Vec<String>,
+    /// The model to run on (a name `/api/models` lists as local); the selected one when absent.
+    /// The server checks it and records it with the job; validation ignores it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// At most this many excluded enhancement phrases, each at most [`MAX_EXCLUDE_CHARS`] long.

@@ -18,7 +18,7 @@ import { wireJobs, trackJob, updateButtons, isTerminal } from './js/jobs.js';
 import { wireGallery, resetHistory } from './js/gallery.js';
 import { wireViewer } from './js/viewer.js';
 import { wireChart } from './js/chart.js';
-import { wireModels, loadModels } from './js/models.js';
+import { wireModels, loadModels, connectEvents } from './js/models.js';
 import { wireDragDrop } from './js/pngmeta.js';
 import { checkAuth } from './js/auth.js';
 
@@ -168,6 +168,7 @@ async function main() {
   on('model:switched', () => loadInfo({ keepValues: true }));
   updateAllHints();
   await loadInfo();
+  connectEvents();
   loadModels();
   resetHistory('');
   loadActiveJobs();

@@ -17,7 +17,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{fake_hub, temp_dir, Server};
+use support::{fake_hub, temp_dir, tiny_models_dir, Server};
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
@@ -72,6 +72,18 @@ fn ui_generates_an_image_in_headless_chromium() {
         &["--api-key", "browser-test-key"],
         &[],
     );
+    // Two tiny local models to switch between.
+    let models = tiny_models_dir("browser-models", false);
+    let switching = Server::start_in(
+        &out.with_file_name(format!(
+            "{}-switch",
+            out.file_name().unwrap().to_string_lossy()
+        )),
+        &models,
+        "tiny-z-image",
+        &[],
+        &[],
+    );
     let target = root.join("target");
     std::fs::create_dir_all(&target).unwrap();
     for name in [
@@ -92,6 +104,8 @@ fn ui_generates_an_image_in_headless_chromium() {
         .env("KEYED_KEY", "browser-test-key")
         .env("ZTURBO_BIN", env!("CARGO_BIN_EXE_zturbo"))
         .env("SCRATCH_DIR", &scratch)
+        .env("SWITCH_URL", &switching.url)
+        .env("SWITCH_MODELS", "tiny-z-image,tiny-sd-turbo")
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&run.stdout);

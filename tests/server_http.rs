@@ -985,3 +985,147 @@ fn live_previews_reach_the_stream_unless_turned_off() {
     assert!(events.iter().all(|e| e.name != "preview"));
     assert_eq!(events.last().unwrap().name, "done");
 }
+
+/// Reads `/api/events` until a `model` event in `state` for `name`; returns it.
+fn wait_model_event(ev: &mut SseReader, state: &str, name: &str) -> Value {
+    ev.find(|e| e.name == "model" && e.data["state"] == state && e.data["name"] == name)
+        .unwrap_or_else(|| panic!("no `model {state}` event for {name}"))
+        .data
+}
+
+#[test]
+fn models_switch_between_jobs_from_the_api_a_job_and_a1111() {
+    let out = temp_dir("switch");
+    let models = tiny_models_dir("switch-models", true);
+    let s = Server::start_in(&out, &models, "tiny-z-image", &[], &[]);
+    let (_, health) = get_json(&s.url("/api/health"));
+    assert_eq!(health["model"], "tiny-z-image");
+    let mut events = SseReader::open(&s.url("/api/events"));
+    let first = events.next().unwrap();
+    assert_eq!(
+        (
+            first.name.as_str(),
+            &first.data["state"],
+            &first.data["name"]
+        ),
+        ("model", &json!("loaded"), &json!("tiny-z-image"))
+    );
+
+    // 1. From the page's call: idle, so the worker loads it at once.
+    let (st, _, sel) = post_json(&s.url("/api/model"), &json!({"name": "tiny-sd-turbo"}));
+    assert_eq!(st, 202, "{sel}");
+    assert_eq!(sel["state"], "switching");
+    wait_model_event(&mut events, "loading", "tiny-sd-turbo");
+    let loaded = wait_model_event(&mut events, "loaded", "tiny-sd-turbo");
+    assert_eq!(loaded["family"], "sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    assert_eq!(info["model"]["family"], "sd-turbo");
+    assert_eq!(info["model"]["size_multiple"], 8);
+    let (_, health) = get_json(&s.url("/api/health"));
+    assert_eq!(health["model"], "tiny-sd-turbo");
+    // Validation follows the loaded model: 72 is a multiple of SD's 8 (not of Z-Image's 16).
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 72, "height": 64, "steps": 1}),
+    );
+    let job = wait_terminal(&s, &id, Duration::from_secs(120));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["params"]["model"], "tiny-sd-turbo");
+
+    // 2. A job that names another model: the worker switches before it and says so on its stream.
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1, "model": "tiny-z-image"}),
+    );
+    let loading = wait_model_event(&mut events, "loading", "tiny-z-image");
+    assert_eq!(loading["job"], json!(id));
+    assert_eq!(
+        wait_model_event(&mut events, "loaded", "tiny-z-image")["job"],
+        json!(id)
+    );
+    let job = wait_terminal(&s, &id, Duration::from_secs(120));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["params"]["model"], "tiny-z-image");
+    let switch = job["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "model_switch")
+        .expect("the job says the worker switched models for it");
+    assert!(switch["message"].as_str().unwrap().contains("tiny-z-image"));
+    // Its limits were Z-Image's: 72 is refused for it, naming the field.
+    let (st, _, err) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "x", "width": 72, "model": "tiny-z-image"}),
+    );
+    assert_eq!(
+        (st.as_u16(), &err["error"]["field"]),
+        (422, &json!("width"))
+    );
+    let (st, _, err) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "x", "model": "no-such-model"}),
+    );
+    assert_eq!(
+        (st.as_u16(), &err["error"]["field"]),
+        (422, &json!("model")),
+        "{err}"
+    );
+
+    // 3. A1111: the options call answers once the model is loaded, and GET reports it.
+    let (st, _, _) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({"sd_model_checkpoint": "tiny-sd-turbo [no hash]"}),
+    );
+    assert_eq!(st, 200);
+    let (_, opts) = get_json(&s.url("/sdapi/v1/options"));
+    assert_eq!(opts["sd_model_checkpoint"], "tiny-sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    let (_, list) = get_json(&s.url("/sdapi/v1/sd-models"));
+    let titles: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    for t in ["demo", "tiny-z-image", "tiny-sd-turbo", "broken-sd-turbo"] {
+        assert!(titles.contains(&t), "{titles:?}");
+    }
+
+    // 4. A model that does not load: the error names the file, the previous model comes back.
+    let (st, _, _) = post_json(&s.url("/api/model"), &json!({"name": "broken-sd-turbo"}));
+    assert_eq!(st, 202);
+    let failed = wait_model_event(&mut events, "failed", "broken-sd-turbo");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("diffusion_pytorch_model.safetensors"),
+        "the error names the file: {error}"
+    );
+    wait_model_event(&mut events, "loaded", "tiny-sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    let (_, opts) = get_json(&s.url("/sdapi/v1/options"));
+    assert_eq!(opts["sd_model_checkpoint"], "tiny-sd-turbo", "not retried");
+    let (st, _, err) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({"sd_model_checkpoint": "broken-sd-turbo"}),
+    );
+    assert_eq!(st, 500, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("safetensors"),
+        "{err}"
+    );
+    let (st, _, err) = post_json(&s.url("/api/model"), &json!({"name": "nope"}));
+    assert_eq!((st.as_u16(), &err["error"]["field"]), (422, &json!("name")));
+    // Still serving.
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1}),
+    );
+    assert_eq!(
+        wait_terminal(&s, &id, Duration::from_secs(120))["state"],
+        "done"
+    );
+}

@@ -132,6 +132,14 @@ pub enum JobEvent {
         elapsed_ms: u64,
     },
     Notice(Notice),
+    /// The worker switches models for this job: `loading`, then `loaded` or `failed` (the error
+    /// names the file).
+    Model {
+        state: &'static str,
+        name: String,
+        error: Option<String>,
+        elapsed_ms: Option<u64>,
+    },
     /// The live preview after `step` (a `data:image/png` URL); not kept in the record.
     Preview {
         step: usize,
@@ -177,6 +185,13 @@ impl JobEvent {
 
 /// `kind` of the notice a job gets when a server start re-queues it.
 pub const RESUMED_NOTICE: &str = "resumed";
+/// `kind` of the notice a job gets when the worker switched models to run it.
+pub const MODEL_NOTICE: &str = "model_switch";
+
+/// Notices the queue itself adds (not the engine): they outlive the run's own notices.
+pub fn is_queue_notice(kind: &str) -> bool {
+    kind == RESUMED_NOTICE || kind == MODEL_NOTICE
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -18,7 +18,8 @@ use crate::engine::CancelToken;
 use crate::request::ValidRequest;
 pub use job::{JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings};
 use journal::Journal;
-use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
+pub use worker::ModelEvent;
+use worker::{RunError, RunOutput, Work, WorkItem, WorkerEvent};
 
 /// Finished jobs kept in memory for `GET /api/jobs` (older ones stay in the journal on disk).
 pub const HISTORY_LIMIT: usize = 500;
@@ -33,7 +34,8 @@ pub struct QueueConfig {
     /// Jobs that may wait behind the running one.
     pub capacity: usize,
     pub outputs: PathBuf,
-    /// The loaded model's name (recorded with each job).
+    /// The loaded model's name: new jobs run on it unless they name another (or a switch selects
+    /// another).
     pub model: String,
 }
 
@@ -81,13 +83,33 @@ type Subscription = (JobSnapshot, Option<broadcast::Receiver<JobEvent>>);
 pub struct QueueStatus {
     pub running: Option<JobSnapshot>,
     pub queued: usize,
+    /// The model the worker has loaded.
+    pub loaded: String,
+    /// The model new jobs run on (the last switch asked for; usually `loaded`).
+    pub selected: String,
+    /// A switch in progress with no job behind it.
+    pub switching: Option<String>,
+}
+
+/// Where a model switch stands when it is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectOutcome {
+    /// It is already loaded.
+    Loaded,
+    /// The worker is loading it now.
+    Switching,
+    /// New jobs run on it; the worker loads it once the jobs queued before the switch are done.
+    AfterQueued,
 }
 
 enum Command {
     Submit(
         ValidRequest,
+        Option<String>,
         oneshot::Sender<Result<Submitted, SubmitError>>,
     ),
+    SelectModel(String, oneshot::Sender<SelectOutcome>),
+    SubscribeModels(oneshot::Sender<broadcast::Receiver<ModelEvent>>),
     Get(JobId, oneshot::Sender<Option<JobSnapshot>>),
     List(usize, oneshot::Sender<Vec<JobSnapshot>>),
     Cancel(JobId, oneshot::Sender<Result<CancelOutcome, CancelError>>),
@@ -143,9 +165,30 @@ impl QueueHandle {
 
     /// Accepts a job (journaled before this returns) or refuses it at once.
     pub async fn submit(&self, request: ValidRequest) -> Result<Submitted, SubmitError> {
-        self.ask(|tx| Command::Submit(request, tx))
+        self.submit_on(request, None).await
+    }
+
+    /// [`QueueHandle::submit`] on `model` (a name `/api/models` lists) instead of the selected one;
+    /// the worker switches to it when the job's turn comes.
+    pub async fn submit_on(
+        &self,
+        request: ValidRequest,
+        model: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        self.ask(|tx| Command::Submit(request, model, tx))
             .await
             .unwrap_or(Err(SubmitError::Stopped))
+    }
+
+    /// Makes `model` the one new jobs run on, and has the worker load it as soon as it is idle.
+    pub async fn select_model(&self, model: &str) -> Option<SelectOutcome> {
+        self.ask(|tx| Command::SelectModel(model.to_string(), tx))
+            .await
+    }
+
+    /// Every model switch from now on (`/api/events`, the server's view of the loaded model).
+    pub async fn model_events(&self) -> Option<broadcast::Receiver<ModelEvent>> {
+        self.ask(Command::SubscribeModels).await
     }
 
     pub async fn get(&self, id: &str) -> Option<JobSnapshot> {
@@ -180,6 +223,9 @@ impl QueueHandle {
         self.ask(Command::Status).await.unwrap_or(QueueStatus {
             running: None,
             queued: 0,
+            loaded: String::new(),
+            selected: String::new(),
+            switching: None,
         })
     }
 
@@ -235,12 +281,17 @@ impl QueueHandle {
 /// (a job that was running restarts from scratch).
 pub fn start(
     config: QueueConfig,
-    worker: std_mpsc::Sender<WorkItem>,
+    worker: std_mpsc::Sender<Work>,
     worker_events: mpsc::UnboundedReceiver<WorkerEvent>,
     recovered: Vec<JobRecord>,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(64);
+    let model = config.model.clone();
     let mut actor = Actor {
+        loaded: model.clone(),
+        selected: model,
+        switching: None,
+        model_events: broadcast::channel(64).0,
         jobs: HashMap::new(),
         pending: VecDeque::new(),
         running: None,
@@ -334,8 +385,13 @@ struct Actor {
     history: VecDeque<JobId>,
     next_seq: u64,
     journal: Journal,
-    worker: std_mpsc::Sender<WorkItem>,
+    worker: std_mpsc::Sender<Work>,
     config: QueueConfig,
+    /// The model the worker has loaded, the one new jobs run on, and a job-less switch in flight.
+    loaded: String,
+    selected: String,
+    switching: Option<String>,
+    model_events: broadcast::Sender<ModelEvent>,
     /// Moving average of run times (ms), for `Retry-After`.
     run_ms_avg: Option<f64>,
     shutting_down: bool,
@@ -372,9 +428,27 @@ impl Actor {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(req, reply) => {
-                let r = self.submit(req).await;
+            Command::Submit(req, model, reply) => {
+                let r = self.submit(req, model).await;
                 let _ = reply.send(r);
+            }
+            Command::SelectModel(name, reply) => {
+                self.selected = name.clone();
+                let outcome = if self.loaded == name && self.switching.is_none() {
+                    SelectOutcome::Loaded
+                } else if self.switching.as_deref() == Some(name.as_str()) {
+                    SelectOutcome::Switching
+                } else if self.running.is_none() && self.pending.is_empty() {
+                    self.dispatch().await;
+                    SelectOutcome::Switching
+                } else {
+                    SelectOutcome::AfterQueued
+                };
+                tracing::info!(model = %name, ?outcome, "model selected");
+                let _ = reply.send(outcome);
+            }
+            Command::SubscribeModels(reply) => {
+                let _ = reply.send(self.model_events.subscribe());
             }
             Command::Get(id, reply) => {
                 let _ = reply.send(self.snapshot(&id));
@@ -414,6 +488,9 @@ impl Actor {
                 let _ = reply.send(QueueStatus {
                     running,
                     queued: self.pending.len(),
+                    loaded: self.loaded.clone(),
+                    selected: self.selected.clone(),
+                    switching: self.switching.clone(),
                 });
             }
             Command::CancelQueued(reply) => {
@@ -484,7 +561,11 @@ impl Actor {
         }
     }
 
-    async fn submit(&mut self, request: ValidRequest) -> Result<Submitted, SubmitError> {
+    async fn submit(
+        &mut self,
+        request: ValidRequest,
+        model: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
         if self.shutting_down {
             return Err(SubmitError::ShuttingDown);
         }
@@ -502,7 +583,7 @@ impl Actor {
             id: id.clone(),
             seq: self.next_seq,
             state: JobState::Queued,
-            model: self.config.model.clone(),
+            model: model.unwrap_or_else(|| self.selected.clone()),
             created_at: job::now_ms(),
             started_at: None,
             finished_at: None,
@@ -638,12 +719,19 @@ impl Actor {
         HistoryPage { jobs, next_before }
     }
 
-    /// Starts the next job when the worker is free.
+    /// Starts the next job when the worker is free; with nothing to run, has it load the selected
+    /// model if another one is loaded.
     async fn dispatch(&mut self) {
-        if self.running.is_some() || self.shutting_down {
+        if self.running.is_some() || self.switching.is_some() || self.shutting_down {
             return;
         }
         let Some(id) = self.pending.pop_front() else {
+            if self.selected != self.loaded {
+                let name = self.selected.clone();
+                if self.worker.send(Work::Load(name.clone())).is_ok() {
+                    self.switching = Some(name);
+                }
+            }
             return;
         };
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -663,11 +751,12 @@ impl Actor {
             request: job.record.request.clone(),
             cancel,
             queue_ms,
+            model: job.record.model.clone(),
         };
         job.emit(JobEvent::Started);
         let record = job.record.clone();
         self.running = Some(id.clone());
-        if self.worker.send(item).is_err() {
+        if self.worker.send(Work::Job(item)).is_err() {
             self.running = None;
             self.finish(
                 &id,
@@ -718,6 +807,7 @@ impl Actor {
                     }
                 }
             }
+            WorkerEvent::Model(ev) => self.model_event(ev).await,
             WorkerEvent::Notice { id, notice } => {
                 if let Some(job) = self.jobs.get_mut(&id) {
                     job.record.notices.push(notice.clone());
@@ -737,6 +827,80 @@ impl Actor {
                 self.dispatch().await;
             }
         }
+    }
+
+    /// A switch's progress: the job that asked for it hears it on its stream; `/api/events` and
+    /// the server's model info follow every switch.
+    async fn model_event(&mut self, ev: ModelEvent) {
+        let (job, event) = match &ev {
+            ModelEvent::Loading { name, job } => (
+                job.clone(),
+                JobEvent::Model {
+                    state: "loading",
+                    name: name.clone(),
+                    error: None,
+                    elapsed_ms: None,
+                },
+            ),
+            ModelEvent::Loaded {
+                loaded,
+                job,
+                elapsed_ms,
+            } => {
+                self.loaded = loaded.model.clone();
+                if self.switching.as_deref() == Some(loaded.model.as_str()) {
+                    self.switching = None;
+                }
+                (
+                    job.clone(),
+                    JobEvent::Model {
+                        state: "loaded",
+                        name: loaded.model.clone(),
+                        error: None,
+                        elapsed_ms: Some(*elapsed_ms),
+                    },
+                )
+            }
+            ModelEvent::Failed { name, error, job } => {
+                if self.switching.as_deref() == Some(name.as_str()) {
+                    self.switching = None;
+                }
+                // Do not retry a model that does not load: new jobs go back to what runs.
+                if self.selected == *name {
+                    self.selected = self.loaded.clone();
+                }
+                (
+                    job.clone(),
+                    JobEvent::Model {
+                        state: "failed",
+                        name: name.clone(),
+                        error: Some(error.clone()),
+                        elapsed_ms: None,
+                    },
+                )
+            }
+        };
+        if let Some(job) = job.and_then(|id| self.jobs.get_mut(&id)) {
+            job.emit(event);
+            // The record says which model the worker switched to for it.
+            if let ModelEvent::Loaded {
+                loaded, elapsed_ms, ..
+            } = &ev
+            {
+                let notice = crate::engine::Notice::new(
+                    job::MODEL_NOTICE,
+                    format!(
+                        "switched to the model {} for this job (loaded in {:.1} s)",
+                        loaded.model,
+                        *elapsed_ms as f64 / 1000.0
+                    ),
+                );
+                job.record.notices.push(notice.clone());
+                job.emit(JobEvent::Notice(notice));
+            }
+        }
+        let _ = self.model_events.send(ev);
+        self.dispatch().await;
     }
 
     async fn finished(&mut self, id: &str, outcome: Result<Box<RunOutput>, RunError>) {
@@ -777,7 +941,7 @@ impl Actor {
                     .record
                     .notices
                     .drain(..)
-                    .filter(|n| n.kind == job::RESUMED_NOTICE)
+                    .filter(|n| job::is_queue_notice(&n.kind))
                     .collect();
                 kept.extend(notices);
                 job.record.notices = kept;

@@ -20,7 +20,7 @@ pub async fn get(
     if !is_image_name(&file) {
         return Err(missing());
     }
-    let path = s.info.outputs.join(&file);
+    let path = s.info().outputs.join(&file);
     match tokio::fs::symlink_metadata(&path).await {
         Ok(m) if m.is_file() => {}
         _ => return Err(missing()),

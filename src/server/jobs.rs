@@ -126,10 +126,24 @@ impl From<JobSnapshot> for JobView {
 
 pub async fn submit(
     State(s): State<AppState>,
-    ApiJson(req): ApiJson<GenerationRequest>,
+    ApiJson(mut req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    let valid = req.validate(&s.info.limits)?;
-    let sub = submit_valid(&s, valid).await?;
+    // The job runs on the model it names, else on the selected one: validate for that model.
+    let named = req.model.take().map(|m| m.trim().to_string());
+    let target = match &named {
+        Some(name) => name.clone(),
+        None => s.queue.status().await.selected,
+    };
+    let info = s.info();
+    let limits = if target.is_empty() || target == info.model {
+        info.limits
+    } else {
+        let listing = super::models::find_local(&s, &target, "model").await?;
+        super::models::limits_for(&s, &listing)?
+    };
+    let valid = req.validate(&limits)?;
+    // A named model is recorded as asked; otherwise the queue records the selected one.
+    let sub = submit_valid_on(&s, valid, named).await?;
     Ok((
         StatusCode::ACCEPTED,
         [(
@@ -143,14 +157,23 @@ pub async fn submit(
 
 /// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here.
 pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted, ApiError> {
-    match s.queue.submit(valid).await {
+    submit_valid_on(s, valid, None).await
+}
+
+/// [`submit_valid`] on a named model (checked by the caller) instead of the selected one.
+pub async fn submit_valid_on(
+    s: &AppState,
+    valid: ValidRequest,
+    model: Option<String>,
+) -> Result<Submitted, ApiError> {
+    match s.queue.submit_on(valid, model).await {
         Ok(sub) => Ok(sub),
         Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             None,
             format!(
                 "the queue is full ({} jobs waiting); retry in {retry_after_s} s",
-                s.info.queue_size
+                s.info().queue_size
             ),
         )
         .with_retry_after(retry_after_s)),
@@ -185,7 +208,7 @@ pub async fn wait_job(s: &AppState, id: &str) -> Result<JobSnapshot, ApiError> {
 pub async fn read_images(s: &AppState, snap: &JobSnapshot) -> Result<Vec<Vec<u8>>, ApiError> {
     let mut out = Vec::with_capacity(snap.record.images.len());
     for name in &snap.record.images {
-        let path = s.info.outputs.join(name);
+        let path = s.info().outputs.join(name);
         let bytes = tokio::fs::read(&path)
             .await
             .map_err(|e| ApiError::internal(format!("could not read {}: {e}", path.display())))?;
@@ -367,6 +390,16 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
             json!({ "step": step, "total": total, "elapsed_ms": elapsed_ms }).to_string(),
         ),
         JobEvent::Notice(n) => ("notice", text(serde_json::to_string(n))),
+        JobEvent::Model {
+            state,
+            name,
+            error,
+            elapsed_ms,
+        } => (
+            "model",
+            json!({ "state": state, "name": name, "error": error, "elapsed_ms": elapsed_ms })
+                .to_string(),
+        ),
         JobEvent::Preview { step, image } => (
             "preview",
             json!({ "step": step, "image": image }).to_string(),
@@ -448,7 +481,7 @@ pub async fn events(
     Path(id): Path<String>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    let preview = s.info.preview && wants_preview(&uri);
+    let preview = s.info().preview && wants_preview(&uri);
     let (snap, rx) = s.queue.subscribe(&id).await.ok_or_else(|| no_job(&id))?;
     let first = current_state(&snap, preview);
     let ended = first.iter().any(JobEvent::is_terminal);
@@ -530,7 +563,7 @@ pub async fn enhance(
             ));
         }
     }
-    let profile = s.info.profile;
+    let profile = s.info().profile;
     let cfg = req.cfg.unwrap_or(profile.defaults.cfg);
     if !cfg.is_finite() || !(MIN_CFG..=MAX_CFG).contains(&cfg) {
         return Err(ApiError::field(

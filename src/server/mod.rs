@@ -66,18 +66,11 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
-    pub fn new(
-        loaded: &Loaded,
-        demo: bool,
-        description: String,
-        queue_size: usize,
-        models_dir: PathBuf,
-        outputs: PathBuf,
-    ) -> Self {
+    pub fn new(loaded: &Loaded, queue_size: usize, models_dir: PathBuf, outputs: PathBuf) -> Self {
         Self {
             model: loaded.model.clone(),
-            demo,
-            description,
+            demo: loaded.meta.demo,
+            description: loaded.meta.description.clone(),
             profile: loaded.profile,
             limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
             device: loaded.device.clone(),
@@ -86,10 +79,43 @@ impl ServerInfo {
             queue_size,
             models_dir,
             outputs,
-            model_path: None,
+            model_path: loaded.meta.path.clone(),
             started_at_s: crate::queue::job::now_ms() / 1000,
             preview: true,
         }
+    }
+
+    /// The same server with `loaded` as its model (after a switch).
+    pub fn with_model(&self, loaded: &Loaded) -> Self {
+        Self {
+            model: loaded.model.clone(),
+            demo: loaded.meta.demo,
+            description: loaded.meta.description.clone(),
+            profile: loaded.profile,
+            limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
+            model_path: loaded.meta.path.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The server's facts, replaced as a whole when the worker switches models; handlers read a
+/// snapshot ([`AppState::info`]) and never hold the lock.
+#[derive(Clone)]
+pub struct SharedInfo(Arc<std::sync::RwLock<Arc<ServerInfo>>>);
+
+impl SharedInfo {
+    pub fn new(info: ServerInfo) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(info))))
+    }
+
+    pub fn get(&self) -> Arc<ServerInfo> {
+        // A poisoned lock still holds a whole ServerInfo (it is replaced, never edited in place).
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, info: ServerInfo) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(info);
     }
 }
 
@@ -97,7 +123,7 @@ impl ServerInfo {
 pub struct AppState {
     pub queue: QueueHandle,
     pub monitor: Arc<Monitor>,
-    pub info: Arc<ServerInfo>,
+    pub info: SharedInfo,
     /// Turns `true` when the server shuts down: SSE streams end so connections can drain.
     pub shutdown: watch::Receiver<bool>,
     pub security: Arc<security::Security>,
@@ -106,6 +132,29 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The server's facts now (the loaded model's, after any switch).
+    pub fn info(&self) -> Arc<ServerInfo> {
+        self.info.get()
+    }
+
+    /// Follows the worker's model switches: `/api/info`, `/api/health`, validation limits and the
+    /// A1111 options name the model that is loaded.
+    pub async fn follow_model_switches(self) {
+        let Some(mut rx) = self.queue.model_events().await else {
+            return;
+        };
+        loop {
+            match rx.recv().await {
+                Ok(crate::queue::ModelEvent::Loaded { loaded, .. }) => {
+                    let next = self.info().with_model(&loaded);
+                    self.info.set(next);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
     /// Resolves when the server starts shutting down (never, if nobody can signal it).
     pub fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.shutdown.clone();
@@ -187,6 +236,8 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/api/auth", security::auth_status),
         route(Post, "/api/auth", security::auth),
         route(Get, "/api/models", models::list),
+        route(Post, "/api/model", models::select),
+        route(Get, "/api/events", models::events),
         route(Post, "/api/models/{name}/pull", models::pull),
         route(Get, "/api/models/{name}/pull/events", models::pull_events),
         route(Post, "/api/enhance", jobs::enhance),
@@ -398,13 +449,13 @@ mod tests {
     use crate::families::{Defaults, FamilyKind};
     use crate::memory::monitor::Tags;
     use crate::memory::probe::CpuProbe;
-    use crate::queue::worker::{WorkItem, WorkerEvent};
+    use crate::queue::worker::{Work, WorkerEvent};
     use crate::queue::{self, QueueConfig};
 
     /// A server whose worker never runs anything: jobs handed to it stay "running".
     struct Fixture {
         app: Router,
-        work: std::sync::mpsc::Receiver<WorkItem>,
+        work: std::sync::mpsc::Receiver<Work>,
         _events: tokio::sync::mpsc::UnboundedSender<WorkerEvent>,
         _shutdown: watch::Sender<bool>,
     }
@@ -470,7 +521,7 @@ mod tests {
             app: app(AppState {
                 queue,
                 monitor,
-                info: Arc::new(info),
+                info: SharedInfo::new(info),
                 shutdown,
                 security: Arc::new(security),
                 downloads: models::Downloads::default(),
@@ -695,7 +746,9 @@ mod tests {
         let (st, _, a) = call(&f.app, "POST", "/api/jobs", Some(body)).await;
         assert_eq!(st, StatusCode::ACCEPTED, "{a}");
         assert_eq!(a["position"], 0);
-        let item = f.work.try_recv().expect("handed to the worker");
+        let Work::Job(item) = f.work.try_recv().expect("handed to the worker") else {
+            panic!("a job, not a model switch");
+        };
         assert_eq!(item.id, a["id"].as_str().unwrap());
         assert_eq!(item.request.width, 64);
         let (st, _, b) = call(&f.app, "POST", "/api/jobs", Some(body)).await;

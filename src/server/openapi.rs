@@ -111,6 +111,14 @@ fn paths() -> Value {
             "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`"),
             "404": error_ref("NotFound"),
         })), "parameters", json!([model_name])) },
+        "/api/model": { "post": body(op("select_model", "models", "Switch models: new jobs run on `name`; the worker loads it between jobs (at once when idle)", json!({
+            "200": { "description": "already loaded: `{name, state: \"loaded\"}`", "content": { "application/json": { "schema": { "type": "object" } } } },
+            "202": { "description": "`{name, state: \"switching\" | \"after_queued\"}`; `GET /api/events` reports the switch", "content": { "application/json": { "schema": { "type": "object" } } } },
+            "400": error_ref("BadRequest"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"), "503": error_ref("Unavailable"),
+        })), "SelectModelRequest") },
+        "/api/events": { "get": op("events", "models", "Server-wide events (SSE)", json!({
+            "200": sse("`model {state, name, job?, family?, elapsed_ms?, error?}`: the model loaded now (or loading) first, then each switch — `loading`, then `loaded` or `failed` (the error names the file)"),
+        })) },
         "/api/enhance": { "post": body(op("enhance", "jobs", "Preview the prompt enhancement", json!({
             "200": ok("the enhanced texts and advice", "Enhanced"),
             "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"),
@@ -171,12 +179,12 @@ fn paths() -> Value {
         })), "A1111Txt2ImgRequest") },
         "/sdapi/v1/progress": { "get": op("a1111_progress", "a1111", "Progress of the running job", json!({ "200": ok("progress", "A1111Progress") })) },
         "/sdapi/v1/interrupt": { "post": op("a1111_interrupt", "a1111", "Stop the running job", json!({ "200": { "description": "`{}`", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
-        "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The loaded checkpoint", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
+        "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The models on this machine (switch with `POST /sdapi/v1/options`)", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
         "/sdapi/v1/options": {
             "get": op("a1111_options", "a1111", "Settings clients read", json!({ "200": ok("options", "A1111Options") })),
-            "post": body(op("a1111_set_options", "a1111", "Accepted and ignored (logged)", json!({
+            "post": body(op("a1111_set_options", "a1111", "`sd_model_checkpoint` switches models (answers once loaded); other options are logged and ignored", json!({
                 "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } },
-                "422": error_ref("A1111Validation"),
+                "422": error_ref("A1111Validation"), "500": error_ref("A1111Error"), "503": error_ref("A1111Error"),
             })), "A1111Options"),
         },
         "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
@@ -281,6 +289,7 @@ fn components(f: &Facts) -> Value {
                 "batch": batch.clone(),
                 "enhance": { "type": "boolean", "nullable": true },
                 "memory_mode": { "type": "string", "enum": modes, "nullable": true },
+                "model": { "type": "string", "nullable": true, "description": "a local model (`GET /api/models`) to run on; the selected one when absent — the worker switches between jobs" },
                 "enhance_exclude": { "type": "array", "maxItems": MAX_EXCLUDED_PHRASES, "items": { "type": "string", "maxLength": MAX_EXCLUDE_CHARS }, "description": "added phrases the enhancement leaves out (removed from the preview)" },
             } },
             "Accepted": { "type": "object", "required": ["id", "position"], "properties": { "id": { "type": "string" }, "position": { "type": "integer" } } },
@@ -310,6 +319,8 @@ fn components(f: &Facts) -> Value {
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
                 "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
+            "SelectModelRequest": { "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                "name": { "type": "string", "description": "a model `GET /api/models` lists as loaded or on disk" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
                 "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true },
@@ -462,9 +473,9 @@ pub fn spec(f: &Facts) -> Value {
 /// `GET /openapi.json`.
 pub async fn document(State(s): State<super::AppState>) -> Response {
     let facts = Facts {
-        model: s.info.model.clone(),
-        size_multiple: s.info.profile.size_multiple,
-        max_batch: s.info.limits.max_batch,
+        model: s.info().model.clone(),
+        size_multiple: s.info().profile.size_multiple,
+        max_batch: s.info().limits.max_batch,
     };
     (
         [(header::CONTENT_TYPE, "application/json")],

@@ -72,12 +72,31 @@ async function switchModel(name) {
   pick.disabled = true;
   $('model-status').textContent = t('models.switching', { name });
   try {
-    await api('/api/model', { method: 'POST', body: { name } });
+    const { data } = await api('/api/model', { method: 'POST', body: { name } });
+    // /api/events reports the switch; should that stream be reconnecting, the facts are polled.
+    if (data && data.state !== 'after_queued') watchSwitch(name);
   } catch (e) {
     $('model-status').textContent = '';
     toast(t('models.switchFailed', { name, error: e.message }), 'bad', 8000);
     renderPicker();
   }
+}
+
+function watchSwitch(name) {
+  const until = Date.now() + 120_000;
+  const tick = async () => {
+    const shown = state.info && state.info.model ? state.info.model.name : null;
+    if (shown === name || Date.now() > until) return;
+    try {
+      const { data } = await api('/api/info');
+      if (data && data.model && data.model.name === name) {
+        emit('model:switched', { state: 'loaded', name });
+        return;
+      }
+    } catch { /* the outage path takes over */ }
+    setTimeout(tick, 1000);
+  };
+  setTimeout(tick, 1000);
 }
 
 /** Server-wide events: model switches (from this page, another tab or the A1111 API). */
@@ -86,20 +105,28 @@ export function connectEvents() {
   if (events) events.close();
   const es = new EventSource('/api/events');
   events = es;
+  let switching = false;
   es.addEventListener('model', (ev) => {
     const d = parseData(ev);
     const status = $('model-status');
+    const shown = state.info && state.info.model ? state.info.model.name : null;
     if (d.state === 'loading') {
+      switching = true;
       status.textContent = t('models.switching', { name: d.name });
       $('model-picker').disabled = true;
     } else if (d.state === 'loaded') {
       status.textContent = '';
-      toast(t('models.switched', { name: d.name }), 'ok', 3000);
-      emit('model:switched', d);
+      // The first event says what is loaded now; a toast only for a switch seen happening.
+      if (switching) toast(t('models.switched', { name: d.name }), 'ok', 3000);
+      switching = false;
+      if (d.name !== shown) emit('model:switched', d);
+      else renderPicker();
     } else if (d.state === 'failed') {
+      switching = false;
       status.textContent = '';
-      toast(t('models.switchFailed', { name: d.name, error: d.error || '' }), 'bad', 10000);
-      emit('model:switched', d);
+      // One sentence; the file at fault is in the error.
+      toast(t('models.switchFailed', { name: d.name, error: d.error || '' }), 'bad', 12000);
+      renderPicker();
     }
   });
   es.addEventListener('error', () => {
