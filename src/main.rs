@@ -17,7 +17,8 @@ use zturbo::engine::{
     CancelToken, Engine, EngineConfig, Notice, Observer, Phase, RunExtras, StepEvent,
 };
 use zturbo::families::{self, catalog, Precision, PrecisionPolicy};
-use zturbo::memory::planner::{parse_bytes, MemoryMode};
+use zturbo::memory::parse_bytes;
+use zturbo::memory::planner::MemoryMode;
 use zturbo::memory::probe::MemoryProbe;
 use zturbo::request::{GenerationRequest, Limits};
 use zturbo::settings::{device_label, DeviceSpec};

@@ -228,7 +228,7 @@ impl Family for Spy {
     fn components_mut(&mut self) -> &mut dyn zturbo::families::Components {
         self.inner.components_mut()
     }
-    fn activation_model(&self) -> zturbo::memory::planner::ActivationModel {
+    fn activation_model(&self) -> zturbo::memory::ActivationModel {
         self.inner.activation_model()
     }
     fn schedule(
