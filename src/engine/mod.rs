@@ -6,7 +6,6 @@ pub mod decode;
 pub mod denoise;
 pub mod guard;
 pub mod output;
-pub mod prompt;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,9 +19,9 @@ use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
 use crate::nn::rng;
+use crate::prompt::{self, Enhanced, PromptContext};
 use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
-use prompt::{Enhanced, PromptContext};
 
 /// Seeds of the black-image retry are offset by this (a large prime, so the retry's noise shares
 /// nothing with any neighbouring seed the user might also try).

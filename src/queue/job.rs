@@ -5,8 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::prompt::Enhanced;
 use crate::engine::{Notice, ResolvedParams};
+use crate::prompt::Enhanced;
 use crate::request::ValidRequest;
 
 /// A job's id: 16 lowercase hex digits (also the stem of its files in the outputs folder).

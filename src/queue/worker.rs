@@ -12,7 +12,6 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::job::{image_name, JobId};
 use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
-use crate::engine::prompt::Enhanced;
 use crate::engine::{
     CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
     StepEvent, Timings,
@@ -20,6 +19,7 @@ use crate::engine::{
 use crate::families::Profile;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
+use crate::prompt::Enhanced;
 use crate::request::ValidRequest;
 
 /// Test hook: milliseconds the worker sleeps after every denoising step (cancellable), so tests

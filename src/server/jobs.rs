@@ -12,9 +12,9 @@ use tokio::sync::broadcast;
 
 use super::error::{ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
-use crate::engine::prompt::{self, Enhanced, PromptContext};
 use crate::engine::{Notice, ResolvedParams};
 use crate::memory::planner::MemoryMode;
+use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
     SubmitError, Submitted,

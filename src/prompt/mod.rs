@@ -13,7 +13,7 @@ use crate::families::profile::{fmt_num, Band, BandLevel, Profile};
 /// anti-black-image defence.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "nsfw, blurry, deformed, black screen";
 
-const RULES_TOML: &str = include_str!("prompt_rules.toml");
+const RULES_TOML: &str = include_str!("rules.toml");
 
 const MAX_SCANNED_WORDS: usize = 256;
 
