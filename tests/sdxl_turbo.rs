@@ -485,7 +485,7 @@ fn engine_runs_are_finite_and_deterministic() {
     let guided = go(&mut e, 1, 1.5, 7);
     assert!(max_abs(&guided.latents).is_finite());
     assert!(max_abs_diff(&a.latents, &guided.latents) > 1e-3);
-    assert_eq!(guided.params.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!(guided.params.run.negative_prompt.as_deref(), Some("blurry"));
 }
 
 #[test]

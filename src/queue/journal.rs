@@ -122,6 +122,34 @@ mod tests {
         }
     }
 
+    /// A failed job's error is journaled typed; one journaled before the error was typed (a plain
+    /// message) still loads, as an internal failure with its message.
+    #[test]
+    fn failures_round_trip_and_old_messages_still_load() {
+        use crate::queue::job::{FailureKind, JobError};
+        let mut r = record(3);
+        r.state = JobState::Failed;
+        r.error = Some(JobError::new(
+            FailureKind::DoesNotFit,
+            "not enough memory: 9 GiB",
+        ));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["error"]["kind"], "does_not_fit");
+        let back: JobRecord = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, r);
+        let mut old = json;
+        old["error"] = serde_json::json!("the worker thread has stopped");
+        let back: JobRecord = serde_json::from_value(old.clone()).unwrap();
+        let e = back.error.unwrap();
+        assert_eq!(e.kind, FailureKind::Internal);
+        assert_eq!(e.message, "the worker thread has stopped");
+        old["error"] = serde_json::Value::Null;
+        assert!(serde_json::from_value::<JobRecord>(old)
+            .unwrap()
+            .error
+            .is_none());
+    }
+
     #[test]
     fn round_trips_in_order_and_skips_damage() {
         let dir = std::env::temp_dir().join(format!("zturbo-journal-{}", new_job_id()));

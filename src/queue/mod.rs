@@ -16,7 +16,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::engine::CancelToken;
 use crate::request::ValidRequest;
-pub use job::{JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings};
+pub use job::{
+    FailureKind, JobError, JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings,
+};
 use journal::Journal;
 use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
 
@@ -498,7 +500,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
             return;
@@ -615,7 +620,7 @@ impl Actor {
     }
 
     /// Moves a job to a terminal state: record, sidecar, journal, subscribers, history.
-    async fn finish(&mut self, id: &str, state: JobState, error: Option<String>) {
+    async fn finish(&mut self, id: &str, state: JobState, error: Option<JobError>) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
@@ -667,7 +672,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
         }

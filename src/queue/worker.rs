@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::job::{image_name, JobId};
+use super::job::{image_name, FailureKind, JobError, JobId};
 use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
 use crate::engine::{
     CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
@@ -53,7 +53,7 @@ pub struct RunOutput {
 pub enum RunError {
     /// The cancel token stopped the run between steps.
     Cancelled,
-    Failed(String),
+    Failed(JobError),
 }
 
 /// What the worker tells the queue while it runs.
@@ -234,12 +234,17 @@ fn run(
                         images,
                     })
                 })
-                .map_err(|e| RunError::Failed(format!("could not write the image: {e}"))),
+                .map_err(|e| {
+                    RunError::Failed(JobError::new(
+                        FailureKind::Output,
+                        format!("could not write the image: {e}"),
+                    ))
+                }),
             Ok(Err(EngineError::Cancelled)) => Err(RunError::Cancelled),
-            Ok(Err(e)) => Err(RunError::Failed(e.to_string())),
-            Err(p) => Err(RunError::Failed(format!(
-                "internal error: the engine panicked: {}",
-                panic_text(&*p)
+            Ok(Err(e)) => Err(RunError::Failed(JobError::from(&e))),
+            Err(p) => Err(RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                format!("internal error: the engine panicked: {}", panic_text(&*p)),
             ))),
         };
         config.tags.set_job(None);

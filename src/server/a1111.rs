@@ -21,7 +21,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::error::{parse_json, ApiError, JsonBody};
+use super::error::{failure_status, parse_json, ApiError, JsonBody};
 use super::jobs::{read_images, submit_valid, wait_job};
 use super::models::json_f32;
 use super::AppState;
@@ -131,9 +131,9 @@ impl IntoResponse for A1111Error {
 }
 
 /// A failed run, as A1111's exception handler reports it.
-fn run_failed(message: String) -> A1111Error {
+fn run_failed(status: StatusCode, message: String) -> A1111Error {
     A1111Error {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
+        status,
         body: json!({ "error": "RuntimeError", "detail": "", "body": "", "errors": message }),
         retry_after_s: None,
     }
@@ -334,7 +334,15 @@ pub async fn txt2img(
                     break;
                 }
                 return Err(run_failed(
-                    snap.record.error.unwrap_or_else(|| "the job failed".into()),
+                    snap.record
+                        .error
+                        .as_ref()
+                        .map_or(StatusCode::INTERNAL_SERVER_ERROR, |e| {
+                            failure_status(e.kind)
+                        }),
+                    snap.record
+                        .error
+                        .map_or_else(|| "the job failed".into(), |e| e.message),
                 ));
             }
         }
@@ -391,10 +399,10 @@ fn echo_parameters(
 fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &[Made]) -> Value {
     let n = made.len().max(1);
     let prompt = p
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_else(|| v.prompt.clone());
     let negative = p
-        .and_then(|p| p.negative_prompt.clone())
+        .and_then(|p| p.run.negative_prompt.clone())
         .or_else(|| v.negative_prompt.clone())
         .unwrap_or_default();
     let all_seeds: Vec<u64> = if made.is_empty() {
@@ -415,11 +423,11 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "subseed": -1,
         "all_subseeds": vec![-1; n],
         "subseed_strength": 0,
-        "width": p.map(|p| p.width).unwrap_or(v.width),
-        "height": p.map(|p| p.height).unwrap_or(v.height),
+        "width": p.map(|p| p.run.width).unwrap_or(v.width),
+        "height": p.map(|p| p.run.height).unwrap_or(v.height),
         "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.profile.sampler.to_string()),
-        "cfg_scale": json_f32(p.map(|p| p.cfg).unwrap_or(v.cfg)),
-        "steps": p.map(|p| p.steps).unwrap_or(v.steps),
+        "cfg_scale": json_f32(p.map(|p| p.run.cfg).unwrap_or(v.cfg)),
+        "steps": p.map(|p| p.run.steps).unwrap_or(v.steps),
         "batch_size": v.batch,
         "restore_faces": false,
         "face_restoration_model": null,

@@ -10,6 +10,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::queue::{FailureKind, JobError};
 use crate::request::FieldError;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,6 +67,27 @@ impl ApiError {
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after_s = Some(seconds);
         self
+    }
+}
+
+/// The status a failed job answers with where a surface waits for it (OpenAI, A1111): the user's
+/// request when the engine could not run it as given, the device when it does not fit, ours
+/// otherwise.
+pub fn failure_status(kind: FailureKind) -> StatusCode {
+    match kind {
+        FailureKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        FailureKind::DoesNotFit => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::Model
+        | FailureKind::NonFinite
+        | FailureKind::BlankImage
+        | FailureKind::Output
+        | FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<&JobError> for ApiError {
+    fn from(e: &JobError) -> Self {
+        Self::new(failure_status(e.kind), None, e.message.clone())
     }
 }
 
@@ -224,6 +246,26 @@ fn backticked(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_jobs_answer_with_the_status_of_their_kind() {
+        use crate::queue::{FailureKind, JobError};
+        let e = ApiError::from(&JobError::new(FailureKind::Invalid, "initial latents"));
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.body.error.message, "initial latents");
+        let status = |k| failure_status(k);
+        assert_eq!(
+            status(FailureKind::DoesNotFit),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        for k in [
+            FailureKind::Model,
+            FailureKind::BlankImage,
+            FailureKind::Internal,
+        ] {
+            assert_eq!(status(k), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
     use crate::request::GenerationRequest;
 
     fn err(json: &str) -> ApiError {

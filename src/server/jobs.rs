@@ -13,7 +13,6 @@ use tokio::sync::broadcast;
 use super::error::{ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
 use crate::engine::{Notice, ResolvedParams};
-use crate::memory::planner::MemoryMode;
 use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
@@ -44,6 +43,9 @@ pub struct JobView {
     /// The memory plan the run used; `null` until it ran.
     pub plan: Option<crate::memory::planner::Plan>,
     pub error: Option<String>,
+    /// What kind of failure `error` is (`model`, `does_not_fit`, `invalid`, …); `null` unless
+    /// the job failed.
+    pub error_kind: Option<crate::queue::FailureKind>,
 }
 
 /// After the run: as resolved (final prompts, the seed, `cfg` = the CFG actually used,
@@ -55,20 +57,13 @@ pub enum ParamsView {
     Requested(RequestedParams),
 }
 
+/// A job that has not run yet: the validated request as it will run, flat.
 #[derive(Debug, Serialize)]
 pub struct RequestedParams {
     pub model: String,
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub cfg: f32,
     pub cfg_requested: f32,
-    pub seed: u64,
-    pub batch: u32,
-    pub enhance: bool,
-    pub memory_mode: MemoryMode,
+    #[serde(flatten)]
+    pub request: ValidRequest,
 }
 
 impl From<JobSnapshot> for JobView {
@@ -76,23 +71,11 @@ impl From<JobSnapshot> for JobView {
         let r = s.record;
         let params = match r.params {
             Some(p) => ParamsView::Resolved(p),
-            None => {
-                let q = r.request;
-                ParamsView::Requested(RequestedParams {
-                    model: r.model,
-                    prompt: q.prompt,
-                    negative_prompt: q.negative_prompt,
-                    width: q.width,
-                    height: q.height,
-                    steps: q.steps,
-                    cfg: q.cfg,
-                    cfg_requested: q.cfg,
-                    seed: q.seed,
-                    batch: q.batch,
-                    enhance: q.enhance,
-                    memory_mode: q.memory_mode,
-                })
-            }
+            None => ParamsView::Requested(RequestedParams {
+                model: r.model,
+                cfg_requested: r.request.cfg,
+                request: r.request,
+            }),
         };
         Self {
             id: r.id,
@@ -110,7 +93,8 @@ impl From<JobSnapshot> for JobView {
             timings: r.timings,
             peak_memory_bytes: r.peak_memory_bytes,
             plan: r.plan,
-            error: r.error,
+            error_kind: r.error.as_ref().map(|e| e.kind),
+            error: r.error.map(|e| e.message),
         }
     }
 }
@@ -265,7 +249,10 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
         ),
         JobEvent::Failed { error } => (
             "failed",
-            text(serde_json::to_string(&ErrorBody::new(None, error.clone()))),
+            text(serde_json::to_string(&ErrorBody::new(
+                None,
+                error.message.clone(),
+            ))),
         ),
         JobEvent::Cancelled => ("cancelled", "{}".into()),
     }

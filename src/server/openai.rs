@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::error::{parse_json, ApiError, JsonBody};
+use super::error::{failure_status, parse_json, ApiError, JsonBody};
 use super::jobs::{read_images, submit_valid, wait_job};
 use super::AppState;
 use crate::queue::JobState;
@@ -315,22 +315,23 @@ pub async fn generations(
             ))
         }
         _ => {
+            let (status, message) = match &snap.record.error {
+                Some(e) => (failure_status(e.kind), e.message.as_str()),
+                None => (StatusCode::INTERNAL_SERVER_ERROR, "unknown error"),
+            };
             return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                status,
                 None,
                 None,
-                format!(
-                    "image generation failed: {}",
-                    snap.record.error.as_deref().unwrap_or("unknown error")
-                ),
-            ))
+                format!("image generation failed: {message}"),
+            ));
         }
     }
     let revised = snap
         .record
         .params
         .as_ref()
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_default();
     let created = snap.record.created_at / 1000;
     let data = if format == "b64_json" {

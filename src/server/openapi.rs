@@ -8,8 +8,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::engine::NoticeKind;
 use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
+use crate::queue::FailureKind;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
@@ -283,10 +285,13 @@ fn components(f: &Facts) -> Value {
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
                 "error": nullable_string.clone(),
+                "error_kind": { "type": "string", "nullable": true,
+                    "enum": FailureKind::ALL,
+                    "description": "what kind of failure `error` is (null unless the job failed)" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
-                "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
+                "kind": { "type": "string", "enum": NoticeKind::ALL }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
