@@ -323,7 +323,7 @@ fn components(f: &Facts) -> Value {
                         "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
                         "bands": { "type": "array", "items": schema("Band") } } } } },
             "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
-                "description": "A value falls in the first band whose max is ≥ the value; texts may hold {value}, {default} and {safe}",
+                "description": "A value falls in the first band whose max is ≥ the value (max null: unbounded). Texts may hold {value} (the value), {default} (model.defaults.steps or model.defaults.cfg, whichever ladder the band is in) and {safe} (model.safe_cfg_max)",
                 "properties": {
                     "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
                     "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },
