@@ -75,10 +75,11 @@ fn body(operation: Value, name: &str) -> Value {
 
 fn paths() -> Value {
     let job_id = path_param("id", "a job id (16 hex digits)");
-    let model_name = path_param(
-        "name",
-        "a catalog model: z-image-turbo, sd-turbo, sdxl-turbo",
-    );
+    let catalog: Vec<&str> = crate::families::catalog::CATALOG
+        .iter()
+        .map(|e| e.name)
+        .collect();
+    let model_name = path_param("name", &format!("a catalog model: {}", catalog.join(", ")));
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
@@ -217,7 +218,7 @@ fn components(f: &Facts) -> Value {
     let nullable_string = json!({ "type": "string", "nullable": true });
     let side = nullable(
         json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": f.size_multiple,
-        "description": "a multiple of the loaded model's size multiple (16 for Z-Image, 8 for SD)" }),
+        "description": format!("a multiple of the loaded model's size multiple ({})", f.size_multiple) }),
     );
     let batch = nullable(json!({ "type": "integer", "minimum": 1, "maximum": f.max_batch }));
     let text = json!({ "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true,
