@@ -112,6 +112,24 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     queue_size: u32,
+    /// Seconds a connection has to send a complete request head, from connecting (or from the
+    /// first byte of a later request on a kept-alive connection); slower ones are closed.
+    #[arg(long, env = "ZTURBO_HEADER_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_HEADER_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
+    /// Seconds a kept-alive connection may stay idle between requests; also how long a request
+    /// body or a response (an SSE stream the client stopped reading) may make no progress.
+    #[arg(long, env = "ZTURBO_IDLE_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_IDLE_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
+    /// Most connections open at once, event streams included; more wait to be accepted. Lowered
+    /// to what the open-file limit allows.
+    #[arg(long, env = "ZTURBO_MAX_CONNECTIONS",
+          default_value_t = zturbo::server::listen::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
 }
 
 #[derive(clap::Args)]
@@ -349,14 +367,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {} on http://{addr}", loaded.model);
-        axum::serve(listener, server::app(state))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
-                let _ = shutdown_tx.send(true);
-            })
-            .await
-            .context("serving")?;
+        let limits = server::listen::ConnLimits {
+            header_timeout: std::time::Duration::from_secs(args.header_timeout),
+            idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
+            max_connections: args.max_connections as usize,
+        }
+        .fit_to_fd_limit();
+        server::listen::serve(listener, server::app(state), limits, async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
+            let _ = shutdown_tx.send(true);
+        })
+        .await
+        .context("serving")?;
         if tokio::time::timeout(std::time::Duration::from_secs(30), queue.shutdown())
             .await
             .is_err()

@@ -6,6 +6,7 @@ pub mod a1111;
 pub mod error;
 pub mod images;
 pub mod jobs;
+pub mod listen;
 pub mod memory;
 pub mod models;
 pub mod openai;
