@@ -130,6 +130,12 @@ struct ServeArgs {
           default_value_t = zturbo::server::listen::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// Seconds a synchronous generation call (`/v1/images/generations`, `/sdapi/v1/txt2img`)
+    /// waits for its jobs before answering 504; 0 = no limit. A job that has not started by
+    /// then is cancelled; a running one finishes and stays readable under /api/jobs.
+    #[arg(long, env = "ZTURBO_SYNC_TIMEOUT",
+          default_value_t = zturbo::server::DEFAULT_SYNC_TIMEOUT_S)]
+    sync_timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -291,6 +297,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
+    // One server per outputs folder (two would both resume the same jobs); held until exit.
+    let _outputs_lock = zturbo::queue::outputs::lock(&args.outputs)?;
+    zturbo::queue::outputs::clean_stale_temps(&args.outputs);
 
     // The engine loads on its own thread; nothing is served until it reports back.
     let tags = Arc::new(Tags::default());
@@ -326,6 +335,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.outputs.clone(),
     );
     info.model_path = model_path;
+    info.sync_timeout =
+        (args.sync_timeout > 0).then(|| std::time::Duration::from_secs(args.sync_timeout));
     let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
 
@@ -360,6 +371,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 loopback: addr.ip().is_loopback(),
                 port: addr.port(),
                 cors_origin,
+                key_attempts: Default::default(),
             }),
             downloads: Default::default(),
         };
