@@ -1,6 +1,7 @@
 //! The `zturbo` command: `serve` the web UI, `generate` one image from the terminal, `pull` a
 //! model from the Hugging Face hub, list `models`.
 
+mod hostile;
 mod soak;
 
 use std::io::IsTerminal;
@@ -74,6 +75,9 @@ enum Command {
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
+    /// Probes a running server on loopback as a hostile client would (developer tool; bounded in
+    /// time and requests) and prints a table of what held.
+    Probe(hostile::ProbeArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
@@ -202,6 +206,7 @@ fn main() {
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
         Command::Soak(args) => soak::run(args),
+        Command::Probe(args) => hostile::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
