@@ -7,7 +7,7 @@
 //! under one `--wait` limit.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,9 @@ pub struct ProbeArgs {
     /// Image side of the jobs the cancel checks run (large enough to cancel mid-run).
     #[arg(long, default_value_t = 1024)]
     size: u32,
+    /// Only the connection checks (silent, half-sent and idle connections).
+    #[arg(long)]
+    connections_only: bool,
 }
 
 /// One line of the table.
@@ -97,7 +100,8 @@ impl Target {
             .next()
             .ok_or_else(|| anyhow!("{} does not resolve", self.addr))?;
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        // Long enough for a synchronous generation, bounded for a server that never answers.
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
         Ok(s)
     }
 
@@ -105,9 +109,9 @@ impl Target {
     fn raw(&self, bytes: &[u8]) -> Result<Reply> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut s = self.connect()?;
-        // A server may answer (413) and close before the whole body is sent.
+        // A server may answer (413) and close before the whole body is sent. No half-close: a
+        // server may take it for the client leaving (the request says `Connection: close`).
         let _ = s.write_all(bytes);
-        let _ = s.shutdown(Shutdown::Write);
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
         parse_reply(&raw)
@@ -310,6 +314,96 @@ pub fn run(args: ProbeArgs) -> Result<()> {
         ),
     });
 
+    if !args.connections_only {
+        request_checks(&t, &args, &mut rows)?;
+    }
+
+    // Now collect the slow checks.
+    let times = silent_watch
+        .join()
+        .map_err(|_| anyhow!("a probe thread panicked"))?;
+    let closed: Vec<Duration> = times.iter().flatten().copied().collect();
+    rows.insert(
+        0,
+        row(
+            &format!("{n_silent} connections that send nothing"),
+            "closed (10 s)",
+            match closed.iter().max() {
+                Some(m) => format!(
+                    "{}/{n_silent} closed, last after {}",
+                    closed.len(),
+                    secs(*m)
+                ),
+                None => format!("0/{n_silent} closed in {}", secs(wait)),
+            },
+            closed.len() == n_silent,
+        ),
+    );
+    let partial = partial_watch
+        .join()
+        .map_err(|_| anyhow!("a probe thread panicked"))??;
+    rows.insert(
+        1,
+        row(
+            "half a request head",
+            "closed (10 s)",
+            partial
+                .map(|d| format!("closed after {}", secs(d)))
+                .unwrap_or_else(|| format!("open after {}", secs(wait))),
+            partial.is_some(),
+        ),
+    );
+    let idle = idle_watch
+        .join()
+        .map_err(|_| anyhow!("a probe thread panicked"))??;
+    rows.insert(
+        2,
+        row(
+            "kept-alive connection left idle",
+            "closed (30 s)",
+            idle.map(|d| format!("closed after {}", secs(d)))
+                .unwrap_or_else(|| format!("open after {}", secs(wait))),
+            idle.is_some(),
+        ),
+    );
+    let health = t.get("/api/health")?.json();
+    rows.push(row(
+        "health",
+        "ok (or degraded with a reason)",
+        match health["reason"].as_str() {
+            Some(r) => format!("{}: {r}", health["status"]),
+            None => health["status"].to_string(),
+        },
+        health["status"] == "ok" || health["reason"].is_string(),
+    ));
+
+    println!("| check | expected | result | |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.check,
+            r.expect,
+            r.got.replace('|', "/"),
+            if r.ok { "ok" } else { "FAIL" }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    println!(
+        "\n{} checks, {failed} failed; {} requests on {} connections in {}",
+        rows.len(),
+        t.requests.load(Ordering::Relaxed),
+        t.connections.load(Ordering::Relaxed),
+        secs(started.elapsed())
+    );
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", rows.len());
+    }
+    Ok(())
+}
+
+/// Everything but the connection checks: bodies, headers, keys, streams, cancels, the lock.
+fn request_checks(t: &Arc<Target>, args: &ProbeArgs, rows: &mut Vec<Row>) -> Result<()> {
     // Bodies and headers.
     let job = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1});
     let body = job.to_string();
@@ -387,9 +481,14 @@ pub fn run(args: ProbeArgs) -> Result<()> {
         },
         served.is_empty(),
     ));
+    let bearer = t
+        .key
+        .as_ref()
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let r = t.raw(
         format!(
-            "POST /api/jobs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST /api/jobs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{bearer}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             t.addr,
             17u64 << 20
         )
@@ -402,12 +501,8 @@ pub fn run(args: ProbeArgs) -> Result<()> {
         r.status == 413,
     ));
     let mut chunked = format!(
-        "POST /api/jobs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        "POST /api/jobs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n{bearer}\r\n",
         t.addr,
-        t.key
-            .as_ref()
-            .map(|k| format!("Authorization: Bearer {k}\r\n"))
-            .unwrap_or_default()
     )
     .into_bytes();
     let chunk = vec![b' '; 1 << 20];
@@ -576,94 +671,13 @@ pub fn run(args: ProbeArgs) -> Result<()> {
     ));
 
     // Cancels that race the end of a run.
-    rows.push(cancel_one_step(&t, args.size)?);
-    rows.push(cancel_under_openai(&t, args.size)?);
+    rows.push(cancel_one_step(t, args.size)?);
+    rows.push(cancel_under_openai(t, args.size)?);
 
     if let Some(dir) = &args.outputs {
         rows.push(second_server(dir)?);
     }
 
-    // Now collect the slow checks.
-    let times = silent_watch
-        .join()
-        .map_err(|_| anyhow!("a probe thread panicked"))?;
-    let closed: Vec<Duration> = times.iter().flatten().copied().collect();
-    rows.insert(
-        0,
-        row(
-            &format!("{n_silent} connections that send nothing"),
-            "closed (10 s)",
-            match closed.iter().max() {
-                Some(m) => format!(
-                    "{}/{n_silent} closed, last after {}",
-                    closed.len(),
-                    secs(*m)
-                ),
-                None => format!("0/{n_silent} closed in {}", secs(wait)),
-            },
-            closed.len() == n_silent,
-        ),
-    );
-    let partial = partial_watch
-        .join()
-        .map_err(|_| anyhow!("a probe thread panicked"))??;
-    rows.insert(
-        1,
-        row(
-            "half a request head",
-            "closed (10 s)",
-            partial
-                .map(|d| format!("closed after {}", secs(d)))
-                .unwrap_or_else(|| format!("open after {}", secs(wait))),
-            partial.is_some(),
-        ),
-    );
-    let idle = idle_watch
-        .join()
-        .map_err(|_| anyhow!("a probe thread panicked"))??;
-    rows.insert(
-        2,
-        row(
-            "kept-alive connection left idle",
-            "closed (30 s)",
-            idle.map(|d| format!("closed after {}", secs(d)))
-                .unwrap_or_else(|| format!("open after {}", secs(wait))),
-            idle.is_some(),
-        ),
-    );
-    let health = t.get("/api/health")?.json();
-    rows.push(row(
-        "health",
-        "ok (or degraded with a reason)",
-        match health["reason"].as_str() {
-            Some(r) => format!("{}: {r}", health["status"]),
-            None => health["status"].to_string(),
-        },
-        health["status"] == "ok" || health["reason"].is_string(),
-    ));
-
-    println!("| check | expected | result | |");
-    println!("|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.check,
-            r.expect,
-            r.got.replace('|', "/"),
-            if r.ok { "ok" } else { "FAIL" }
-        );
-    }
-    let failed = rows.iter().filter(|r| !r.ok).count();
-    println!(
-        "\n{} checks, {failed} failed; {} requests on {} connections in {}",
-        rows.len(),
-        t.requests.load(Ordering::Relaxed),
-        t.connections.load(Ordering::Relaxed),
-        secs(started.elapsed())
-    );
-    if failed > 0 {
-        bail!("{failed} of {} checks failed", rows.len());
-    }
     Ok(())
 }
 
@@ -680,7 +694,7 @@ fn poll_job(
         if done(&job) || Instant::now() > until {
             return Ok(job);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -756,7 +770,7 @@ fn cancel_under_openai(t: &Arc<Target>, size: u32) -> Result<Row> {
         if Instant::now() > until || call.is_finished() {
             return Ok(row(check, "409", "its job never ran".into(), false));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     };
     t.request("DELETE", &format!("/api/jobs/{id}"), &[], None, true)?;
     let r = call
