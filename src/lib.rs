@@ -3,8 +3,9 @@
 
 pub mod engine;
 pub mod families;
-pub mod interrupt;
 pub mod memory;
+pub mod nn;
+pub mod ops;
 pub mod profile;
 pub mod queue;
 pub mod request;

@@ -474,20 +474,26 @@ mod engine_cancel {
     #[test]
     fn the_vae_stops_between_bands_and_tiles_once_interrupted() {
         let mut f = family();
-        let c = f.info().latent_channels;
+        let c = f.profile().latent_channels;
         let z = Tensor::zeros((1, c, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
         let tiling = VaeTiling::square(8, 2);
         let flag = Arc::new(AtomicBool::new(false));
-        let _scope = zturbo::interrupt::scope(flag.clone());
+        let _scope = zturbo::ops::interrupt::scope(flag.clone());
         // Not interrupted: whole and tiled decodes run.
         assert!(f.decode(&z).is_ok());
         assert!(zturbo::engine::decode::decode_image(&mut f, &z, Some(tiling)).is_ok());
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
         let whole = f.decode(&z).unwrap_err().to_string();
-        assert!(whole.contains(zturbo::interrupt::INTERRUPTED), "{whole}");
+        assert!(
+            whole.contains(zturbo::ops::interrupt::INTERRUPTED),
+            "{whole}"
+        );
         let tiled = zturbo::engine::decode::decode_image(&mut f, &z, Some(tiling))
             .unwrap_err()
             .to_string();
-        assert!(tiled.contains(zturbo::interrupt::INTERRUPTED), "{tiled}");
+        assert!(
+            tiled.contains(zturbo::ops::interrupt::INTERRUPTED),
+            "{tiled}"
+        );
     }
 }

@@ -15,14 +15,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::families::rng;
-use crate::families::{
-    Component, DenoiserResidency, Family, FamilyInfo, ModelError, PrecisionPolicy,
-};
+use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
-use crate::request::{ValidRequest, CFG_INTERCEPT};
+use crate::nn::rng;
+use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
 use prompt::{Enhanced, PromptContext};
 
@@ -44,7 +42,7 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
-    /// The flag itself, for [`crate::interrupt::scope`].
+    /// The flag itself, for [`crate::ops::interrupt::scope`].
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.0.clone()
     }
@@ -291,7 +289,7 @@ pub struct Engine {
     base_policy: PrecisionPolicy,
     tags: Option<Arc<Tags>>,
     /// The family's facts, with the model's own defaults where they differ (the demo's size).
-    info: FamilyInfo,
+    profile: Profile,
 }
 
 impl Engine {
@@ -304,10 +302,10 @@ impl Engine {
         if !config.faults.is_empty() {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
-        let base_policy = family.policy();
-        let info = family.info().clone();
+        let base_policy = family.components().policy();
+        let profile = *family.profile();
         Self {
-            info,
+            profile,
             family,
             model_name: model_name.into(),
             probe,
@@ -323,13 +321,13 @@ impl Engine {
         self
     }
 
-    pub fn info(&self) -> &FamilyInfo {
-        &self.info
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     /// Overrides the model's default size/steps/CFG (a model-level fact, e.g. the demo's).
     pub fn with_defaults(mut self, defaults: crate::families::Defaults) -> Self {
-        self.info.defaults = defaults;
+        self.profile.defaults = defaults;
         self
     }
 
@@ -338,7 +336,7 @@ impl Engine {
     }
 
     pub fn device(&self) -> &Device {
-        self.family.device()
+        self.family.components().device()
     }
 
     pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
@@ -360,14 +358,14 @@ impl Engine {
         mode: MemoryMode,
     ) -> PlanInput {
         let reading = self.probe.read();
-        let bytes = self.family.component_bytes();
+        let bytes = self.family.components().bytes();
         let loaded: u64 = [
             (Component::TextEncoder, bytes.text_encoder),
             (Component::Denoiser, bytes.denoiser),
             (Component::Vae, bytes.vae_decoder),
         ]
         .iter()
-        .filter(|(c, _)| self.family.is_loaded(*c))
+        .filter(|(c, _)| self.family.components().is_loaded(*c))
         .map(|(_, b)| *b)
         .sum();
         PlanInput {
@@ -387,14 +385,14 @@ impl Engine {
 
     /// The largest batch the default size fits (the server's start-up figure).
     pub fn max_batch(&self) -> u32 {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         planner::max_batch(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto))
     }
 
     /// Loads what the performance plan keeps resident, so the first job does not pay for it and a
     /// broken model folder fails at start-up rather than on the first request.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         let plan =
             planner::plan(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto));
         for (c, r) in [
@@ -403,7 +401,7 @@ impl Engine {
             (Component::Vae, plan.vae),
         ] {
             if r == Residency::Resident {
-                self.family.load(c)?;
+                self.family.components_mut().load(c)?;
             }
         }
         Ok(())
@@ -418,15 +416,15 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         let started = Instant::now();
         self.probe.reset_peak();
-        let info = self.info.clone();
+        let profile = self.profile;
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         run.salt = req.seed;
         let result = {
             // Long kernels (the VAE's convolutions) stop mid-way once the job is cancelled.
-            let _interruptible = crate::interrupt::scope(cancel.flag());
-            match self.generate_inner(req, extras, &info, &mut run, started) {
+            let _interruptible = crate::ops::interrupt::scope(cancel.flag());
+            match self.generate_inner(req, extras, &profile, &mut run, started) {
                 // Whatever stopped the run after a cancel (an interrupted kernel) is the cancel.
                 Err(_) if cancel.is_cancelled() => Err(EngineError::Cancelled),
                 other => other,
@@ -437,7 +435,7 @@ impl Engine {
         if let Some(t) = &tags {
             t.set_phase(None, None);
         }
-        release_memory(self.family.device());
+        release_memory(self.family.components().device());
         result
     }
 
@@ -448,8 +446,8 @@ impl Engine {
             (Component::Denoiser, base.denoiser),
             (Component::Vae, base.vae),
         ] {
-            if self.family.dtype(c) != d {
-                if let Err(e) = self.family.set_dtype(c, d) {
+            if self.family.components().dtype(c) != d {
+                if let Err(e) = self.family.components_mut().set_dtype(c, d) {
                     tracing::warn!("could not restore {c:?} to {d:?}: {e}");
                 }
             }
@@ -460,15 +458,15 @@ impl Engine {
         &mut self,
         req: &ValidRequest,
         extras: &RunExtras,
-        info: &FamilyInfo,
+        profile: &Profile,
         run: &mut RunState<'_>,
         started: Instant,
     ) -> Result<Generation, EngineError> {
         // 1. CFG interception: the seed found CFG ≥ 3 breaks Turbo models.
         let cfg_requested = req.cfg;
         let mut cfg = req.cfg;
-        if cfg >= CFG_INTERCEPT && cfg > info.safe_cfg_max {
-            cfg = info.safe_cfg_max;
+        if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
+            cfg = profile.safe_cfg_max;
             run.notice(Notice {
                 kind: "cfg_clamped".into(),
                 message: format!(
@@ -485,8 +483,7 @@ impl Engine {
         let ctx = PromptContext {
             cfg,
             steps: req.steps,
-            safe_cfg_max: info.safe_cfg_max,
-            family: info.family,
+            profile: *profile,
         };
         let enhancement = prompt::enhance(
             &req.prompt,
@@ -525,33 +522,34 @@ impl Engine {
         if plan.text_encoder != Residency::Resident {
             // Low-memory plans keep only one big component at a time.
             if plan.denoiser == Residency::BlockStreamed {
-                self.family.unload(Component::Denoiser);
+                self.family.components_mut().unload(Component::Denoiser);
             }
             if plan.vae != Residency::Resident {
-                self.family.unload(Component::Vae);
+                self.family.components_mut().unload(Component::Vae);
             }
         }
         let cond = self
             .family
             .encode(&enhancement.prompt, negative.as_deref())?;
         if plan.text_encoder != Residency::Resident {
-            self.family.unload(Component::TextEncoder);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::TextEncoder);
+            release_memory(self.family.components().device());
         }
         let encode_ms = t_encode.elapsed().as_millis() as u64;
 
         // 5. Denoise.
         let t_denoise = Instant::now();
         run.phase(Phase::Denoise);
-        self.family
-            .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
+        self.family.components_mut().set_denoiser_residency(
+            if plan.denoiser == Residency::BlockStreamed {
                 DenoiserResidency::Streamed {
                     resident_blocks: plan.resident_blocks as usize,
                     one_at_a_time: plan.denoiser_one_at_a_time,
                 }
             } else {
                 DenoiserResidency::Resident
-            });
+            },
+        );
         let seeds: Vec<u64> = (0..req.batch as u64)
             .map(|i| req.seed.wrapping_add(i))
             .collect();
@@ -566,8 +564,8 @@ impl Engine {
         let t_decode = Instant::now();
         let tiling = plan.vae_tiling;
         if plan.denoiser != Residency::Resident {
-            self.family.unload(Component::Denoiser);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::Denoiser);
+            release_memory(self.family.components().device());
         }
         run.phase(Phase::Decode);
         let mut images = Vec::with_capacity(seeds.len());
@@ -594,7 +592,7 @@ impl Engine {
                     let noise = self.seeded_noise(&[retry_seed], req.width, req.height)?;
                     let z = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
                     if plan.denoiser != Residency::Resident {
-                        self.family.unload(Component::Denoiser);
+                        self.family.components_mut().unload(Component::Denoiser);
                     }
                     run.phase(Phase::Decode);
                     let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
@@ -612,7 +610,7 @@ impl Engine {
             }
         }
         if plan.vae != Residency::Resident {
-            self.family.unload(Component::Vae);
+            self.family.components_mut().unload(Component::Vae);
         }
         let decode_ms = t_decode.elapsed().as_millis() as u64;
 
@@ -629,8 +627,8 @@ impl Engine {
             batch: req.batch,
             enhance: req.enhance,
             memory_mode: plan.mode,
-            precision: self.family.policy().describe(),
-            sampler: info.sampler.into(),
+            precision: self.family.components().policy().describe(),
+            sampler: profile.sampler.into(),
         };
         Ok(Generation {
             images,
@@ -660,16 +658,16 @@ impl Engine {
         let (_, _, lh, lw) = noise.dims4()?;
         let schedule = self.family.schedule(req.steps as usize, lh, lw)?;
         let x = (noise * schedule.init_noise_sigma as f64)?;
-        self.family.load(Component::Denoiser)?;
+        self.family.components_mut().load(Component::Denoiser)?;
         denoise::denoise(self.family.as_mut(), x, cond, &schedule, cfg, run)
     }
 
     fn latent_dims(&self, width: u32, height: u32) -> (usize, usize, usize) {
-        let info = self.family.info();
+        let p = self.family.profile();
         (
-            info.latent_channels,
-            height as usize / info.vae_scale_factor,
-            width as usize / info.vae_scale_factor,
+            p.latent_channels,
+            height as usize / p.vae_scale_factor,
+            width as usize / p.vae_scale_factor,
         )
     }
 
@@ -678,7 +676,7 @@ impl Engine {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| rng::noise(s, &[c, h, w], self.family.device()))
+            .map(|&s| rng::noise(s, &[c, h, w], self.family.components().device()))
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::stack(&per, 0)?)
     }
@@ -691,10 +689,11 @@ impl Engine {
                 "initial latents have shape {:?}; this request needs {:?} (batch, channels, height/{f}, width/{f})",
                 t.dims(),
                 want,
-                f = self.family.info().vae_scale_factor
+                f = self.family.profile().vae_scale_factor
             )));
         }
-        Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)
+        Ok(t.to_dtype(DType::F32)?
+            .to_device(self.family.components().device())?)
     }
 }
 

@@ -12,9 +12,9 @@ use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZIma
 use serde_json::json;
 
 use super::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks};
-use crate::families::rng::NoiseRng;
-use crate::families::vae::{VaeConfig, VaeDecoder};
 use crate::families::ModelError;
+use crate::nn::rng::NoiseRng;
+use crate::nn::vae::{VaeConfig, VaeDecoder};
 
 /// Sizes of a synthetic model.
 #[derive(Debug, Clone)]

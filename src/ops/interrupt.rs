@@ -1,4 +1,4 @@
-//! Cooperative interruption of long computations. The engine marks the thread that runs a job
+//! Cooperative interruption of long kernels. The engine marks the thread that runs a job
 //! with the job's cancel flag ([`scope`]); kernels that run for long (the VAE's convolutions,
 //! band by band) call [`check`] or poll [`current`] and stop with an error once it is set, so a
 //! cancel or a shutdown does not wait for a whole decode. Outside a scope nothing is ever
