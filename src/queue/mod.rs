@@ -810,3 +810,80 @@ impl Actor {
         written
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::planner::MemoryMode;
+
+    fn record(seq: u64, state: JobState, batch: u32) -> JobRecord {
+        JobRecord {
+            id: job::new_job_id(),
+            seq,
+            state,
+            model: "demo".into(),
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+            request: ValidRequest {
+                prompt: "a lake".into(),
+                negative_prompt: None,
+                width: 64,
+                height: 64,
+                steps: 2,
+                cfg: 1.0,
+                seed: 7,
+                batch,
+                enhance: false,
+                memory_mode: MemoryMode::Auto,
+            },
+            params: None,
+            enhancement: None,
+            images: vec![],
+            notices: vec![],
+            timings: None,
+            peak_memory_bytes: None,
+            plan: None,
+            error: None,
+            storage_problem: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_and_cancelled_jobs_keep_no_images_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("zturbo-recover-{}", job::new_job_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // What an older server could leave: a failed batch's first images, a cancelled job's.
+        let failed = record(1, JobState::Failed, 3);
+        let cancelled = record(2, JobState::Cancelled, 1);
+        let mut done = record(3, JobState::Done, 1);
+        done.images = vec![job::image_name(&done.id, 1)];
+        for f in [
+            job::image_name(&failed.id, 1),
+            job::image_name(&failed.id, 2),
+            job::image_name(&cancelled.id, 1),
+            job::image_name(&done.id, 1),
+        ] {
+            std::fs::write(dir.join(f), b"png").unwrap();
+        }
+        let (work, _jobs) = std_mpsc::channel();
+        let (_events, events_rx) = mpsc::unbounded_channel();
+        let q = start(
+            QueueConfig {
+                capacity: 4,
+                outputs: dir.clone(),
+                model: "demo".into(),
+            },
+            work,
+            events_rx,
+            vec![failed.clone(), cancelled.clone(), done.clone()],
+        );
+        for (id, n) in [(&failed.id, 1), (&failed.id, 2), (&cancelled.id, 1)] {
+            assert!(!dir.join(job::image_name(id, n)).exists(), "{id}-{n}");
+        }
+        assert!(dir.join(job::image_name(&done.id, 1)).exists());
+        let snap = q.get(&done.id).await.unwrap();
+        assert_eq!(snap.record.images.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
