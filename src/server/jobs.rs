@@ -344,10 +344,19 @@ fn to_sse(ev: &JobEvent) -> Result<axum::response::sse::Event, std::convert::Inf
     Ok(axum::response::sse::Event::default().event(name).data(data))
 }
 
-/// The events that describe where a job stands now.
+/// The events that describe where a job stands now. An ended job's notices come before its end,
+/// as they did for a subscriber that was there: one that comes late (a fast job) misses nothing.
 fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
     if let Some(end) = JobEvent::terminal_for(&snap.record) {
-        return vec![end];
+        let mut v: Vec<JobEvent> = snap
+            .record
+            .notices
+            .iter()
+            .cloned()
+            .map(JobEvent::Notice)
+            .collect();
+        v.push(end);
+        return v;
     }
     match snap.record.state {
         JobState::Queued => vec![JobEvent::Queued {

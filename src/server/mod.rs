@@ -1062,6 +1062,29 @@ mod tests {
         // A request without any key is not a guess: still the plain 401.
         let (st, _, _) = call_from(&f.app, a, "GET", "/api/jobs", &[HOST], None).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // Expired image URLs are not guesses: a page full of stale images does not lock its
+        // address out.
+        let signer = security::Security {
+            api_key: Some("s3cret-key".into()),
+            ..Default::default()
+        };
+        let file = "0123456789abcdef-1.png";
+        let stale = format!(
+            "/images/{file}?sig={}",
+            signer.image_sig_until(file, 1_000).unwrap()
+        );
+        for _ in 0..2 * security::KEY_FAILURE_BURST {
+            let (st, _, err) =
+                call_from(&f.app, Some("10.1.2.5:5555"), "GET", &stale, &[HOST], None).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED);
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("expired"),
+                "{err}"
+            );
+        }
         // Other addresses are unaffected.
         let (st, _, _) = call_from(
             &f.app,

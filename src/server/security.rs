@@ -159,20 +159,41 @@ fn expiring_token(key: &str, purpose: &str, expiry: u64, mac_bytes: usize) -> St
     format!("{expiry}.{}", hex(&mac[..mac_bytes]))
 }
 
-/// Whether `token` is an unexpired [`expiring_token`] for this key and purpose.
-fn token_ok(key: &str, purpose: &str, token: &str, mac_bytes: usize) -> bool {
+/// What a credential the request carries amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Credential {
+    /// None at all: not a guess.
+    Absent,
+    /// One we issued, past its expiry (an old signed URL, last week's cookie): not a guess either.
+    Expired,
+    /// Something else: a wrong key, a forged or altered token.
+    Wrong,
+    Valid,
+}
+
+/// Checks `token` against [`expiring_token`] for this key and purpose.
+fn token_state(key: &str, purpose: &str, token: &str, mac_bytes: usize) -> Credential {
     let Some((expiry, _)) = token.split_once('.') else {
-        return false;
+        return Credential::Wrong;
     };
     // Canonical digits only, so one token has one spelling.
     if expiry.is_empty() || expiry.len() > 20 || !expiry.bytes().all(|b| b.is_ascii_digit()) {
-        return false;
+        return Credential::Wrong;
     }
     let Ok(exp) = expiry.parse::<u64>() else {
-        return false;
+        return Credential::Wrong;
     };
     let want = expiring_token(key, purpose, exp, mac_bytes);
-    ct_eq(token.as_bytes(), want.as_bytes()) && exp > now_s()
+    match (ct_eq(token.as_bytes(), want.as_bytes()), exp > now_s()) {
+        (true, true) => Credential::Valid,
+        (true, false) => Credential::Expired,
+        (false, _) => Credential::Wrong,
+    }
+}
+
+#[cfg(test)]
+fn token_ok(key: &str, purpose: &str, token: &str, mac_bytes: usize) -> bool {
+    token_state(key, purpose, token, mac_bytes) == Credential::Valid
 }
 
 impl Security {
@@ -202,47 +223,58 @@ impl Security {
         }
     }
 
-    /// Whether the request carries anything that claims to be the key (a guess, when wrong).
-    fn presents_key(req: &Request) -> bool {
+    /// The best credential the request carries: `Valid` if any is; else `Wrong` if any is a
+    /// guess (so an expired token cannot shelter a wrong key); else `Expired` or `Absent`.
+    fn credential(&self, key: &str, req: &Request) -> Credential {
         let headers = req.headers();
-        headers.contains_key(header::AUTHORIZATION)
-            || cookie_values(headers, COOKIE).next().is_some()
-            || (req.uri().path().starts_with("/images/")
-                && query_param(req.uri().query(), "sig").is_some())
-    }
-
-    fn authorized(&self, key: &str, req: &Request) -> bool {
-        let headers = req.headers();
+        let mut seen = Vec::new();
         for v in headers.get_all(header::AUTHORIZATION) {
-            let Ok(v) = v.to_str() else { continue };
+            let Ok(v) = v.to_str() else {
+                seen.push(Credential::Wrong);
+                continue;
+            };
             let v = v.trim();
             let (scheme, cred) = v.split_once(' ').unwrap_or((v, ""));
             let cred = cred.trim();
-            if scheme.eq_ignore_ascii_case("bearer") && ct_eq(cred.as_bytes(), key.as_bytes()) {
-                return true;
-            }
-            if scheme.eq_ignore_ascii_case("basic") {
+            let ok = if scheme.eq_ignore_ascii_case("bearer") {
+                ct_eq(cred.as_bytes(), key.as_bytes())
+            } else if scheme.eq_ignore_ascii_case("basic") {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(cred)
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok());
-                if let Some((_, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) {
-                    if ct_eq(pass.as_bytes(), key.as_bytes()) {
-                        return true;
-                    }
-                }
-            }
+                decoded
+                    .as_deref()
+                    .and_then(|d| d.split_once(':'))
+                    .is_some_and(|(_, pass)| ct_eq(pass.as_bytes(), key.as_bytes()))
+            } else {
+                false
+            };
+            seen.push(if ok {
+                Credential::Valid
+            } else {
+                Credential::Wrong
+            });
         }
-        if cookie_values(headers, COOKIE).any(|v| token_ok(key, "zturbo ui cookie v2", v, 32)) {
-            return true;
+        for v in cookie_values(headers, COOKIE) {
+            seen.push(token_state(key, "zturbo ui cookie v2", v, 32));
         }
         // A signed image URL opens that one image until it expires.
         if let Some(file) = req.uri().path().strip_prefix("/images/") {
             if let Some(sig) = query_param(req.uri().query(), "sig") {
-                return token_ok(key, &format!("zturbo image v2:{file}"), sig, 16);
+                seen.push(token_state(
+                    key,
+                    &format!("zturbo image v2:{file}"),
+                    sig,
+                    16,
+                ));
             }
         }
-        false
+        seen.into_iter().max().unwrap_or(Credential::Absent)
+    }
+
+    fn authorized(&self, key: &str, req: &Request) -> bool {
+        self.credential(key, req) == Credential::Valid
     }
 
     /// Whether the `Host` header may be trusted as the name the page was loaded from. Not on a
@@ -482,25 +514,30 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
     if let Some(key) = sec.api_key.as_deref() {
         if needs_key(&path) {
             let client = client_ip(req.extensions());
-            let presented = Security::presents_key(&req);
-            if presented {
+            let credential = sec.credential(key, &req);
+            if credential != Credential::Absent {
                 if let Some(wait) = sec.key_attempts.locked_for(client) {
                     return too_many_guesses(&path, wait);
                 }
             }
-            if !sec.authorized(key, &req) {
-                if presented {
+            let message = match credential {
+                Credential::Valid => return next.run(req).await,
+                Credential::Expired => {
+                    "this login or signed image URL has expired (logins last 7 days, image URLs 1 \
+                     hour): send the API key again (`Authorization: Bearer <key>`)"
+                }
+                Credential::Wrong => {
                     sec.key_attempts.failed(client);
                     tracing::warn!(%client, %path, "refused: wrong API key");
+                    "wrong API key: send `Authorization: Bearer <key>` with the key given to \
+                     zturbo serve --api-key"
                 }
-                return refuse(
-                    &path,
-                    StatusCode::UNAUTHORIZED,
+                Credential::Absent => {
                     "an API key is required: send `Authorization: Bearer <key>` (the key given \
                      to zturbo serve --api-key)"
-                        .into(),
-                );
-            }
+                }
+            };
+            return refuse(&path, StatusCode::UNAUTHORIZED, message.into());
         }
     }
     next.run(req).await
@@ -682,6 +719,50 @@ mod tests {
         let cookie = |exp: u64| format!("{COOKIE}={}", Security::cookie_token(key, exp));
         assert!(sec.authorized(key, &request("/api/jobs", &[("cookie", &cookie(now + 60))])));
         assert!(!sec.authorized(key, &request("/api/jobs", &[("cookie", &cookie(now - 1))])));
+    }
+
+    #[test]
+    fn expired_credentials_are_not_counted_as_guesses() {
+        let sec = Security {
+            api_key: Some("s3cret-key".into()),
+            ..Default::default()
+        };
+        let key = "s3cret-key";
+        let now = now_s();
+        let file = "0123456789abcdef-1.png";
+        let old_url = format!(
+            "/images/{file}?sig={}",
+            sec.image_sig_until(file, now - 10).unwrap()
+        );
+        let old_cookie = format!("{COOKIE}={}", Security::cookie_token(key, now - 10));
+        assert_eq!(
+            sec.credential(key, &request(&old_url, &[])),
+            Credential::Expired
+        );
+        assert_eq!(
+            sec.credential(key, &request("/api/jobs", &[("cookie", &old_cookie)])),
+            Credential::Expired
+        );
+        // An expired token does not shelter a wrong key sent with it.
+        assert_eq!(
+            sec.credential(
+                key,
+                &request(
+                    "/api/jobs",
+                    &[("cookie", &old_cookie), ("authorization", "Bearer guess")]
+                )
+            ),
+            Credential::Wrong
+        );
+        let forged = format!("/images/{file}?sig={}.{}", now + 60, "0".repeat(32));
+        assert_eq!(
+            sec.credential(key, &request(&forged, &[])),
+            Credential::Wrong
+        );
+        assert_eq!(
+            sec.credential(key, &request("/api/jobs", &[])),
+            Credential::Absent
+        );
     }
 
     #[test]
