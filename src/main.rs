@@ -1,15 +1,16 @@
 //! The `zturbo` command: parses the command line and dispatches — `serve` the web UI
 //! (`zturbo::server::run`), `generate` images from the terminal, `pull` a model from the Hugging
-//! Face hub, list `models`, `soak` a server. The commands live in `cmd/`.
+//! Face hub, list `models`, `soak` or `probe` a server. The commands live in `cmd/`.
 
 mod cmd;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{generate, models, soak};
+use cmd::{generate, hostile, models, soak};
 use zturbo::families::Precision;
 use zturbo::memory::parse_bytes;
 use zturbo::settings::{DeviceSpec, ModelSettings, ServeSettings};
@@ -66,6 +67,9 @@ enum Command {
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
+    /// Probes a running server on loopback as a hostile client would (developer tool; bounded in
+    /// time and requests) and prints a table of what held.
+    Probe(hostile::ProbeArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
@@ -104,6 +108,30 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     queue_size: u32,
+    /// Seconds a connection has to send a complete request head, from connecting (or from the
+    /// first byte of a later request on a kept-alive connection); slower ones are closed.
+    #[arg(long, env = "ZTURBO_HEADER_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_HEADER_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
+    /// Seconds a kept-alive connection may stay idle between requests; also how long a request
+    /// body or a response (an SSE stream the client stopped reading) may make no progress.
+    #[arg(long, env = "ZTURBO_IDLE_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_IDLE_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
+    /// Most connections open at once, event streams included; more wait to be accepted. Lowered
+    /// to what the open-file limit allows.
+    #[arg(long, env = "ZTURBO_MAX_CONNECTIONS",
+          default_value_t = zturbo::server::listen::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Seconds a synchronous generation call (`/v1/images/generations`, `/sdapi/v1/txt2img`)
+    /// waits for its jobs before answering 504; 0 = no limit. A job that has not started by
+    /// then is cancelled; a running one finishes and stays readable under /api/jobs.
+    #[arg(long, env = "ZTURBO_SYNC_TIMEOUT",
+          default_value_t = zturbo::server::DEFAULT_SYNC_TIMEOUT_S)]
+    sync_timeout: u64,
 }
 
 impl ModelArgs {
@@ -129,6 +157,10 @@ impl ServeArgs {
             cors_origin: self.cors_origin.clone(),
             outputs: self.outputs.clone(),
             queue_size: self.queue_size as usize,
+            header_timeout: Duration::from_secs(self.header_timeout),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            max_connections: self.max_connections as usize,
+            sync_timeout: (self.sync_timeout > 0).then(|| Duration::from_secs(self.sync_timeout)),
         }
     }
 }
@@ -148,6 +180,7 @@ fn main() {
         Command::Pull { name } => models::pull(&name),
         Command::Models { models_dir } => models::models(&models_dir),
         Command::Soak(args) => soak::run(args),
+        Command::Probe(args) => hostile::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,6 +3,7 @@
 //! fills them); request-time choices live in `request.rs`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use candle_core::Device;
 
@@ -80,6 +81,14 @@ pub struct ServeSettings {
     pub outputs: PathBuf,
     /// Jobs that may wait behind the running one.
     pub queue_size: usize,
+    /// How long a connection has to send a complete request head.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may idle, or a body or response make no progress.
+    pub idle_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a synchronous generation call waits for its jobs (`None`: no limit).
+    pub sync_timeout: Option<Duration>,
 }
 
 /// `--device`: `auto` (best available), `cpu`, `cuda[:N]`, `metal`.

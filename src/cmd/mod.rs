@@ -2,5 +2,6 @@
 //! what each prints for a terminal user.
 
 pub mod generate;
+pub mod hostile;
 pub mod models;
 pub mod soak;

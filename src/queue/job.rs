@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::outputs::StorageProblem;
 use crate::engine::{Notice, ResolvedParams};
 use crate::prompt::Enhanced;
 use crate::request::ValidRequest;
@@ -116,22 +117,43 @@ pub enum FailureKind {
     BlankImage,
     /// A request the engine cannot run as given (e.g. initial latents of the wrong shape).
     Invalid,
-    /// The images could not be written to the outputs folder.
-    Output,
+    /// The images could not be written: no space (or quota) left in the outputs folder.
+    StorageFull,
+    /// The images could not be written: the outputs folder is read-only, forbidden or broken.
+    StorageUnwritable,
     /// The worker stopped or the engine panicked.
     Internal,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 8] = [
         FailureKind::Model,
         FailureKind::DoesNotFit,
         FailureKind::NonFinite,
         FailureKind::BlankImage,
         FailureKind::Invalid,
-        FailureKind::Output,
+        FailureKind::StorageFull,
+        FailureKind::StorageUnwritable,
         FailureKind::Internal,
     ];
+
+    /// The outputs folder's problem, for a failure to write the images.
+    pub fn storage(self) -> Option<StorageProblem> {
+        match self {
+            FailureKind::StorageFull => Some(StorageProblem::Full),
+            FailureKind::StorageUnwritable => Some(StorageProblem::Unwritable),
+            _ => None,
+        }
+    }
+}
+
+impl From<StorageProblem> for FailureKind {
+    fn from(p: StorageProblem) -> Self {
+        match p {
+            StorageProblem::Full => FailureKind::StorageFull,
+            StorageProblem::Unwritable => FailureKind::StorageUnwritable,
+        }
+    }
 }
 
 /// A job's failure, typed from the engine's error to the HTTP edge (and journaled as such).
@@ -336,7 +358,7 @@ mod tests {
                     .to_owned()
             })
             .collect();
-        assert_eq!(names.len(), 7);
+        assert_eq!(names.len(), 8);
         assert!(names.contains(&"does_not_fit".to_owned()));
     }
 

@@ -1,17 +1,18 @@
 //! `server::run`: the wiring of a serving process. Refuses an unsafe configuration before anything
-//! loads, loads the model on the worker thread (nothing is served until it reports back), restores
-//! the journaled jobs, binds, prints the one stdout line (`listening on http://HOST:PORT`) and
-//! serves until Ctrl-C or SIGTERM, then lets the running job stop and the journal settle.
+//! loads, locks the outputs folder, loads the model on the worker thread (nothing is served until
+//! it reports back), restores the journaled jobs, binds, prints the one stdout line
+//! (`listening on http://HOST:PORT`) and serves under our own connection limits until Ctrl-C or
+//! SIGTERM, then lets the running job stop and the journal settle.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::security::{check_api_key, is_loopback_host, parse_cors_origin, Security};
-use super::{app, AppState, ServerInfo};
+use super::{app, listen, AppState, ServerInfo};
 use crate::engine::{load, Engine};
 use crate::families::catalog;
 use crate::memory::monitor::{Monitor, Tags};
-use crate::queue::{self, journal::Journal, worker, QueueConfig};
+use crate::queue::{self, journal::Journal, outputs, worker, QueueConfig};
 use crate::settings::ServeSettings;
 
 /// How long a shutdown waits for the running job to stop at its next step.
@@ -27,6 +28,9 @@ pub enum ServeError {
     Load(#[from] load::LoadError),
     #[error("the model did not load: {0}")]
     Worker(#[from] worker::WorkerError),
+    /// Another server holds the outputs folder, or it cannot be locked.
+    #[error(transparent)]
+    Outputs(#[from] outputs::LockError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -86,6 +90,9 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         "creating the outputs folder {}",
         settings.outputs.display()
     )))?;
+    // One server per outputs folder (two would both resume the same jobs); held until exit.
+    let _outputs_lock = outputs::lock(&settings.outputs)?;
+    outputs::clean_stale_temps(&settings.outputs);
 
     // The engine loads on its own thread; nothing is served until it reports back.
     let tags = Arc::new(Tags::default());
@@ -120,6 +127,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         settings.outputs.clone(),
     );
     info.model_path = model_path;
+    info.sync_timeout = settings.sync_timeout;
     let recovered = Journal::new(&settings.outputs).load();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -156,6 +164,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
                 loopback: addr.ip().is_loopback(),
                 port: addr.port(),
                 cors_origin,
+                key_attempts: Default::default(),
             }),
             downloads: Default::default(),
         };
@@ -163,14 +172,19 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {} on http://{addr}", loaded.model);
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
-                let _ = shutdown_tx.send(true);
-            })
-            .await
-            .map_err(io("serving"))?;
+        let limits = listen::ConnLimits {
+            header_timeout: settings.header_timeout,
+            idle_timeout: settings.idle_timeout,
+            max_connections: settings.max_connections,
+        }
+        .fit_to_fd_limit();
+        listen::serve(listener, app(state), limits, async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
+            let _ = shutdown_tx.send(true);
+        })
+        .await
+        .map_err(io("serving"))?;
         if tokio::time::timeout(SHUTDOWN_GRACE, queue.shutdown())
             .await
             .is_err()
