@@ -170,6 +170,11 @@ async function axeScan(page, label) {
   ok(`axe: no serious or critical violations (${label})`, `${res.length} minor`);
 }
 
+/** A small JPEG of the viewport for the README (`cp target/ui-*.jpg docs/` refreshes docs/). */
+async function docShot(page, name) {
+  await page.screenshot({ path: join(shotDir, name), type: 'jpeg', quality: 70 });
+}
+
 async function fullPageShot(page, width, path, height = 800) {
   await page.setViewportSize({ width, height });
   await page.waitForTimeout(150);
@@ -342,6 +347,8 @@ async function desktop(browser) {
   const dlRes = await api(page, dl);
   const cd = dlRes.headers['content-disposition'] || '';
   check(/attachment; filename="a-red-fox-in-the-snow-4243-2\.png"/.test(cd), 'download name', `Content-Disposition: ${cd} for ${dl}`);
+  const hooks = await page.evaluate(() => ['viewer-input', 'viewer-control'].map((id) => document.getElementById(id).hidden));
+  check(hooks[0] && hooks[1], 'use as input / control hidden', `the server announces neither feature, yet hidden = ${JSON.stringify(hooks)}`);
   await page.keyboard.press('Escape');
   await page.waitForFunction(() => !document.getElementById('viewer').open, null, { timeout: 3000 }).catch(() => fail('lightbox', 'Esc did not close it'));
   ok('lightbox: open, ←/→, compare, Esc; download named by the server', cd.replace('attachment; ', ''));
@@ -430,6 +437,7 @@ async function desktop(browser) {
   await page.waitForFunction(() => !document.querySelector('#queue .job'), null, { timeout: 15_000 }).catch(() => {});
   await page.evaluate(() => window.scrollTo(0, 0));
   await fullPageShot(page, 1280, join(shotDir, 'browser-desktop.png'));
+  await docShot(page, 'ui-desktop.jpg');
   await axeScan(page, 'light, en');
   await page.emulateMedia({ colorScheme: 'dark' });
   await page.waitForTimeout(200);
@@ -446,7 +454,9 @@ async function desktop(browser) {
   await page.fill('#prompt', '黎明时分宁静的高山湖泊，薄雾升起，岸边松林');
   const counter = await page.$eval('#word-count', (e) => e.textContent);
   check(/19 个字/.test(counter), 'CJK prompt length', `counter says "${counter}"`);
+  await page.waitForTimeout(600);
   await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
+  await docShot(page, 'ui-zh-CN.jpg');
   // kept across a reload
   await page.reload({ waitUntil: 'domcontentloaded' });
   await waitReady(page, 'reload in Chinese');
@@ -506,6 +516,54 @@ async function profileContract(browser) {
   check(/^above the safe \d/.test(cfgHint), 'CFG band with {safe}', cfgHint);
   check(!errors.length, 'console clean (profile)', errors.join(' | '));
   ok('presets, bands and limits come from /api/info (injected profile)', `${hint.text}; ${hint2.text}; ${cfgHint}`);
+  await context.close();
+}
+
+/* ------------------------------------------------------------------ *
+ * 3b. the img2img / ControlNet hooks: with the features announced and their fields present,
+ *     "use as input" / "use as control" fill the field and tell it which image
+ * ------------------------------------------------------------------ */
+
+async function imageHooks(browser) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  const errors = [];
+  watchErrors(page, errors);
+  await page.route('**/api/info', async (route) => {
+    const res = await route.fetch();
+    const body = await res.json();
+    body.features = ['img2img', 'controlnet'];
+    await route.fulfill({ response: res, json: body });
+  });
+  // The fields those features' own modules add to the form.
+  await page.addInitScript(() => {
+    document.addEventListener('DOMContentLoaded', () => {
+      for (const slot of ['input', 'control']) {
+        const f = document.createElement('input');
+        f.type = 'hidden';
+        f.dataset.imageSlot = slot;
+        f.id = `hook-${slot}`;
+        f.addEventListener('zturbo:use-image', (e) => { f.dataset.job = e.detail.jobId; f.dataset.index = String(e.detail.index); });
+        document.getElementById('gen-form').append(f);
+      }
+    });
+  });
+  await page.goto(base, { waitUntil: 'domcontentloaded' });
+  await waitReady(page, 'hooks page');
+  await page.waitForSelector('#gallery figure .thumb', { timeout: 10_000 }).catch(() => fail('hooks', 'no image in the gallery'));
+  for (const slot of ['input', 'control']) {
+    await page.click('#gallery figure .thumb >> nth=0');
+    await page.waitForSelector('#viewer[open]');
+    const button = `#viewer-${slot}`;
+    check(await page.$eval(button, (b) => !b.hidden), `use as ${slot} shown`, 'hidden although /api/info announces the feature and the field exists');
+    const src = await page.$eval('#viewer-stage img', (i) => i.getAttribute('src'));
+    await page.click(button);
+    const got = await page.$eval(`#hook-${slot}`, (f) => ({ value: f.value, job: f.dataset.job, index: f.dataset.index }));
+    check(got.value === src && got.job && got.index === '0', `use as ${slot}`, `${JSON.stringify(got)} for ${src}`);
+    check(!(await page.$('#viewer[open]')), `use as ${slot} closes the viewer`, 'still open');
+  }
+  check(!errors.length, 'console clean (hooks)', errors.join(' | '));
+  ok('use as input / use as control fill the fields img2img and ControlNet add (hidden without the feature)');
   await context.close();
 }
 
@@ -613,6 +671,7 @@ async function phone(browser, url) {
   check(!seedOverflow, 'seeds wrap', 'a seed overflows its card');
   await page.waitForTimeout(800);
   await page.screenshot({ path: join(shotDir, 'browser-phone.png') });
+  await docShot(page, 'ui-phone.jpg');
   await page.waitForFunction(() => !document.querySelector('#queue .job:not(.leaving)') || [...document.querySelectorAll('#queue .job')].every((j) => /done/.test(j.innerText)), null, { timeout: 60_000 }).catch(() => {});
   check(!errors.length, 'console clean (phone)', errors.join(' | '));
   ok('phone 390×844: progress in view after Generate, live preview in the hero, 44 px targets, banner dismissed, no shortcut text', `shown by the ${where} progress; preview at step ${preview.step}, ${preview.w}×${preview.h} px`);
@@ -777,6 +836,7 @@ try {
     .catch((e) => fail('launch chromium', e.message.split('\n')[0]));
   await desktop(browser);
   await profileContract(browser);
+  await imageHooks(browser);
   await slowServerSections(browser);
   await modelSwitch(browser);
   await keyed(browser);
