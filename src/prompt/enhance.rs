@@ -132,7 +132,11 @@ fn rewrite_chinese(
     let final_prompt = zh::join(prompt, &added_prompt);
     let mut added_negative: Vec<String> = Vec::new();
     if user_negative.is_none() && guidance_on(ctx) {
-        added_negative.extend(DEFAULT_NEGATIVE_PROMPT.split(',').map(|p| p.trim().to_owned()));
+        added_negative.extend(
+            DEFAULT_NEGATIVE_PROMPT
+                .split(',')
+                .map(|p| p.trim().to_owned()),
+        );
     }
     added_negative.extend(r.negative.iter().cloned());
     added_negative.retain(|p| !excluded(p));

@@ -711,8 +711,8 @@ fn guidance_off_skips_the_default_but_shows_the_negative_as_unused() {
     assert!(e.negative_prompt.contains("jpeg artifacts"));
     assert_eq!(advice_of(&e, "negative_unused").level, AdviceLevel::Info);
 
-    // Nothing to show, nothing to warn about.
-    let e = enhance("一只猫", None, &ctx_cfg(1.0), true);
+    // Nothing to show, nothing to warn about (a Chinese prompt with no known subject).
+    let e = enhance("一幅抽象画", None, &ctx_cfg(1.0), true);
     assert_eq!(e.negative_prompt, "");
     assert!(!kinds(&e).contains(&"negative_unused"));
 }
@@ -798,8 +798,9 @@ fn disabled_returns_everything_verbatim_with_advice() {
 
 #[test]
 fn non_english_prompts_pass_through_with_a_notice() {
+    // Chinese has rules of its own (the `chinese_*` tests below).
     for prompt in [
-        "一只猫坐在窗台上，黄昏",
+        "해질녘의 산속 호수",
         "夕暮れの山の湖",
         "горное озеро на рассвете",
         "un lac de montagne à l'aube",
@@ -886,7 +887,12 @@ fn added_phrases_are_visible_in_the_final_texts() {
         if e.added.prompt.is_empty() {
             assert_eq!(e.prompt, *prompt);
         } else {
-            let tail = format!(", {}", e.added.prompt.join(", "));
+            let sep = if super::zh::is_chinese(prompt) {
+                "，"
+            } else {
+                ", "
+            };
+            let tail = format!("{sep}{}", e.added.prompt.join(sep));
             assert!(e.prompt.ends_with(&tail), "{:?}", e.prompt);
             assert!(e.prompt.starts_with(prompt.trim().trim_end_matches('.')));
         }
@@ -1148,8 +1154,16 @@ fn chinese_dawn_lake_gets_its_details_and_dawn_light() {
     );
     let added: usize = e.added.prompt.iter().map(|p| p.chars().count()).sum();
     assert!(added <= table().zh.limits.max_added_chars, "{added}");
-    let summary = &e.advice.iter().find(|a| a.kind == "enhancement").unwrap().message;
-    assert!(summary.contains("湖泊") && summary.contains("黎明"), "{summary}");
+    let summary = &e
+        .advice
+        .iter()
+        .find(|a| a.kind == "enhancement")
+        .unwrap()
+        .message;
+    assert!(
+        summary.contains("湖泊") && summary.contains("黎明"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -1165,7 +1179,10 @@ fn chinese_enhancement_is_idempotent() {
                 "{p}: {:?}",
                 twice.added
             );
-            assert_eq!(twice.negative_prompt, once.negative_prompt, "negative of {p}");
+            assert_eq!(
+                twice.negative_prompt, once.negative_prompt,
+                "negative of {p}"
+            );
         }
     }
 }
@@ -1190,7 +1207,10 @@ fn chinese_without_time_or_weather_words_no_lighting_is_invented() {
         let e = run(p);
         assert!(e.recognised.lighting.is_empty(), "{p}: {:?}", e.recognised);
         assert!(
-            e.added.prompt.iter().all(|a| !lighting_phrases.contains(&a.as_str())),
+            e.added
+                .prompt
+                .iter()
+                .all(|a| !lighting_phrases.contains(&a.as_str())),
             "{p}: {:?}",
             e.added
         );
@@ -1210,7 +1230,11 @@ fn chinese_without_time_or_weather_words_no_lighting_is_invented() {
 fn chinese_negatives_name_the_subjects_defects_once() {
     let e = run("黄昏时分在海滩上奔跑的女孩");
     for d in ["畸形的手", "多余的手指"] {
-        assert!(e.added.negative_prompt.iter().any(|n| n == d), "{:?}", e.added);
+        assert!(
+            e.added.negative_prompt.iter().any(|n| n == d),
+            "{:?}",
+            e.added
+        );
         assert!(e.negative_prompt.contains(d));
     }
     // The default negative comes first when guidance is on and the user gave none.
@@ -1221,8 +1245,16 @@ fn chinese_negatives_name_the_subjects_defects_once() {
     assert!(e.added.negative_prompt.iter().any(|n| n == "多余的手指"));
     // `unless`: a neon scene is saturated on purpose.
     let e = run("霓虹灯下的湖泊");
-    assert!(!e.added.negative_prompt.iter().any(|n| n == "过度饱和"), "{:?}", e.added);
-    assert!(run("湖泊").added.negative_prompt.iter().any(|n| n == "过度饱和"));
+    assert!(
+        !e.added.negative_prompt.iter().any(|n| n == "过度饱和"),
+        "{:?}",
+        e.added
+    );
+    assert!(run("湖泊")
+        .added
+        .negative_prompt
+        .iter()
+        .any(|n| n == "过度饱和"));
     // A removed chip stays removed.
     let e = enhance_with("黎明的湖泊", None, &ctx(), true, &["柔和的金色晨光".into()]);
     assert!(!e.prompt.contains("柔和的金色晨光"), "{}", e.prompt);
@@ -1236,7 +1268,12 @@ fn long_chinese_prompts_are_not_expanded_and_other_scripts_left_alone() {
     let e = run(long);
     assert!(e.added.prompt.is_empty(), "{:?}", e.added);
     assert_eq!(e.prompt, long);
-    let summary = &e.advice.iter().find(|a| a.kind == "enhancement").unwrap().message;
+    let summary = &e
+        .advice
+        .iter()
+        .find(|a| a.kind == "enhancement")
+        .unwrap()
+        .message;
     assert!(summary.contains("not expanded"), "{summary}");
     // Japanese (kana) is not Chinese: left as written.
     let e = run("夜明けの湖");
@@ -1247,12 +1284,20 @@ fn long_chinese_prompts_are_not_expanded_and_other_scripts_left_alone() {
 #[test]
 fn chinese_prompt_length_is_counted_in_characters() {
     // 20 characters, no spaces: one "word" to a word counter.
-    let p = "黄昏时分在金色海滩上奔跑的长发女孩和她的狗";
+    let p = "黄昏时分在金色的海滩上奔跑的女孩和她的狗";
     assert_eq!(cjk_chars(p), 20);
     let a = prompt_advice(p);
     assert_eq!(a.kind, "prompt_length");
-    assert!(a.message.starts_with("20 Chinese characters"), "{}", a.message);
-    assert!(a.message.contains("not measured for Chinese"), "{}", a.message);
+    assert!(
+        a.message.starts_with("20 Chinese characters"),
+        "{}",
+        a.message
+    );
+    assert!(
+        a.message.contains("not measured for Chinese"),
+        "{}",
+        a.message
+    );
     assert_eq!(prompt_advice("湖泊").level, AdviceLevel::Info);
     let long = "湖".repeat(41);
     assert_eq!(prompt_advice(&long).level, AdviceLevel::Warn);

@@ -186,7 +186,8 @@ fn recognise(text: &str, terms: &[(usize, &str)], hidden: &[bool]) -> Vec<usize>
 
 impl ZhRules {
     pub(super) fn build(raw: RawZh) -> Self {
-        let clean = |v: &[String]| -> Vec<String> { v.iter().map(|t| t.trim().to_owned()).collect() };
+        let clean =
+            |v: &[String]| -> Vec<String> { v.iter().map(|t| t.trim().to_owned()).collect() };
         Self {
             limits: raw.limits,
             ignore: clean(&raw.ignore),

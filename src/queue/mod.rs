@@ -340,7 +340,10 @@ pub fn start(
             actor.jobs.insert(record.id.clone(), Job::new(record));
         } else {
             if record.state == JobState::Running
-                && !record.notices.iter().any(|n| n.kind == crate::engine::NoticeKind::Resumed)
+                && !record
+                    .notices
+                    .iter()
+                    .any(|n| n.kind == crate::engine::NoticeKind::Resumed)
             {
                 // It restarts from step 1: say so, in the record and on its event stream.
                 record.notices.push(crate::engine::Notice::new(
