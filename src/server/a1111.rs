@@ -78,6 +78,8 @@ fn type_error(field: &str) -> &'static str {
     match field {
         "prompt" | "negative_prompt" => "type_error.str",
         "cfg_scale" => "type_error.float",
+        // A checkpoint that is not on this machine: a value, not a type, is wrong.
+        "sd_model_checkpoint" => "value_error",
         _ => "type_error.integer",
     }
 }
