@@ -811,7 +811,7 @@ impl SpatialAttention {
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
         drop(t);
-        let bf16_weights = self.q.weight().dtype() == DType::BF16;
+        let bf16_weights = self.q.weight_dtype() == DType::BF16;
         let heads = |t: &Tensor| t.unsqueeze(1); // [B, 1, n, c]
         if let Some(o) =
             cpu_gemm::attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, None, bf16_weights)?

@@ -4,22 +4,23 @@
 
 pub mod dit;
 pub mod synthetic;
+pub mod text_encoder;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
+use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 use tokenizers::Tokenizer;
 
 use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
 
 use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
+use self::text_encoder::TextEncoder;
 use super::cpu_gemm;
 use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
-use super::weights::{ModelDir, Weights};
+use super::weights::{ModelDir, Role, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
-    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, Defaults,
+    DenoiserResidency, Embedding, Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
 };
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
@@ -52,8 +53,7 @@ pub struct ZImage {
     scheduler: FlowMatchConfig,
     te_cfg: TextEncoderConfig,
     te_weights: Weights,
-    te_prefixed: bool,
-    text_encoder: Option<ZImageTextEncoder>,
+    text_encoder: Option<TextEncoder>,
     dit_cfg: DitConfig,
     dit_weights: Weights,
     dit: Option<Dit>,
@@ -81,6 +81,17 @@ impl ZImage {
     /// against the headers (without reading weight data). Nothing is placed on the device yet.
     pub fn open(
         dir: ModelDir,
+        device: &Device,
+        policy: PrecisionPolicy,
+    ) -> Result<Self, ModelError> {
+        Self::open_with(dir, &ComponentFiles::default(), device, policy)
+    }
+
+    /// [`ZImage::open`] with some components' weights taken from single files (ComfyUI, fp8,
+    /// GGUF, ldm VAE …); configs and the tokenizer still come from the folder.
+    pub fn open_with(
+        dir: ModelDir,
+        files: &ComponentFiles,
         device: &Device,
         policy: PrecisionPolicy,
     ) -> Result<Self, ModelError> {
@@ -133,10 +144,13 @@ impl ZImage {
         }
 
         let tokenizer = load_tokenizer(&dir)?;
-        let te_weights = dir.open_weights("text_encoder")?;
-        let te_prefixed = te_weights.contains("model.embed_tokens.weight");
-        let dit_weights = dir.open_weights("transformer")?;
-        let vae_weights = dir.open_weights("vae")?;
+        let open = |file: &Option<std::path::PathBuf>, component: &str, role: Role| match file {
+            Some(path) => Weights::open_file(path, component, role),
+            None => dir.open_weights_as(component, role),
+        };
+        let te_weights = open(&files.text_encoder, "text_encoder", Role::TextEncoder)?;
+        let dit_weights = open(&files.transformer, "transformer", Role::Transformer)?;
+        let vae_weights = open(&files.vae, "vae", Role::Vae)?;
 
         let info = FamilyInfo {
             family: "z-image",
@@ -156,7 +170,6 @@ impl ZImage {
             scheduler,
             te_cfg,
             te_weights,
-            te_prefixed,
             text_encoder: None,
             dit_cfg,
             dit_weights,
@@ -201,9 +214,9 @@ impl ZImage {
     /// Builds every module against the headers only: names and shapes must match the configs.
     fn validate_tensors(&self) -> Result<(), ModelError> {
         let dev = Device::Cpu;
-        let te = self.te_vb(self.te_weights.shape_only(DType::F32, &dev));
-        ZImageTextEncoder::new(&self.te_cfg, te).map_err(|e| self.te_weights.context(e))?;
-        let vb = self.dit_weights.shape_only(DType::F32, &dev);
+        TextEncoder::new(&self.te_cfg, self.te_weights.shape_loader(DType::F32))
+            .map_err(|e| self.te_weights.context(e))?;
+        let vb = self.dit_weights.shape_loader(DType::F32);
         let prec = DitPrecision {
             compute: DType::F32,
             residual: DType::F32,
@@ -214,15 +227,6 @@ impl ZImage {
         VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
             .map_err(|e| self.vae_weights.context(e))?;
         Ok(())
-    }
-
-    fn te_vb(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
-        if self.te_prefixed {
-            vb
-        } else {
-            // transformers 5 saves Qwen3Model without the `model.` prefix; candle expects it.
-            vb.rename_f(|name: &str| name.strip_prefix("model.").unwrap_or(name).to_string())
-        }
     }
 
     /// Token ids of the chat-templated prompt, as the pipeline feeds the text encoder (the valid,
@@ -269,9 +273,7 @@ impl ZImage {
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
                 if want > 0 {
-                    let vb = self
-                        .dit_weights
-                        .var_builder(self.policy.denoiser, &self.device);
+                    let vb = self.dit_weights.loader(self.policy.denoiser, &self.device);
                     let kept = KeptBlocks::load(&self.dit_cfg, &vb, want)
                         .map_err(|e| self.dit_weights.context(e))?;
                     self.kept = Some(kept);
@@ -287,9 +289,7 @@ impl ZImage {
                 dit.forward(x, t, caps, blocks, trace)?
             }
             _ => {
-                let vb = self
-                    .dit_weights
-                    .var_builder(self.policy.denoiser, &self.device);
+                let vb = self.dit_weights.loader(self.policy.denoiser, &self.device);
                 let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
@@ -446,18 +446,15 @@ impl Family for ZImage {
     fn load(&mut self, component: Component) -> Result<(), ModelError> {
         match component {
             Component::TextEncoder if self.text_encoder.is_none() => {
-                let vb = self.te_vb(
-                    self.te_weights
-                        .var_builder(self.policy.text_encoder, &self.device),
-                );
-                let te = ZImageTextEncoder::new(&self.te_cfg, vb)
-                    .map_err(|e| self.te_weights.context(e))?;
+                let ld = self
+                    .te_weights
+                    .loader(self.policy.text_encoder, &self.device);
+                let te =
+                    TextEncoder::new(&self.te_cfg, ld).map_err(|e| self.te_weights.context(e))?;
                 self.text_encoder = Some(te);
             }
             Component::Denoiser if self.dit.is_none() || self.needs_blocks() => {
-                let vb = self
-                    .dit_weights
-                    .var_builder(self.policy.denoiser, &self.device);
+                let vb = self.dit_weights.loader(self.policy.denoiser, &self.device);
                 if self.dit.is_none() {
                     let prec = DitPrecision::for_weights(
                         self.policy.denoiser,

@@ -4,10 +4,10 @@
 //! stream) and block streaming need the block loop in our hands.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
 
 use crate::families::cpu_gemm::{self, Lin};
 use crate::families::gpu_ops;
+use crate::families::weights::Loader;
 use crate::profile;
 use serde::Deserialize;
 
@@ -226,10 +226,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
         let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
-        let lin = |name: &str| Lin::new(dim, dim, false, vb.pp(name));
+        let lin = |name: &str| Lin::load(dim, dim, false, vb.pp(name));
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
                 Some(vb.get(hd, "norm_q.weight")?.to_dtype(act)?),
@@ -242,7 +242,7 @@ impl Attention {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,
-            to_out: Lin::new(dim, dim, false, vb.pp("to_out").pp("0"))?,
+            to_out: Lin::load(dim, dim, false, vb.pp("to_out").pp("0"))?,
             norm_q,
             norm_k,
             n_heads: cfg.n_heads,
@@ -360,12 +360,12 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let h = cfg.ffn_hidden();
         Ok(Self {
-            w1: Lin::new(cfg.dim, h, false, vb.pp("w1"))?,
-            w2: Lin::new(h, cfg.dim, false, vb.pp("w2"))?,
-            w3: Lin::new(cfg.dim, h, false, vb.pp("w3"))?,
+            w1: Lin::load(cfg.dim, h, false, vb.pp("w1"))?,
+            w2: Lin::load(h, cfg.dim, false, vb.pp("w2"))?,
+            w3: Lin::load(cfg.dim, h, false, vb.pp("w3"))?,
         })
     }
 
@@ -388,11 +388,11 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(cfg: &DitConfig, modulated: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(cfg: &DitConfig, modulated: bool, vb: Loader) -> candle_core::Result<Self> {
         let dim = cfg.dim;
         let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
         let modulation = if modulated {
-            Some(Lin::new(
+            Some(Lin::load(
                 cfg.adaln_dim(),
                 4 * dim,
                 true,
@@ -646,19 +646,19 @@ pub struct DitStem {
 }
 
 impl DitStem {
-    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
         let key = format!("{p}-{fp}");
         let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
         let patch_dim = fp * p * p * c;
         Ok(Self {
-            t_mlp1: Lin::new(
+            t_mlp1: Lin::load(
                 FREQUENCY_EMBEDDING_SIZE,
                 T_EMBED_MID,
                 true,
                 vb.pp("t_embedder.mlp.0"),
             )?,
-            t_mlp2: Lin::new(
+            t_mlp2: Lin::load(
                 T_EMBED_MID,
                 cfg.adaln_dim(),
                 true,
@@ -667,15 +667,15 @@ impl DitStem {
             cap_norm: vb
                 .get(cfg.cap_feat_dim, "cap_embedder.0.weight")?
                 .to_dtype(act)?,
-            cap_linear: Lin::new(cfg.cap_feat_dim, dim, true, vb.pp("cap_embedder.1"))?,
-            x_embedder: Lin::new(patch_dim, dim, true, vb.pp("all_x_embedder").pp(&key))?,
-            final_linear: Lin::new(
+            cap_linear: Lin::load(cfg.cap_feat_dim, dim, true, vb.pp("cap_embedder.1"))?,
+            x_embedder: Lin::load(patch_dim, dim, true, vb.pp("all_x_embedder").pp(&key))?,
+            final_linear: Lin::load(
                 dim,
                 patch_dim,
                 true,
                 vb.pp("all_final_layer").pp(&key).pp("linear"),
             )?,
-            final_adaln: Lin::new(
+            final_adaln: Lin::load(
                 cfg.adaln_dim(),
                 dim,
                 true,
@@ -752,11 +752,7 @@ pub struct Trace {
 }
 
 impl Dit {
-    pub fn new(
-        cfg: DitConfig,
-        vb: VarBuilder,
-        precision: DitPrecision,
-    ) -> candle_core::Result<Self> {
+    pub fn new(cfg: DitConfig, vb: Loader, precision: DitPrecision) -> candle_core::Result<Self> {
         let stem = DitStem::new(&cfg, vb)?;
         let tables = RopeTables::new(&cfg);
         Ok(Self {
@@ -999,7 +995,7 @@ pub struct ResidentBlocks {
 }
 
 impl ResidentBlocks {
-    pub fn load(cfg: &DitConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(cfg: &DitConfig, vb: &Loader) -> candle_core::Result<Self> {
         let group = |g: BlockGroup, n: usize, modulated: bool| {
             (0..n)
                 .map(|i| Block::new(cfg, modulated, vb.pp(g.prefix()).pp(i)))
@@ -1051,7 +1047,7 @@ pub struct KeptBlocks {
 }
 
 impl KeptBlocks {
-    pub fn load(cfg: &DitConfig, vb: &VarBuilder, n: usize) -> candle_core::Result<Self> {
+    pub fn load(cfg: &DitConfig, vb: &Loader, n: usize) -> candle_core::Result<Self> {
         let blocks = execution_order(cfg)
             .into_iter()
             .take(n)
@@ -1087,7 +1083,7 @@ impl KeptBlocks {
 /// read on a helper thread while the current one computes. Blocks in `kept` are used in place.
 pub struct StreamedBlocks<'a> {
     pub cfg: &'a DitConfig,
-    pub vb: VarBuilder<'static>,
+    pub vb: Loader,
     kept: Option<&'a KeptBlocks>,
     prefetched: Option<(
         BlockGroup,
@@ -1097,7 +1093,7 @@ pub struct StreamedBlocks<'a> {
 }
 
 impl<'a> StreamedBlocks<'a> {
-    pub fn new(cfg: &'a DitConfig, vb: VarBuilder<'static>) -> Self {
+    pub fn new(cfg: &'a DitConfig, vb: Loader) -> Self {
         Self {
             cfg,
             vb,
