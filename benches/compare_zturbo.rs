@@ -95,16 +95,7 @@ fn main() -> Result<()> {
     let probe = zturbo::memory::probe::for_device(&device);
     let mut engine = Engine::new(family, "compare", probe, EngineConfig::default());
     engine.warm_up()?;
-    let info = engine.info().clone();
-    let limits = Limits {
-        default_width: info.defaults.width,
-        default_height: info.defaults.height,
-        default_steps: info.defaults.steps,
-        default_cfg: info.defaults.cfg,
-        size_multiple: info.size_multiple,
-        max_batch: 1,
-        default_memory_mode: MemoryMode::Performance,
-    };
+    let limits = Limits::new(engine.profile(), 1, MemoryMode::Performance);
     let req = GenerationRequest {
         prompt: args.prompt.clone(),
         negative_prompt: Some(args.negative_prompt.clone()),

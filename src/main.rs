@@ -445,16 +445,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let (mut engine, _) = build_engine(&args.model, false)?;
-    let info = engine.info().clone();
-    let limits = Limits {
-        default_width: info.defaults.width,
-        default_height: info.defaults.height,
-        default_steps: info.defaults.steps,
-        default_cfg: info.defaults.cfg,
-        size_multiple: info.size_multiple,
-        max_batch: 64,
-        default_memory_mode: MemoryMode::Auto,
-    };
+    let limits = Limits::new(engine.profile(), 64, MemoryMode::Auto);
     let fp = from_png.unwrap_or_default();
     let req = GenerationRequest {
         prompt: args.prompt.clone().unwrap_or(fp.prompt),

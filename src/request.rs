@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::families::Profile;
 use crate::memory::planner::MemoryMode;
 
 /// Longest prompt accepted, in characters. Z-Image truncates at 512 tokens anyway; this only
@@ -15,12 +16,10 @@ pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 2048;
 pub const MIN_STEPS: u32 = 1;
 pub const MAX_STEPS: u32 = 100;
-/// ComfyUI/A1111 convention: 1.0 = no guidance. Values ≥ [`CFG_INTERCEPT`] are accepted and
-/// clamped to the model's safe maximum before the run.
+/// ComfyUI/A1111 convention: 1.0 = no guidance. Values from the profile's `cfg.intercept_at` up
+/// are accepted and clamped to the model's safe maximum before the run.
 pub const MIN_CFG: f32 = 1.0;
 pub const MAX_CFG: f32 = 30.0;
-/// The seed's finding: CFG ≥ 3.0 breaks Turbo models, so the system intercepts it.
-pub const CFG_INTERCEPT: f32 = 3.0;
 
 /// A generation request as it arrives (JSON body or CLI flags). Unknown fields are an error.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -58,6 +57,22 @@ pub struct Limits {
     pub size_multiple: u32,
     pub max_batch: u32,
     pub default_memory_mode: MemoryMode,
+}
+
+impl Limits {
+    /// The loaded model's defaults and size multiple, with the device's batch limit.
+    pub fn new(profile: &Profile, max_batch: u32, default_memory_mode: MemoryMode) -> Self {
+        let d = profile.defaults;
+        Self {
+            default_width: d.width,
+            default_height: d.height,
+            default_steps: d.steps,
+            default_cfg: d.cfg,
+            size_multiple: profile.size_multiple,
+            max_batch,
+            default_memory_mode,
+        }
+    }
 }
 
 /// A request that passed validation: every field resolved.

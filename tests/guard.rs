@@ -219,8 +219,8 @@ struct Spy {
 }
 
 impl Family for Spy {
-    fn info(&self) -> &zturbo::families::FamilyInfo {
-        self.inner.info()
+    fn profile(&self) -> &zturbo::families::Profile {
+        self.inner.profile()
     }
     fn device(&self) -> &Device {
         self.inner.device()

@@ -1,4 +1,6 @@
-//! SDXL-Turbo support without a diffusers golden. What is checked here:
+//! SDXL-Turbo structure and plumbing (numerical parity with diffusers' `StableDiffusionXLPipeline`
+//! is `tests/sdxl_turbo_parity.rs`, on the golden fixture `tests/fixtures/tiny-sdxl-turbo`).
+//! What is checked here:
 //!
 //! 1. Architecture: the UNet and CLIP encoders built from the real `stabilityai/sd-turbo` and
 //!    `stabilityai/sdxl-turbo` configs ask for exactly the published parameter counts and for
@@ -8,8 +10,6 @@
 //!    concatenated, pooled projection + size ids into the UNet's `text_time` embedding, zeroed
 //!    empty negative prompt, ancestral scheduler file, engine and CLI runs: shapes, finiteness,
 //!    determinism, and that every conditioning input changes the output.
-//!
-//! Not checked: numerical parity with diffusers' `StableDiffusionXLPipeline` (no golden exists).
 
 mod common;
 
@@ -345,7 +345,7 @@ fn open_tiny() -> SdTurbo {
 fn tiny_sdxl_opens_as_the_sdxl_family() {
     let dir = ModelDir::open(tiny_sdxl()).unwrap();
     let f = families::open(dir, &Device::Cpu, PrecisionPolicy::F32).unwrap();
-    let info = f.info();
+    let info = f.profile();
     assert_eq!(info.family, "sdxl-turbo");
     assert_eq!(
         (

@@ -16,13 +16,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::families::rng;
-use crate::families::{
-    Component, DenoiserResidency, Family, FamilyInfo, ModelError, PrecisionPolicy,
-};
+use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
-use crate::request::{ValidRequest, CFG_INTERCEPT};
+use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
 use prompt::{Enhanced, PromptContext};
 
@@ -287,7 +285,7 @@ pub struct Engine {
     base_policy: PrecisionPolicy,
     tags: Option<Arc<Tags>>,
     /// The family's facts, with the model's own defaults where they differ (the demo's size).
-    info: FamilyInfo,
+    profile: Profile,
 }
 
 impl Engine {
@@ -301,9 +299,9 @@ impl Engine {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
         let base_policy = family.policy();
-        let info = family.info().clone();
+        let profile = *family.profile();
         Self {
-            info,
+            profile,
             family,
             model_name: model_name.into(),
             probe,
@@ -319,13 +317,13 @@ impl Engine {
         self
     }
 
-    pub fn info(&self) -> &FamilyInfo {
-        &self.info
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     /// Overrides the model's default size/steps/CFG (a model-level fact, e.g. the demo's).
     pub fn with_defaults(mut self, defaults: crate::families::Defaults) -> Self {
-        self.info.defaults = defaults;
+        self.profile.defaults = defaults;
         self
     }
 
@@ -383,14 +381,14 @@ impl Engine {
 
     /// The largest batch the default size fits (the server's start-up figure).
     pub fn max_batch(&self) -> u32 {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         planner::max_batch(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto))
     }
 
     /// Loads what the performance plan keeps resident, so the first job does not pay for it and a
     /// broken model folder fails at start-up rather than on the first request.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         let plan =
             planner::plan(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto));
         for (c, r) in [
@@ -414,12 +412,12 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         let started = Instant::now();
         self.probe.reset_peak();
-        let info = self.info.clone();
+        let profile = self.profile;
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         run.salt = req.seed;
-        let result = self.generate_inner(req, extras, &info, &mut run, started);
+        let result = self.generate_inner(req, extras, &profile, &mut run, started);
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
         if let Some(t) = &tags {
@@ -448,15 +446,15 @@ impl Engine {
         &mut self,
         req: &ValidRequest,
         extras: &RunExtras,
-        info: &FamilyInfo,
+        profile: &Profile,
         run: &mut RunState<'_>,
         started: Instant,
     ) -> Result<Generation, EngineError> {
         // 1. CFG interception: the seed found CFG ≥ 3 breaks Turbo models.
         let cfg_requested = req.cfg;
         let mut cfg = req.cfg;
-        if cfg >= CFG_INTERCEPT && cfg > info.safe_cfg_max {
-            cfg = info.safe_cfg_max;
+        if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
+            cfg = profile.safe_cfg_max;
             run.notice(Notice {
                 kind: "cfg_clamped".into(),
                 message: format!(
@@ -473,8 +471,7 @@ impl Engine {
         let ctx = PromptContext {
             cfg,
             steps: req.steps,
-            safe_cfg_max: info.safe_cfg_max,
-            family: info.family,
+            profile: *profile,
         };
         let enhancement = prompt::enhance(
             &req.prompt,
@@ -615,7 +612,7 @@ impl Engine {
             enhance: req.enhance,
             memory_mode: plan.mode,
             precision: self.family.policy().describe(),
-            sampler: info.sampler.into(),
+            sampler: profile.sampler.into(),
         };
         Ok(Generation {
             images,
@@ -650,11 +647,11 @@ impl Engine {
     }
 
     fn latent_dims(&self, width: u32, height: u32) -> (usize, usize, usize) {
-        let info = self.family.info();
+        let p = self.family.profile();
         (
-            info.latent_channels,
-            height as usize / info.vae_scale_factor,
-            width as usize / info.vae_scale_factor,
+            p.latent_channels,
+            height as usize / p.vae_scale_factor,
+            width as usize / p.vae_scale_factor,
         )
     }
 
@@ -676,7 +673,7 @@ impl Engine {
                 "initial latents have shape {:?}; this request needs {:?} (batch, channels, height/{f}, width/{f})",
                 t.dims(),
                 want,
-                f = self.family.info().vae_scale_factor
+                f = self.family.profile().vae_scale_factor
             )));
         }
         Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)

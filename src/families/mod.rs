@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cpu_gemm;
 pub mod gpu_ops;
 pub mod precision;
+pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod sd_turbo;
@@ -20,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::memory::planner::{ActivationModel, ComponentBytes};
 
 pub use precision::{Precision, PrecisionPolicy};
+pub use profile::{Defaults, FamilyKind, Profile};
 pub use scheduler::Schedule;
 pub use weights::ModelDir;
 
@@ -57,32 +59,6 @@ pub enum ModelError {
     Invalid(String),
     #[error("{}", weights::error_text(.0))]
     Candle(#[from] candle_core::Error),
-}
-
-/// The model's user-facing defaults (the UI's and the API's).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Defaults {
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub cfg: f32,
-}
-
-/// Per-family facts in one place.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FamilyInfo {
-    /// `z-image`, `sd-turbo`, `sdxl-turbo`.
-    pub family: &'static str,
-    pub latent_channels: usize,
-    /// Pixels per latent cell.
-    pub vae_scale_factor: usize,
-    /// Width and height must be multiples of this.
-    pub size_multiple: u32,
-    pub defaults: Defaults,
-    /// Highest CFG the model tolerates without breaking; higher requests are clamped to it.
-    pub safe_cfg_max: f32,
-    /// The sampler's name as A1111 metadata shows it (`Euler (flow)`, `Euler`).
-    pub sampler: &'static str,
 }
 
 /// One encoded prompt.
@@ -135,7 +111,8 @@ pub struct StepInput<'a> {
 
 /// A diffusion model family. Implementations are driven by one worker thread.
 pub trait Family: Send {
-    fn info(&self) -> &FamilyInfo;
+    /// The family's facts, with this folder's latent channels, VAE factor and size multiple.
+    fn profile(&self) -> &Profile;
     fn device(&self) -> &Device;
     fn policy(&self) -> PrecisionPolicy;
 
@@ -213,19 +190,9 @@ pub fn pipeline_class(dir: &ModelDir) -> Result<String, ModelError> {
     })
 }
 
-/// Pipeline classes we run, with their family names.
-const PIPELINES: [(&str, &str); 3] = [
-    (z_image::PIPELINE_CLASS, "z-image"),
-    (sd_turbo::SD_PIPELINE_CLASS, "sd-turbo"),
-    (sd_turbo::SDXL_PIPELINE_CLASS, "sdxl-turbo"),
-];
-
 /// The family that runs a diffusers pipeline class, if we have one.
-pub fn family_of_class(class: &str) -> Option<&'static str> {
-    PIPELINES
-        .iter()
-        .find(|(c, _)| *c == class)
-        .map(|(_, family)| *family)
+pub fn family_of_class(class: &str) -> Option<FamilyKind> {
+    FamilyKind::of_pipeline_class(class)
 }
 
 /// Single weight files that replace a component's weights in a model folder (`--transformer`,
@@ -261,24 +228,25 @@ pub fn open_with(
 ) -> Result<Box<dyn Family>, ModelError> {
     let class = pipeline_class(&dir)?;
     match family_of_class(&class) {
-        Some("z-image") => Ok(Box::new(z_image::ZImage::open_with(
+        Some(FamilyKind::ZImage) => Ok(Box::new(z_image::ZImage::open_with(
             dir, files, device, policy,
         )?)),
-        Some(family @ ("sd-turbo" | "sdxl-turbo")) => {
+        Some(family @ (FamilyKind::SdTurbo | FamilyKind::SdxlTurbo)) => {
             if !files.is_empty() {
                 return Err(ModelError::Invalid(format!(
-                    "--transformer, --text-encoder and --vae files are read for Z-Image models; {} is {family}",
-                    dir.describe()
+                    "--transformer, --text-encoder and --vae files are read for Z-Image models; {} is {}",
+                    dir.describe(),
+                    family.as_str()
                 )));
             }
             Ok(Box::new(sd_turbo::SdTurbo::open(dir, device, policy)?))
         }
-        _ => Err(ModelError::UnknownPipeline {
+        None => Err(ModelError::UnknownPipeline {
             path: dir.display_path("model_index.json"),
             class,
-            supported: PIPELINES
+            supported: FamilyKind::ALL
                 .iter()
-                .map(|(c, _)| *c)
+                .map(|f| f.pipeline_class())
                 .collect::<Vec<_>>()
                 .join(", "),
         }),

@@ -4,6 +4,7 @@
 //! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` step for step.
 
 pub mod clip;
+pub mod profile;
 pub mod unet;
 
 use candle_core::{DType, Device, Tensor};
@@ -16,32 +17,14 @@ use super::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
-    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Component, Conditioning, DenoiserResidency, Embedding, Family,
+    FamilyKind, ModelError, PrecisionPolicy, Profile, StepInput,
 };
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
 pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
 
-/// SD-Turbo / SDXL-Turbo were distilled (adversarial diffusion distillation) to run without
-/// guidance: the reference pipelines use `guidance_scale = 0`. CFG is still allowed for negative
-/// prompts, but above 2 the distilled models oversaturate and burn within one or two steps, so
-/// intercepted values (≥ 3) are clamped to 2.
-pub const SAFE_CFG_MAX: f32 = 2.0;
-/// The model cards' settings: 512², one step, no guidance.
-pub const SD_TURBO_DEFAULTS: Defaults = Defaults {
-    width: 512,
-    height: 512,
-    steps: 1,
-    cfg: 1.0,
-};
-/// SDXL-Turbo was distilled at 512² as well (not SDXL's 1024²).
-pub const SDXL_TURBO_DEFAULTS: Defaults = Defaults {
-    width: 512,
-    height: 512,
-    steps: 1,
-    cfg: 1.0,
-};
+pub use self::profile::{SAFE_CFG_MAX, SDXL_TURBO_DEFAULTS, SD_TURBO_DEFAULTS};
 /// Schedulers whose sigma schedule we reproduce. The ancestral variant (sdxl-turbo's file) has
 /// the same timesteps and sigmas; its per-step fresh noise is not injected, so runs of 2+ steps
 /// are deterministic Euler (one step is identical: its last σ is 0).
@@ -58,10 +41,10 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub fn family(self) -> &'static str {
+    pub fn family(self) -> FamilyKind {
         match self {
-            Variant::Sd => "sd-turbo",
-            Variant::Sdxl => "sdxl-turbo",
+            Variant::Sd => FamilyKind::SdTurbo,
+            Variant::Sdxl => FamilyKind::SdxlTurbo,
         }
     }
 }
@@ -127,7 +110,7 @@ impl TextSide {
 pub struct SdTurbo {
     dir: ModelDir,
     variant: Variant,
-    info: FamilyInfo,
+    profile: Profile,
     device: Device,
     policy: PrecisionPolicy,
     /// The residual dtype the policy started with (restored when the denoiser leaves f32).
@@ -270,22 +253,16 @@ impl SdTurbo {
 
         let unet_weights = dir.open_weights("unet")?;
         let vae_weights = dir.open_weights("vae")?;
-        let info = FamilyInfo {
-            family: variant.family(),
+        let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: vae_cfg.scale_factor(),
             size_multiple: vae_cfg.scale_factor() as u32,
-            defaults: match variant {
-                Variant::Sd => SD_TURBO_DEFAULTS,
-                Variant::Sdxl => SDXL_TURBO_DEFAULTS,
-            },
-            safe_cfg_max: SAFE_CFG_MAX,
-            sampler: "Euler",
+            ..variant.family().profile()
         };
         let model = Self {
             dir,
             variant,
-            info,
+            profile,
             device: device.clone(),
             policy,
             base_residual: policy.residual,
@@ -389,6 +366,17 @@ impl SdTurbo {
         self.text.encode(text, &self.device)
     }
 
+    /// The second text encoder's raw outputs for one text (SDXL only; for parity tests).
+    pub fn text_encoder_2_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
+        self.load(Component::TextEncoder)?;
+        match &self.text_2 {
+            Some(t2) => t2.encode(text, &self.device),
+            None => Err(ModelError::Invalid(
+                "this pipeline has no second text encoder".into(),
+            )),
+        }
+    }
+
     /// One prompt as the pipeline encodes it.
     fn encode_one(&mut self, text: &str) -> Result<Embedding, ModelError> {
         self.load(Component::TextEncoder)?;
@@ -438,7 +426,7 @@ impl SdTurbo {
 
     /// SDXL's `add_time_ids` for an image: original size, crop top-left (0, 0), target size.
     fn time_ids(&self, b: usize, latent_h: usize, latent_w: usize) -> Result<Tensor, ModelError> {
-        let f = self.info.vae_scale_factor;
+        let f = self.profile.vae_scale_factor;
         let (h, w) = ((latent_h * f) as f32, (latent_w * f) as f32);
         let row = [h, w, 0.0, 0.0, h, w];
         let data: Vec<f32> = (0..b).flat_map(|_| row).collect();
@@ -460,8 +448,8 @@ fn repeat_rows(t: &Tensor, b: usize) -> candle_core::Result<Tensor> {
 }
 
 impl Family for SdTurbo {
-    fn info(&self) -> &FamilyInfo {
-        &self.info
+    fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     fn device(&self) -> &Device {

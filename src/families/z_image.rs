@@ -3,6 +3,7 @@
 //! and the flow-matching schedule — reproducing diffusers' `ZImagePipeline` step for step.
 
 pub mod dit;
+pub mod profile;
 pub mod synthetic;
 pub mod text_encoder;
 
@@ -19,21 +20,14 @@ use super::scheduler::{FlowMatchConfig, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{ModelDir, Role, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, Defaults,
-    DenoiserResidency, Embedding, Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, DenoiserResidency,
+    Embedding, Family, ModelError, PrecisionPolicy, Profile, StepInput,
 };
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
 /// The pipeline's `max_sequence_length`: prompts are cut at this many tokens.
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
-/// The seed's forced-CFG example recovered at 2.4; above it Z-Image-Turbo overexposes and breaks.
-pub const SAFE_CFG_MAX: f32 = 2.4;
-pub const DEFAULTS: Defaults = Defaults {
-    width: 1024,
-    height: 1024,
-    steps: 8,
-    cfg: 1.8,
-};
+pub use self::profile::{DEFAULTS, SAFE_CFG_MAX};
 
 /// The Qwen3 chat template as `apply_chat_template(..., add_generation_prompt=True,
 /// enable_thinking=True)` renders one user message: no system prompt and, with thinking enabled,
@@ -46,7 +40,7 @@ pub fn chat_template(prompt: &str) -> String {
 /// engine can keep, free or stream each one as the memory plan says.
 pub struct ZImage {
     dir: ModelDir,
-    info: FamilyInfo,
+    profile: Profile,
     device: Device,
     policy: PrecisionPolicy,
     tokenizer: Tokenizer,
@@ -152,18 +146,15 @@ impl ZImage {
         let dit_weights = open(&files.transformer, "transformer", Role::Transformer)?;
         let vae_weights = open(&files.vae, "vae", Role::Vae)?;
 
-        let info = FamilyInfo {
-            family: "z-image",
+        let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: vae_cfg.scale_factor(),
             size_multiple: (vae_cfg.scale_factor() * dit_cfg.patch()) as u32,
-            defaults: DEFAULTS,
-            safe_cfg_max: SAFE_CFG_MAX,
-            sampler: "Euler (flow)",
+            ..profile::PROFILE
         };
         let model = Self {
             dir,
-            info,
+            profile,
             device: device.clone(),
             policy,
             tokenizer,
@@ -311,8 +302,8 @@ fn load_tokenizer(dir: &ModelDir) -> Result<Tokenizer, ModelError> {
 }
 
 impl Family for ZImage {
-    fn info(&self) -> &FamilyInfo {
-        &self.info
+    fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     fn device(&self) -> &Device {

@@ -411,7 +411,8 @@ impl Weights {
                         let example = stored
                             .iter()
                             .map(|s| s.name.as_str())
-                            .find(|n| n.starts_with(prefix.as_str()))
+                            .filter(|n| n.starts_with(prefix.as_str()))
+                            .min()
                             .unwrap_or("");
                         return Err(malformed(
                             &first_path,
@@ -433,8 +434,9 @@ impl Weights {
                         ))
                     }
                     Detected::Unknown => {
-                        let some: Vec<&str> =
-                            stored.iter().take(3).map(|s| s.name.as_str()).collect();
+                        let mut some: Vec<&str> = stored.iter().map(|s| s.name.as_str()).collect();
+                        some.sort_unstable();
+                        some.truncate(3);
                         return Err(malformed(
                             &first_path,
                             format!(
