@@ -53,6 +53,22 @@ struct ModelArgs {
     /// Cap on the memory the planner may use, e.g. 8GiB.
     #[arg(long, env = "ZTURBO_MEMORY_BUDGET", value_parser = parse_budget)]
     memory_budget: Option<u64>,
+    /// The transformer (DiT) from a single file: a diffusers or ComfyUI safetensors (bf16, fp8)
+    /// or a GGUF (Q8_0 … Q2_K). A bare file name is also looked for in --models-dir and the
+    /// ComfyUI folders. Configs and tokenizer still come from --model (default z-image-turbo).
+    #[arg(long, env = "ZTURBO_TRANSFORMER")]
+    transformer: Option<PathBuf>,
+    /// The Qwen3 text encoder from a single file (transformers safetensors such as ComfyUI's
+    /// qwen_3_4b.safetensors, fp8, or a llama.cpp GGUF).
+    #[arg(long, env = "ZTURBO_TEXT_ENCODER")]
+    text_encoder: Option<PathBuf>,
+    /// The VAE from a single file (diffusers names, or the ldm/Flux names of ae.safetensors).
+    #[arg(long, env = "ZTURBO_VAE")]
+    vae: Option<PathBuf>,
+    /// A ComfyUI folder (or its models/ folder): its diffusion_models, text_encoders, clip and
+    /// vae files are listed in the Models panel and found by name.
+    #[arg(long, env = "ZTURBO_COMFYUI_DIR")]
+    comfyui_dir: Option<PathBuf>,
 }
 
 fn parse_budget(s: &str) -> Result<u64, String> {
@@ -71,6 +87,10 @@ enum Command {
     Pull {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
         name: String,
+        /// Only the configs, scheduler and tokenizer (a few MB): enough to run single weight
+        /// files given with --transformer, --text-encoder and --vae.
+        #[arg(long)]
+        configs_only: bool,
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
@@ -78,6 +98,9 @@ enum Command {
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
         models_dir: PathBuf,
+        /// Also list the weight files of this ComfyUI folder (or its models/ folder).
+        #[arg(long, env = "ZTURBO_COMFYUI_DIR")]
+        comfyui_dir: Option<PathBuf>,
     },
 }
 
@@ -175,8 +198,11 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Generate(args) => generate(*args),
-        Command::Pull { name } => pull(&name),
-        Command::Models { models_dir } => models(&models_dir),
+        Command::Pull { name, configs_only } => pull(&name, configs_only),
+        Command::Models {
+            models_dir,
+            comfyui_dir,
+        } => models(&models_dir, comfyui_dir.as_deref()),
         Command::Soak(args) => soak::run(args),
     };
     if let Err(e) = result {
@@ -187,10 +213,33 @@ fn main() {
 
 /// Finds the model (without loading anything).
 fn resolve_model(args: &ModelArgs, default_to_demo: bool) -> Result<catalog::Resolved> {
+    let files = component_files(args)?;
     Ok(match &args.model {
-        Some(m) => catalog::resolve(m, &args.models_dir)?,
+        Some(m) => catalog::resolve_with(m, &args.models_dir, &files)?,
+        // Component files alone: the Z-Image-Turbo configs and tokenizer.
+        None if !files.is_empty() => {
+            catalog::resolve_with("z-image-turbo", &args.models_dir, &files)?
+        }
         None if default_to_demo => catalog::default_model(&args.models_dir),
-        None => bail!("--model is required"),
+        None => bail!("--model is required (or --transformer FILE)"),
+    })
+}
+
+/// `--transformer`, `--text-encoder`, `--vae` as files on disk.
+fn component_files(args: &ModelArgs) -> Result<families::ComponentFiles> {
+    use families::weights::Role;
+    let find = |spec: &Option<PathBuf>, role: Role| -> Result<Option<PathBuf>> {
+        spec.as_ref()
+            .map(|p| {
+                catalog::find_component_file(p, role, &args.models_dir, args.comfyui_dir.as_deref())
+                    .map_err(|e| anyhow!("{}: {e}", role.flag()))
+            })
+            .transpose()
+    };
+    Ok(families::ComponentFiles {
+        transformer: find(&args.transformer, Role::Transformer)?,
+        text_encoder: find(&args.text_encoder, Role::TextEncoder)?,
+        vae: find(&args.vae, Role::Vae)?,
     })
 }
 
@@ -198,14 +247,23 @@ fn resolve_model(args: &ModelArgs, default_to_demo: bool) -> Result<catalog::Res
 fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> {
     let device = args.device.open().map_err(|e| anyhow!(e))?;
     let policy = PrecisionPolicy::resolve(args.precision, &device);
+    let shown = |f: &Option<PathBuf>| {
+        f.as_ref().map_or_else(
+            || "from the folder".to_string(),
+            |p| p.display().to_string(),
+        )
+    };
     tracing::info!(
         model = %resolved.name,
         source = %resolved.dir.describe(),
+        transformer = %shown(&resolved.files.transformer),
+        text_encoder = %shown(&resolved.files.text_encoder),
+        vae = %shown(&resolved.files.vae),
         device = %device_label(&device),
         precision = %policy.describe(),
         "loading model"
     );
-    let family = families::open(resolved.dir.clone(), &device, policy)?;
+    let family = families::open_with(resolved.dir.clone(), &resolved.files, &device, policy)?;
     let probe: Arc<dyn MemoryProbe> = zturbo::memory::probe::for_device(&device);
     let faults = FaultPlan::from_env().map_err(|e| anyhow!(e))?;
     let config = EngineConfig {
@@ -262,14 +320,28 @@ fn serve(args: ServeArgs) -> Result<()> {
 
     let resolved = resolve_model(&args.model, true)?;
     let model_path = resolved.dir.path().map(|p| p.display().to_string());
+    let component_files = resolved.files.clone();
     let demo = resolved.demo;
     let description = if demo {
         "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
             .to_string()
     } else {
-        catalog::entry(&resolved.name)
+        let base = catalog::entry(&resolved.name)
             .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
+            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
+        let files: Vec<String> = [
+            ("transformer", &resolved.files.transformer),
+            ("text encoder", &resolved.files.text_encoder),
+            ("VAE", &resolved.files.vae),
+        ]
+        .iter()
+        .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
+        .collect();
+        if files.is_empty() {
+            base
+        } else {
+            format!("{base} With {}.", files.join(", "))
+        }
     };
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
@@ -308,6 +380,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.outputs.clone(),
     );
     info.model_path = model_path;
+    info.component_files = component_files;
+    info.comfyui_dir = args.model.comfyui_dir.clone();
     let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
 
@@ -587,7 +661,7 @@ impl families::weights::DownloadProgress for BarProgress {
     }
 }
 
-fn pull(name: &str) -> Result<()> {
+fn pull(name: &str, configs_only: bool) -> Result<()> {
     let repo = catalog::entry(name)
         .map(|e| e.repo.to_string())
         .unwrap_or_else(|| name.to_string());
@@ -602,12 +676,17 @@ fn pull(name: &str) -> Result<()> {
         );
     }
     let mut progress = BarProgress { bar: None };
-    let dir = families::weights::pull(&repo, &mut progress)?;
+    let set = if configs_only {
+        families::weights::PullSet::ConfigsOnly
+    } else {
+        families::weights::PullSet::Pipeline
+    };
+    let dir = families::weights::pull_set(&repo, set, &mut progress)?;
     eprintln!("{repo} is ready in {}", dir.display());
     Ok(())
 }
 
-fn models(models_dir: &Path) -> Result<()> {
+fn models(models_dir: &Path, comfyui_dir: Option<&Path>) -> Result<()> {
     println!(
         "{:<16} {:<11} {:<15} {:>10}  source",
         "name", "family", "state", "size"
@@ -630,6 +709,24 @@ fn models(models_dir: &Path) -> Result<()> {
             "{:<16} {:<11} {:<15} {:>10}  {source}",
             m.name, m.family, state, size
         );
+    }
+    let files = catalog::list_files(models_dir, comfyui_dir, &Default::default());
+    if !files.is_empty() {
+        println!();
+        println!(
+            "{:<15} {:<14} {:>10}  {:<22} file",
+            "flag", "encoding", "size", "names"
+        );
+        for f in files {
+            println!(
+                "{:<15} {:<14} {:>10}  {:<22} {}",
+                f.flag,
+                f.summary.encoding,
+                format!("{:.2} GB", f.summary.file_bytes as f64 / 1e9),
+                f.summary.kind,
+                f.path.display()
+            );
+        }
     }
     Ok(())
 }

@@ -140,7 +140,16 @@ impl ZImage {
         let tokenizer = load_tokenizer(&dir)?;
         let open = |file: &Option<std::path::PathBuf>, component: &str, role: Role| match file {
             Some(path) => Weights::open_file(path, component, role),
-            None => dir.open_weights_as(component, role),
+            None => dir.open_weights_as(component, role).map_err(|e| match e {
+                // A configs-only folder (`zturbo pull … --configs-only`): say which flag helps.
+                ModelError::MissingFile { .. } => ModelError::Invalid(format!(
+                    "{} has no {component} weights: give them as a file with {} \
+                     (or pull the whole model)",
+                    dir.describe(),
+                    role.flag()
+                )),
+                other => other,
+            }),
         };
         let te_weights = open(&files.text_encoder, "text_encoder", Role::TextEncoder)?;
         let dit_weights = open(&files.transformer, "transformer", Role::Transformer)?;

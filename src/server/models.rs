@@ -77,6 +77,11 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
             },
             "safe_cfg_max": json_f32(i.profile.safe_cfg_max),
             "size_multiple": i.profile.size_multiple,
+            "files": {
+                "transformer": i.component_files.transformer,
+                "text_encoder": i.component_files.text_encoder,
+                "vae": i.component_files.vae,
+            },
             "profile": i.profile.view(),
         },
         "device": {
@@ -94,7 +99,7 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
 pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let info = s.info.clone();
     // Looks at the disk (models folder, Hugging Face cache): not on the runtime's threads.
-    let models = tokio::task::spawn_blocking(move || {
+    let (models, files) = tokio::task::spawn_blocking(move || {
         let mut models = catalog::list(&info.models_dir, &info.model);
         if !models.iter().any(|m| m.state == ModelState::Loaded) {
             // Loaded from a folder outside the models folder: still list what runs.
@@ -110,7 +115,12 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
                 description: info.description.clone(),
             });
         }
-        models
+        let files = catalog::list_files(
+            &info.models_dir,
+            info.comfyui_dir.as_deref(),
+            &info.component_files,
+        );
+        (models, files)
     })
     .await
     .map_err(|e| ApiError::internal(format!("listing models failed: {e}")))?;
@@ -118,7 +128,9 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
         .downloads
         .current()
         .map(|(name, progress)| json!({ "name": name, "progress": progress }));
-    Ok(Json(json!({ "models": models, "pull": pull })))
+    Ok(Json(
+        json!({ "models": models, "files": files, "pull": pull }),
+    ))
 }
 
 /// A download's events, as `GET /api/models/{name}/pull/events` sends them.

@@ -5,7 +5,8 @@
 //! `convert_ldm_vae_checkpoint`) and llama.cpp's `convert_hf_to_gguf.py` do.
 
 /// Which component a file is meant to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     Transformer,
     TextEncoder,
@@ -13,6 +14,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// The CLI flag that takes such a file.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Transformer => "--transformer",
+            Self::TextEncoder => "--text-encoder",
+            Self::Vae => "--vae",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Self::Transformer => "a Z-Image transformer (DiT)",

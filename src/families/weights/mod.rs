@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 use super::ModelError;
 pub use layout::{Layout, Role};
 use store::Bytes;
-pub use store::{error_text, Encoding, FormatInfo, Loader, Recording, TensorInfo, Weights};
+pub use store::{
+    error_text, inspect, Encoding, FileSummary, FormatInfo, Loader, Recording, TensorInfo, Weights,
+};
 
 /// A model folder in the diffusers layout, wherever its bytes live.
 #[derive(Clone)]
@@ -282,6 +284,16 @@ pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
     complete.then_some(dir)
 }
 
+/// The snapshot folder of `repo` in the Hugging Face cache when its configs and tokenizer are
+/// there, weights or not (`zturbo pull NAME --configs-only`).
+pub fn hf_cache_configs(repo: &str) -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let index = cache.model(repo.to_string()).get("model_index.json")?;
+    let dir = index.parent()?.to_path_buf();
+    ModelDir::open(&dir).ok()?;
+    dir.join("tokenizer").is_dir().then_some(dir)
+}
+
 /// Reports download progress (a terminal bar, or SSE events to the UI).
 pub trait DownloadProgress {
     fn file_started(&mut self, name: &str, size: u64, index: usize, count: usize);
@@ -361,41 +373,85 @@ pub fn select_files(files: &[String]) -> Vec<String> {
     out
 }
 
-/// Downloads what a pipeline needs from `repo` into the Hugging Face cache (resuming partial
-/// files) and returns the snapshot folder.
-pub fn pull(repo: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf, ModelError> {
-    let offline = |e: &dyn std::fmt::Display| {
-        ModelError::Download(format!(
-            "cannot reach the Hugging Face hub for `{repo}` ({e}). Are you offline? Download on a connected \
-             machine (`zturbo pull {repo}`, then copy ~/.cache/huggingface) or pass a local diffusers folder with --model"
-        ))
-    };
+/// What `pull` fetches from a diffusers repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullSet {
+    /// Configs, tokenizers and every component's weights.
+    Pipeline,
+    /// Configs, scheduler and tokenizers only (a few MB): enough to run single weight files.
+    ConfigsOnly,
+}
+
+fn hub_offline(repo: &str, e: &dyn std::fmt::Display) -> ModelError {
+    ModelError::Download(format!(
+        "cannot reach the Hugging Face hub for `{repo}` ({e}). Are you offline? Download on a connected \
+         machine (`zturbo pull {repo}`, then copy ~/.cache/huggingface) or pass a local diffusers folder with --model"
+    ))
+}
+
+fn hub_repo(repo: &str) -> Result<hf_hub::api::sync::ApiRepo, ModelError> {
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(false)
         .build()
-        .map_err(|e| offline(&e))?;
-    let handle = api.model(repo.to_string());
-    let info = handle.info().map_err(|e| offline(&e))?;
-    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    if !names.iter().any(|n| n == "model_index.json") {
-        return Err(ModelError::Download(format!(
-            "`{repo}` has no model_index.json: not a diffusers pipeline repository"
-        )));
-    }
-    let wanted = select_files(&names);
-    let count = wanted.len();
-    let mut snapshot = None;
-    for (i, f) in wanted.iter().enumerate() {
+        .map_err(|e| hub_offline(repo, &e))?;
+    Ok(api.model(repo.to_string()))
+}
+
+/// The file names of a hub repository.
+pub fn repo_files(repo: &str) -> Result<Vec<String>, ModelError> {
+    let info = hub_repo(repo)?.info().map_err(|e| hub_offline(repo, &e))?;
+    Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+}
+
+/// Downloads files of `repo` into the Hugging Face cache (resuming partial files); returns each
+/// file's path.
+pub fn pull_files(
+    repo: &str,
+    files: &[String],
+    progress: &mut dyn DownloadProgress,
+) -> Result<Vec<PathBuf>, ModelError> {
+    let handle = hub_repo(repo)?;
+    let count = files.len();
+    let mut paths = Vec::with_capacity(count);
+    for (i, f) in files.iter().enumerate() {
         progress.file_started(f, 0, i, count);
         let path = handle
             .download_with_progress(f, HubProgress(progress))
             .map_err(|e| ModelError::Download(format!("{repo}/{f}: {e}")))?;
         progress.file_finished(f);
-        if f == "model_index.json" {
-            snapshot = path.parent().map(Path::to_path_buf);
-        }
+        paths.push(path);
     }
-    snapshot
+    Ok(paths)
+}
+
+/// Downloads what a pipeline needs from `repo` into the Hugging Face cache (resuming partial
+/// files) and returns the snapshot folder.
+pub fn pull(repo: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf, ModelError> {
+    pull_set(repo, PullSet::Pipeline, progress)
+}
+
+/// [`pull`] of the whole pipeline or of its configs and tokenizers only.
+pub fn pull_set(
+    repo: &str,
+    set: PullSet,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf, ModelError> {
+    let names = repo_files(repo)?;
+    if !names.iter().any(|n| n == "model_index.json") {
+        return Err(ModelError::Download(format!(
+            "`{repo}` has no model_index.json: not a diffusers pipeline repository"
+        )));
+    }
+    let mut wanted = select_files(&names);
+    if set == PullSet::ConfigsOnly {
+        wanted.retain(|f| !f.ends_with(".safetensors") && !f.ends_with(".safetensors.index.json"));
+    }
+    let paths = pull_files(repo, &wanted, progress)?;
+    wanted
+        .iter()
+        .zip(&paths)
+        .find(|(f, _)| *f == "model_index.json")
+        .and_then(|(_, p)| p.parent().map(Path::to_path_buf))
         .ok_or_else(|| ModelError::Download(format!("{repo}: model_index.json was not fetched")))
 }
 

@@ -354,6 +354,53 @@ fn scalar(s: &Stored, bytes: &[u8], path: &Path) -> Result<f32, ModelError> {
     Ok(v)
 }
 
+/// What a single weight file is, from its headers alone (for listings and `--model FILE`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileSummary {
+    /// The component it holds, when it is one of ours.
+    pub role: Option<Role>,
+    /// `ComfyUI transformer`, `llama.cpp Qwen3` …, or what else it is (`a Flux transformer`).
+    pub kind: String,
+    /// `safetensors` or `gguf`.
+    pub container: &'static str,
+    /// The encoding that holds most of the bytes: `bf16`, `q4_k`, `float8_e4m3fn` …
+    pub encoding: String,
+    /// Tensor counts per encoding.
+    pub encodings: BTreeMap<String, usize>,
+    pub file_bytes: u64,
+}
+
+/// Reads a file's headers and tells what it is.
+pub fn inspect(path: &Path) -> Result<FileSummary, ModelError> {
+    let bytes = Bytes::map(path)?;
+    let mut orig = BTreeMap::new();
+    let (stored, container) = read_headers(0, path, bytes.as_slice(), &mut orig)?;
+    let mut encodings = BTreeMap::new();
+    let mut weight: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &stored {
+        *encodings.entry(s.encoding.name()).or_insert(0) += 1;
+        *weight.entry(s.encoding.name()).or_insert(0) += s.range.len() as u64;
+    }
+    let encoding = weight
+        .iter()
+        .max_by_key(|(_, b)| **b)
+        .map(|(k, _)| k.clone())
+        .unwrap_or_default();
+    let (role, kind) = match layout::detect(stored.iter().map(|s| s.name.as_str())) {
+        Detected::Known { layout, .. } => (Some(layout.role()), layout.label().to_string()),
+        Detected::Foreign { what, .. } => (None, what.to_string()),
+        Detected::Unknown => (None, "unknown weights".to_string()),
+    };
+    Ok(FileSummary {
+        role,
+        kind,
+        container,
+        encoding,
+        encodings,
+        file_bytes: bytes.as_slice().len() as u64,
+    })
+}
+
 impl Weights {
     /// Opens weight files as one component. With a `role`, the files' layout is detected from
     /// their tensor names and mapped onto our names; a file of another kind is refused with a
