@@ -94,6 +94,9 @@ enum Command {
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
+    /// Write a component's weights as GGUF: ComfyUI names for the transformer (what
+    /// ComfyUI-GGUF and stable-diffusion.cpp load), llama.cpp `qwen3` names for the text encoder.
+    Quantize(QuantizeArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
@@ -135,6 +138,37 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     queue_size: u32,
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    /// The model whose component to quantize: a diffusers folder, a name in --models-dir, a
+    /// catalog name found in the Hugging Face cache.
+    #[arg(long)]
+    model: String,
+    #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// transformer or text-encoder.
+    #[arg(long)]
+    component: QuantComponent,
+    /// q8_0, q6_k, q5_k, q4_k or q4_0.
+    #[arg(long)]
+    to: families::weights::quantize::Target,
+    /// The GGUF file to write (written under a `.part` name and renamed when complete).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Quantize this file instead of the model folder's transformer (e.g. a bf16 ComfyUI file).
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    /// Quantize this file instead of the model folder's text encoder.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum QuantComponent {
+    Transformer,
+    TextEncoder,
 }
 
 #[derive(clap::Args)]
@@ -204,6 +238,7 @@ fn main() {
             comfyui_dir,
         } => models(&models_dir, comfyui_dir.as_deref()),
         Command::Soak(args) => soak::run(args),
+        Command::Quantize(args) => quantize(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -683,6 +718,92 @@ fn pull(name: &str, configs_only: bool) -> Result<()> {
     };
     let dir = families::weights::pull_set(&repo, set, &mut progress)?;
     eprintln!("{repo} is ready in {}", dir.display());
+    Ok(())
+}
+
+/// `zturbo quantize`: one tensor at a time, with a byte progress bar on a terminal.
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    use families::weights::{quantize as q, Role, Weights};
+    let role = match args.component {
+        QuantComponent::Transformer => Role::Transformer,
+        QuantComponent::TextEncoder => Role::TextEncoder,
+    };
+    let files = families::ComponentFiles {
+        transformer: args.transformer.clone(),
+        text_encoder: args.text_encoder.clone(),
+        vae: None,
+    };
+    let resolved = catalog::resolve_with(&args.model, &args.models_dir, &files)?;
+    let (component, file) = match role {
+        Role::Transformer => ("transformer", &resolved.files.transformer),
+        _ => ("text_encoder", &resolved.files.text_encoder),
+    };
+    let weights = match file {
+        Some(p) => Weights::open_file(p, component, role)?,
+        None => resolved.dir.open_weights_as(component, role)?,
+    };
+    for src in weights.files() {
+        if src.canonicalize().ok() == args.output.canonicalize().ok() {
+            bail!(
+                "--output {} is the file being quantized",
+                args.output.display()
+            );
+        }
+    }
+    let te_cfg = match role {
+        Role::TextEncoder => Some(
+            resolved
+                .dir
+                .read_json::<candle_transformers::models::z_image::text_encoder::TextEncoderConfig>(
+                    "text_encoder/config.json",
+                )?,
+        ),
+        _ => None,
+    };
+    let planned = q::plan(&weights, role, args.to)?;
+    let meta = q::metadata(role, args.to, te_cfg.as_ref(), &resolved.name);
+    let total: u64 = planned
+        .iter()
+        .map(|p| {
+            p.dims.iter().product::<usize>() as u64 / p.ty.block_size() as u64
+                * p.ty.type_size() as u64
+        })
+        .sum();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template(
+                "quantizing [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let started = std::time::Instant::now();
+    let result = q::write(&weights, &planned, &meta, &args.output, &mut |done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    result?;
+    let mut counts = std::collections::BTreeMap::new();
+    for p in &planned {
+        *counts
+            .entry(zturbo::ops::quantized::ggml_name(p.ty))
+            .or_insert(0usize) += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!(
+        "wrote {} ({:.2} GB, {} tensors: {}) in {:.1} s",
+        args.output.display(),
+        total as f64 / 1e9,
+        planned.len(),
+        counts.join(", "),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -476,6 +476,7 @@ impl Family for SdTurbo {
                 + self
                     .vae_weights
                     .bytes_in("post_quant_conv.", self.policy.vae),
+            ..Default::default()
         }
     }
 

@@ -344,6 +344,10 @@ impl Family for ZImage {
                 + self
                     .vae_weights
                     .bytes_in("post_quant_conv.", self.policy.vae),
+            denoiser_scratch: dit.largest_dequantized(d),
+            text_encoder_scratch: self
+                .te_weights
+                .largest_dequantized(self.policy.text_encoder),
         }
     }
 

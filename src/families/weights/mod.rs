@@ -5,6 +5,7 @@
 
 pub mod gguf;
 pub mod layout;
+pub mod quantize;
 mod store;
 
 use std::collections::BTreeMap;

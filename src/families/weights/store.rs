@@ -779,6 +779,17 @@ impl Weights {
             .sum()
     }
 
+    /// The largest matrix kept quantized, in bytes once dequantized into `dtype` (the one dense
+    /// copy that exists at a time while the model runs); 0 when nothing stays quantized.
+    pub fn largest_dequantized(&self, dtype: DType) -> u64 {
+        self.tensors
+            .values()
+            .filter(|t| t.stays_quantized())
+            .map(|t| t.elem_count() as u64 * dtype.size_in_bytes() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Turns a candle load error into one that names the component and its files.
     pub fn context(&self, e: candle_core::Error) -> ModelError {
         let files = self
