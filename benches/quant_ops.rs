@@ -1,15 +1,17 @@
-//! `cargo bench --bench quant_ops`: on the CPU, is a quantized linear layer faster through
-//! candle's `QMatMul` (activations quantized to 8 bits, integer dot products) or by dequantizing
-//! the weight per product and multiplying in f32 (what `Lin` does)? Prints a table per block type
-//! and activation rows M; the weight shapes are the bench-shaped DiT's (768 → 2048, 2048 → 768).
-//! QMatMul also changes the numbers (8-bit activations), so it is only worth it where it wins
-//! clearly. Options after `--`: `--runs N` (default 5), `--types q8_0,q4_k,q6_k`.
+//! `cargo bench --bench quant_ops`: on the CPU, how should a quantized linear layer multiply?
+//! Compares, per block type and activation rows M, on the bench-shaped DiT's weight shapes
+//! (768 → 2048, 2048 → 768): dequantizing the weight per product (f16 arithmetic as ComfyUI-GGUF
+//! and diffusers decode, or f32 as llama.cpp does) followed by the f32 product — what `Lin` does —
+//! against integer dot products with 8-bit activations, without a copy of the weight
+//! (`vec_dot_matmul`) and through candle's `QMatMul`, which keeps a repacked copy of every weight
+//! it multiplies (resident bytes then grow past the file's). Options after `--`: `--runs N`
+//! (default 5), `--types q8_0,q4_k,q6_k`.
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
-use zturbo::ops::quantized::{dequantize_blocks, quantize_rows, BlockArithmetic};
+use zturbo::ops::quantized::{dequantize_blocks, quantize_rows, vec_dot_matmul, BlockArithmetic};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -57,8 +59,8 @@ fn main() -> candle_core::Result<()> {
         candle_core::utils::get_num_threads()
     );
     println!();
-    println!("| type | M | K → N | dequantize (f16 arith.) | dequantize + f32 product | QMatMul | QMatMul / dequantize |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| type | M | K → N | dequantize f16 arith. | dequantize f32 arith. | f32 product alone | dequantize (f16) + product | vec-dot (no copy) | QMatMul (repacked copy) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for t in types {
         for (k, n) in [(768usize, 2048usize), (2048, 768)] {
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
@@ -69,15 +71,22 @@ fn main() -> candle_core::Result<()> {
                 let deq = time(runs, || {
                     dequantize_blocks(&q, DType::F32, BlockArithmetic::F16)
                 })?;
+                let deq32 = time(runs, || {
+                    dequantize_blocks(&q, DType::F32, BlockArithmetic::F32)
+                })?;
+                let wd = dequantize_blocks(&q, DType::F32, BlockArithmetic::F16)?;
+                let product = time(runs, || x.broadcast_matmul(&wd.t()?))?;
                 let dense = time(runs, || {
                     let wd = dequantize_blocks(&q, DType::F32, BlockArithmetic::F16)?;
                     x.broadcast_matmul(&wd.t()?)
                 })?;
+                let vd = time(runs, || {
+                    vec_dot_matmul(&x, &q)?
+                        .ok_or_else(|| candle_core::Error::Msg("no vec-dot kernel".into()))
+                })?;
                 let qmm = time(runs, || qm.forward(&x))?;
                 println!(
-                    "| {:?} | {m} | {k} → {n} | {deq:.2} | {dense:.2} | {qmm:.2} | {:.2} |",
-                    t,
-                    qmm / dense
+                    "| {t:?} | {m} | {k} → {n} | {deq:.2} | {deq32:.2} | {product:.2} | {dense:.2} | {vd:.2} | {qmm:.2} |"
                 );
             }
         }

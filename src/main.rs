@@ -69,6 +69,11 @@ struct ModelArgs {
     /// vae files are listed in the Models panel and found by name.
     #[arg(long, env = "ZTURBO_COMFYUI_DIR")]
     comfyui_dir: Option<PathBuf>,
+    /// Which weights of a catalog model to load: `bf16` (the release) or a variant pulled with
+    /// `zturbo pull NAME --variant V`. Without it the planner chooses among those on disk for
+    /// the default job, preferring quantized weights kept on the GPU to bf16 weights streamed.
+    #[arg(long, env = "ZTURBO_VARIANT")]
+    variant: Option<String>,
 }
 
 fn parse_budget(s: &str) -> Result<u64, String> {
@@ -89,8 +94,13 @@ enum Command {
         name: String,
         /// Only the configs, scheduler and tokenizer (a few MB): enough to run single weight
         /// files given with --transformer, --text-encoder and --vae.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "variant")]
         configs_only: bool,
+        /// A quantized variant instead of the bf16 release (z-image-turbo: q8_0, q6_k, q5_k_m,
+        /// q4_k_m, q3_k_m): the transformer and text encoder as GGUF from the repositories
+        /// README names, configs, tokenizer and VAE from the model's own repository.
+        #[arg(long)]
+        variant: Option<String>,
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
@@ -232,7 +242,11 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Generate(args) => generate(*args),
-        Command::Pull { name, configs_only } => pull(&name, configs_only),
+        Command::Pull {
+            name,
+            configs_only,
+            variant,
+        } => pull(&name, configs_only, variant.as_deref()),
         Command::Models {
             models_dir,
             comfyui_dir,
@@ -249,6 +263,13 @@ fn main() {
 /// Finds the model (without loading anything).
 fn resolve_model(args: &ModelArgs, default_to_demo: bool) -> Result<catalog::Resolved> {
     let files = component_files(args)?;
+    if let Some(v) = &args.variant {
+        if !files.is_empty() {
+            bail!("--variant chooses a catalog model's weights; it does not combine with --transformer, --text-encoder or --vae");
+        }
+        let name = args.model.as_deref().unwrap_or("z-image-turbo");
+        return Ok(catalog::resolve_variant(name, v, &args.models_dir)?);
+    }
     Ok(match &args.model {
         Some(m) => catalog::resolve_with(m, &args.models_dir, &files)?,
         // Component files alone: the Z-Image-Turbo configs and tokenizer.
@@ -278,10 +299,28 @@ fn component_files(args: &ModelArgs) -> Result<families::ComponentFiles> {
     })
 }
 
-/// Opens the device and builds the engine for a resolved model.
-fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> {
+/// Opens the device and builds the engine for a resolved model. When the model has pulled
+/// variants (and no --variant or component file pins the weights), the planner chooses among
+/// them for the model's default job; the choice and its reasons are logged.
+fn open_engine(
+    args: &ModelArgs,
+    resolved: catalog::Resolved,
+) -> Result<(Engine, catalog::Resolved)> {
     let device = args.device.open().map_err(|e| anyhow!(e))?;
     let policy = PrecisionPolicy::resolve(args.precision, &device);
+    let candidates = if args.variant.is_some() {
+        vec![resolved]
+    } else {
+        catalog::weight_candidates(&resolved, &args.models_dir)
+    };
+    let resolved = if candidates.len() > 1 {
+        choose_weights(args, candidates, &device, policy)?
+    } else {
+        candidates
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no weights to load"))?
+    };
     let shown = |f: &Option<PathBuf>| {
         f.as_ref().map_or_else(
             || "from the folder".to_string(),
@@ -305,19 +344,64 @@ fn open_engine(args: &ModelArgs, resolved: catalog::Resolved) -> Result<Engine> 
         memory_budget: args.memory_budget,
         faults,
     };
-    let engine = Engine::new(family, resolved.name, probe, config);
-    Ok(if resolved.demo {
+    let engine = Engine::new(family, resolved.name.clone(), probe, config);
+    let engine = if resolved.demo {
         engine.with_defaults(catalog::DEMO_DEFAULTS)
     } else {
         engine
-    })
+    };
+    Ok((engine, resolved))
+}
+
+/// The planner's pick among ways of holding the same model (headers only: nothing is loaded).
+fn choose_weights(
+    args: &ModelArgs,
+    candidates: Vec<catalog::Resolved>,
+    device: &candle_core::Device,
+    policy: PrecisionPolicy,
+) -> Result<catalog::Resolved> {
+    use zturbo::memory::planner::{self, WeightOption};
+    let mut options = Vec::with_capacity(candidates.len());
+    let mut kept = Vec::with_capacity(candidates.len());
+    for c in candidates {
+        let family = match families::open_with(c.dir.clone(), &c.files, device, policy) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(weights = %c.name, "skipped: {e}");
+                continue;
+            }
+        };
+        let probe: Arc<dyn MemoryProbe> = zturbo::memory::probe::for_device(device);
+        let engine = Engine::new(
+            family,
+            c.name.clone(),
+            probe,
+            EngineConfig {
+                memory_budget: args.memory_budget,
+                faults: FaultPlan::default(),
+            },
+        );
+        let d = engine.profile().defaults;
+        options.push(WeightOption {
+            label: c.variant.clone().unwrap_or_else(|| "bf16".into()),
+            quantized: c.variant.is_some(),
+            input: engine.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto),
+        });
+        kept.push(c);
+    }
+    let choice = planner::choose_weights(&options)
+        .ok_or_else(|| anyhow!("none of the model's weights could be opened"))?;
+    for r in &choice.reasons {
+        tracing::info!("{r}");
+    }
+    Ok(kept.swap_remove(choice.index))
 }
 
 /// Opens the device, finds the model, builds the engine.
 fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool)> {
     let resolved = resolve_model(args, default_to_demo)?;
     let demo = resolved.demo;
-    Ok((open_engine(args, resolved)?, demo))
+    Ok((open_engine(args, resolved)?.0, demo))
 }
 
 /// `zturbo serve`: load the model on the worker thread, then bind and serve until Ctrl-C/SIGTERM.
@@ -354,30 +438,6 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
 
     let resolved = resolve_model(&args.model, true)?;
-    let model_path = resolved.dir.path().map(|p| p.display().to_string());
-    let component_files = resolved.files.clone();
-    let demo = resolved.demo;
-    let description = if demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
-    } else {
-        let base = catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
-        let files: Vec<String> = [
-            ("transformer", &resolved.files.transformer),
-            ("text encoder", &resolved.files.text_encoder),
-            ("VAE", &resolved.files.vae),
-        ]
-        .iter()
-        .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
-        .collect();
-        if files.is_empty() {
-            base
-        } else {
-            format!("{base} With {}.", files.join(", "))
-        }
-    };
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
 
@@ -385,8 +445,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let model_args = args.model.clone();
+    // The weights the engine settles on (the planner may pick a pulled variant).
+    let chosen: Arc<std::sync::Mutex<Option<catalog::Resolved>>> = Default::default();
+    let chosen_in = chosen.clone();
     let build = move || -> std::result::Result<Engine, String> {
-        let mut engine = open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
+        let (mut engine, resolved) =
+            open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
+        if let Ok(mut c) = chosen_in.lock() {
+            *c = Some(resolved);
+        }
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
@@ -405,6 +472,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_batch = loaded.max_batch,
         "model loaded"
     );
+    let resolved = chosen
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take())
+        .ok_or_else(|| anyhow!("the model loaded without saying which weights"))?;
+    let model_path = resolved.dir.path().map(|p| p.display().to_string());
+    let component_files = resolved.files.clone();
+    let demo = resolved.demo;
+    let description = describe(&resolved);
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let mut info = ServerInfo::new(
         &loaded,
@@ -474,6 +550,36 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// The Models panel's sentence for the loaded weights.
+fn describe(resolved: &catalog::Resolved) -> String {
+    if resolved.demo {
+        return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string();
+    }
+    let base_name = resolved.name.split(" (").next().unwrap_or(&resolved.name);
+    let base = catalog::entry(base_name)
+        .map(|e| e.description.to_string())
+        .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
+    let files: Vec<String> = [
+        ("transformer", &resolved.files.transformer),
+        ("text encoder", &resolved.files.text_encoder),
+        ("VAE", &resolved.files.vae),
+    ]
+    .iter()
+    .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
+    .collect();
+    let variant = resolved
+        .variant
+        .as_ref()
+        .map(|v| format!(" Variant {v}."))
+        .unwrap_or_default();
+    if files.is_empty() {
+        format!("{base}{variant}")
+    } else {
+        format!("{base}{variant} With {}.", files.join(", "))
+    }
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
@@ -696,7 +802,7 @@ impl families::weights::DownloadProgress for BarProgress {
     }
 }
 
-fn pull(name: &str, configs_only: bool) -> Result<()> {
+fn pull(name: &str, configs_only: bool, variant: Option<&str>) -> Result<()> {
     let repo = catalog::entry(name)
         .map(|e| e.repo.to_string())
         .unwrap_or_else(|| name.to_string());
@@ -711,6 +817,25 @@ fn pull(name: &str, configs_only: bool) -> Result<()> {
         );
     }
     let mut progress = BarProgress { bar: None };
+    if let Some(v) = variant {
+        let v = families::variants::find(name, v)?;
+        let pulled = families::variants::pull(&repo, v, &mut progress)?;
+        let shown = |f: &Option<PathBuf>| {
+            f.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "{name} {} is ready: configs in {}, transformer {}, text encoder {} \
+             (`zturbo serve --model {name}` picks it when it suits the GPU, `--variant {}` forces it)",
+            v.name,
+            pulled.configs.display(),
+            shown(&pulled.files.transformer),
+            shown(&pulled.files.text_encoder),
+            v.name
+        );
+        return Ok(());
+    }
     let set = if configs_only {
         families::weights::PullSet::ConfigsOnly
     } else {

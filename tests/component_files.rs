@@ -376,3 +376,120 @@ fn server_refuses_a_bad_file_and_lists_weight_files() {
     drop(s);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Hugging Face cache holding a pulled z-image-turbo variant (the tiny fixture's GGUF files
+/// under the names the variant repositories use).
+fn fake_variant_cache(root: &Path) -> PathBuf {
+    let hf = root.join("hf");
+    for (repo, src, name) in [
+        (
+            "jayn7--Z-Image-Turbo-GGUF",
+            "dit-q8_0.gguf",
+            "z_image_turbo-Q8_0.gguf",
+        ),
+        (
+            "unsloth--Qwen3-4B-GGUF",
+            "te-q8_0.gguf",
+            "Qwen3-4B-Q8_0.gguf",
+        ),
+    ] {
+        let d = hf
+            .join("hub")
+            .join(format!("models--{repo}/snapshots/0123abc"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(file(src), d.join(name)).unwrap();
+    }
+    hf
+}
+
+#[test]
+fn pulled_variants_are_chosen_by_the_planner_or_by_flag() {
+    let dir = temp_dir("cf-variants");
+    let models = models_dir_with_tiny(&dir, false);
+    let hf = fake_variant_cache(&dir);
+    let hf_s = hf.to_str().unwrap();
+    let models_s = models.to_str().unwrap();
+    let png = dir.join("x.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "z-image-turbo",
+            "--models-dir",
+            models_s,
+            "--prompt",
+            "a lake",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zturbo(&args, &[("HF_HOME", hf_s), ("ZTURBO_LOG", "info")])
+    };
+    // Both on disk, room for everything: the planner keeps the release (bf16 folder).
+    let out = run(&[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("q8_0: denoiser"), "{log}");
+    assert!(log.contains("weights: chose bf16"), "{log}");
+    // Forced.
+    let out = run(&["--variant", "q8_0"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("z_image_turbo-Q8_0.gguf"), "{log}");
+    let out = run(&["--variant", "q4_k_m"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("zturbo pull z-image-turbo --variant q4_k_m"),
+        "{log}"
+    );
+
+    // The Models panel: every variant with its size and smallest card; q8_0 on disk.
+    let s = Server::start_model(
+        &dir.join("out"),
+        fixture("tiny-z-image").to_str().unwrap(),
+        &[],
+        &[("HF_HOME", hf_s)],
+    );
+    let (st, list) = get_json(&s.url("/api/models"));
+    assert_eq!(st, 200);
+    let zit = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "z-image-turbo")
+        .unwrap();
+    let variants = zit["variants"].as_array().unwrap();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"]
+    );
+    let q8 = &variants[1];
+    assert_eq!(q8["on_disk"], true);
+    assert_eq!(q8["estimated"], false);
+    let q4 = &variants[4];
+    assert_eq!(q4["on_disk"], false);
+    assert!(q4["size_bytes"].as_u64().unwrap() < variants[0]["size_bytes"].as_u64().unwrap() / 2);
+    assert!(q4["smallest_card_gib"].as_u64().unwrap() <= 8, "{q4}");
+    assert_eq!(q4["pull"], "zturbo pull z-image-turbo --variant q4_k_m");
+    // A variant that does not exist: 400 naming the field.
+    let res = support::client()
+        .post(s.url("/api/models/z-image-turbo/pull?variant=q9"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: serde_json::Value = res.json().unwrap();
+    assert_eq!(body["error"]["field"], "variant", "{body}");
+    drop(s);
+    std::fs::remove_dir_all(dir).unwrap();
+}

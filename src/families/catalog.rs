@@ -98,6 +98,8 @@ pub struct Resolved {
     pub dir: ModelDir,
     pub demo: bool,
     pub files: ComponentFiles,
+    /// The quantized variant (`q8_0` …) these weights are, when they are one.
+    pub variant: Option<String>,
 }
 
 /// Finds a model without touching the network. Order: `demo`; an existing folder path; a weight
@@ -111,6 +113,7 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             dir: demo(),
             demo: true,
             files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let as_path = Path::new(spec);
@@ -127,6 +130,7 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             dir: ModelDir::open(as_path)?,
             demo: false,
             files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let local = models_dir.join(spec);
@@ -136,6 +140,7 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             dir: ModelDir::open(local)?,
             demo: false,
             files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let (name, repo) = match entry(spec) {
@@ -162,6 +167,7 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             dir: ModelDir::open(dir)?,
             demo: false,
             files: ComponentFiles::default(),
+            variant: None,
         }),
         None => {
             let size = entry(&repo)
@@ -255,6 +261,7 @@ pub fn configs_of(entry: &CatalogEntry, models_dir: &Path) -> Result<Resolved, M
         dir,
         demo: false,
         files: ComponentFiles::default(),
+        variant: None,
     })
 }
 
@@ -473,13 +480,84 @@ fn cached_summary(p: &Path) -> Result<FileSummary, ModelError> {
     Ok(s)
 }
 
-/// The model `serve` starts with when none is given: Z-Image-Turbo if found locally, else demo.
+/// Every way of holding `resolved`'s model that is on disk: the model itself and, for a catalog
+/// model with quantized variants, each variant pulled (`zturbo pull NAME --variant V`). The
+/// engine lets the planner choose among them ([`crate::memory::planner::choose_weights`]).
+pub fn weight_candidates(resolved: &Resolved, models_dir: &Path) -> Vec<Resolved> {
+    let mut out = vec![resolved.clone()];
+    if !resolved.files.is_empty() || resolved.demo {
+        return out;
+    }
+    let Some(entry) = entry(&resolved.name) else {
+        return out;
+    };
+    let Ok(configs) = configs_of(entry, models_dir) else {
+        return out;
+    };
+    for (v, files) in super::variants::local(entry.name) {
+        out.push(Resolved {
+            name: format!("{} ({})", entry.name, v.name),
+            dir: configs.dir.clone(),
+            demo: false,
+            files,
+            variant: Some(v.name.to_string()),
+        });
+    }
+    out
+}
+
+/// A catalog model or one of its pulled variants, by name (`--variant`; `bf16` is the release).
+pub fn resolve_variant(
+    name: &str,
+    variant: &str,
+    models_dir: &Path,
+) -> Result<Resolved, ModelError> {
+    if variant.eq_ignore_ascii_case("bf16") {
+        return resolve(name, models_dir);
+    }
+    let entry = entry(name).ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "--variant applies to catalog models; `{name}` is not one"
+        ))
+    })?;
+    let v = super::variants::find(entry.name, variant)?;
+    let files = super::variants::local(entry.name)
+        .into_iter()
+        .find(|(l, _)| l.name == v.name)
+        .map(|(_, f)| f)
+        .ok_or_else(|| {
+            ModelError::NotFound(
+                format!("{} {}", entry.name, v.name),
+                format!(
+                    "not downloaded yet: run `zturbo pull {} --variant {}`",
+                    entry.name, v.name
+                ),
+            )
+        })?;
+    let configs = configs_of(entry, models_dir)?;
+    Ok(Resolved {
+        name: format!("{} ({})", entry.name, v.name),
+        dir: configs.dir,
+        demo: false,
+        files,
+        variant: Some(v.name.to_string()),
+    })
+}
+
+/// The model `serve` starts with when none is given: Z-Image-Turbo if found locally (the
+/// release or a pulled variant), else demo.
 pub fn default_model(models_dir: &Path) -> Resolved {
-    resolve("z-image-turbo", models_dir).unwrap_or_else(|_| Resolved {
+    let found = resolve("z-image-turbo", models_dir).ok().or_else(|| {
+        super::variants::of("z-image-turbo")
+            .iter()
+            .find_map(|v| resolve_variant("z-image-turbo", v.name, models_dir).ok())
+    });
+    found.unwrap_or_else(|| Resolved {
         name: DEMO.into(),
         dir: demo(),
         demo: true,
         files: ComponentFiles::default(),
+        variant: None,
     })
 }
 
@@ -504,6 +582,10 @@ pub struct Listing {
     /// Known before loading for the demo and catalog models; `None` for other local folders.
     pub defaults: Option<Defaults>,
     pub description: String,
+    /// The bf16 release and the quantized variants `zturbo pull NAME --variant V` fetches, with
+    /// their sizes and the smallest GPU the planner fits each on (catalog models only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<super::variants::VariantListing>,
 }
 
 /// Every model known: the demo, the catalog (found or not), and diffusers folders in `models_dir`.
@@ -529,9 +611,11 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
         description:
             "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
                 .into(),
+        variants: Vec::new(),
     }];
     for e in CATALOG {
         let found = resolve(e.name, models_dir).ok();
+        let variants = super::variants::listings(e.name);
         out.push(Listing {
             name: e.name.into(),
             family: e.family.to_string(),
@@ -547,6 +631,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             path: found.and_then(|r| r.dir.path().map(Path::to_path_buf)),
             defaults: Some(e.defaults),
             description: e.description.into(),
+            variants,
         });
     }
     if let Ok(rd) = std::fs::read_dir(models_dir) {
@@ -582,6 +667,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
                 path: Some(p),
                 defaults: None,
                 description: "Local diffusers folder".into(),
+                variants: Vec::new(),
             });
         }
     }

@@ -11,6 +11,7 @@ pub mod rng;
 pub mod scheduler;
 pub mod sd_turbo;
 pub mod vae;
+pub mod variants;
 pub mod weights;
 pub mod z_image;
 

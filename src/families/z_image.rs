@@ -61,6 +61,8 @@ pub struct ZImage {
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
+    /// Pinned staging and a copy stream for streamed blocks (CUDA only; made on first use).
+    stager: Option<super::weights::stage::SharedStager>,
 }
 
 fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -182,6 +184,7 @@ impl ZImage {
             vae_cfg,
             vae_weights,
             vae: None,
+            stager: None,
         };
         model.validate_tensors()?;
         Ok(model)
@@ -290,7 +293,13 @@ impl ZImage {
             }
             _ => {
                 let vb = self.dit_weights.loader(self.policy.denoiser, &self.device);
-                let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
+                if self.stager.is_none() && self.device.is_cuda() {
+                    let largest = self.largest_stored_block();
+                    self.stager =
+                        super::weights::stage::for_device(&self.device, largest as usize)?;
+                }
+                let mut streamed =
+                    StreamedBlocks::new(&self.dit_cfg, vb).with_stager(self.stager.clone());
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
                 }
@@ -559,6 +568,22 @@ impl ZImage {
         if let Some(dit) = self.dit.as_mut() {
             dit.set_execution(exec);
         }
+    }
+
+    /// The most bytes one block takes in the files (what a staging buffer must hold).
+    fn largest_stored_block(&self) -> u64 {
+        let c = &self.dit_cfg;
+        (0..c.n_refiner_layers)
+            .flat_map(|i| {
+                [
+                    format!("noise_refiner.{i}."),
+                    format!("context_refiner.{i}."),
+                ]
+            })
+            .chain((0..c.n_layers).map(|i| format!("layers.{i}.")))
+            .map(|p| self.dit_weights.stored_bytes_under(&p))
+            .max()
+            .unwrap_or(0)
     }
 
     fn needs_blocks(&self) -> bool {

@@ -363,11 +363,7 @@ fn decode_rows_f16(
     if cols % block != 0 || data.len() != rows * per_row * bytes {
         candle_core::bail!("quantized data does not match its shape {dims:?}")
     }
-    let decode = |o: &mut [f32], b: &[u8]| {
-        for (y, x) in o.chunks_mut(block).zip(b.chunks(bytes)) {
-            super::dequant_f16::decode_block(t, x, y);
-        }
-    };
+    let decode = |o: &mut [f32], b: &[u8]| super::dequant_f16::decode_blocks(t, block, bytes, b, o);
     let chunk = ROWS_PER_TASK * cols;
     let task_bytes = ROWS_PER_TASK * per_row * bytes;
     let mut out = vec![0f32; rows * cols];
@@ -376,6 +372,59 @@ fn decode_rows_f16(
         .for_each(|(o, b)| decode(o, b));
     // f16-exact values: the conversion to f16 is exact, to bf16 one rounding.
     Tensor::from_vec(out, dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// `x·Wᵀ` on the CPU with integer dot products: `x` (f32, `[…, k]`) is quantized to the blocks'
+/// 8-bit partner type and multiplied against `w` (`[n, k]` blocks) by candle's vec-dot kernels,
+/// without dequantizing `w` and without the repacked copy `QMatMul` keeps (which would double the
+/// resident bytes). Approximate: the activations lose precision to 8 bits per 32 (or 256) values.
+/// `None` for block types without a vec-dot kernel or off the CPU.
+pub fn vec_dot_matmul(x: &Tensor, w: &QTensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || !w.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("input {dims:?} does not end in the weight's {k} columns")
+    }
+    let m = x.elem_count() / k.max(1);
+    let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+    let data = w.data()?;
+    let mut dst = vec![0f32; m * n];
+    macro_rules! with_block {
+        ($ty:ty) => {{
+            let size = std::mem::size_of::<$ty>();
+            if data.len() != n * (k / <$ty as GgmlType>::BLCK_SIZE) * size
+                || (data.as_ptr() as usize) % std::mem::align_of::<$ty>() != 0
+            {
+                candle_core::bail!("quantized data does not match its shape [{n}, {k}]")
+            }
+            // SAFETY: length and alignment checked; plain-old-data blocks.
+            let blocks: &[$ty] = unsafe {
+                std::slice::from_raw_parts(data.as_ptr() as *const $ty, data.len() / size)
+            };
+            k_quants::matmul::<$ty>((m, k, n), &lhs, blocks, &mut dst)?;
+        }};
+    }
+    match w.dtype() {
+        GgmlDType::Q4_0 => with_block!(k_quants::BlockQ4_0),
+        GgmlDType::Q4_1 => with_block!(k_quants::BlockQ4_1),
+        GgmlDType::Q5_0 => with_block!(k_quants::BlockQ5_0),
+        GgmlDType::Q5_1 => with_block!(k_quants::BlockQ5_1),
+        GgmlDType::Q8_0 => with_block!(k_quants::BlockQ8_0),
+        GgmlDType::Q2K => with_block!(k_quants::BlockQ2K),
+        GgmlDType::Q3K => with_block!(k_quants::BlockQ3K),
+        GgmlDType::Q4K => with_block!(k_quants::BlockQ4K),
+        GgmlDType::Q5K => with_block!(k_quants::BlockQ5K),
+        GgmlDType::Q6K => with_block!(k_quants::BlockQ6K),
+        _ => return Ok(None),
+    }
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Ok(Some(Tensor::from_vec(dst, out_dims, &Device::Cpu)?))
 }
 
 /// Quantizes a 2-D f32 host tensor into `dtype` blocks, in parallel over rows (candle's reference

@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use super::error::ApiError;
 use super::AppState;
 use crate::families::catalog::{self, ModelState};
+use crate::families::variants;
 use crate::families::weights;
 use crate::memory::planner::MemoryMode;
 use crate::request::{
@@ -113,6 +114,7 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
                 path: None,
                 defaults: Some(info.profile.defaults),
                 description: info.description.clone(),
+                variants: Vec::new(),
             });
         }
         let files = catalog::list_files(
@@ -361,12 +363,19 @@ impl weights::DownloadProgress for Reporter {
     }
 }
 
+/// `?variant=q8_0`: a quantized variant instead of the bf16 release.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PullQuery {
+    pub variant: Option<String>,
+}
+
 /// `POST /api/models/{name}/pull`: starts downloading a catalog model into the Hugging Face cache
 /// (202; `GET /api/models/{name}/pull/events` follows it). One download at a time: 409 while
 /// another runs. The served model does not change.
 pub async fn pull(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<PullQuery>,
 ) -> Result<Response, ApiError> {
     if name.eq_ignore_ascii_case(catalog::DEMO) {
         return Err(ApiError::new(
@@ -386,10 +395,20 @@ pub async fn pull(
         ))
     })?;
     let repo = entry.repo.to_string();
+    let variant =
+        match query.variant.as_deref() {
+            None | Some("bf16") => None,
+            Some(v) => Some(variants::find(entry.name, v).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, Some("variant"), e.to_string())
+            })?),
+        };
     let started = s
         .downloads
-        .start(entry.name, move |progress| {
-            weights::pull(&repo, progress).map_err(|e| e.to_string())
+        .start(entry.name, move |progress| match variant {
+            Some(v) => variants::pull(&repo, v, progress)
+                .map(|p| p.configs)
+                .map_err(|e| e.to_string()),
+            None => weights::pull(&repo, progress).map_err(|e| e.to_string()),
         })
         .map_err(|e| ApiError::internal(format!("could not start the download: {e}")))?;
     let events = format!("/api/models/{}/pull/events", entry.name);

@@ -100,11 +100,14 @@ fn paths() -> Value {
             })), "AuthRequest"),
         },
         "/api/models": { "get": op("models", "models", "Known and local models, and the running download", json!({ "200": ok("models", "ModelList") })) },
-        "/api/models/{name}/pull": { "post": with(op("pull_model", "models", "Download a catalog model into the Hugging Face cache", json!({
+        "/api/models/{name}/pull": { "post": with(op("pull_model", "models", "Download a catalog model (or one of its quantized variants) into the Hugging Face cache", json!({
             "202": ok("download started (or already running)", "PullAccepted"),
+            "400": error_ref("BadRequest"),
             "404": error_ref("NotFound"),
             "409": error_ref("Conflict"),
-        })), "parameters", json!([model_name.clone()])) },
+        })), "parameters", json!([model_name.clone(), { "name": "variant", "in": "query", "required": false,
+            "description": "a quantized variant listed in the model's `variants` (q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m for z-image-turbo); bf16 or absent: the release",
+            "schema": { "type": "string" } }])) },
         "/api/models/{name}/pull/events": { "get": with(op("pull_events", "models", "Download progress (SSE)", json!({
             "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`"),
             "404": error_ref("NotFound"),
@@ -332,7 +335,16 @@ fn components(f: &Facts) -> Value {
                 "name": { "type": "string" }, "family": { "type": "string" }, "repo": nullable_string.clone(),
                 "state": { "type": "string", "enum": ["loaded", "on_disk", "not_downloaded"] },
                 "size_bytes": { "type": "integer", "format": "int64", "nullable": true }, "demo": { "type": "boolean" },
-                "path": nullable_string.clone(), "defaults": { "type": "object", "nullable": true }, "description": { "type": "string" } } },
+                "path": nullable_string.clone(), "defaults": { "type": "object", "nullable": true }, "description": { "type": "string" },
+                "variants": { "type": "array", "items": schema("ModelVariant"), "description": "catalog models with GGUF variants: the bf16 release and each variant (absent otherwise)" } } },
+            "ModelVariant": { "type": "object", "properties": {
+                "name": { "type": "string", "description": "bf16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m" },
+                "transformer_repo": { "type": "string" }, "text_encoder_repo": { "type": "string" },
+                "size_bytes": { "type": "integer", "format": "int64", "description": "transformer + text encoder + VAE: the files when on disk, else estimated from the real tensor shapes" },
+                "estimated": { "type": "boolean" }, "on_disk": { "type": "boolean" },
+                "smallest_card_gib": { "type": "integer", "nullable": true, "description": "the smallest GPU (GiB; 400 MiB taken by the driver) on which the planner fits a 1024² job with CFG" },
+                "smallest_card_mode": { "type": "string", "enum": ["performance", "balanced", "low"], "nullable": true },
+                "pull": { "type": "string", "description": "the command that downloads it" } } },
             "WeightFile": { "type": "object", "description": "a single weight file in --models-dir or the --comfyui-dir tree (only files of a component zturbo runs)",
                 "properties": {
                 "name": { "type": "string" }, "path": { "type": "string" },

@@ -6,6 +6,9 @@
 pub mod gguf;
 pub mod layout;
 pub mod quantize;
+pub mod stage;
+#[cfg(feature = "cuda")]
+mod stage_cuda;
 mod store;
 
 use std::collections::BTreeMap;

@@ -56,16 +56,6 @@ impl Target {
         }
     }
 
-    /// llama.cpp's fallback for rows that do not divide into 256-value K blocks.
-    fn fallback(self) -> GgmlDType {
-        match self {
-            Self::Q4K => GgmlDType::Q5_0,
-            Self::Q5K => GgmlDType::Q5_1,
-            Self::Q6K | Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4_0 => GgmlDType::Q4_0,
-        }
-    }
-
     /// llama.cpp's `general.file_type` (LLAMA_FTYPE_MOSTLY_*).
     fn file_type(self) -> u32 {
         match self {
@@ -95,14 +85,28 @@ impl Planned {
     }
 }
 
-/// The type of one 2-D-or-not tensor: 1-D tensors, pad tokens and (for the DiT) the embedders and
-/// final layer stay F32, as ComfyUI-GGUF's converter keeps them; matrices take `target` when
-/// their rows divide into its blocks, llama.cpp's fallback when they divide into 32, else F32.
-fn type_for(name: &str, dims: &[usize], target: Target, role: Role) -> GgmlDType {
+/// llama.cpp's fallback for rows that do not divide into a K type's 256-value blocks.
+fn fallback(t: GgmlDType) -> GgmlDType {
+    match t {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        other => other,
+    }
+}
+
+/// The type of one tensor in a file whose matrices are `main`: 1-D tensors, pad tokens and (for
+/// the DiT) the embedders and final layer stay F32, as ComfyUI-GGUF's converter keeps them;
+/// matrices take `main` when their rows divide into its blocks, llama.cpp's fallback when they
+/// divide into 32, else F32. `name` may be the stored or the canonical name.
+pub fn type_for_canonical(name: &str, dims: &[usize], main: GgmlDType, role: Role) -> GgmlDType {
     let high_precision = matches!(role, Role::Transformer)
         && [
             "x_embedder.",
             "final_layer.",
+            "all_x_embedder.",
+            "all_final_layer.",
             "t_embedder.",
             "cap_embedder.",
         ]
@@ -112,14 +116,17 @@ fn type_for(name: &str, dims: &[usize], target: Target, role: Role) -> GgmlDType
         return GgmlDType::F32;
     }
     let cols = dims[1];
-    let t = target.ggml();
-    if cols % t.block_size() == 0 {
-        t
-    } else if cols % target.fallback().block_size() == 0 {
-        target.fallback()
+    if cols % main.block_size() == 0 {
+        main
+    } else if cols % fallback(main).block_size() == 0 {
+        fallback(main)
     } else {
         GgmlDType::F32
     }
+}
+
+fn type_for(name: &str, dims: &[usize], target: Target, role: Role) -> GgmlDType {
+    type_for_canonical(name, dims, target.ggml(), role)
 }
 
 /// The output tensors for `weights` (opened as `role`).

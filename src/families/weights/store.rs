@@ -686,6 +686,35 @@ impl Weights {
         }
     }
 
+    /// A tensor's header entry and its stored bytes in the map (block streaming uploads them).
+    pub fn raw_parts(&self, name: &str) -> candle_core::Result<(&TensorInfo, &[u8])> {
+        let info = self.info(name)?;
+        Ok((info, self.raw(info)))
+    }
+
+    /// How this component decodes GGUF blocks.
+    pub fn arithmetic(&self) -> BlockArithmetic {
+        self.arithmetic
+    }
+
+    /// Bytes the tensors under `prefix` take in the files.
+    pub fn stored_bytes_under(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| t.bytes)
+            .sum()
+    }
+
+    /// The canonical names under `prefix` (a block's tensors: `layers.3.`).
+    pub fn names_under(&self, prefix: &str) -> Vec<String> {
+        self.tensors
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     fn raw(&self, info: &TensorInfo) -> &[u8] {
         &self.inner[info.file].1.as_slice()[info.range.clone()]
     }
@@ -887,6 +916,8 @@ enum Source {
     ShapeOnly(Weights),
     /// Every request recorded (name, shape); placeholders handed out (synthetic models).
     Record(Requests),
+    /// A streamed block's tensors, already on the device (names and shapes from `Weights`).
+    Staged(Arc<super::stage::StagedMap>, Weights),
 }
 
 /// Hands out a component's tensors under a name prefix, like candle's `VarBuilder`, plus
@@ -947,8 +978,36 @@ impl Loader {
     /// The weights behind the loader (`None` while recording).
     pub fn weights(&self) -> Option<&Weights> {
         match &self.source {
-            Source::Weights(w) | Source::ShapeOnly(w) => Some(w),
+            Source::Weights(w) | Source::ShapeOnly(w) | Source::Staged(_, w) => Some(w),
             Source::Record(_) => None,
+        }
+    }
+
+    /// A loader over a staged block's device tensors (see [`super::stage`]), converting them to
+    /// `dtype` like a loader over `weights` would.
+    pub fn staged(
+        map: super::stage::StagedMap,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            source: Source::Staged(Arc::new(map), weights.clone()),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    fn staged_tensor<'a>(
+        &self,
+        map: &'a super::stage::StagedMap,
+        w: &Weights,
+        path: &str,
+    ) -> candle_core::Result<&'a super::stage::Staged> {
+        match map.get(path) {
+            Some(t) => Ok(t),
+            None => candle_core::bail!("tensor `{}` was not staged", w.stored_name_of(path)),
         }
     }
 
@@ -989,6 +1048,13 @@ impl Loader {
                 }
                 self.placeholder(shape.dims())
             }
+            Source::Staged(map, w) => {
+                w.check_shape(&path, shape.dims())?;
+                match self.staged_tensor(map, w, &path)? {
+                    super::stage::Staged::Dense(t) => t.to_dtype(self.dtype),
+                    super::stage::Staged::Matrix(m) => m.dequantize(self.dtype),
+                }
+            }
         }
     }
 
@@ -1004,6 +1070,14 @@ impl Loader {
                 let path = self.path(name);
                 w.check_shape(&path, &[rows, cols])?;
                 w.load_matrix(&path, self.dtype, &self.device)
+            }
+            Source::Staged(map, w) => {
+                let path = self.path(name);
+                w.check_shape(&path, &[rows, cols])?;
+                Ok(match self.staged_tensor(map, w, &path)? {
+                    super::stage::Staged::Dense(t) => StoredMatrix::Dense(t.to_dtype(self.dtype)?),
+                    super::stage::Staged::Matrix(m) => m.clone(),
+                })
             }
             _ => Ok(StoredMatrix::Dense(self.get((rows, cols), name)?)),
         }
