@@ -34,6 +34,8 @@ struct Opts {
     precision: String,
     model_dir: Option<PathBuf>,
     weights: Vec<String>,
+    /// `--budget 12GiB` (`none`: the device's free memory).
+    budget: Option<u64>,
 }
 
 fn opts() -> Opts {
@@ -61,6 +63,9 @@ fn opts() -> Opts {
         device: get("--device").unwrap_or_else(|| "cpu".into()),
         precision: get("--precision").unwrap_or_else(|| "auto".into()),
         model_dir: get("--model-dir").map(PathBuf::from),
+        budget: get("--budget")
+            .filter(|b| b != "none")
+            .and_then(|b| zturbo::memory::planner::parse_bytes(&b).ok()),
         weights: get("--weights")
             .unwrap_or_else(|| "f32".into())
             .split(',')
@@ -75,9 +80,32 @@ fn component_files(dir: &std::path::Path, weights: &str) -> anyhow::Result<Compo
     if matches!(weights, "f32" | "bf16" | "as-is") {
         return Ok(ComponentFiles::default());
     }
-    let target: Target = weights.parse().map_err(anyhow::Error::msg)?;
     let model = ModelDir::open(dir)?;
     let mut files = ComponentFiles::default();
+    if weights == "fp8" {
+        for (component, role) in [
+            ("transformer", Role::Transformer),
+            ("text_encoder", Role::TextEncoder),
+        ] {
+            let out = dir.with_file_name(format!(
+                "{}-fp8-{component}.safetensors",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            if !out.is_file() {
+                eprintln!("writing the {component} as scaled fp8: {} …", out.display());
+                let w: Weights = model.open_weights_as(component, role)?;
+                quantize::write_fp8(&w, role, &out, &mut |_, _| {})?;
+            }
+            match role {
+                Role::Transformer => files.transformer = Some(out),
+                _ => files.text_encoder = Some(out),
+            }
+        }
+        return Ok(files);
+    }
+    let target: Target = weights.parse().map_err(anyhow::Error::msg)?;
     for (component, role) in [
         ("transformer", Role::Transformer),
         ("text_encoder", Role::TextEncoder),
@@ -118,6 +146,9 @@ struct ChildResult {
     peak_bytes: u64,
     device_peak_bytes: u64,
     mode: String,
+    /// The guard's notices of the last run (`cfg_adjusted`, `black_image` …): none expected.
+    #[serde(default)]
+    notices: Vec<String>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -153,7 +184,15 @@ fn child(
     let files = component_files(dir, weights)?;
     let family = families::open_with(ModelDir::open(dir)?, &files, &device, policy)?;
     let probe = probe::for_device(&device);
-    let mut engine = Engine::new(family, "bench", probe.clone(), EngineConfig::default());
+    let mut engine = Engine::new(
+        family,
+        "bench",
+        probe.clone(),
+        EngineConfig {
+            memory_budget: o.budget,
+            ..EngineConfig::default()
+        },
+    );
     let req = ValidRequest {
         prompt: "a serene mountain lake at dawn, mist rising, pine trees on shore".into(),
         negative_prompt: None,
@@ -170,6 +209,7 @@ fn child(
     let mut phases = Vec::new();
     let mut device_peak = 0;
     let mut resolved = String::new();
+    let mut notices = Vec::new();
     for i in 0..=o.runs {
         let t = Instant::now();
         let g = engine.generate(
@@ -185,6 +225,7 @@ fn child(
         }
         device_peak = device_peak.max(g.peak_memory_bytes);
         resolved = g.plan.mode.to_string();
+        notices = g.notices.iter().map(|n| n.kind.clone()).collect();
     }
     Ok(ChildResult {
         times_ms: times,
@@ -196,6 +237,7 @@ fn child(
         },
         device_peak_bytes: device_peak,
         mode: resolved,
+        notices,
     })
 }
 
@@ -259,14 +301,15 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "unknown CPU".into());
     let total_mem = probe::host_memory().map(|m| m.total_bytes).unwrap_or(0);
     println!(
-        "memory bench: model `{}` ({:.2} GB of weights on disk), {} steps, cfg {}, {} timed runs per mode after a warm-up, device {}, precision {}",
+        "memory bench: model `{}` ({:.2} GB of weights on disk), {} steps, cfg {}, {} timed runs per mode after a warm-up, device {}, precision {}, budget {}",
         o.shape,
         weights as f64 / 1e9,
         o.steps,
         o.cfg,
         o.runs,
         o.device,
-        o.precision
+        o.precision,
+        o.budget.map_or("none".into(), gib)
     );
     println!(
         "host: {cpu}, {} threads, {} RAM",
@@ -321,6 +364,10 @@ fn main() -> anyhow::Result<()> {
                         &o.cfg.to_string(),
                     ])
                     .args(["--device", &o.device, "--precision", &o.precision])
+                    .args([
+                        "--budget",
+                        &o.budget.map_or("none".into(), |b| b.to_string()),
+                    ])
                     .output()?;
                 let stdout = String::from_utf8_lossy(&out.stdout);
                 let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
@@ -360,6 +407,9 @@ fn main() -> anyhow::Result<()> {
                     r.mode,
                     gib(r.peak_bytes)
                 );
+                if !r.notices.is_empty() {
+                    println!("notices ({size}², {w}, {mode}): {}", r.notices.join(", "));
+                }
                 rows.push((mode, r.peak_bytes, med));
             }
             if wi == 0 {

@@ -161,10 +161,11 @@ struct QuantizeArgs {
     /// transformer or text-encoder.
     #[arg(long)]
     component: QuantComponent,
-    /// q8_0, q6_k, q5_k, q4_k or q4_0.
-    #[arg(long)]
-    to: families::weights::quantize::Target,
-    /// The GGUF file to write (written under a `.part` name and renamed when complete).
+    /// q8_0, q6_k, q5_k, q4_k or q4_0 (GGUF), or fp8 (ComfyUI's scaled float8_e4m3fn
+    /// safetensors).
+    #[arg(long, value_parser = parse_quant_to)]
+    to: QuantTo,
+    /// The file to write (under a `.part` name, renamed when complete).
     #[arg(long, short)]
     output: PathBuf,
     /// Quantize this file instead of the model folder's transformer (e.g. a bf16 ComfyUI file).
@@ -173,6 +174,22 @@ struct QuantizeArgs {
     /// Quantize this file instead of the model folder's text encoder.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy)]
+enum QuantTo {
+    Gguf(families::weights::quantize::Target),
+    Fp8,
+}
+
+fn parse_quant_to(s: &str) -> Result<QuantTo, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp8" | "fp8_e4m3fn" | "float8_e4m3fn" => Ok(QuantTo::Fp8),
+        other => other
+            .parse()
+            .map(QuantTo::Gguf)
+            .map_err(|e: String| format!("{e}, or fp8")),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -885,8 +902,44 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         ),
         _ => None,
     };
-    let planned = q::plan(&weights, role, args.to)?;
-    let meta = q::metadata(role, args.to, te_cfg.as_ref(), &resolved.name);
+    let target = match args.to {
+        QuantTo::Gguf(t) => t,
+        QuantTo::Fp8 => {
+            let started = std::time::Instant::now();
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let b = ProgressBar::new(0);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "fp8 [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let r = q::write_fp8(&weights, role, &args.output, &mut |done, total| {
+                if let Some(b) = &bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            });
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            r?;
+            eprintln!(
+                "wrote {} ({:.2} GB, float8_e4m3fn with per-tensor scale_weight) in {:.1} s",
+                args.output.display(),
+                std::fs::metadata(&args.output)
+                    .map(|m| m.len())
+                    .unwrap_or(0) as f64
+                    / 1e9,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+    };
+    let planned = q::plan(&weights, role, target)?;
+    let meta = q::metadata(role, target, te_cfg.as_ref(), &resolved.name);
     let total: u64 = planned
         .iter()
         .map(|p| {

@@ -313,3 +313,58 @@ fn quantize_refuses_what_it_cannot_do() {
     assert!(!out.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn fp8_scaled_safetensors_in_comfyui_and_transformers_names() {
+    let dir = tmp("fp8");
+    let dit = dir.join("dit-fp8.safetensors");
+    quantize("transformer", "fp8", &dit);
+    let w = Weights::open_file(&dit, "transformer", Role::Transformer).unwrap();
+    assert_eq!(w.format().layout, Some("ComfyUI transformer"));
+    let enc = w.format().encodings;
+    assert!(
+        enc.contains_key("float8_e4m3fn") && enc.contains_key("bf16"),
+        "{enc:?}"
+    );
+    // Within e4m3's rounding (3 mantissa bits: 1/16 relative) of the scaled maximum.
+    let folder = ModelDir::open(fixture("tiny-z-image"))
+        .unwrap()
+        .open_weights_as("transformer", Role::Transformer)
+        .unwrap();
+    for n in [
+        "layers.0.attention.to_k.weight",
+        "layers.1.feed_forward.w1.weight",
+    ] {
+        let a = folder.load(n, DType::F32, &Device::Cpu).unwrap();
+        let b = w.load(n, DType::F32, &Device::Cpu).unwrap();
+        let max = common::max_abs(&a);
+        let d = max_abs_diff(&a, &b);
+        assert!(d <= max / 16.0, "{n}: {d} vs max {max}");
+    }
+    let te = dir.join("te-fp8.safetensors");
+    quantize("text-encoder", "fp8", &te);
+    let w = Weights::open_file(&te, "text_encoder", Role::TextEncoder).unwrap();
+    assert_eq!(w.format().layout, Some("transformers Qwen3"));
+    let files = ComponentFiles {
+        transformer: Some(dit),
+        text_encoder: Some(te),
+        ..Default::default()
+    };
+    let mut m = ZImage::open_with(
+        ModelDir::open(fixture("tiny-z-image")).unwrap(),
+        &files,
+        &Device::Cpu,
+        PrecisionPolicy::F32,
+    )
+    .unwrap();
+    let c = m.encode("a lake", None).unwrap();
+    assert!(c
+        .positive
+        .hidden
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .is_finite());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -307,22 +307,7 @@ pub fn write(
 
 /// The bytes of one output tensor: its sources' rows, in f32, then blocks.
 fn encode(weights: &Weights, p: &Planned) -> candle_core::Result<Vec<u8>> {
-    let dev = Device::Cpu;
-    let values = if p.sources.is_empty() {
-        Tensor::ones(p.dims.as_slice(), DType::F32, &dev)?
-    } else {
-        let mut parts = p
-            .sources
-            .iter()
-            .map(|s| weights.load(s, DType::F32, &dev))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Tensor::cat(&parts, 0)?
-        }
-    };
-    let values = values.reshape(p.dims.as_slice())?;
+    let values = load_planned(weights, p)?;
     match p.ty {
         GgmlDType::F32 => Ok(values
             .flatten_all()?
@@ -343,5 +328,191 @@ fn encode(weights: &Weights, p: &Planned) -> candle_core::Result<Vec<u8>> {
             }
             Ok(data)
         }
+    }
+}
+
+/// `x` as a float8_e4m3fn code, rounded to nearest (ties to even) and saturated at ±448, as
+/// torch's cast does for values in range.
+pub fn e4m3fn(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return sign | 0x7f;
+    }
+    if a < 2f32.powi(-6) {
+        // Subnormals: multiples of 2^-9 (a code of 8 is the smallest normal, 0x08).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    let man = bits & 0x7f_ffff;
+    let mut m = (man + 0x7_ffff + ((man >> 20) & 1)) >> 20;
+    if m == 8 {
+        m = 0;
+        e += 1;
+    }
+    let biased = e + 7;
+    if biased > 15 || (biased == 15 && m == 7) {
+        return sign | 0x7e;
+    }
+    sign | ((biased as u8) << 3) | m as u8
+}
+
+/// One tensor of a safetensors file being written: name, dtype string, shape, byte size.
+type StEntry = (String, &'static str, Vec<usize>, usize);
+
+/// `zturbo quantize --to fp8`: ComfyUI's "scaled fp8" safetensors — every matrix that GGUF would
+/// quantize as float8_e4m3fn with a per-tensor `scale_weight` (max|w| / 448) and the `scaled_fp8`
+/// marker; everything else bf16. ComfyUI names for the DiT, transformers names for Qwen3. One
+/// tensor at a time, through `.part`.
+pub fn write_fp8(
+    weights: &Weights,
+    role: Role,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ModelError> {
+    let planned = plan(weights, role, Target::Q8_0)?;
+    let mut entries: Vec<(StEntry, Option<usize>)> = Vec::new();
+    for (i, p) in planned.iter().enumerate() {
+        let n: usize = p.dims.iter().product();
+        let name = match role {
+            Role::TextEncoder => p.sources.first().cloned().unwrap_or_else(|| p.name.clone()),
+            _ => p.name.clone(),
+        };
+        let embedding = name.ends_with("embed_tokens.weight");
+        if p.ty != GgmlDType::F32 && !embedding {
+            entries.push(((name.clone(), "F8_E4M3", p.dims.clone(), n), Some(i)));
+            let base = name.strip_suffix(".weight").unwrap_or(&name);
+            entries.push(((format!("{base}.scale_weight"), "F32", vec![1], 4), Some(i)));
+        } else {
+            entries.push(((name, "BF16", p.dims.clone(), n * 2), Some(i)));
+        }
+    }
+    if role == Role::Transformer {
+        entries.push((("scaled_fp8".into(), "F8_E4M3", vec![0], 0), None));
+    }
+    let io = |e: std::io::Error| ModelError::Io {
+        path: output.to_path_buf(),
+        source: e,
+    };
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for ((name, dtype, shape, size), _) in &entries {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}),
+        );
+        offset += size;
+    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "quantized_by": concat!("zturbo ", env!("CARGO_PKG_VERSION"))}),
+    );
+    let mut h = serde_json::to_vec(&header).map_err(|e| io(e.into()))?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let total = offset as u64;
+    let part = output.with_extension("safetensors.part");
+    let result = (|| -> Result<(), ModelError> {
+        let file = std::fs::File::create(&part).map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&h).map_err(io)?;
+        let mut done = 0u64;
+        let mut i = 0;
+        while i < entries.len() {
+            let ((name, dtype, _, size), source) = &entries[i];
+            let Some(pi) = source else {
+                i += 1;
+                continue;
+            };
+            let p = &planned[*pi];
+            let values = load_planned(weights, p).map_err(|e| weights.context(e))?;
+            let v = values
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| weights.context(e))?;
+            if *dtype == "F8_E4M3" {
+                let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let scale = if max > 0.0 { max / 448.0 } else { 1.0 };
+                let codes: Vec<u8> = {
+                    use rayon::prelude::*;
+                    v.par_iter().map(|x| e4m3fn(x / scale)).collect()
+                };
+                w.write_all(&codes).map_err(io)?;
+                w.write_all(&scale.to_le_bytes()).map_err(io)?;
+                done += (codes.len() + 4) as u64;
+                i += 2;
+            } else {
+                let bytes: Vec<u8> = v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect();
+                if bytes.len() != *size {
+                    return Err(ModelError::Invalid(format!(
+                        "tensor `{name}`: size mismatch"
+                    )));
+                }
+                w.write_all(&bytes).map_err(io)?;
+                done += bytes.len() as u64;
+                i += 1;
+            }
+            progress(done, total);
+        }
+        w.flush().map_err(io)?;
+        w.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        std::fs::rename(&part, output).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// A planned tensor's values in f32 (its sources' rows concatenated).
+fn load_planned(weights: &Weights, p: &Planned) -> candle_core::Result<Tensor> {
+    let dev = Device::Cpu;
+    if p.sources.is_empty() {
+        return Tensor::ones(p.dims.as_slice(), DType::F32, &dev);
+    }
+    let mut parts = p
+        .sources
+        .iter()
+        .map(|s| weights.load(s, DType::F32, &dev))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let t = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    t.reshape(p.dims.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::quantized::Fp8Format;
+
+    #[test]
+    fn e4m3fn_encoding_inverts_the_decoding() {
+        // Every finite code decodes to a value that encodes back to it (±0 included).
+        for c in 0u8..=255 {
+            if c & 0x7f == 0x7f {
+                continue;
+            }
+            let v = Fp8Format::E4M3Fn.decode(c);
+            assert_eq!(e4m3fn(v), c, "{c:#x} = {v}");
+        }
+        // Nearest, ties to even: 1 + 1/16 lies between 1 (0x38) and 1.125 (0x39).
+        assert_eq!(e4m3fn(1.0625), 0x38);
+        assert_eq!(e4m3fn(1.07), 0x39);
+        // Codes from torch 2.15: `torch.tensor([x]).to(torch.float8_e4m3fn).view(torch.uint8)`.
+        assert_eq!(e4m3fn(1000.0), 0x7e);
+        assert_eq!(e4m3fn(-0.001), 0x81);
+        assert_eq!(e4m3fn(-0.0009), 0x80);
     }
 }
