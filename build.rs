@@ -46,33 +46,47 @@ fn main() {
     }
 }
 
-/// With the `cuda` feature: compiles `src/cuda/*.cu` to one PTX module (`$OUT_DIR/zturbo_kernels.ptx`)
-/// with the nvcc candle's own kernels use (`NVCC`, else `nvcc` on PATH), for `CUDA_COMPUTE_CAP`
-/// (default 80; PTX is JIT-compiled by the driver for newer GPUs).
+/// With the `cuda` feature: compiles each `src/ops/cuda/*.cu` (one kernel per file) to its own PTX
+/// module, `$OUT_DIR/<name>.ptx`, with the nvcc candle's own kernels use (`NVCC`, else `nvcc` on
+/// PATH), for `CUDA_COMPUTE_CAP` (default 80; PTX is JIT-compiled by the driver for newer GPUs).
 fn cuda_kernels() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = PathBuf::from("src/cuda/softmax.cu");
-    println!("cargo:rerun-if-changed={}", src.display());
-    let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("zturbo_kernels.ptx");
+    let dir = PathBuf::from("src/ops/cuda");
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("common.cuh").display()
+    );
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "--use_fast_math"])
-        .arg(format!("--gpu-architecture=compute_{cap}"))
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("feature `cuda`: running {nvcc}: {e} (set NVCC; see README, GPU build)")
-        });
-    if !status.success() {
-        panic!("feature `cuda`: {nvcc} failed on {}", src.display());
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("feature `cuda`: reading {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    kernels.sort();
+    for src in kernels {
+        println!("cargo:rerun-if-changed={}", src.display());
+        let stem = src.file_stem().expect("a .cu file").to_string_lossy();
+        let out = out_dir.join(format!("{stem}.ptx"));
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", "--use_fast_math"])
+            .arg(format!("--gpu-architecture=compute_{cap}"))
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("feature `cuda`: running {nvcc}: {e} (set NVCC; see README, GPU build)")
+            });
+        if !status.success() {
+            panic!("feature `cuda`: {nvcc} failed on {}", src.display());
+        }
     }
 }
 

@@ -10,7 +10,8 @@ use zturbo::engine::decode::decode_image;
 use zturbo::families::z_image::synthetic::{self, SyntheticShape};
 use zturbo::families::{self, Component, ModelDir, PrecisionPolicy, StepInput};
 use zturbo::memory::alloc;
-use zturbo::memory::planner::{format_bytes, DEFAULT_VAE_TILING};
+use zturbo::memory::format_bytes;
+use zturbo::memory::planner::DEFAULT_VAE_TILING;
 
 fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let base = alloc::live_bytes();
@@ -60,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         );
     };
 
-    m.load(Component::TextEncoder)?;
+    m.components_mut().load(Component::TextEncoder)?;
     let long = "a serene mountain lake at dawn, mist rising, pine trees on shore, ".repeat(20);
     let (cond, te) = peak_of(|| m.encode(&long, Some("blurry")));
     let cond = cond?;
@@ -71,9 +72,9 @@ fn main() -> anyhow::Result<()> {
         te,
         act.text_encoder.bytes(tokens, 2),
     );
-    m.unload(Component::TextEncoder);
+    m.components_mut().unload(Component::TextEncoder);
 
-    m.load(Component::Denoiser)?;
+    m.components_mut().load(Component::Denoiser)?;
     for &s in &sizes {
         let lat = s / 8;
         let x = Tensor::randn(0f32, 1.0, (1, 16, lat, lat), &Device::Cpu)?;
@@ -99,9 +100,9 @@ fn main() -> anyhow::Result<()> {
             act.denoiser.bytes(tok, 2),
         );
     }
-    m.unload(Component::Denoiser);
+    m.components_mut().unload(Component::Denoiser);
 
-    m.load(Component::Vae)?;
+    m.components_mut().load(Component::Vae)?;
     for &s in &sizes {
         let lat = (s / 8) as u64;
         let z = Tensor::randn(0f32, 1.0, (1, 16, lat as usize, lat as usize), &Device::Cpu)?;

@@ -126,7 +126,7 @@ fn main() -> Result<()> {
             "load_s": t_load.elapsed().as_secs_f64(),
             "candle": "0.11",
             "precision": policy.describe(),
-            "cpu_bf16_products": zturbo::families::cpu_gemm::bf16_ready(),
+            "cpu_bf16_products": zturbo::ops::linear::bf16_ready(),
         })
     )?;
     out.flush()?;

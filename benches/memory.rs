@@ -65,7 +65,7 @@ fn opts() -> Opts {
         model_dir: get("--model-dir").map(PathBuf::from),
         budget: get("--budget")
             .filter(|b| b != "none")
-            .and_then(|b| zturbo::memory::planner::parse_bytes(&b).ok()),
+            .and_then(|b| zturbo::memory::parse_bytes(&b).ok()),
         weights: get("--weights")
             .unwrap_or_else(|| "f32".into())
             .split(',')
@@ -225,7 +225,7 @@ fn child(
         }
         device_peak = device_peak.max(g.peak_memory_bytes);
         resolved = g.plan.mode.to_string();
-        notices = g.notices.iter().map(|n| n.kind.clone()).collect();
+        notices = g.notices.iter().map(|n| n.kind.to_string()).collect();
     }
     Ok(ChildResult {
         times_ms: times,

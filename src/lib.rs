@@ -1,11 +1,16 @@
 //! zturbo: a local image-generation server for Turbo diffusion models on candle.
 //! Layers, top to bottom: server → queue → engine → families → memory.
 
+// The OpenAPI document is one large `json!` literal (server/openapi.rs).
+#![recursion_limit = "256"]
+
 pub mod engine;
 pub mod families;
 pub mod memory;
+pub mod nn;
 pub mod ops;
 pub mod profile;
+pub mod prompt;
 pub mod queue;
 pub mod request;
 pub mod server;

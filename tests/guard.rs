@@ -79,7 +79,7 @@ fn reference(cfgs: &[f32], init: &Tensor) -> Tensor {
 }
 
 fn init_latents() -> Tensor {
-    zturbo::families::rng::noise(42, &[16, 16, 16], &Device::Cpu)
+    zturbo::nn::rng::noise(42, &[16, 16, 16], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap()
@@ -119,7 +119,7 @@ fn nan_steps_recover_with_lowered_cfg_exactly() {
             assert_eq!(adjusted.len(), attempts as usize, "{:?}", g.notices);
             assert!(adjusted.iter().all(|n| n.step == Some(step)));
             assert!((adjusted.last().unwrap().to.unwrap() - lowered).abs() < 1e-6);
-            assert!((g.params.cfg - lowered).abs() < 1e-6);
+            assert!((g.params.run.cfg - lowered).abs() < 1e-6);
             assert_eq!(g.params.cfg_requested, 2.8);
 
             let cfgs: Vec<f32> = (1..=8)
@@ -205,7 +205,7 @@ fn cfg_above_three_is_clamped_to_the_safe_maximum() {
         .find(|n| n.kind == "cfg_clamped")
         .expect("notice");
     assert_eq!((n.from, n.to), (Some(3.2), Some(2.4)));
-    assert_eq!(g.params.cfg, 2.4);
+    assert_eq!(g.params.run.cfg, 2.4);
     assert_eq!(g.params.cfg_requested, 3.2);
     let want = reference(&[2.4; 8], &init_latents());
     assert!(max_abs_diff(&g.latents, &want) < 1e-5);
@@ -222,16 +222,13 @@ impl Family for Spy {
     fn profile(&self) -> &zturbo::families::Profile {
         self.inner.profile()
     }
-    fn device(&self) -> &Device {
-        self.inner.device()
+    fn components(&self) -> &dyn zturbo::families::Components {
+        self.inner.components()
     }
-    fn policy(&self) -> PrecisionPolicy {
-        self.inner.policy()
+    fn components_mut(&mut self) -> &mut dyn zturbo::families::Components {
+        self.inner.components_mut()
     }
-    fn component_bytes(&self) -> zturbo::memory::planner::ComponentBytes {
-        self.inner.component_bytes()
-    }
-    fn activation_model(&self) -> zturbo::memory::planner::ActivationModel {
+    fn activation_model(&self) -> zturbo::memory::ActivationModel {
         self.inner.activation_model()
     }
     fn schedule(
@@ -268,31 +265,6 @@ impl Family for Spy {
     fn vae_input(&self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
         self.inner.vae_input(l)
     }
-    fn vae(&mut self) -> Result<&zturbo::families::vae::VaeDecoder, zturbo::families::ModelError> {
-        self.inner.vae()
-    }
-    fn load(&mut self, c: zturbo::families::Component) -> Result<(), zturbo::families::ModelError> {
-        self.inner.load(c)
-    }
-    fn unload(&mut self, c: zturbo::families::Component) {
-        self.inner.unload(c)
-    }
-    fn is_loaded(&self, c: zturbo::families::Component) -> bool {
-        self.inner.is_loaded(c)
-    }
-    fn set_denoiser_residency(&mut self, r: zturbo::families::DenoiserResidency) {
-        self.inner.set_denoiser_residency(r)
-    }
-    fn set_dtype(
-        &mut self,
-        c: zturbo::families::Component,
-        d: candle_core::DType,
-    ) -> Result<(), zturbo::families::ModelError> {
-        self.inner.set_dtype(c, d)
-    }
-    fn dtype(&self, c: zturbo::families::Component) -> candle_core::DType {
-        self.inner.dtype(c)
-    }
 }
 
 #[test]
@@ -322,7 +294,7 @@ fn cfg_one_never_runs_the_unconditional_branch() {
         .unwrap();
     assert_eq!(guided.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(!negative.load(std::sync::atomic::Ordering::SeqCst));
-    assert_eq!(g.params.negative_prompt, None);
+    assert_eq!(g.params.run.negative_prompt, None);
     // And with guidance every step is guided.
     let g = e
         .generate(
@@ -333,5 +305,5 @@ fn cfg_one_never_runs_the_unconditional_branch() {
         )
         .unwrap();
     assert_eq!(guided.load(std::sync::atomic::Ordering::SeqCst), 8);
-    assert!(g.params.negative_prompt.is_some());
+    assert!(g.params.run.negative_prompt.is_some());
 }

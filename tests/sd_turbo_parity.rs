@@ -327,7 +327,7 @@ fn open_picks_the_family_of_each_fixture() {
 #[test]
 fn component_sizes_come_from_the_headers() {
     let m = model();
-    let b = m.component_bytes();
+    let b = m.components().bytes();
     // Parameter counts of the tiny fixture (README manifest), all f32.
     assert_eq!(b.text_encoder, 53_824 * 4);
     assert_eq!(b.denoiser, 217_772 * 4);

@@ -202,7 +202,9 @@ fn f16_vae_overflow_falls_back_to_f32() {
     assert_eq!(got.images[0].rgb, want.images[0].rgb);
     // The next job starts from the policy again (f16 VAE).
     assert_eq!(
-        e.family_mut().dtype(zturbo::families::Component::Vae),
+        e.family_mut()
+            .components()
+            .dtype(zturbo::families::Component::Vae),
         DType::F16
     );
 }

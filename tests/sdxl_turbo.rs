@@ -23,12 +23,13 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use common::{fixture, max_abs, max_abs_diff};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
-use zturbo::families::rng::noise;
 use zturbo::families::sd_turbo::clip::{ClipTextConfig, ClipTextModel};
-use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetConfig, UNetPrecision};
+use zturbo::families::sd_turbo::config::UNetConfig;
+use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetPrecision};
 use zturbo::families::sd_turbo::{SdTurbo, Variant};
 use zturbo::families::{self, Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
+use zturbo::nn::rng::noise;
 use zturbo::request::{GenerationRequest, Limits};
 
 /// Records every tensor a model asks for; hands out zero-cost placeholders.
@@ -356,7 +357,7 @@ fn tiny_sdxl_opens_as_the_sdxl_family() {
         (512, 512, 1)
     );
     assert_eq!(info.defaults.cfg, 1.0);
-    assert_eq!(f.component_bytes().denoiser_blocks, 0);
+    assert_eq!(f.components().bytes().denoiser_blocks, 0);
     // Two text encoders count together.
     let m = open_tiny();
     assert_eq!(m.variant(), Variant::Sdxl);
@@ -484,7 +485,7 @@ fn engine_runs_are_finite_and_deterministic() {
     let guided = go(&mut e, 1, 1.5, 7);
     assert!(max_abs(&guided.latents).is_finite());
     assert!(max_abs_diff(&a.latents, &guided.latents) > 1e-3);
-    assert_eq!(guided.params.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!(guided.params.run.negative_prompt.as_deref(), Some("blurry"));
 }
 
 #[test]

@@ -1,11 +1,14 @@
 //! The sampler loop: one Euler step per schedule entry, `x += (σ_next − σ)·d`, with the guard
 //! after every step (finite check → roll back, lower CFG, retry; then raise precision), a
-//! cancellation check between steps, and the freed memory handed back after each step.
+//! cancellation check before every step and after the last, and the freed memory handed back
+//! after each step.
 
 use candle_core::{DType, Tensor};
 
 use super::guard::{self, all_finite, CFG_BACKOFF, MAX_STEP_RETRIES};
-use super::{decode::dtype_name, release_memory, EngineError, Notice, Phase, RunState, StepEvent};
+use super::{
+    decode::dtype_name, release_memory, EngineError, Notice, NoticeKind, Phase, RunState, StepEvent,
+};
 use crate::families::{Component, Conditioning, Family, Schedule, StepInput};
 
 /// Runs the whole schedule from `x` (already scaled by `init_noise_sigma`). `cfg` is updated in
@@ -58,7 +61,7 @@ pub(crate) fn denoise(
                 if guided {
                     *cfg = (from * CFG_BACKOFF).max(1.0);
                     run.notice(Notice {
-                        kind: "cfg_adjusted".into(),
+                        kind: NoticeKind::CfgAdjusted,
                         message: format!(
                             "CFG adapted {from:.2} → {:.2} at step {} (non-finite latents rolled back)",
                             *cfg,
@@ -67,27 +70,31 @@ pub(crate) fn denoise(
                         step: Some(i + 1),
                         from: Some(from),
                         to: Some(*cfg),
-                        ..Notice::default()
+                        component: None,
                     });
                 } else {
                     run.notice(Notice {
-                        kind: "step_retried".into(),
+                        kind: NoticeKind::StepRetried,
                         message: format!(
                             "step {} produced non-finite latents; rolled back and retried",
                             i + 1
                         ),
                         step: Some(i + 1),
-                        ..Notice::default()
+                        from: None,
+                        to: None,
+                        component: None,
                     });
                 }
                 continue;
             }
-            let current = family.dtype(Component::Denoiser);
+            let current = family.components().dtype(Component::Denoiser);
             if !precision_raised && current != DType::F32 {
                 precision_raised = true;
-                family.set_dtype(Component::Denoiser, DType::F32)?;
+                family
+                    .components_mut()
+                    .set_dtype(Component::Denoiser, DType::F32)?;
                 run.notice(Notice {
-                    kind: "precision_raised".into(),
+                    kind: NoticeKind::PrecisionRaised,
                     message: format!(
                         "step {} still non-finite after {MAX_STEP_RETRIES} retries; denoiser raised from {} to f32",
                         i + 1,
@@ -95,7 +102,8 @@ pub(crate) fn denoise(
                     ),
                     step: Some(i + 1),
                     component: Some("denoiser".into()),
-                    ..Notice::default()
+                    from: None,
+                    to: None,
                 });
                 continue;
             }
@@ -104,17 +112,21 @@ pub(crate) fn denoise(
                 detail: format!(
                     "the latents stayed NaN/inf after {retries} retries (CFG lowered to {:.2}) with the denoiser in {}",
                     *cfg,
-                    dtype_name(family.dtype(Component::Denoiser))
+                    dtype_name(family.components().dtype(Component::Denoiser))
                 ),
             });
         };
-        release_memory(family.device());
+        release_memory(family.components().device());
         run.step(StepEvent {
             step: i + 1,
             total,
             sigma: schedule.sigmas[i + 1],
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
+    }
+    // After the last step too: a cancel during it (a 1-step model's only one) is not ignored.
+    if run.cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
     }
     Ok(x)
 }

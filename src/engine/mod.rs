@@ -5,8 +5,8 @@
 pub mod decode;
 pub mod denoise;
 pub mod guard;
+pub mod load;
 pub mod output;
-pub mod prompt;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,14 +15,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::families::rng;
 use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
+use crate::nn::rng;
+use crate::prompt::{self, Enhanced, PromptContext};
 use crate::request::ValidRequest;
 use guard::{blank_image, Blank, FaultPlan};
-use prompt::{Enhanced, PromptContext};
 
 /// Seeds of the black-image retry are offset by this (a large prime, so the retry's noise shares
 /// nothing with any neighbouring seed the user might also try).
@@ -41,6 +41,10 @@ impl CancelToken {
     }
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+    /// The flag itself, for [`crate::ops::interrupt::scope`].
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
     }
 }
 
@@ -70,12 +74,67 @@ pub struct StepEvent {
     pub elapsed_ms: u64,
 }
 
+/// What a [`Notice`] reports. The wire names are the snake_case ones (`cfg_clamped`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// The requested CFG was intercepted and lowered to the model's safe maximum.
+    CfgClamped,
+    /// A step went non-finite and was retried with a lower CFG.
+    CfgAdjusted,
+    /// A step went non-finite and was retried as it was.
+    StepRetried,
+    /// A component was rebuilt in a higher precision after overflowing.
+    PrecisionRaised,
+    /// A blank image was regenerated from a new seed.
+    BlackRetry,
+    /// The memory plan ran in a lower mode than asked.
+    MemoryMode,
+    /// The VAE decoded in tiles.
+    DecodeTiled,
+}
+
+impl NoticeKind {
+    pub const ALL: [NoticeKind; 7] = [
+        NoticeKind::CfgClamped,
+        NoticeKind::CfgAdjusted,
+        NoticeKind::StepRetried,
+        NoticeKind::PrecisionRaised,
+        NoticeKind::BlackRetry,
+        NoticeKind::MemoryMode,
+        NoticeKind::DecodeTiled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::CfgClamped => "cfg_clamped",
+            NoticeKind::CfgAdjusted => "cfg_adjusted",
+            NoticeKind::StepRetried => "step_retried",
+            NoticeKind::PrecisionRaised => "precision_raised",
+            NoticeKind::BlackRetry => "black_retry",
+            NoticeKind::MemoryMode => "memory_mode",
+            NoticeKind::DecodeTiled => "decode_tiled",
+        }
+    }
+}
+
+impl std::fmt::Display for NoticeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for NoticeKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Something the engine adapted or wants the user to know (shown as a toast, kept in the record
-/// and the PNG). `kind`: `cfg_clamped`, `cfg_adjusted`, `step_retried`, `precision_raised`,
-/// `black_retry`, `memory_mode`, `decode_tiled`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// and the PNG).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
-    pub kind: String,
+    pub kind: NoticeKind,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
@@ -88,11 +147,14 @@ pub struct Notice {
 }
 
 impl Notice {
-    pub fn new(kind: &str, message: String) -> Self {
+    pub fn new(kind: NoticeKind, message: String) -> Self {
         Self {
-            kind: kind.to_string(),
+            kind,
             message,
-            ..Self::default()
+            step: None,
+            from: None,
+            to: None,
+            component: None,
         }
     }
 }
@@ -163,23 +225,17 @@ pub struct Timings {
     pub total_ms: u64,
 }
 
-/// The parameters a job actually ran with.
+/// The parameters a job actually ran with: the request as it ran (serialised flat, with the
+/// request's own field names) and what the engine chose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResolvedParams {
     pub model: String,
-    pub prompt: String,
-    /// The negative prompt given to the model; `None` when guidance was off (it is unused then).
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    /// The CFG the last step ran with (after interception and any backoff).
-    pub cfg: f32,
+    /// The request with its final values: the prompt as enhanced, the negative prompt given to
+    /// the model (`None` when guidance was off: it is unused then), the CFG the last step ran
+    /// with (after interception and any backoff), the memory mode the plan ran in.
+    #[serde(flatten)]
+    pub run: ValidRequest,
     pub cfg_requested: f32,
-    pub seed: u64,
-    pub batch: u32,
-    pub enhance: bool,
-    pub memory_mode: MemoryMode,
     pub precision: String,
     pub sampler: String,
 }
@@ -298,7 +354,7 @@ impl Engine {
         if !config.faults.is_empty() {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
-        let base_policy = family.policy();
+        let base_policy = family.components().policy();
         let profile = *family.profile();
         Self {
             profile,
@@ -332,7 +388,7 @@ impl Engine {
     }
 
     pub fn device(&self) -> &Device {
-        self.family.device()
+        self.family.components().device()
     }
 
     pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
@@ -354,14 +410,14 @@ impl Engine {
         mode: MemoryMode,
     ) -> PlanInput {
         let reading = self.probe.read();
-        let bytes = self.family.component_bytes();
+        let bytes = self.family.components().bytes();
         let loaded: u64 = [
             (Component::TextEncoder, bytes.text_encoder),
             (Component::Denoiser, bytes.denoiser),
             (Component::Vae, bytes.vae_decoder),
         ]
         .iter()
-        .filter(|(c, _)| self.family.is_loaded(*c))
+        .filter(|(c, _)| self.family.components().is_loaded(*c))
         .map(|(_, b)| *b)
         .sum();
         PlanInput {
@@ -397,7 +453,7 @@ impl Engine {
             (Component::Vae, plan.vae),
         ] {
             if r == Residency::Resident {
-                self.family.load(c)?;
+                self.family.components_mut().load(c)?;
             }
         }
         Ok(())
@@ -417,13 +473,21 @@ impl Engine {
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         run.salt = req.seed;
-        let result = self.generate_inner(req, extras, &profile, &mut run, started);
+        let result = {
+            // Long kernels (the VAE's convolutions) stop mid-way once the job is cancelled.
+            let _interruptible = crate::ops::interrupt::scope(cancel.flag());
+            match self.generate_inner(req, extras, &profile, &mut run, started) {
+                // Whatever stopped the run after a cancel (an interrupted kernel) is the cancel.
+                Err(_) if cancel.is_cancelled() => Err(EngineError::Cancelled),
+                other => other,
+            }
+        };
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
         if let Some(t) = &tags {
             t.set_phase(None, None);
         }
-        release_memory(self.family.device());
+        release_memory(self.family.components().device());
         result
     }
 
@@ -434,8 +498,8 @@ impl Engine {
             (Component::Denoiser, base.denoiser),
             (Component::Vae, base.vae),
         ] {
-            if self.family.dtype(c) != d {
-                if let Err(e) = self.family.set_dtype(c, d) {
+            if self.family.components().dtype(c) != d {
+                if let Err(e) = self.family.components_mut().set_dtype(c, d) {
                     tracing::warn!("could not restore {c:?} to {d:?}: {e}");
                 }
             }
@@ -456,13 +520,14 @@ impl Engine {
         if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
             cfg = profile.safe_cfg_max;
             run.notice(Notice {
-                kind: "cfg_clamped".into(),
+                kind: NoticeKind::CfgClamped,
                 message: format!(
                     "CFG {cfg_requested:.1} is above this model's safe range; using {cfg:.1}"
                 ),
                 from: Some(cfg_requested),
                 to: Some(cfg),
-                ..Notice::default()
+                step: None,
+                component: None,
             });
         }
         let guided = cfg > 1.0;
@@ -493,7 +558,7 @@ impl Engine {
         run.observer.plan(&plan);
         if plan.stepped_down() {
             run.notice(Notice::new(
-                "memory_mode",
+                NoticeKind::MemoryMode,
                 format!(
                     "{} mode does not fit the free memory; running in {} mode",
                     plan.requested_mode, plan.mode
@@ -510,33 +575,34 @@ impl Engine {
         if plan.text_encoder != Residency::Resident {
             // Low-memory plans keep only one big component at a time.
             if plan.denoiser == Residency::BlockStreamed {
-                self.family.unload(Component::Denoiser);
+                self.family.components_mut().unload(Component::Denoiser);
             }
             if plan.vae != Residency::Resident {
-                self.family.unload(Component::Vae);
+                self.family.components_mut().unload(Component::Vae);
             }
         }
         let cond = self
             .family
             .encode(&enhancement.prompt, negative.as_deref())?;
         if plan.text_encoder != Residency::Resident {
-            self.family.unload(Component::TextEncoder);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::TextEncoder);
+            release_memory(self.family.components().device());
         }
         let encode_ms = t_encode.elapsed().as_millis() as u64;
 
         // 5. Denoise.
         let t_denoise = Instant::now();
         run.phase(Phase::Denoise);
-        self.family
-            .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
+        self.family.components_mut().set_denoiser_residency(
+            if plan.denoiser == Residency::BlockStreamed {
                 DenoiserResidency::Streamed {
                     resident_blocks: plan.resident_blocks as usize,
                     one_at_a_time: plan.denoiser_one_at_a_time,
                 }
             } else {
                 DenoiserResidency::Resident
-            });
+            },
+        );
         let seeds: Vec<u64> = (0..req.batch as u64)
             .map(|i| req.seed.wrapping_add(i))
             .collect();
@@ -551,12 +617,15 @@ impl Engine {
         let t_decode = Instant::now();
         let tiling = plan.vae_tiling;
         if plan.denoiser != Residency::Resident {
-            self.family.unload(Component::Denoiser);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::Denoiser);
+            release_memory(self.family.components().device());
         }
         run.phase(Phase::Decode);
         let mut images = Vec::with_capacity(seeds.len());
         for (i, &seed) in seeds.iter().enumerate() {
+            if run.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
             let z = latents.narrow(0, i, 1)?;
             let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
             match to_image(&px, seed)? {
@@ -565,7 +634,7 @@ impl Engine {
                     // 7. Black-image check: one retry from a fresh seed, then a clear failure.
                     let retry_seed = seed.wrapping_add(BLACK_RETRY_SEED_OFFSET);
                     run.notice(Notice::new(
-                        "black_retry",
+                        NoticeKind::BlackRetry,
                         format!(
                             "image {} came out blank ({}); regenerating it with seed {retry_seed}",
                             i + 1,
@@ -576,7 +645,7 @@ impl Engine {
                     let noise = self.seeded_noise(&[retry_seed], req.width, req.height)?;
                     let z = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
                     if plan.denoiser != Residency::Resident {
-                        self.family.unload(Component::Denoiser);
+                        self.family.components_mut().unload(Component::Denoiser);
                     }
                     run.phase(Phase::Decode);
                     let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
@@ -594,24 +663,21 @@ impl Engine {
             }
         }
         if plan.vae != Residency::Resident {
-            self.family.unload(Component::Vae);
+            self.family.components_mut().unload(Component::Vae);
         }
         let decode_ms = t_decode.elapsed().as_millis() as u64;
 
         let params = ResolvedParams {
             model: self.model_name.clone(),
-            prompt: enhancement.prompt.clone(),
-            negative_prompt: negative,
-            width: req.width,
-            height: req.height,
-            steps: req.steps,
-            cfg,
+            run: ValidRequest {
+                prompt: enhancement.prompt.clone(),
+                negative_prompt: negative,
+                cfg,
+                memory_mode: plan.mode,
+                ..req.clone()
+            },
             cfg_requested,
-            seed: req.seed,
-            batch: req.batch,
-            enhance: req.enhance,
-            memory_mode: plan.mode,
-            precision: self.family.policy().describe(),
+            precision: self.family.components().policy().describe(),
             sampler: profile.sampler.into(),
         };
         Ok(Generation {
@@ -642,7 +708,7 @@ impl Engine {
         let (_, _, lh, lw) = noise.dims4()?;
         let schedule = self.family.schedule(req.steps as usize, lh, lw)?;
         let x = (noise * schedule.init_noise_sigma as f64)?;
-        self.family.load(Component::Denoiser)?;
+        self.family.components_mut().load(Component::Denoiser)?;
         denoise::denoise(self.family.as_mut(), x, cond, &schedule, cfg, run)
     }
 
@@ -660,7 +726,7 @@ impl Engine {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| rng::noise(s, &[c, h, w], self.family.device()))
+            .map(|&s| rng::noise(s, &[c, h, w], self.family.components().device()))
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::stack(&per, 0)?)
     }
@@ -676,7 +742,8 @@ impl Engine {
                 f = self.family.profile().vae_scale_factor
             )));
         }
-        Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)
+        Ok(t.to_dtype(DType::F32)?
+            .to_device(self.family.components().device())?)
     }
 }
 
@@ -710,4 +777,26 @@ fn to_image(px: &Tensor, seed: u64) -> Result<Result<GeneratedImage, Blank>, Eng
         seed,
         rgb,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Notices keep the wire names records and PNGs were written with.
+    #[test]
+    fn notice_kinds_serialise_as_their_names() {
+        for k in NoticeKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+            let back: NoticeKind = serde_json::from_value(k.as_str().into()).unwrap();
+            assert_eq!(back, k);
+        }
+        let n = Notice::new(NoticeKind::BlackRetry, "again".into());
+        assert!(n.kind == "black_retry");
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "black_retry", "message": "again"})
+        );
+    }
 }

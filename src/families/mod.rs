@@ -1,29 +1,28 @@
 //! Model families behind one trait: encode a prompt, predict one sampler derivative, decode latents.
-//! Each family owns its per-model facts (latent channels, VAE factor, defaults); the engine stays
-//! family-agnostic and never sees diffusers configs or tensor names.
+//! Each family is a folder: its model files, `profile.rs` (its facts: defaults, presets, bands) and
+//! `activations.rs` (its memory formulas). Next to them: the catalog of known models, weight files,
+//! the precision policy and the component slots. The engine stays family-agnostic and never sees
+//! diffusers configs or tensor names.
 
 pub mod catalog;
-pub mod cpu_gemm;
-pub mod gpu_ops;
 pub mod precision;
 pub mod profile;
-pub mod rng;
-pub mod scheduler;
 pub mod sd_turbo;
-pub mod vae;
+pub mod slot;
 pub mod variants;
 pub mod weights;
 pub mod z_image;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::memory::planner::{ActivationModel, ComponentBytes};
+use crate::memory::ActivationModel;
 
+pub use crate::nn::scheduler::Schedule;
 pub use precision::{Precision, PrecisionPolicy};
 pub use profile::{Defaults, FamilyKind, Profile};
-pub use scheduler::Schedule;
+pub use slot::Components;
 pub use weights::ModelDir;
 
 /// Everything that can go wrong loading or running a model. Messages name the file at fault.
@@ -110,16 +109,19 @@ pub struct StepInput<'a> {
     pub cfg: f32,
 }
 
-/// A diffusion model family. Implementations are driven by one worker thread.
+/// A diffusion model family: its facts and its maths. Loading, unloading and the dtypes of its
+/// components are [`Components`], written once for all families ([`slot::Parts`]); the memory
+/// formulas live in each family's `activations.rs`. Implementations are driven by one worker
+/// thread.
 pub trait Family: Send {
     /// The family's facts, with this folder's latent channels, VAE factor and size multiple.
     fn profile(&self) -> &Profile;
-    fn device(&self) -> &Device;
-    fn policy(&self) -> PrecisionPolicy;
 
-    /// Exact weight bytes per component in the policy's dtypes (from the safetensors headers).
-    fn component_bytes(&self) -> ComponentBytes;
-    /// The activation model the planner uses for this architecture.
+    /// The components' placement and dtypes.
+    fn components(&self) -> &dyn Components;
+    fn components_mut(&mut self) -> &mut dyn Components;
+
+    /// The activation model the planner uses for this architecture, in the current dtypes.
     fn activation_model(&self) -> ActivationModel;
 
     /// The sampler schedule for `steps` steps at this latent size.
@@ -146,27 +148,12 @@ pub trait Family: Send {
     /// `latents / scaling + shift`): per element, so it works on any latent tile.
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError>;
 
-    /// The VAE decoder (loaded on demand).
-    fn vae(&mut self) -> Result<&vae::VaeDecoder, ModelError>;
-
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.
     fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError> {
         let z = self.vae_input(latents)?;
-        Ok(self.vae()?.forward(&z)?)
+        Ok(self.components_mut().vae()?.forward(&z)?)
     }
-
-    /// Loads a component onto the device (no-op when loaded).
-    fn load(&mut self, component: Component) -> Result<(), ModelError>;
-    /// Drops a component's device copy.
-    fn unload(&mut self, component: Component);
-    fn is_loaded(&self, component: Component) -> bool;
-
-    fn set_denoiser_residency(&mut self, residency: DenoiserResidency);
-
-    /// Rebuilds a component in another dtype (guard fallbacks); takes effect at its next use.
-    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError>;
-    fn dtype(&self, component: Component) -> DType;
 }
 
 /// Classifier-free guidance combine in diffusers' Z-Image order, `pos + g·(pos − neg)`, with

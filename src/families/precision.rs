@@ -3,50 +3,7 @@
 
 use candle_core::{DType, Device};
 
-/// The user-facing precision choice (`--precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
-    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
-    #[default]
-    Auto,
-    F32,
-    Bf16,
-    F16,
-    /// bf16 text encoder, f16 denoiser compute with a bf16 residual stream, VAE bf16 (f32 retry on
-    /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
-    /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
-    Mixed,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "f32" | "fp32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "f16" | "fp16" | "float16" => Ok(Self::F16),
-            "mixed" => Ok(Self::Mixed),
-            other => Err(format!(
-                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-            Self::Mixed => "mixed",
-        })
-    }
-}
+pub use crate::settings::Precision;
 
 /// Concrete dtypes per component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +73,7 @@ impl PrecisionPolicy {
                     Self::MIXED
                 } else if device.is_metal() {
                     Self::uniform(DType::BF16)
-                } else if super::cpu_gemm::bf16_ready() {
+                } else if crate::ops::linear::bf16_ready() {
                     // bf16 denoiser and VAE matrices multiplied natively (AMX / AVX512-BF16
                     // through MKL) with f32 activations and accumulation; the text encoder
                     // stays f32 (it is a small share of the time).
@@ -131,7 +88,7 @@ impl PrecisionPolicy {
             }
         };
         // candle's CPU convolution has no bf16 kernel; halves buy nothing on a CPU anyway.
-        if device.is_cpu() && p.vae == DType::BF16 && !super::cpu_gemm::bf16_ready() {
+        if device.is_cpu() && p.vae == DType::BF16 && !crate::ops::linear::bf16_ready() {
             p.vae = DType::F32;
         }
         p
@@ -154,10 +111,10 @@ mod tests {
     #[test]
     fn auto_on_cpu_is_f32_unless_bf16_is_native() {
         let p = PrecisionPolicy::resolve(Precision::Auto, &Device::Cpu);
-        if crate::families::cpu_gemm::bf16_ready() {
+        if crate::ops::linear::bf16_ready() {
             assert_eq!(p.denoiser, DType::BF16);
             assert_eq!(
-                crate::families::cpu_gemm::activation_dtype(p.denoiser, &Device::Cpu),
+                crate::ops::linear::activation_dtype(p.denoiser, &Device::Cpu),
                 DType::F32
             );
             assert_eq!((p.text_encoder, p.vae), (DType::F32, DType::BF16));
@@ -173,7 +130,7 @@ mod tests {
         assert_eq!(p.residual, DType::BF16);
         assert_eq!(p.text_encoder, DType::BF16);
         // No bf16 convolution on the CPU: the VAE stays f32 there.
-        let native = crate::families::cpu_gemm::bf16_ready();
+        let native = crate::ops::linear::bf16_ready();
         assert_eq!(p.vae, if native { DType::BF16 } else { DType::F32 });
     }
 

@@ -36,9 +36,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-const KIB: u64 = 1 << 10;
+use super::activations::{ActivationModel, SequenceActivations};
+use super::bytes::format_bytes;
+
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 /// Largest batch [`max_batch`] will consider; far above any request limit, it only bounds the search.
 pub const MAX_BATCH_SEARCH: u32 = 1024;
@@ -47,46 +48,6 @@ pub const MAX_BATCH_SEARCH: u32 = 1024;
 pub const DEFAULT_VAE_TILING: VaeTiling = VaeTiling::square(32, 8);
 /// Fallback when even the default tile does not fit.
 pub const SMALL_VAE_TILING: VaeTiling = VaeTiling::square(16, 4);
-
-// ---- Activation coefficients ----------------------------------------------------------------------------
-//
-// Counted from our own forward code (`families/z_image/dit.rs`, `families/vae.rs`, `families/sd_turbo/`) and
-// calibrated against peaks measured with the counting allocator (`cargo bench --bench calibrate`, f32 on the
-// CPU, the `bench` synthetic Z-Image). Measured vs planned on that model (planned / measured): denoiser call
-// with CFG 1.24 at 256² and 1.13 at 512²; text encoder at 512 tokens 1.19; VAE decode 1.0–1.05 whole and tiled.
-// The estimates stay on the safe side of every measurement. Every coefficient is a public field of
-// `ActivationModel` and can be overridden.
-
-/// (tokens × dim) tensors live at a DiT block's attention peak: residual, norm, modulated input, q/k/v,
-/// q/k after QK-norm, q/k after RoPE, contiguous per-head q/k/v, context, its reshaped copy, output
-/// projection.
-pub const ATTN_PHASE_DIM_COPIES: u64 = 16;
-/// (tokens × dim) tensors live at the MLP peak: residual, two norms, modulated input, attention output,
-/// its norm, the new residual and the MLP output.
-pub const MLP_PHASE_DIM_COPIES: u64 = 8;
-/// (tokens × ffn_hidden) tensors live at the SwiGLU peak: gate, silu(gate), up, product.
-pub const MLP_PHASE_HIDDEN_COPIES: u64 = 4;
-/// Attention score tensors alive at once: `q·kᵀ` (+ mask) and its softmax.
-pub const ATTN_SCORE_COPIES: u64 = 2;
-/// The DiT computes attention in query chunks holding at most this many score values at once
-/// (`SCORE_CHUNK_ELEMS` in `dit.rs`).
-pub const DIT_SCORE_CAP: u64 = 64 << 20;
-/// The VAE's convolutions run in row bands whose im2col buffer holds at most this many values
-/// (`CONV_BAND_ELEMS` in `vae.rs`), and its mid-block attention takes this many query rows at a time.
-pub const VAE_IM2COL_CAP: u64 = 16 << 20;
-/// The DiT's score cap in its low-memory execution (`Execution::LOW_MEMORY` in `dit.rs`).
-pub const DIT_LOW_MEMORY_SCORE_CAP: u64 = 8 << 20;
-pub const VAE_ATTENTION_ROWS: u64 = 4096;
-/// im2col column buffer of a 3 × 3 convolution, in input-channel multiples (the UNet's convolutions
-/// build it whole).
-pub const CONV_KERNEL_AREA: u64 = 9;
-/// Input-channel-wide tensors alive around a VAE resnet's first conv: block input (kept for the skip),
-/// group norm, swish.
-pub const CONV_INPUT_COPIES: u64 = 3;
-/// Output-channel-wide tensors of an im2col conv: matmul result and its NCHW copy.
-pub const CONV_OUTPUT_COPIES: u64 = 2;
-/// Bytes per output pixel of the tiled decoder's accumulator: f32 RGB sum plus f32 blend weight.
-pub const TILE_ACCUMULATOR_BYTES_PER_PIXEL: u64 = 16;
 
 // ---- Modes and residency --------------------------------------------------------------------------------
 
@@ -212,388 +173,6 @@ pub struct ComponentBytes {
     pub denoiser_scratch: u64,
     #[serde(default)]
     pub text_encoder_scratch: u64,
-}
-
-/// Activation bytes of a transformer as a function of sequence length, per sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SequenceActivations {
-    /// Live bytes per token that scale linearly with the sequence (projections, MLP).
-    pub bytes_per_token: u64,
-    pub heads: u64,
-    /// Live bytes per attention-score element (copies alive at once × element size); 0 when attention is
-    /// fused (flash attention) and scores never exist in full.
-    pub bytes_per_score: u64,
-    /// Most score elements that exist at once (chunked attention); `u64::MAX` when unchunked.
-    pub max_scores: u64,
-}
-
-impl SequenceActivations {
-    /// From a transformer's shape, with the copy counts above. `elem_bytes` is the activation dtype's size.
-    pub fn transformer(dim: u64, heads: u64, ffn_hidden: u64, elem_bytes: u64) -> Self {
-        let attn_phase = ATTN_PHASE_DIM_COPIES.saturating_mul(dim);
-        let mlp_phase = MLP_PHASE_DIM_COPIES
-            .saturating_mul(dim)
-            .saturating_add(MLP_PHASE_HIDDEN_COPIES.saturating_mul(ffn_hidden));
-        // One term for both phases (the larger) keeps the formula simple; it over-counts the attention
-        // phase by a few (tokens × dim) copies, which errs on the safe side.
-        Self {
-            bytes_per_token: attn_phase.max(mlp_phase).saturating_mul(elem_bytes),
-            heads,
-            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
-            max_scores: u64::MAX,
-        }
-    }
-
-    /// Peak activation bytes for `batch` sequences of `tokens` tokens.
-    pub fn bytes(&self, tokens: u64, batch: u64) -> u64 {
-        let linear = self
-            .bytes_per_token
-            .saturating_mul(tokens)
-            .saturating_mul(batch);
-        let score_elems = self
-            .heads
-            .saturating_mul(tokens.saturating_mul(tokens))
-            .saturating_mul(batch)
-            .min(self.max_scores);
-        linear.saturating_add(self.bytes_per_score.saturating_mul(score_elems))
-    }
-}
-
-/// Activation bytes of a VAE decode, per image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VaeActivations {
-    /// Output pixels per latent pixel along each side.
-    pub scale: u32,
-    /// Peak live bytes per output pixel in the convolution stages (the full-resolution resnets dominate).
-    pub bytes_per_pixel: u64,
-    /// Live bytes per element of the mid-block attention scores over (latent pixels)².
-    pub bytes_per_score: u64,
-    /// Bytes per output pixel the tiled decoder keeps for the whole image (blend accumulator).
-    pub tile_accumulator_bytes_per_pixel: u64,
-    /// Largest im2col buffer of one convolution (banded), in bytes.
-    pub im2col_bytes: u64,
-    /// Query rows of the mid-block attention computed at once.
-    pub attention_rows: u64,
-}
-
-impl VaeActivations {
-    /// From an AutoencoderKL decoder's `block_out_channels` (encoder order, as in its `config.json`), with
-    /// one level per entry: the decoder walks them reversed from latent resolution, doubling the side at
-    /// each level but the last.
-    pub fn autoencoder_kl(block_out_channels: &[u32], scale: u32, elem_bytes: u64) -> Self {
-        let reversed: Vec<u64> = block_out_channels
-            .iter()
-            .rev()
-            .map(|&c| u64::from(c))
-            .collect();
-        let levels = reversed.len();
-        let mut worst_per_pixel = 0u64;
-        for (i, &c_out) in reversed.iter().enumerate() {
-            // The mid block runs at the widest (last) channel count, which feeds level 0.
-            let c_in = if i == 0 { c_out } else { reversed[i - 1] };
-            // The im2col buffer is banded (a constant, below), so only feature maps scale.
-            let per_level_pixel = c_in
-                .saturating_mul(CONV_INPUT_COPIES)
-                .saturating_add(CONV_OUTPUT_COPIES.saturating_mul(c_out));
-            // Level i covers 1 / 4^(levels-1-i) of the output pixels.
-            let shift = u32::try_from(2 * (levels - 1 - i)).unwrap_or(u32::MAX);
-            let per_output_pixel = per_level_pixel.checked_shr(shift).unwrap_or(0);
-            worst_per_pixel = worst_per_pixel.max(per_output_pixel);
-        }
-        Self {
-            scale,
-            bytes_per_pixel: worst_per_pixel.saturating_mul(elem_bytes),
-            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
-            tile_accumulator_bytes_per_pixel: TILE_ACCUMULATOR_BYTES_PER_PIXEL,
-            im2col_bytes: VAE_IM2COL_CAP.saturating_mul(elem_bytes),
-            attention_rows: VAE_ATTENTION_ROWS,
-        }
-    }
-
-    /// Peak bytes to decode a `latent_w × latent_h` latent in one go.
-    pub fn decode_bytes(&self, latent_w: u64, latent_h: u64) -> u64 {
-        let scale = u64::from(self.scale);
-        let pixels = latent_w
-            .saturating_mul(scale)
-            .saturating_mul(latent_h.saturating_mul(scale));
-        let latent_pixels = latent_w.saturating_mul(latent_h);
-        // Convolutions and the mid-block attention run at different times: the peak is the larger.
-        let conv = self
-            .bytes_per_pixel
-            .saturating_mul(pixels)
-            .saturating_add(self.im2col_bytes);
-        let attn = self
-            .bytes_per_score
-            .saturating_mul(latent_pixels.saturating_mul(latent_pixels.min(self.attention_rows)));
-        conv.max(attn)
-    }
-
-    /// Peak bytes to decode the same latent tile by tile.
-    pub fn tiled_decode_bytes(&self, latent_w: u64, latent_h: u64, tiling: VaeTiling) -> u64 {
-        let tile_w = u64::from(tiling.tile_width_latent.max(1));
-        let tile_h = u64::from(tiling.tile_height_latent.max(1));
-        let scale = u64::from(self.scale);
-        let pixels = latent_w
-            .saturating_mul(scale)
-            .saturating_mul(latent_h.saturating_mul(scale));
-        let accumulator = self.tile_accumulator_bytes_per_pixel.saturating_mul(pixels);
-        self.decode_bytes(latent_w.min(tile_w), latent_h.min(tile_h))
-            .saturating_add(accumulator)
-    }
-}
-
-/// Activation model of one model family. Plain data: constructors derive it from architecture numbers,
-/// and any field can be replaced by a calibrated value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationModel {
-    pub denoiser: SequenceActivations,
-    /// Output pixels per denoiser token along each side (VAE scale × patch size).
-    pub denoiser_pixels_per_token: u32,
-    /// Text tokens in the denoiser's sequence next to the image tokens (the caption at its padded maximum).
-    pub denoiser_context_tokens: u32,
-    pub text_encoder: SequenceActivations,
-    /// Tokens the text encoder runs over per prompt (its maximum).
-    pub text_tokens: u32,
-    pub vae: VaeActivations,
-    /// The denoiser's score cap in low mode, when the family then runs batch items (the CFG pair
-    /// included) one at a time; `None` when low mode runs the batch as usual.
-    pub low_memory_scores: Option<u64>,
-}
-
-/// Architecture numbers of a Z-Image-style single-stream DiT pipeline, for [`ActivationModel::z_image`].
-/// Layer counts do not appear: layers run one after another, so their activations do not add up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZImageArch {
-    pub dim: u64,
-    pub heads: u64,
-    pub ffn_hidden: u64,
-    pub patch_size: u32,
-    /// Maximum caption tokens (padded).
-    pub cap_tokens: u32,
-    pub text_hidden: u64,
-    pub text_heads: u64,
-    pub text_ffn_hidden: u64,
-    pub vae_block_out_channels: Vec<u32>,
-    pub vae_scale: u32,
-    /// Activation element size of denoiser and text encoder (2 for bf16/f16).
-    pub elem_bytes: u64,
-    /// Activation element size of the VAE decode (4 when decoding in f32).
-    pub vae_elem_bytes: u64,
-}
-
-impl ZImageArch {
-    /// Tongyi-MAI/Z-Image-Turbo as in candle-transformers 0.11 `Config::z_image_turbo()`,
-    /// `TextEncoderConfig::z_image()` (Qwen3-4B) and `VaeConfig::z_image()`, all in bf16.
-    pub fn turbo() -> Self {
-        Self {
-            dim: 3840,
-            heads: 30,
-            ffn_hidden: 3840 / 3 * 8,
-            patch_size: 2,
-            cap_tokens: 512,
-            text_hidden: 2560,
-            text_heads: 32,
-            text_ffn_hidden: 9728,
-            vae_block_out_channels: vec![128, 256, 512, 512],
-            vae_scale: 8,
-            elem_bytes: 2,
-            vae_elem_bytes: 2,
-        }
-    }
-}
-
-/// Architecture numbers of a UNet pipeline (SD 2.x / SDXL), for [`ActivationModel::unet`]. Per-level
-/// lists are in down-block order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UNetArch {
-    pub block_out_channels: Vec<u64>,
-    /// Level `k` has cross-attention transformer blocks.
-    pub attention: Vec<bool>,
-    pub heads: Vec<u64>,
-    pub layers_per_block: Vec<u64>,
-    /// Text rows the cross-attention attends to (77) — also the text encoder's sequence length.
-    pub context_tokens: u32,
-    /// The widest text encoder (SDXL runs its two one after the other).
-    pub text_hidden: u64,
-    pub text_heads: u64,
-    pub text_ffn_hidden: u64,
-    pub vae_block_out_channels: Vec<u32>,
-    pub vae_scale: u32,
-    /// UNet weights/matmul element size.
-    pub elem_bytes: u64,
-    /// Element size of the hidden state between layers and of the skip connections.
-    pub residual_elem_bytes: u64,
-    pub text_elem_bytes: u64,
-    pub vae_elem_bytes: u64,
-}
-
-impl UNetArch {
-    /// stabilityai/sd-turbo (SD 2.1 UNet, OpenCLIP-H text tower) with the `mixed` policy
-    /// (f16 UNet, bf16 residual, bf16 text encoder and VAE).
-    pub fn sd_turbo() -> Self {
-        Self {
-            block_out_channels: vec![320, 640, 1280, 1280],
-            attention: vec![true, true, true, false],
-            heads: vec![5, 10, 20, 20],
-            layers_per_block: vec![2, 2, 2, 2],
-            context_tokens: 77,
-            text_hidden: 1024,
-            text_heads: 16,
-            text_ffn_hidden: 4096,
-            vae_block_out_channels: vec![128, 256, 512, 512],
-            vae_scale: 8,
-            elem_bytes: 2,
-            residual_elem_bytes: 2,
-            text_elem_bytes: 2,
-            vae_elem_bytes: 2,
-        }
-    }
-}
-
-impl ActivationModel {
-    pub fn z_image(arch: &ZImageArch) -> Self {
-        Self {
-            denoiser: SequenceActivations {
-                max_scores: DIT_SCORE_CAP,
-                ..SequenceActivations::transformer(
-                    arch.dim,
-                    arch.heads,
-                    arch.ffn_hidden,
-                    arch.elem_bytes,
-                )
-            },
-            denoiser_pixels_per_token: arch.vae_scale.saturating_mul(arch.patch_size),
-            denoiser_context_tokens: arch.cap_tokens,
-            text_encoder: SequenceActivations::transformer(
-                arch.text_hidden,
-                arch.text_heads,
-                arch.text_ffn_hidden,
-                arch.elem_bytes,
-            ),
-            text_tokens: arch.cap_tokens,
-            vae: VaeActivations::autoencoder_kl(
-                &arch.vae_block_out_channels,
-                arch.vae_scale,
-                arch.vae_elem_bytes,
-            ),
-            low_memory_scores: Some(DIT_LOW_MEMORY_SCORE_CAP),
-        }
-    }
-
-    pub fn z_image_turbo() -> Self {
-        Self::z_image(&ZImageArch::turbo())
-    }
-
-    /// A UNet pipeline (SD / SDXL). The UNet is mapped onto the sequence model with one "token" per
-    /// latent pixel (`denoiser_pixels_per_token` = VAE scale, no context tokens in the sequence);
-    /// level `k` of the UNet runs at `1/4^k` of those tokens. Per token it holds:
-    ///
-    /// * the skip connections of the whole down path (conv_in, every resnet/attention output and
-    ///   every downsampler output), alive until the up path consumes them — in the residual dtype;
-    /// * plus the largest working set of one layer, the max over levels of (a) an up-path resnet
-    ///   on the concatenated input (`c_k + max(c_k, c_k+1)` channels: im2col, norm, swish, the
-    ///   conv output) and
-    ///   (b) a transformer block at an attention level (the DiT's copy counts, GEGLU's hidden
-    ///   width `4·c`), and of the cross-attention scores against the `context_tokens` text rows.
-    ///
-    /// Self-attention scores grow with the square of the level's tokens: level `k` contributes
-    /// `heads_k · (T/4^k)²` elements, so the model keeps `heads = 1` and folds the largest
-    /// `heads_k / 16^k` into `bytes_per_score`. Score elements cost the compute dtype (q·kᵀ) plus
-    /// two f32 copies (softmax in and out; f32 compute casts nothing, so two f32 copies only).
-    pub fn unet(arch: &UNetArch) -> Self {
-        let levels = arch.block_out_channels.len();
-        let elem = arch.elem_bytes.max(1);
-        let residual = arch.residual_elem_bytes.max(1);
-        let score_bytes = ATTN_SCORE_COPIES
-            .saturating_mul(4)
-            .saturating_add(if elem == 4 { 0 } else { elem });
-        let quarter = |v: u64, k: usize| -> u64 {
-            let shift = u32::try_from(2 * k).unwrap_or(u32::MAX);
-            v.checked_shr(shift).unwrap_or(0)
-        };
-        let mut skips = 0u64;
-        let mut working = 0u64;
-        let mut score_coeff = 0u64;
-        let context = u64::from(arch.context_tokens);
-        for k in 0..levels {
-            let c = arch.block_out_channels[k];
-            let layers = arch.layers_per_block.get(k).copied().unwrap_or(1);
-            let mut level_skips = layers.saturating_mul(c);
-            if k == 0 {
-                level_skips = level_skips.saturating_add(c); // conv_in
-            }
-            skips = skips.saturating_add(quarter(level_skips, k));
-            if k + 1 < levels {
-                skips = skips.saturating_add(quarter(c, k + 1)); // downsampler output
-            }
-            // The first up-path resnet of level k sees the level below (upsampled) next to the skip.
-            let below = arch.block_out_channels.get(k + 1).copied().unwrap_or(c);
-            let concat = c.saturating_add(below.max(c));
-            let resnet = (CONV_KERNEL_AREA + CONV_INPUT_COPIES)
-                .saturating_mul(concat)
-                .saturating_add(CONV_OUTPUT_COPIES.saturating_mul(c))
-                .saturating_mul(elem);
-            let mut level_work = resnet;
-            if arch.attention.get(k).copied().unwrap_or(false) {
-                let heads = arch.heads.get(k).copied().unwrap_or(1);
-                let block = SequenceActivations::transformer(c, heads, 4 * c, elem).bytes_per_token;
-                let cross = heads.saturating_mul(context).saturating_mul(score_bytes);
-                level_work = level_work.max(block.saturating_add(cross));
-                let shift = u32::try_from(4 * k).unwrap_or(u32::MAX);
-                let self_scores = heads
-                    .saturating_mul(score_bytes)
-                    .saturating_add((1u64 << shift.min(63)) - 1)
-                    .checked_shr(shift)
-                    .unwrap_or(0);
-                score_coeff = score_coeff.max(self_scores);
-            }
-            working = working.max(quarter(level_work, k));
-        }
-        Self {
-            denoiser: SequenceActivations {
-                bytes_per_token: skips.saturating_mul(residual).saturating_add(working),
-                heads: 1,
-                bytes_per_score: score_coeff,
-                max_scores: u64::MAX,
-            },
-            denoiser_pixels_per_token: arch.vae_scale,
-            denoiser_context_tokens: 0,
-            text_encoder: SequenceActivations::transformer(
-                arch.text_hidden,
-                arch.text_heads,
-                arch.text_ffn_hidden,
-                arch.text_elem_bytes,
-            ),
-            text_tokens: arch.context_tokens,
-            vae: VaeActivations::autoencoder_kl(
-                &arch.vae_block_out_channels,
-                arch.vae_scale,
-                arch.vae_elem_bytes,
-            ),
-            low_memory_scores: None,
-        }
-    }
-
-    /// stabilityai/sd-turbo with the `mixed` policy.
-    pub fn sd_turbo() -> Self {
-        Self::unet(&UNetArch::sd_turbo())
-    }
-
-    /// Denoiser tokens for an image: patches plus the caption.
-    pub fn denoiser_tokens(&self, width: u32, height: u32) -> u64 {
-        let per = self.denoiser_pixels_per_token.max(1);
-        let patches = u64::from(width.div_ceil(per)) * u64::from(height.div_ceil(per));
-        patches.saturating_add(u64::from(self.denoiser_context_tokens))
-    }
-
-    /// Latent size (width, height) for an image.
-    pub fn latent_size(&self, width: u32, height: u32) -> (u64, u64) {
-        let scale = self.vae.scale.max(1);
-        (
-            u64::from(width.div_ceil(scale)),
-            u64::from(height.div_ceil(scale)),
-        )
-    }
 }
 
 /// Everything the planner looks at (serialisable so a job record can keep what its plan was made from).
@@ -1376,126 +955,14 @@ pub fn max_batch_in_mode(input: &PlanInput, mode: MemoryMode) -> u32 {
     lo
 }
 
-// ---- Byte sizes -----------------------------------------------------------------------------------------
-
-/// A `--memory-budget` value that cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseBytesError {
-    #[error(
-        "memory size is empty; expected e.g. `8GiB`, `8GB`, `512MiB`, `1.5GiB` or a byte count"
-    )]
-    Empty,
-    #[error(
-        "invalid memory size `{input}`: `{number}` is not a non-negative number; \
-         expected e.g. `8GiB`, `1.5GiB`, `512MiB` or a byte count"
-    )]
-    InvalidNumber { input: String, number: String },
-    #[error(
-        "invalid memory size `{input}`: unknown unit `{unit}`; use B, KiB, MiB, GiB, TiB (binary), \
-         KB, MB, GB, TB (decimal) or K, M, G, T (binary)"
-    )]
-    UnknownUnit { input: String, unit: String },
-    #[error("invalid memory size `{input}`: a byte count cannot have a fraction")]
-    FractionalBytes { input: String },
-    #[error("invalid memory size `{input}`: larger than 2^64 bytes")]
-    TooLarge { input: String },
-}
-
-/// Parses a memory size: `8GiB`, `512MiB`, `1.5GiB` (binary), `8GB`, `500MB` (decimal, powers of 1000),
-/// `8G`, `512M` (single letters are read as binary, like `free -h` and most GPU tools print them), or a
-/// plain byte count. Units are case-insensitive and may follow a space. Fractions round down to a byte.
-pub fn parse_bytes(s: &str) -> Result<u64, ParseBytesError> {
-    let text = s.trim();
-    if text.is_empty() {
-        return Err(ParseBytesError::Empty);
-    }
-    let split = text
-        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = (&text[..split], text[split..].trim());
-    if number.is_empty() {
-        return Err(ParseBytesError::InvalidNumber {
-            input: s.to_owned(),
-            number: text.to_owned(),
-        });
-    }
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => KIB,
-        "m" | "mib" => MIB,
-        "g" | "gib" => GIB,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => {
-            return Err(ParseBytesError::UnknownUnit {
-                input: s.to_owned(),
-                unit: unit.to_owned(),
-            })
-        }
-    };
-    let invalid = || ParseBytesError::InvalidNumber {
-        input: s.to_owned(),
-        number: number.to_owned(),
-    };
-    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-    if (int_part.is_empty() && frac_part.is_empty()) || frac_part.contains('.') {
-        return Err(invalid());
-    }
-    // Digits past the 24th are below a byte for every unit here (the largest is 2^40 < 10^13).
-    let frac_part = &frac_part[..frac_part.len().min(24)];
-    if multiplier == 1 && !frac_part.is_empty() {
-        return Err(ParseBytesError::FractionalBytes {
-            input: s.to_owned(),
-        });
-    }
-    // Exact decimal arithmetic in u128: "1.1GB" must be 1_100_000_000, which f64 would not promise.
-    let digits = format!("{int_part}{frac_part}");
-    // 30 significant digits are far beyond u64 range, so longer inputs are too large (or padding).
-    let digits = digits.trim_start_matches('0');
-    let too_large = || ParseBytesError::TooLarge {
-        input: s.to_owned(),
-    };
-    if digits.len() > 30 {
-        return Err(too_large());
-    }
-    let mantissa: u128 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().map_err(|_| invalid())?
-    };
-    let scale = 10u128
-        .checked_pow(u32::try_from(frac_part.len()).map_err(|_| too_large())?)
-        .ok_or_else(too_large)?;
-    let bytes = mantissa
-        .checked_mul(u128::from(multiplier))
-        .ok_or_else(too_large)?
-        / scale;
-    u64::try_from(bytes).map_err(|_| too_large())
-}
-
-/// A byte count for people: GiB with two decimals from 1 GiB up, else MiB, KiB or B.
-pub fn format_bytes(bytes: u64) -> String {
-    // f64 is fine for display: two decimals, never fed back into arithmetic.
-    let b = bytes as f64;
-    if bytes >= GIB {
-        format!("{:.2} GiB", b / GIB as f64)
-    } else if bytes >= MIB {
-        format!("{:.0} MiB", b / MIB as f64)
-    } else if bytes >= KIB {
-        format!("{:.0} KiB", b / KIB as f64)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const GB: u64 = 1_000_000_000;
+    const GIB: u64 = 1 << 30;
+    // A realistic input for the planner's decisions: Z-Image-Turbo's own activation formulas.
+    use crate::families::z_image::activations as z_image;
+
     /// CUDA context + display already holding memory when the server starts (an assumption, typical of a
     /// desktop NVIDIA card: 300–500 MiB).
     const DRIVER_OVERHEAD: u64 = 400 * MIB;
@@ -1523,7 +990,7 @@ mod tests {
             budget: None,
             reserve: default_reserve(total),
             components: z_image_components(),
-            activations: ActivationModel::z_image_turbo(),
+            activations: z_image::turbo(),
             width,
             height,
             batch: 1,
@@ -1534,49 +1001,9 @@ mod tests {
 
     /// Activations as they would be with fused (flash) attention: no score matrices in the denoiser.
     fn flash_attention() -> ActivationModel {
-        let mut a = ActivationModel::z_image_turbo();
+        let mut a = z_image::turbo();
         a.denoiser.bytes_per_score = 0;
         a
-    }
-
-    #[test]
-    fn derived_coefficients_match_hand_counts() {
-        let a = ActivationModel::z_image_turbo();
-        // max(16·3840, 8·3840 + 4·10240) = 71 680 bf16 elements per token.
-        assert_eq!(a.denoiser.bytes_per_token, 71_680 * 2);
-        assert_eq!(a.denoiser.bytes_per_score, 2 * 2);
-        assert_eq!(a.denoiser.heads, 30);
-        // Qwen3-4B: max(16·2560, 8·2560 + 4·9728) = 59 392 elements.
-        assert_eq!(a.text_encoder.bytes_per_token, 59_392 * 2);
-        // Full-resolution VAE resnet: 256 in · 3 + 2 · 128 out = 1 024 bf16 elements per pixel; the
-        // banded im2col buffer is a constant 16 Mi elements.
-        assert_eq!(a.vae.bytes_per_pixel, 1_024 * 2);
-        assert_eq!(a.vae.im2col_bytes, (16 << 20) * 2);
-        assert_eq!(a.denoiser.max_scores, 64 << 20);
-        // 1024² → 64² patches + 512 caption tokens.
-        assert_eq!(a.denoiser_tokens(1024, 1024), 4096 + 512);
-        assert_eq!(a.latent_size(1024, 1024), (128, 128));
-    }
-
-    #[test]
-    fn unet_coefficients_match_hand_counts() {
-        let a = ActivationModel::sd_turbo();
-        // Skips: level 0 conv_in + 2 layers (3·320) + downsampler 320/4; level 1 2·640/4 + 640/16;
-        // level 2 2·1280/16 + 1280/64; level 3 2·1280/64 = 960 + 80 + 320 + 40 + 160 + 20 + 40.
-        let skips = 1_620 * 2;
-        // Level 0's first up resnet on 640 + 320 concatenated channels: 12·960 + 2·320 elements;
-        // the transformer block (max(16·320, 8·320 + 4·1280) elements) plus 5 heads × 77 cross
-        // scores × (2·4 + 2) bytes is less (19 210 bytes).
-        let working = (12 * 960 + 2 * 320) * 2;
-        assert_eq!(a.denoiser.bytes_per_token, skips + working);
-        // Level 0 self-attention: 5 heads × (2 f32 + 1 f16 copies).
-        assert_eq!(a.denoiser.bytes_per_score, 50);
-        assert_eq!(a.denoiser.heads, 1);
-        assert_eq!(a.denoiser_tokens(512, 512), 64 * 64);
-        assert_eq!(a.text_tokens, 77);
-        // One 512² pass: about 0.9 GB, dominated by the level-0 attention scores.
-        let one = a.denoiser.bytes(a.denoiser_tokens(512, 512), 1);
-        assert!(one > 800 * MIB && one < GIB, "{one}");
     }
 
     #[test]
@@ -1598,7 +1025,7 @@ mod tests {
             budget: None,
             reserve: default_reserve(total),
             components: c,
-            activations: ActivationModel::z_image_turbo(),
+            activations: z_image::turbo(),
             width: 1024,
             height: 1024,
             batch: 1,
@@ -1639,42 +1066,6 @@ mod tests {
             p.phase_peaks.denoising - p0.phase_peaks.denoising,
             q8.denoiser_scratch
         );
-    }
-
-    #[test]
-    fn sd_turbo_fits_a_6_gib_card_in_performance_mode() {
-        // Weights of stabilityai/sd-turbo in the mixed policy: UNet 865.9 M params in f16, the
-        // OpenCLIP-H text tower 340.4 M in bf16, the VAE decoder 49.5 M in bf16.
-        let components = ComponentBytes {
-            text_encoder: 680_800_000,
-            denoiser: 1_731_800_000,
-            denoiser_largest_block: 0,
-            denoiser_blocks: 0,
-            vae_decoder: 99_000_000,
-            ..Default::default()
-        };
-        let input = PlanInput {
-            device_total: 6 * GIB,
-            device_free: 6 * GIB - 300 * MIB,
-            budget: None,
-            reserve: default_reserve(6 * GIB),
-            components,
-            activations: ActivationModel::sd_turbo(),
-            width: 512,
-            height: 512,
-            batch: 1,
-            cfg_on: false,
-            mode: MemoryMode::Auto,
-        };
-        let p = plan(&input);
-        assert_eq!(p.mode, MemoryMode::Performance, "{}", p.summary());
-        assert!(p.fits);
-        // Without block streaming the low mode loads the UNet whole for its phase.
-        let low = plan(&PlanInput {
-            mode: MemoryMode::Low,
-            ..input
-        });
-        assert_eq!(low.denoiser, Residency::LoadUseFree);
     }
 
     #[test]
@@ -1746,7 +1137,7 @@ mod tests {
         let a = &input.activations;
         let tokens = a.denoiser_tokens(1024, 1024);
         let low = SequenceActivations {
-            max_scores: DIT_LOW_MEMORY_SCORE_CAP,
+            max_scores: a.low_memory_scores.unwrap_or(u64::MAX),
             ..a.denoiser
         };
         let (den_weights, whole) = (
@@ -1942,7 +1333,7 @@ mod tests {
     #[test]
     fn bigger_images_never_pick_a_higher_mode() {
         for gib in [8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 80.0, 141.0] {
-            for activations in [ActivationModel::z_image_turbo(), flash_attention()] {
+            for activations in [z_image::turbo(), flash_attention()] {
                 let mut last = (u8::MAX, true);
                 for side in (256..=4096).step_by(64) {
                     let mut input = device(gib, side, side * 3 / 4);
@@ -2129,7 +1520,7 @@ mod tests {
             budget: Some(0),
             reserve: 0,
             components: ComponentBytes::default(),
-            activations: ActivationModel::z_image_turbo(),
+            activations: z_image::turbo(),
             width: 0,
             height: 0,
             batch: 0,
@@ -2143,7 +1534,7 @@ mod tests {
         assert_eq!(p.mode, MemoryMode::Low);
 
         let mut zero_arch = zero.clone();
-        zero_arch.activations = ActivationModel::z_image(&ZImageArch {
+        zero_arch.activations = z_image::model(&z_image::ZImageArch {
             dim: 0,
             heads: 0,
             ffn_hidden: 0,
@@ -2174,7 +1565,7 @@ mod tests {
                 vae_decoder: u64::MAX,
                 ..Default::default()
             },
-            activations: ActivationModel::z_image_turbo(),
+            activations: z_image::turbo(),
             width: u32::MAX,
             height: u32::MAX,
             batch: u32::MAX,
@@ -2236,54 +1627,6 @@ mod tests {
             "{msg}"
         );
         assert_eq!(MemoryMode::default(), MemoryMode::Auto);
-    }
-
-    #[test]
-    fn byte_sizes_parse() {
-        let cases: [(&str, u64); 14] = [
-            ("8GiB", 8 * GIB),
-            ("8GB", 8 * GB),
-            ("8G", 8 * GIB),
-            ("8g", 8 * GIB),
-            ("512MiB", 512 * MIB),
-            ("1.5GiB", 3 * GIB / 2),
-            ("1.1GB", 1_100_000_000),
-            ("0.5 gib", GIB / 2),
-            (" 12 GiB ", 12 * GIB),
-            ("1073741824", GIB),
-            ("1024B", 1024),
-            ("4k", 4096),
-            (".5GiB", GIB / 2),
-            ("2TB", 2_000_000_000_000),
-        ];
-        for (text, bytes) in cases {
-            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
-        }
-        assert_eq!(parse_bytes("18446744073709551615"), Ok(u64::MAX));
-        assert_eq!(parse_bytes("0.000000000000000000000000000000001GiB"), Ok(0));
-    }
-
-    #[test]
-    fn byte_size_errors_name_the_input() {
-        let err = |s: &str| parse_bytes(s).expect_err(s).to_string();
-        assert!(err("").contains("empty"));
-        assert!(
-            err("8 gigs").contains("`8 gigs`") && err("8 gigs").contains("unknown unit `gigs`")
-        );
-        assert!(err("-1GiB").contains("`-1GiB`"));
-        assert!(err("GiB").contains("not a non-negative number"));
-        assert!(err("1.2.3GiB").contains("`1.2.3`"));
-        assert!(err("1.5").contains("cannot have a fraction"));
-        assert!(err("18446744073709551616").contains("larger than"));
-        assert!(err("99999999999999999999999999999999999TiB").contains("larger than"));
-    }
-
-    #[test]
-    fn bytes_format_for_people() {
-        assert_eq!(format_bytes(0), "0 B");
-        assert_eq!(format_bytes(1536), "2 KiB");
-        assert_eq!(format_bytes(512 * MIB), "512 MiB");
-        assert_eq!(format_bytes(12 * GIB + GIB / 4), "12.25 GiB");
     }
 
     /// The table for the report: `cargo test plan_table -- --nocapture`.

@@ -63,7 +63,7 @@ fn decode_blocks_plain(
     }
 }
 
-crate::families::cpu_gemm::with_avx512!(
+super::cpu::with_avx512!(
     pub fn decode_blocks(
         t: candle_core::quantized::GgmlDType,
         block: usize,

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::{parse_json, ApiError, JsonBody};
-use super::jobs::{read_images, submit_valid, wait_job};
+use super::jobs::{failure_status, read_images, submit_valid, sync_deadline, wait_job};
 use super::models::json_f32;
 use super::AppState;
 use crate::engine::output::png_text_chunks;
@@ -130,10 +130,11 @@ impl IntoResponse for A1111Error {
     }
 }
 
-/// A failed run, as A1111's exception handler reports it.
-fn run_failed(message: String) -> A1111Error {
+/// A failed run, as A1111's exception handler reports it (`status`: 500, or 507/503 when the
+/// outputs folder was to blame).
+fn run_failed(status: StatusCode, message: String) -> A1111Error {
     A1111Error {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
+        status,
         body: json!({ "error": "RuntimeError", "detail": "", "body": "", "errors": message }),
         retry_after_s: None,
     }
@@ -296,6 +297,7 @@ pub async fn txt2img(
     let (valid, n_iter) = req.validate(&s)?;
 
     // n_iter jobs, queued back to back; seeds continue across them as in A1111.
+    let deadline = sync_deadline(&s);
     let mut ids = Vec::with_capacity(n_iter as usize);
     for k in 0..n_iter {
         let mut job = valid.clone();
@@ -316,7 +318,16 @@ pub async fn txt2img(
     let mut params: Option<ResolvedParams> = None;
     let mut interrupted = false;
     for (i, id) in ids.iter().enumerate() {
-        let snap = wait_job(&s, id).await?;
+        let snap = match wait_job(&s, id, deadline).await {
+            Ok(snap) => snap,
+            Err(e) => {
+                // Past the wait limit (or shutting down): the later iterations are not wanted.
+                for rest in &ids[i + 1..] {
+                    let _ = s.queue.cancel_if_queued(rest).await;
+                }
+                return Err(e.into());
+            }
+        };
         match snap.record.state {
             JobState::Done => {
                 made.extend(collect(&s, &snap).await?);
@@ -334,7 +345,10 @@ pub async fn txt2img(
                     break;
                 }
                 return Err(run_failed(
-                    snap.record.error.unwrap_or_else(|| "the job failed".into()),
+                    failure_status(&snap),
+                    snap.record
+                        .error
+                        .map_or_else(|| "the job failed".into(), |e| e.message),
                 ));
             }
         }
@@ -391,10 +405,10 @@ fn echo_parameters(
 fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &[Made]) -> Value {
     let n = made.len().max(1);
     let prompt = p
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_else(|| v.prompt.clone());
     let negative = p
-        .and_then(|p| p.negative_prompt.clone())
+        .and_then(|p| p.run.negative_prompt.clone())
         .or_else(|| v.negative_prompt.clone())
         .unwrap_or_default();
     let all_seeds: Vec<u64> = if made.is_empty() {
@@ -415,11 +429,11 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "subseed": -1,
         "all_subseeds": vec![-1; n],
         "subseed_strength": 0,
-        "width": p.map(|p| p.width).unwrap_or(v.width),
-        "height": p.map(|p| p.height).unwrap_or(v.height),
+        "width": p.map(|p| p.run.width).unwrap_or(v.width),
+        "height": p.map(|p| p.run.height).unwrap_or(v.height),
         "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.profile.sampler.to_string()),
-        "cfg_scale": json_f32(p.map(|p| p.cfg).unwrap_or(v.cfg)),
-        "steps": p.map(|p| p.steps).unwrap_or(v.steps),
+        "cfg_scale": json_f32(p.map(|p| p.run.cfg).unwrap_or(v.cfg)),
+        "steps": p.map(|p| p.run.steps).unwrap_or(v.steps),
         "batch_size": v.batch,
         "restore_faces": false,
         "face_restoration_model": null,

@@ -10,6 +10,8 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::queue::outputs::StorageProblem;
+use crate::queue::{FailureKind, JobError};
 use crate::request::FieldError;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -69,6 +71,34 @@ impl ApiError {
     }
 }
 
+/// The status of a disk error: 507 when the disk is full, 503 when the folder is unwritable.
+pub fn storage_status(problem: StorageProblem) -> StatusCode {
+    match problem {
+        StorageProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
+        StorageProblem::Unwritable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The status a failed job answers with where a surface waits for it (OpenAI, A1111): the user's
+/// request when the engine could not run it as given, the device when it does not fit, the
+/// outputs folder's problem, ours otherwise.
+pub fn kind_status(kind: FailureKind) -> StatusCode {
+    if let Some(problem) = kind.storage() {
+        return storage_status(problem);
+    }
+    match kind {
+        FailureKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        FailureKind::DoesNotFit => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<&JobError> for ApiError {
+    fn from(e: &JobError) -> Self {
+        Self::new(kind_status(e.kind), None, e.message.clone())
+    }
+}
+
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
         Self::field(&e.field, e.message)
@@ -111,7 +141,7 @@ where
 }
 
 /// The raw bytes of a JSON body, after the checks every JSON endpoint shares: a JSON content
-/// type (or none), and the size limit (415 and 413 in our shape; other surfaces convert them).
+/// type, and the size limit (415 and 413 in our shape; other surfaces convert them).
 pub struct JsonBody(pub Bytes);
 
 impl<S> FromRequest<S> for JsonBody
@@ -121,19 +151,26 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        // A missing content type is accepted (curl -d without -H); a wrong one is not.
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        // A JSON content type is required: a browser sends a cross-site request without a
+        // preflight only with a form type, text/plain or none at all, so refusing those leaves
+        // more than the Origin check between a foreign page and the API.
+        let essence = req.headers().get(header::CONTENT_TYPE).map(|ct| {
             let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            if !(essence == "application/json" || essence.ends_with("+json")) {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    None,
-                    format!(
-                        "expected a JSON body (Content-Type: application/json), got `{essence}`"
-                    ),
-                ));
-            }
+            ct.split(';').next().unwrap_or("").trim().to_string()
+        });
+        let json = essence
+            .as_deref()
+            .is_some_and(|e| e == "application/json" || e.ends_with("+json"));
+        if !json {
+            let got = match essence {
+                Some(e) => format!("got `{e}`"),
+                None => "the request has none".to_string(),
+            };
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                None,
+                format!("expected a JSON body (Content-Type: application/json); {got}"),
+            ));
         }
         let too_large = || {
             ApiError::new(
@@ -224,6 +261,34 @@ fn backticked(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_jobs_answer_with_the_status_of_their_kind() {
+        use crate::queue::{FailureKind, JobError};
+        let e = ApiError::from(&JobError::new(FailureKind::Invalid, "initial latents"));
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.body.error.message, "initial latents");
+        let status = kind_status;
+        assert_eq!(
+            status(FailureKind::DoesNotFit),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(FailureKind::StorageFull),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            status(FailureKind::StorageUnwritable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        for k in [
+            FailureKind::Model,
+            FailureKind::BlankImage,
+            FailureKind::Internal,
+        ] {
+            assert_eq!(status(k), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
     use crate::request::GenerationRequest;
 
     fn err(json: &str) -> ApiError {

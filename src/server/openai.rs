@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::{parse_json, ApiError, JsonBody};
-use super::jobs::{read_images, submit_valid, wait_job};
+use super::jobs::{failure_status, read_images, submit_valid, sync_deadline, wait_job};
 use super::AppState;
 use crate::queue::JobState;
 use crate::request::GenerationRequest;
@@ -93,6 +93,8 @@ impl From<ApiError> for OpenAiError {
         let code = match status.as_u16() {
             429 => Some("rate_limit_exceeded"),
             503 => Some("service_unavailable"),
+            504 => Some("timeout"),
+            507 => Some("insufficient_storage"),
             _ => None,
         };
         let mut out = error(
@@ -113,11 +115,19 @@ impl IntoResponse for OpenAiError {
         } else {
             tracing::debug!(status = %self.status, param = ?self.body.error.param, "{}", self.body.error.message);
         }
-        let mut res = (self.status, Json(self.body)).into_response();
+        let status = self.status;
+        let mut res = (status, Json(self.body)).into_response();
         if let Some(s) = self.retry_after_s {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 res.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        // OpenAI's SDKs retry 409 and 5xx by themselves; where a retry would only queue the same
+        // work again (a cancelled job, a job still running past the wait limit) they are told
+        // not to.
+        if matches!(status.as_u16(), 409 | 504) {
+            res.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         res
     }
@@ -302,35 +312,51 @@ pub async fn generations(
         invalid(param, format!("{}: {}", e.field, e.message))
     })?;
 
+    let deadline = sync_deadline(&s);
     let sub = submit_valid(&s, valid).await?;
-    let snap = wait_job(&s, &sub.id).await?;
+    let snap = wait_job(&s, &sub.id, deadline).await?;
     match snap.record.state {
         JobState::Done => {}
         JobState::Cancelled => {
+            // Someone else stopped it (DELETE /api/jobs/{id}, an A1111 interrupt): not a server
+            // error, and not worth a retry.
             return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::CONFLICT,
                 None,
-                Some("cancelled"),
-                format!("job {} was cancelled before it finished", sub.id),
-            ))
+                Some("job_cancelled"),
+                format!(
+                    "job {} was cancelled (DELETE /api/jobs/{} or an A1111 interrupt) before it \
+                     finished; no images were made",
+                    sub.id, sub.id
+                ),
+            ));
         }
         _ => {
+            let status = failure_status(&snap);
+            let code = match status.as_u16() {
+                507 => Some("insufficient_storage"),
+                503 => Some("service_unavailable"),
+                _ => None,
+            };
             return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                status,
                 None,
-                None,
+                code,
                 format!(
                     "image generation failed: {}",
-                    snap.record.error.as_deref().unwrap_or("unknown error")
+                    snap.record
+                        .error
+                        .as_ref()
+                        .map_or("unknown error", |e| e.message.as_str())
                 ),
-            ))
+            ));
         }
     }
     let revised = snap
         .record
         .params
         .as_ref()
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_default();
     let created = snap.record.created_at / 1000;
     let data = if format == "b64_json" {

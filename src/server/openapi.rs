@@ -8,8 +8,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::engine::NoticeKind;
 use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
+use crate::queue::FailureKind;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
@@ -30,12 +32,51 @@ fn error_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/responses/{name}") })
 }
 
-fn sse(description: &str) -> Value {
+/// A `text/event-stream` response whose `schema` describes one event, the way SSE-aware tools
+/// read it (schemathesis checks every parsed event `{event, data, id?, retry?}` against it; OpenAPI
+/// 3.2 calls this `itemSchema`): one branch per event name, and the schema of the JSON text in
+/// `data` under `x-data-schema`.
+fn sse(description: &str, events: &[(&str, &str)]) -> Value {
+    let branches: Vec<Value> = events
+        .iter()
+        .map(|(name, payload)| {
+            json!({
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": { "type": "string", "enum": [name] },
+                    "data": { "type": "string", "description": format!("JSON text: {payload}"),
+                              "x-data-schema": schema(payload) },
+                    "id": { "type": "string" },
+                    "retry": { "type": "integer" },
+                }
+            })
+        })
+        .collect();
     json!({
         "description": description,
-        "content": { "text/event-stream": { "schema": { "type": "string" } } }
+        "content": { "text/event-stream": { "schema": { "oneOf": branches } } }
     })
 }
+
+/// The events of `GET /api/jobs/{id}/events`: name and payload schema.
+pub const JOB_EVENTS: [(&str, &str); 7] = [
+    ("queued", "JobQueuedEvent"),
+    ("started", "EmptyEvent"),
+    ("progress", "JobProgressEvent"),
+    ("notice", "Notice"),
+    ("done", "JobDoneEvent"),
+    ("failed", "Error"),
+    ("cancelled", "EmptyEvent"),
+];
+/// The events of `GET /api/models/{name}/pull/events`.
+pub const PULL_EVENTS: [(&str, &str); 3] = [
+    ("progress", "PullProgressEvent"),
+    ("done", "PullDoneEvent"),
+    ("failed", "PullFailedEvent"),
+];
+/// The events of `GET /api/memory/stream`.
+pub const MEMORY_EVENTS: [(&str, &str); 1] = [("sample", "MemorySample")];
 
 fn path_param(name: &str, description: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true, "description": description,
@@ -49,9 +90,18 @@ fn op(id: &str, tag: &str, summary: &str, mut responses: Value) -> Value {
         "a1111" => ("A1111Unauthorized", "A1111Forbidden"),
         _ => ("Unauthorized", "Forbidden"),
     };
+    let guesses = match tag {
+        "openai" => "OpenAiTooManyGuesses",
+        "a1111" => "A1111TooManyGuesses",
+        _ => "TooManyGuesses",
+    };
     if let Some(r) = responses.as_object_mut() {
         r.entry("401").or_insert_with(|| error_ref(unauth));
         r.entry("403").or_insert_with(|| error_ref(forbidden));
+        // The key's rate limit, where a key is checked.
+        if !matches!(tag, "ui" | "meta") {
+            r.entry("429").or_insert_with(|| error_ref(guesses));
+        }
     }
     json!({ "operationId": id, "tags": [tag], "summary": summary, "responses": responses })
 }
@@ -73,10 +123,11 @@ fn body(operation: Value, name: &str) -> Value {
 
 fn paths() -> Value {
     let job_id = path_param("id", "a job id (16 hex digits)");
-    let model_name = path_param(
-        "name",
-        "a catalog model: z-image-turbo, sd-turbo, sdxl-turbo",
-    );
+    let catalog: Vec<&str> = crate::families::catalog::CATALOG
+        .iter()
+        .map(|e| e.name)
+        .collect();
+    let model_name = path_param("name", &format!("a catalog model: {}", catalog.join(", ")));
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
@@ -90,7 +141,7 @@ fn paths() -> Value {
             path_param("file", "`<job id>-<n>.png`"),
             { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } }
         ])) },
-        "/api/health": { "get": op("health", "server", "Liveness and the loaded model", json!({ "200": ok("ok", "Health") })) },
+        "/api/health": { "get": op("health", "server", "Liveness, the loaded model, and whether the outputs folder can be written", json!({ "200": ok("`ok`, or `degraded` with the `reason`", "Health") })) },
         "/api/info": { "get": op("info", "server", "Model, limits, device and queue facts for the form", json!({ "200": ok("server facts", "Info") })) },
         "/api/auth": {
             "get": op("auth_status", "server", "Whether an API key is required and whether this client has it", json!({ "200": ok("status", "AuthStatus") })),
@@ -109,7 +160,7 @@ fn paths() -> Value {
             "description": "a quantized variant listed in the model's `variants` (q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m for z-image-turbo); bf16 or absent: the release",
             "schema": { "type": "string" } }])) },
         "/api/models/{name}/pull/events": { "get": with(op("pull_events", "models", "Download progress (SSE)", json!({
-            "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`"),
+            "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`", &PULL_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([model_name])) },
         "/api/enhance": { "post": body(op("enhance", "jobs", "Preview the prompt enhancement", json!({
@@ -122,6 +173,7 @@ fn paths() -> Value {
                 "202": ok("accepted", "Accepted"),
                 "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"),
                 "422": error_ref("Invalid"), "429": error_ref("QueueFull"), "503": error_ref("Unavailable"),
+                "507": error_ref("InsufficientStorage"),
             })), "GenerationRequest"),
         },
         "/api/jobs/{id}": {
@@ -132,18 +184,19 @@ fn paths() -> Value {
             })), "parameters", json!([job_id.clone()])),
         },
         "/api/jobs/{id}/events": { "get": with(op("job_events", "jobs", "A job's events (SSE)", json!({
-            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`"),
+            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([job_id])) },
         "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
-            "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`"),
+            "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`", &MEMORY_EVENTS),
         })) },
     });
     let openai = json!({
         "/v1/images/generations": { "post": body(op("openai_images_generations", "openai", "OpenAI Images API: create images", json!({
             "200": ok("the images", "OpenAiImagesResponse"),
-            "400": error_ref("OpenAiBadRequest"), "413": error_ref("OpenAiTooLarge"), "415": error_ref("OpenAiUnsupportedMediaType"),
+            "400": error_ref("OpenAiBadRequest"), "409": error_ref("OpenAiCancelled"), "413": error_ref("OpenAiTooLarge"), "415": error_ref("OpenAiUnsupportedMediaType"),
             "429": error_ref("OpenAiRateLimited"), "500": error_ref("OpenAiServerError"), "503": error_ref("OpenAiUnavailable"),
+            "504": error_ref("OpenAiTimeout"), "507": error_ref("OpenAiInsufficientStorage"),
         })), "OpenAiImagesRequest") },
         "/v1/models": { "get": op("openai_models", "openai", "OpenAI models list: the loaded model and its aliases", json!({ "200": ok("models", "OpenAiModelList") })) },
         "/v1/models/{model}": { "get": with(op("openai_model", "openai", "One OpenAI model object", json!({
@@ -155,6 +208,7 @@ fn paths() -> Value {
             "200": ok("the images", "A1111Txt2ImgResponse"),
             "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
             "429": error_ref("A1111Error"), "500": error_ref("A1111RunError"), "503": error_ref("A1111Error"),
+            "504": error_ref("A1111Error"), "507": error_ref("A1111RunError"),
         })), "A1111Txt2ImgRequest") },
         "/sdapi/v1/progress": { "get": op("a1111_progress", "a1111", "Progress of the running job", json!({ "200": ok("progress", "A1111Progress") })) },
         "/sdapi/v1/interrupt": { "post": op("a1111_interrupt", "a1111", "Stop the running job", json!({ "200": { "description": "`{}`", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
@@ -163,7 +217,7 @@ fn paths() -> Value {
             "get": op("a1111_options", "a1111", "Settings clients read", json!({ "200": ok("options", "A1111Options") })),
             "post": body(op("a1111_set_options", "a1111", "Accepted and ignored (logged)", json!({
                 "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } },
-                "422": error_ref("A1111Validation"),
+                "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
             })), "A1111Options"),
         },
         "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
@@ -218,7 +272,7 @@ fn components(f: &Facts) -> Value {
     let nullable_string = json!({ "type": "string", "nullable": true });
     let side = nullable(
         json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": f.size_multiple,
-        "description": "a multiple of the loaded model's size multiple (16 for Z-Image, 8 for SD)" }),
+        "description": format!("a multiple of the loaded model's size multiple ({})", f.size_multiple) }),
     );
     let batch = nullable(json!({ "type": "integer", "minimum": 1, "maximum": f.max_batch }));
     let text = json!({ "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true,
@@ -237,7 +291,9 @@ fn components(f: &Facts) -> Value {
             "NotFound": error_response("no such thing", "Error"),
             "Conflict": error_response("not in a state that allows it", "Error"),
             "QueueFull": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("Error") },
-            "Unavailable": error_response("shutting down", "Error"),
+            "Unavailable": error_response("shutting down, or the outputs folder cannot be written", "Error"),
+            "InsufficientStorage": error_response("the outputs folder's disk is full", "Error"),
+            "TooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("Error") },
             "Unauthorized": error_response("an API key is required", "Error"),
             "Forbidden": error_response("Host not loopback, or a cross-origin state-changing request", "Error"),
             "OpenAiBadRequest": error_response("invalid request; `param` names the field", "OpenAiError"),
@@ -246,7 +302,11 @@ fn components(f: &Facts) -> Value {
             "OpenAiNotFound": error_response("no such model", "OpenAiError"),
             "OpenAiRateLimited": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("OpenAiError") },
             "OpenAiServerError": error_response("the generation failed", "OpenAiError"),
-            "OpenAiUnavailable": error_response("shutting down", "OpenAiError"),
+            "OpenAiUnavailable": error_response("shutting down, or the outputs folder cannot be written", "OpenAiError"),
+            "OpenAiCancelled": error_response("the job was cancelled by another client (`code` job_cancelled; `x-should-retry: false`)", "OpenAiError"),
+            "OpenAiTimeout": error_response("no answer within --sync-timeout (`code` timeout; `x-should-retry: false`)", "OpenAiError"),
+            "OpenAiInsufficientStorage": error_response("the outputs folder's disk is full", "OpenAiError"),
+            "OpenAiTooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("OpenAiError") },
             "OpenAiUnauthorized": error_response("an API key is required", "OpenAiError"),
             "OpenAiForbidden": error_response("Host not loopback, or cross-origin", "OpenAiError"),
             "A1111Error": error_response("`{detail}`", "A1111Detail"),
@@ -254,6 +314,7 @@ fn components(f: &Facts) -> Value {
             "A1111RunError": error_response("the generation failed", "A1111RunError"),
             "A1111Unauthorized": error_response("an API key is required", "A1111Detail"),
             "A1111Forbidden": error_response("Host not loopback, or cross-origin", "A1111Detail"),
+            "A1111TooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("A1111Detail") },
     });
     let core = json!({
             "Error": { "type": "object", "required": ["error"], "properties": { "error": {
@@ -286,10 +347,13 @@ fn components(f: &Facts) -> Value {
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
                 "error": nullable_string.clone(),
+                "error_kind": { "type": "string", "nullable": true,
+                    "enum": FailureKind::ALL,
+                    "description": "what kind of failure `error` is (null unless the job failed)" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
-                "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
+                "kind": { "type": "string", "enum": NoticeKind::ALL }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
@@ -299,7 +363,24 @@ fn components(f: &Facts) -> Value {
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
-            "Health": { "type": "object", "properties": { "status": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" } } },
+            "Health": { "type": "object", "required": ["status", "model", "device"], "properties": {
+                "status": { "type": "string", "enum": ["ok", "degraded"] }, "model": { "type": "string" }, "device": { "type": "string" },
+                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed)" } } },
+            "EmptyEvent": { "type": "object", "additionalProperties": false },
+            "JobQueuedEvent": { "type": "object", "required": ["position"], "properties": { "position": { "type": "integer", "minimum": 0 } } },
+            "JobProgressEvent": { "type": "object", "required": ["step", "total", "elapsed_ms"], "properties": {
+                "step": { "type": "integer" }, "total": { "type": "integer" }, "elapsed_ms": { "type": "integer", "format": "int64" } } },
+            "JobDoneEvent": { "type": "object", "required": ["images"], "properties": { "images": { "type": "array", "items": { "type": "string" } } } },
+            "PullProgressEvent": { "type": "object", "required": ["file", "index", "count", "bytes"], "properties": {
+                "file": { "type": "string" }, "index": { "type": "integer" }, "count": { "type": "integer" },
+                "bytes": { "type": "integer", "format": "int64" }, "total_bytes": { "type": "integer", "format": "int64", "nullable": true } } },
+            "PullDoneEvent": { "type": "object", "required": ["path"], "properties": { "path": { "type": "string" } } },
+            "PullFailedEvent": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+            "MemorySample": { "type": "object", "required": ["t_ms", "device", "used_bytes", "total_bytes"], "properties": {
+                "t_ms": { "type": "integer", "format": "int64" }, "device": { "type": "string" },
+                "used_bytes": { "type": "integer", "format": "int64" }, "total_bytes": { "type": "integer", "format": "int64" },
+                "rss_bytes": { "type": "integer", "format": "int64" }, "job_id": { "type": "string" },
+                "phase": { "type": "string" }, "step": { "type": "integer" } } },
             "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": schema("InfoModel"), "device": { "type": "object" },
                 "max_batch": { "type": "integer" }, "queue_size": { "type": "integer" }, "memory_modes": { "type": "array", "items": { "type": "string" } },
                 "demo_help": nullable_string.clone() } },
@@ -323,7 +404,7 @@ fn components(f: &Facts) -> Value {
                         "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
                         "bands": { "type": "array", "items": schema("Band") } } } } },
             "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
-                "description": "A value falls in the first band whose max is ≥ the value; texts may hold {value}, {default} and {safe}",
+                "description": "A value falls in the first band whose max is ≥ the value (max null: unbounded). Texts may hold {value} (the value), {default} (model.defaults.steps or model.defaults.cfg, whichever ladder the band is in) and {safe} (model.safe_cfg_max)",
                 "properties": {
                     "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
                     "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },
@@ -523,6 +604,48 @@ mod tests {
             .map(|r| (r.path.to_string(), r.verb.as_str().to_string()))
             .collect();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn event_streams_describe_each_event() {
+        // Schemathesis (and OpenAPI 3.2's itemSchema) read an event stream's schema as the
+        // schema of one parsed event, `{event, data, id?, retry?}`: a bare string fails every
+        // event (issue 18, ST108).
+        let doc = &spec(&facts());
+        let mut streams = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let Some(content) = op.pointer("/responses/200/content/text~1event-stream") else {
+                    continue;
+                };
+                streams += 1;
+                let branches = content["schema"]["oneOf"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{method} {path}: no per-event schema"));
+                let names: BTreeSet<&str> = branches
+                    .iter()
+                    .map(|b| {
+                        assert_eq!(b["required"], json!(["event", "data"]), "{path}");
+                        assert_eq!(b["properties"]["data"]["type"], "string", "{path}");
+                        let payload = b["properties"]["data"]["x-data-schema"]["$ref"]
+                            .as_str()
+                            .unwrap();
+                        assert!(doc.pointer(&payload[1..]).is_some(), "{payload}");
+                        let e = b["properties"]["event"]["enum"].as_array().unwrap();
+                        assert_eq!(e.len(), 1, "one name per branch: oneOf stays exclusive");
+                        e[0].as_str().unwrap()
+                    })
+                    .collect();
+                let want: BTreeSet<&str> = match path.as_str() {
+                    "/api/jobs/{id}/events" => JOB_EVENTS.iter().map(|e| e.0).collect(),
+                    "/api/models/{name}/pull/events" => PULL_EVENTS.iter().map(|e| e.0).collect(),
+                    "/api/memory/stream" => MEMORY_EVENTS.iter().map(|e| e.0).collect(),
+                    other => panic!("unexpected event stream {other}"),
+                };
+                assert_eq!(names, want, "{path}");
+            }
+        }
+        assert_eq!(streams, 3);
     }
 
     #[test]

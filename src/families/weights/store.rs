@@ -1083,3 +1083,18 @@ impl Loader {
         }
     }
 }
+
+impl crate::ops::Lin {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]`) from a [`Loader`]: a weight the file stores
+    /// quantized stays quantized (dequantized per product into the loader's dtype).
+    pub fn load(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        ld: Loader,
+    ) -> candle_core::Result<Self> {
+        let weight = ld.matrix(out_dim, in_dim, "weight")?;
+        let bias = bias.then(|| ld.get(out_dim, "bias")).transpose()?;
+        Self::from_stored(weight, bias, ld.dtype(), ld.device())
+    }
+}

@@ -5,15 +5,17 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::families::cpu_gemm::{self, Lin};
-use crate::families::gpu_ops;
-use crate::families::weights::stage::{SharedStager, StagedBlock};
+use super::blocks::{BlockGroup, BlockSource};
+use super::config::DitConfig;
 use crate::families::weights::Loader;
+use crate::ops::act;
+use crate::ops::attention::{
+    self, Attention as Sdpa, Spans, LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS,
+};
+use crate::ops::linear::{self, Lin};
+use crate::ops::rms_norm::{rms_norm, rms_norm_scale};
 use crate::profile;
-use serde::Deserialize;
 
-/// Width of the adaLN conditioning vector (capped at the model width).
-const ADALN_EMBED_DIM: usize = 256;
 /// Every per-item sequence (image tokens, caption tokens) is padded to a multiple of this.
 pub const SEQ_MULTI_OF: usize = 32;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -22,156 +24,6 @@ const MAX_PERIOD: f64 = 10_000.0;
 /// diffusers builds the per-head q/k RMSNorm with this eps regardless of `norm_eps`.
 const QK_NORM_EPS: f64 = 1e-5;
 const FINAL_NORM_EPS: f64 = 1e-6;
-/// Most attention scores held at once (elements); longer sequences are processed in query chunks.
-const SCORE_CHUNK_ELEMS: usize = 64 << 20;
-
-/// `transformer/config.json` (unknown fields ignored; defaults are diffusers').
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct DitConfig {
-    #[serde(default = "d_patch")]
-    pub all_patch_size: Vec<usize>,
-    #[serde(default = "d_fpatch")]
-    pub all_f_patch_size: Vec<usize>,
-    #[serde(default = "d_in")]
-    pub in_channels: usize,
-    #[serde(default = "d_dim")]
-    pub dim: usize,
-    #[serde(default = "d_layers")]
-    pub n_layers: usize,
-    #[serde(default = "d_refiner")]
-    pub n_refiner_layers: usize,
-    #[serde(default = "d_heads")]
-    pub n_heads: usize,
-    #[serde(default = "d_heads")]
-    pub n_kv_heads: usize,
-    #[serde(default = "d_eps")]
-    pub norm_eps: f64,
-    #[serde(default = "d_true")]
-    pub qk_norm: bool,
-    #[serde(default = "d_cap")]
-    pub cap_feat_dim: usize,
-    #[serde(default = "d_theta")]
-    pub rope_theta: f64,
-    #[serde(default = "d_tscale")]
-    pub t_scale: f64,
-    #[serde(default = "d_axes_dims")]
-    pub axes_dims: Vec<usize>,
-    #[serde(default = "d_axes_lens")]
-    pub axes_lens: Vec<usize>,
-}
-
-fn d_patch() -> Vec<usize> {
-    vec![2]
-}
-fn d_fpatch() -> Vec<usize> {
-    vec![1]
-}
-fn d_in() -> usize {
-    16
-}
-fn d_dim() -> usize {
-    3840
-}
-fn d_layers() -> usize {
-    30
-}
-fn d_refiner() -> usize {
-    2
-}
-fn d_heads() -> usize {
-    30
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_true() -> bool {
-    true
-}
-fn d_cap() -> usize {
-    2560
-}
-fn d_theta() -> f64 {
-    256.0
-}
-fn d_tscale() -> f64 {
-    1000.0
-}
-fn d_axes_dims() -> Vec<usize> {
-    vec![32, 48, 48]
-}
-fn d_axes_lens() -> Vec<usize> {
-    vec![1024, 512, 512]
-}
-
-impl DitConfig {
-    /// Transformer blocks in all: both refiners and the main layers.
-    pub fn n_blocks(&self) -> usize {
-        2 * self.n_refiner_layers + self.n_layers
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
-    }
-
-    /// diffusers: `int(dim / 3 * 8)` (float division, then truncation).
-    pub fn ffn_hidden(&self) -> usize {
-        (self.dim as f64 / 3.0 * 8.0) as usize
-    }
-
-    pub fn adaln_dim(&self) -> usize {
-        self.dim.min(ADALN_EMBED_DIM)
-    }
-
-    pub fn patch(&self) -> usize {
-        self.all_patch_size.first().copied().unwrap_or(2)
-    }
-
-    pub fn f_patch(&self) -> usize {
-        self.all_f_patch_size.first().copied().unwrap_or(1)
-    }
-
-    /// Checks the invariants the forward relies on; the message names the offending keys.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.n_heads == 0 || self.dim == 0 || self.dim % self.n_heads != 0 {
-            return Err(format!(
-                "dim ({}) must be a positive multiple of n_heads ({})",
-                self.dim, self.n_heads
-            ));
-        }
-        if self.all_patch_size.is_empty()
-            || self.all_patch_size.len() != self.all_f_patch_size.len()
-        {
-            return Err(
-                "all_patch_size and all_f_patch_size must be non-empty and equally long".into(),
-            );
-        }
-        if self.patch() == 0 || self.f_patch() == 0 {
-            return Err("patch sizes must be positive".into());
-        }
-        if self.f_patch() != 1 {
-            return Err(format!(
-                "all_f_patch_size[0] = {} (only single-frame images, 1, are supported)",
-                self.f_patch()
-            ));
-        }
-        if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
-            return Err(
-                "axes_dims and axes_lens must have 3 entries (frame, height, width)".into(),
-            );
-        }
-        if self.axes_dims.iter().sum::<usize>() != self.head_dim() {
-            return Err(format!(
-                "sum(axes_dims) = {} must equal dim / n_heads = {}",
-                self.axes_dims.iter().sum::<usize>(),
-                self.head_dim()
-            ));
-        }
-        if self.axes_dims.iter().any(|d| d % 2 != 0) {
-            return Err("every axes_dims entry must be even (rotary pairs)".into());
-        }
-        Ok(())
-    }
-}
 
 /// Dtypes the DiT runs in: weights/matmuls in `compute`, the block-to-block hidden state in
 /// `residual`. Adds into the residual stream happen in `residual`.
@@ -184,9 +36,9 @@ pub struct DitPrecision {
 impl DitPrecision {
     /// The precision of a DiT whose weights are loaded as `weights`: activations in the weights'
     /// dtype, except bf16 weights on a bf16-ready CPU, which run f32 activations and residual
-    /// ([`cpu_gemm::activation_dtype`]).
+    /// ([`linear::activation_dtype`]).
     pub fn for_weights(weights: DType, residual: DType, device: &Device) -> Self {
-        let compute = cpu_gemm::activation_dtype(weights, device);
+        let compute = linear::activation_dtype(weights, device);
         Self {
             compute,
             residual: if compute == DType::F32 {
@@ -196,19 +48,6 @@ impl DitPrecision {
             },
         }
     }
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    // Computed in f32 like diffusers' RMSNorm, then returned in the weight's dtype (the compute
-    // dtype: norm weights are loaded in it). candle's CUDA kernel reads half types into f32,
-    // accumulates and scales in f32 and rounds once at the end, so for an input already in the
-    // weight's dtype it gives the same values without the two f32 copies.
-    if x.dtype() == w.dtype() && (x.dtype() == DType::F32 || x.device().is_cuda()) {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
-    }
-    let xf = x.to_dtype(DType::F32)?.contiguous()?;
-    let wf = w.to_dtype(DType::F32)?;
-    candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(w.dtype())
 }
 
 #[derive(Debug, Clone)]
@@ -229,7 +68,7 @@ struct Attention {
 impl Attention {
     fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let lin = |name: &str| Lin::load(dim, dim, false, vb.pp(name));
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
@@ -291,7 +130,14 @@ impl Attention {
             let k = k.to_dtype(dtype)?;
             Ok((q, k, v.transpose(1, 2)?.contiguous()?))
         })?;
-        let out = sdpa(&q, &k.t()?, &v, bias, max_scores, self.bf16_products)?;
+        let opts = Sdpa {
+            bias,
+            max_scores,
+            bf16_products: self.bf16_products,
+            spans: Some(&ATTENTION_SPANS),
+            ..Sdpa::default()
+        };
+        let out = attention::attention(&q, &k, &v, &opts)?;
         profile::span("dit.attn.out", dev, || {
             out.transpose(1, 2)?
                 .reshape((b, l, self.n_heads * self.head_dim))?
@@ -300,58 +146,14 @@ impl Attention {
     }
 }
 
-/// softmax(q·kᵀ + bias)·v for pre-scaled `q` `[B, H, L, D]`, `kt` `[B, H, D, L]`, with the query
-/// rows in chunks so that at most `max_scores` score values exist at once (at 1024² with guidance
-/// the full matrix would be 2 × 30 × 4160² values, 2 GB in f16, and softmax doubles it).
-fn sdpa(
-    q: &Tensor,
-    kt: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    max_scores: usize,
-    bf16_products: bool,
-) -> candle_core::Result<Tensor> {
-    let dev = q.device();
-    if dev.is_cpu() {
-        let fused = profile::span("dit.attn.fused", dev, || {
-            cpu_gemm::attention(q, &kt.t()?, v, bias, bf16_products)
-        })?;
-        if let Some(out) = fused {
-            return Ok(out);
-        }
-    }
-    let (b, h, l, _) = q.dims4()?;
-    let keys = kt.dim(3)?;
-    let chunk = (max_scores / (b * h * keys).max(1)).clamp(1, l.max(1));
-    let mut parts = Vec::with_capacity(l.div_ceil(chunk));
-    for start in (0..l).step_by(chunk) {
-        let len = chunk.min(l - start);
-        let qc = if len == l {
-            q.clone()
-        } else {
-            q.narrow(2, start, len)?
-        };
-        let scores = profile::span("dit.attn.scores", dev, || {
-            let s = cpu_gemm::matmul(&qc, kt, bf16_products)?;
-            match bias {
-                Some(bias) => s.broadcast_add(bias),
-                None => Ok(s),
-            }
-        })?;
-        let probs = profile::span("dit.attn.softmax", dev, || {
-            gpu_ops::softmax_last_dim(&scores)
-        })?;
-        drop(scores);
-        parts.push(profile::span("dit.attn.pv", dev, || {
-            cpu_gemm::matmul(&probs, v, bf16_products)
-        })?);
-    }
-    if parts.len() == 1 {
-        Ok(parts.remove(0))
-    } else {
-        profile::span("dit.attn.cat", dev, || Tensor::cat(&parts, 2))
-    }
-}
+/// The profiler's names for the attention's stages (README "GPU profile").
+const ATTENTION_SPANS: Spans = Spans {
+    fused: "dit.attn.fused",
+    scores: "dit.attn.scores",
+    softmax: "dit.attn.softmax",
+    pv: "dit.attn.pv",
+    cat: "dit.attn.cat",
+};
 
 #[derive(Debug, Clone)]
 struct FeedForward {
@@ -371,7 +173,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        cpu_gemm::silu_mul(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
+        act::silu_mul(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
     }
 }
 
@@ -391,7 +193,7 @@ pub struct Block {
 impl Block {
     pub fn new(cfg: &DitConfig, modulated: bool, vb: Loader) -> candle_core::Result<Self> {
         let dim = cfg.dim;
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let modulation = if modulated {
             Some(Lin::load(
                 cfg.adaln_dim(),
@@ -438,7 +240,6 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
         let dev = x.device();
-        let norm = |t: &Tensor, w: &Tensor| rms_norm(t, w, self.eps);
         let (scale_msa, gate_msa, scale_mlp, gate_mlp) = profile::span("dit.adaln", dev, || {
             Ok(match (&self.modulation, adaln) {
                 (Some(m), Some(c)) => {
@@ -455,16 +256,9 @@ impl Block {
                 (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
             })
         })?;
-        let scaled = |t: Tensor, s: &Option<Tensor>| match s {
-            Some(s) => t.broadcast_mul(s),
-            None => Ok(t),
-        };
         let norms = |t: &Tensor, w: &Tensor, s: &Option<Tensor>| {
             profile::span("dit.norm_scale", dev, || {
-                match gpu_ops::rms_norm_scale(t, w, s.as_ref(), self.eps)? {
-                    Some(y) => Ok(y),
-                    None => scaled(norm(t, w)?, s),
-                }
+                rms_norm_scale(t, w, s.as_ref(), self.eps)
             })
         };
         let add = |x: &Tensor, a: Tensor| {
@@ -511,7 +305,7 @@ impl Execution {
     /// One batch item at a time, attention scores in chunks of 8 Mi.
     pub const LOW_MEMORY: Execution = Execution {
         micro_batch: Some(1),
-        max_scores: 8 << 20,
+        max_scores: LOW_MEMORY_SCORE_CHUNK_ELEMS,
     };
 }
 
@@ -650,7 +444,7 @@ impl DitStem {
     pub fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
         let key = format!("{p}-{fp}");
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let patch_dim = fp * p * p * c;
         Ok(Self {
             t_mlp1: Lin::load(
@@ -715,35 +509,6 @@ pub struct Dit {
     tables: RopeTables,
     precision: DitPrecision,
     exec: Execution,
-}
-
-/// How the forward obtains its repeated blocks: all resident, or loaded one by one.
-pub trait BlockSource {
-    /// Called for `noise_refiner`, `context_refiner` and `layers` blocks in execution order;
-    /// `f` runs the block. Implementations may load the block just before and drop it after.
-    fn with_block(
-        &mut self,
-        group: BlockGroup,
-        index: usize,
-        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor>;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockGroup {
-    NoiseRefiner,
-    ContextRefiner,
-    Layers,
-}
-
-impl BlockGroup {
-    pub fn prefix(self) -> &'static str {
-        match self {
-            Self::NoiseRefiner => "noise_refiner",
-            Self::ContextRefiner => "context_refiner",
-            Self::Layers => "layers",
-        }
-    }
 }
 
 /// Optional per-stage activations, for parity tests against diffusers' forward hooks.
@@ -988,279 +753,6 @@ fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     xc.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// All blocks resident on the device.
-pub struct ResidentBlocks {
-    pub noise_refiner: Vec<Block>,
-    pub context_refiner: Vec<Block>,
-    pub layers: Vec<Block>,
-}
-
-impl ResidentBlocks {
-    pub fn load(cfg: &DitConfig, vb: &Loader) -> candle_core::Result<Self> {
-        let group = |g: BlockGroup, n: usize, modulated: bool| {
-            (0..n)
-                .map(|i| Block::new(cfg, modulated, vb.pp(g.prefix()).pp(i)))
-                .collect::<candle_core::Result<Vec<_>>>()
-        };
-        Ok(Self {
-            noise_refiner: group(BlockGroup::NoiseRefiner, cfg.n_refiner_layers, true)?,
-            context_refiner: group(BlockGroup::ContextRefiner, cfg.n_refiner_layers, false)?,
-            layers: group(BlockGroup::Layers, cfg.n_layers, true)?,
-        })
-    }
-}
-
-impl BlockSource for ResidentBlocks {
-    fn with_block(
-        &mut self,
-        group: BlockGroup,
-        index: usize,
-        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let list = match group {
-            BlockGroup::NoiseRefiner => &self.noise_refiner,
-            BlockGroup::ContextRefiner => &self.context_refiner,
-            BlockGroup::Layers => &self.layers,
-        };
-        match list.get(index) {
-            Some(b) => f(b),
-            None => candle_core::bail!("no block {}.{index}", group.prefix()),
-        }
-    }
-}
-
-/// Every block of the model in execution order: noise refiner, context refiner, main layers.
-fn execution_order(cfg: &DitConfig) -> Vec<(BlockGroup, usize)> {
-    [
-        (BlockGroup::NoiseRefiner, cfg.n_refiner_layers),
-        (BlockGroup::ContextRefiner, cfg.n_refiner_layers),
-        (BlockGroup::Layers, cfg.n_layers),
-    ]
-    .into_iter()
-    .flat_map(|(g, n)| (0..n).map(move |i| (g, i)))
-    .collect()
-}
-
-/// The first blocks in execution order, kept on the device for a whole job while the rest stream
-/// (the low-memory plan when memory is left over: fewer bytes cross the bus every step).
-pub struct KeptBlocks {
-    blocks: Vec<(BlockGroup, usize, Block)>,
-}
-
-impl KeptBlocks {
-    pub fn load(cfg: &DitConfig, vb: &Loader, n: usize) -> candle_core::Result<Self> {
-        let blocks = execution_order(cfg)
-            .into_iter()
-            .take(n)
-            .map(|(g, i)| {
-                let b = Block::new(
-                    cfg,
-                    g != BlockGroup::ContextRefiner,
-                    vb.pp(g.prefix()).pp(i),
-                )?;
-                Ok((g, i, b))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { blocks })
-    }
-
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
-
-    fn get(&self, group: BlockGroup, index: usize) -> Option<&Block> {
-        self.blocks
-            .iter()
-            .find(|(g, i, _)| *g == group && *i == index)
-            .map(|(_, _, b)| b)
-    }
-}
-
-/// A block on its way: built on a helper thread, or (on CUDA) uploading on the copy stream.
-enum Pending {
-    Built(std::thread::JoinHandle<candle_core::Result<Block>>),
-    Staged(std::thread::JoinHandle<candle_core::Result<Box<dyn StagedBlock>>>),
-}
-
-/// Blocks loaded from the host mapping just before use and dropped after; the next block is
-/// read on a helper thread while the current one computes — on CUDA through pinned memory and a
-/// copy stream ([`crate::families::weights::stage`]). Blocks in `kept` are used in place.
-pub struct StreamedBlocks<'a> {
-    pub cfg: &'a DitConfig,
-    pub vb: Loader,
-    kept: Option<&'a KeptBlocks>,
-    prefetched: Option<(BlockGroup, usize, Pending)>,
-    stager: Option<SharedStager>,
-}
-
-impl<'a> StreamedBlocks<'a> {
-    pub fn new(cfg: &'a DitConfig, vb: Loader) -> Self {
-        Self {
-            cfg,
-            vb,
-            kept: None,
-            prefetched: None,
-            stager: None,
-        }
-    }
-
-    /// Uses the blocks of `kept` from the device instead of streaming them.
-    pub fn with_kept(mut self, kept: &'a KeptBlocks) -> Self {
-        self.kept = Some(kept);
-        self
-    }
-
-    /// Uploads blocks through `stager` (pinned staging and a copy stream on CUDA).
-    pub fn with_stager(mut self, stager: Option<SharedStager>) -> Self {
-        self.stager = stager;
-        self
-    }
-
-    fn is_kept(&self, group: BlockGroup, index: usize) -> bool {
-        self.kept.is_some_and(|k| k.get(group, index).is_some())
-    }
-
-    /// The next block after `(group, index)` that has to be streamed.
-    fn next_streamed(&self, group: BlockGroup, index: usize) -> Option<(BlockGroup, usize)> {
-        let mut at = self.next_of(group, index);
-        while let Some((g, i)) = at {
-            if !self.is_kept(g, i) {
-                break;
-            }
-            at = self.next_of(g, i);
-        }
-        at
-    }
-
-    fn next_of(&self, group: BlockGroup, index: usize) -> Option<(BlockGroup, usize)> {
-        let n = |g: BlockGroup| match g {
-            BlockGroup::NoiseRefiner | BlockGroup::ContextRefiner => self.cfg.n_refiner_layers,
-            BlockGroup::Layers => self.cfg.n_layers,
-        };
-        if index + 1 < n(group) {
-            return Some((group, index + 1));
-        }
-        let order = [
-            BlockGroup::NoiseRefiner,
-            BlockGroup::ContextRefiner,
-            BlockGroup::Layers,
-        ];
-        let pos = order.iter().position(|g| *g == group)?;
-        order[pos + 1..]
-            .iter()
-            .find(|g| n(**g) > 0)
-            .map(|g| (*g, 0))
-    }
-
-    /// The staging work for one block (the tensor names under its prefix).
-    fn stage_job(
-        &self,
-        group: BlockGroup,
-        index: usize,
-    ) -> Option<impl FnOnce() -> candle_core::Result<Box<dyn StagedBlock>> + Send + 'static> {
-        let stager = self.stager.clone()?;
-        let weights = self.vb.weights()?.clone();
-        let prefix = format!("{}.{index}.", group.prefix());
-        Some(move || {
-            let names = weights.names_under(&prefix);
-            let mut s = stager.lock().map_err(|_| {
-                candle_core::Error::Msg("the block stager's lock was poisoned".into())
-            })?;
-            s.stage(&weights, &names)
-        })
-    }
-
-    fn spawn(&self, group: BlockGroup, index: usize) -> Pending {
-        if let Some(job) = self.stage_job(group, index) {
-            return Pending::Staged(std::thread::spawn(job));
-        }
-        let cfg = self.cfg.clone();
-        let vb = self.vb.pp(group.prefix()).pp(index);
-        let modulated = group != BlockGroup::ContextRefiner;
-        Pending::Built(std::thread::spawn(move || Block::new(&cfg, modulated, vb)))
-    }
-
-    /// Builds a block from its uploaded tensors (on the compute stream, after the upload).
-    fn build_staged(
-        &self,
-        staged: Box<dyn StagedBlock>,
-        group: BlockGroup,
-        index: usize,
-    ) -> candle_core::Result<Block> {
-        let map = staged.finish()?;
-        let weights = self
-            .vb
-            .weights()
-            .ok_or_else(|| candle_core::Error::Msg("staged block without weights".into()))?;
-        let ld = Loader::staged(map, weights, self.vb.dtype(), self.vb.device());
-        Block::new(
-            self.cfg,
-            group != BlockGroup::ContextRefiner,
-            ld.pp(group.prefix()).pp(index),
-        )
-    }
-
-    fn join(&self, p: Pending, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
-        let panicked = || candle_core::Error::Msg("block loader thread panicked".into());
-        match p {
-            Pending::Built(h) => h.join().map_err(|_| panicked())?,
-            Pending::Staged(h) => {
-                let staged = h.join().map_err(|_| panicked())??;
-                self.build_staged(staged, group, index)
-            }
-        }
-    }
-
-    /// Loads a block now, on this thread.
-    fn load_now(&self, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
-        match self.stage_job(group, index) {
-            Some(job) => self.build_staged(job()?, group, index),
-            None => Block::new(
-                self.cfg,
-                group != BlockGroup::ContextRefiner,
-                self.vb.pp(group.prefix()).pp(index),
-            ),
-        }
-    }
-}
-
-impl BlockSource for StreamedBlocks<'_> {
-    fn with_block(
-        &mut self,
-        group: BlockGroup,
-        index: usize,
-        f: &mut dyn FnMut(&Block) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        if let Some(block) = self.kept.and_then(|k| k.get(group, index)) {
-            // Load the next streamed block while the kept ones compute.
-            if self.prefetched.is_none() {
-                if let Some((g, i)) = self.next_streamed(group, index) {
-                    self.prefetched = Some((g, i, self.spawn(g, i)));
-                }
-            }
-            return f(block);
-        }
-        let block = match self.prefetched.take() {
-            Some((g, i, pending)) if g == group && i == index => self.join(pending, g, i)?,
-            other => {
-                if let Some((g, i, pending)) = other {
-                    // A stale prefetch: finish it so its buffers are released in order.
-                    let _ = self.join(pending, g, i);
-                }
-                self.load_now(group, index)?
-            }
-        };
-        if let Some((g, i)) = self.next_streamed(group, index) {
-            self.prefetched = Some((g, i, self.spawn(g, i)));
-        }
-        f(&block)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1272,9 +764,16 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
         let v = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
         let bias = padding_bias(&[50, 37], 50, DType::F32, &d).unwrap();
-        let kt = k.t().unwrap();
-        let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX, false).unwrap();
-        let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7, false).unwrap();
+        let run = |max_scores| {
+            let opts = Sdpa {
+                bias: bias.as_ref(),
+                max_scores,
+                ..Sdpa::default()
+            };
+            attention::attention(&q, &k, &v, &opts).unwrap()
+        };
+        let whole = run(usize::MAX);
+        let chunked = run(2 * 3 * 50 * 7);
         let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
         // Chunks change only the matmul blocking: last-bit differences of f32 sums over 50
         // terms of unit size (a few 1e-7; 1e-6 failed on rare random draws).

@@ -11,12 +11,14 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 use serde_json::json;
 
-use super::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks};
+use super::blocks::ResidentBlocks;
+use super::config::DitConfig;
+use super::dit::{Dit, DitPrecision};
 use super::text_encoder::TextEncoder;
-use crate::families::rng::NoiseRng;
-use crate::families::vae::{VaeConfig, VaeDecoder};
 use crate::families::weights::Recording;
 use crate::families::ModelError;
+use crate::nn::rng::NoiseRng;
+use crate::nn::vae::{VaeConfig, VaeDecoder};
 
 /// Sizes of a synthetic model.
 #[derive(Debug, Clone)]

@@ -6,8 +6,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 
-use crate::families::cpu_gemm::{self, Lin};
 use crate::families::weights::Loader;
+use crate::ops::linear::{self as cpu_gemm, Lin};
 use crate::ops::quantized::{Fp8Matrix, StoredMatrix};
 
 /// The token embedding table, kept as stored: rows are looked up (and dequantized) per prompt.

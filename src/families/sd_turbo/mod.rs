@@ -3,23 +3,29 @@
 //! shared AutoencoderKL decoder and the Euler discrete schedule — reproducing diffusers'
 //! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` step for step.
 
+pub mod activations;
 pub mod clip;
+pub mod config;
 pub mod profile;
 pub mod unet;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::memory::planner::{ActivationModel, ComponentBytes, UNetArch};
+use crate::memory::ActivationModel;
 
+use self::activations::UNetArch;
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use self::unet::{TextTime, UNet, UNetConfig, UNetPlan, UNetPrecision};
-use super::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
-use super::vae::{VaeConfig, VaeDecoder};
+use self::config::{UNetConfig, UNetPlan};
+use self::unet::{TextTime, UNet, UNetPrecision};
+use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, Conditioning, DenoiserResidency, Embedding, Family,
-    FamilyKind, ModelError, PrecisionPolicy, Profile, StepInput,
+    cfg_combine, pipeline_class, Conditioning, Embedding, Family, FamilyKind, ModelError,
+    PrecisionPolicy, Profile, StepInput,
 };
+use crate::nn::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
+use crate::nn::vae::{VaeConfig, VaeDecoder};
+use crate::ops::linear;
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
 pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
@@ -61,48 +67,120 @@ struct SdxlIndex {
     force_zeros_for_empty_prompt: Option<bool>,
 }
 
-/// One CLIP text encoder with its tokenizer and weights.
-struct TextSide {
+/// One CLIP text encoder's source: its tokenizer, config and weights.
+pub struct ClipSource {
     tokenizer: ClipTokenizer,
     cfg: ClipTextConfig,
     weights: Weights,
-    model: Option<ClipTextModel>,
 }
 
-impl TextSide {
+impl ClipSource {
     fn open(dir: &ModelDir, tok: &str, enc: &str) -> Result<Self, ModelError> {
         let cfg_rel = format!("{enc}/config.json");
         let cfg: ClipTextConfig = dir.read_json(&cfg_rel)?;
-        cfg.validate().map_err(|m| ModelError::Malformed {
-            path: dir.display_path(&cfg_rel),
-            message: m,
-        })?;
+        cfg.validate().map_err(|m| dir.malformed(&cfg_rel, m))?;
         Ok(Self {
             tokenizer: ClipTokenizer::load(dir, tok)?,
             cfg,
             weights: dir.open_weights(enc)?,
-            model: None,
         })
     }
 
-    fn load(&mut self, dtype: DType, device: &Device) -> Result<(), ModelError> {
-        if self.model.is_none() {
-            let vb = self.weights.var_builder(dtype, device);
-            let m = ClipTextModel::new(&self.cfg, vb).map_err(|e| self.weights.context(e))?;
-            self.model = Some(m);
-        }
-        Ok(())
+    fn build(&self, dtype: DType, device: &Device) -> Result<ClipTextModel, ModelError> {
+        let vb = self.weights.var_builder(dtype, device);
+        ClipTextModel::new(&self.cfg, vb).map_err(|e| self.weights.context(e))
+    }
+}
+
+/// The text side's sources: one CLIP (SD) or two (SDXL).
+pub struct TextSources {
+    first: ClipSource,
+    second: Option<ClipSource>,
+}
+
+/// The loaded text encoder(s).
+pub struct TextEncoders {
+    first: ClipTextModel,
+    second: Option<ClipTextModel>,
+}
+
+impl Module for TextEncoders {
+    type Source = TextSources;
+
+    fn build(
+        src: &TextSources,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let dtype = policy.text_encoder;
+        Ok(Self {
+            first: src.first.build(dtype, device)?,
+            second: match &src.second {
+                Some(s) => Some(s.build(dtype, device)?),
+                None => None,
+            },
+        })
     }
 
-    fn encode(&self, text: &str, device: &Device) -> Result<clip::ClipOutput, ModelError> {
-        let ids = self.tokenizer.encode(text)?;
-        let model = self
-            .model
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
-        let n = ids.len();
-        let input = Tensor::from_vec(ids, (1, n), device)?;
-        Ok(model.forward(&input)?)
+    fn bytes(src: &TextSources, policy: &PrecisionPolicy) -> u64 {
+        let te = policy.text_encoder;
+        src.first.weights.bytes_in("", te)
+            + src
+                .second
+                .as_ref()
+                .map_or(0, |t| t.weights.bytes_in("", te))
+    }
+}
+
+/// One encoder's raw outputs for one text (the ids its own tokenizer gives).
+fn clip_encode(
+    src: &ClipSource,
+    model: &ClipTextModel,
+    text: &str,
+    device: &Device,
+) -> Result<clip::ClipOutput, ModelError> {
+    let ids = src.tokenizer.encode(text)?;
+    let n = ids.len();
+    let input = Tensor::from_vec(ids, (1, n), device)?;
+    Ok(model.forward(&input)?)
+}
+
+/// The UNet's source.
+pub struct UNetSource {
+    cfg: UNetConfig,
+    plan: UNetPlan,
+    weights: Weights,
+}
+
+/// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations, norms
+/// and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
+fn unet_precision(policy: &PrecisionPolicy, device: &Device) -> UNetPrecision {
+    let compute = linear::activation_dtype(policy.denoiser, device);
+    UNetPrecision {
+        compute,
+        residual: if compute == policy.denoiser {
+            policy.residual
+        } else {
+            compute
+        },
+    }
+}
+
+/// The UNet always runs resident (the planner never asks to stream it: it reports no blocks).
+impl Module for UNet {
+    type Source = UNetSource;
+
+    fn build(
+        src: &UNetSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let vb = src.weights.var_builder(policy.denoiser, device);
+        UNet::new(&src.cfg, vb, unet_precision(policy, device)).map_err(|e| src.weights.context(e))
+    }
+
+    fn bytes(src: &UNetSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.bytes_in("", policy.denoiser)
     }
 }
 
@@ -111,29 +189,10 @@ pub struct SdTurbo {
     dir: ModelDir,
     variant: Variant,
     profile: Profile,
-    device: Device,
-    policy: PrecisionPolicy,
-    /// The residual dtype the policy started with (restored when the denoiser leaves f32).
-    base_residual: DType,
     scheduler: EulerDiscreteConfig,
     prediction: Prediction,
-    text: TextSide,
-    text_2: Option<TextSide>,
     force_zeros_for_empty_prompt: bool,
-    unet_cfg: UNetConfig,
-    unet_plan: UNetPlan,
-    unet_weights: Weights,
-    unet: Option<UNet>,
-    vae_cfg: VaeConfig,
-    vae_weights: Weights,
-    vae: Option<VaeDecoder>,
-}
-
-fn malformed(dir: &ModelDir, rel: &str, message: String) -> ModelError {
-    ModelError::Malformed {
-        path: dir.display_path(rel),
-        message,
-    }
+    parts: Parts<TextEncoders, UNet>,
 }
 
 impl SdTurbo {
@@ -160,8 +219,7 @@ impl SdTurbo {
         let sched_class: SchedulerClass = dir.read_json(sched_rel)?;
         let sched_name = sched_class.class_name.unwrap_or_default();
         if !EULER_CLASSES.contains(&sched_name.as_str()) {
-            return Err(malformed(
-                &dir,
+            return Err(dir.malformed(
                 sched_rel,
                 format!(
                     "scheduler `{sched_name}` is not supported ({})",
@@ -176,21 +234,22 @@ impl SdTurbo {
             );
         }
         let scheduler: EulerDiscreteConfig = dir.read_json(sched_rel)?;
-        let prediction = scheduler.validate(&dir.display_path(sched_rel))?;
+        let prediction = scheduler
+            .validate()
+            .map_err(|m| dir.malformed(sched_rel, m))?;
 
         let unet_cfg: UNetConfig = dir.read_json("unet/config.json")?;
         let unet_plan = unet_cfg
             .plan()
-            .map_err(|m| malformed(&dir, "unet/config.json", m))?;
+            .map_err(|m| dir.malformed("unet/config.json", m))?;
         let vae_cfg: VaeConfig = dir.read_json("vae/config.json")?;
         vae_cfg
             .validate()
-            .map_err(|m| malformed(&dir, "vae/config.json", m))?;
+            .map_err(|m| dir.malformed("vae/config.json", m))?;
         if vae_cfg.latent_channels != unet_cfg.in_channels
             || unet_cfg.out_channels != unet_cfg.in_channels
         {
-            return Err(malformed(
-                &dir,
+            return Err(dir.malformed(
                 "unet/config.json",
                 format!(
                     "in_channels {} / out_channels {} do not match the VAE's latent_channels {}",
@@ -199,13 +258,13 @@ impl SdTurbo {
             ));
         }
 
-        let text = TextSide::open(&dir, "tokenizer", "text_encoder")?;
+        let text = ClipSource::open(&dir, "tokenizer", "text_encoder")?;
         let (text_2, force_zeros) = match variant {
             Variant::Sd => (None, false),
             Variant::Sdxl => {
                 let idx: SdxlIndex = dir.read_json("model_index.json")?;
                 (
-                    Some(TextSide::open(&dir, "tokenizer_2", "text_encoder_2")?),
+                    Some(ClipSource::open(&dir, "tokenizer_2", "text_encoder_2")?),
                     idx.force_zeros_for_empty_prompt.unwrap_or(true),
                 )
             }
@@ -213,9 +272,7 @@ impl SdTurbo {
         // The UNet's cross-attention width must be what the text side produces.
         let context = text.cfg.hidden_size + text_2.as_ref().map_or(0, |t| t.cfg.hidden_size);
         if let Some(bad) = unet_plan.cross_dim.iter().find(|&&d| d != context) {
-            return Err(malformed(
-                &dir,
-                "unet/config.json",
+            return Err(dir.malformed("unet/config.json",
                 format!(
                     "cross_attention_dim {bad} does not match the text encoder output width {context}"
                 ),
@@ -227,57 +284,53 @@ impl SdTurbo {
                 let t2 = text_2.as_ref().map(|t| &t.cfg);
                 let proj = t2.and_then(|c| c.projection_dim).unwrap_or(0);
                 if 6 * tdim + proj != input {
-                    return Err(malformed(
-                        &dir,
-                        "unet/config.json",
+                    return Err(dir.malformed("unet/config.json",
                         format!(
                             "projection_class_embeddings_input_dim {input} != 6 time ids × {tdim} + text_encoder_2 projection_dim {proj}"
                         ),
                     ));
                 }
             }
-            (Variant::Sd, Some(_)) => return Err(malformed(
-                &dir,
+            (Variant::Sd, Some(_)) => return Err(dir.malformed(
                 "unet/config.json",
                 "addition_embed_type text_time needs the SDXL pipeline (StableDiffusionXLPipeline)"
                     .into(),
             )),
             (Variant::Sdxl, None) => {
-                return Err(malformed(
-                    &dir,
+                return Err(dir.malformed(
                     "unet/config.json",
                     "an SDXL pipeline needs addition_embed_type text_time".into(),
                 ))
             }
         }
 
-        let unet_weights = dir.open_weights("unet")?;
-        let vae_weights = dir.open_weights("vae")?;
         let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: vae_cfg.scale_factor(),
             size_multiple: vae_cfg.scale_factor() as u32,
             ..variant.family().profile()
         };
+        let text = TextSources {
+            first: text,
+            second: text_2,
+        };
+        let unet = UNetSource {
+            weights: dir.open_weights("unet")?,
+            cfg: unet_cfg,
+            plan: unet_plan,
+        };
+        let vae = VaeSource {
+            weights: dir.open_weights("vae")?,
+            cfg: vae_cfg,
+        };
         let model = Self {
             dir,
             variant,
             profile,
-            device: device.clone(),
-            policy,
-            base_residual: policy.residual,
             scheduler,
             prediction,
-            text,
-            text_2,
             force_zeros_for_empty_prompt: force_zeros,
-            unet_cfg,
-            unet_plan,
-            unet_weights,
-            unet: None,
-            vae_cfg,
-            vae_weights,
-            vae: None,
+            parts: Parts::new(device, policy, text, unet, vae),
         };
         model.validate_tensors()?;
         Ok(model)
@@ -292,86 +345,82 @@ impl SdTurbo {
     }
 
     pub fn unet_config(&self) -> &UNetConfig {
-        &self.unet_cfg
+        &self.parts.denoiser.source().cfg
     }
 
     pub fn vae_config(&self) -> &VaeConfig {
-        &self.vae_cfg
+        &self.parts.vae.source().cfg
     }
 
     pub fn scheduler_config(&self) -> &EulerDiscreteConfig {
         &self.scheduler
     }
 
+    fn text(&self) -> &TextSources {
+        self.parts.text_encoder.source()
+    }
+
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.text.tokenizer
+        &self.text().first.tokenizer
     }
 
     pub fn tokenizer_2(&self) -> Option<&ClipTokenizer> {
-        self.text_2.as_ref().map(|t| &t.tokenizer)
-    }
-
-    /// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations,
-    /// norms and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
-    fn unet_precision(&self) -> UNetPrecision {
-        let compute = super::cpu_gemm::activation_dtype(self.policy.denoiser, &self.device);
-        UNetPrecision {
-            compute,
-            residual: if compute == self.policy.denoiser {
-                self.policy.residual
-            } else {
-                compute
-            },
-        }
+        self.text().second.as_ref().map(|t| &t.tokenizer)
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
     fn validate_tensors(&self) -> Result<(), ModelError> {
         let dev = Device::Cpu;
-        for side in std::iter::once(&self.text).chain(self.text_2.as_ref()) {
+        let text = self.text();
+        for side in std::iter::once(&text.first).chain(text.second.as_ref()) {
             ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
                 .map_err(|e| side.weights.context(e))?;
         }
-        if let Some(t2) = &self.text_2 {
+        if let Some(t2) = &text.second {
             if t2.cfg.projection_dim.is_none() || !t2.weights.contains("text_projection.weight") {
-                return Err(malformed(
-                    &self.dir,
-                    "text_encoder_2/config.json",
+                return Err(self.dir.malformed("text_encoder_2/config.json",
                     "SDXL's second text encoder must be a CLIPTextModelWithProjection (projection_dim and text_projection.weight)".into(),
                 ));
             }
         }
+        let unet = self.parts.denoiser.source();
         UNet::new(
-            &self.unet_cfg,
-            self.unet_weights.shape_only(DType::F32, &dev),
+            &unet.cfg,
+            unet.weights.shape_only(DType::F32, &dev),
             UNetPrecision {
                 compute: DType::F32,
                 residual: DType::F32,
             },
         )
-        .map_err(|e| self.unet_weights.context(e))?;
-        VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
-            .map_err(|e| self.vae_weights.context(e))?;
+        .map_err(|e| unet.weights.context(e))?;
+        let vae = self.parts.vae.source();
+        VaeDecoder::new(&vae.cfg, vae.weights.shape_only(DType::F32, &dev))
+            .map_err(|e| vae.weights.context(e))?;
         Ok(())
     }
 
     /// The ids the pipeline feeds the (first) text encoder: 77, padded with the pad token.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        self.text.tokenizer.encode(text)
+        self.tokenizer().encode(text)
     }
 
     /// The first text encoder's raw outputs for one text (for parity tests).
     pub fn text_encoder_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
-        self.load(Component::TextEncoder)?;
-        self.text.encode(text, &self.device)
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        let te = te.ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
+        clip_encode(&src.first, &te.first, text, &device)
     }
 
     /// The second text encoder's raw outputs for one text (SDXL only; for parity tests).
     pub fn text_encoder_2_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
-        self.load(Component::TextEncoder)?;
-        match &self.text_2 {
-            Some(t2) => t2.encode(text, &self.device),
-            None => Err(ModelError::Invalid(
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        match (&src.second, te.and_then(|t| t.second.as_ref())) {
+            (Some(s), Some(m)) => clip_encode(s, m, text, &device),
+            _ => Err(ModelError::Invalid(
                 "this pipeline has no second text encoder".into(),
             )),
         }
@@ -379,21 +428,23 @@ impl SdTurbo {
 
     /// One prompt as the pipeline encodes it.
     fn encode_one(&mut self, text: &str) -> Result<Embedding, ModelError> {
-        self.load(Component::TextEncoder)?;
-        let dev = self.device.clone();
-        match &self.text_2 {
-            None => Ok(Embedding {
-                hidden: self.text.encode(text, &dev)?.last_hidden,
-                pooled: None,
-            }),
-            Some(t2) => {
-                let a = self.text.encode(text, &dev)?;
-                let b = t2.encode(text, &dev)?;
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        let te = te.ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
+        let a = clip_encode(&src.first, &te.first, text, &device)?;
+        match (&src.second, &te.second) {
+            (Some(s), Some(m)) => {
+                let b = clip_encode(s, m, text, &device)?;
                 Ok(Embedding {
                     hidden: Tensor::cat(&[&a.penultimate, &b.penultimate], 2)?,
                     pooled: Some(b.pooled),
                 })
             }
+            _ => Ok(Embedding {
+                hidden: a.last_hidden,
+                pooled: None,
+            }),
         }
     }
 
@@ -416,11 +467,7 @@ impl SdTurbo {
         context: &Tensor,
         text_time: Option<&TextTime<'_>>,
     ) -> Result<Tensor, ModelError> {
-        self.load(Component::Denoiser)?;
-        let unet = self
-            .unet
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("denoiser not loaded".into()))?;
+        let (_, unet) = self.parts.denoiser()?;
         Ok(unet.forward(sample, timesteps, context, text_time)?)
     }
 
@@ -430,7 +477,7 @@ impl SdTurbo {
         let (h, w) = ((latent_h * f) as f32, (latent_w * f) as f32);
         let row = [h, w, 0.0, 0.0, h, w];
         let data: Vec<f32> = (0..b).flat_map(|_| row).collect();
-        Ok(Tensor::from_vec(data, (b, 6), &self.device)?)
+        Ok(Tensor::from_vec(data, (b, 6), self.parts.device())?)
     }
 }
 
@@ -452,67 +499,26 @@ impl Family for SdTurbo {
         &self.profile
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn components(&self) -> &dyn Components {
+        &self.parts
     }
 
-    fn policy(&self) -> PrecisionPolicy {
-        self.policy
-    }
-
-    fn component_bytes(&self) -> ComponentBytes {
-        let te = self.policy.text_encoder;
-        ComponentBytes {
-            text_encoder: self.text.weights.bytes_in("", te)
-                + self
-                    .text_2
-                    .as_ref()
-                    .map_or(0, |t| t.weights.bytes_in("", te)),
-            denoiser: self.unet_weights.bytes_in("", self.policy.denoiser),
-            // The UNet is not block-streamed: low-memory plans load it whole for its phase.
-            denoiser_largest_block: 0,
-            denoiser_blocks: 0,
-            vae_decoder: self.vae_weights.bytes_in("decoder.", self.policy.vae)
-                + self
-                    .vae_weights
-                    .bytes_in("post_quant_conv.", self.policy.vae),
-            ..Default::default()
-        }
+    fn components_mut(&mut self) -> &mut dyn Components {
+        &mut self.parts
     }
 
     fn activation_model(&self) -> ActivationModel {
-        let elem = |d: DType| d.size_in_bytes() as u64;
-        let unet = self.unet_precision();
-        // Both CLIPs run one after the other: the wider one sets the text-encoding peak.
-        let widest = std::iter::once(&self.text.cfg)
-            .chain(self.text_2.as_ref().map(|t| &t.cfg))
-            .max_by_key(|c| c.hidden_size)
-            .unwrap_or(&self.text.cfg);
-        let p = &self.unet_plan;
-        ActivationModel::unet(&UNetArch {
-            block_out_channels: p.channels.iter().map(|&c| c as u64).collect(),
-            attention: p.down_attn.clone(),
-            heads: p.heads.iter().map(|&h| h as u64).collect(),
-            layers_per_block: p.layers.iter().map(|&l| l as u64).collect(),
-            context_tokens: self.text.tokenizer.max_length() as u32,
-            text_hidden: widest.hidden_size as u64,
-            text_heads: widest.num_attention_heads as u64,
-            text_ffn_hidden: widest.intermediate_size as u64,
-            vae_block_out_channels: self
-                .vae_cfg
-                .block_out_channels
-                .iter()
-                .map(|&c| c as u32)
-                .collect(),
-            vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(unet.compute),
-            residual_elem_bytes: elem(unet.residual),
-            text_elem_bytes: elem(self.policy.text_encoder),
-            vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
-                self.policy.vae,
-                &self.device,
-            )),
-        })
+        let text = self.text();
+        let (policy, device) = (self.parts.policy(), self.parts.device());
+        activations::model(&UNetArch::of(
+            &self.parts.denoiser.source().plan,
+            std::iter::once(&text.first.cfg).chain(text.second.as_ref().map(|t| &t.cfg)),
+            text.first.tokenizer.max_length(),
+            self.vae_config(),
+            unet_precision(&policy, device),
+            &policy,
+            device,
+        ))
     }
 
     fn schedule(
@@ -617,88 +623,11 @@ impl Family for SdTurbo {
     }
 
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        let z = div_scalar(
-            &latents.to_dtype(DType::F32)?,
-            self.vae_cfg.scaling_factor as f32,
-        )?;
-        Ok(match self.vae_cfg.shift_factor {
+        let cfg = self.vae_config();
+        let z = div_scalar(&latents.to_dtype(DType::F32)?, cfg.scaling_factor as f32)?;
+        Ok(match cfg.shift_factor {
             Some(s) => (z + s)?,
             None => z,
         })
-    }
-
-    fn vae(&mut self) -> Result<&VaeDecoder, ModelError> {
-        self.load(Component::Vae)?;
-        self.vae
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
-    }
-
-    fn load(&mut self, component: Component) -> Result<(), ModelError> {
-        match component {
-            Component::TextEncoder => {
-                let (dtype, dev) = (self.policy.text_encoder, self.device.clone());
-                self.text.load(dtype, &dev)?;
-                if let Some(t2) = self.text_2.as_mut() {
-                    t2.load(dtype, &dev)?;
-                }
-            }
-            Component::Denoiser if self.unet.is_none() => {
-                let vb = self
-                    .unet_weights
-                    .var_builder(self.policy.denoiser, &self.device);
-                let unet = UNet::new(&self.unet_cfg, vb, self.unet_precision())
-                    .map_err(|e| self.unet_weights.context(e))?;
-                self.unet = Some(unet);
-            }
-            Component::Vae if self.vae.is_none() => {
-                let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
-                let vae =
-                    VaeDecoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
-                self.vae = Some(vae);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn unload(&mut self, component: Component) {
-        match component {
-            Component::TextEncoder => {
-                self.text.model = None;
-                if let Some(t2) = self.text_2.as_mut() {
-                    t2.model = None;
-                }
-            }
-            Component::Denoiser => self.unet = None,
-            Component::Vae => self.vae = None,
-        }
-    }
-
-    fn is_loaded(&self, component: Component) -> bool {
-        match component {
-            Component::TextEncoder => {
-                self.text.model.is_some() && self.text_2.as_ref().is_none_or(|t| t.model.is_some())
-            }
-            Component::Denoiser => self.unet.is_some(),
-            Component::Vae => self.vae.is_some(),
-        }
-    }
-
-    /// The UNet always runs resident (the planner never asks to stream it: it reports no blocks).
-    fn set_denoiser_residency(&mut self, _residency: DenoiserResidency) {}
-
-    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
-        let was_loaded = self.is_loaded(component);
-        self.policy.set(component, dtype, self.base_residual);
-        self.unload(component);
-        if was_loaded {
-            self.load(component)?;
-        }
-        Ok(())
-    }
-
-    fn dtype(&self, component: Component) -> DType {
-        self.policy.of(component)
     }
 }
