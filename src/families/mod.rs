@@ -9,9 +9,11 @@ pub mod precision;
 pub mod profile;
 pub mod sd_turbo;
 pub mod slot;
-pub mod variants;
 pub mod weights;
 pub mod z_image;
+
+/// The catalog's quantized variants (only Z-Image-Turbo has them; they live in its folder).
+pub use z_image::variants;
 
 use std::path::PathBuf;
 

@@ -11,6 +11,7 @@ pub mod dit;
 pub mod profile;
 pub mod synthetic;
 pub mod text_encoder;
+pub mod variants;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;

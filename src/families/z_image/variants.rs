@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
-use super::weights::quantize::type_for_canonical;
-use super::weights::{self, DownloadProgress, Role};
-use super::{ComponentFiles, ModelError};
+use crate::families::weights::quantize::type_for_canonical;
+use crate::families::weights::{self, DownloadProgress, Role};
+use crate::families::{ComponentFiles, ModelError};
 use crate::memory::planner::{self, ComponentBytes, MemoryMode, PlanInput};
 
 /// One downloadable variant of a catalog model.
@@ -245,11 +245,11 @@ pub fn local(model: &str) -> Vec<(&'static Variant, ComponentFiles)> {
 /// the real model's (from our own module definitions), the types what the files use for each
 /// tensor (F32 for 1-D, embedders and final layer, the variant's type for matrices).
 pub fn z_image_turbo_bytes(variant: Option<&Variant>) -> Result<ComponentBytes, ModelError> {
-    use super::z_image::blocks::ResidentBlocks;
-    use super::z_image::config::DitConfig;
-    use super::z_image::dit::{Dit, DitPrecision};
-    use super::z_image::synthetic::SyntheticShape;
-    use super::z_image::text_encoder::TextEncoder;
+    use super::blocks::ResidentBlocks;
+    use super::config::DitConfig;
+    use super::dit::{Dit, DitPrecision};
+    use super::synthetic::SyntheticShape;
+    use super::text_encoder::TextEncoder;
     let shape = SyntheticShape::real();
     let record = |f: &dyn Fn(weights::Loader) -> candle_core::Result<()>| {
         let rec = weights::Recording::default();
@@ -336,7 +336,7 @@ pub fn smallest_card(components: ComponentBytes) -> Option<(u64, MemoryMode)> {
             budget: None,
             reserve: planner::default_reserve(total),
             components,
-            activations: super::z_image::activations::turbo(),
+            activations: super::activations::turbo(),
             width: 1024,
             height: 1024,
             batch: 1,
