@@ -187,33 +187,3 @@ fn choose_weights(
     }
     Ok(kept.swap_remove(choice.index))
 }
-
-/// The Models panel's sentence for the loaded weights.
-pub fn describe(resolved: &Resolved) -> String {
-    if resolved.demo {
-        return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string();
-    }
-    let base_name = resolved.name.split(" (").next().unwrap_or(&resolved.name);
-    let base = catalog::entry(base_name)
-        .map(|e| e.description.to_string())
-        .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
-    let files: Vec<String> = [
-        ("transformer", &resolved.files.transformer),
-        ("text encoder", &resolved.files.text_encoder),
-        ("VAE", &resolved.files.vae),
-    ]
-    .iter()
-    .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
-    .collect();
-    let variant = resolved
-        .variant
-        .as_ref()
-        .map(|v| format!(" Variant {v}."))
-        .unwrap_or_default();
-    if files.is_empty() {
-        format!("{base}{variant}")
-    } else {
-        format!("{base}{variant} With {}.", files.join(", "))
-    }
-}
