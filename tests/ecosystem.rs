@@ -385,7 +385,10 @@ fn a1111_api() {
     );
     assert_eq!((st.as_u16(), r), (200, Value::Null));
     let (_, o) = get_json(&s.url("/sdapi/v1/options"));
-    assert_eq!(o["sd_model_checkpoint"], "demo", "other options are ignored");
+    assert_eq!(
+        o["sd_model_checkpoint"], "demo",
+        "other options are ignored"
+    );
     let (st, sm) = get_json(&s.url("/sdapi/v1/samplers"));
     assert_eq!(st, 200);
     assert_eq!(sm[0]["name"], "Euler (flow)");

@@ -61,6 +61,8 @@ pub struct ModelMeta {
     pub description: String,
     /// The model's folder (`None` for the embedded demo).
     pub path: Option<String>,
+    /// Component files given instead of (or over) the folder's.
+    pub files: crate::families::ComponentFiles,
 }
 
 /// A model switch, as the queue, the job's stream and `/api/events` report it.

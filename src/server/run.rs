@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::security::{check_api_key, is_loopback_host, parse_cors_origin, Security};
 use super::{app, listen, AppState, ServerInfo};
-use crate::engine::{load, Engine};
+use crate::engine::load;
 use crate::families::catalog;
 use crate::memory::monitor::{Monitor, Tags};
 use crate::queue::{self, journal::Journal, outputs, worker, QueueConfig};
@@ -98,9 +98,10 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         } else {
             catalog::resolve(name, &model_settings.models_dir).map_err(|e| e.to_string())?
         };
+        // The weights the engine settles on (the planner may pick a pulled variant).
+        let (mut engine, resolved) =
+            load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
         let meta = model_meta(&resolved);
-        let mut engine: Engine =
-            load::open(&model_settings, resolved).map_err(|e| e.to_string())?;
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
@@ -126,6 +127,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         settings.model.models_dir.clone(),
         settings.outputs.clone(),
     );
+    info.comfyui_dir = settings.model.comfyui_dir.clone();
     info.sync_timeout = settings.sync_timeout;
     info.preview = settings.preview;
     let recovered = Journal::new(&settings.outputs).load();
@@ -196,20 +198,44 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     })
 }
 
-/// What the server says about a model besides what its engine knows.
+/// What the server says about a model besides what its engine knows: the Models panel's
+/// sentence for the loaded weights, its folder and component files.
 fn model_meta(resolved: &catalog::Resolved) -> worker::ModelMeta {
-    let description = if resolved.demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
-    } else {
-        catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
-    };
     worker::ModelMeta {
         demo: resolved.demo,
-        description,
+        description: describe(resolved),
         path: resolved.dir.path().map(|p| p.display().to_string()),
+        files: resolved.files.clone(),
+    }
+}
+
+/// The Models panel's sentence for the loaded weights.
+fn describe(resolved: &catalog::Resolved) -> String {
+    if resolved.demo {
+        return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string();
+    }
+    let base_name = resolved.name.split(" (").next().unwrap_or(&resolved.name);
+    let base = catalog::entry(base_name)
+        .map(|e| e.description.to_string())
+        .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
+    let files: Vec<String> = [
+        ("transformer", &resolved.files.transformer),
+        ("text encoder", &resolved.files.text_encoder),
+        ("VAE", &resolved.files.vae),
+    ]
+    .iter()
+    .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
+    .collect();
+    let variant = resolved
+        .variant
+        .as_ref()
+        .map(|v| format!(" Variant {v}."))
+        .unwrap_or_default();
+    if files.is_empty() {
+        format!("{base}{variant}")
+    } else {
+        format!("{base}{variant} With {}.", files.join(", "))
     }
 }
 
