@@ -161,11 +161,10 @@ impl CustomOp2 for LinearF32 {
                 wl.shape()
             );
         }
-        let m = if k == 0 {
-            dims[..dims.len() - 1].iter().product()
-        } else {
-            x.len() / k
-        };
+        let m = x
+            .len()
+            .checked_div(k)
+            .unwrap_or_else(|| dims[..dims.len() - 1].iter().product());
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = n;
         let mut out = match &self.bias {
