@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+use crate::ops::linear::Lin;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -105,10 +107,10 @@ impl ClipTextConfig {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
     heads: usize,
     head_dim: usize,
 }
@@ -117,10 +119,10 @@ impl Attention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q: linear(h, h, true, vb.pp("q_proj"))?,
+            k: linear(h, h, true, vb.pp("k_proj"))?,
+            v: linear(h, h, true, vb.pp("v_proj"))?,
+            out: linear(h, h, true, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -155,8 +157,8 @@ struct Layer {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     act: Activation,
 }
 
@@ -167,8 +169,8 @@ impl Layer {
             ln1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
             ln2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: linear(h, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, true, vb.pp("mlp.fc2"))?,
             act,
         })
     }
@@ -203,7 +205,7 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
-    projection: Option<Linear>,
+    projection: Option<Lin>,
     eos_token_id: u32,
     dtype: DType,
 }
@@ -231,7 +233,7 @@ impl ClipTextModel {
         let final_norm = candle_nn::layer_norm(h, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?;
         let projection = match cfg.projection_dim {
             Some(p) if vb.contains_tensor("text_projection.weight") => {
-                Some(candle_nn::linear_no_bias(h, p, vb.pp("text_projection"))?)
+                Some(linear(h, p, false, vb.pp("text_projection"))?)
             }
             _ => None,
         };
@@ -577,6 +579,14 @@ fn slow_to_fast(
             "ignore_merges": false, "vocab": vocab, "merges": merges
         }
     }))
+}
+
+/// A linear layer in the weights' own dtype (bias included), as [`Lin`]: f32 products on the CPU
+/// go through MKL's sgemm in MKL builds.
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Lin> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+    Lin::from_parts(w, b, vb.dtype())
 }
 
 #[cfg(test)]
