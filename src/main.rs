@@ -1,5 +1,5 @@
 //! The `zturbo` command: `serve` the web UI, `generate` one image from the terminal, `pull` a
-//! model from the Hugging Face hub, list `models`.
+//! model from the Hugging Face hub, list `models`, run a remote `worker` behind a broker.
 
 mod hostile;
 mod soak;
@@ -68,6 +68,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Generate images from the terminal.
     Generate(Box<GenerateArgs>),
+    /// Run jobs for a front door (`zturbo serve --broker URL`) on this machine: loads the model,
+    /// registers with the Redis broker and runs the jobs it is given. Listens on no port.
+    Worker(Box<WorkerArgs>),
     /// Download a model into the Hugging Face cache (resumes interrupted downloads).
     Pull {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
@@ -140,6 +143,56 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_SYNC_TIMEOUT",
           default_value_t = zturbo::server::DEFAULT_SYNC_TIMEOUT_S)]
     sync_timeout: u64,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// The Redis broker that joins a front door and its workers.
+#[derive(clap::Args, Clone)]
+struct BrokerArgs {
+    /// redis://[:PASSWORD@]HOST:PORT[/DB], or rediss://… for TLS. With `serve`: run as the front
+    /// door of remote workers (no model is loaded here; --model names the model they serve).
+    #[arg(long, env = "ZTURBO_BROKER", hide_env_values = true)]
+    broker: Option<String>,
+    /// PEM file of the CA that signed the broker's TLS certificate (rediss:// only; default: the
+    /// system's trusted roots).
+    #[arg(long, env = "ZTURBO_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn open(&self) -> Result<Option<zturbo::queue::broker::Broker>> {
+        let Some(url) = self.broker.as_deref() else {
+            return Ok(None);
+        };
+        let ca = match &self.broker_ca {
+            Some(p) => {
+                let pem = std::fs::read(p)
+                    .with_context(|| format!("--broker-ca: reading {}", p.display()))?;
+                Some((p.to_string_lossy().into_owned(), pem))
+            }
+            None => None,
+        };
+        let ca = ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone()));
+        Ok(Some(zturbo::queue::broker::Broker::new(url, ca)?))
+    }
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// This worker's name in the UI and in the job records (letters, digits, `.`, `_`, `-`);
+    /// default HOSTNAME-PID.
+    #[arg(long, env = "ZTURBO_WORKER_NAME")]
+    name: Option<String>,
+    /// Visibility timeout in seconds: a job whose worker has not been heard from for this long is
+    /// taken over by another worker. A live worker extends it every second while it runs a job.
+    #[arg(long, env = "ZTURBO_CLAIM_AFTER",
+          default_value_t = zturbo::queue::broker::DEFAULT_CLAIM_AFTER_S)]
+    claim_after: f64,
 }
 
 #[derive(clap::Args)]
@@ -203,6 +256,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Generate(args) => generate(*args),
+        Command::Worker(args) => worker(*args),
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
         Command::Soak(args) => soak::run(args),
@@ -259,6 +313,7 @@ fn build_engine(args: &ModelArgs, default_to_demo: bool) -> Result<(Engine, bool
 /// `zturbo serve`: load the model on the worker thread, then bind and serve until Ctrl-C/SIGTERM.
 fn serve(args: ServeArgs) -> Result<()> {
     use zturbo::memory::monitor::{Monitor, Tags};
+    use zturbo::queue::broker::front;
     use zturbo::queue::{self, journal::Journal, worker, QueueConfig};
     use zturbo::server::security::{check_api_key, is_loopback_host, parse_cors_origin, Security};
     use zturbo::server::{self, AppState, ServerInfo};
@@ -289,74 +344,111 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
 
-    let resolved = resolve_model(&args.model, true)?;
-    let model_path = resolved.dir.path().map(|p| p.display().to_string());
-    let demo = resolved.demo;
-    let description = if demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
-    } else {
-        catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
-    };
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
-    // One server per outputs folder (two would both resume the same jobs); held until exit.
+    // One server per outputs folder (two would both resume the same jobs); held until exit. A
+    // front door holds it too: it owns the journal and writes the images.
     let _outputs_lock = zturbo::queue::outputs::lock(&args.outputs)?;
     zturbo::queue::outputs::clean_stale_temps(&args.outputs);
-
-    // The engine loads on its own thread; nothing is served until it reports back.
-    let tags = Arc::new(Tags::default());
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let model_args = args.model.clone();
-    let build = move || -> std::result::Result<Engine, String> {
-        let mut engine = open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
-        engine
-            .warm_up()
-            .map_err(|e| format!("loading the model's weights failed: {e}"))?;
-        Ok(engine)
-    };
-    let worker_config = worker::WorkerConfig {
-        outputs: args.outputs.clone(),
-        tags: tags.clone(),
-        step_delay: worker::WorkerConfig::step_delay_from_env(),
-    };
-    let (worker, loaded) = worker::spawn(build, worker_config, events_tx)
-        .map_err(|e| anyhow!("the model did not load: {e}"))?;
-    tracing::info!(
-        model = %loaded.model,
-        device = %loaded.device,
-        max_batch = loaded.max_batch,
-        "model loaded"
-    );
-    let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
-    let mut info = ServerInfo::new(
-        &loaded,
-        demo,
-        description,
-        args.queue_size as usize,
-        args.model.models_dir.clone(),
-        args.outputs.clone(),
-    );
-    info.model_path = model_path;
-    info.sync_timeout =
-        (args.sync_timeout > 0).then(|| std::time::Duration::from_secs(args.sync_timeout));
-    let api_key = api_key.map(str::to_string);
-    let recovered = Journal::new(&args.outputs).load();
-
+    let broker = args.broker.open()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+
+    let tags = Arc::new(Tags::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Either the engine on this machine, or the front door of remote workers.
+    let (backing, mut info, monitor) = match broker {
+        None => {
+            let resolved = resolve_model(&args.model, true)?;
+            let model_path = resolved.dir.path().map(|p| p.display().to_string());
+            let demo = resolved.demo;
+            let description = describe(&resolved);
+            // The engine loads on its own thread; nothing is served until it reports back.
+            let model_args = args.model.clone();
+            let build = move || -> std::result::Result<Engine, String> {
+                let mut engine =
+                    open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
+                engine
+                    .warm_up()
+                    .map_err(|e| format!("loading the model's weights failed: {e}"))?;
+                Ok(engine)
+            };
+            let worker_config = worker::WorkerConfig {
+                outputs: Some(args.outputs.clone()),
+                tags: tags.clone(),
+                step_delay: worker::WorkerConfig::step_delay_from_env(),
+            };
+            let (worker, loaded) = worker::spawn(build, worker_config, events_tx)
+                .map_err(|e| anyhow!("the model did not load: {e}"))?;
+            tracing::info!(
+                model = %loaded.model,
+                device = %loaded.device,
+                max_batch = loaded.max_batch,
+                "model loaded"
+            );
+            let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
+            let mut info = ServerInfo::new(
+                &loaded,
+                demo,
+                description,
+                args.queue_size as usize,
+                args.model.models_dir.clone(),
+                args.outputs.clone(),
+            );
+            info.model_path = model_path;
+            (queue::Backend::Local(worker.jobs), info, monitor)
+        }
+        Some(broker) => {
+            let record =
+                runtime.block_on(front::wait_for_model(&broker, args.model.model.as_deref()))?;
+            tracing::info!(
+                model = %record.model,
+                broker = %broker.shown(),
+                "front door: jobs run on the workers of the broker"
+            );
+            let info = ServerInfo::remote(
+                &record,
+                args.queue_size as usize,
+                args.model.models_dir.clone(),
+                args.outputs.clone(),
+            );
+            // The front door's own memory (its chart when no worker is chosen).
+            let probe: Arc<dyn MemoryProbe> = Arc::new(zturbo::memory::probe::CpuProbe::new());
+            let monitor = Arc::new(Monitor::start(probe, tags));
+            let recovered = Journal::new(&args.outputs).load();
+            let front = {
+                let _rt = runtime.enter();
+                front::start(
+                    broker,
+                    record.model.clone(),
+                    args.outputs.clone(),
+                    &recovered,
+                    events_tx,
+                )
+            };
+            (queue::Backend::Broker(front), info, monitor)
+        }
+    };
+    info.sync_timeout =
+        (args.sync_timeout > 0).then(|| std::time::Duration::from_secs(args.sync_timeout));
+    let api_key = api_key.map(str::to_string);
+    let recovered = Journal::new(&args.outputs).load();
+    let cluster = match &backing {
+        queue::Backend::Broker(f) => Some(f.clone()),
+        queue::Backend::Local(_) => None,
+    };
+    let model = info.model.clone();
+
     runtime.block_on(async move {
-        let queue = queue::start(
+        let queue = queue::start_with(
             QueueConfig {
                 capacity: args.queue_size as usize,
                 outputs: args.outputs.clone(),
-                model: loaded.model.clone(),
+                model: model.clone(),
             },
-            worker.jobs,
+            backing,
             events_rx,
             recovered,
         );
@@ -379,11 +471,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 key_attempts: Default::default(),
             }),
             downloads: Default::default(),
+            cluster,
         };
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        tracing::info!("serving {} on http://{addr}", loaded.model);
+        tracing::info!("serving {model} on http://{addr}");
         let limits = server::listen::ConnLimits {
             header_timeout: std::time::Duration::from_secs(args.header_timeout),
             idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
@@ -405,6 +498,127 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// What `/api/info` says about a model.
+fn describe(resolved: &catalog::Resolved) -> String {
+    if resolved.demo {
+        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string()
+    } else {
+        catalog::entry(&resolved.name)
+            .map(|e| e.description.to_string())
+            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
+    }
+}
+
+/// `zturbo worker`: checks the broker, loads the model on the worker thread, registers and runs
+/// the broker's jobs until Ctrl-C/SIGTERM (the job running then is left to another worker).
+fn worker(args: WorkerArgs) -> Result<()> {
+    use zturbo::memory::monitor::{Monitor, Tags};
+    use zturbo::queue::broker::{remote, wire::ModelRecord};
+    use zturbo::queue::worker;
+
+    let broker = args
+        .broker
+        .open()?
+        .ok_or_else(|| anyhow!("--broker is required: redis://[:PASSWORD@]HOST:PORT[/DB]"))?;
+    let name = match args.name {
+        Some(n) => n,
+        None => format!("{}-{}", hostname(), std::process::id()),
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        bail!("--name `{name}`: 1 to 64 letters, digits, `.`, `_` or `-`");
+    }
+    if !(args.claim_after.is_finite() && (0.5..=86_400.0).contains(&args.claim_after)) {
+        bail!(
+            "--claim-after {}: must be between 0.5 and 86400 seconds",
+            args.claim_after
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // A wrong password or URL fails now, before the model loads.
+    runtime.block_on(remote::check(&broker))?;
+
+    let resolved = resolve_model(&args.model, false)?;
+    let demo = resolved.demo;
+    let description = describe(&resolved);
+    let tags = Arc::new(Tags::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let model_args = args.model.clone();
+    let build = move || -> std::result::Result<Engine, String> {
+        let mut engine = open_engine(&model_args, resolved).map_err(|e| format!("{e:#}"))?;
+        engine
+            .warm_up()
+            .map_err(|e| format!("loading the model's weights failed: {e}"))?;
+        Ok(engine)
+    };
+    let config = worker::WorkerConfig {
+        outputs: None,
+        tags: tags.clone(),
+        step_delay: worker::WorkerConfig::step_delay_from_env(),
+    };
+    let (engine_thread, loaded) = worker::spawn(build, config, events_tx)
+        .map_err(|e| anyhow!("the model did not load: {e}"))?;
+    tracing::info!(model = %loaded.model, device = %loaded.device, worker = %name, "model loaded");
+    let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
+    let settings = remote::RemoteSettings {
+        broker,
+        name,
+        claim_after: std::time::Duration::from_secs_f64(args.claim_after),
+        record: ModelRecord {
+            model: loaded.model.clone(),
+            family: loaded.profile.family,
+            defaults: loaded.profile.defaults,
+            max_batch: loaded.max_batch,
+            demo,
+            description,
+        },
+        device: loaded.device.clone(),
+        device_name: loaded.probe.name(),
+        total_bytes: loaded.probe.total_bytes(),
+    };
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: the running job is left to another worker");
+            let _ = stop_tx.send(true);
+        });
+        remote::run(settings, engine_thread.jobs, events_rx, monitor, stop_rx).await
+    })?;
+    Ok(())
+}
+
+/// This machine's name (the default worker name's first half).
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if r == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(48)
+        .collect();
+    if clean.is_empty() {
+        "worker".into()
+    } else {
+        clean
+    }
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

@@ -102,6 +102,9 @@ pub struct JobRecord {
     /// surfaces then answer 507 or 503 instead of 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_problem: Option<super::outputs::StorageProblem>,
+    /// The remote worker that ran it (`zturbo worker --name`); `None` on a single machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// A job as the API shows it: the record plus live progress.

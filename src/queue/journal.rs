@@ -230,6 +230,7 @@ mod tests {
             plan: None,
             error: None,
             storage_problem: None,
+            worker: None,
         }
     }
 

@@ -45,8 +45,11 @@ pub struct RunOutput {
     pub timings: Timings,
     pub peak_memory_bytes: u64,
     pub plan: crate::memory::planner::Plan,
-    /// Image file names written to the outputs folder.
+    /// Image file names (`<id>-<n>.png`): written to the outputs folder, or — for a worker with
+    /// no outputs folder (a remote worker) — carried in `encoded`.
     pub images: Vec<String>,
+    /// The PNG files themselves when they were not written here (same order as `images`).
+    pub encoded: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +74,15 @@ pub enum WorkerEvent {
         id: JobId,
         notice: Notice,
     },
+    /// A remote worker took the job (or took it over from one that died).
+    Started {
+        id: JobId,
+        worker: String,
+    },
+    /// The remote worker running the job stopped without finishing it: it waits again.
+    Requeued {
+        id: JobId,
+    },
     Finished {
         id: JobId,
         outcome: Result<Box<RunOutput>, RunError>,
@@ -90,7 +102,8 @@ pub struct Loaded {
 }
 
 pub struct WorkerConfig {
-    pub outputs: PathBuf,
+    /// Where the images are written; `None` keeps them in memory ([`RunOutput::encoded`]).
+    pub outputs: Option<PathBuf>,
     pub tags: Arc<Tags>,
     /// See [`STEP_DELAY_ENV`].
     pub step_delay: Option<Duration>,
@@ -224,8 +237,8 @@ fn run(
             )
         }));
         let outcome = match result {
-            Ok(Ok(gen)) => write_images(&config.outputs, &item.id, &gen)
-                .map(|images| {
+            Ok(Ok(gen)) => {
+                store_images(config.outputs.as_deref(), &item.id, &gen).map(|(images, encoded)| {
                     Box::new(RunOutput {
                         params: gen.params,
                         enhancement: gen.enhancement,
@@ -234,17 +247,10 @@ fn run(
                         peak_memory_bytes: gen.peak_memory_bytes,
                         plan: gen.plan,
                         images,
+                        encoded,
                     })
                 })
-                .map_err(|e| {
-                    RunError::Storage(
-                        super::outputs::StorageProblem::of(&e),
-                        format!(
-                            "could not write the images to {}: {e}",
-                            config.outputs.display()
-                        ),
-                    )
-                }),
+            }
             Ok(Err(EngineError::Cancelled)) => Err(RunError::Cancelled),
             Ok(Err(e)) => Err(RunError::Failed(e.to_string())),
             Err(p) => Err(RunError::Failed(format!(
@@ -309,13 +315,31 @@ impl Observer for JobObserver<'_> {
     }
 }
 
-/// Writes `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo`
-/// record (the same chunks `zturbo generate` writes), all or nothing ([`write_all`]).
-pub fn write_images(
-    outputs: &std::path::Path,
+/// The run's images as `(names, PNG bytes)`: written to `outputs` (the bytes are then dropped),
+/// or kept in memory when there is no outputs folder.
+fn store_images(
+    outputs: Option<&std::path::Path>,
     id: &str,
     gen: &Generation,
-) -> std::io::Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<Vec<u8>>), RunError> {
+    let Some(outputs) = outputs else {
+        let files = encode_images(id, gen)
+            .map_err(|e| RunError::Failed(format!("could not encode the images: {e}")))?;
+        return Ok(files.into_iter().unzip());
+    };
+    write_images(outputs, id, gen)
+        .map(|names| (names, Vec::new()))
+        .map_err(|e| {
+            RunError::Storage(
+                super::outputs::StorageProblem::of(&e),
+                format!("could not write the images to {}: {e}", outputs.display()),
+            )
+        })
+}
+
+/// `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo` record
+/// (the same chunks `zturbo generate` writes).
+pub fn encode_images(id: &str, gen: &Generation) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::with_capacity(gen.images.len());
     for (i, img) in gen.images.iter().enumerate() {
         let text = a1111_parameters(&gen.params, img.seed, &gen.notices);
@@ -324,6 +348,16 @@ pub fn write_images(
             .map_err(std::io::Error::other)?;
         files.push((image_name(id, i + 1), png));
     }
+    Ok(files)
+}
+
+/// Writes the images ([`encode_images`]) to `outputs`, all or nothing ([`write_all`]).
+pub fn write_images(
+    outputs: &std::path::Path,
+    id: &str,
+    gen: &Generation,
+) -> std::io::Result<Vec<String>> {
+    let files = encode_images(id, gen)?;
     write_all(outputs, &files)?;
     Ok(files.into_iter().map(|(name, _)| name).collect())
 }

@@ -45,6 +45,9 @@ pub struct JobView {
     /// The memory plan the run used; `null` until it ran.
     pub plan: Option<crate::memory::planner::Plan>,
     pub error: Option<String>,
+    /// With `--broker`: the worker that ran it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// After the run: as resolved (final prompts, the seed, `cfg` = the CFG actually used,
@@ -112,6 +115,7 @@ impl From<JobSnapshot> for JobView {
             peak_memory_bytes: r.peak_memory_bytes,
             plan: r.plan,
             error: r.error,
+            worker: r.worker,
         }
     }
 }
@@ -147,6 +151,12 @@ pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted
         )
         .with_retry_after(retry_after_s)),
         Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(shutting_down()),
+        Err(SubmitError::Unavailable(problem)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            format!("the job was not accepted: {problem}"),
+        )
+        .with_retry_after(5)),
         Err(SubmitError::Journal(e)) => Err(storage_error(
             StorageProblem::of(&e),
             format!(

@@ -181,9 +181,13 @@ fn paths() -> Value {
             "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([job_id])) },
-        "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
+        "/api/memory/stream": { "get": with(op("memory_stream", "server", "Memory samples (SSE): this server's, or with `worker` one remote worker's", json!({
             "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`", &MEMORY_EVENTS),
-        })) },
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([
+            { "name": "worker", "in": "query", "required": false, "description": "a remote worker's name (see /api/workers); only with --broker", "schema": { "type": "string" } }
+        ])) },
+        "/api/workers": { "get": op("workers", "server", "The remote workers (with --broker): name, model, device, busy or idle", json!({ "200": ok("workers", "WorkerList") })) },
     });
     let openai = json!({
         "/v1/images/generations": { "post": body(op("openai_images_generations", "openai", "OpenAI Images API: create images", json!({
@@ -341,6 +345,7 @@ fn components(f: &Facts) -> Value {
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
                 "error": nullable_string.clone(),
+                "worker": { "type": "string", "description": "with --broker: the worker that ran it" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
@@ -354,9 +359,19 @@ fn components(f: &Facts) -> Value {
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
+            "WorkerList": { "type": "object", "required": ["broker", "workers"], "properties": {
+                "broker": { "type": "boolean", "description": "whether this server is a front door (--broker)" },
+                "workers": { "type": "array", "items": schema("Worker") } } },
+            "Worker": { "type": "object", "required": ["name", "model", "device", "state"], "properties": {
+                "name": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" },
+                "device_name": { "type": "string" }, "total_bytes": { "type": "integer", "format": "int64" },
+                "state": { "type": "string", "enum": ["busy", "idle"] }, "job": nullable_string.clone(),
+                "step": { "type": "integer" }, "total_steps": { "type": "integer" },
+                "seen_at": { "type": "integer", "format": "int64" } } },
             "Health": { "type": "object", "required": ["status", "model", "device"], "properties": {
                 "status": { "type": "string", "enum": ["ok", "degraded"] }, "model": { "type": "string" }, "device": { "type": "string" },
-                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed)" } } },
+                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed; with --broker, the broker cannot be reached)" },
+                "workers": { "type": "integer", "description": "with --broker: live workers" } } },
             "EmptyEvent": { "type": "object", "additionalProperties": false },
             "JobQueuedEvent": { "type": "object", "required": ["position"], "properties": { "position": { "type": "integer", "minimum": 0 } } },
             "JobProgressEvent": { "type": "object", "required": ["step", "total", "elapsed_ms"], "properties": {
