@@ -20,7 +20,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::engine::CancelToken;
 use crate::request::ValidRequest;
-pub use job::{JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings};
+pub use job::{
+    FailureKind, JobError, JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings,
+};
 use journal::{EndWrite, Journal};
 use outputs::OutputsHealth;
 use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
@@ -513,7 +515,6 @@ impl Actor {
             peak_memory_bytes: None,
             plan: None,
             error: None,
-            storage_problem: None,
             worker: None,
         };
         // Journaled before it is acknowledged: an accepted job survives a crash.
@@ -605,7 +606,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
             return;
@@ -821,18 +825,18 @@ impl Actor {
                 job.step = 0;
             }
             Err(RunError::Cancelled) => self.finish(id, JobState::Cancelled, None).await,
-            Err(RunError::Failed(e)) => self.finish(id, JobState::Failed, Some(e)).await,
-            Err(RunError::Storage(problem, e)) => {
-                self.health
-                    .note("the images", &Err(std::io::Error::other(e.clone())));
-                job.record.storage_problem = Some(problem);
+            Err(RunError::Failed(e)) => {
+                if e.kind.storage().is_some() {
+                    self.health
+                        .note("the images", &Err(std::io::Error::other(e.message.clone())));
+                }
                 self.finish(id, JobState::Failed, Some(e)).await
             }
         }
     }
 
     /// Moves a job to a terminal state: record, sidecar, journal, subscribers, history.
-    async fn finish(&mut self, id: &str, state: JobState, error: Option<String>) {
+    async fn finish(&mut self, id: &str, state: JobState, error: Option<JobError>) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
@@ -943,7 +947,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
         }
@@ -1002,7 +1009,6 @@ mod tests {
             peak_memory_bytes: None,
             plan: None,
             error: None,
-            storage_problem: None,
             worker: None,
         }
     }

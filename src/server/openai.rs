@@ -344,7 +344,10 @@ pub async fn generations(
                 code,
                 format!(
                     "image generation failed: {}",
-                    snap.record.error.as_deref().unwrap_or("unknown error")
+                    snap.record
+                        .error
+                        .as_ref()
+                        .map_or("unknown error", |e| e.message.as_str())
                 ),
             ));
         }
@@ -353,7 +356,7 @@ pub async fn generations(
         .record
         .params
         .as_ref()
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_default();
     let created = snap.record.created_at / 1000;
     let data = if format == "b64_json" {

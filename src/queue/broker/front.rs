@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::wire::{JobEntry, ModelRecord, Progress, RemoteEnd, WorkerInfo};
 use super::*;
-use crate::queue::job::{image_name, JobId, JobRecord};
+use crate::queue::job::{image_name, FailureKind, JobError, JobId, JobRecord};
 use crate::queue::outputs::StorageProblem;
 use crate::queue::worker::{write_all, RunError, RunOutput, WorkerEvent};
 
@@ -438,7 +438,12 @@ async fn read_result(
     let end: RemoteEnd = fields
         .get("record")
         .and_then(|r| serde_json::from_slice(r).ok())
-        .ok_or_else(|| RunError::Failed("the worker's result could not be read".into()))?;
+        .ok_or_else(|| {
+            RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                "the worker's result could not be read",
+            ))
+        })?;
     let done = match end {
         RemoteEnd::Done(d) => d,
         RemoteEnd::Failed { error } => return Err(RunError::Failed(error)),
@@ -451,7 +456,10 @@ async fn read_result(
     let mut files = Vec::with_capacity(count);
     for n in 1..=count {
         let png = fields.get(&format!("png:{n}")).cloned().ok_or_else(|| {
-            RunError::Failed(format!("the worker's result lacks image {n} of {count}"))
+            RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                format!("the worker's result lacks image {n} of {count}"),
+            ))
         })?;
         files.push((image_name(id, n), png));
     }
@@ -461,13 +469,13 @@ async fn read_result(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     if let Err(e) = written {
-        return Err(RunError::Storage(
-            StorageProblem::of(&e),
+        return Err(RunError::Failed(JobError::new(
+            StorageProblem::of(&e).into(),
             format!(
                 "could not write the images to {}: {e}",
                 shared.outputs.display()
             ),
-        ));
+        )));
     }
     Ok(Box::new(RunOutput {
         params: done.params,

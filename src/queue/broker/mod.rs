@@ -185,6 +185,23 @@ impl Broker {
         Ok(Broker { client, shown })
     }
 
+    /// The broker of `--broker` and `--broker-ca` (the CA file is read here).
+    pub fn open(settings: &crate::settings::BrokerSettings) -> Result<Broker, BrokerError> {
+        let ca = match &settings.ca {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let pem = std::fs::read(path).map_err(|e| BrokerError::BadCa {
+                    path: shown.clone(),
+                    message: format!("cannot be read: {e}"),
+                })?;
+                Some((shown, pem))
+            }
+            None => None,
+        };
+        let ca = ca.as_ref().map(|(p, pem)| (p.as_str(), pem.clone()));
+        Broker::new(&settings.url, ca)
+    }
+
     /// The URL without its password.
     pub fn shown(&self) -> &str {
         &self.shown

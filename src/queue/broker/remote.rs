@@ -18,7 +18,7 @@ use super::wire::{JobEntry, ModelRecord, Progress, RemoteDone, RemoteEnd, Worker
 use super::*;
 use crate::engine::CancelToken;
 use crate::memory::monitor::Monitor;
-use crate::queue::job::{now_ms, JobId};
+use crate::queue::job::{now_ms, FailureKind, JobError, JobId};
 use crate::queue::worker::{RunError, RunOutput, WorkItem, WorkerEvent};
 
 /// Extends a running job's visibility timeout if this worker still holds its entry (1), or says
@@ -462,9 +462,12 @@ async fn handle(
         .0;
     if attempts > MAX_ATTEMPTS {
         let end = RemoteEnd::Failed {
-            error: format!(
-                "the job was started {MAX_ATTEMPTS} times and no worker finished it (each one \
-                 running it died or stopped); it is not tried again"
+            error: JobError::new(
+                FailureKind::Internal,
+                format!(
+                    "the job was started {MAX_ATTEMPTS} times and no worker finished it (each \
+                     one running it died or stopped); it is not tried again"
+                ),
             ),
         };
         return end_early(ctx, conn, &id, &entry_id, end).await;
@@ -476,7 +479,10 @@ async fn handle(
         Some(j) => j,
         None => {
             let end = RemoteEnd::Failed {
-                error: "the job's entry in the broker could not be read".into(),
+                error: JobError::new(
+                    FailureKind::Internal,
+                    "the job's entry in the broker could not be read",
+                ),
             };
             return end_early(ctx, conn, &id, &entry_id, end).await;
         }
@@ -499,7 +505,10 @@ async fn handle(
         queue_ms: now_ms().saturating_sub(job.created_at),
     };
     let outcome = if jobs.send(item).is_err() {
-        Err(RunError::Failed("the worker thread has stopped".into()))
+        Err(RunError::Failed(JobError::new(
+            FailureKind::Internal,
+            "the worker thread has stopped",
+        )))
     } else {
         follow_run(ctx, conn, &id, events, shutdown, &cancel).await
     };
@@ -538,7 +547,7 @@ async fn handle(
             (RemoteEnd::Done(Box::new(done)), encoded)
         }
         Err(RunError::Cancelled) => (RemoteEnd::Cancelled, Vec::new()),
-        Err(RunError::Failed(error)) | Err(RunError::Storage(_, error)) => {
+        Err(RunError::Failed(error)) => {
             (RemoteEnd::Failed { error }, Vec::new())
         }
     };
@@ -600,7 +609,10 @@ async fn follow_run(
             }
         };
         let Some(ev) = ev else {
-            return Err(RunError::Failed("the worker thread has stopped".into()));
+            return Err(RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                "the worker thread has stopped",
+            )));
         };
         match ev {
             WorkerEvent::Progress {

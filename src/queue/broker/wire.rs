@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::prompt::Enhanced;
+use crate::prompt::Enhanced;
+use crate::queue::job::JobError;
 use crate::engine::{Notice, ResolvedParams, Timings};
 use crate::families::{Defaults, FamilyKind, Profile};
 use crate::request::ValidRequest;
@@ -63,7 +64,7 @@ impl ModelRecord {
 #[serde(tag = "outcome", rename_all = "lowercase")]
 pub enum RemoteEnd {
     Done(Box<RemoteDone>),
-    Failed { error: String },
+    Failed { error: JobError },
     Cancelled,
 }
 
