@@ -1152,6 +1152,15 @@ class MemoryChart {
     };
   }
 
+  /** Forgets every sample (the chart now follows another machine). */
+  reset() {
+    this.head = 0;
+    this.len = 0;
+    this.peaks.clear();
+    this.lastJob = null;
+    this.requestDraw();
+  }
+
   push(s) {
     const t = Number(s.t_ms);
     const used = Number(s.used_bytes);
@@ -1441,12 +1450,14 @@ function fmtBytesAxis(b, step) {
 
 /* memory stream with reconnect */
 
-const mem = { es: null, chart: null, failures: 0, timer: 0 };
+// `worker`: the remote worker whose memory the chart follows (front door only); null: this server.
+const mem = { es: null, chart: null, failures: 0, timer: 0, worker: null };
 
 function connectMemory() {
   clearTimeout(mem.timer);
   const live = $('memory-live');
-  const es = new EventSource('/api/memory/stream');
+  const q = mem.worker ? `?worker=${encodeURIComponent(mem.worker)}` : '';
+  const es = new EventSource(`/api/memory/stream${q}`);
   mem.es = es;
   const onSample = (ev) => {
     if (mem.es !== es) return;
@@ -1471,6 +1482,68 @@ function connectMemory() {
     live.textContent = 'reconnecting';
     const delay = Math.min(15000, 500 * 2 ** Math.min(mem.failures, 5));
     mem.timer = setTimeout(connectMemory, delay);
+  });
+}
+
+/* remote workers (a front door started with --broker): listed every 2 s; the memory chart can
+ * follow any one of them */
+
+const cluster = { timer: 0 };
+
+async function loadWorkers() {
+  clearTimeout(cluster.timer);
+  try {
+    const { data } = await api('/api/workers');
+    if (!data || !data.broker) { $('workers-card').hidden = true; return; }
+    $('workers-card').hidden = false;
+    renderWorkers(data.workers || []);
+  } catch (e) {
+    $('workers').replaceChildren(el('li', { class: 'muted', text: `Could not list the workers (${e.message}).` }));
+  }
+  cluster.timer = setTimeout(loadWorkers, 2000);
+}
+
+function renderWorkers(list) {
+  if (mem.worker && !list.some((w) => w.name === mem.worker)) followWorker(null);
+  const ul = $('workers');
+  if (!list.length) {
+    ul.replaceChildren(el('li', { class: 'muted', text: 'No live worker: start one with `zturbo worker --broker URL --model …`.' }));
+    return;
+  }
+  ul.replaceChildren(...list.map((w) => {
+    const charted = mem.worker === w.name;
+    return el('li', { dataset: { worker: w.name } },
+      el('span', { class: 'model-name', text: w.name }),
+      el('span', {
+        class: `state state-${w.state}`,
+        text: w.state === 'busy' ? `busy ${w.step}/${w.total_steps}` : 'idle',
+      }),
+      el('button', {
+        type: 'button', class: 'small-btn', text: charted ? 'charted' : 'chart',
+        'aria-pressed': String(charted),
+        'aria-label': `Follow the memory of ${w.name} in the chart`,
+        onclick: () => followWorker(charted ? null : w.name),
+      }),
+      el('span', {
+        class: 'model-meta',
+        text: [w.model, w.device, w.device_name, w.total_bytes ? fmtBytes(w.total_bytes) : null].filter(Boolean).join(' · '),
+      }));
+  }));
+}
+
+function followWorker(name) {
+  if (mem.worker === name) return;
+  mem.worker = name;
+  $('memory-title').textContent = name ? `Memory · ${name}` : 'Memory';
+  if (mem.es) { mem.es.close(); mem.es = null; }
+  mem.failures = 0;
+  mem.chart.reset();
+  connectMemory();
+  document.querySelectorAll('#workers li[data-worker]').forEach((li) => {
+    const b = li.querySelector('button');
+    const on = li.dataset.worker === name;
+    b.textContent = on ? 'charted' : 'chart';
+    b.setAttribute('aria-pressed', String(on));
   });
 }
 
@@ -2025,6 +2098,7 @@ async function main() {
   connectMemory();
   await loadInfo();
   loadModels();
+  loadWorkers();
   loadHistory();
 }
 
