@@ -48,7 +48,11 @@ fn round(workers: usize, jobs: usize, size: u64, steps: u64, threads: u64) -> Ro
     for w in &mut ws {
         w.wait_registered(Duration::from_secs(120));
     }
-    let s = Server::start(&dir.join("out"), &["--broker", &redis.url(), "--queue-size", "1000"], &[]);
+    let s = Server::start(
+        &dir.join("out"),
+        &["--broker", &redis.url(), "--queue-size", "1000"],
+        &[],
+    );
     let t = Instant::now();
     let ids: Vec<String> = (0..jobs)
         .map(|i| {
@@ -98,7 +102,11 @@ fn main() {
     println!(
         "broker throughput: demo model, {jobs} jobs of {size}x{size}, {steps} steps, batch 1, \
          {} CPU thread(s) per worker",
-        if threads == 0 { "all".to_string() } else { threads.to_string() }
+        if threads == 0 {
+            "all".to_string()
+        } else {
+            threads.to_string()
+        }
     );
     let rounds: Vec<Round> = [1, 2]
         .into_iter()

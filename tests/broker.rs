@@ -98,7 +98,8 @@ fn a_worker_killed_mid_job_leaves_it_to_another_and_every_job_finishes_once() {
     let (_, first) = get_json(&s.url(&format!("/api/jobs/{}", jobs[0].0)));
     assert_eq!(first["worker"], "w2", "the survivor finished it: {first}");
     assert!(
-        w2.log().contains("taking over a job whose worker stopped answering"),
+        w2.log()
+            .contains("taking over a job whose worker stopped answering"),
         "{}",
         w2.log()
     );
@@ -134,9 +135,7 @@ fn a_front_door_killed_and_restarted_gets_every_job_back() {
     w.wait_registered(WAIT);
     let out = dir.join("out");
     let s = front_door(&out, &redis);
-    let jobs: Vec<(String, u32)> = (0..3)
-        .map(|i| (submit(&s, body(6, 2, 7 + i)), 2))
-        .collect();
+    let jobs: Vec<(String, u32)> = (0..3).map(|i| (submit(&s, body(6, 2, 7 + i)), 2)).collect();
     wait_running_on(&s, &jobs[0].0, "w1", 1);
     s.kill9();
     // The worker goes on while the front door is away: results wait in the broker.
@@ -278,7 +277,13 @@ fn a_wrong_password_or_url_is_a_clear_error_that_never_shows_the_password() {
 
     // A URL that is not a Redis URL names the option and the expected form.
     let out = Command::new(env!("CARGO_BIN_EXE_zturbo"))
-        .args(["worker", "--model", "demo", "--broker", "http://:pw-x@127.0.0.1:1"])
+        .args([
+            "worker",
+            "--model",
+            "demo",
+            "--broker",
+            "http://:pw-x@127.0.0.1:1",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -294,4 +299,26 @@ fn a_wrong_password_or_url_is_a_clear_error_that_never_shows_the_password() {
     ok.wait_registered(WAIT);
 }
 
+#[test]
+fn rediss_works_with_the_brokers_ca_and_an_untrusted_certificate_is_a_clear_error() {
+    let dir = temp_dir("broker-tls");
+    let (redis, ca) = Redis::start_tls(&dir.join("redis"), Some("tls-pass-5d1e"));
+    let ca_arg = ca.to_string_lossy().into_owned();
+    let mut w = Worker::start(&dir, &redis.url(), "w1", &["--broker-ca", &ca_arg], &[]);
+    w.wait_registered(WAIT);
+    let s = Server::start(
+        &dir.join("out"),
+        &["--broker", &redis.url(), "--broker-ca", &ca_arg],
+        &[],
+    );
+    let id = submit(&s, body(2, 1, 5));
+    assert_eq!(wait_terminal(&s, &id, WAIT)["state"], "done");
+    assert_eq!(pngs(&s.outputs), [format!("{id}-1.png")]);
 
+    // Without the CA the certificate is not trusted: said at once, with the fix.
+    let untrusting = Worker::start(&dir, &redis.url(), "w2", &[], &[]);
+    let (status, log) = untrusting.wait_exit(WAIT);
+    assert!(!status.success());
+    assert!(log.contains("--broker-ca"), "{log}");
+    assert!(!log.contains("tls-pass-5d1e"), "{log}");
+}

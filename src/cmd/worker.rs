@@ -133,7 +133,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             tracing::info!("shutting down: the running job is left to another worker");
             let _ = stop_tx.send(true);
         });
-        remote::run(remote_settings, engine_thread.jobs, events_rx, monitor, stop_rx).await
+        remote::run(
+            remote_settings,
+            engine_thread.jobs,
+            events_rx,
+            monitor,
+            stop_rx,
+        )
+        .await
     })?;
     Ok(())
 }

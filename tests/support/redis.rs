@@ -23,6 +23,8 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     password: Option<String>,
+    /// `(certificate, key, CA)` when it listens with TLS only.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Redis {
@@ -33,15 +35,118 @@ impl Redis {
             port: free_port(),
             dir: dir.to_path_buf(),
             password: password.map(str::to_string),
+            tls: None,
         };
         r.spawn();
         r
     }
 
+    /// [`Redis::start`] listening with TLS only, its certificate (for 127.0.0.1) signed by a
+    /// throwaway CA made with `openssl`; returns it and the CA's PEM file.
+    pub fn start_tls(dir: &Path, password: Option<&str>) -> (Redis, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca = dir.join("ca.crt");
+        let (crt, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+        let ext = dir.join("ext.cnf");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let p = |s: &Path| s.to_string_lossy().into_owned();
+        let steps: [Vec<String>; 3] = [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=zturbo test CA",
+                "-keyout",
+                &p(&dir.join("ca.key")),
+                "-out",
+                &p(&ca),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &p(&key),
+                "-out",
+                &p(&dir.join("redis.csr")),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &p(&dir.join("redis.csr")),
+                "-CA",
+                &p(&ca),
+                "-CAkey",
+                &p(&dir.join("ca.key")),
+                "-CAcreateserial",
+                "-extfile",
+                &p(&ext),
+                "-out",
+                &p(&crt),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl ({e}): .ci/run installs it"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            password: password.map(str::to_string),
+            tls: Some((crt, key, ca.clone())),
+        };
+        r.spawn();
+        (r, ca)
+    }
+
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((crt, key, ca)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(crt)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
             .args([
@@ -79,11 +184,15 @@ impl Redis {
         }
     }
 
-    /// Whether the server answers a PING (a password-protected one answers NOAUTH: it is up).
+    /// Whether the server answers a PING (a password-protected one answers NOAUTH: it is up); a
+    /// TLS one, whether it accepts connections.
     fn answers(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
@@ -95,11 +204,16 @@ impl Redis {
         }
     }
 
-    /// `redis://[:PASSWORD@]127.0.0.1:PORT`.
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT` (`rediss://` with TLS).
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -147,7 +261,13 @@ pub struct Worker {
 
 impl Worker {
     /// Starts a worker named `name` on `broker`; `env` is added to a cleaned environment.
-    pub fn start(dir: &Path, broker: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
+    pub fn start(
+        dir: &Path,
+        broker: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Worker {
         let log = dir.join(format!(
             "worker-{name}-{}.log",
             std::time::SystemTime::now()
@@ -161,16 +281,18 @@ impl Worker {
                 cmd.env_remove(k);
             }
         }
-        cmd.args(["worker", "--model", "demo", "--device", "cpu", "--broker", broker])
-            .args(["--name", name])
-            .arg("--models-dir")
-            .arg(dir.join("no-models-here"))
-            .args(args)
-            .env("ZTURBO_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args([
+            "worker", "--model", "demo", "--device", "cpu", "--broker", broker,
+        ])
+        .args(["--name", name])
+        .arg("--models-dir")
+        .arg(dir.join("no-models-here"))
+        .args(args)
+        .env("ZTURBO_LOG", "info")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("spawn zturbo worker");
         Worker {
             child,
@@ -188,7 +310,11 @@ impl Worker {
         let deadline = Instant::now() + within;
         while !self.log().contains("registered with the broker") {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("worker {} exited ({status}); its log:\n{}", self.name, self.log());
+                panic!(
+                    "worker {} exited ({status}); its log:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,

@@ -104,6 +104,11 @@ pub enum BrokerError {
          URL (redis://:PASSWORD@HOST:PORT) against the server's requirepass"
     )]
     Auth { url: String, detail: String },
+    #[error(
+        "the broker at {url} presented a TLS certificate that is not trusted ({detail}); pass the \
+         CA that signed it with --broker-ca FILE.pem"
+    )]
+    Tls { url: String, detail: String },
     #[error("the broker at {url} cannot be reached: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("the broker at {url} answered with an error: {detail}")]
@@ -247,6 +252,9 @@ impl Broker {
             || detail.contains("NOAUTH")
         {
             BrokerError::Auth { url, detail }
+        } else if detail.contains("certificate") {
+            // Waiting does not make a certificate trusted.
+            BrokerError::Tls { url, detail }
         } else if e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()

@@ -547,9 +547,7 @@ async fn handle(
             (RemoteEnd::Done(Box::new(done)), encoded)
         }
         Err(RunError::Cancelled) => (RemoteEnd::Cancelled, Vec::new()),
-        Err(RunError::Failed(error)) => {
-            (RemoteEnd::Failed { error }, Vec::new())
-        }
+        Err(RunError::Failed(error)) => (RemoteEnd::Failed { error }, Vec::new()),
     };
     // The result must reach the broker before the entry is acknowledged; keep trying while it
     // is away (the heartbeat keeps the entry ours meanwhile).

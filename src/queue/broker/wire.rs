@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::prompt::Enhanced;
-use crate::queue::job::JobError;
 use crate::engine::{Notice, ResolvedParams, Timings};
 use crate::families::{Defaults, FamilyKind, Profile};
+use crate::prompt::Enhanced;
+use crate::queue::job::JobError;
 use crate::request::ValidRequest;
 
 /// The `entry` field of a job's stream entry.
