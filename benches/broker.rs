@@ -4,8 +4,8 @@
 //! jobs at once and times the first submission to the last job done; it then counts jobs lost
 //! (not done) and duplicate or stray images (PNG count against image count).
 //!
-//! `cargo bench --bench broker` (needs `redis-server` on PATH). Knobs: `ZTURBO_BENCH_JOBS` (24),
-//! `ZTURBO_BENCH_SIZE` (256), `ZTURBO_BENCH_STEPS` (4), `ZTURBO_BENCH_THREADS` — CPU threads per
+//! `cargo bench --bench broker` (needs `redis-server` on PATH). Knobs: `ZTURBO_BENCH_JOBS` (16),
+//! `ZTURBO_BENCH_SIZE` (512), `ZTURBO_BENCH_STEPS` (8), `ZTURBO_BENCH_THREADS` — CPU threads per
 //! worker (`RAYON_NUM_THREADS`; default 1, so that two workers on one machine stand for two
 //! machines rather than fight over the same cores; 0 leaves it unset).
 
@@ -31,6 +31,10 @@ struct Round {
     seconds: f64,
     lost: usize,
     extra_images: isize,
+    /// Jobs each worker ran, by name.
+    per_worker: std::collections::BTreeMap<String, usize>,
+    /// Mean engine time of a job (its record's `timings.total_ms`).
+    mean_run_ms: f64,
 }
 
 fn round(workers: usize, jobs: usize, size: u64, steps: u64, threads: u64) -> Round {
@@ -64,12 +68,19 @@ fn round(workers: usize, jobs: usize, size: u64, steps: u64, threads: u64) -> Ro
         })
         .collect();
     let mut lost = 0;
+    let mut per_worker = std::collections::BTreeMap::new();
+    let mut run_ms = Vec::new();
     for id in &ids {
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {
             let (_, j) = get_json(&s.url(&format!("/api/jobs/{id}")));
             match j["state"].as_str() {
-                Some("done") => break,
+                Some("done") => {
+                    let w = j["worker"].as_str().unwrap_or("?").to_string();
+                    *per_worker.entry(w).or_insert(0) += 1;
+                    run_ms.push(j["timings"]["total_ms"].as_f64().unwrap_or(0.0));
+                    break;
+                }
                 Some("failed" | "cancelled") => {
                     lost += 1;
                     break;
@@ -90,14 +101,16 @@ fn round(workers: usize, jobs: usize, size: u64, steps: u64, threads: u64) -> Ro
         seconds,
         lost,
         extra_images,
+        per_worker,
+        mean_run_ms: run_ms.iter().sum::<f64>() / run_ms.len().max(1) as f64,
     }
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; any other argument is a filter we do not have.
-    let jobs = env_or("ZTURBO_BENCH_JOBS", 24) as usize;
-    let size = env_or("ZTURBO_BENCH_SIZE", 256);
-    let steps = env_or("ZTURBO_BENCH_STEPS", 4);
+    let jobs = env_or("ZTURBO_BENCH_JOBS", 16) as usize;
+    let size = env_or("ZTURBO_BENCH_SIZE", 512);
+    let steps = env_or("ZTURBO_BENCH_STEPS", 8);
     let threads = env_or("ZTURBO_BENCH_THREADS", 1);
     println!(
         "broker throughput: demo model, {jobs} jobs of {size}x{size}, {steps} steps, batch 1, \
@@ -112,17 +125,26 @@ fn main() {
         .into_iter()
         .map(|w| round(w, jobs, size, steps, threads))
         .collect();
-    println!("| workers | jobs | seconds | jobs/min | jobs lost | duplicate images |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| workers | jobs | seconds | jobs/min | jobs lost | duplicate images | jobs per worker | mean engine ms/job |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rounds {
+        let split: Vec<String> = r
+            .per_worker
+            .iter()
+            .map(|(w, n)| format!("{w}: {n}"))
+            .collect();
         println!(
-            "| {} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
             r.workers,
             r.jobs,
             r.seconds,
             r.jobs as f64 * 60.0 / r.seconds,
             r.lost,
-            r.extra_images
+            r.extra_images,
+            split.join(", "),
+            r.mean_run_ms
         );
     }
     let speedup = rounds[0].seconds / rounds[1].seconds;
