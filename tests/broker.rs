@@ -142,6 +142,13 @@ fn a_front_door_killed_and_restarted_gets_every_job_back() {
     std::thread::sleep(Duration::from_secs(2));
     let s = front_door(&out, &redis);
     assert_all_done_once(&s, &jobs);
+    // The broker forgets each job once its end is journaled: no result (PNG bytes) is left there.
+    let deadline = Instant::now() + WAIT;
+    while !redis.keys("zturbo:result:*").is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", redis.keys("zturbo:*"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(redis.keys("zturbo:done:*").len(), 3);
     // Settled in the broker: a second restart brings no result back twice.
     drop(s);
     let s = front_door(&out, &redis);
@@ -314,6 +321,15 @@ fn rediss_works_with_the_brokers_ca_and_an_untrusted_certificate_is_a_clear_erro
     let id = submit(&s, body(2, 1, 5));
     assert_eq!(wait_terminal(&s, &id, WAIT)["state"], "done");
     assert_eq!(pngs(&s.outputs), [format!("{id}-1.png")]);
+    // The synchronous surfaces go through the broker too.
+    let (st, _, r) = post_json(
+        &s.url("/v1/images/generations"),
+        &json!({"prompt": "a red fox", "n": 2, "size": "64x64", "quality": "low",
+                "response_format": "b64_json"}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["data"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(pngs(&s.outputs).len(), 3);
 
     // Without the CA the certificate is not trusted: said at once, with the fix.
     let untrusting = Worker::start(&dir, &redis.url(), "w2", &[], &[]);

@@ -204,6 +204,31 @@ impl Redis {
         }
     }
 
+    /// The keys matching `pattern` (`KEYS`; plain-text servers only), sorted.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = Vec::new();
+        if let Some(p) = &self.password {
+            req.extend(resp(&["AUTH", p]));
+        }
+        req.extend(resp(&["KEYS", pattern]));
+        s.write_all(&req).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        // `+OK` for AUTH, then `*N` and N bulk strings (`$len`, value).
+        let mut lines = out.lines().skip_while(|l| !l.starts_with('*'));
+        let n: usize = lines.next().unwrap()[1..].parse().unwrap();
+        let mut keys: Vec<String> = lines
+            .filter(|l| !l.starts_with('$'))
+            .take(n)
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// `redis://[:PASSWORD@]127.0.0.1:PORT` (`rediss://` with TLS).
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() {
@@ -369,4 +394,13 @@ pub fn pngs(outputs: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// One command in the Redis protocol.
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    out.into_bytes()
 }

@@ -89,6 +89,10 @@ struct Shared {
     models: RwLock<Vec<ModelRecord>>,
     memory: Mutex<HashMap<String, Feed>>,
     events: mpsc::UnboundedSender<WorkerEvent>,
+    /// Jobs the journal has as ended, checked once after the first connection: one whose
+    /// settling was cut off (the front door died between journaling its end and telling the
+    /// broker) still has a result or an entry there, and is settled then.
+    ended: Mutex<Vec<JobId>>,
 }
 
 impl Shared {
@@ -248,6 +252,13 @@ pub fn start(
         models: RwLock::new(Vec::new()),
         memory: Mutex::new(HashMap::new()),
         events,
+        ended: Mutex::new(
+            recovered
+                .iter()
+                .filter(|r| r.state.is_terminal())
+                .map(|r| r.id.clone())
+                .collect(),
+        ),
     });
     let handle = FrontHandle { tx, shared };
     for r in recovered.iter().filter(|r| !r.state.is_terminal()) {
@@ -535,6 +546,7 @@ async fn follow(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(),
             deliver(shared, conn, &id).await?;
         }
     }
+    settle_ended(shared, conn).await?;
     shared.health.up();
     loop {
         let reply: Option<StreamReadReply> = redis::cmd("XREAD")
@@ -563,6 +575,33 @@ async fn follow(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(),
             }
         }
     }
+}
+
+/// Settles the journal's ended jobs that the broker still holds (see [`Shared::ended`]).
+async fn settle_ended(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    let ended = std::mem::take(&mut *shared.ended.lock().unwrap_or_else(|e| e.into_inner()));
+    let result = async {
+        for chunk in ended.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.exists(result_key(id)).exists(enqueued_key(id));
+            }
+            let held: Vec<bool> = pipe.query_async(conn).await?;
+            for (id, held) in chunk.iter().zip(held.chunks(2)) {
+                if held.iter().any(|h| *h) {
+                    tracing::info!(job_id = %id, "settling a job whose end was journaled before the broker heard of it");
+                    command(shared, conn, &FrontCmd::Settle(id.clone())).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        // Tried again after the next connection.
+        *shared.ended.lock().unwrap_or_else(|e| e.into_inner()) = ended;
+    }
+    result
 }
 
 fn text(map: &HashMap<String, Value>, key: &str) -> Option<String> {
