@@ -175,6 +175,9 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
                     events_tx,
                 )
             };
+            if let Err(e) = runtime.block_on(front.refresh()) {
+                tracing::warn!("{e}");
+            }
             (queue::Backend::Broker(front), info, monitor)
         }
     };

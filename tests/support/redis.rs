@@ -204,21 +204,30 @@ impl Redis {
         }
     }
 
-    /// The keys matching `pattern` (`KEYS`; plain-text servers only), sorted.
-    pub fn keys(&self, pattern: &str) -> Vec<String> {
+    /// Sends one command (plain-text servers only); the raw reply, after AUTH's `+OK`.
+    pub fn command(&self, args: &[&str]) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut req = Vec::new();
         if let Some(p) = &self.password {
             req.extend(resp(&["AUTH", p]));
         }
-        req.extend(resp(&["KEYS", pattern]));
+        req.extend(resp(args));
         s.write_all(&req).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        // `+OK` for AUTH, then `*N` and N bulk strings (`$len`, value).
-        let mut lines = out.lines().skip_while(|l| !l.starts_with('*'));
+        match &self.password {
+            Some(_) => out.strip_prefix("+OK\r\n").unwrap_or(&out).to_string(),
+            None => out,
+        }
+    }
+
+    /// The keys matching `pattern` (`KEYS`), sorted.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let out = self.command(&["KEYS", pattern]);
+        // `*N`, then N bulk strings (`$len`, value).
+        let mut lines = out.lines();
         let n: usize = lines.next().unwrap()[1..].parse().unwrap();
         let mut keys: Vec<String> = lines
             .filter(|l| !l.starts_with('$'))

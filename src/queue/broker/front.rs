@@ -160,6 +160,16 @@ impl FrontHandle {
             .unwrap_or_default()
     }
 
+    /// Reads the worker registry now (the background task refreshes it every second), so that
+    /// a front door lists its workers from its first answer.
+    pub async fn refresh(&self) -> Result<(), BrokerError> {
+        let broker = &self.shared.broker;
+        let mut conn = broker.connect().await?;
+        refresh_registry(&self.shared, &mut conn)
+            .await
+            .map_err(|e| broker.error(e))
+    }
+
     /// The model this front door serves.
     pub fn model(&self) -> &str {
         &self.shared.model
@@ -695,32 +705,36 @@ async fn registry(shared: Arc<Shared>) {
             conn = shared.broker.connect().await.ok();
         }
         if let Some(c) = conn.as_mut() {
-            match read_registry(c).await {
-                Ok((workers, models)) => {
-                    let live: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
-                    if let Ok(mut w) = shared.workers.write() {
-                        *w = workers;
-                    }
-                    if let Ok(mut m) = shared.models.write() {
-                        *m = models;
-                    }
-                    // Feeds of workers that are gone are dropped.
-                    shared
-                        .memory
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|name, _| live.contains(name));
-                }
-                Err(_) => {
-                    conn = None;
-                    if let Ok(mut w) = shared.workers.write() {
-                        w.clear();
-                    }
+            if refresh_registry(&shared, c).await.is_err() {
+                conn = None;
+                if let Ok(mut w) = shared.workers.write() {
+                    w.clear();
                 }
             }
         }
         tokio::time::sleep(HEARTBEAT).await;
     }
+}
+
+async fn refresh_registry(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), RedisError> {
+    let (workers, models) = read_registry(conn).await?;
+    let live: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
+    if let Ok(mut w) = shared.workers.write() {
+        *w = workers;
+    }
+    if let Ok(mut m) = shared.models.write() {
+        *m = models;
+    }
+    // Feeds of workers that are gone are dropped.
+    shared
+        .memory
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|name, _| live.contains(name));
+    Ok(())
 }
 
 /// The registered workers that are alive (those whose heartbeat key expired are struck off) and

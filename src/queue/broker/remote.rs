@@ -13,6 +13,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{RedisError, Script};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use super::wire::{JobEntry, ModelRecord, Progress, RemoteDone, RemoteEnd, WorkerInfo};
 use super::*;
@@ -438,7 +439,23 @@ async fn handle(
         return ack(ctx, conn, &entry_id).await;
     };
     let span = tracing::info_span!("job", job_id = %id, worker = %ctx.settings.name);
-    let _guard = span.enter();
+    run_entry(ctx, conn, jobs, events, shutdown, entry, entry_id, id)
+        .instrument(span)
+        .await
+}
+
+/// [`handle`] for an entry with a job id, in the job's span.
+#[allow(clippy::too_many_arguments)]
+async fn run_entry(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    jobs: &std_mpsc::Sender<WorkItem>,
+    events: &mut mpsc::UnboundedReceiver<WorkerEvent>,
+    shutdown: &watch::Receiver<bool>,
+    entry: StreamId,
+    entry_id: String,
+    id: String,
+) -> Result<(), RedisError> {
     // The job id is the idempotency key: a job with a result (or settled) is not run again.
     let (has_result, settled, cancelled): (bool, bool, bool) = redis::pipe()
         .exists(result_key(&id))
