@@ -355,3 +355,25 @@ fn rediss_works_with_the_brokers_ca_and_an_untrusted_certificate_is_a_clear_erro
     assert!(log.contains("--broker-ca"), "{log}");
     assert!(!log.contains("tls-pass-5d1e"), "{log}");
 }
+
+#[test]
+fn a_live_worker_keeps_a_job_that_outlasts_the_visibility_timeout() {
+    let dir = temp_dir("broker-long-job");
+    let redis = Redis::start(&dir.join("redis"), None);
+    let slow = [("ZTURBO_TEST_WORKER_DELAY_MS", "250")];
+    let claim = ["--claim-after", "1"];
+    let mut w1 = Worker::start(&dir, &redis.url(), "w1", &claim, &slow);
+    w1.wait_registered(WAIT);
+    let s = front_door(&dir.join("out"), &redis);
+    // 14 steps of 250 ms: well past the 1 s visibility timeout, with an idle second worker
+    // looking for entries to take over all along.
+    let id = submit(&s, body(14, 1, 3));
+    wait_running_on(&s, &id, "w1", 1);
+    let mut w2 = Worker::start(&dir, &redis.url(), "w2", &claim, &slow);
+    w2.wait_registered(WAIT);
+    let job = wait_terminal(&s, &id, WAIT);
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["worker"], "w1", "{job}");
+    assert!(!w2.log().contains("taking over"), "{}", w2.log());
+    assert_eq!(pngs(&s.outputs), [format!("{id}-1.png")]);
+}
