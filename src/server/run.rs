@@ -1,6 +1,7 @@
 //! `server::run`: the wiring of a serving process. Refuses an unsafe configuration before anything
 //! loads, locks the outputs folder, loads the model on the worker thread (nothing is served until
-//! it reports back), restores the journaled jobs, binds, prints the one stdout line
+//! it reports back) — or, with `--broker`, becomes the front door of remote workers (no model here;
+//! it waits until a worker has registered the model) — restores the journaled jobs, binds, prints the one stdout line
 //! (`listening on http://HOST:PORT`) and serves under our own connection limits until Ctrl-C or
 //! SIGTERM, then lets the running job stop and the journal settle.
 
