@@ -4,5 +4,6 @@
 pub mod generate;
 pub mod hostile;
 pub mod models;
+pub mod quantize;
 pub mod soak;
 pub mod worker;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use zturbo::engine::{load, Engine};
+use zturbo::families::catalog::Resolved;
 use zturbo::memory::monitor::{Monitor, Tags};
 use zturbo::queue::broker::{remote, wire::ModelRecord, Broker};
 use zturbo::queue::worker;
@@ -89,13 +90,18 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     runtime.block_on(remote::check(&broker))?;
 
     let resolved = load::resolve(&settings.model, false)?;
-    let demo = resolved.demo;
-    let description = zturbo::server::describe(&resolved);
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let model_settings = settings.model.clone();
+    // The weights the engine settles on (the planner may pick a pulled variant), as `serve` does.
+    let chosen: Arc<std::sync::Mutex<Option<Resolved>>> = Default::default();
+    let chosen_in = chosen.clone();
     let build = move || -> std::result::Result<Engine, String> {
-        let mut engine = load::open(&model_settings, resolved).map_err(|e| e.to_string())?;
+        let (mut engine, resolved) =
+            load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
+        if let Ok(mut c) = chosen_in.lock() {
+            *c = Some(resolved);
+        }
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
@@ -109,6 +115,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let (engine_thread, loaded) = worker::spawn(build, config, events_tx)
         .map_err(|e| anyhow!("the model did not load: {e}"))?;
     tracing::info!(model = %loaded.model, device = %loaded.device, worker = %name, "model loaded");
+    let resolved = chosen
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take())
+        .ok_or_else(|| anyhow!("the model loaded without saying which weights"))?;
+    let demo = resolved.demo;
+    let description = zturbo::server::describe(&resolved);
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let remote_settings = remote::RemoteSettings {
         broker,

@@ -16,6 +16,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::quantized::{LowRankDelta, StoredMatrix};
+
 #[cfg(feature = "mkl")]
 use super::cpu::matmul::{LinearBf16, MatmulBf16};
 
@@ -57,10 +59,23 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
     }
 }
 
-/// A linear layer `y = x·Wᵀ + b` whose weight may be stored in a narrower dtype than its input
-/// (bf16 weight, f32 input on the CPU). The bias is kept in the activation dtype.
+/// A linear layer `y = x·Wᵀ + b (+ Σ scale·x·Aᵀ·Bᵀ)`.
+///
+/// The weight is kept as it was stored ([`StoredMatrix`]): a plain tensor, possibly narrower than
+/// the input (bf16 weight, f32 input on the CPU), or quantized (GGUF blocks, fp8 codes), which is
+/// dequantized into `dense` — the model's weight dtype — just before its product and dropped
+/// right after, so only one layer's dense copy ever exists. The bias is kept in the activation
+/// dtype.
+///
+/// Low-rank deltas (LoRA) ride on top at run time: [`Lin::set_deltas`] replaces them without
+/// touching, reloading or dequantizing-and-keeping the base weight.
 #[derive(Debug, Clone)]
-pub struct Lin(candle_nn::Linear);
+pub struct Lin {
+    weight: StoredMatrix,
+    bias: Option<Tensor>,
+    dense: DType,
+    deltas: Vec<LowRankDelta>,
+}
 
 impl Lin {
     /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb` in its dtype; when that is bf16 on
@@ -77,6 +92,24 @@ impl Lin {
         Self::from_parts(weight, bias, act)
     }
 
+    /// From a weight as stored (a quantized one stays quantized and multiplies in `dense`); the
+    /// bias is converted to the activation dtype for `dense` on `device`. (Loading from model
+    /// files: `Lin::load`, in `families::weights`.)
+    pub fn from_stored(
+        weight: StoredMatrix,
+        bias: Option<Tensor>,
+        dense: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let act = activation_dtype(dense, device);
+        Ok(Self {
+            weight,
+            bias: bias.map(|b| b.to_dtype(act)).transpose()?,
+            dense,
+            deltas: Vec::new(),
+        })
+    }
+
     /// From loaded tensors; the bias is converted to `act`, the activation dtype.
     pub fn from_parts(
         weight: Tensor,
@@ -84,24 +117,82 @@ impl Lin {
         act: DType,
     ) -> candle_core::Result<Self> {
         let bias = bias.map(|b| b.to_dtype(act)).transpose()?;
-        Ok(Self(candle_nn::Linear::new(weight, bias)))
+        Ok(Self {
+            dense: weight.dtype(),
+            weight: StoredMatrix::Dense(weight),
+            bias,
+            deltas: Vec::new(),
+        })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.0.weight()
+    /// The plain weight tensor, `None` when it is stored quantized.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            StoredMatrix::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The weight as stored (plain or quantized).
+    pub fn stored(&self) -> &StoredMatrix {
+        &self.weight
+    }
+
+    /// The dtype the weight multiplies in (its own, or the one it is dequantized into).
+    pub fn weight_dtype(&self) -> DType {
+        self.dense
+    }
+
+    /// Replaces the low-rank deltas added to this layer's output (empty: none). Each `A` must be
+    /// `[rank, in]` and each `B` `[out, rank]`.
+    pub fn set_deltas(&mut self, deltas: Vec<LowRankDelta>) -> candle_core::Result<()> {
+        let dims = self.weight.dims();
+        let (out, inp) = (dims[0], dims[1]);
+        for d in &deltas {
+            let (ra, ia) = d.a.dims2()?;
+            let (ob, rb) = d.b.dims2()?;
+            if ia != inp || ob != out || ra != rb {
+                candle_core::bail!(
+                    "low-rank delta A {:?} · B {:?} does not fit a [{out}, {inp}] weight",
+                    d.a.dims(),
+                    d.b.dims()
+                )
+            }
+        }
+        self.deltas = deltas;
+        Ok(())
+    }
+
+    pub fn deltas(&self) -> &[LowRankDelta] {
+        &self.deltas
     }
 }
 
 impl Module for Lin {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.dtype() == self.weight().dtype() {
-            return self.0.forward(x);
-        }
-        let y = linear_mixed(x, self.weight())?;
-        match self.0.bias() {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let y = match &self.weight {
+            StoredMatrix::Dense(w) => dense_linear(x, w, self.bias.as_ref())?,
+            stored => {
+                // One layer's dense copy, alive only for this product.
+                let w = stored.dequantize(self.dense)?;
+                dense_linear(x, &w, self.bias.as_ref())?
+            }
+        };
+        self.deltas.iter().try_fold(y, |y, d| {
+            let dy = d.apply(x)?.to_dtype(y.dtype())?;
+            y + dy
+        })
+    }
+}
+
+fn dense_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if x.dtype() == w.dtype() {
+        return candle_nn::Linear::new(w.clone(), bias.cloned()).forward(x);
+    }
+    let y = linear_mixed(x, w)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 

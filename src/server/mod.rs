@@ -28,7 +28,7 @@ use axum::Router;
 use futures::Stream;
 use tokio::sync::watch;
 
-use crate::families::Profile;
+use crate::families::{ComponentFiles, Profile};
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
 use crate::queue::worker::Loaded;
@@ -64,6 +64,10 @@ pub struct ServerInfo {
     pub outputs: PathBuf,
     /// The loaded model's folder (`None` for the embedded demo).
     pub model_path: Option<String>,
+    /// Component weights loaded from single files (`--transformer` …).
+    pub component_files: ComponentFiles,
+    /// `--comfyui-dir`: a ComfyUI tree whose weight files the Models panel lists.
+    pub comfyui_dir: Option<PathBuf>,
     /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
     pub started_at_s: u64,
     /// How long a synchronous call (`/v1`, `/sdapi`) waits for its jobs (`None`: no limit).
@@ -92,6 +96,8 @@ impl ServerInfo {
             models_dir,
             outputs,
             model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
             sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
         }
@@ -118,6 +124,8 @@ impl ServerInfo {
             models_dir,
             outputs,
             model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
             sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
         }
@@ -467,6 +475,8 @@ mod tests {
             models_dir: outputs.join("models"),
             outputs,
             model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
             started_at_s: 0,
             sync_timeout: Some(Duration::from_secs(2)),
         };

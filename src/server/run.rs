@@ -110,14 +110,17 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (backend, mut info, monitor) = match backing {
         Backing::Local(resolved) => {
-            let model_path = resolved.dir.path().map(|p| p.display().to_string());
-            let demo = resolved.demo;
-            let description = describe(&resolved);
             // The engine loads on its own thread; nothing is served until it reports back.
             let model_settings = settings.model.clone();
+            // The weights the engine settles on (the planner may pick a pulled variant).
+            let chosen: Arc<std::sync::Mutex<Option<catalog::Resolved>>> = Default::default();
+            let chosen_in = chosen.clone();
             let build = move || -> Result<Engine, String> {
-                let mut engine =
-                    load::open(&model_settings, resolved).map_err(|e| e.to_string())?;
+                let (mut engine, resolved) =
+                    load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
+                if let Ok(mut c) = chosen_in.lock() {
+                    *c = Some(resolved);
+                }
                 engine
                     .warm_up()
                     .map_err(|e| format!("loading the model's weights failed: {e}"))?;
@@ -135,6 +138,16 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
                 max_batch = loaded.max_batch,
                 "model loaded"
             );
+            let resolved = chosen
+                .lock()
+                .ok()
+                .and_then(|mut c| c.take())
+                .ok_or_else(|| {
+                    ServeError::Settings("the model loaded without saying which weights".into())
+                })?;
+            let model_path = resolved.dir.path().map(|p| p.display().to_string());
+            let demo = resolved.demo;
+            let description = describe(&resolved);
             let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
             let mut info = ServerInfo::new(
                 &loaded,
@@ -145,6 +158,8 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
                 settings.outputs.clone(),
             );
             info.model_path = model_path;
+            info.component_files = resolved.files.clone();
+            info.comfyui_dir = settings.model.comfyui_dir.clone();
             (queue::Backend::Local(worker.jobs), info, monitor)
         }
         Backing::Front(broker) => {
@@ -251,15 +266,33 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     })
 }
 
-/// What `/api/info` says about a model.
+/// The Models panel's sentence for the loaded weights (also what a remote worker registers).
 pub fn describe(resolved: &catalog::Resolved) -> String {
     if resolved.demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
+        return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string();
+    }
+    let base_name = resolved.name.split(" (").next().unwrap_or(&resolved.name);
+    let base = catalog::entry(base_name)
+        .map(|e| e.description.to_string())
+        .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
+    let files: Vec<String> = [
+        ("transformer", &resolved.files.transformer),
+        ("text encoder", &resolved.files.text_encoder),
+        ("VAE", &resolved.files.vae),
+    ]
+    .iter()
+    .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
+    .collect();
+    let variant = resolved
+        .variant
+        .as_ref()
+        .map(|v| format!(" Variant {v}."))
+        .unwrap_or_default();
+    if files.is_empty() {
+        format!("{base}{variant}")
     } else {
-        catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
+        format!("{base}{variant} With {}.", files.join(", "))
     }
 }
 
