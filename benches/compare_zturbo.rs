@@ -108,6 +108,7 @@ fn main() -> Result<()> {
         // Prompts reach the model verbatim, as diffusers receives them.
         enhance: Some(false),
         memory_mode: Some(MemoryMode::Performance),
+        ..Default::default()
     }
     .validate(&limits)
     .map_err(|e| anyhow!("{}: {}", e.field, e.message))?;

@@ -204,6 +204,7 @@ fn child(
         batch: 1,
         enhance: true,
         memory_mode: mode,
+        enhance_exclude: Vec::new(),
     };
     let mut times = Vec::new();
     let mut phases = Vec::new();

@@ -44,7 +44,18 @@ pub struct GenerationRequest {
     pub enhance: Option<bool>,
     #[serde(default)]
     pub memory_mode: Option<MemoryMode>,
+    /// Phrases the enhancement must not add (the UI's removed chips), as the preview showed them.
+    #[serde(default)]
+    pub enhance_exclude: Vec<String>,
+    /// The model to run on (a name `/api/models` lists as local); the selected one when absent.
+    /// The server checks it and records it with the job; validation ignores it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
+
+/// At most this many excluded enhancement phrases, each at most [`MAX_EXCLUDE_CHARS`] long.
+pub const MAX_EXCLUDED_PHRASES: usize = 64;
+pub const MAX_EXCLUDE_CHARS: usize = 200;
 
 /// What a request is validated against: the loaded model's facts and the server's limits.
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +99,9 @@ pub struct ValidRequest {
     pub batch: u32,
     pub enhance: bool,
     pub memory_mode: MemoryMode,
+    /// Phrases the enhancement leaves out (see [`GenerationRequest::enhance_exclude`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enhance_exclude: Vec<String>,
 }
 
 /// A user error: which field, and what is wrong with it.
@@ -166,6 +180,7 @@ impl GenerationRequest {
                 ),
             ));
         }
+        let enhance_exclude = check_excluded(self.enhance_exclude)?;
         Ok(ValidRequest {
             prompt,
             negative_prompt,
@@ -177,8 +192,41 @@ impl GenerationRequest {
             batch,
             enhance: self.enhance.unwrap_or(true),
             memory_mode: self.memory_mode.unwrap_or(limits.default_memory_mode),
+            enhance_exclude,
         })
     }
+}
+
+/// `enhance_exclude`: a bounded list of short phrases without control characters.
+pub fn check_excluded(list: Vec<String>) -> Result<Vec<String>, FieldError> {
+    const FIELD: &str = "enhance_exclude";
+    if list.len() > MAX_EXCLUDED_PHRASES {
+        return Err(FieldError::new(
+            FIELD,
+            format!(
+                "at most {MAX_EXCLUDED_PHRASES} phrases (got {})",
+                list.len()
+            ),
+        ));
+    }
+    list.into_iter()
+        .map(|p| {
+            let n = p.chars().count();
+            if n > MAX_EXCLUDE_CHARS {
+                return Err(FieldError::new(
+                    FIELD,
+                    format!("each phrase must be at most {MAX_EXCLUDE_CHARS} characters (got {n})"),
+                ));
+            }
+            if p.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    FIELD,
+                    "must not contain control characters",
+                ));
+            }
+            Ok(p.trim().to_string())
+        })
+        .collect()
 }
 
 fn check_text(field: &str, text: String) -> Result<String, FieldError> {

@@ -99,6 +99,8 @@ pub struct ServeSettings {
     pub max_connections: usize,
     /// How long a synchronous generation call waits for its jobs (`None`: no limit).
     pub sync_timeout: Option<Duration>,
+    /// Job streams carry live `preview` events (`--preview off`: never).
+    pub preview: bool,
     /// `--broker`: serve as the front door of remote workers (no model is loaded here).
     pub broker: Option<BrokerSettings>,
 }

@@ -255,6 +255,29 @@ fn a_cancel_reaches_the_remote_worker_running_the_job() {
     );
     w.wait_registered(WAIT);
     let s = front_door(&dir.join("out"), &redis);
+    // A front door switches no model (its workers load theirs at start): naming the served one
+    // is fine, any other is a 409 that says so — for a switch, a job and the A1111 option.
+    let (status, _, r) = post_json(&s.url("/api/model"), &json!({ "name": "demo" }));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["state"], "loaded", "{r}");
+    let (status, _, r) = post_json(&s.url("/api/model"), &json!({ "name": "sd-turbo" }));
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["field"], "name", "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("workers serve the model `demo`"), "{msg}");
+    let mut other = body(2, 1, 8);
+    other["model"] = json!("sd-turbo");
+    let (status, _, r) = post_json(&s.url("/api/jobs"), &other);
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["error"]["field"], "model", "{r}");
+    let (status, _, r) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({ "sd_model_checkpoint": "sd-turbo" }),
+    );
+    assert_eq!(status, 409, "{r}");
+    // Live previews are local only: the front door says it sends none.
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["preview"], false, "{info}");
     let id = submit(&s, body(40, 1, 9));
     wait_running_on(&s, &id, "w1", 1);
     let t = Instant::now();

@@ -52,6 +52,7 @@ fn request(cfg: f32) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: MemoryMode::Performance,
+        enhance_exclude: Vec::new(),
     }
 }
 

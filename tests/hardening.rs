@@ -410,6 +410,7 @@ mod engine_cancel {
             batch: 2,
             enhance: false,
             memory_mode: MemoryMode::Performance,
+            enhance_exclude: Vec::new(),
         }
     }
 

@@ -117,6 +117,7 @@ fn request(w: u32, h: u32, mode: MemoryMode) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: mode,
+        enhance_exclude: Vec::new(),
     }
 }
 

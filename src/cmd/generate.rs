@@ -55,7 +55,7 @@ pub struct GenerateArgs {
     from_png: Option<PathBuf>,
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),
@@ -132,6 +132,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         batch: args.batch,
         enhance: args.enhance.or(args.from_png.as_ref().map(|_| false)),
         memory_mode: args.memory_mode,
+        ..Default::default()
     }
     .validate(&limits)
     .map_err(|e| anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;

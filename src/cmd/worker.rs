@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use zturbo::engine::{load, Engine};
-use zturbo::families::catalog::Resolved;
+use zturbo::engine::load;
 use zturbo::memory::monitor::{Monitor, Tags};
 use zturbo::queue::broker::{remote, wire::ModelRecord, Broker};
 use zturbo::queue::worker;
@@ -90,38 +89,51 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     runtime.block_on(remote::check(&broker))?;
 
     let resolved = load::resolve(&settings.model, false)?;
+    let initial = resolved.name.clone();
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let model_settings = settings.model.clone();
-    // The weights the engine settles on (the planner may pick a pulled variant), as `serve` does.
-    let chosen: Arc<std::sync::Mutex<Option<Resolved>>> = Default::default();
-    let chosen_in = chosen.clone();
-    let build = move || -> std::result::Result<Engine, String> {
+    // A remote worker serves the one model it started with (the front door never asks it to
+    // switch), so the loader only ever sees that name; the weights are those the planner
+    // settles on (it may pick a pulled variant), as with `serve`.
+    let first = std::sync::Mutex::new(Some(resolved));
+    let loader: worker::Loader = Arc::new(move |name: &str| -> std::result::Result<_, String> {
+        let resolved = match first.lock().ok().and_then(|mut f| f.take()) {
+            Some(r) => r,
+            None => load::resolve(&model_settings, false).map_err(|e| e.to_string())?,
+        };
+        if resolved.name != name {
+            return Err(format!(
+                "this worker serves `{}`; it cannot load `{name}`",
+                resolved.name
+            ));
+        }
         let (mut engine, resolved) =
             load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
-        if let Ok(mut c) = chosen_in.lock() {
-            *c = Some(resolved);
-        }
+        let meta = worker::ModelMeta {
+            demo: resolved.demo,
+            description: zturbo::server::describe(&resolved),
+            path: resolved.dir.path().map(|p| p.display().to_string()),
+            files: resolved.files.clone(),
+        };
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
-        Ok(engine)
-    };
+        Ok((engine, meta))
+    });
     let config = worker::WorkerConfig {
         outputs: None,
         tags: tags.clone(),
         step_delay: worker::WorkerConfig::step_delay_from_env(),
+        // Live previews stay on the machine that serves the page: a remote worker's steps do
+        // not travel through the broker.
+        preview: false,
     };
-    let (engine_thread, loaded) = worker::spawn(build, config, events_tx)
+    let (engine_thread, loaded) = worker::spawn(loader, initial, config, events_tx)
         .map_err(|e| anyhow!("the model did not load: {e}"))?;
     tracing::info!(model = %loaded.model, device = %loaded.device, worker = %name, "model loaded");
-    let resolved = chosen
-        .lock()
-        .ok()
-        .and_then(|mut c| c.take())
-        .ok_or_else(|| anyhow!("the model loaded without saying which weights"))?;
-    let demo = resolved.demo;
-    let description = zturbo::server::describe(&resolved);
+    let demo = loaded.meta.demo;
+    let description = loaded.meta.description.clone();
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let remote_settings = remote::RemoteSettings {
         broker,

@@ -265,6 +265,7 @@ mod tests {
                 batch: 1,
                 enhance: true,
                 memory_mode: MemoryMode::Performance,
+                enhance_exclude: Vec::new(),
             },
             cfg_requested: 3.2,
             precision: "f32".into(),

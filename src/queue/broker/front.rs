@@ -507,6 +507,7 @@ async fn read_result(
         plan: done.plan,
         images: names,
         encoded: Vec::new(),
+        image_seeds: done.image_seeds,
     }))
 }
 

@@ -20,7 +20,7 @@ use super::*;
 use crate::engine::CancelToken;
 use crate::memory::monitor::Monitor;
 use crate::queue::job::{now_ms, FailureKind, JobError, JobId};
-use crate::queue::worker::{RunError, RunOutput, WorkItem, WorkerEvent};
+use crate::queue::worker::{RunError, RunOutput, Work, WorkItem, WorkerEvent};
 
 /// Extends a running job's visibility timeout if this worker still holds its entry (1), or says
 /// it lost it (0: another worker took it over, or it was settled).
@@ -94,7 +94,7 @@ pub async fn check(broker: &Broker) -> Result<(), BrokerError> {
 /// another worker (it is taken over after the visibility timeout).
 pub async fn run(
     settings: RemoteSettings,
-    jobs: std_mpsc::Sender<WorkItem>,
+    jobs: std_mpsc::Sender<Work>,
     mut events: mpsc::UnboundedReceiver<WorkerEvent>,
     monitor: Arc<Monitor>,
     mut shutdown: watch::Receiver<bool>,
@@ -428,7 +428,7 @@ async fn end_early(
 async fn handle(
     ctx: &Ctx,
     conn: &mut MultiplexedConnection,
-    jobs: &std_mpsc::Sender<WorkItem>,
+    jobs: &std_mpsc::Sender<Work>,
     events: &mut mpsc::UnboundedReceiver<WorkerEvent>,
     shutdown: &watch::Receiver<bool>,
     entry: StreamId,
@@ -449,7 +449,7 @@ async fn handle(
 async fn run_entry(
     ctx: &Ctx,
     conn: &mut MultiplexedConnection,
-    jobs: &std_mpsc::Sender<WorkItem>,
+    jobs: &std_mpsc::Sender<Work>,
     events: &mut mpsc::UnboundedReceiver<WorkerEvent>,
     shutdown: &watch::Receiver<bool>,
     entry: StreamId,
@@ -520,8 +520,10 @@ async fn run_entry(
         request: job.request,
         cancel: cancel.clone(),
         queue_ms: now_ms().saturating_sub(job.created_at),
+        // The one model this worker loaded (it never switches).
+        model: ctx.settings.record.model.clone(),
     };
-    let outcome = if jobs.send(item).is_err() {
+    let outcome = if jobs.send(Work::Job(item)).is_err() {
         Err(RunError::Failed(JobError::new(
             FailureKind::Internal,
             "the worker thread has stopped",
@@ -551,6 +553,7 @@ async fn run_entry(
                 peak_memory_bytes,
                 plan,
                 encoded,
+                image_seeds,
                 ..
             } = *out;
             let done = RemoteDone {
@@ -560,6 +563,7 @@ async fn run_entry(
                 timings,
                 peak_memory_bytes,
                 plan,
+                image_seeds,
             };
             (RemoteEnd::Done(Box::new(done)), encoded)
         }

@@ -86,6 +86,9 @@ pub struct RemoteDone {
     pub timings: Timings,
     pub peak_memory_bytes: u64,
     pub plan: crate::memory::planner::Plan,
+    /// Each image's own seed, in the order of the images.
+    #[serde(default)]
+    pub image_seeds: Vec<u64>,
 }
 
 /// A step as the `progress` event carries it.
