@@ -53,7 +53,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
 enum Backing {
     /// The model to load here, by name.
     Local(String),
-    Front(Broker),
+    Front(Box<Broker>),
 }
 
 /// Serves until Ctrl-C or SIGTERM.
@@ -92,7 +92,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     // model fails before anything starts.
     let backing = match &settings.broker {
         None => Backing::Local(load::resolve(&settings.model, true)?.name),
-        Some(b) => Backing::Front(Broker::open(b)?),
+        Some(b) => Backing::Front(Box::new(Broker::open(b)?)),
     };
     std::fs::create_dir_all(&settings.outputs).map_err(io(format!(
         "creating the outputs folder {}",
@@ -178,7 +178,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
             let front = {
                 let _rt = runtime.enter();
                 front::start(
-                    broker,
+                    *broker,
                     record.model.clone(),
                     settings.outputs.clone(),
                     &recovered,
