@@ -1,7 +1,7 @@
 //! The `zturbo` command: parses the command line and dispatches — `serve` the web UI
 //! (`zturbo::server::run`), `generate` images from the terminal, `pull` a model from the Hugging
-//! Face hub, list `models`, `quantize` weights, `soak` or `probe` a server. The commands live in
-//! `cmd/`.
+//! Face hub, list `models`, `quantize` weights, `soak` or `probe` a server, run a remote `worker`
+//! behind a broker. The commands live in `cmd/`.
 
 mod cmd;
 
@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{generate, hostile, models, quantize, soak};
+use cmd::{generate, hostile, models, quantize, soak, worker};
 use zturbo::families::Precision;
 use zturbo::memory::parse_bytes;
-use zturbo::settings::{DeviceSpec, ModelSettings, ServeSettings};
+use zturbo::settings::{BrokerSettings, DeviceSpec, ModelSettings, ServeSettings};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +82,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Generate images from the terminal.
     Generate(Box<generate::GenerateArgs>),
+    /// Run jobs for a front door (`zturbo serve --broker URL`) on this machine: loads the model,
+    /// registers with the Redis broker and runs the jobs it is given. Listens on no port.
+    Worker(Box<worker::WorkerArgs>),
     /// Download a model into the Hugging Face cache (resumes interrupted downloads).
     Pull {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
@@ -175,6 +178,30 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_PREVIEW", default_value = "on", value_parser = generate::parse_on_off,
           action = clap::ArgAction::Set)]
     preview: bool,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// The Redis broker that joins a front door and its workers.
+#[derive(clap::Args, Clone)]
+pub struct BrokerArgs {
+    /// redis://[:PASSWORD@]HOST:PORT[/DB], or rediss://… for TLS. With `serve`: run as the front
+    /// door of remote workers (no model is loaded here; --model names the model they serve).
+    #[arg(long, env = "ZTURBO_BROKER", hide_env_values = true)]
+    broker: Option<String>,
+    /// PEM file of the CA that signed the broker's TLS certificate (rediss:// only; default: the
+    /// system's trusted roots).
+    #[arg(long, env = "ZTURBO_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn settings(&self) -> Option<BrokerSettings> {
+        self.broker.as_ref().map(|url| BrokerSettings {
+            url: url.clone(),
+            ca: self.broker_ca.clone(),
+        })
+    }
 }
 
 impl ModelArgs {
@@ -209,6 +236,7 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_connections: self.max_connections as usize,
             sync_timeout: (self.sync_timeout > 0).then(|| Duration::from_secs(self.sync_timeout)),
+            broker: self.broker.settings(),
             preview: self.preview,
         }
     }
@@ -226,6 +254,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => zturbo::server::run(args.settings()).map_err(Into::into),
         Command::Generate(args) => generate::run(*args),
+        Command::Worker(args) => worker::run(*args),
         Command::Pull {
             name,
             configs_only,

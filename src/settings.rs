@@ -101,6 +101,39 @@ pub struct ServeSettings {
     pub sync_timeout: Option<Duration>,
     /// Job streams carry live `preview` events (`--preview off`: never).
     pub preview: bool,
+    /// `--broker`: serve as the front door of remote workers (no model is loaded here).
+    pub broker: Option<BrokerSettings>,
+}
+
+/// `--broker` and `--broker-ca`: the Redis broker that joins a front door and its workers.
+#[derive(Clone)]
+pub struct BrokerSettings {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` or `rediss://…` (TLS).
+    pub url: String,
+    /// PEM file of the CA that signed the broker's TLS certificate (default: the system's roots).
+    pub ca: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    // The password never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &crate::queue::broker::redact(&self.url))
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// Everything `zturbo worker` needs: the model to load, the broker to serve, its name.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub model: ModelSettings,
+    pub broker: BrokerSettings,
+    /// Its name in the UI and in the job records; `None`: HOSTNAME-PID.
+    pub name: Option<String>,
+    /// The visibility timeout: a job whose worker has not extended it for this long is taken
+    /// over by another worker.
+    pub claim_after: Duration,
 }
 
 /// `--device`: `auto` (best available), `cpu`, `cuda[:N]`, `metal`.

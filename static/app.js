@@ -7,6 +7,7 @@
 //   js/viewer.js   the lightbox                  js/chart.js    the memory chart
 //   js/models.js   picker, Models panel          js/pngmeta.js  PNG settings in / drag & drop
 //   js/auth.js     the API key prompt            js/toast.js    toasts and the announcer
+//   js/workers.js  a front door's remote workers (--broker)
 
 import { $, el, fmtBytes, isMac, isTouch, stored } from './js/dom.js';
 import { state, set, emit, on } from './js/store.js';
@@ -21,6 +22,7 @@ import { wireChart } from './js/chart.js';
 import { wireModels, loadModels, connectEvents } from './js/models.js';
 import { wireDragDrop } from './js/pngmeta.js';
 import { checkAuth } from './js/auth.js';
+import { wireWorkers } from './js/workers.js';
 
 function renderDemoHelp(text) {
   // `code` spans in backticks become <code>; everything else stays text.
@@ -170,6 +172,7 @@ async function main() {
   await loadInfo();
   connectEvents();
   loadModels();
+  wireWorkers();
   resetHistory('');
   loadActiveJobs();
 }

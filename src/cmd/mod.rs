@@ -1,4 +1,4 @@
-//! The CLI's commands beyond `serve` (which is `zturbo::server::run`): their own arguments and
+//! The CLI's commands beyond `serve` (which is `zturbo::server::run`; `worker` is its remote half): their own arguments and
 //! what each prints for a terminal user.
 
 pub mod generate;
@@ -6,3 +6,4 @@ pub mod hostile;
 pub mod models;
 pub mod quantize;
 pub mod soak;
+pub mod worker;

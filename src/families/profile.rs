@@ -86,7 +86,7 @@ impl FromStr for FamilyKind {
 }
 
 /// The model's user-facing defaults (the UI's and the API's).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Defaults {
     pub width: u32,
     pub height: u32,

@@ -104,6 +104,9 @@ pub struct JobRecord {
     /// plain message, read back as an [`FailureKind::Internal`] failure.
     #[serde(default, deserialize_with = "legacy_error")]
     pub error: Option<JobError>,
+    /// The remote worker that ran it (`zturbo worker --name`); `None` on a single machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// What kind of failure ended a job: the HTTP edge picks its status from it.

@@ -248,6 +248,7 @@ mod tests {
             peak_memory_bytes: None,
             plan: None,
             error: None,
+            worker: None,
         }
     }
 

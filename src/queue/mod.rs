@@ -1,8 +1,10 @@
 //! The job queue as an actor: one task owns every job (records, FIFO order, the running job and
 //! its cancel token); HTTP handlers talk to it over `mpsc` + `oneshot` through [`QueueHandle`].
 //! Admission is bounded and fails fast; accepted jobs are journaled before they are acknowledged;
-//! one worker thread ([`worker`]) runs them one at a time.
+//! one worker thread ([`worker`]) runs them one at a time — or, with a broker, remote workers
+//! run them ([`broker`]: the same journal and the same events, jobs carried by Redis Streams).
 
+pub mod broker;
 pub mod job;
 pub mod journal;
 pub mod outputs;
@@ -59,6 +61,9 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("could not journal the job: {0}")]
     Journal(std::io::Error),
+    /// The broker cannot be reached: the job was not accepted.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the queue has stopped")]
     Stopped,
 }
@@ -295,12 +300,31 @@ impl QueueHandle {
     }
 }
 
-/// Starts the actor on the current tokio runtime. `recovered` is the journal's content: finished
-/// jobs become the history; queued and running ones are queued again in their original order
-/// (a job that was running restarts from scratch).
+/// Where the actor's jobs run.
+pub enum Backend {
+    /// This process's worker thread, one job at a time.
+    Local(std_mpsc::Sender<Work>),
+    /// Remote workers behind a broker: every waiting job is handed to the broker at once, and
+    /// the workers report back through the same [`WorkerEvent`]s.
+    Broker(broker::front::FrontHandle),
+}
+
+/// Starts the actor with this process's worker thread ([`Backend::Local`]); see [`start_with`].
 pub fn start(
     config: QueueConfig,
     worker: std_mpsc::Sender<Work>,
+    worker_events: mpsc::UnboundedReceiver<WorkerEvent>,
+    recovered: Vec<JobRecord>,
+) -> QueueHandle {
+    start_with(config, Backend::Local(worker), worker_events, recovered)
+}
+
+/// Starts the actor on the current tokio runtime. `recovered` is the journal's content: finished
+/// jobs become the history; queued and running ones are queued again in their original order
+/// (a job that was running restarts from scratch).
+pub fn start_with(
+    config: QueueConfig,
+    backend: Backend,
     worker_events: mpsc::UnboundedReceiver<WorkerEvent>,
     recovered: Vec<JobRecord>,
 ) -> QueueHandle {
@@ -314,11 +338,11 @@ pub fn start(
         model_events: broadcast::channel(64).0,
         jobs: HashMap::new(),
         pending: VecDeque::new(),
-        running: None,
+        running: Vec::new(),
         history: VecDeque::new(),
         next_seq: recovered.iter().map(|r| r.seq + 1).max().unwrap_or(1),
         journal: Journal::new(&config.outputs),
-        worker,
+        backend,
         config,
         run_ms_avg: None,
         shutting_down: false,
@@ -379,6 +403,8 @@ struct Job {
     elapsed_ms: Option<u64>,
     started: Option<Instant>,
     events: Option<broadcast::Sender<JobEvent>>,
+    /// Handed to the broker (which keeps it until it is settled).
+    published: bool,
     /// The latest live preview (a page that opens the stream mid-run starts from it).
     preview: Option<(usize, String)>,
 }
@@ -395,6 +421,7 @@ impl Job {
             elapsed_ms: None,
             started: None,
             events: None,
+            published: false,
             preview: None,
         }
     }
@@ -415,12 +442,13 @@ impl Job {
 struct Actor {
     jobs: HashMap<JobId, Job>,
     pending: VecDeque<JobId>,
-    running: Option<JobId>,
+    /// Running jobs in the order they started (at most one without a broker).
+    running: Vec<JobId>,
     /// Finished jobs, oldest first.
     history: VecDeque<JobId>,
     next_seq: u64,
     journal: Journal,
-    worker: std_mpsc::Sender<Work>,
+    backend: Backend,
     config: QueueConfig,
     /// The model the worker has loaded, the one new jobs run on, and a job-less switch in flight.
     loaded: String,
@@ -476,7 +504,7 @@ impl Actor {
                     SelectOutcome::Loaded
                 } else if self.switching.as_deref() == Some(name.as_str()) {
                     SelectOutcome::Switching
-                } else if self.running.is_none() && self.pending.is_empty() {
+                } else if self.running.is_empty() && self.pending.is_empty() {
                     self.dispatch().await;
                     SelectOutcome::Switching
                 } else {
@@ -530,7 +558,7 @@ impl Actor {
                 let _ = reply.send(out);
             }
             Command::Status(reply) => {
-                let running = self.running.as_ref().and_then(|id| self.snapshot(id));
+                let running = self.running.first().and_then(|id| self.snapshot(id));
                 let _ = reply.send(QueueStatus {
                     running,
                     queued: self.pending.len(),
@@ -558,7 +586,14 @@ impl Actor {
             }
             Command::Shutdown(reply) => {
                 self.shutting_down = true;
-                match self.running.as_ref().and_then(|id| self.jobs.get_mut(id)) {
+                // Remote workers keep running their jobs: the results wait in the broker.
+                let local = matches!(self.backend, Backend::Local(_));
+                match self
+                    .running
+                    .first()
+                    .filter(|_| local)
+                    .and_then(|id| self.jobs.get_mut(id))
+                {
                     Some(job) => {
                         job.interrupted = true;
                         if let Some(c) = &job.cancel {
@@ -594,7 +629,7 @@ impl Actor {
         // One slot frees when the running job ends: about one run from now.
         let running_for = self
             .running
-            .as_ref()
+            .first()
             .and_then(|id| self.jobs.get(id))
             .and_then(|j| j.started)
             .map(|t| t.elapsed().as_millis() as f64)
@@ -615,6 +650,12 @@ impl Actor {
         if self.shutting_down {
             return Err(SubmitError::ShuttingDown);
         }
+        if let Backend::Broker(front) = &self.backend {
+            if let Some(problem) = front.health().problem() {
+                return Err(SubmitError::Unavailable(problem));
+            }
+        }
+        // With a broker, `pending` is every job of the cluster that no worker has started.
         if self.pending.len() >= self.config.capacity {
             return Err(SubmitError::Full {
                 capacity: self.config.capacity,
@@ -643,6 +684,7 @@ impl Actor {
             peak_memory_bytes: None,
             plan: None,
             error: None,
+            worker: None,
         };
         // Journaled before it is acknowledged: an accepted job survives a crash.
         self.write_journal(&record)
@@ -665,9 +707,16 @@ impl Actor {
                 if let Some(c) = &job.cancel {
                     c.cancel();
                 }
+                if let Backend::Broker(front) = &self.backend {
+                    front.cancel(id);
+                }
                 Ok(CancelOutcome::Stopping)
             }
             JobState::Queued => {
+                if let (Backend::Broker(front), true) = (&self.backend, job.published) {
+                    // A worker may take it before the cancel is settled: it finds the mark.
+                    front.cancel(id);
+                }
                 self.pending.retain(|p| p != id);
                 self.finish(id, JobState::Cancelled, None).await;
                 self.announce_positions();
@@ -766,16 +815,31 @@ impl Actor {
     }
 
     /// Starts the next job when the worker is free; with nothing to run, has it load the selected
-    /// model if another one is loaded.
+    /// model if another one is loaded. With a broker, hands every waiting job to it (the
+    /// workers serve one model: there is nothing to switch).
     async fn dispatch(&mut self) {
-        if self.running.is_some() || self.switching.is_some() || self.shutting_down {
+        if let Backend::Broker(front) = &self.backend {
+            if self.shutting_down {
+                return;
+            }
+            for id in &self.pending {
+                if let Some(job) = self.jobs.get_mut(id).filter(|j| !j.published) {
+                    front.enqueue(&job.record);
+                    job.published = true;
+                }
+            }
+            return;
+        }
+        if !self.running.is_empty() || self.switching.is_some() || self.shutting_down {
             return;
         }
         let Some(id) = self.pending.pop_front() else {
             if self.selected != self.loaded {
                 let name = self.selected.clone();
-                if self.worker.send(Work::Load(name.clone())).is_ok() {
-                    self.switching = Some(name);
+                if let Backend::Local(worker) = &self.backend {
+                    if worker.send(Work::Load(name.clone())).is_ok() {
+                        self.switching = Some(name);
+                    }
                 }
             }
             return;
@@ -801,9 +865,13 @@ impl Actor {
         };
         job.emit(JobEvent::Started);
         let record = job.record.clone();
-        self.running = Some(id.clone());
-        if self.worker.send(Work::Job(item)).is_err() {
-            self.running = None;
+        self.running.push(id.clone());
+        let sent = match &self.backend {
+            Backend::Local(worker) => worker.send(Work::Job(item)).is_ok(),
+            Backend::Broker(_) => false,
+        };
+        if !sent {
+            self.running.clear();
             self.finish(
                 &id,
                 JobState::Failed,
@@ -863,18 +931,104 @@ impl Actor {
                     job.emit(JobEvent::Notice(notice));
                 }
             }
-            WorkerEvent::Finished { id, outcome } => {
-                if self.running.as_deref() == Some(id.as_str()) {
-                    self.running = None;
+            WorkerEvent::Started { id, worker } => self.started_remotely(&id, worker).await,
+            WorkerEvent::Requeued { id } => {
+                let Some(job) = self.jobs.get_mut(&id) else {
+                    return;
+                };
+                if job.record.state != JobState::Running {
+                    return;
                 }
-                self.finished(&id, outcome).await;
-                if self.shutting_down && self.running.is_none() {
+                job.record.state = JobState::Queued;
+                job.record.started_at = None;
+                job.cancel = None;
+                job.step = 0;
+                job.preview = None;
+                self.running.retain(|r| r != &id);
+                self.pending.push_front(id);
+                self.announce_positions();
+            }
+            WorkerEvent::Finished { id, outcome } => {
+                self.running.retain(|r| r != &id);
+                // A remote result may come for a job still waiting here (it ran while this
+                // front door was down).
+                let before = self.pending.len();
+                self.pending.retain(|p| p != &id);
+                if self.pending.len() != before {
+                    self.announce_positions();
+                }
+                let ended = self
+                    .jobs
+                    .get(&id)
+                    .is_none_or(|j| j.record.state.is_terminal());
+                if ended {
+                    // A remote result for a job that already ended here (cancelled while it
+                    // ran, or already settled): drop its images and the broker's copy.
+                    self.drop_remote_result(&id, outcome).await;
+                } else {
+                    self.finished(&id, outcome).await;
+                }
+                if self.shutting_down && self.running.is_empty() {
                     for w in self.shutdown_waiters.drain(..) {
                         let _ = w.send(());
                     }
                 }
                 self.dispatch().await;
             }
+        }
+    }
+
+    /// A remote worker took a job: it leaves the waiting line (or, taken over from a worker that
+    /// died, starts again under its new worker).
+    async fn started_remotely(&mut self, id: &str, worker: String) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        match job.record.state {
+            JobState::Queued => {}
+            JobState::Running if job.record.worker.as_deref() != Some(worker.as_str()) => {}
+            _ => return,
+        }
+        let now = job::now_ms();
+        if job.record.state == JobState::Queued {
+            job.record.started_at = Some(now);
+            job.started = Some(Instant::now());
+            job.cancel = Some(CancelToken::new());
+        }
+        job.record.state = JobState::Running;
+        job.record.worker = Some(worker);
+        job.step = 0;
+        job.emit(JobEvent::Started);
+        let record = job.record.clone();
+        self.pending.retain(|p| p != id);
+        if !self.running.iter().any(|r| r == id) {
+            self.running.push(id.to_string());
+        }
+        self.announce_positions();
+        if let Err(e) = self.write_journal(&record).await {
+            tracing::warn!(job_id = %id, "could not journal the job's start: {e}");
+        }
+    }
+
+    /// Removes what a remote result for an ended job brought, and settles it in the broker.
+    async fn drop_remote_result(&mut self, id: &str, outcome: Result<Box<RunOutput>, RunError>) {
+        if let Ok(out) = outcome {
+            let keep = self
+                .jobs
+                .get(id)
+                .is_some_and(|j| j.record.state == JobState::Done);
+            if !keep {
+                let (dir, files) = (self.config.outputs.clone(), out.images);
+                let _ = tokio::task::spawn_blocking(move || {
+                    for f in files {
+                        let _ = std::fs::remove_file(dir.join(f));
+                    }
+                })
+                .await;
+            }
+        }
+        if let Backend::Broker(front) = &self.backend {
+            front.settle(id);
         }
     }
 
@@ -999,6 +1153,7 @@ impl Actor {
                     peak_memory_bytes,
                     plan,
                     images,
+                    encoded: _,
                     image_seeds,
                 } = *out;
                 job.record.params = Some(params);
@@ -1084,6 +1239,13 @@ impl Actor {
             .await
             .unwrap_or_else(|e| EndWrite::Failed(std::io::Error::other(e)));
         let id = record.id.clone();
+        if let (Backend::Broker(front), EndWrite::Written | EndWrite::Tombstoned(_)) =
+            (&self.backend, &outcome)
+        {
+            // The end is on disk: the broker may forget the job (a result it still holds
+            // would otherwise be delivered again after a restart).
+            front.settle(&id);
+        }
         match outcome {
             EndWrite::Written => {
                 self.health.note("the job journal", &Ok(()));
@@ -1143,8 +1305,7 @@ impl Actor {
         tracing::error!("the worker thread has stopped; queued jobs cannot run");
         let ids: Vec<JobId> = self
             .running
-            .take()
-            .into_iter()
+            .drain(..)
             .chain(self.pending.drain(..))
             .collect();
         for id in ids {
@@ -1215,6 +1376,7 @@ mod tests {
             peak_memory_bytes: None,
             plan: None,
             error: None,
+            worker: None,
         }
     }
 

@@ -92,8 +92,11 @@ pub struct RunOutput {
     pub timings: Timings,
     pub peak_memory_bytes: u64,
     pub plan: crate::memory::planner::Plan,
-    /// Image file names written to the outputs folder.
+    /// Image file names (`<id>-<n>.png`): written to the outputs folder, or — for a worker with
+    /// no outputs folder (a remote worker) — carried in `encoded`.
     pub images: Vec<String>,
+    /// The PNG files themselves when they were not written here (same order as `images`).
+    pub encoded: Vec<Vec<u8>>,
     /// Each image's own seed, in the same order.
     pub image_seeds: Vec<u64>,
 }
@@ -117,6 +120,15 @@ pub enum WorkerEvent {
     Notice {
         id: JobId,
         notice: Notice,
+    },
+    /// A remote worker took the job (or took it over from one that died).
+    Started {
+        id: JobId,
+        worker: String,
+    },
+    /// The remote worker running the job stopped without finishing it: it waits again.
+    Requeued {
+        id: JobId,
     },
     /// The live preview after `step`: a `data:image/png` URL, at most 256 px on the long side.
     Preview {
@@ -169,7 +181,8 @@ impl Loaded {
 }
 
 pub struct WorkerConfig {
-    pub outputs: PathBuf,
+    /// Where the images are written; `None` keeps them in memory ([`RunOutput::encoded`]).
+    pub outputs: Option<PathBuf>,
     pub tags: Arc<Tags>,
     /// See [`STEP_DELAY_ENV`].
     pub step_delay: Option<Duration>,
@@ -436,8 +449,8 @@ fn run_job(
             )
         }));
         let outcome = match result {
-            Ok(Ok(gen)) => write_images(&config.outputs, &item.id, &gen)
-                .map(|images| {
+            Ok(Ok(gen)) => {
+                store_images(config.outputs.as_deref(), &item.id, &gen).map(|(images, encoded)| {
                     let image_seeds = gen.images.iter().map(|i| i.seed).collect();
                     Box::new(RunOutput {
                         params: gen.params,
@@ -447,18 +460,11 @@ fn run_job(
                         peak_memory_bytes: gen.peak_memory_bytes,
                         plan: gen.plan,
                         images,
+                        encoded,
                         image_seeds,
                     })
                 })
-                .map_err(|e| {
-                    RunError::Failed(JobError::new(
-                        super::outputs::StorageProblem::of(&e).into(),
-                        format!(
-                            "could not write the images to {}: {e}",
-                            config.outputs.display()
-                        ),
-                    ))
-                }),
+            }
             Ok(Err(EngineError::Cancelled)) => Err(RunError::Cancelled),
             Ok(Err(e)) => Err(RunError::Failed(JobError::from(&e))),
             Err(p) => Err(RunError::Failed(JobError::new(
@@ -593,13 +599,35 @@ impl Observer for JobObserver<'_> {
     }
 }
 
-/// Writes `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo`
-/// record (the same chunks `zturbo generate` writes), all or nothing ([`write_all`]).
-pub fn write_images(
-    outputs: &std::path::Path,
+/// The run's images as `(names, PNG bytes)`: written to `outputs` (the bytes are then dropped),
+/// or kept in memory when there is no outputs folder.
+fn store_images(
+    outputs: Option<&std::path::Path>,
     id: &str,
     gen: &Generation,
-) -> std::io::Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<Vec<u8>>), RunError> {
+    let Some(outputs) = outputs else {
+        let files = encode_images(id, gen).map_err(|e| {
+            RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                format!("could not encode the images: {e}"),
+            ))
+        })?;
+        return Ok(files.into_iter().unzip());
+    };
+    write_images(outputs, id, gen)
+        .map(|names| (names, Vec::new()))
+        .map_err(|e| {
+            RunError::Failed(JobError::new(
+                super::outputs::StorageProblem::of(&e).into(),
+                format!("could not write the images to {}: {e}", outputs.display()),
+            ))
+        })
+}
+
+/// `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo` record
+/// (the same chunks `zturbo generate` writes).
+pub fn encode_images(id: &str, gen: &Generation) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::with_capacity(gen.images.len());
     for (i, img) in gen.images.iter().enumerate() {
         let text = a1111_parameters(&gen.params, img.seed, &gen.notices);
@@ -608,6 +636,16 @@ pub fn write_images(
             .map_err(std::io::Error::other)?;
         files.push((image_name(id, i + 1), png));
     }
+    Ok(files)
+}
+
+/// Writes the images ([`encode_images`]) to `outputs`, all or nothing ([`write_all`]).
+pub fn write_images(
+    outputs: &std::path::Path,
+    id: &str,
+    gen: &Generation,
+) -> std::io::Result<Vec<String>> {
+    let files = encode_images(id, gen)?;
     write_all(outputs, &files)?;
     Ok(files.into_iter().map(|(name, _)| name).collect())
 }

@@ -54,6 +54,9 @@ pub struct JobView {
     /// What kind of failure `error` is (`model`, `does_not_fit`, `invalid`, …); `null` unless
     /// the job failed.
     pub error_kind: Option<crate::queue::FailureKind>,
+    /// With `--broker`: the worker that ran it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// After the run: as resolved (final prompts, the seed, `cfg` = the CFG actually used,
@@ -105,6 +108,7 @@ impl From<JobSnapshot> for JobView {
             plan: r.plan,
             error_kind: r.error.as_ref().map(|e| e.kind),
             error: r.error.map(|e| e.message),
+            worker: r.worker,
         }
     }
 }
@@ -163,6 +167,12 @@ pub async fn submit_valid_on(
         )
         .with_retry_after(retry_after_s)),
         Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(shutting_down()),
+        Err(SubmitError::Unavailable(problem)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            format!("the job was not accepted: {problem}"),
+        )
+        .with_retry_after(5)),
         Err(SubmitError::Journal(e)) => Err(storage_error(
             StorageProblem::of(&e),
             format!(

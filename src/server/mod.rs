@@ -35,7 +35,7 @@ use crate::queue::worker::Loaded;
 use crate::queue::QueueHandle;
 use crate::request::Limits;
 use error::ApiError;
-pub use run::{run, ServeError};
+pub use run::{describe, run, shutdown_signal, ServeError};
 
 /// Largest request body. High enough that an oversized prompt still parses and is refused by
 /// validation with a 422 naming `prompt`; anything bigger is a 413.
@@ -77,6 +77,36 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// A front door's facts: the model as its workers registered it, no local device.
+    pub fn remote(
+        record: &crate::queue::broker::wire::ModelRecord,
+        queue_size: usize,
+        models_dir: PathBuf,
+        outputs: PathBuf,
+    ) -> Self {
+        let profile = record.profile();
+        Self {
+            model: record.model.clone(),
+            demo: record.demo,
+            description: record.description.clone(),
+            profile,
+            limits: Limits::new(&profile, record.max_batch, MemoryMode::Auto),
+            device: "remote".into(),
+            device_name: "remote workers".into(),
+            device_total_bytes: 0,
+            queue_size,
+            models_dir,
+            outputs,
+            model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
+            started_at_s: crate::queue::job::now_ms() / 1000,
+            // The workers' steps do not travel through the broker: no live previews here.
+            preview: false,
+            sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
+        }
+    }
+
     pub fn new(loaded: &Loaded, queue_size: usize, models_dir: PathBuf, outputs: PathBuf) -> Self {
         Self {
             model: loaded.model.clone(),
@@ -144,6 +174,8 @@ pub struct AppState {
     pub security: Arc<security::Security>,
     /// Model downloads started from the UI.
     pub downloads: models::Downloads,
+    /// With `--broker`: the remote workers (their registry and memory samples).
+    pub cluster: Option<crate::queue::broker::front::FrontHandle>,
 }
 
 impl AppState {
@@ -265,6 +297,7 @@ pub fn routes() -> Vec<Route> {
         route(Delete, "/api/jobs/{id}", jobs::cancel),
         route(Get, "/api/jobs/{id}/events", jobs::events),
         route(Get, "/api/memory/stream", memory::stream),
+        route(Get, "/api/workers", models::workers),
         route(Post, "/v1/images/generations", openai::generations),
         route(Get, "/v1/models", openai::models),
         route(Get, "/v1/models/{model}", openai::model),
@@ -543,6 +576,7 @@ mod tests {
                 shutdown,
                 security: Arc::new(security),
                 downloads: models::Downloads::default(),
+                cluster: None,
             }),
             work,
             _events: events,

@@ -37,9 +37,12 @@ pub fn json_f32(x: f32) -> f64 {
 /// would fail.
 pub async fn health(State(s): State<AppState>) -> Json<Value> {
     let outputs = s.queue.outputs_health();
-    let problem = tokio::task::spawn_blocking(move || outputs.problem())
+    let mut problem = tokio::task::spawn_blocking(move || outputs.problem())
         .await
         .unwrap_or_else(|e| Some(format!("the outputs folder could not be checked: {e}")));
+    if let Some(c) = &s.cluster {
+        problem = problem.or_else(|| c.health().problem());
+    }
     let mut body = json!({
         "status": if problem.is_some() { "degraded" } else { "ok" },
         "model": s.info().model,
@@ -48,7 +51,36 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
     if let Some(reason) = problem {
         body["reason"] = json!(reason);
     }
+    if let Some(c) = &s.cluster {
+        body["workers"] = json!(c.workers().len());
+    }
     Json(body)
+}
+
+/// A remote worker as `/api/workers` and `/api/info` list it.
+fn worker_view(w: &crate::queue::broker::wire::WorkerInfo) -> Value {
+    json!({
+        "name": w.name,
+        "model": w.model,
+        "device": w.device,
+        "device_name": w.device_name,
+        "total_bytes": w.total_bytes,
+        "state": if w.job.is_some() { "busy" } else { "idle" },
+        "job": w.job,
+        "step": w.step,
+        "total_steps": w.total_steps,
+        "seen_at": w.seen_at,
+    })
+}
+
+/// `GET /api/workers`: the live remote workers (an empty list without `--broker`).
+pub async fn workers(State(s): State<AppState>) -> Json<Value> {
+    let workers: Vec<Value> = s
+        .cluster
+        .as_ref()
+        .map(|c| c.workers().iter().map(worker_view).collect())
+        .unwrap_or_default();
+    Json(json!({ "broker": s.cluster.is_some(), "workers": workers }))
 }
 
 /// Shown with the demo model: what it is and how to get real weights.
@@ -75,7 +107,12 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
     let d = i.profile.defaults;
     let kind = i.device.split(':').next().unwrap_or("cpu");
     let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
+    let workers: Option<Vec<Value>> = s
+        .cluster
+        .as_ref()
+        .map(|c| c.workers().iter().map(worker_view).collect());
     Json(json!({
+        "workers": workers,
         "version": env!("CARGO_PKG_VERSION"),
         "model": {
             "name": i.model,
@@ -116,6 +153,9 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
 }
 
 pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if let Some(c) = &s.cluster {
+        return Ok(Json(json!({ "models": remote_models(c), "pull": null })));
+    }
     let info = s.info().clone();
     // Looks at the disk (models folder, Hugging Face cache): not on the runtime's threads.
     let (models, files) = tokio::task::spawn_blocking(move || {
@@ -151,6 +191,50 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(
         json!({ "models": models, "files": files, "pull": pull }),
     ))
+}
+
+/// With a broker, the models are what the live workers serve (the front door has no weights).
+fn remote_models(c: &crate::queue::broker::front::FrontHandle) -> Vec<Value> {
+    let workers = c.workers();
+    c.models()
+        .into_iter()
+        .map(|m| {
+            let names: Vec<&str> = workers
+                .iter()
+                .filter(|w| w.model == m.model)
+                .map(|w| w.name.as_str())
+                .collect();
+            json!({
+                "name": m.model,
+                "family": m.family,
+                "repo": null,
+                "state": if m.model == c.model() { "loaded" } else { "served" },
+                "size_bytes": null,
+                "demo": m.demo,
+                "path": null,
+                "defaults": m.defaults,
+                "description": m.description,
+                "workers": names,
+            })
+        })
+        .collect()
+}
+
+/// With a broker, the one model the front door routes jobs to, as its workers registered it.
+fn served_listing(s: &AppState) -> catalog::Listing {
+    let info = s.info();
+    catalog::Listing {
+        name: info.model.clone(),
+        family: info.profile.family.to_string(),
+        repo: None,
+        state: ModelState::Loaded,
+        size_bytes: None,
+        demo: info.demo,
+        path: None,
+        defaults: Some(info.profile.defaults),
+        description: info.description.clone(),
+        variants: Vec::new(),
+    }
 }
 
 /// A download's events, as `GET /api/models/{name}/pull/events` sends them.
@@ -547,6 +631,9 @@ mod tests {
 /// The models a switch or a job may name: those on this machine (loaded, a local folder, a
 /// cached catalog model, the demo).
 pub async fn local_models(s: &AppState) -> Result<Vec<catalog::Listing>, ApiError> {
+    if s.cluster.is_some() {
+        return Ok(vec![served_listing(s)]);
+    }
     let info = s.info();
     tokio::task::spawn_blocking(move || {
         catalog::list(&info.models_dir, &info.model)
@@ -565,6 +652,23 @@ pub async fn find_local(
     field: &str,
 ) -> Result<catalog::Listing, ApiError> {
     let name = name.trim();
+    // A front door switches nothing: each worker loads its model at start.
+    if let Some(c) = &s.cluster {
+        let served = served_listing(s);
+        if served.name == name {
+            return Ok(served);
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            Some(field),
+            format!(
+                "this server is a front door (--broker): its workers serve the model `{}` and \
+                     it cannot switch to `{name}`; start a `zturbo worker --model {name}` with its \
+                     own front door to serve that one",
+                c.model()
+            ),
+        ));
+    }
     let models = local_models(s).await?;
     if let Some(m) = models.iter().find(|m| m.name == name) {
         return Ok(m.clone());

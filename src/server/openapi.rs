@@ -172,7 +172,7 @@ fn paths() -> Value {
         "/api/model": { "post": body(op("select_model", "models", "Switch models: new jobs run on `name`; the worker loads it between jobs (at once when idle)", json!({
             "200": { "description": "already loaded: `{name, state: \"loaded\"}`", "content": { "application/json": { "schema": { "type": "object" } } } },
             "202": { "description": "`{name, state: \"switching\" | \"after_queued\"}`; `GET /api/events` reports the switch", "content": { "application/json": { "schema": { "type": "object" } } } },
-            "400": error_ref("BadRequest"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"), "503": error_ref("Unavailable"),
+            "400": error_ref("BadRequest"), "409": error_ref("Conflict"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"), "503": error_ref("Unavailable"),
         })), "SelectModelRequest") },
         "/api/events": { "get": op("events", "models", "Server-wide events (SSE)", json!({
             "200": sse("`model {state, name, job?, family?, elapsed_ms?, error?}`: the model loaded now (or loading) first, then each switch — `loading`, then `loaded` or `failed` (the error names the file)", &SERVER_EVENTS),
@@ -215,9 +215,13 @@ fn paths() -> Value {
             "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `model {state,name,error?,elapsed_ms?}` (the worker switches models for this job), `preview {step,image}` (a `data:image/png` URL, at most 256 px, unless `?preview=0` or the server runs with `--preview off`), `notice {kind,message}`, then `done {images, peak_memory_bytes?}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([job_id, { "name": "preview", "in": "query", "required": false, "description": "`0`: leave the live previews out of this stream", "schema": { "type": "string", "enum": ["0", "1"] } }])) },
-        "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
+        "/api/memory/stream": { "get": with(op("memory_stream", "server", "Memory samples (SSE): this server's, or with `worker` one remote worker's", json!({
             "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`", &MEMORY_EVENTS),
-        })) },
+            "404": error_ref("NotFound"),
+        })), "parameters", json!([
+            { "name": "worker", "in": "query", "required": false, "description": "a remote worker's name (see /api/workers); only with --broker", "schema": { "type": "string" } }
+        ])) },
+        "/api/workers": { "get": op("workers", "server", "The remote workers (with --broker): name, model, device, busy or idle", json!({ "200": ok("workers", "WorkerList") })) },
     });
     let openai = json!({
         "/v1/images/generations": { "post": body(op("openai_images_generations", "openai", "OpenAI Images API: create images", json!({
@@ -383,6 +387,7 @@ fn components(f: &Facts) -> Value {
                 "error_kind": { "type": "string", "nullable": true,
                     "enum": FailureKind::ALL,
                     "description": "what kind of failure `error` is (null unless the job failed)" },
+                "worker": { "type": "string", "description": "with --broker: the worker that ran it" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
             "HistoryPage": { "type": "object", "required": ["jobs", "next_before"], "properties": {
@@ -404,9 +409,19 @@ fn components(f: &Facts) -> Value {
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
+            "WorkerList": { "type": "object", "required": ["broker", "workers"], "properties": {
+                "broker": { "type": "boolean", "description": "whether this server is a front door (--broker)" },
+                "workers": { "type": "array", "items": schema("Worker") } } },
+            "Worker": { "type": "object", "required": ["name", "model", "device", "state"], "properties": {
+                "name": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" },
+                "device_name": { "type": "string" }, "total_bytes": { "type": "integer", "format": "int64" },
+                "state": { "type": "string", "enum": ["busy", "idle"] }, "job": nullable_string.clone(),
+                "step": { "type": "integer" }, "total_steps": { "type": "integer" },
+                "seen_at": { "type": "integer", "format": "int64" } } },
             "Health": { "type": "object", "required": ["status", "model", "device"], "properties": {
                 "status": { "type": "string", "enum": ["ok", "degraded"] }, "model": { "type": "string" }, "device": { "type": "string" },
-                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed)" } } },
+                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed; with --broker, the broker cannot be reached)" },
+                "workers": { "type": "integer", "description": "with --broker: live workers" } } },
             "EmptyEvent": { "type": "object", "additionalProperties": false },
             "JobQueuedEvent": { "type": "object", "required": ["position"], "properties": { "position": { "type": "integer", "minimum": 0 } } },
             "JobProgressEvent": { "type": "object", "required": ["step", "total", "elapsed_ms"], "properties": {

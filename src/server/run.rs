@@ -1,6 +1,7 @@
 //! `server::run`: the wiring of a serving process. Refuses an unsafe configuration before anything
 //! loads, locks the outputs folder, loads the model on the worker thread (nothing is served until
-//! it reports back), restores the journaled jobs, binds, prints the one stdout line
+//! it reports back) — or, with `--broker`, becomes the front door of remote workers (no model here;
+//! it waits until a worker has registered the model) — restores the journaled jobs, binds, prints the one stdout line
 //! (`listening on http://HOST:PORT`) and serves under our own connection limits until Ctrl-C or
 //! SIGTERM, then lets the running job stop and the journal settle.
 
@@ -12,6 +13,8 @@ use super::{app, listen, AppState, ServerInfo};
 use crate::engine::load;
 use crate::families::catalog;
 use crate::memory::monitor::{Monitor, Tags};
+use crate::memory::probe::{CpuProbe, MemoryProbe};
+use crate::queue::broker::{front, Broker, BrokerError};
 use crate::queue::{self, journal::Journal, outputs, worker, QueueConfig};
 use crate::settings::ServeSettings;
 
@@ -31,6 +34,9 @@ pub enum ServeError {
     /// Another server holds the outputs folder, or it cannot be locked.
     #[error(transparent)]
     Outputs(#[from] outputs::LockError),
+    /// The `--broker` URL, its CA file, or the broker itself.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -41,6 +47,13 @@ pub enum ServeError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     let what = what.into();
     move |source| ServeError::Io { what, source }
+}
+
+/// What serves the jobs: the model loaded here, or remote workers behind a broker.
+enum Backing {
+    /// The model to load here, by name.
+    Local(String),
+    Front(Box<Broker>),
 }
 
 /// Serves until Ctrl-C or SIGTERM.
@@ -75,75 +88,124 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         None => None,
     };
 
-    // Resolved here so a missing model fails before anything starts.
-    let initial = load::resolve(&settings.model, true)?.name;
+    // With a broker this process is a front door: it loads no model. Resolved here so a missing
+    // model fails before anything starts.
+    let backing = match &settings.broker {
+        None => Backing::Local(load::resolve(&settings.model, true)?.name),
+        Some(b) => Backing::Front(Box::new(Broker::open(b)?)),
+    };
     std::fs::create_dir_all(&settings.outputs).map_err(io(format!(
         "creating the outputs folder {}",
         settings.outputs.display()
     )))?;
-    // One server per outputs folder (two would both resume the same jobs); held until exit.
+    // One server per outputs folder (two would both resume the same jobs); held until exit. A
+    // front door holds it too: it owns the journal and writes the images.
     let _outputs_lock = outputs::lock(&settings.outputs)?;
     outputs::clean_stale_temps(&settings.outputs);
-
-    // The engine loads on its own thread; nothing is served until it reports back.
-    let tags = Arc::new(Tags::default());
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    // The worker loads models by name: the one asked for now, and later those a switch names
-    // (the names `/api/models` lists: local folders, cached catalog models, the demo).
-    let model_settings = settings.model.clone();
-    let first = initial.clone();
-    let loader: worker::Loader = Arc::new(move |name: &str| -> Result<_, String> {
-        let resolved = if name == first {
-            load::resolve(&model_settings, true).map_err(|e| e.to_string())?
-        } else {
-            catalog::resolve(name, &model_settings.models_dir).map_err(|e| e.to_string())?
-        };
-        // The weights the engine settles on (the planner may pick a pulled variant).
-        let (mut engine, resolved) =
-            load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
-        let meta = model_meta(&resolved);
-        engine
-            .warm_up()
-            .map_err(|e| format!("loading the model's weights failed: {e}"))?;
-        Ok((engine, meta))
-    });
-    let worker_config = worker::WorkerConfig {
-        outputs: settings.outputs.clone(),
-        tags: tags.clone(),
-        step_delay: worker::WorkerConfig::step_delay_from_env(),
-        preview: settings.preview,
-    };
-    let (worker, loaded) = worker::spawn(loader, initial, worker_config, events_tx)?;
-    tracing::info!(
-        model = %loaded.model,
-        device = %loaded.device,
-        max_batch = loaded.max_batch,
-        "model loaded"
-    );
-    let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
-    let mut info = ServerInfo::new(
-        &loaded,
-        settings.queue_size,
-        settings.model.models_dir.clone(),
-        settings.outputs.clone(),
-    );
-    info.comfyui_dir = settings.model.comfyui_dir.clone();
-    info.sync_timeout = settings.sync_timeout;
-    info.preview = settings.preview;
     let recovered = Journal::new(&settings.outputs).load();
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
+
+    let tags = Arc::new(Tags::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (backend, mut info, monitor) = match backing {
+        Backing::Local(initial) => {
+            // The engine loads on its own thread; nothing is served until it reports back. The
+            // worker loads models by name: the one asked for now, and later those a switch names
+            // (the names `/api/models` lists: local folders, cached catalog models, the demo).
+            let model_settings = settings.model.clone();
+            let first = initial.clone();
+            let loader: worker::Loader = Arc::new(move |name: &str| -> Result<_, String> {
+                let resolved = if name == first {
+                    load::resolve(&model_settings, true).map_err(|e| e.to_string())?
+                } else {
+                    catalog::resolve(name, &model_settings.models_dir).map_err(|e| e.to_string())?
+                };
+                // The weights the engine settles on (the planner may pick a pulled variant).
+                let (mut engine, resolved) =
+                    load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
+                let meta = model_meta(&resolved);
+                engine
+                    .warm_up()
+                    .map_err(|e| format!("loading the model's weights failed: {e}"))?;
+                Ok((engine, meta))
+            });
+            let worker_config = worker::WorkerConfig {
+                outputs: Some(settings.outputs.clone()),
+                tags: tags.clone(),
+                step_delay: worker::WorkerConfig::step_delay_from_env(),
+                preview: settings.preview,
+            };
+            let (worker, loaded) = worker::spawn(loader, initial, worker_config, events_tx)?;
+            tracing::info!(
+                model = %loaded.model,
+                device = %loaded.device,
+                max_batch = loaded.max_batch,
+                "model loaded"
+            );
+            let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
+            let mut info = ServerInfo::new(
+                &loaded,
+                settings.queue_size,
+                settings.model.models_dir.clone(),
+                settings.outputs.clone(),
+            );
+            info.comfyui_dir = settings.model.comfyui_dir.clone();
+            info.preview = settings.preview;
+            (queue::Backend::Local(worker.jobs), info, monitor)
+        }
+        Backing::Front(broker) => {
+            let record = runtime.block_on(front::wait_for_model(
+                &broker,
+                settings.model.model.as_deref(),
+            ))?;
+            tracing::info!(
+                model = %record.model,
+                broker = %broker.shown(),
+                "front door: jobs run on the workers of the broker"
+            );
+            let info = ServerInfo::remote(
+                &record,
+                settings.queue_size,
+                settings.model.models_dir.clone(),
+                settings.outputs.clone(),
+            );
+            // The front door's own memory (its chart when no worker is chosen).
+            let probe: Arc<dyn MemoryProbe> = Arc::new(CpuProbe::new());
+            let monitor = Arc::new(Monitor::start(probe, tags));
+            let front = {
+                let _rt = runtime.enter();
+                front::start(
+                    *broker,
+                    record.model.clone(),
+                    settings.outputs.clone(),
+                    &recovered,
+                    events_tx,
+                )
+            };
+            if let Err(e) = runtime.block_on(front.refresh()) {
+                tracing::warn!("{e}");
+            }
+            (queue::Backend::Broker(front), info, monitor)
+        }
+    };
+    info.sync_timeout = settings.sync_timeout;
+    let cluster = match &backend {
+        queue::Backend::Broker(f) => Some(f.clone()),
+        queue::Backend::Local(_) => None,
+    };
+    let model = info.model.clone();
+
     runtime.block_on(async move {
-        let queue = queue::start(
+        let queue = queue::start_with(
             QueueConfig {
                 capacity: settings.queue_size,
                 outputs: settings.outputs.clone(),
-                model: loaded.model.clone(),
+                model: model.clone(),
             },
-            worker.jobs,
+            backend,
             events_rx,
             recovered,
         );
@@ -169,11 +231,12 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
                 key_attempts: Default::default(),
             }),
             downloads: Default::default(),
+            cluster,
         };
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        tracing::info!("serving {} on http://{addr}", loaded.model);
+        tracing::info!("serving {model} on http://{addr}");
         tokio::spawn(state.clone().follow_model_switches());
         let limits = listen::ConnLimits {
             header_timeout: settings.header_timeout,
@@ -209,8 +272,8 @@ fn model_meta(resolved: &catalog::Resolved) -> worker::ModelMeta {
     }
 }
 
-/// The Models panel's sentence for the loaded weights.
-fn describe(resolved: &catalog::Resolved) -> String {
+/// The Models panel's sentence for the loaded weights (also what a remote worker registers).
+pub fn describe(resolved: &catalog::Resolved) -> String {
     if resolved.demo {
         return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
             .to_string();
@@ -240,7 +303,7 @@ fn describe(resolved: &catalog::Resolved) -> String {
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -63,6 +63,18 @@ export class MemoryChart {
     this.requestDraw();
   }
 
+  /** Forgets every sample (the chart now follows another machine). */
+  reset() {
+    this.head = 0;
+    this.len = 0;
+    this.exactPeaks.clear();
+    this.totals.clear();
+    this.lastJob = null;
+    delete this.canvas.dataset.peakJob;
+    delete this.canvas.dataset.peakBytes;
+    this.requestDraw();
+  }
+
   setTotalSteps(jobId, total) {
     if (jobId && Number.isFinite(total) && total > 0) this.totals.set(jobId, total);
   }
@@ -388,7 +400,8 @@ function fmtBytesAxis(b, step) {
 
 /* memory stream with reconnect */
 
-const mem = { es: null, chart: null, failures: 0, timer: 0 };
+// `worker`: the remote worker whose memory the chart follows (a front door only); null: this server.
+const mem = { es: null, chart: null, failures: 0, timer: 0, worker: null };
 
 function setLive(cls, key) {
   const live = $('memory-live');
@@ -400,7 +413,8 @@ function setLive(cls, key) {
 export function connectMemory() {
   clearTimeout(mem.timer);
   if (mem.es) { mem.es.close(); mem.es = null; }
-  const es = new EventSource('/api/memory/stream');
+  const q = mem.worker ? `?worker=${encodeURIComponent(mem.worker)}` : '';
+  const es = new EventSource(`/api/memory/stream${q}`);
   mem.es = es;
   const onSample = (ev) => {
     if (mem.es !== es) return;
@@ -427,6 +441,26 @@ export function connectMemory() {
   });
 }
 
+function chartTitle() {
+  $('memory-title').textContent = mem.worker ? t('chart.titleWorker', { name: mem.worker }) : t('chart.title');
+}
+
+/** The chart follows remote worker `name` (null: this server again). */
+export function followWorker(name) {
+  if (mem.worker === name) return;
+  mem.worker = name;
+  chartTitle();
+  mem.failures = 0;
+  mem.chart.reset();
+  connectMemory();
+  emit('chart:worker', name);
+}
+
+/** The worker the chart follows (null: this server). */
+export function chartedWorker() {
+  return mem.worker;
+}
+
 const OPEN_KEY = 'zturbo.memory.open';
 
 export function wireChart() {
@@ -445,6 +479,7 @@ export function wireChart() {
     const live = $('memory-live');
     if (live.dataset.key) live.textContent = t(live.dataset.key);
     mem.chart._lastReadout = null;
+    if (mem.worker) chartTitle();
     mem.chart.requestDraw();
   });
   on('online', () => { if (!mem.es) connectMemory(); });
