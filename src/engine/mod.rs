@@ -15,7 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::families::rng;
+use crate::families::torch_rng::TorchGenerator;
 use crate::families::{
     Component, DenoiserResidency, Family, FamilyInfo, ModelError, PrecisionPolicy,
 };
@@ -659,13 +659,15 @@ impl Engine {
     }
 
     /// One noise tensor per seed, stacked: image i of a batch is reproducible alone with seed + i.
+    /// Each is `torch.randn((1, C, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, the
+    /// noise diffusers and ComfyUI draw for that seed.
     fn seeded_noise(&self, seeds: &[u64], width: u32, height: u32) -> Result<Tensor, EngineError> {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| rng::noise(s, &[c, h, w], self.family.device()))
+            .map(|&s| TorchGenerator::new(s).randn_tensor(&[1, c, h, w], self.family.device()))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::stack(&per, 0)?)
+        Ok(Tensor::cat(&per, 0)?)
     }
 
     fn check_init_latents(&self, t: &Tensor, req: &ValidRequest) -> Result<Tensor, EngineError> {

@@ -9,6 +9,7 @@ pub mod precision;
 pub mod rng;
 pub mod scheduler;
 pub mod sd_turbo;
+pub mod torch_rng;
 pub mod vae;
 pub mod weights;
 pub mod z_image;
