@@ -104,6 +104,7 @@ fn main() -> Result<()> {
         size_multiple: info.size_multiple,
         max_batch: 1,
         default_memory_mode: MemoryMode::Performance,
+        img2img: info.img2img,
     };
     let req = GenerationRequest {
         prompt: args.prompt.clone(),
@@ -117,6 +118,7 @@ fn main() -> Result<()> {
         // Prompts reach the model verbatim, as diffusers receives them.
         enhance: Some(false),
         memory_mode: Some(MemoryMode::Performance),
+        ..Default::default()
     }
     .validate(&limits)
     .map_err(|e| anyhow!("{}: {}", e.field, e.message))?;

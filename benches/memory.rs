@@ -105,6 +105,8 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         batch: 1,
         enhance: true,
         memory_mode: mode,
+        init: None,
+        loras: Vec::new(),
     };
     let mut times = Vec::new();
     let mut phases = Vec::new();

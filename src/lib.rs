@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod families;
+pub mod inputs;
 pub mod memory;
 pub mod profile;
 pub mod queue;

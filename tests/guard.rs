@@ -52,6 +52,8 @@ fn request(cfg: f32) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: MemoryMode::Performance,
+        init: None,
+        loras: Vec::new(),
     }
 }
 
@@ -270,6 +272,26 @@ impl Family for Spy {
     }
     fn vae(&mut self) -> Result<&zturbo::families::vae::VaeDecoder, zturbo::families::ModelError> {
         self.inner.vae()
+    }
+    fn vae_encoder(
+        &mut self,
+    ) -> Result<&zturbo::families::vae_encoder::VaeEncoder, zturbo::families::ModelError> {
+        self.inner.vae_encoder()
+    }
+    fn unload_vae_encoder(&mut self) {
+        self.inner.unload_vae_encoder()
+    }
+    fn lora_layers(&self) -> &zturbo::families::lora::LinearLayers {
+        self.inner.lora_layers()
+    }
+    fn set_loras(
+        &mut self,
+        set: Arc<zturbo::families::lora::LoraSet>,
+    ) -> Result<(), zturbo::families::ModelError> {
+        self.inner.set_loras(set)
+    }
+    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
+        self.inner.latents_from_vae(z)
     }
     fn load(&mut self, c: zturbo::families::Component) -> Result<(), zturbo::families::ModelError> {
         self.inner.load(c)

@@ -55,6 +55,12 @@ pub fn a1111_parameters(p: &ResolvedParams, seed: u64, notices: &[Notice]) -> St
         p.height,
         p.model
     ));
+    if let Some(st) = p.strength {
+        s.push_str(&format!(", Denoising strength: {st}"));
+    }
+    if let Some(b) = p.mask_blur {
+        s.push_str(&format!(", Mask blur: {b}"));
+    }
     if (p.cfg_requested - p.cfg).abs() > f32::EPSILON {
         s.push_str(&format!(", CFG requested: {}", fmt_cfg(p.cfg_requested)));
     }
@@ -241,6 +247,11 @@ mod tests {
             memory_mode: MemoryMode::Performance,
             precision: "f32".into(),
             sampler: "Euler (flow)".into(),
+            strength: None,
+            mask_blur: None,
+            init_image: None,
+            mask_image: None,
+            loras: Vec::new(),
         }
     }
 

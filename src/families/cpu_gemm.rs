@@ -17,6 +17,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use super::lora::LowRank;
+
 /// Defines `$name(args)`: runs `$plain` compiled with AVX-512F enabled when the CPU has it (the
 /// compiler then vectorises its loops 16 lanes wide), as is otherwise.
 macro_rules! with_avx512 {
@@ -79,8 +81,35 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
 
 /// A linear layer `y = x·Wᵀ + b` whose weight may be stored in a narrower dtype than its input
 /// (bf16 weight, f32 input on the CPU). The bias is kept in the activation dtype.
+///
+/// It is also the LoRA seam: a job's low-rank updates are attached with [`Lin::set_lora`] and
+/// replaced by the next job's without touching the base weight — at run time
+/// (`y += Σ s·(x·Aᵀ)·Bᵀ`, [`LoraMode::Runtime`]) or merged into a dense copy of the weight
+/// ([`LoraMode::Merged`]).
 #[derive(Debug, Clone)]
-pub struct Lin(candle_nn::Linear);
+pub struct Lin {
+    linear: candle_nn::Linear,
+    /// The activation dtype (the bias is stored in it; LoRA factors are converted to it).
+    act: DType,
+    /// The module path in the weight file (`layers.0.attention.to_q`): LoRAs find the layer by it.
+    name: std::sync::Arc<str>,
+    /// Runtime low-rank updates of the current job, in the activation dtype.
+    lora: Vec<LowRank>,
+    /// The weight with the current job's updates merged in, used instead of `linear`'s.
+    merged: Option<candle_nn::Linear>,
+}
+
+/// How a job's LoRAs reach a layer (see `benches/lora.rs` for what each costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Two thin products per call next to the base weight, which is never touched (works on any
+    /// base storage, quantized included; switching only swaps the small factors).
+    #[default]
+    Runtime,
+    /// `W + Σ s·B·A` computed once into a dense copy of each updated weight (its dtype): no
+    /// per-call cost, but a full weight copy per updated layer, rebuilt on every switch.
+    Merged,
+}
 
 impl Lin {
     /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb` in its dtype; when that is bf16 on
@@ -94,7 +123,9 @@ impl Lin {
         let act = activation_dtype(vb.dtype(), vb.device());
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-        Self::from_parts(weight, bias, act)
+        let mut lin = Self::from_parts(weight, bias, act)?;
+        lin.name = vb.prefix().into();
+        Ok(lin)
     }
 
     /// From loaded tensors; the bias is converted to `act`, the activation dtype.
@@ -104,24 +135,92 @@ impl Lin {
         act: DType,
     ) -> candle_core::Result<Self> {
         let bias = bias.map(|b| b.to_dtype(act)).transpose()?;
-        Ok(Self(candle_nn::Linear::new(weight, bias)))
+        Ok(Self {
+            linear: candle_nn::Linear::new(weight, bias),
+            act,
+            name: "".into(),
+            lora: Vec::new(),
+            merged: None,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
-        self.0.weight()
+        self.linear.weight()
+    }
+
+    /// The module path this layer was loaded from (empty when built from tensors).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Names the layer by its module path (when built from tensors).
+    pub fn set_name(&mut self, name: impl Into<std::sync::Arc<str>>) {
+        self.name = name.into();
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        self.linear.weight().dims2()
+    }
+
+    /// Replaces the layer's LoRA updates (none: back to the base weight).
+    pub fn set_lora(&mut self, updates: &[LowRank], mode: LoraMode) -> candle_core::Result<()> {
+        self.lora.clear();
+        self.merged = None;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let dev = self.linear.weight().device().clone();
+        match mode {
+            LoraMode::Runtime => {
+                self.lora = updates
+                    .iter()
+                    .map(|u| u.to(self.act, &dev))
+                    .collect::<candle_core::Result<_>>()?;
+            }
+            LoraMode::Merged => {
+                let w = self.linear.weight();
+                let mut dense = w.to_dtype(DType::F32)?;
+                for u in updates {
+                    dense = (dense + u.to(DType::F32, &dev)?.dense()?)?;
+                }
+                self.merged = Some(candle_nn::Linear::new(
+                    dense.to_dtype(w.dtype())?,
+                    self.linear.bias().cloned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether updates are attached.
+    pub fn has_lora(&self) -> bool {
+        !self.lora.is_empty() || self.merged.is_some()
     }
 }
 
 impl Module for Lin {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.dtype() == self.weight().dtype() {
-            return self.0.forward(x);
+        let linear = self.merged.as_ref().unwrap_or(&self.linear);
+        let mut y = if x.dtype() == linear.weight().dtype() {
+            linear.forward(x)?
+        } else {
+            let y = linear_mixed(x, linear.weight())?;
+            match linear.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
+        for u in &self.lora {
+            let xa = if x.dtype() == self.act {
+                x.clone()
+            } else {
+                x.to_dtype(self.act)?
+            };
+            let d = u.forward(&xa)?.to_dtype(y.dtype())?;
+            y = (y + d)?;
         }
-        let y = linear_mixed(x, self.weight())?;
-        match self.0.bias() {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        Ok(y)
     }
 }
 

@@ -5,12 +5,14 @@
 pub mod catalog;
 pub mod cpu_gemm;
 pub mod gpu_ops;
+pub mod lora;
 pub mod precision;
 pub mod rng;
 pub mod scheduler;
 pub mod sd_turbo;
 pub mod torch_rng;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;
 pub mod z_image;
 
@@ -69,6 +71,17 @@ pub struct Defaults {
     pub cfg: f32,
 }
 
+/// A family's image-to-image defaults and how its pipeline turns strength into steps.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Img2ImgDefaults {
+    /// Steps when an image is given and `steps` is not.
+    pub steps: u32,
+    /// Strength when an image is given (without a mask) and `strength` is not.
+    pub strength: f64,
+    /// Decides how strength cuts the schedule (see [`scheduler::NoiseKind`]).
+    pub noise: scheduler::NoiseKind,
+}
+
 /// Per-family facts in one place.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FamilyInfo {
@@ -84,6 +97,7 @@ pub struct FamilyInfo {
     pub safe_cfg_max: f32,
     /// The sampler's name as A1111 metadata shows it (`Euler (flow)`, `Euler`).
     pub sampler: &'static str,
+    pub img2img: Img2ImgDefaults,
 }
 
 /// One encoded prompt.
@@ -171,6 +185,20 @@ pub trait Family: Send {
 
     /// The VAE decoder (loaded on demand).
     fn vae(&mut self) -> Result<&vae::VaeDecoder, ModelError>;
+
+    /// The linear layers a LoRA may update (module paths and shapes, per part).
+    fn lora_layers(&self) -> &lora::LinearLayers;
+    /// Attaches a job's LoRAs (an empty set removes them) to the loaded layers and to those that
+    /// load later; the base weights stay as they are.
+    fn set_loras(&mut self, set: std::sync::Arc<lora::LoraSet>) -> Result<(), ModelError>;
+
+    /// The VAE encoder (loaded on demand: image to image and inpainting).
+    fn vae_encoder(&mut self) -> Result<&vae_encoder::VaeEncoder, ModelError>;
+    /// Drops the VAE encoder's device copy.
+    fn unload_vae_encoder(&mut self);
+    /// A VAE posterior sample `z` as the sampler's latents (the inverse of [`Family::vae_input`],
+    /// the pipelines' `(z − shift)·scale`).
+    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, ModelError>;
 
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.

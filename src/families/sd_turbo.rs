@@ -6,18 +6,23 @@
 pub mod clip;
 pub mod unet;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::memory::planner::{ActivationModel, ComponentBytes, UNetArch};
 
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use self::unet::{TextTime, UNet, UNetConfig, UNetPlan, UNetPrecision};
-use super::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
+use super::cpu_gemm::LoraMode;
+use super::lora::{self, LinearLayers, LoraPart, LoraSet};
+use super::scheduler::{EulerDiscreteConfig, NoiseKind, Prediction, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
+use super::vae_encoder::VaeEncoder;
 use super::weights::{ModelDir, Weights};
 use super::{
     cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
-    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    Family, FamilyInfo, Img2ImgDefaults, ModelError, PrecisionPolicy, StepInput,
 };
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
@@ -34,6 +39,13 @@ pub const SD_TURBO_DEFAULTS: Defaults = Defaults {
     height: 512,
     steps: 1,
     cfg: 1.0,
+};
+/// The model cards' image-to-image example: 2 steps at strength 0.5 (one step runs; the
+/// pipeline runs `int(steps × strength)` steps, so their product must reach 1).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: 2,
+    strength: 0.5,
+    noise: NoiseKind::VarianceExploding,
 };
 /// SDXL-Turbo was distilled at 512² as well (not SDXL's 1024²).
 pub const SDXL_TURBO_DEFAULTS: Defaults = Defaults {
@@ -144,6 +156,12 @@ pub struct SdTurbo {
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
+    vae_encoder: Option<VaeEncoder>,
+    /// The UNet's and the first text encoder's linear layers: what a LoRA may update.
+    lora_layers: LinearLayers,
+    /// The current job's LoRAs, attached to the layers as they load.
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
 }
 
 fn malformed(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -281,6 +299,7 @@ impl SdTurbo {
             },
             safe_cfg_max: SAFE_CFG_MAX,
             sampler: "Euler",
+            img2img: IMG2IMG_DEFAULTS,
         };
         let model = Self {
             dir,
@@ -301,8 +320,13 @@ impl SdTurbo {
             vae_cfg,
             vae_weights,
             vae: None,
+            vae_encoder: None,
+            lora_layers: LinearLayers::default(),
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
         };
-        model.validate_tensors()?;
+        let mut model = model;
+        model.lora_layers = model.validate_tensors()?;
         Ok(model)
     }
 
@@ -349,11 +373,20 @@ impl SdTurbo {
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
-    fn validate_tensors(&self) -> Result<(), ModelError> {
+    /// Builds every module against the headers only; returns the layers LoRAs may update (the
+    /// UNet's and the first text encoder's).
+    fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
-        for side in std::iter::once(&self.text).chain(self.text_2.as_ref()) {
-            ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
+        let mut layers = LinearLayers::default();
+        for (i, side) in std::iter::once(&self.text)
+            .chain(self.text_2.as_ref())
+            .enumerate()
+        {
+            let m = ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
                 .map_err(|e| side.weights.context(e))?;
+            if i == 0 {
+                lora::record(&m, LoraPart::TextEncoder, &mut layers);
+            }
         }
         if let Some(t2) = &self.text_2 {
             if t2.cfg.projection_dim.is_none() || !t2.weights.contains("text_projection.weight") {
@@ -364,7 +397,7 @@ impl SdTurbo {
                 ));
             }
         }
-        UNet::new(
+        let unet = UNet::new(
             &self.unet_cfg,
             self.unet_weights.shape_only(DType::F32, &dev),
             UNetPrecision {
@@ -373,8 +406,30 @@ impl SdTurbo {
             },
         )
         .map_err(|e| self.unet_weights.context(e))?;
+        lora::record(&unet, LoraPart::Denoiser, &mut layers);
         VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
             .map_err(|e| self.vae_weights.context(e))?;
+        Ok(layers)
+    }
+
+    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]).
+    pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<(), ModelError> {
+        self.lora_mode = mode;
+        let set = std::mem::take(&mut self.loras);
+        self.attach_loras(set, true)
+    }
+
+    fn attach_loras(&mut self, set: Arc<LoraSet>, force: bool) -> Result<(), ModelError> {
+        if !force && (Arc::ptr_eq(&set, &self.loras) || set.key == self.loras.key) {
+            return Ok(());
+        }
+        if let Some(u) = self.unet.as_mut() {
+            lora::apply(u, &set, LoraPart::Denoiser, self.lora_mode)?;
+        }
+        if let Some(t) = self.text.model.as_mut() {
+            lora::apply(t, &set, LoraPart::TextEncoder, self.lora_mode)?;
+        }
+        self.loras = set;
         Ok(())
     }
 
@@ -645,11 +700,49 @@ impl Family for SdTurbo {
             .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
     }
 
+    fn lora_layers(&self) -> &LinearLayers {
+        &self.lora_layers
+    }
+
+    fn set_loras(&mut self, set: Arc<LoraSet>) -> Result<(), ModelError> {
+        self.attach_loras(set, false)
+    }
+
+    fn vae_encoder(&mut self) -> Result<&VaeEncoder, ModelError> {
+        if self.vae_encoder.is_none() {
+            let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
+            let enc =
+                VaeEncoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
+            self.vae_encoder = Some(enc);
+        }
+        self.vae_encoder
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("VAE encoder not loaded".into()))
+    }
+
+    fn unload_vae_encoder(&mut self) {
+        self.vae_encoder = None;
+    }
+
+    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, ModelError> {
+        let z = z.to_dtype(DType::F32)?;
+        let z = match self.vae_cfg.shift_factor {
+            Some(s) => (z - s)?,
+            None => z,
+        };
+        Ok((z * self.vae_cfg.scaling_factor)?)
+    }
+
     fn load(&mut self, component: Component) -> Result<(), ModelError> {
         match component {
             Component::TextEncoder => {
                 let (dtype, dev) = (self.policy.text_encoder, self.device.clone());
-                self.text.load(dtype, &dev)?;
+                if self.text.model.is_none() {
+                    self.text.load(dtype, &dev)?;
+                    if let Some(t) = self.text.model.as_mut() {
+                        lora::apply(t, &self.loras, LoraPart::TextEncoder, self.lora_mode)?;
+                    }
+                }
                 if let Some(t2) = self.text_2.as_mut() {
                     t2.load(dtype, &dev)?;
                 }
@@ -658,8 +751,9 @@ impl Family for SdTurbo {
                 let vb = self
                     .unet_weights
                     .var_builder(self.policy.denoiser, &self.device);
-                let unet = UNet::new(&self.unet_cfg, vb, self.unet_precision())
+                let mut unet = UNet::new(&self.unet_cfg, vb, self.unet_precision())
                     .map_err(|e| self.unet_weights.context(e))?;
+                lora::apply(&mut unet, &self.loras, LoraPart::Denoiser, self.lora_mode)?;
                 self.unet = Some(unet);
             }
             Component::Vae if self.vae.is_none() => {
@@ -682,7 +776,10 @@ impl Family for SdTurbo {
                 }
             }
             Component::Denoiser => self.unet = None,
-            Component::Vae => self.vae = None,
+            Component::Vae => {
+                self.vae = None;
+                self.vae_encoder = None;
+            }
         }
     }
 

@@ -139,7 +139,11 @@ impl TorchGenerator {
     }
 
     /// `torch.randn(shape, generator=self)` as a float32 tensor on `device`.
-    pub fn randn_tensor(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    pub fn randn_tensor(
+        &mut self,
+        shape: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let n = shape.iter().product();
         Tensor::from_vec(self.randn(n), shape, device)
     }
@@ -176,7 +180,7 @@ fn log_ps(x: f32) -> f32 {
     let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
     // Mantissa in [0.5, 1).
     let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
-    let below = x < k(0.707106781186547524);
+    let below = x < k(std::f64::consts::FRAC_1_SQRT_2);
     let tmp = if below { x } else { 0.0 };
     x -= 1.0;
     if below {
@@ -217,8 +221,8 @@ fn sincos_ps(x: f32) -> (f32, f32) {
     let poly_is_sin = j & 2 == 0;
     // Extended-precision modular arithmetic: x − y·π/4 in three parts.
     x = y.mul_add(k(-0.78515625), x);
-    x = y.mul_add(k(-2.4187564849853515625e-4), x);
-    x = y.mul_add(k(-3.77489497744594108e-8), x);
+    x = y.mul_add(k(-2.418_756_484_985_351_6e-4), x);
+    x = y.mul_add(k(-3.774_894_977_445_941e-8), x);
     let sign_cos = (!(j - 2)) & 4 != 0;
     sign_sin ^= swap_sign;
     let z = x * x;

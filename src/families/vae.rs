@@ -39,6 +39,11 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default = "d_true")]
     pub use_post_quant_conv: bool,
+    /// The encoder's `quant_conv` (absent in Z-Image's VAE).
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default)]
+    pub down_block_types: Option<Vec<String>>,
     #[serde(default = "d_true")]
     pub force_upcast: bool,
     #[serde(default)]
@@ -114,9 +119,9 @@ impl VaeConfig {
 /// the CPU run as [`Conv3x3Taps`] (no im2col at all); everything else through candle's `conv2d` in
 /// row bands ([`conv_banded`]).
 #[derive(Debug, Clone)]
-struct Conv(Conv2d);
+pub(super) struct Conv(Conv2d);
 
-fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
+pub(super) fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
     let cfg = Conv2dConfig {
         padding: k / 2,
         ..Default::default()
@@ -414,7 +419,7 @@ impl SendPtr {
 /// Largest im2col buffer one convolution call may build, in elements. candle lowers a convolution
 /// to one im2col matrix of `H·W × Cin·k²` for the whole image — 1.2 GB for a 128-channel 3×3 conv
 /// at 512², 4.5 GB at 1024² — so large convolutions run in row bands that each stay under this.
-const CONV_BAND_ELEMS: usize = 16 << 20;
+pub(super) const CONV_BAND_ELEMS: usize = 16 << 20;
 
 /// A 3×3 (or 1×1) same-padding convolution evaluated in horizontal bands: each band takes one
 /// halo row from its neighbours (or the real zero padding at the image edge), so the result is
@@ -442,7 +447,11 @@ fn conv_banded(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&bands, 2)
 }
 
-fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
+pub(super) fn group_norm(
+    groups: usize,
+    c: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<GroupNorm> {
     Ok(GroupNorm {
         weight: vb.get(c, "weight")?,
         bias: vb.get(c, "bias")?,
@@ -470,7 +479,7 @@ impl GroupNormStats {
 /// Where each GroupNorm takes its statistics from. A tile normalised with its own statistics
 /// drifts in tone from its neighbours (the classic tiled-VAE seam); normalising every tile with
 /// statistics of the whole image removes that drift.
-enum NormCtx<'a> {
+pub(super) enum NormCtx<'a> {
     Local,
     Record(&'a mut GroupNormStats),
     Fixed {
@@ -509,7 +518,7 @@ impl NormCtx<'_> {
 
 /// GroupNorm over `[B, C, H, W]`; statistics accumulate in f32 whatever the dtype.
 #[derive(Debug, Clone)]
-struct GroupNorm {
+pub(super) struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -560,7 +569,7 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU when `silu`. f32 on the CPU: group statistics in one pass (f64
     /// sums), then one pass that applies the per-channel scale and shift and the SiLU — instead of
     /// a layer norm, a multiply, an add and candle's SiLU, each a sweep over the feature map.
-    fn forward_act(
+    pub(super) fn forward_act(
         &self,
         x: &Tensor,
         ctx: &mut NormCtx<'_>,
@@ -706,7 +715,7 @@ fn affine_plane_plain(x: &[f32], out: &mut [f32], a: f32, s: f32, silu: bool) {
 }
 
 #[derive(Debug, Clone)]
-struct Resnet {
+pub(super) struct Resnet {
     norm1: GroupNorm,
     conv1: Conv,
     norm2: GroupNorm,
@@ -715,7 +724,12 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: group_norm(groups, cin, vb.pp("norm1"))?,
             conv1: conv(cin, cout, 3, vb.pp("conv1"))?,
@@ -729,7 +743,7 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let mut h = span("vae.norm_silu", dev, || {
             self.norm1.forward_act(x, ctx, true)
@@ -748,7 +762,7 @@ impl Resnet {
 
 /// Single-head self-attention over all spatial positions (the mid block).
 #[derive(Debug, Clone)]
-struct SpatialAttention {
+pub(super) struct SpatialAttention {
     norm: GroupNorm,
     q: Lin,
     k: Lin,
@@ -757,7 +771,7 @@ struct SpatialAttention {
 }
 
 impl SpatialAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         // diffusers renamed query/key/value/proj_attn to to_q/to_k/to_v/to_out.0; old files and
         // some conversions still carry the legacy names (sometimes as 1×1 conv weights).
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
@@ -798,7 +812,7 @@ impl SpatialAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self
             .norm

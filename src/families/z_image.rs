@@ -5,6 +5,8 @@
 pub mod dit;
 pub mod synthetic;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
@@ -12,14 +14,19 @@ use tokenizers::Tokenizer;
 
 use crate::memory::planner::{ActivationModel, ComponentBytes, ZImageArch};
 
-use self::dit::{Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamedBlocks};
+use self::dit::{
+    Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks,
+};
 use super::cpu_gemm;
-use super::scheduler::{FlowMatchConfig, Schedule};
+use super::cpu_gemm::LoraMode;
+use super::lora::{self, LinearLayers, LoraPart, LoraSet};
+use super::scheduler::{FlowMatchConfig, NoiseKind, Schedule};
 use super::vae::{VaeConfig, VaeDecoder};
+use super::vae_encoder::VaeEncoder;
 use super::weights::{ModelDir, Weights};
 use super::{
     cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
-    Family, FamilyInfo, ModelError, PrecisionPolicy, StepInput,
+    Family, FamilyInfo, Img2ImgDefaults, ModelError, PrecisionPolicy, StepInput,
 };
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
@@ -32,6 +39,13 @@ pub const DEFAULTS: Defaults = Defaults {
     height: 1024,
     steps: 8,
     cfg: 1.8,
+};
+
+/// `ZImageImg2ImgPipeline`'s default strength, with the model's 8 steps (5 of them run).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: DEFAULTS.steps,
+    strength: 0.6,
+    noise: NoiseKind::Flow,
 };
 
 /// The Qwen3 chat template as `apply_chat_template(..., add_generation_prompt=True,
@@ -67,6 +81,12 @@ pub struct ZImage {
     vae_cfg: VaeConfig,
     vae_weights: Weights,
     vae: Option<VaeDecoder>,
+    vae_encoder: Option<VaeEncoder>,
+    /// The DiT's linear layers (module paths and shapes): what a LoRA may update.
+    lora_layers: LinearLayers,
+    /// The current job's LoRAs, attached to the DiT's layers as they load.
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
 }
 
 fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -146,6 +166,7 @@ impl ZImage {
             defaults: DEFAULTS,
             safe_cfg_max: SAFE_CFG_MAX,
             sampler: "Euler (flow)",
+            img2img: IMG2IMG_DEFAULTS,
         };
         let model = Self {
             dir,
@@ -169,8 +190,13 @@ impl ZImage {
             vae_cfg,
             vae_weights,
             vae: None,
+            vae_encoder: None,
+            lora_layers: LinearLayers::default(),
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
         };
-        model.validate_tensors()?;
+        let mut model = model;
+        model.lora_layers = model.validate_tensors()?;
         Ok(model)
     }
 
@@ -199,7 +225,8 @@ impl ZImage {
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
-    fn validate_tensors(&self) -> Result<(), ModelError> {
+    /// Returns the DiT's linear layers (for LoRAs).
+    fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
         let te = self.te_vb(self.te_weights.shape_only(DType::F32, &dev));
         ZImageTextEncoder::new(&self.te_cfg, te).map_err(|e| self.te_weights.context(e))?;
@@ -208,12 +235,46 @@ impl ZImage {
             compute: DType::F32,
             residual: DType::F32,
         };
-        Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
+        let dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
             .map_err(|e| self.dit_weights.context(e))?;
-        ResidentBlocks::load(&self.dit_cfg, &vb).map_err(|e| self.dit_weights.context(e))?;
+        let blocks =
+            ResidentBlocks::load(&self.dit_cfg, &vb).map_err(|e| self.dit_weights.context(e))?;
         VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
             .map_err(|e| self.vae_weights.context(e))?;
+        let mut layers = LinearLayers::default();
+        lora::record(&dit.stem, LoraPart::Denoiser, &mut layers);
+        lora::record(&blocks, LoraPart::Denoiser, &mut layers);
+        Ok(layers)
+    }
+
+    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]).
+    pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<(), ModelError> {
+        self.lora_mode = mode;
+        let set = std::mem::take(&mut self.loras);
+        self.attach_loras(set, true)
+    }
+
+    fn attach_loras(&mut self, set: Arc<LoraSet>, force: bool) -> Result<(), ModelError> {
+        if !force && (Arc::ptr_eq(&set, &self.loras) || set.key == self.loras.key) {
+            return Ok(());
+        }
+        let mode = self.lora_mode;
+        if let Some(dit) = self.dit.as_mut() {
+            lora::apply(&mut dit.stem, &set, LoraPart::Denoiser, mode)?;
+        }
+        if let Some(b) = self.blocks.as_mut() {
+            lora::apply(b, &set, LoraPart::Denoiser, mode)?;
+        }
+        if let Some(k) = self.kept.as_mut() {
+            lora::apply(k, &set, LoraPart::Denoiser, mode)?;
+        }
+        self.loras = set;
         Ok(())
+    }
+
+    /// The current LoRAs for streamed blocks (`None` without any).
+    fn stream_lora(&self) -> StreamLora {
+        (!self.loras.is_empty()).then(|| (self.loras.clone(), self.lora_mode))
     }
 
     fn te_vb(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
@@ -272,8 +333,9 @@ impl ZImage {
                     let vb = self
                         .dit_weights
                         .var_builder(self.policy.denoiser, &self.device);
-                    let kept = KeptBlocks::load(&self.dit_cfg, &vb, want)
+                    let mut kept = KeptBlocks::load(&self.dit_cfg, &vb, want)
                         .map_err(|e| self.dit_weights.context(e))?;
+                    lora::apply(&mut kept, &self.loras, LoraPart::Denoiser, self.lora_mode)?;
                     self.kept = Some(kept);
                 }
             }
@@ -290,7 +352,8 @@ impl ZImage {
                 let vb = self
                     .dit_weights
                     .var_builder(self.policy.denoiser, &self.device);
-                let mut streamed = StreamedBlocks::new(&self.dit_cfg, vb);
+                let mut streamed =
+                    StreamedBlocks::new(&self.dit_cfg, vb).with_lora(self.stream_lora());
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
                 }
@@ -443,6 +506,39 @@ impl Family for ZImage {
             .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
     }
 
+    fn lora_layers(&self) -> &LinearLayers {
+        &self.lora_layers
+    }
+
+    fn set_loras(&mut self, set: Arc<LoraSet>) -> Result<(), ModelError> {
+        self.attach_loras(set, false)
+    }
+
+    fn vae_encoder(&mut self) -> Result<&VaeEncoder, ModelError> {
+        if self.vae_encoder.is_none() {
+            let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
+            let enc =
+                VaeEncoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
+            self.vae_encoder = Some(enc);
+        }
+        self.vae_encoder
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("VAE encoder not loaded".into()))
+    }
+
+    fn unload_vae_encoder(&mut self) {
+        self.vae_encoder = None;
+    }
+
+    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, ModelError> {
+        let z = z.to_dtype(DType::F32)?;
+        let z = match self.vae_cfg.shift_factor {
+            Some(s) => (z - s)?,
+            None => z,
+        };
+        Ok((z * self.vae_cfg.scaling_factor)?)
+    }
+
     fn load(&mut self, component: Component) -> Result<(), ModelError> {
         match component {
             Component::TextEncoder if self.text_encoder.is_none() => {
@@ -467,11 +563,18 @@ impl Family for ZImage {
                     let mut dit = Dit::new(self.dit_cfg.clone(), vb.clone(), prec)
                         .map_err(|e| self.dit_weights.context(e))?;
                     dit.set_execution(self.execution());
+                    lora::apply(
+                        &mut dit.stem,
+                        &self.loras,
+                        LoraPart::Denoiser,
+                        self.lora_mode,
+                    )?;
                     self.dit = Some(dit);
                 }
                 if self.needs_blocks() {
-                    let blocks = ResidentBlocks::load(&self.dit_cfg, &vb)
+                    let mut blocks = ResidentBlocks::load(&self.dit_cfg, &vb)
                         .map_err(|e| self.dit_weights.context(e))?;
+                    lora::apply(&mut blocks, &self.loras, LoraPart::Denoiser, self.lora_mode)?;
                     self.blocks = Some(blocks);
                 }
             }
@@ -494,7 +597,10 @@ impl Family for ZImage {
                 self.blocks = None;
                 self.kept = None;
             }
-            Component::Vae => self.vae = None,
+            Component::Vae => {
+                self.vae = None;
+                self.vae_encoder = None;
+            }
         }
     }
 

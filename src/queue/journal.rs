@@ -110,6 +110,8 @@ mod tests {
                 batch: 1,
                 enhance: false,
                 memory_mode: MemoryMode::Auto,
+                init: None,
+                loras: Vec::new(),
             },
             params: None,
             enhancement: None,

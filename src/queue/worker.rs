@@ -18,6 +18,7 @@ use crate::engine::{
     StepEvent, Timings,
 };
 use crate::families::FamilyInfo;
+use crate::inputs::InputStore;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
 use crate::request::ValidRequest;
@@ -216,9 +217,10 @@ fn run(
             cancel: &item.cancel,
             step_delay: config.step_delay,
         };
+        let request = with_inputs(&config.outputs, &item.request);
         let result = catch_unwind(AssertUnwindSafe(|| {
             engine.generate(
-                &item.request,
+                &request?,
                 &RunExtras::default(),
                 &mut observer,
                 &item.cancel,
@@ -298,6 +300,32 @@ impl Observer for JobObserver<'_> {
             notice: n.clone(),
         });
     }
+}
+
+/// The request with its input image and mask read back from the store (a journaled job carries
+/// only their hashes).
+fn with_inputs(outputs: &std::path::Path, req: &ValidRequest) -> Result<ValidRequest, EngineError> {
+    let mut req = req.clone();
+    if let Some(init) = req.init.as_mut() {
+        let store = InputStore::new(outputs);
+        store
+            .load(&mut init.image, false)
+            .map_err(|e| EngineError::Invalid(format!("input image: {e}")))?;
+        if let Some(mask) = init.mask.as_mut() {
+            store
+                .load(mask, true)
+                .map_err(|e| EngineError::Invalid(format!("mask: {e}")))?;
+        }
+        if let Some(r) = init.region.as_mut() {
+            store
+                .load(&mut r.image, false)
+                .map_err(|e| EngineError::Invalid(format!("input image: {e}")))?;
+            store
+                .load(&mut r.mask, true)
+                .map_err(|e| EngineError::Invalid(format!("mask: {e}")))?;
+        }
+    }
+    Ok(req)
 }
 
 /// Writes `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo`

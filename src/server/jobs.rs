@@ -14,6 +14,7 @@ use super::error::{ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
 use crate::engine::prompt::{self, Enhanced, PromptContext};
 use crate::engine::{Notice, ResolvedParams};
+use crate::inputs::InputStore;
 use crate::memory::planner::MemoryMode;
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
@@ -119,7 +120,7 @@ pub async fn submit(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    let valid = req.validate(&s.info.limits)?;
+    let valid = req.validate_in(&s.info.limits, Some(&s.info.lora_dir()))?;
     let sub = submit_valid(&s, valid).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -132,8 +133,27 @@ pub async fn submit(
         .into_response())
 }
 
-/// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here.
+/// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here. Its input
+/// image and mask are stored first, so the journaled job finds them after a restart.
 pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted, ApiError> {
+    if let Some(init) = &valid.init {
+        let store = InputStore::new(&s.info.outputs);
+        let init = init.clone();
+        tokio::task::spawn_blocking(move || {
+            store.save(&init.image)?;
+            if let Some(m) = &init.mask {
+                store.save(m)?;
+            }
+            if let Some(r) = &init.region {
+                store.save(&r.image)?;
+                store.save(&r.mask)?;
+            }
+            Ok::<(), crate::inputs::InputError>(())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?
+        .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?;
+    }
     match s.queue.submit(valid).await {
         Ok(sub) => Ok(sub),
         Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(

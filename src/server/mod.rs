@@ -26,6 +26,7 @@ use axum::Router;
 use futures::Stream;
 use tokio::sync::watch;
 
+use crate::families::lora::LoraDir;
 use crate::families::FamilyInfo;
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
@@ -85,6 +86,7 @@ impl ServerInfo {
                 size_multiple: loaded.info.size_multiple,
                 max_batch: loaded.max_batch,
                 default_memory_mode: MemoryMode::Auto,
+                img2img: loaded.info.img2img,
             },
             device: loaded.device.clone(),
             device_name: loaded.probe.name(),
@@ -95,6 +97,13 @@ impl ServerInfo {
             model_path: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
         }
+    }
+}
+
+impl ServerInfo {
+    /// `<models-dir>/loras/`: the LoRAs requests may name.
+    pub fn lora_dir(&self) -> LoraDir {
+        LoraDir::new(self.models_dir.join("loras"))
     }
 }
 
@@ -202,9 +211,13 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/api/jobs/{id}/events", jobs::events),
         route(Get, "/api/memory/stream", memory::stream),
         route(Post, "/v1/images/generations", openai::generations),
+        route(Post, "/v1/images/edits", openai::edits),
         route(Get, "/v1/models", openai::models),
         route(Get, "/v1/models/{model}", openai::model),
         route(Post, "/sdapi/v1/txt2img", a1111::txt2img),
+        route(Post, "/sdapi/v1/img2img", a1111::img2img),
+        route(Get, "/sdapi/v1/loras", a1111::loras),
+        route(Post, "/sdapi/v1/refresh-loras", a1111::refresh_loras),
         route(Get, "/sdapi/v1/progress", a1111::progress),
         route(Post, "/sdapi/v1/interrupt", a1111::interrupt),
         route(Get, "/sdapi/v1/sd-models", a1111::sd_models),
@@ -383,6 +396,7 @@ mod tests {
             },
             safe_cfg_max: 2.4,
             sampler: "Euler (flow)",
+            img2img: crate::families::z_image::IMG2IMG_DEFAULTS,
         };
         let info = ServerInfo {
             model: "demo".into(),
@@ -396,6 +410,7 @@ mod tests {
                 size_multiple: 16,
                 max_batch: 2,
                 default_memory_mode: MemoryMode::Auto,
+                img2img: crate::families::z_image::IMG2IMG_DEFAULTS,
             },
             family,
             device: "cpu".into(),

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::families::cpu_gemm::Lin;
+use crate::families::lora::HasLins;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -105,10 +108,10 @@ impl ClipTextConfig {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
     heads: usize,
     head_dim: usize,
 }
@@ -117,10 +120,10 @@ impl Attention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q: linear(h, h, vb.pp("q_proj"))?,
+            k: linear(h, h, vb.pp("k_proj"))?,
+            v: linear(h, h, vb.pp("v_proj"))?,
+            out: linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -150,13 +153,29 @@ impl Attention {
     }
 }
 
+/// A biased linear layer in the encoder's own dtype, named by its canonical module path
+/// (`text_model.encoder.layers.N.…`, whether or not the file spells the `text_model.` prefix) so
+/// text-encoder LoRAs find it.
+fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+    let w = vb.get((o, i), "weight")?;
+    let b = vb.get(o, "bias")?;
+    let mut lin = Lin::from_parts(w, Some(b), vb.dtype())?;
+    let name = vb.prefix();
+    lin.set_name(if name.starts_with("text_model.") {
+        name
+    } else {
+        format!("text_model.{name}")
+    });
+    Ok(lin)
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     act: Activation,
 }
 
@@ -167,8 +186,8 @@ impl Layer {
             ln1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
             ln2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
             act,
         })
     }
@@ -197,6 +216,29 @@ pub struct ClipOutput {
 }
 
 /// transformers' `CLIPTextModel` (and `…WithProjection` when `text_projection.weight` exists).
+impl HasLins for ClipTextModel {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let a = &mut l.attn;
+                [
+                    &mut a.q, &mut a.k, &mut a.v, &mut a.out, &mut l.fc1, &mut l.fc2,
+                ]
+            })
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.attn;
+                [&a.q, &a.k, &a.v, &a.out, &l.fc1, &l.fc2]
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Embedding,

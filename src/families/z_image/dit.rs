@@ -6,8 +6,9 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::families::cpu_gemm::{self, Lin};
+use crate::families::cpu_gemm::{self, Lin, LoraMode};
 use crate::families::gpu_ops;
+use crate::families::lora::{self, HasLins, LoraPart, LoraSet};
 use crate::profile;
 use serde::Deserialize;
 
@@ -1089,6 +1090,7 @@ pub struct StreamedBlocks<'a> {
     pub cfg: &'a DitConfig,
     pub vb: VarBuilder<'static>,
     kept: Option<&'a KeptBlocks>,
+    lora: StreamLora,
     prefetched: Option<(
         BlockGroup,
         usize,
@@ -1102,8 +1104,15 @@ impl<'a> StreamedBlocks<'a> {
             cfg,
             vb,
             kept: None,
+            lora: None,
             prefetched: None,
         }
+    }
+
+    /// Applies a job's LoRAs to every streamed block.
+    pub fn with_lora(mut self, lora: StreamLora) -> Self {
+        self.lora = lora;
+        self
     }
 
     /// Uses the blocks of `kept` from the device instead of streaming them.
@@ -1156,7 +1165,8 @@ impl<'a> StreamedBlocks<'a> {
         let cfg = self.cfg.clone();
         let vb = self.vb.pp(group.prefix()).pp(index);
         let modulated = group != BlockGroup::ContextRefiner;
-        std::thread::spawn(move || Block::new(&cfg, modulated, vb))
+        let lora = self.lora.clone();
+        std::thread::spawn(move || with_lora(Block::new(&cfg, modulated, vb)?, &lora))
     }
 }
 
@@ -1184,10 +1194,13 @@ impl BlockSource for StreamedBlocks<'_> {
                 if let Some((_, _, h)) = other {
                     let _ = h.join();
                 }
-                Block::new(
-                    self.cfg,
-                    group != BlockGroup::ContextRefiner,
-                    self.vb.pp(group.prefix()).pp(index),
+                with_lora(
+                    Block::new(
+                        self.cfg,
+                        group != BlockGroup::ContextRefiner,
+                        self.vb.pp(group.prefix()).pp(index),
+                    )?,
+                    &self.lora,
                 )?
             }
         };
@@ -1196,6 +1209,95 @@ impl BlockSource for StreamedBlocks<'_> {
         }
         f(&block)
     }
+}
+
+impl HasLins for Block {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        let a = &mut self.attention;
+        let f = &mut self.feed_forward;
+        let mut v = vec![
+            &mut a.to_q,
+            &mut a.to_k,
+            &mut a.to_v,
+            &mut a.to_out,
+            &mut f.w1,
+            &mut f.w2,
+            &mut f.w3,
+        ];
+        v.extend(self.modulation.as_mut());
+        v
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        let a = &self.attention;
+        let f = &self.feed_forward;
+        let mut v = vec![&a.to_q, &a.to_k, &a.to_v, &a.to_out, &f.w1, &f.w2, &f.w3];
+        v.extend(self.modulation.as_ref());
+        v
+    }
+}
+
+impl HasLins for DitStem {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        vec![
+            &mut self.t_mlp1,
+            &mut self.t_mlp2,
+            &mut self.cap_linear,
+            &mut self.x_embedder,
+            &mut self.final_linear,
+            &mut self.final_adaln,
+        ]
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        vec![
+            &self.t_mlp1,
+            &self.t_mlp2,
+            &self.cap_linear,
+            &self.x_embedder,
+            &self.final_linear,
+            &self.final_adaln,
+        ]
+    }
+}
+
+impl HasLins for ResidentBlocks {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.noise_refiner
+            .iter_mut()
+            .chain(self.context_refiner.iter_mut())
+            .chain(self.layers.iter_mut())
+            .flat_map(|b| b.lins_mut())
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.noise_refiner
+            .iter()
+            .chain(self.context_refiner.iter())
+            .chain(self.layers.iter())
+            .flat_map(|b| b.lins())
+            .collect()
+    }
+}
+
+impl HasLins for KeptBlocks {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|(_, _, b)| b.lins_mut())
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.blocks.iter().flat_map(|(_, _, b)| b.lins()).collect()
+    }
+}
+
+/// A job's LoRAs for streamed blocks: applied to each block as it is built.
+pub type StreamLora = Option<(std::sync::Arc<LoraSet>, LoraMode)>;
+
+fn with_lora(mut block: Block, lora: &StreamLora) -> candle_core::Result<Block> {
+    if let Some((set, mode)) = lora {
+        lora::apply(&mut block, set, LoraPart::Denoiser, *mode)?;
+    }
+    Ok(block)
 }
 
 #[cfg(test)]

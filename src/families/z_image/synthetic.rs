@@ -292,7 +292,11 @@ pub fn write(dir: &Path, shape: &SyntheticShape, seed: u64) -> Result<(), ModelE
         Ok(())
     })?;
     let te_tensors = record(|vb| ZImageTextEncoder::new(&te_cfg, vb).map(|_| ()))?;
-    let vae_tensors = record(|vb| VaeDecoder::new(&vae_cfg, vb).map(|_| ()))?;
+    let vae_tensors = record(|vb| {
+        VaeDecoder::new(&vae_cfg, vb.clone())?;
+        crate::families::vae_encoder::VaeEncoder::new(&vae_cfg, vb)?;
+        Ok(())
+    })?;
 
     let demo = crate::families::catalog::demo();
     for rel in [
