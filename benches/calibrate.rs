@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         );
     };
 
-    m.load(Component::TextEncoder)?;
+    m.components_mut().load(Component::TextEncoder)?;
     let long = "a serene mountain lake at dawn, mist rising, pine trees on shore, ".repeat(20);
     let (cond, te) = peak_of(|| m.encode(&long, Some("blurry")));
     let cond = cond?;
@@ -71,9 +71,9 @@ fn main() -> anyhow::Result<()> {
         te,
         act.text_encoder.bytes(tokens, 2),
     );
-    m.unload(Component::TextEncoder);
+    m.components_mut().unload(Component::TextEncoder);
 
-    m.load(Component::Denoiser)?;
+    m.components_mut().load(Component::Denoiser)?;
     for &s in &sizes {
         let lat = s / 8;
         let x = Tensor::randn(0f32, 1.0, (1, 16, lat, lat), &Device::Cpu)?;
@@ -99,9 +99,9 @@ fn main() -> anyhow::Result<()> {
             act.denoiser.bytes(tok, 2),
         );
     }
-    m.unload(Component::Denoiser);
+    m.components_mut().unload(Component::Denoiser);
 
-    m.load(Component::Vae)?;
+    m.components_mut().load(Component::Vae)?;
     for &s in &sizes {
         let lat = (s / 8) as u64;
         let z = Tensor::randn(0f32, 1.0, (1, 16, lat as usize, lat as usize), &Device::Cpu)?;

@@ -15,9 +15,11 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use clap::Parser;
 use serde_json::json;
 
-use zturbo::families::cpu_gemm::{self, Lin};
 use zturbo::families::z_image::dit::{Block, DitConfig, RopeTables, SEQ_MULTI_OF};
 use zturbo::families::ModelDir;
+use zturbo::ops::act;
+use zturbo::ops::attention::{attention, Attention};
+use zturbo::ops::linear::{self, Lin};
 
 #[derive(Parser)]
 struct Args {
@@ -155,9 +157,7 @@ fn main() -> Result<()> {
     timer.time("dit.ffn.silu_mul.candle", 0.0, || {
         candle_nn::ops::silu(&gate)? * &hidden
     })?;
-    timer.time("dit.ffn.silu_mul", 0.0, || {
-        cpu_gemm::silu_mul(&gate, &hidden)
-    })?;
+    timer.time("dit.ffn.silu_mul", 0.0, || act::silu_mul(&gate, &hidden))?;
 
     let norm_w = Tensor::ones(d, DType::F32, &dev)?;
     timer.time("dit.rms_norm", 0.0, || {
@@ -189,24 +189,26 @@ fn main() -> Result<()> {
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     timer.time("dit.attn.pv_matmul", attn_mm, || probs.matmul(&v))?;
     timer.time("dit.attn.qk_matmul.bf16_operands", attn_mm, || {
-        cpu_gemm::matmul(&q, &k.t()?, true)
+        linear::matmul(&q, &k.t()?, true)
     })?;
     timer.time("dit.attn.pv_matmul.bf16_operands", attn_mm, || {
-        cpu_gemm::matmul(&probs, &v, true)
+        linear::matmul(&probs, &v, true)
     })?;
     timer.time("dit.attn.fused_bf16_operands", 2.0 * attn_mm, || {
         let q = (&q * 0.088)?;
-        match cpu_gemm::attention(&q, &k, &v, None, true)? {
-            Some(o) => Ok(o),
-            None => candle_core::bail!("no fused attention"),
-        }
+        let opts = Attention {
+            bf16_products: true,
+            ..Attention::default()
+        };
+        attention(&q, &k, &v, &opts)
     })?;
     timer.time("dit.attn.fused_f32", 2.0 * attn_mm, || {
         let q = (&q * 0.088)?;
-        match cpu_gemm::attention(&q, &k, &v, None, false)? {
-            Some(o) => Ok(o),
-            None => candle_core::bail!("no fused attention"),
-        }
+        let opts = Attention {
+            bf16_products: false,
+            ..Attention::default()
+        };
+        attention(&q, &k, &v, &opts)
     })?;
     timer.time("dit.attn.sdpa_total", 2.0 * attn_mm, || {
         let s = (&q * 0.088)?.matmul(&k.t()?)?;

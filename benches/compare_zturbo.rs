@@ -95,17 +95,7 @@ fn main() -> Result<()> {
     let probe = zturbo::memory::probe::for_device(&device);
     let mut engine = Engine::new(family, "compare", probe, EngineConfig::default());
     engine.warm_up()?;
-    let info = engine.info().clone();
-    let limits = Limits {
-        default_width: info.defaults.width,
-        default_height: info.defaults.height,
-        default_steps: info.defaults.steps,
-        default_cfg: info.defaults.cfg,
-        size_multiple: info.size_multiple,
-        max_batch: 1,
-        default_memory_mode: MemoryMode::Performance,
-        img2img: info.img2img,
-    };
+    let limits = Limits::new(engine.profile(), 1, MemoryMode::Performance);
     let req = GenerationRequest {
         prompt: args.prompt.clone(),
         negative_prompt: Some(args.negative_prompt.clone()),
@@ -137,7 +127,7 @@ fn main() -> Result<()> {
             "load_s": t_load.elapsed().as_secs_f64(),
             "candle": "0.11",
             "precision": policy.describe(),
-            "cpu_bf16_products": zturbo::families::cpu_gemm::bf16_ready(),
+            "cpu_bf16_products": zturbo::ops::linear::bf16_ready(),
         })
     )?;
     out.flush()?;

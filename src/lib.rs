@@ -5,6 +5,8 @@ pub mod engine;
 pub mod families;
 pub mod inputs;
 pub mod memory;
+pub mod nn;
+pub mod ops;
 pub mod profile;
 pub mod queue;
 pub mod request;

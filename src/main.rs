@@ -523,17 +523,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let (mut engine, _) = build_engine(&args.model, false)?;
-    let info = engine.info().clone();
-    let limits = Limits {
-        default_width: info.defaults.width,
-        default_height: info.defaults.height,
-        default_steps: info.defaults.steps,
-        default_cfg: info.defaults.cfg,
-        size_multiple: info.size_multiple,
-        max_batch: 64,
-        default_memory_mode: MemoryMode::Auto,
-        img2img: info.img2img,
-    };
+    let limits = Limits::new(engine.profile(), 64, MemoryMode::Auto);
     let fp = from_png.unwrap_or_default();
     let lora_dir = zturbo::families::lora::LoraDir::new(args.model.models_dir.join("loras"));
     let req = GenerationRequest {

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::families::lora::LoraDir;
-use crate::families::scheduler::{steps_run, NoiseKind};
-pub use crate::families::Img2ImgDefaults;
+pub use crate::families::profile::Img2ImgDefaults;
+use crate::families::Profile;
 use crate::inputs::{self, CropRegion, InpaintFill, InputImage, ResizeMode};
 use crate::memory::planner::MemoryMode;
+use crate::nn::scheduler::{steps_run, NoiseKind};
 
 /// Longest prompt accepted, in characters. Z-Image truncates at 512 tokens anyway; this only
 /// stops absurd bodies before they reach the tokenizer.
@@ -19,12 +20,10 @@ pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 2048;
 pub const MIN_STEPS: u32 = 1;
 pub const MAX_STEPS: u32 = 100;
-/// ComfyUI/A1111 convention: 1.0 = no guidance. Values ≥ [`CFG_INTERCEPT`] are accepted and
-/// clamped to the model's safe maximum before the run.
+/// ComfyUI/A1111 convention: 1.0 = no guidance. Values from the profile's `cfg.intercept_at` up
+/// are accepted and clamped to the model's safe maximum before the run.
 pub const MIN_CFG: f32 = 1.0;
 pub const MAX_CFG: f32 = 30.0;
-/// The seed's finding: CFG ≥ 3.0 breaks Turbo models, so the system intercepts it.
-pub const CFG_INTERCEPT: f32 = 3.0;
 /// Largest `mask_blur` (σ of the paste-back blur, in pixels).
 pub const MAX_MASK_BLUR: u32 = 64;
 /// The default strength of inpainting (diffusers' `ZImageInpaintPipeline`): the masked region is
@@ -121,6 +120,23 @@ pub struct Limits {
 
 /// The default σ of the paste-back blur (A1111's `mask_blur` default).
 pub const DEFAULT_MASK_BLUR: u32 = 4;
+
+impl Limits {
+    /// The loaded model's defaults and size multiple, with the device's batch limit.
+    pub fn new(profile: &Profile, max_batch: u32, default_memory_mode: MemoryMode) -> Self {
+        let d = profile.defaults;
+        Self {
+            default_width: d.width,
+            default_height: d.height,
+            default_steps: d.steps,
+            default_cfg: d.cfg,
+            size_multiple: profile.size_multiple,
+            max_batch,
+            default_memory_mode,
+            img2img: profile.img2img,
+        }
+    }
+}
 
 /// A request that passed validation: every field resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use zturbo::families::rng::NoiseRng;
+use zturbo::nn::rng::NoiseRng;
 
 #[derive(clap::Args)]
 pub struct SoakArgs {

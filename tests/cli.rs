@@ -193,7 +193,7 @@ fn batch_writes_numbered_files_with_consecutive_seeds_and_reruns_from_png() {
     // the latents may differ in the last bits and a pixel can land on the other side of .5. With
     // bf16 matrix operands (an `mkl` build on a CPU with native bf16 products) a last-bit change
     // can also move an activation across a bf16 rounding step: a few levels.
-    let allowed = if zturbo::families::cpu_gemm::bf16_ready() {
+    let allowed = if zturbo::ops::linear::bf16_ready() {
         6
     } else {
         1

@@ -81,7 +81,7 @@ fn reference(cfgs: &[f32], init: &Tensor) -> Tensor {
 }
 
 fn init_latents() -> Tensor {
-    zturbo::families::rng::noise(42, &[16, 16, 16], &Device::Cpu)
+    zturbo::nn::rng::noise(42, &[16, 16, 16], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap()
@@ -221,17 +221,14 @@ struct Spy {
 }
 
 impl Family for Spy {
-    fn info(&self) -> &zturbo::families::FamilyInfo {
-        self.inner.info()
+    fn profile(&self) -> &zturbo::families::Profile {
+        self.inner.profile()
     }
-    fn device(&self) -> &Device {
-        self.inner.device()
+    fn components(&self) -> &dyn zturbo::families::Components {
+        self.inner.components()
     }
-    fn policy(&self) -> PrecisionPolicy {
-        self.inner.policy()
-    }
-    fn component_bytes(&self) -> zturbo::memory::planner::ComponentBytes {
-        self.inner.component_bytes()
+    fn components_mut(&mut self) -> &mut dyn zturbo::families::Components {
+        self.inner.components_mut()
     }
     fn activation_model(&self) -> zturbo::memory::planner::ActivationModel {
         self.inner.activation_model()
@@ -270,17 +267,6 @@ impl Family for Spy {
     fn vae_input(&self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
         self.inner.vae_input(l)
     }
-    fn vae(&mut self) -> Result<&zturbo::families::vae::VaeDecoder, zturbo::families::ModelError> {
-        self.inner.vae()
-    }
-    fn vae_encoder(
-        &mut self,
-    ) -> Result<&zturbo::families::vae_encoder::VaeEncoder, zturbo::families::ModelError> {
-        self.inner.vae_encoder()
-    }
-    fn unload_vae_encoder(&mut self) {
-        self.inner.unload_vae_encoder()
-    }
     fn lora_layers(&self) -> &zturbo::families::lora::LinearLayers {
         self.inner.lora_layers()
     }
@@ -289,31 +275,6 @@ impl Family for Spy {
         set: Arc<zturbo::families::lora::LoraSet>,
     ) -> Result<(), zturbo::families::ModelError> {
         self.inner.set_loras(set)
-    }
-    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
-        self.inner.latents_from_vae(z)
-    }
-    fn load(&mut self, c: zturbo::families::Component) -> Result<(), zturbo::families::ModelError> {
-        self.inner.load(c)
-    }
-    fn unload(&mut self, c: zturbo::families::Component) {
-        self.inner.unload(c)
-    }
-    fn is_loaded(&self, c: zturbo::families::Component) -> bool {
-        self.inner.is_loaded(c)
-    }
-    fn set_denoiser_residency(&mut self, r: zturbo::families::DenoiserResidency) {
-        self.inner.set_denoiser_residency(r)
-    }
-    fn set_dtype(
-        &mut self,
-        c: zturbo::families::Component,
-        d: candle_core::DType,
-    ) -> Result<(), zturbo::families::ModelError> {
-        self.inner.set_dtype(c, d)
-    }
-    fn dtype(&self, c: zturbo::families::Component) -> candle_core::DType {
-        self.inner.dtype(c)
     }
 }
 

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, max_abs_diff};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
-use zturbo::families::cpu_gemm::LoraMode;
 use zturbo::families::lora::{LoraFile, LoraPart, LoraSet};
 use zturbo::families::sd_turbo::SdTurbo;
 use zturbo::families::z_image::ZImage;
 use zturbo::families::{Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
 use zturbo::memory::probe::CpuProbe;
+use zturbo::ops::linear::LoraMode;
 use zturbo::request::{LoraRef, ValidRequest};
 
 fn z_image(policy: PrecisionPolicy) -> ZImage {
@@ -109,8 +109,8 @@ fn switching_loras_between_jobs_matches_fresh_models() {
 fn dit_output(m: &mut ZImage, set: &Arc<LoraSet>, mode: LoraMode) -> Tensor {
     m.set_lora_mode(mode).unwrap();
     m.set_loras(set.clone()).unwrap();
-    let x = zturbo::families::torch_rng::randn(3, &[1, 16, 16, 16], &Device::Cpu).unwrap();
-    let cap = zturbo::families::torch_rng::randn(4, &[5, 48], &Device::Cpu).unwrap();
+    let x = zturbo::nn::torch_rng::randn(3, &[1, 16, 16, 16], &Device::Cpu).unwrap();
+    let cap = zturbo::nn::torch_rng::randn(4, &[5, 48], &Device::Cpu).unwrap();
     let t = Tensor::new(&[0.3f32], &Device::Cpu).unwrap();
     m.transformer_forward(&x, &t, &[&cap], None).unwrap()
 }
@@ -189,8 +189,8 @@ fn kohya_text_encoder_keys_reach_clip() {
     let dir = std::env::temp_dir().join(format!("zturbo-te-lora-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let base = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
-    let d = zturbo::families::torch_rng::randn(1, &[2, 32], &Device::Cpu).unwrap();
-    let u = zturbo::families::torch_rng::randn(2, &[32, 2], &Device::Cpu).unwrap();
+    let d = zturbo::nn::torch_rng::randn(1, &[2, 32], &Device::Cpu).unwrap();
+    let u = zturbo::nn::torch_rng::randn(2, &[32, 2], &Device::Cpu).unwrap();
     let p = write_lora(
         &dir,
         "te",

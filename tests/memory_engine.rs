@@ -30,11 +30,13 @@ fn streamed_blocks_give_exactly_the_resident_output() {
     let resident = m
         .transformer_forward(&x, g.get("b.t"), &caps, None)
         .unwrap();
-    m.set_denoiser_residency(DenoiserResidency::Streamed {
-        resident_blocks: 0,
-        one_at_a_time: true,
-    });
-    m.unload(zturbo::families::Component::Denoiser);
+    m.components_mut()
+        .set_denoiser_residency(DenoiserResidency::Streamed {
+            resident_blocks: 0,
+            one_at_a_time: true,
+        });
+    m.components_mut()
+        .unload(zturbo::families::Component::Denoiser);
     // Streaming alone (same execution strategy) is bit-exact.
     m.set_execution(Some(Execution::default()));
     let streamed = m
@@ -44,19 +46,21 @@ fn streamed_blocks_give_exactly_the_resident_output() {
     // So is streaming with some blocks kept on the device: the first, several (across the
     // refiners), and more than the model has.
     for kept in [1, 3, 1000] {
-        m.set_denoiser_residency(DenoiserResidency::Streamed {
-            resident_blocks: kept,
-            one_at_a_time: false,
-        });
+        m.components_mut()
+            .set_denoiser_residency(DenoiserResidency::Streamed {
+                resident_blocks: kept,
+                one_at_a_time: false,
+            });
         let partly = m
             .transformer_forward(&x, g.get("b.t"), &caps, None)
             .unwrap();
         assert_eq!(max_abs_diff(&resident, &partly), 0.0, "{kept} kept");
     }
-    m.set_denoiser_residency(DenoiserResidency::Streamed {
-        resident_blocks: 0,
-        one_at_a_time: true,
-    });
+    m.components_mut()
+        .set_denoiser_residency(DenoiserResidency::Streamed {
+            resident_blocks: 0,
+            one_at_a_time: true,
+        });
     // The low-memory strategy (one batch item at a time, small attention chunks) only changes the
     // matmul blocking: last-bit differences.
     m.set_execution(None);
@@ -67,10 +71,11 @@ fn streamed_blocks_give_exactly_the_resident_output() {
     assert!(d < 1e-5, "low-memory execution differs by {d}");
     // Low mode with the batch run whole (the planner's choice where splitting it would not lower
     // the peak): small attention chunks only.
-    m.set_denoiser_residency(DenoiserResidency::Streamed {
-        resident_blocks: 0,
-        one_at_a_time: false,
-    });
+    m.components_mut()
+        .set_denoiser_residency(DenoiserResidency::Streamed {
+            resident_blocks: 0,
+            one_at_a_time: false,
+        });
     let whole = m
         .transformer_forward(&x, g.get("b.t"), &caps, None)
         .unwrap();
@@ -314,7 +319,7 @@ fn tiles_are_exact_given_whole_image_statistics_and_context() {
     let z = Tensor::randn(0f32, 1.0, (1, 16, 40, 36), &Device::Cpu).unwrap();
     let full = m.decode(&z).unwrap();
     let input = m.vae_input(&z).unwrap();
-    let vae = m.vae().unwrap().clone();
+    let vae = m.components_mut().vae().unwrap().clone();
     let features = vae.trunk(&input).unwrap();
     let stats = vae.record_head_stats(&features).unwrap();
     // The reference: the whole head with the same (two-pass) statistics. The plain decode's fused

@@ -300,11 +300,11 @@ fn open_picks_the_family_of_each_fixture() {
     for (folder, family) in [("tiny-sd-turbo", "sd-turbo"), ("tiny-z-image", "z-image")] {
         let dir = ModelDir::open(fixture(folder)).unwrap();
         let f = families::open(dir, &Device::Cpu, PrecisionPolicy::F32).unwrap();
-        assert_eq!(f.info().family, family, "{folder}");
+        assert_eq!(f.profile().family, family, "{folder}");
     }
     let m = model();
     assert_eq!(m.variant(), Variant::Sd);
-    let info = m.info();
+    let info = m.profile();
     assert_eq!(
         (
             info.defaults.width,
@@ -319,7 +319,7 @@ fn open_picks_the_family_of_each_fixture() {
     assert_eq!(info.size_multiple, 8);
     assert_eq!(info.sampler, "Euler");
     assert_eq!(
-        families::family_of_class("StableDiffusionXLPipeline"),
+        families::family_of_class("StableDiffusionXLPipeline").map(|f| f.as_str()),
         Some("sdxl-turbo")
     );
 }
@@ -327,7 +327,7 @@ fn open_picks_the_family_of_each_fixture() {
 #[test]
 fn component_sizes_come_from_the_headers() {
     let m = model();
-    let b = m.component_bytes();
+    let b = m.components().bytes();
     // Parameter counts of the tiny fixture (README manifest), all f32.
     assert_eq!(b.text_encoder, 53_824 * 4);
     assert_eq!(b.denoiser, 217_772 * 4);

@@ -151,7 +151,7 @@ fn request(size: u32, mode: MemoryMode) -> zturbo::request::ValidRequest {
         size_multiple: 8,
         max_batch: 4,
         default_memory_mode: MemoryMode::Auto,
-        img2img: zturbo::families::sd_turbo::IMG2IMG_DEFAULTS,
+        img2img: zturbo::families::sd_turbo::profile::IMG2IMG_DEFAULTS,
     };
     GenerationRequest {
         prompt: "a serene mountain lake at dawn".into(),
@@ -203,7 +203,9 @@ fn f16_vae_overflow_falls_back_to_f32() {
     assert_eq!(got.images[0].rgb, want.images[0].rgb);
     // The next job starts from the policy again (f16 VAE).
     assert_eq!(
-        e.family_mut().dtype(zturbo::families::Component::Vae),
+        e.family_mut()
+            .components()
+            .dtype(zturbo::families::Component::Vae),
         DType::F16
     );
 }

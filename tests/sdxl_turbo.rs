@@ -1,4 +1,6 @@
-//! SDXL-Turbo support without a diffusers golden. What is checked here:
+//! SDXL-Turbo structure and plumbing (numerical parity with diffusers' `StableDiffusionXLPipeline`
+//! is `tests/sdxl_turbo_parity.rs`, on the golden fixture `tests/fixtures/tiny-sdxl-turbo`).
+//! What is checked here:
 //!
 //! 1. Architecture: the UNet and CLIP encoders built from the real `stabilityai/sd-turbo` and
 //!    `stabilityai/sdxl-turbo` configs ask for exactly the published parameter counts and for
@@ -8,8 +10,6 @@
 //!    concatenated, pooled projection + size ids into the UNet's `text_time` embedding, zeroed
 //!    empty negative prompt, ancestral scheduler file, engine and CLI runs: shapes, finiteness,
 //!    determinism, and that every conditioning input changes the output.
-//!
-//! Not checked: numerical parity with diffusers' `StableDiffusionXLPipeline` (no golden exists).
 
 mod common;
 
@@ -23,12 +23,12 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use common::{fixture, max_abs, max_abs_diff};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
-use zturbo::families::rng::noise;
 use zturbo::families::sd_turbo::clip::{ClipTextConfig, ClipTextModel};
 use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetConfig, UNetPrecision};
 use zturbo::families::sd_turbo::{SdTurbo, Variant};
 use zturbo::families::{self, Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
+use zturbo::nn::rng::noise;
 use zturbo::request::{GenerationRequest, Limits};
 
 /// Records every tensor a model asks for; hands out zero-cost placeholders.
@@ -345,7 +345,7 @@ fn open_tiny() -> SdTurbo {
 fn tiny_sdxl_opens_as_the_sdxl_family() {
     let dir = ModelDir::open(tiny_sdxl()).unwrap();
     let f = families::open(dir, &Device::Cpu, PrecisionPolicy::F32).unwrap();
-    let info = f.info();
+    let info = f.profile();
     assert_eq!(info.family, "sdxl-turbo");
     assert_eq!(
         (
@@ -356,7 +356,7 @@ fn tiny_sdxl_opens_as_the_sdxl_family() {
         (512, 512, 1)
     );
     assert_eq!(info.defaults.cfg, 1.0);
-    assert_eq!(f.component_bytes().denoiser_blocks, 0);
+    assert_eq!(f.components().bytes().denoiser_blocks, 0);
     // Two text encoders count together.
     let m = open_tiny();
     assert_eq!(m.variant(), Variant::Sdxl);
@@ -440,7 +440,7 @@ fn request(steps: u32, cfg: f32, seed: u64) -> zturbo::request::ValidRequest {
         size_multiple: 8,
         max_batch: 4,
         default_memory_mode: MemoryMode::Auto,
-        img2img: zturbo::families::sd_turbo::IMG2IMG_DEFAULTS,
+        img2img: zturbo::families::sd_turbo::profile::IMG2IMG_DEFAULTS,
     };
     GenerationRequest {
         prompt: "a serene mountain lake at dawn".into(),

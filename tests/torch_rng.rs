@@ -8,7 +8,7 @@ mod common;
 use candle_core::Device;
 use common::Golden;
 use sha2::{Digest, Sha256};
-use zturbo::families::torch_rng::{randn, TorchGenerator};
+use zturbo::nn::torch_rng::{randn, TorchGenerator};
 
 fn golden() -> Golden {
     Golden::load("torch_rng.safetensors")

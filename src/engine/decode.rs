@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::guard::{all_finite, poison};
 use super::{EngineError, Notice, RunState};
-use crate::families::vae::GroupNormStats;
 use crate::families::{Component, Family};
 pub use crate::memory::planner::tile_starts;
 use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
+use crate::nn::vae::GroupNormStats;
 
 /// Latent cells of real context decoded around every tile and cropped away again. Measured on the
 /// tiny VAE with exact statistics: 8 cells make tiles exact (1e-6), 0 cells leave a mean error of
@@ -106,8 +106,10 @@ fn decode_checked(
                 detail: "the decoded image is not finite even with the VAE in f32".into(),
             });
         }
-        let from = family.dtype(Component::Vae);
-        family.set_dtype(Component::Vae, DType::F32)?;
+        let from = family.components().dtype(Component::Vae);
+        family
+            .components_mut()
+            .set_dtype(Component::Vae, DType::F32)?;
         run.notice(Notice {
             kind: "precision_raised".into(),
             message: format!(
@@ -146,7 +148,7 @@ fn decode_tiled(
         decode_checked(family, run, &mut |f, raised| {
             if raised || cache.is_none() {
                 let input = f.vae_input(latents)?;
-                let vae = f.vae()?;
+                let vae = f.components_mut().vae()?;
                 let features = vae.trunk(&input)?;
                 // Statistics from the whole image at tile size (pooling the latents, not the
                 // features: pooled features lose the variance the head normalises away).
@@ -164,7 +166,7 @@ fn decode_tiled(
                 .narrow(2, y0, th)?
                 .narrow(3, x0, tw)?
                 .contiguous()?;
-            Ok(f.vae()?.head_with_stats(&part, stats)?)
+            Ok(f.components_mut().vae()?.head_with_stats(&part, stats)?)
         })
     })
 }

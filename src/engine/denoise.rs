@@ -110,10 +110,12 @@ pub(crate) fn denoise(
                 }
                 continue;
             }
-            let current = family.dtype(Component::Denoiser);
+            let current = family.components().dtype(Component::Denoiser);
             if !precision_raised && current != DType::F32 {
                 precision_raised = true;
-                family.set_dtype(Component::Denoiser, DType::F32)?;
+                family
+                    .components_mut()
+                    .set_dtype(Component::Denoiser, DType::F32)?;
                 run.notice(Notice {
                     kind: "precision_raised".into(),
                     message: format!(
@@ -132,11 +134,11 @@ pub(crate) fn denoise(
                 detail: format!(
                     "the latents stayed NaN/inf after {retries} retries (CFG lowered to {:.2}) with the denoiser in {}",
                     *cfg,
-                    dtype_name(family.dtype(Component::Denoiser))
+                    dtype_name(family.components().dtype(Component::Denoiser))
                 ),
             });
         };
-        release_memory(family.device());
+        release_memory(family.components().device());
         run.step(StepEvent {
             step: i + 1,
             total,

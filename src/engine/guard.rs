@@ -183,7 +183,7 @@ impl FaultPlan {
 
 /// A uniform number in [0, 1) from a hash of where a fault could strike.
 fn chance(seed: u64, salt: u64, kind: u64, step: u64, attempt: u32) -> f64 {
-    let mut rng = crate::families::rng::NoiseRng::new(
+    let mut rng = crate::nn::rng::NoiseRng::new(
         seed ^ salt.rotate_left(17)
             ^ kind.rotate_left(41)
             ^ step.rotate_left(7)

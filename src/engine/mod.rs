@@ -16,17 +16,15 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::families::lora::{LoraFile, LoraSet};
-use crate::families::scheduler::NoiseKind;
-use crate::families::torch_rng::TorchGenerator;
-use crate::families::vae_encoder::Posterior;
-use crate::families::{
-    Component, DenoiserResidency, Family, FamilyInfo, ModelError, PrecisionPolicy,
-};
+use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
 use crate::inputs::InpaintFill;
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
-use crate::request::{InitImage, ValidRequest, CFG_INTERCEPT};
+use crate::nn::scheduler::NoiseKind;
+use crate::nn::torch_rng::TorchGenerator;
+use crate::nn::vae_encoder::Posterior;
+use crate::request::{InitImage, ValidRequest};
 use guard::{blank_image, Blank, FaultPlan};
 use prompt::{Enhanced, PromptContext};
 
@@ -312,7 +310,7 @@ pub struct Engine {
     base_policy: PrecisionPolicy,
     tags: Option<Arc<Tags>>,
     /// The family's facts, with the model's own defaults where they differ (the demo's size).
-    info: FamilyInfo,
+    profile: Profile,
     /// LoRA files read so far (parsed and matched to the model), kept so switching back to one
     /// costs no disk read.
     loras: LoraCache,
@@ -368,10 +366,10 @@ impl Engine {
         if !config.faults.is_empty() {
             tracing::warn!(faults = ?config.faults.specs, "ZTURBO_FAULT is set: faults will be injected");
         }
-        let base_policy = family.policy();
-        let info = family.info().clone();
+        let base_policy = family.components().policy();
+        let profile = *family.profile();
         Self {
-            info,
+            profile,
             family,
             model_name: model_name.into(),
             probe,
@@ -388,13 +386,13 @@ impl Engine {
         self
     }
 
-    pub fn info(&self) -> &FamilyInfo {
-        &self.info
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     /// Overrides the model's default size/steps/CFG (a model-level fact, e.g. the demo's).
     pub fn with_defaults(mut self, defaults: crate::families::Defaults) -> Self {
-        self.info.defaults = defaults;
+        self.profile.defaults = defaults;
         self
     }
 
@@ -403,7 +401,7 @@ impl Engine {
     }
 
     pub fn device(&self) -> &Device {
-        self.family.device()
+        self.family.components().device()
     }
 
     pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
@@ -425,14 +423,14 @@ impl Engine {
         mode: MemoryMode,
     ) -> PlanInput {
         let reading = self.probe.read();
-        let bytes = self.family.component_bytes();
+        let bytes = self.family.components().bytes();
         let loaded: u64 = [
             (Component::TextEncoder, bytes.text_encoder),
             (Component::Denoiser, bytes.denoiser),
             (Component::Vae, bytes.vae_decoder),
         ]
         .iter()
-        .filter(|(c, _)| self.family.is_loaded(*c))
+        .filter(|(c, _)| self.family.components().is_loaded(*c))
         .map(|(_, b)| *b)
         .sum();
         PlanInput {
@@ -452,14 +450,14 @@ impl Engine {
 
     /// The largest batch the default size fits (the server's start-up figure).
     pub fn max_batch(&self) -> u32 {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         planner::max_batch(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto))
     }
 
     /// Loads what the performance plan keeps resident, so the first job does not pay for it and a
     /// broken model folder fails at start-up rather than on the first request.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
-        let d = self.info.defaults;
+        let d = self.profile.defaults;
         let plan =
             planner::plan(&self.plan_input(d.width, d.height, 1, d.cfg > 1.0, MemoryMode::Auto));
         for (c, r) in [
@@ -468,7 +466,7 @@ impl Engine {
             (Component::Vae, plan.vae),
         ] {
             if r == Residency::Resident {
-                self.family.load(c)?;
+                self.family.components_mut().load(c)?;
             }
         }
         Ok(())
@@ -483,18 +481,18 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         let started = Instant::now();
         self.probe.reset_peak();
-        let info = self.info.clone();
+        let profile = self.profile;
         let faults = self.config.faults.clone();
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         run.salt = req.seed;
-        let result = self.generate_inner(req, extras, &info, &mut run, started);
+        let result = self.generate_inner(req, extras, &profile, &mut run, started);
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
         if let Some(t) = &tags {
             t.set_phase(None, None);
         }
-        release_memory(self.family.device());
+        release_memory(self.family.components().device());
         result
     }
 
@@ -505,8 +503,8 @@ impl Engine {
             (Component::Denoiser, base.denoiser),
             (Component::Vae, base.vae),
         ] {
-            if self.family.dtype(c) != d {
-                if let Err(e) = self.family.set_dtype(c, d) {
+            if self.family.components().dtype(c) != d {
+                if let Err(e) = self.family.components_mut().set_dtype(c, d) {
                     tracing::warn!("could not restore {c:?} to {d:?}: {e}");
                 }
             }
@@ -517,15 +515,15 @@ impl Engine {
         &mut self,
         req: &ValidRequest,
         extras: &RunExtras,
-        info: &FamilyInfo,
+        profile: &Profile,
         run: &mut RunState<'_>,
         started: Instant,
     ) -> Result<Generation, EngineError> {
         // 1. CFG interception: the seed found CFG ≥ 3 breaks Turbo models.
         let cfg_requested = req.cfg;
         let mut cfg = req.cfg;
-        if cfg >= CFG_INTERCEPT && cfg > info.safe_cfg_max {
-            cfg = info.safe_cfg_max;
+        if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
+            cfg = profile.safe_cfg_max;
             run.notice(Notice {
                 kind: "cfg_clamped".into(),
                 message: format!(
@@ -542,8 +540,7 @@ impl Engine {
         let ctx = PromptContext {
             cfg,
             steps: req.steps,
-            safe_cfg_max: info.safe_cfg_max,
-            family: info.family,
+            profile: *profile,
         };
         let enhancement = prompt::enhance(
             &req.prompt,
@@ -585,18 +582,18 @@ impl Engine {
         if plan.text_encoder != Residency::Resident {
             // Low-memory plans keep only one big component at a time.
             if plan.denoiser == Residency::BlockStreamed {
-                self.family.unload(Component::Denoiser);
+                self.family.components_mut().unload(Component::Denoiser);
             }
             if plan.vae != Residency::Resident {
-                self.family.unload(Component::Vae);
+                self.family.components_mut().unload(Component::Vae);
             }
         }
         let cond = self
             .family
             .encode(&enhancement.prompt, negative.as_deref())?;
         if plan.text_encoder != Residency::Resident {
-            self.family.unload(Component::TextEncoder);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::TextEncoder);
+            release_memory(self.family.components().device());
         }
         // The input image's posterior (image to image, inpainting), with the VAE encoder loaded
         // only for this in the low-memory plans.
@@ -605,23 +602,24 @@ impl Engine {
             None => None,
         };
         if init.is_some() && plan.vae != Residency::Resident {
-            self.family.unload_vae_encoder();
-            release_memory(self.family.device());
+            self.family.components_mut().unload_vae_encoder();
+            release_memory(self.family.components().device());
         }
         let encode_ms = t_encode.elapsed().as_millis() as u64;
 
         // 5. Denoise.
         let t_denoise = Instant::now();
         run.phase(Phase::Denoise);
-        self.family
-            .set_denoiser_residency(if plan.denoiser == Residency::BlockStreamed {
+        self.family.components_mut().set_denoiser_residency(
+            if plan.denoiser == Residency::BlockStreamed {
                 DenoiserResidency::Streamed {
                     resident_blocks: plan.resident_blocks as usize,
                     one_at_a_time: plan.denoiser_one_at_a_time,
                 }
             } else {
                 DenoiserResidency::Resident
-            });
+            },
+        );
         let seeds: Vec<u64> = (0..req.batch as u64)
             .map(|i| req.seed.wrapping_add(i))
             .collect();
@@ -640,8 +638,8 @@ impl Engine {
         let t_decode = Instant::now();
         let tiling = plan.vae_tiling;
         if plan.denoiser != Residency::Resident {
-            self.family.unload(Component::Denoiser);
-            release_memory(self.family.device());
+            self.family.components_mut().unload(Component::Denoiser);
+            release_memory(self.family.components().device());
         }
         run.phase(Phase::Decode);
         let mut images = Vec::with_capacity(seeds.len());
@@ -672,7 +670,7 @@ impl Engine {
                         run,
                     )?;
                     if plan.denoiser != Residency::Resident {
-                        self.family.unload(Component::Denoiser);
+                        self.family.components_mut().unload(Component::Denoiser);
                     }
                     run.phase(Phase::Decode);
                     let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
@@ -690,7 +688,7 @@ impl Engine {
             }
         }
         if plan.vae != Residency::Resident {
-            self.family.unload(Component::Vae);
+            self.family.components_mut().unload(Component::Vae);
         }
         let decode_ms = t_decode.elapsed().as_millis() as u64;
 
@@ -707,8 +705,8 @@ impl Engine {
             batch: req.batch,
             enhance: req.enhance,
             memory_mode: plan.mode,
-            precision: self.family.policy().describe(),
-            sampler: info.sampler.into(),
+            precision: self.family.components().policy().describe(),
+            sampler: profile.sampler.into(),
             strength: req.init.as_ref().map(|i| i.strength),
             mask_blur: req
                 .init
@@ -764,19 +762,23 @@ impl Engine {
                 req.height
             )));
         }
-        let device = self.family.device().clone();
+        let device = self.family.components().device().clone();
         let filled = match (init.fill, init.mask.as_ref().and_then(|m| m.as_gray())) {
             (InpaintFill::Fill, Some(mask)) => Some(crate::inputs::fill_masked(rgb, mask)),
             _ => None,
         };
         let pixels = crate::inputs::pixels_tensor(filled.as_ref().unwrap_or(rgb), &device)?;
-        let posterior = self.family.vae_encoder()?.encode(&pixels)?;
+        let posterior = self
+            .family
+            .components_mut()
+            .vae_encoder()?
+            .encode(&pixels)?;
         let mask = match &init.mask {
             Some(m) => {
                 let gray = m.as_gray().ok_or_else(|| {
                     EngineError::Invalid("the mask's pixels are not loaded".into())
                 })?;
-                let f = self.family.info().vae_scale_factor;
+                let f = self.family.profile().vae_scale_factor;
                 Some(crate::inputs::latent_mask(gray, f, &device)?)
             }
             None => None,
@@ -808,7 +810,7 @@ impl Engine {
             Some(t) => Some(self.check_init_latents(t, seeds.len(), req)?),
             None => None,
         };
-        let device = self.family.device().clone();
+        let device = self.family.components().device().clone();
         let shape = [1, c, lh, lw];
         let Some(init) = init else {
             // Text to image: `randn(generator=manual_seed(seed + i)) · init_noise_sigma`.
@@ -817,7 +819,7 @@ impl Engine {
                 None => self.seeded_noise(seeds, req.width, req.height)?,
             };
             let x = (noise * full.init_noise_sigma as f64)?;
-            self.family.load(Component::Denoiser)?;
+            self.family.components_mut().load(Component::Denoiser)?;
             return denoise::denoise(self.family.as_mut(), x, cond, &full, cfg, run, None);
         };
         let skip = full.skipped_steps(init.strength);
@@ -898,7 +900,7 @@ impl Engine {
             }),
             None => None,
         };
-        self.family.load(Component::Denoiser)?;
+        self.family.components_mut().load(Component::Denoiser)?;
         denoise::denoise(
             self.family.as_mut(),
             x,
@@ -917,7 +919,11 @@ impl Engine {
         gen: &mut TorchGenerator,
     ) -> Result<Tensor, EngineError> {
         let z = init.posterior.sample(gen)?;
-        Ok(self.family.latents_from_vae(&z)?)
+        Ok(self
+            .family
+            .components()
+            .vae_config()
+            .latents_from_sample(&z)?)
     }
 
     /// Attaches the job's LoRAs to the model (or removes the previous job's): parsed files come
@@ -934,11 +940,11 @@ impl Engine {
     }
 
     fn latent_dims(&self, width: u32, height: u32) -> (usize, usize, usize) {
-        let info = self.family.info();
+        let p = self.family.profile();
         (
-            info.latent_channels,
-            height as usize / info.vae_scale_factor,
-            width as usize / info.vae_scale_factor,
+            p.latent_channels,
+            height as usize / p.vae_scale_factor,
+            width as usize / p.vae_scale_factor,
         )
     }
 
@@ -949,7 +955,10 @@ impl Engine {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| TorchGenerator::new(s).randn_tensor(&[1, c, h, w], self.family.device()))
+            .map(|&s| {
+                TorchGenerator::new(s)
+                    .randn_tensor(&[1, c, h, w], self.family.components().device())
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&per, 0)?)
     }
@@ -967,10 +976,11 @@ impl Engine {
                 "initial latents have shape {:?}; this request needs {:?} (batch, channels, height/{f}, width/{f})",
                 t.dims(),
                 want,
-                f = self.family.info().vae_scale_factor
+                f = self.family.profile().vae_scale_factor
             )));
         }
-        Ok(t.to_dtype(DType::F32)?.to_device(self.family.device())?)
+        Ok(t.to_dtype(DType::F32)?
+            .to_device(self.family.components().device())?)
     }
 }
 

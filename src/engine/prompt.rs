@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::families::profile::{fmt_num, Band, BandLevel, Profile};
+
 /// Used when guidance is on and the user gave no negative prompt; "black screen" is part of the
 /// anti-black-image defence.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "nsfw, blurry, deformed, black screen";
@@ -21,14 +23,8 @@ const MAX_SCANNED_WORDS: usize = 256;
 pub struct PromptContext {
     pub cfg: f32,
     pub steps: u32,
-    pub safe_cfg_max: f32,
-    /// The model family (`FamilyInfo::family`): the CFG and step advice is per family.
-    pub family: &'static str,
-}
-
-/// Families distilled (adversarial diffusion distillation) for one step without guidance.
-fn unet_turbo(ctx: &PromptContext) -> bool {
-    matches!(ctx.family, "sd-turbo" | "sdxl-turbo")
+    /// The loaded model's profile: the CFG and step advice renders its bands.
+    pub profile: Profile,
 }
 
 /// Phrases the enhancement appended, in the order they appear in the final texts.
@@ -99,10 +95,17 @@ pub fn enhance(
         }
     };
     if !guidance_on(ctx) && has_word(&out.negative_prompt) {
-        let hint = if unet_turbo(ctx) {
-            "set CFG above 1 (this model's default is 1.0, off) for it to take effect"
+        let default = ctx.profile.defaults.cfg;
+        let hint = if default > 1.0 {
+            format!(
+                "set CFG above 1 ({} is the default) for it to take effect",
+                fmt_num(default)
+            )
         } else {
-            "set CFG above 1 (1.8 is the default) for it to take effect"
+            format!(
+                "set CFG above 1 (this model's default is {}, off) for it to take effect",
+                fmt_num(default)
+            )
         };
         advice_list.push(Advice::info(
             "negative_unused",
@@ -119,18 +122,7 @@ pub fn enhance(
 
 /// Guidance only (word count, CFG, steps); `enhance` includes it.
 pub fn advice(prompt: &str, ctx: &PromptContext) -> Vec<Advice> {
-    if unet_turbo(ctx) {
-        return vec![
-            prompt_advice(prompt),
-            unet_turbo_cfg_advice(ctx),
-            unet_turbo_steps_advice(ctx.steps),
-        ];
-    }
-    vec![
-        prompt_advice(prompt),
-        cfg_advice(ctx),
-        steps_advice(ctx.steps),
-    ]
+    vec![prompt_advice(prompt), cfg_advice(ctx), steps_advice(ctx)]
 }
 
 /// Words as a user counts them: whitespace- or comma-separated chunks with a letter or digit
@@ -400,157 +392,45 @@ fn prompt_advice(prompt: &str) -> Advice {
     }
 }
 
+/// One band of the profile as advice: its sentence with the placeholders filled; `warn` and `bad`
+/// bands warn.
+fn band_advice(
+    kind: &str,
+    band: Option<&Band>,
+    ctx: &PromptContext,
+    value: String,
+    default: String,
+) -> Advice {
+    let Some(band) = band else {
+        // Only an empty ladder has no band (the profiles' tests rule that out).
+        return Advice::info(kind, value);
+    };
+    let message = ctx.profile.render(band.advice, &value, &default);
+    match band.level {
+        BandLevel::Info | BandLevel::Ok => Advice::info(kind, message),
+        BandLevel::Warn | BandLevel::Bad => Advice::warn(kind, message),
+    }
+}
+
 fn cfg_advice(ctx: &PromptContext) -> Advice {
-    let cfg = ctx.cfg;
-    let shown = fmt_num(cfg);
-    let safe = fmt_num(ctx.safe_cfg_max);
-    if !cfg.is_finite() {
-        Advice::warn(
-            "cfg",
-            format!("CFG {shown} is not a number; 1.8 is the default."),
-        )
-    } else if cfg >= ctx.safe_cfg_max {
-        Advice::warn(
+    let default = fmt_num(ctx.profile.defaults.cfg);
+    if !ctx.cfg.is_finite() {
+        return Advice::warn(
             "cfg",
             format!(
-                "CFG {shown}: from {safe} this model breaks (black images), so it will be \
-                 intercepted and lowered; 1.8 is the default."
+                "CFG {} is not a number; {default} is the default.",
+                fmt_num(ctx.cfg)
             ),
-        )
-    } else if cfg <= 1.0 {
-        Advice::info(
-            "cfg",
-            format!(
-                "CFG {shown}: guidance off, fastest, and the negative prompt has no effect; 1.8 is \
-                 the default (best usable rate, 89.6 %)."
-            ),
-        )
-    } else if cfg < 1.65 {
-        Advice::info(
-            "cfg",
-            format!(
-                "CFG {shown}: a soft look (1.5 is soft); 1.8 is the default (best usable rate, \
-                 89.6 %)."
-            ),
-        )
-    } else if cfg < 2.0 {
-        Advice::info(
-            "cfg",
-            format!("CFG {shown}: at the default 1.8, the best usable rate (89.6 %)."),
-        )
-    } else if cfg <= 2.4 {
-        Advice::info(
-            "cfg",
-            format!("CFG {shown}: sharp (2.2) but may overexpose; 1.8 is the default."),
-        )
-    } else {
-        Advice::warn(
-            "cfg",
-            format!(
-                "CFG {shown}: above 2.2 images overexpose, and from {safe} the model breaks; 1.8 \
-                 is the default."
-            ),
-        )
+        );
     }
+    let band = ctx.profile.cfg.band(ctx.cfg);
+    band_advice("cfg", band, ctx, fmt_num(ctx.cfg), default)
 }
 
-/// SD-Turbo / SDXL-Turbo: trained without guidance; CFG only makes a negative prompt count.
-fn unet_turbo_cfg_advice(ctx: &PromptContext) -> Advice {
-    let cfg = ctx.cfg;
-    let shown = fmt_num(cfg);
-    let safe = fmt_num(ctx.safe_cfg_max);
-    if !cfg.is_finite() {
-        Advice::warn(
-            "cfg",
-            format!("CFG {shown} is not a number; 1.0 (off) is the default."),
-        )
-    } else if cfg <= 1.0 {
-        Advice::info(
-            "cfg",
-            format!(
-                "CFG {shown}: guidance off, as the model was distilled; the default and fastest."
-            ),
-        )
-    } else if cfg <= ctx.safe_cfg_max {
-        Advice::info(
-            "cfg",
-            format!(
-                "CFG {shown}: guidance on (two UNet passes per step) so the negative prompt counts; \
-                 this distilled model oversaturates quickly, 1.0 (off) is the default."
-            ),
-        )
-    } else {
-        Advice::warn(
-            "cfg",
-            format!(
-                "CFG {shown}: above {safe} this distilled model burns colours; from 3 the value is \
-                 intercepted and lowered to {safe}. 1.0 (off) is the default."
-            ),
-        )
-    }
-}
-
-/// SD-Turbo / SDXL-Turbo: one step is the design point, up to four add a little detail.
-fn unet_turbo_steps_advice(steps: u32) -> Advice {
-    match steps {
-        0 | 1 => Advice::info(
-            "steps",
-            "1 step: the default, what the model is distilled for.",
-        ),
-        2..=4 => Advice::info(
-            "steps",
-            format!("{steps} steps: a little more detail than the default 1, {steps}× slower."),
-        ),
-        _ => Advice::warn(
-            "steps",
-            format!("{steps} steps: no gain past 4 for this distilled model, only slower."),
-        ),
-    }
-}
-
-fn steps_advice(steps: u32) -> Advice {
-    match steps {
-        0..=3 => Advice::warn(
-            "steps",
-            format!(
-                "{steps} step{}: even the composition forms only at 4; 8 is the default.",
-                plural(steps as usize)
-            ),
-        ),
-        4 => Advice::info(
-            "steps",
-            "4 steps: composition only, good for quick drafts; 8 is the default (detail threshold).",
-        ),
-        5 | 6 => Advice::info(
-            "steps",
-            format!("{steps} steps: basic texture; 8 is the default (detail threshold)."),
-        ),
-        7 => Advice::info(
-            "steps",
-            "7 steps: just below the detail threshold; 8 is the default.",
-        ),
-        8 => Advice::info("steps", "8 steps: the default, the detail threshold."),
-        9..=11 => Advice::info(
-            "steps",
-            format!("{steps} steps: little gain over 8, only slower."),
-        ),
-        _ => Advice::warn(
-            "steps",
-            format!("{steps} steps: no gain over 8, and from 12 images start to over-sharpen."),
-        ),
-    }
-}
-
-/// "1.8", "3.0", "1.85": enough digits to tell the presets apart without float noise.
-fn fmt_num(x: f32) -> String {
-    if !x.is_finite() {
-        return x.to_string();
-    }
-    let s = format!("{x:.2}");
-    match s.strip_suffix('0') {
-        Some(t) if !t.ends_with('.') => t.to_owned(),
-        _ => s,
-    }
+fn steps_advice(ctx: &PromptContext) -> Advice {
+    let band = ctx.profile.steps.band(ctx.steps);
+    let default = ctx.profile.defaults.steps.to_string();
+    band_advice("steps", band, ctx, ctx.steps.to_string(), default)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1427,13 +1307,13 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::families::FamilyKind;
 
     fn ctx_cfg(cfg: f32) -> PromptContext {
         PromptContext {
             cfg,
             steps: 8,
-            safe_cfg_max: 3.0,
-            family: "z-image",
+            profile: FamilyKind::ZImage.profile(),
         }
     }
 
@@ -2364,7 +2244,7 @@ mod tests {
             (30, AdviceLevel::Warn, "over-sharpen"),
         ];
         for (steps, level, needle) in cases {
-            let a = steps_advice(steps);
+            let a = steps_advice(&PromptContext { steps, ..ctx() });
             assert_eq!(a.level, level, "{steps} steps");
             assert!(a.message.contains(needle), "{steps}: {}", a.message);
         }
@@ -2375,8 +2255,7 @@ mod tests {
         let ctx = PromptContext {
             cfg: 1.0,
             steps: 1,
-            safe_cfg_max: 2.0,
-            family: "sd-turbo",
+            profile: FamilyKind::SdTurbo.profile(),
         };
         let a = advice("a red fox in the snow", &ctx);
         assert!(a[1].message.contains("guidance off"), "{}", a[1].message);
@@ -2434,6 +2313,39 @@ mod tests {
         assert_eq!(fmt_num(1.8), "1.8");
         assert_eq!(fmt_num(3.0), "3.0");
         assert_eq!(fmt_num(1.85), "1.85");
+    }
+
+    /// The advice never names a family: it is the profile's band sentence, placeholders filled.
+    #[test]
+    fn advice_renders_the_profiles_bands() {
+        for kind in FamilyKind::ALL {
+            let profile = kind.profile();
+            for cfg in [1.0, 1.5, 1.8, 2.0, 2.2, 2.6, 3.0, 7.5] {
+                let ctx = PromptContext {
+                    cfg,
+                    steps: 1,
+                    profile,
+                };
+                let a = cfg_advice(&ctx);
+                let band = profile.cfg.band(cfg).unwrap();
+                let want =
+                    profile.render(band.advice, &fmt_num(cfg), &fmt_num(profile.defaults.cfg));
+                assert_eq!(a.message, want, "{kind} cfg {cfg}");
+                assert!(!a.message.contains('{'), "{kind}: {}", a.message);
+                let warn = matches!(band.level, BandLevel::Warn | BandLevel::Bad);
+                assert_eq!(a.level == AdviceLevel::Warn, warn, "{kind} cfg {cfg}");
+            }
+            for steps in [1, 2, 4, 5, 8, 10, 12, 30] {
+                let ctx = PromptContext {
+                    cfg: 1.0,
+                    steps,
+                    profile,
+                };
+                let a = steps_advice(&ctx);
+                assert!(a.message.starts_with(&steps.to_string()), "{}", a.message);
+                assert!(!a.message.contains('{'), "{kind}: {}", a.message);
+            }
+        }
     }
 
     // --- wire format -----------------------------------------------------------------------------

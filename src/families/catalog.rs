@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use super::weights::{self, ModelDir};
-use super::{sd_turbo, z_image, Defaults, ModelError};
+use super::{sd_turbo, z_image, Defaults, FamilyKind, ModelError};
 
 /// A model zturbo knows how to fetch.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct CatalogEntry {
     pub name: &'static str,
     pub repo: &'static str,
-    pub family: &'static str,
+    pub family: FamilyKind,
     /// Download size of the files `pull` fetches (approximate, for the UI and the offline hint).
     pub download_bytes: u64,
     /// What the family reports once loaded (size, steps, CFG), known before the download.
@@ -24,7 +24,7 @@ pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         name: "z-image-turbo",
         repo: "Tongyi-MAI/Z-Image-Turbo",
-        family: "z-image",
+        family: FamilyKind::ZImage,
         download_bytes: 20_600_000_000,
         defaults: z_image::DEFAULTS,
         description: "Z-Image-Turbo (6B DiT, Qwen3-4B text encoder): 1024², 8 steps. Needs a GPU.",
@@ -32,7 +32,7 @@ pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         name: "sd-turbo",
         repo: "stabilityai/sd-turbo",
-        family: "sd-turbo",
+        family: FamilyKind::SdTurbo,
         download_bytes: 5_200_000_000,
         defaults: sd_turbo::SD_TURBO_DEFAULTS,
         description:
@@ -41,7 +41,7 @@ pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         name: "sdxl-turbo",
         repo: "stabilityai/sdxl-turbo",
-        family: "sdxl-turbo",
+        family: FamilyKind::SdxlTurbo,
         download_bytes: 13_900_000_000,
         defaults: sd_turbo::SDXL_TURBO_DEFAULTS,
         description: "SDXL-Turbo (2.6B UNet + two CLIP encoders): 512², 1 step, no CFG.",
@@ -227,7 +227,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
         let found = resolve(e.name, models_dir).ok();
         out.push(Listing {
             name: e.name.into(),
-            family: e.family.into(),
+            family: e.family.to_string(),
             repo: Some(e.repo.into()),
             state: state(e.name, found.is_some()),
             size_bytes: Some(
@@ -259,7 +259,11 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             let family = ModelDir::open(&p)
                 .ok()
                 .and_then(|d| super::pipeline_class(&d).ok())
-                .map(|c| super::family_of_class(&c).unwrap_or("unknown").to_string())
+                .map(|c| {
+                    super::family_of_class(&c)
+                        .map_or("unknown", FamilyKind::as_str)
+                        .to_string()
+                })
                 .unwrap_or_else(|| "unknown".into());
             out.push(Listing {
                 state: state(&name, true),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cpu_gemm::{Lin, LoraMode};
+use crate::ops::linear::{Lin, LoraMode, LowRank};
 
 /// Which part of a model a LoRA module path belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,44 +29,6 @@ pub enum LoraPart {
     Denoiser,
     /// The (first) text encoder.
     TextEncoder,
-}
-
-/// One low-rank update of one linear layer: `scale · (x·downᵀ)·upᵀ`.
-#[derive(Debug, Clone)]
-pub struct LowRank {
-    /// `[rank, in]`.
-    pub down: Tensor,
-    /// `[out, rank]`.
-    pub up: Tensor,
-    pub scale: f64,
-}
-
-impl LowRank {
-    /// The update for `x` `[…, in]` → `[…, out]`, in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = x.broadcast_matmul(&self.down.t()?)?;
-        let y = h.broadcast_matmul(&self.up.t()?)?;
-        if self.scale == 1.0 {
-            Ok(y)
-        } else {
-            y * self.scale
-        }
-    }
-
-    /// The dense update `scale·up·down` `[out, in]` (f32), for merging into a weight copy.
-    pub fn dense(&self) -> candle_core::Result<Tensor> {
-        let up = self.up.to_dtype(DType::F32)?;
-        let down = self.down.to_dtype(DType::F32)?;
-        up.matmul(&down)? * self.scale
-    }
-
-    pub fn to(&self, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self {
-            down: self.down.to_device(device)?.to_dtype(dtype)?,
-            up: self.up.to_device(device)?.to_dtype(dtype)?,
-            scale: self.scale,
-        })
-    }
 }
 
 /// What went wrong reading or matching a LoRA file. Messages name the file and the key.

@@ -1,29 +1,28 @@
 //! Model families behind one trait: encode a prompt, predict one sampler derivative, decode latents.
-//! Each family owns its per-model facts (latent channels, VAE factor, defaults); the engine stays
-//! family-agnostic and never sees diffusers configs or tensor names.
+//! Each family is a folder: its model files, `profile.rs` (its facts: defaults, presets, bands) and
+//! `activations.rs` (its memory formulas). Next to them: the catalog of known models, weight files,
+//! the precision policy and the component slots. The engine stays family-agnostic and never sees
+//! diffusers configs or tensor names.
 
 pub mod catalog;
-pub mod cpu_gemm;
-pub mod gpu_ops;
 pub mod lora;
 pub mod precision;
-pub mod rng;
-pub mod scheduler;
+pub mod profile;
 pub mod sd_turbo;
-pub mod torch_rng;
-pub mod vae;
-pub mod vae_encoder;
+pub mod slot;
 pub mod weights;
 pub mod z_image;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::memory::planner::{ActivationModel, ComponentBytes};
+use crate::memory::planner::ActivationModel;
 
+pub use crate::nn::scheduler::Schedule;
 pub use precision::{Precision, PrecisionPolicy};
-pub use scheduler::Schedule;
+pub use profile::{Defaults, FamilyKind, Profile};
+pub use slot::Components;
 pub use weights::ModelDir;
 
 /// Everything that can go wrong loading or running a model. Messages name the file at fault.
@@ -60,44 +59,6 @@ pub enum ModelError {
     Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// The model's user-facing defaults (the UI's and the API's).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Defaults {
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub cfg: f32,
-}
-
-/// A family's image-to-image defaults and how its pipeline turns strength into steps.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Img2ImgDefaults {
-    /// Steps when an image is given and `steps` is not.
-    pub steps: u32,
-    /// Strength when an image is given (without a mask) and `strength` is not.
-    pub strength: f64,
-    /// Decides how strength cuts the schedule (see [`scheduler::NoiseKind`]).
-    pub noise: scheduler::NoiseKind,
-}
-
-/// Per-family facts in one place.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FamilyInfo {
-    /// `z-image`, `sd-turbo`, `sdxl-turbo`.
-    pub family: &'static str,
-    pub latent_channels: usize,
-    /// Pixels per latent cell.
-    pub vae_scale_factor: usize,
-    /// Width and height must be multiples of this.
-    pub size_multiple: u32,
-    pub defaults: Defaults,
-    /// Highest CFG the model tolerates without breaking; higher requests are clamped to it.
-    pub safe_cfg_max: f32,
-    /// The sampler's name as A1111 metadata shows it (`Euler (flow)`, `Euler`).
-    pub sampler: &'static str,
-    pub img2img: Img2ImgDefaults,
 }
 
 /// One encoded prompt.
@@ -148,15 +109,19 @@ pub struct StepInput<'a> {
     pub cfg: f32,
 }
 
-/// A diffusion model family. Implementations are driven by one worker thread.
+/// A diffusion model family: its facts and its maths. Loading, unloading and the dtypes of its
+/// components are [`Components`], written once for all families ([`slot::Parts`]); the memory
+/// formulas live in each family's `activations.rs`. Implementations are driven by one worker
+/// thread.
 pub trait Family: Send {
-    fn info(&self) -> &FamilyInfo;
-    fn device(&self) -> &Device;
-    fn policy(&self) -> PrecisionPolicy;
+    /// The family's facts, with this folder's latent channels, VAE factor and size multiple.
+    fn profile(&self) -> &Profile;
 
-    /// Exact weight bytes per component in the policy's dtypes (from the safetensors headers).
-    fn component_bytes(&self) -> ComponentBytes;
-    /// The activation model the planner uses for this architecture.
+    /// The components' placement and dtypes.
+    fn components(&self) -> &dyn Components;
+    fn components_mut(&mut self) -> &mut dyn Components;
+
+    /// The activation model the planner uses for this architecture, in the current dtypes.
     fn activation_model(&self) -> ActivationModel;
 
     /// The sampler schedule for `steps` steps at this latent size.
@@ -183,41 +148,18 @@ pub trait Family: Send {
     /// `latents / scaling + shift`): per element, so it works on any latent tile.
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError>;
 
-    /// The VAE decoder (loaded on demand).
-    fn vae(&mut self) -> Result<&vae::VaeDecoder, ModelError>;
-
     /// The linear layers a LoRA may update (module paths and shapes, per part).
     fn lora_layers(&self) -> &lora::LinearLayers;
     /// Attaches a job's LoRAs (an empty set removes them) to the loaded layers and to those that
     /// load later; the base weights stay as they are.
     fn set_loras(&mut self, set: std::sync::Arc<lora::LoraSet>) -> Result<(), ModelError>;
 
-    /// The VAE encoder (loaded on demand: image to image and inpainting).
-    fn vae_encoder(&mut self) -> Result<&vae_encoder::VaeEncoder, ModelError>;
-    /// Drops the VAE encoder's device copy.
-    fn unload_vae_encoder(&mut self);
-    /// A VAE posterior sample `z` as the sampler's latents (the inverse of [`Family::vae_input`],
-    /// the pipelines' `(z − shift)·scale`).
-    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, ModelError>;
-
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.
     fn decode(&mut self, latents: &Tensor) -> Result<Tensor, ModelError> {
         let z = self.vae_input(latents)?;
-        Ok(self.vae()?.forward(&z)?)
+        Ok(self.components_mut().vae()?.forward(&z)?)
     }
-
-    /// Loads a component onto the device (no-op when loaded).
-    fn load(&mut self, component: Component) -> Result<(), ModelError>;
-    /// Drops a component's device copy.
-    fn unload(&mut self, component: Component);
-    fn is_loaded(&self, component: Component) -> bool;
-
-    fn set_denoiser_residency(&mut self, residency: DenoiserResidency);
-
-    /// Rebuilds a component in another dtype (guard fallbacks); takes effect at its next use.
-    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError>;
-    fn dtype(&self, component: Component) -> DType;
 }
 
 /// Classifier-free guidance combine in diffusers' Z-Image order, `pos + g·(pos − neg)`, with
@@ -242,19 +184,9 @@ pub fn pipeline_class(dir: &ModelDir) -> Result<String, ModelError> {
     })
 }
 
-/// Pipeline classes we run, with their family names.
-const PIPELINES: [(&str, &str); 3] = [
-    (z_image::PIPELINE_CLASS, "z-image"),
-    (sd_turbo::SD_PIPELINE_CLASS, "sd-turbo"),
-    (sd_turbo::SDXL_PIPELINE_CLASS, "sdxl-turbo"),
-];
-
 /// The family that runs a diffusers pipeline class, if we have one.
-pub fn family_of_class(class: &str) -> Option<&'static str> {
-    PIPELINES
-        .iter()
-        .find(|(c, _)| *c == class)
-        .map(|(_, family)| *family)
+pub fn family_of_class(class: &str) -> Option<FamilyKind> {
+    FamilyKind::of_pipeline_class(class)
 }
 
 /// Opens a model folder with the family its `model_index.json` names.
@@ -265,16 +197,16 @@ pub fn open(
 ) -> Result<Box<dyn Family>, ModelError> {
     let class = pipeline_class(&dir)?;
     match family_of_class(&class) {
-        Some("z-image") => Ok(Box::new(z_image::ZImage::open(dir, device, policy)?)),
-        Some("sd-turbo" | "sdxl-turbo") => {
+        Some(FamilyKind::ZImage) => Ok(Box::new(z_image::ZImage::open(dir, device, policy)?)),
+        Some(FamilyKind::SdTurbo | FamilyKind::SdxlTurbo) => {
             Ok(Box::new(sd_turbo::SdTurbo::open(dir, device, policy)?))
         }
-        _ => Err(ModelError::UnknownPipeline {
+        None => Err(ModelError::UnknownPipeline {
             path: dir.display_path("model_index.json"),
             class,
-            supported: PIPELINES
+            supported: FamilyKind::ALL
                 .iter()
-                .map(|(c, _)| *c)
+                .map(|f| f.pipeline_class())
                 .collect::<Vec<_>>()
                 .join(", "),
         }),

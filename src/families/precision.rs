@@ -116,7 +116,7 @@ impl PrecisionPolicy {
                     Self::MIXED
                 } else if device.is_metal() {
                     Self::uniform(DType::BF16)
-                } else if super::cpu_gemm::bf16_ready() {
+                } else if crate::ops::linear::bf16_ready() {
                     // bf16 denoiser and VAE matrices multiplied natively (AMX / AVX512-BF16
                     // through MKL) with f32 activations and accumulation; the text encoder
                     // stays f32 (it is a small share of the time).
@@ -131,7 +131,7 @@ impl PrecisionPolicy {
             }
         };
         // candle's CPU convolution has no bf16 kernel; halves buy nothing on a CPU anyway.
-        if device.is_cpu() && p.vae == DType::BF16 && !super::cpu_gemm::bf16_ready() {
+        if device.is_cpu() && p.vae == DType::BF16 && !crate::ops::linear::bf16_ready() {
             p.vae = DType::F32;
         }
         p
@@ -154,10 +154,10 @@ mod tests {
     #[test]
     fn auto_on_cpu_is_f32_unless_bf16_is_native() {
         let p = PrecisionPolicy::resolve(Precision::Auto, &Device::Cpu);
-        if crate::families::cpu_gemm::bf16_ready() {
+        if crate::ops::linear::bf16_ready() {
             assert_eq!(p.denoiser, DType::BF16);
             assert_eq!(
-                crate::families::cpu_gemm::activation_dtype(p.denoiser, &Device::Cpu),
+                crate::ops::linear::activation_dtype(p.denoiser, &Device::Cpu),
                 DType::F32
             );
             assert_eq!((p.text_encoder, p.vae), (DType::F32, DType::BF16));
@@ -173,7 +173,7 @@ mod tests {
         assert_eq!(p.residual, DType::BF16);
         assert_eq!(p.text_encoder, DType::BF16);
         // No bf16 convolution on the CPU: the VAE stays f32 there.
-        let native = crate::families::cpu_gemm::bf16_ready();
+        let native = crate::ops::linear::bf16_ready();
         assert_eq!(p.vae, if native { DType::BF16 } else { DType::F32 });
     }
 

@@ -17,7 +17,7 @@ use crate::engine::{
     CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
     StepEvent, Timings,
 };
-use crate::families::FamilyInfo;
+use crate::families::Profile;
 use crate::inputs::InputStore;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
@@ -26,9 +26,6 @@ use crate::request::ValidRequest;
 /// Test hook: milliseconds the worker sleeps after every denoising step (cancellable), so tests
 /// can hold a job "running" long enough to cancel it, fill the queue or kill the server.
 pub const STEP_DELAY_ENV: &str = "ZTURBO_TEST_WORKER_DELAY_MS";
-
-/// The largest batch the UI offers, whatever the device could take.
-pub const UI_MAX_BATCH: u32 = 8;
 
 /// One job handed to the worker.
 #[derive(Debug)]
@@ -83,8 +80,8 @@ pub enum WorkerEvent {
 #[derive(Clone)]
 pub struct Loaded {
     pub model: String,
-    pub info: FamilyInfo,
-    /// `engine.max_batch()` at start-up, clamped to 1..=[`UI_MAX_BATCH`].
+    pub profile: Profile,
+    /// `engine.max_batch()` at start-up, clamped to 1..=the profile's `max_batch`.
     pub max_batch: u32,
     /// `cpu`, `cuda:0`, `metal`.
     pub device: String,
@@ -164,8 +161,8 @@ where
             let engine = engine.with_tags(config.tags.clone());
             let loaded = Loaded {
                 model: engine.model_name().to_string(),
-                info: engine.info().clone(),
-                max_batch: engine.max_batch().clamp(1, UI_MAX_BATCH),
+                profile: *engine.profile(),
+                max_batch: engine.max_batch().clamp(1, engine.profile().max_batch),
                 device: crate::settings::device_label(engine.device()),
                 probe: engine.probe().clone(),
             };

@@ -576,7 +576,7 @@ fn echo_parameters(
         ("seed", json!(-1)),
         ("batch_size", json!(v.batch)),
         ("n_iter", json!(n_iter)),
-        ("sampler_name", json!(s.info.family.sampler)),
+        ("sampler_name", json!(s.info.profile.sampler)),
     ];
     for (k, d) in defaults {
         let missing = echo.get(k).is_none_or(Value::is_null);
@@ -617,7 +617,7 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "subseed_strength": 0,
         "width": p.map(|p| p.width).unwrap_or(v.width),
         "height": p.map(|p| p.height).unwrap_or(v.height),
-        "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.family.sampler.to_string()),
+        "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.profile.sampler.to_string()),
         "cfg_scale": json_f32(p.map(|p| p.cfg).unwrap_or(v.cfg)),
         "steps": p.map(|p| p.steps).unwrap_or(v.steps),
         "batch_size": v.batch,
@@ -802,7 +802,7 @@ pub async fn refresh_loras() -> Json<Value> {
 
 /// `GET /sdapi/v1/samplers`: the one sampler the loaded model runs.
 pub async fn samplers(State(s): State<AppState>) -> Json<Value> {
-    Json(json!([{ "name": s.info.family.sampler, "aliases": [], "options": {} }]))
+    Json(json!([{ "name": s.info.profile.sampler, "aliases": [], "options": {} }]))
 }
 
 /// `GET /sdapi/v1/schedulers`.

@@ -404,12 +404,11 @@ pub async fn enhance(
             ));
         }
     }
-    let info = &s.info.family;
+    let profile = s.info.profile;
     let ctx = PromptContext {
-        cfg: info.defaults.cfg,
-        steps: info.defaults.steps,
-        safe_cfg_max: info.safe_cfg_max,
-        family: info.family,
+        cfg: profile.defaults.cfg,
+        steps: profile.defaults.steps,
+        profile,
     };
     Ok(Json(prompt::enhance(
         &req.prompt,

@@ -27,7 +27,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use crate::families::lora::LoraDir;
-use crate::families::FamilyInfo;
+use crate::families::Profile;
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
 use crate::queue::worker::Loaded;
@@ -48,7 +48,8 @@ pub struct ServerInfo {
     pub model: String,
     pub demo: bool,
     pub description: String,
-    pub family: FamilyInfo,
+    /// The loaded model's profile (defaults as the model serves them).
+    pub profile: Profile,
     pub limits: Limits,
     /// `cpu`, `cuda:0`, `metal`.
     pub device: String,
@@ -72,22 +73,12 @@ impl ServerInfo {
         models_dir: PathBuf,
         outputs: PathBuf,
     ) -> Self {
-        let d = loaded.info.defaults;
         Self {
             model: loaded.model.clone(),
             demo,
             description,
-            family: loaded.info.clone(),
-            limits: Limits {
-                default_width: d.width,
-                default_height: d.height,
-                default_steps: d.steps,
-                default_cfg: d.cfg,
-                size_multiple: loaded.info.size_multiple,
-                max_batch: loaded.max_batch,
-                default_memory_mode: MemoryMode::Auto,
-                img2img: loaded.info.img2img,
-            },
+            profile: loaded.profile,
+            limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
             device: loaded.device.clone(),
             device_name: loaded.probe.name(),
             device_total_bytes: loaded.probe.total_bytes(),
@@ -262,33 +253,66 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-// The UI is compiled in, so the binary serves it from anywhere with no build step.
-const INDEX_HTML: &str = include_str!("../../static/index.html");
-const APP_JS: &str = include_str!("../../static/app.js");
-const STYLE_CSS: &str = include_str!("../../static/style.css");
+// The UI is compiled in (every file under `static/`, listed by build.rs), so the binary serves it
+// from anywhere with no build step.
+mod assets {
+    include!(concat!(env!("OUT_DIR"), "/static_assets.rs"));
+}
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            // Revalidate every load: a new binary may bring a new UI.
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response()
+/// The file of the UI at `path` (`/app.js`, `/js/api.js`), if there is one.
+pub fn static_asset(path: &str) -> Option<&'static [u8]> {
+    assets::ASSETS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, body)| *body)
+}
+
+/// The content type the browser needs for a UI file (ES modules must be JavaScript).
+fn content_type(path: &str) -> &'static str {
+    let ext = path.rsplit_once('.').map_or("", |(_, e)| e);
+    match ext.to_ascii_lowercase().as_str() {
+        "html" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "ico" => "image/x-icon",
+        "woff2" => "font/woff2",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Serves the UI file at `path`, or 404 in the UI's error shape.
+fn asset(path: &str) -> Response {
+    match static_asset(path) {
+        Some(body) => (
+            [
+                (header::CONTENT_TYPE, content_type(path)),
+                // Revalidate every load: a new binary may bring a new UI.
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
+        None => surface_error(
+            path,
+            StatusCode::NOT_FOUND,
+            format!("no such page or endpoint: {path}"),
+        ),
+    }
 }
 
 async fn index() -> Response {
-    asset("text/html; charset=utf-8", INDEX_HTML)
+    asset("/index.html")
 }
 
 async fn app_js() -> Response {
-    asset("text/javascript; charset=utf-8", APP_JS)
+    asset("/app.js")
 }
 
 async fn style_css() -> Response {
-    asset("text/css; charset=utf-8", STYLE_CSS)
+    asset("/style.css")
 }
 
 /// An error in the shape of the surface `path` belongs to.
@@ -302,8 +326,13 @@ fn surface_error(path: &str, status: StatusCode, message: String) -> Response {
     }
 }
 
-async fn not_found(uri: axum::http::Uri) -> Response {
+/// Anything not in the route table: a UI file (a GET of any path under `static/`, e.g. the UI's
+/// ES modules), else 404 in the shape of the surface the path belongs to.
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     let path = uri.path();
+    if (method == Method::GET || method == Method::HEAD) && static_asset(path).is_some() {
+        return asset(path);
+    }
     surface_error(
         path,
         StatusCode::NOT_FOUND,
@@ -350,7 +379,7 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
-    use crate::families::Defaults;
+    use crate::families::{Defaults, FamilyKind};
     use crate::memory::monitor::Tags;
     use crate::memory::probe::CpuProbe;
     use crate::queue::worker::{WorkItem, WorkerEvent};
@@ -383,20 +412,14 @@ mod tests {
             events_rx,
             Vec::new(),
         );
-        let family = FamilyInfo {
-            family: "z-image",
-            latent_channels: 16,
-            vae_scale_factor: 8,
-            size_multiple: 16,
+        let profile = Profile {
             defaults: Defaults {
                 width: 1024,
                 height: 1024,
                 steps: 8,
                 cfg: 1.8,
             },
-            safe_cfg_max: 2.4,
-            sampler: "Euler (flow)",
-            img2img: crate::families::z_image::IMG2IMG_DEFAULTS,
+            ..FamilyKind::ZImage.profile()
         };
         let info = ServerInfo {
             model: "demo".into(),
@@ -410,9 +433,9 @@ mod tests {
                 size_multiple: 16,
                 max_batch: 2,
                 default_memory_mode: MemoryMode::Auto,
-                img2img: crate::families::z_image::IMG2IMG_DEFAULTS,
+                img2img: crate::families::z_image::profile::IMG2IMG_DEFAULTS,
             },
-            family,
+            profile,
             device: "cpu".into(),
             device_name: "test cpu".into(),
             device_total_bytes: 1 << 30,
@@ -492,9 +515,53 @@ mod tests {
         assert_eq!(st, StatusCode::OK);
         assert_eq!(info["model"]["defaults"]["cfg"], 1.8);
         assert_eq!(info["max_batch"], 2);
+        // The family's profile, as the UI draws presets and hints from it.
+        let profile = &info["model"]["profile"];
+        assert_eq!(profile["family"], "z-image");
+        assert_eq!(
+            profile["steps"]["presets"],
+            serde_json::json!([4, 6, 8, 12])
+        );
+        assert_eq!(profile["cfg"]["intercept_at"], 3.0);
+        let bands = profile["cfg"]["bands"].as_array().unwrap();
+        assert!(bands.last().unwrap()["max"].is_null());
+        assert!(bands
+            .iter()
+            .all(|b| b["hint"].is_string() && b["advice"].is_string()));
         let (st, _, err) = call(&f.app, "PUT", "/api/jobs", Some("{}")).await;
         assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
         assert!(err["error"]["message"].is_string());
+    }
+
+    /// Every file under `static/` is served at its path with a content type the browser accepts
+    /// (ES modules need JavaScript's), whether or not the route table names it.
+    #[tokio::test]
+    async fn every_ui_file_is_served_with_its_content_type() {
+        let f = fixture(1);
+        assert!(static_asset("/index.html").is_some() && static_asset("/app.js").is_some());
+        for (path, body) in assets::ASSETS {
+            let res = f
+                .app
+                .clone()
+                .oneshot(Request::get(*path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{path}");
+            let ct = res.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            if path.ends_with(".js") {
+                assert_eq!(ct, "text/javascript; charset=utf-8", "{path}");
+            }
+            let got = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(&got[..], *body, "{path}");
+        }
+        let (st, _, err) = call(&f.app, "GET", "/js/no-such-module.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(err["error"]["message"].is_string());
+        assert_eq!(content_type("/js/api.js"), "text/javascript; charset=utf-8");
+        assert_eq!(content_type("/style.css"), "text/css; charset=utf-8");
     }
 
     #[tokio::test]

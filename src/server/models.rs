@@ -25,7 +25,7 @@ use crate::request::{
 /// An f32 as the f64 with the same shortest decimal form, so 1.8f32 is sent as 1.8 rather than
 /// 1.7999999523162842 (which the form would show and compare against).
 pub fn json_f32(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(x as f64)
+    crate::families::profile::shortest_f64(x)
 }
 
 pub async fn health(State(s): State<AppState>) -> Json<Value> {
@@ -56,14 +56,14 @@ pub fn demo_help() -> String {
 
 pub async fn info(State(s): State<AppState>) -> Json<Value> {
     let i = &s.info;
-    let d = i.family.defaults;
+    let d = i.profile.defaults;
     let kind = i.device.split(':').next().unwrap_or("cpu");
     let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "model": {
             "name": i.model,
-            "family": i.family.family,
+            "family": i.profile.family,
             "demo": i.demo,
             "description": i.description,
             "defaults": { "width": d.width, "height": d.height, "steps": d.steps, "cfg": json_f32(d.cfg) },
@@ -75,8 +75,9 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
                 "batch": [1, i.limits.max_batch],
                 "prompt_chars": MAX_PROMPT_CHARS,
             },
-            "safe_cfg_max": json_f32(i.family.safe_cfg_max),
-            "size_multiple": i.family.size_multiple,
+            "safe_cfg_max": json_f32(i.profile.safe_cfg_max),
+            "size_multiple": i.profile.size_multiple,
+            "profile": i.profile.view(),
         },
         "device": {
             "kind": kind,
@@ -99,13 +100,13 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
             // Loaded from a folder outside the models folder: still list what runs.
             models.push(catalog::Listing {
                 name: info.model.clone(),
-                family: info.family.family.to_string(),
+                family: info.profile.family.to_string(),
                 repo: None,
                 state: ModelState::Loaded,
                 size_bytes: None,
                 demo: info.demo,
                 path: None,
-                defaults: Some(info.family.defaults),
+                defaults: Some(info.profile.defaults),
                 description: info.description.clone(),
             });
         }

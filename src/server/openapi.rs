@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
@@ -308,9 +309,33 @@ fn components(f: &Facts) -> Value {
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
             "Health": { "type": "object", "properties": { "status": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" } } },
-            "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": { "type": "object" }, "device": { "type": "object" },
+            "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": schema("InfoModel"), "device": { "type": "object" },
                 "max_batch": { "type": "integer" }, "queue_size": { "type": "integer" }, "memory_modes": { "type": "array", "items": { "type": "string" } },
                 "demo_help": nullable_string.clone() } },
+            "InfoModel": { "type": "object", "properties": {
+                "name": { "type": "string" }, "family": schema("Family"), "demo": { "type": "boolean" },
+                "description": { "type": "string" }, "defaults": { "type": "object" }, "limits": { "type": "object" },
+                "safe_cfg_max": { "type": "number" }, "size_multiple": { "type": "integer" },
+                "profile": schema("Profile") } },
+            "Family": { "type": "string", "enum": FamilyKind::ALL.iter().map(|f| f.as_str()).collect::<Vec<_>>() },
+            "Profile": { "type": "object", "required": ["family", "steps", "cfg"],
+                "description": "The loaded family's presets and bands: the UI draws its step and CFG presets and hints from them",
+                "properties": {
+                    "family": schema("Family"),
+                    "steps": { "type": "object", "required": ["presets", "bands"], "properties": {
+                        "presets": { "type": "array", "items": { "type": "integer" } },
+                        "bands": { "type": "array", "items": schema("Band") } } },
+                    "cfg": { "type": "object", "required": ["presets", "intercept_at", "bands"], "properties": {
+                        "presets": { "type": "array", "items": { "type": "number" } },
+                        "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
+                        "bands": { "type": "array", "items": schema("Band") } } } } },
+            "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
+                "description": "A value falls in the first band whose max is ≥ the value; texts may hold {value}, {default} and {safe}",
+                "properties": {
+                    "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
+                    "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },
+                    "hint": { "type": "string", "description": "the form's short hint" },
+                    "advice": { "type": "string", "description": "the prompt advice's sentence" } } },
             "AuthRequest": { "type": "object", "required": ["key"], "additionalProperties": false, "properties": { "key": { "type": "string" } } },
             "AuthStatus": { "type": "object", "properties": { "required": { "type": "boolean" }, "authorized": { "type": "boolean" } } },
             "ModelListing": { "type": "object", "properties": {
@@ -481,7 +506,7 @@ pub fn spec(f: &Facts) -> Value {
 pub async fn document(State(s): State<super::AppState>) -> Response {
     let facts = Facts {
         model: s.info.model.clone(),
-        size_multiple: s.info.family.size_multiple,
+        size_multiple: s.info.profile.size_multiple,
         max_batch: s.info.limits.max_batch,
     };
     (

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
-use crate::families::cpu_gemm::Lin;
 use crate::families::lora::HasLins;
+use crate::ops::linear::Lin;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 

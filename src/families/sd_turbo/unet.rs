@@ -10,12 +10,14 @@
 //! with values beyond f16's range never passes through f16 before it is normalised.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::families::cpu_gemm::{self, Lin};
 use crate::families::lora::HasLins;
-use crate::families::vae;
+use crate::ops::act;
+use crate::ops::attention::{self, Attention as Sdpa, Spans};
+use crate::ops::conv::Conv as FastConv;
+use crate::ops::linear::{self, Lin};
 use crate::profile;
 
 /// A config value given once for all blocks or once per block.
@@ -457,7 +459,7 @@ impl F32Norm {
             bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
             eps,
             groups: Some(groups),
-            out: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
+            out: linear::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -467,7 +469,7 @@ impl F32Norm {
             bias: vb.get(c, "bias")?.to_dtype(DType::F32)?,
             eps,
             groups: None,
-            out: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
+            out: linear::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -505,23 +507,15 @@ impl F32Norm {
     }
 }
 
-/// A convolution that takes the VAE's CPU fast paths where they apply (f32, stride 1, same
-/// padding: 3×3 as nine in-place matrix products, 1×1 as one) and candle's `conv2d` elsewhere
-/// (the stride-2 downsamplers, other devices). candle's CPU `conv2d` builds im2col tiles with
-/// strided scalar copies, about a third of its matrix-product rate.
+/// A convolution with ops::conv's CPU fast paths where they apply (f32, stride 1, same padding:
+/// 3×3 as nine in-place matrix products, 1×1 as one) and candle's whole-image `conv2d` elsewhere
+/// (the stride-2 downsamplers, other devices).
 #[derive(Debug, Clone)]
-struct Conv(Conv2d);
+struct Conv(FastConv);
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        profile::span("unet.conv", x.device(), || {
-            if let Some(y) = vae::conv_fast(&self.0, x)? {
-                return Ok(y);
-            }
-            // bf16 weights under f32 activations without a fast path: the three stride-2
-            // downsamplers, converted for the call.
-            x.apply(vae::in_dtype(&self.0, x.dtype())?.as_ref())
-        })
+        profile::span("unet.conv", x.device(), || self.0.forward(x))
     }
 }
 
@@ -538,7 +532,10 @@ fn conv(
         stride,
         ..Default::default()
     };
-    Ok(Conv(candle_nn::conv2d(cin, cout, k, cfg, vb)?))
+    Ok(Conv(FastConv::new(
+        candle_nn::conv2d(cin, cout, k, cfg, vb)?,
+        false,
+    )))
 }
 
 /// What every resnet of one UNet shares.
@@ -672,37 +669,34 @@ impl Attention {
                 split(self.to_v.forward(ctx)?, s)?,
             ))
         })?;
-        let compute = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let merge = |o: Tensor| -> candle_core::Result<Tensor> {
-            o.transpose(1, 2)?
-                .reshape((b, l, self.heads * self.head_dim))
+        // Fused on the CPU in f32 (the UNet's CPU activations), so no [B, H, L, S] score matrix
+        // exists (5 × 4096² values = 336 MB per copy in SD-Turbo's first block at 512²); elsewhere
+        // scores in the compute dtype (f32 when the config asks to upcast), softmax always in f32.
+        // Scaling q before the product instead of the scores after it only moves rounding.
+        let opts = Sdpa {
+            bf16_products: self.bf16_products,
+            upcast: self.upcast,
+            f32_softmax: true,
+            spans: Some(&ATTENTION_SPANS),
+            ..Sdpa::default()
         };
-        // On the CPU in f32 (the UNet's CPU activations): fused, so no [B, H, L, S] score matrix
-        // exists (5 × 4096² values = 336 MB per copy in SD-Turbo's first block at 512²). Scaling
-        // q before the product instead of the scores after it only moves f32 rounding.
-        if q.device().is_cpu() && compute == DType::F32 {
-            let fused = profile::span("unet.attn.fused", dev, || {
-                cpu_gemm::attention(&(&q * scale)?, &k, &v, None, self.bf16_products)
-            })?;
-            if let Some(o) = fused {
-                let o = merge(o)?;
-                return profile::span("unet.attn.out", dev, || self.to_out.forward(&o));
-            }
-        }
-        // Scores in the compute dtype (f32 when the config asks to upcast), softmax always in f32.
-        let (q, k) = if self.upcast {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(compute)?;
-        drop(scores);
-        let o = merge(probs.matmul(&v)?)?;
-        self.to_out.forward(&o)
+        let o = attention::attention(&(q * scale)?, &k, &v, &opts)?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.head_dim))?;
+        profile::span("unet.attn.out", dev, || self.to_out.forward(&o))
     }
 }
+
+/// The profiler's names for the attention's stages.
+const ATTENTION_SPANS: Spans = Spans {
+    fused: "unet.attn.fused",
+    scores: "unet.attn.scores",
+    softmax: "unet.attn.softmax",
+    pv: "unet.attn.pv",
+    cat: "unet.attn.cat",
+};
 
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each behind a
 /// LayerNorm and added into the token stream.
@@ -748,7 +742,7 @@ impl TransformerBlock {
         let x = (x + a.to_dtype(residual)?)?;
         let h = self.norm3.forward(&x)?;
         let f = profile::span("unet.ff", x.device(), || {
-            let f = cpu_gemm::geglu(&self.ff_in.forward(&h)?)?;
+            let f = act::geglu(&self.ff_in.forward(&h)?)?;
             self.ff_out.forward(&f)
         })?;
         x + f.to_dtype(residual)?

@@ -6,9 +6,13 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::families::cpu_gemm::{self, Lin, LoraMode};
-use crate::families::gpu_ops;
 use crate::families::lora::{self, HasLins, LoraPart, LoraSet};
+use crate::ops::act;
+use crate::ops::attention::{
+    self, Attention as Sdpa, Spans, LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS,
+};
+use crate::ops::linear::{self, Lin, LoraMode};
+use crate::ops::rms_norm::{rms_norm, rms_norm_scale};
 use crate::profile;
 use serde::Deserialize;
 
@@ -22,8 +26,6 @@ const MAX_PERIOD: f64 = 10_000.0;
 /// diffusers builds the per-head q/k RMSNorm with this eps regardless of `norm_eps`.
 const QK_NORM_EPS: f64 = 1e-5;
 const FINAL_NORM_EPS: f64 = 1e-6;
-/// Most attention scores held at once (elements); longer sequences are processed in query chunks.
-const SCORE_CHUNK_ELEMS: usize = 64 << 20;
 
 /// `transformer/config.json` (unknown fields ignored; defaults are diffusers').
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -184,9 +186,9 @@ pub struct DitPrecision {
 impl DitPrecision {
     /// The precision of a DiT whose weights are loaded as `weights`: activations in the weights'
     /// dtype, except bf16 weights on a bf16-ready CPU, which run f32 activations and residual
-    /// ([`cpu_gemm::activation_dtype`]).
+    /// ([`linear::activation_dtype`]).
     pub fn for_weights(weights: DType, residual: DType, device: &Device) -> Self {
-        let compute = cpu_gemm::activation_dtype(weights, device);
+        let compute = linear::activation_dtype(weights, device);
         Self {
             compute,
             residual: if compute == DType::F32 {
@@ -196,19 +198,6 @@ impl DitPrecision {
             },
         }
     }
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    // Computed in f32 like diffusers' RMSNorm, then returned in the weight's dtype (the compute
-    // dtype: norm weights are loaded in it). candle's CUDA kernel reads half types into f32,
-    // accumulates and scales in f32 and rounds once at the end, so for an input already in the
-    // weight's dtype it gives the same values without the two f32 copies.
-    if x.dtype() == w.dtype() && (x.dtype() == DType::F32 || x.device().is_cuda()) {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
-    }
-    let xf = x.to_dtype(DType::F32)?.contiguous()?;
-    let wf = w.to_dtype(DType::F32)?;
-    candle_nn::ops::rms_norm(&xf, &wf, eps as f32)?.to_dtype(w.dtype())
 }
 
 #[derive(Debug, Clone)]
@@ -229,7 +218,7 @@ struct Attention {
 impl Attention {
     fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let lin = |name: &str| Lin::new(dim, dim, false, vb.pp(name));
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
@@ -291,7 +280,14 @@ impl Attention {
             let k = k.to_dtype(dtype)?;
             Ok((q, k, v.transpose(1, 2)?.contiguous()?))
         })?;
-        let out = sdpa(&q, &k.t()?, &v, bias, max_scores, self.bf16_products)?;
+        let opts = Sdpa {
+            bias,
+            max_scores,
+            bf16_products: self.bf16_products,
+            spans: Some(&ATTENTION_SPANS),
+            ..Sdpa::default()
+        };
+        let out = attention::attention(&q, &k, &v, &opts)?;
         profile::span("dit.attn.out", dev, || {
             out.transpose(1, 2)?
                 .reshape((b, l, self.n_heads * self.head_dim))?
@@ -300,58 +296,14 @@ impl Attention {
     }
 }
 
-/// softmax(q·kᵀ + bias)·v for pre-scaled `q` `[B, H, L, D]`, `kt` `[B, H, D, L]`, with the query
-/// rows in chunks so that at most `max_scores` score values exist at once (at 1024² with guidance
-/// the full matrix would be 2 × 30 × 4160² values, 2 GB in f16, and softmax doubles it).
-fn sdpa(
-    q: &Tensor,
-    kt: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    max_scores: usize,
-    bf16_products: bool,
-) -> candle_core::Result<Tensor> {
-    let dev = q.device();
-    if dev.is_cpu() {
-        let fused = profile::span("dit.attn.fused", dev, || {
-            cpu_gemm::attention(q, &kt.t()?, v, bias, bf16_products)
-        })?;
-        if let Some(out) = fused {
-            return Ok(out);
-        }
-    }
-    let (b, h, l, _) = q.dims4()?;
-    let keys = kt.dim(3)?;
-    let chunk = (max_scores / (b * h * keys).max(1)).clamp(1, l.max(1));
-    let mut parts = Vec::with_capacity(l.div_ceil(chunk));
-    for start in (0..l).step_by(chunk) {
-        let len = chunk.min(l - start);
-        let qc = if len == l {
-            q.clone()
-        } else {
-            q.narrow(2, start, len)?
-        };
-        let scores = profile::span("dit.attn.scores", dev, || {
-            let s = cpu_gemm::matmul(&qc, kt, bf16_products)?;
-            match bias {
-                Some(bias) => s.broadcast_add(bias),
-                None => Ok(s),
-            }
-        })?;
-        let probs = profile::span("dit.attn.softmax", dev, || {
-            gpu_ops::softmax_last_dim(&scores)
-        })?;
-        drop(scores);
-        parts.push(profile::span("dit.attn.pv", dev, || {
-            cpu_gemm::matmul(&probs, v, bf16_products)
-        })?);
-    }
-    if parts.len() == 1 {
-        Ok(parts.remove(0))
-    } else {
-        profile::span("dit.attn.cat", dev, || Tensor::cat(&parts, 2))
-    }
-}
+/// The profiler's names for the attention's stages (README "GPU profile").
+const ATTENTION_SPANS: Spans = Spans {
+    fused: "dit.attn.fused",
+    scores: "dit.attn.scores",
+    softmax: "dit.attn.softmax",
+    pv: "dit.attn.pv",
+    cat: "dit.attn.cat",
+};
 
 #[derive(Debug, Clone)]
 struct FeedForward {
@@ -371,7 +323,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        cpu_gemm::silu_mul(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
+        act::silu_mul(&x.apply(&self.w1)?, &x.apply(&self.w3)?)?.apply(&self.w2)
     }
 }
 
@@ -391,7 +343,7 @@ pub struct Block {
 impl Block {
     pub fn new(cfg: &DitConfig, modulated: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.dim;
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let modulation = if modulated {
             Some(Lin::new(
                 cfg.adaln_dim(),
@@ -438,7 +390,6 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
         let dev = x.device();
-        let norm = |t: &Tensor, w: &Tensor| rms_norm(t, w, self.eps);
         let (scale_msa, gate_msa, scale_mlp, gate_mlp) = profile::span("dit.adaln", dev, || {
             Ok(match (&self.modulation, adaln) {
                 (Some(m), Some(c)) => {
@@ -455,16 +406,9 @@ impl Block {
                 (Some(_), None) => candle_core::bail!("modulated block called without adaLN input"),
             })
         })?;
-        let scaled = |t: Tensor, s: &Option<Tensor>| match s {
-            Some(s) => t.broadcast_mul(s),
-            None => Ok(t),
-        };
         let norms = |t: &Tensor, w: &Tensor, s: &Option<Tensor>| {
             profile::span("dit.norm_scale", dev, || {
-                match gpu_ops::rms_norm_scale(t, w, s.as_ref(), self.eps)? {
-                    Some(y) => Ok(y),
-                    None => scaled(norm(t, w)?, s),
-                }
+                rms_norm_scale(t, w, s.as_ref(), self.eps)
             })
         };
         let add = |x: &Tensor, a: Tensor| {
@@ -511,7 +455,7 @@ impl Execution {
     /// One batch item at a time, attention scores in chunks of 8 Mi.
     pub const LOW_MEMORY: Execution = Execution {
         micro_batch: Some(1),
-        max_scores: 8 << 20,
+        max_scores: LOW_MEMORY_SCORE_CHUNK_ELEMS,
     };
 }
 
@@ -650,7 +594,7 @@ impl DitStem {
     pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
         let key = format!("{p}-{fp}");
-        let act = cpu_gemm::activation_dtype(vb.dtype(), vb.device());
+        let act = linear::activation_dtype(vb.dtype(), vb.device());
         let patch_dim = fp * p * p * c;
         Ok(Self {
             t_mlp1: Lin::new(
@@ -1311,9 +1255,16 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
         let v = Tensor::randn(0f32, 1.0, (2, 3, 50, 8), &d).unwrap();
         let bias = padding_bias(&[50, 37], 50, DType::F32, &d).unwrap();
-        let kt = k.t().unwrap();
-        let whole = sdpa(&q, &kt, &v, bias.as_ref(), usize::MAX, false).unwrap();
-        let chunked = sdpa(&q, &kt, &v, bias.as_ref(), 2 * 3 * 50 * 7, false).unwrap();
+        let run = |max_scores| {
+            let opts = Sdpa {
+                bias: bias.as_ref(),
+                max_scores,
+                ..Sdpa::default()
+            };
+            attention::attention(&q, &k, &v, &opts).unwrap()
+        };
+        let whole = run(usize::MAX);
+        let chunked = run(2 * 3 * 50 * 7);
         let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap();
         // Chunks change only the matmul blocking: last-bit differences of f32 sums over 50
         // terms of unit size (a few 1e-7; 1e-6 failed on rare random draws).

@@ -12,9 +12,9 @@ use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZIma
 use serde_json::json;
 
 use super::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks};
-use crate::families::rng::NoiseRng;
-use crate::families::vae::{VaeConfig, VaeDecoder};
 use crate::families::ModelError;
+use crate::nn::rng::NoiseRng;
+use crate::nn::vae::{VaeConfig, VaeDecoder};
 
 /// Sizes of a synthetic model.
 #[derive(Debug, Clone)]
@@ -294,7 +294,7 @@ pub fn write(dir: &Path, shape: &SyntheticShape, seed: u64) -> Result<(), ModelE
     let te_tensors = record(|vb| ZImageTextEncoder::new(&te_cfg, vb).map(|_| ()))?;
     let vae_tensors = record(|vb| {
         VaeDecoder::new(&vae_cfg, vb.clone())?;
-        crate::families::vae_encoder::VaeEncoder::new(&vae_cfg, vb)?;
+        crate::nn::vae_encoder::VaeEncoder::new(&vae_cfg, vb)?;
         Ok(())
     })?;
 

@@ -3,57 +3,35 @@
 //! shared AutoencoderKL decoder and the Euler discrete schedule — reproducing diffusers'
 //! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` step for step.
 
+pub mod activations;
 pub mod clip;
+pub mod profile;
 pub mod unet;
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::memory::planner::{ActivationModel, ComponentBytes, UNetArch};
+use crate::memory::planner::ActivationModel;
 
+use self::activations::UNetArch;
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use self::unet::{TextTime, UNet, UNetConfig, UNetPlan, UNetPrecision};
-use super::cpu_gemm::LoraMode;
 use super::lora::{self, LinearLayers, LoraPart, LoraSet};
-use super::scheduler::{EulerDiscreteConfig, NoiseKind, Prediction, Schedule};
-use super::vae::{VaeConfig, VaeDecoder};
-use super::vae_encoder::VaeEncoder;
+use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, Conditioning, Defaults, DenoiserResidency, Embedding,
-    Family, FamilyInfo, Img2ImgDefaults, ModelError, PrecisionPolicy, StepInput,
+    cfg_combine, pipeline_class, Conditioning, Embedding, Family, FamilyKind, ModelError,
+    PrecisionPolicy, Profile, StepInput,
 };
+use crate::nn::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
+use crate::nn::vae::{VaeConfig, VaeDecoder};
+use crate::ops::linear::{self, LoraMode};
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
 pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
 
-/// SD-Turbo / SDXL-Turbo were distilled (adversarial diffusion distillation) to run without
-/// guidance: the reference pipelines use `guidance_scale = 0`. CFG is still allowed for negative
-/// prompts, but above 2 the distilled models oversaturate and burn within one or two steps, so
-/// intercepted values (≥ 3) are clamped to 2.
-pub const SAFE_CFG_MAX: f32 = 2.0;
-/// The model cards' settings: 512², one step, no guidance.
-pub const SD_TURBO_DEFAULTS: Defaults = Defaults {
-    width: 512,
-    height: 512,
-    steps: 1,
-    cfg: 1.0,
-};
-/// The model cards' image-to-image example: 2 steps at strength 0.5 (one step runs; the
-/// pipeline runs `int(steps × strength)` steps, so their product must reach 1).
-pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
-    steps: 2,
-    strength: 0.5,
-    noise: NoiseKind::VarianceExploding,
-};
-/// SDXL-Turbo was distilled at 512² as well (not SDXL's 1024²).
-pub const SDXL_TURBO_DEFAULTS: Defaults = Defaults {
-    width: 512,
-    height: 512,
-    steps: 1,
-    cfg: 1.0,
-};
+pub use self::profile::{SAFE_CFG_MAX, SDXL_TURBO_DEFAULTS, SD_TURBO_DEFAULTS};
 /// Schedulers whose sigma schedule we reproduce. The ancestral variant (sdxl-turbo's file) has
 /// the same timesteps and sigmas; its per-step fresh noise is not injected, so runs of 2+ steps
 /// are deterministic Euler (one step is identical: its last σ is 0).
@@ -70,10 +48,10 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub fn family(self) -> &'static str {
+    pub fn family(self) -> FamilyKind {
         match self {
-            Variant::Sd => "sd-turbo",
-            Variant::Sdxl => "sdxl-turbo",
+            Variant::Sd => FamilyKind::SdTurbo,
+            Variant::Sdxl => FamilyKind::SdxlTurbo,
         }
     }
 }
@@ -90,48 +68,130 @@ struct SdxlIndex {
     force_zeros_for_empty_prompt: Option<bool>,
 }
 
-/// One CLIP text encoder with its tokenizer and weights.
-struct TextSide {
+/// One CLIP text encoder's source: its tokenizer, config and weights.
+pub struct ClipSource {
     tokenizer: ClipTokenizer,
     cfg: ClipTextConfig,
     weights: Weights,
-    model: Option<ClipTextModel>,
 }
 
-impl TextSide {
+impl ClipSource {
     fn open(dir: &ModelDir, tok: &str, enc: &str) -> Result<Self, ModelError> {
         let cfg_rel = format!("{enc}/config.json");
         let cfg: ClipTextConfig = dir.read_json(&cfg_rel)?;
-        cfg.validate().map_err(|m| ModelError::Malformed {
-            path: dir.display_path(&cfg_rel),
-            message: m,
-        })?;
+        cfg.validate().map_err(|m| malformed(dir, &cfg_rel, m))?;
         Ok(Self {
             tokenizer: ClipTokenizer::load(dir, tok)?,
             cfg,
             weights: dir.open_weights(enc)?,
-            model: None,
         })
     }
 
-    fn load(&mut self, dtype: DType, device: &Device) -> Result<(), ModelError> {
-        if self.model.is_none() {
-            let vb = self.weights.var_builder(dtype, device);
-            let m = ClipTextModel::new(&self.cfg, vb).map_err(|e| self.weights.context(e))?;
-            self.model = Some(m);
-        }
-        Ok(())
+    fn build(&self, dtype: DType, device: &Device) -> Result<ClipTextModel, ModelError> {
+        let vb = self.weights.var_builder(dtype, device);
+        ClipTextModel::new(&self.cfg, vb).map_err(|e| self.weights.context(e))
+    }
+}
+
+/// The text side's sources: one CLIP (SD) or two (SDXL), and the current job's LoRAs for the
+/// first one (kohya `lora_te_` keys).
+pub struct TextSources {
+    first: ClipSource,
+    second: Option<ClipSource>,
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
+}
+
+/// The loaded text encoder(s).
+pub struct TextEncoders {
+    first: ClipTextModel,
+    second: Option<ClipTextModel>,
+}
+
+impl Module for TextEncoders {
+    type Source = TextSources;
+
+    fn build(
+        src: &TextSources,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let dtype = policy.text_encoder;
+        let mut first = src.first.build(dtype, device)?;
+        lora::apply(&mut first, &src.loras, LoraPart::TextEncoder, src.lora_mode)?;
+        Ok(Self {
+            first,
+            second: match &src.second {
+                Some(s) => Some(s.build(dtype, device)?),
+                None => None,
+            },
+        })
     }
 
-    fn encode(&self, text: &str, device: &Device) -> Result<clip::ClipOutput, ModelError> {
-        let ids = self.tokenizer.encode(text)?;
-        let model = self
-            .model
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
-        let n = ids.len();
-        let input = Tensor::from_vec(ids, (1, n), device)?;
-        Ok(model.forward(&input)?)
+    fn bytes(src: &TextSources, policy: &PrecisionPolicy) -> u64 {
+        let te = policy.text_encoder;
+        src.first.weights.bytes_in("", te)
+            + src
+                .second
+                .as_ref()
+                .map_or(0, |t| t.weights.bytes_in("", te))
+    }
+}
+
+/// One encoder's raw outputs for one text (the ids its own tokenizer gives).
+fn clip_encode(
+    src: &ClipSource,
+    model: &ClipTextModel,
+    text: &str,
+    device: &Device,
+) -> Result<clip::ClipOutput, ModelError> {
+    let ids = src.tokenizer.encode(text)?;
+    let n = ids.len();
+    let input = Tensor::from_vec(ids, (1, n), device)?;
+    Ok(model.forward(&input)?)
+}
+
+/// The UNet's source, and the current job's LoRAs.
+pub struct UNetSource {
+    cfg: UNetConfig,
+    plan: UNetPlan,
+    weights: Weights,
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
+}
+
+/// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations, norms
+/// and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
+fn unet_precision(policy: &PrecisionPolicy, device: &Device) -> UNetPrecision {
+    let compute = linear::activation_dtype(policy.denoiser, device);
+    UNetPrecision {
+        compute,
+        residual: if compute == policy.denoiser {
+            policy.residual
+        } else {
+            compute
+        },
+    }
+}
+
+/// The UNet always runs resident (the planner never asks to stream it: it reports no blocks).
+impl Module for UNet {
+    type Source = UNetSource;
+
+    fn build(
+        src: &UNetSource,
+        policy: &PrecisionPolicy,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let vb = src.weights.var_builder(policy.denoiser, device);
+        let mut unet = UNet::new(&src.cfg, vb, unet_precision(policy, device))
+            .map_err(|e| src.weights.context(e))?;
+        lora::apply(&mut unet, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
+        Ok(unet)
+    }
+
+    fn bytes(src: &UNetSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.bytes_in("", policy.denoiser)
     }
 }
 
@@ -139,29 +199,13 @@ impl TextSide {
 pub struct SdTurbo {
     dir: ModelDir,
     variant: Variant,
-    info: FamilyInfo,
-    device: Device,
-    policy: PrecisionPolicy,
-    /// The residual dtype the policy started with (restored when the denoiser leaves f32).
-    base_residual: DType,
+    profile: Profile,
     scheduler: EulerDiscreteConfig,
     prediction: Prediction,
-    text: TextSide,
-    text_2: Option<TextSide>,
     force_zeros_for_empty_prompt: bool,
-    unet_cfg: UNetConfig,
-    unet_plan: UNetPlan,
-    unet_weights: Weights,
-    unet: Option<UNet>,
-    vae_cfg: VaeConfig,
-    vae_weights: Weights,
-    vae: Option<VaeDecoder>,
-    vae_encoder: Option<VaeEncoder>,
+    parts: Parts<TextEncoders, UNet>,
     /// The UNet's and the first text encoder's linear layers: what a LoRA may update.
     lora_layers: LinearLayers,
-    /// The current job's LoRAs, attached to the layers as they load.
-    loras: Arc<LoraSet>,
-    lora_mode: LoraMode,
 }
 
 fn malformed(dir: &ModelDir, rel: &str, message: String) -> ModelError {
@@ -211,7 +255,9 @@ impl SdTurbo {
             );
         }
         let scheduler: EulerDiscreteConfig = dir.read_json(sched_rel)?;
-        let prediction = scheduler.validate(&dir.display_path(sched_rel))?;
+        let prediction = scheduler
+            .validate()
+            .map_err(|m| malformed(&dir, sched_rel, m))?;
 
         let unet_cfg: UNetConfig = dir.read_json("unet/config.json")?;
         let unet_plan = unet_cfg
@@ -234,13 +280,13 @@ impl SdTurbo {
             ));
         }
 
-        let text = TextSide::open(&dir, "tokenizer", "text_encoder")?;
+        let text = ClipSource::open(&dir, "tokenizer", "text_encoder")?;
         let (text_2, force_zeros) = match variant {
             Variant::Sd => (None, false),
             Variant::Sdxl => {
                 let idx: SdxlIndex = dir.read_json("model_index.json")?;
                 (
-                    Some(TextSide::open(&dir, "tokenizer_2", "text_encoder_2")?),
+                    Some(ClipSource::open(&dir, "tokenizer_2", "text_encoder_2")?),
                     idx.force_zeros_for_empty_prompt.unwrap_or(true),
                 )
             }
@@ -286,44 +332,38 @@ impl SdTurbo {
             }
         }
 
-        let unet_weights = dir.open_weights("unet")?;
-        let vae_weights = dir.open_weights("vae")?;
-        let info = FamilyInfo {
-            family: variant.family(),
+        let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: vae_cfg.scale_factor(),
             size_multiple: vae_cfg.scale_factor() as u32,
-            defaults: match variant {
-                Variant::Sd => SD_TURBO_DEFAULTS,
-                Variant::Sdxl => SDXL_TURBO_DEFAULTS,
-            },
-            safe_cfg_max: SAFE_CFG_MAX,
-            sampler: "Euler",
-            img2img: IMG2IMG_DEFAULTS,
+            ..variant.family().profile()
+        };
+        let text = TextSources {
+            first: text,
+            second: text_2,
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
+        };
+        let unet = UNetSource {
+            weights: dir.open_weights("unet")?,
+            cfg: unet_cfg,
+            plan: unet_plan,
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
+        };
+        let vae = VaeSource {
+            weights: dir.open_weights("vae")?,
+            cfg: vae_cfg,
         };
         let model = Self {
             dir,
             variant,
-            info,
-            device: device.clone(),
-            policy,
-            base_residual: policy.residual,
+            profile,
             scheduler,
             prediction,
-            text,
-            text_2,
             force_zeros_for_empty_prompt: force_zeros,
-            unet_cfg,
-            unet_plan,
-            unet_weights,
-            unet: None,
-            vae_cfg,
-            vae_weights,
-            vae: None,
-            vae_encoder: None,
+            parts: Parts::new(device, policy, text, unet, vae),
             lora_layers: LinearLayers::default(),
-            loras: Arc::default(),
-            lora_mode: LoraMode::default(),
         };
         let mut model = model;
         model.lora_layers = model.validate_tensors()?;
@@ -339,47 +379,37 @@ impl SdTurbo {
     }
 
     pub fn unet_config(&self) -> &UNetConfig {
-        &self.unet_cfg
+        &self.parts.denoiser.source().cfg
     }
 
     pub fn vae_config(&self) -> &VaeConfig {
-        &self.vae_cfg
+        &self.parts.vae.source().cfg
     }
 
     pub fn scheduler_config(&self) -> &EulerDiscreteConfig {
         &self.scheduler
     }
 
+    fn text(&self) -> &TextSources {
+        self.parts.text_encoder.source()
+    }
+
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.text.tokenizer
+        &self.text().first.tokenizer
     }
 
     pub fn tokenizer_2(&self) -> Option<&ClipTokenizer> {
-        self.text_2.as_ref().map(|t| &t.tokenizer)
-    }
-
-    /// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations,
-    /// norms and residual stream), as the Z-Image DiT does; elsewhere the policy's dtypes.
-    fn unet_precision(&self) -> UNetPrecision {
-        let compute = super::cpu_gemm::activation_dtype(self.policy.denoiser, &self.device);
-        UNetPrecision {
-            compute,
-            residual: if compute == self.policy.denoiser {
-                self.policy.residual
-            } else {
-                compute
-            },
-        }
+        self.text().second.as_ref().map(|t| &t.tokenizer)
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
-    /// Builds every module against the headers only; returns the layers LoRAs may update (the
-    /// UNet's and the first text encoder's).
+    /// Returns the layers LoRAs may update (the UNet's and the first text encoder's).
     fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
+        let text = self.text();
         let mut layers = LinearLayers::default();
-        for (i, side) in std::iter::once(&self.text)
-            .chain(self.text_2.as_ref())
+        for (i, side) in std::iter::once(&text.first)
+            .chain(text.second.as_ref())
             .enumerate()
         {
             let m = ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
@@ -388,7 +418,7 @@ impl SdTurbo {
                 lora::record(&m, LoraPart::TextEncoder, &mut layers);
             }
         }
-        if let Some(t2) = &self.text_2 {
+        if let Some(t2) = &text.second {
             if t2.cfg.projection_dim.is_none() || !t2.weights.contains("text_projection.weight") {
                 return Err(malformed(
                     &self.dir,
@@ -397,70 +427,85 @@ impl SdTurbo {
                 ));
             }
         }
-        let unet = UNet::new(
-            &self.unet_cfg,
-            self.unet_weights.shape_only(DType::F32, &dev),
+        let unet = self.parts.denoiser.source();
+        let model = UNet::new(
+            &unet.cfg,
+            unet.weights.shape_only(DType::F32, &dev),
             UNetPrecision {
                 compute: DType::F32,
                 residual: DType::F32,
             },
         )
-        .map_err(|e| self.unet_weights.context(e))?;
-        lora::record(&unet, LoraPart::Denoiser, &mut layers);
-        VaeDecoder::new(&self.vae_cfg, self.vae_weights.shape_only(DType::F32, &dev))
-            .map_err(|e| self.vae_weights.context(e))?;
+        .map_err(|e| unet.weights.context(e))?;
+        lora::record(&model, LoraPart::Denoiser, &mut layers);
+        let vae = self.parts.vae.source();
+        VaeDecoder::new(&vae.cfg, vae.weights.shape_only(DType::F32, &dev))
+            .map_err(|e| vae.weights.context(e))?;
         Ok(layers)
     }
 
-    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]).
+    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]); re-attaches
+    /// the current ones.
     pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<(), ModelError> {
-        self.lora_mode = mode;
-        let set = std::mem::take(&mut self.loras);
-        self.attach_loras(set, true)
-    }
-
-    fn attach_loras(&mut self, set: Arc<LoraSet>, force: bool) -> Result<(), ModelError> {
-        if !force && (Arc::ptr_eq(&set, &self.loras) || set.key == self.loras.key) {
-            return Ok(());
+        let (src, module) = self.parts.denoiser.split_mut();
+        src.lora_mode = mode;
+        if let Some(u) = module {
+            lora::apply(u, &src.loras, LoraPart::Denoiser, mode)?;
         }
-        if let Some(u) = self.unet.as_mut() {
-            lora::apply(u, &set, LoraPart::Denoiser, self.lora_mode)?;
+        let (src, module) = self.parts.text_encoder.split_mut();
+        src.lora_mode = mode;
+        if let Some(t) = module {
+            lora::apply(&mut t.first, &src.loras, LoraPart::TextEncoder, mode)?;
         }
-        if let Some(t) = self.text.model.as_mut() {
-            lora::apply(t, &set, LoraPart::TextEncoder, self.lora_mode)?;
-        }
-        self.loras = set;
         Ok(())
     }
 
     /// The ids the pipeline feeds the (first) text encoder: 77, padded with the pad token.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        self.text.tokenizer.encode(text)
+        self.tokenizer().encode(text)
     }
 
     /// The first text encoder's raw outputs for one text (for parity tests).
     pub fn text_encoder_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
-        self.load(Component::TextEncoder)?;
-        self.text.encode(text, &self.device)
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        let te = te.ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
+        clip_encode(&src.first, &te.first, text, &device)
+    }
+
+    /// The second text encoder's raw outputs for one text (SDXL only; for parity tests).
+    pub fn text_encoder_2_forward(&mut self, text: &str) -> Result<clip::ClipOutput, ModelError> {
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        match (&src.second, te.and_then(|t| t.second.as_ref())) {
+            (Some(s), Some(m)) => clip_encode(s, m, text, &device),
+            _ => Err(ModelError::Invalid(
+                "this pipeline has no second text encoder".into(),
+            )),
+        }
     }
 
     /// One prompt as the pipeline encodes it.
     fn encode_one(&mut self, text: &str) -> Result<Embedding, ModelError> {
-        self.load(Component::TextEncoder)?;
-        let dev = self.device.clone();
-        match &self.text_2 {
-            None => Ok(Embedding {
-                hidden: self.text.encode(text, &dev)?.last_hidden,
-                pooled: None,
-            }),
-            Some(t2) => {
-                let a = self.text.encode(text, &dev)?;
-                let b = t2.encode(text, &dev)?;
+        let device = self.parts.device().clone();
+        self.parts.text_encoder()?;
+        let (src, te) = self.parts.text_encoder.split_mut();
+        let te = te.ok_or_else(|| ModelError::Invalid("text encoder not loaded".into()))?;
+        let a = clip_encode(&src.first, &te.first, text, &device)?;
+        match (&src.second, &te.second) {
+            (Some(s), Some(m)) => {
+                let b = clip_encode(s, m, text, &device)?;
                 Ok(Embedding {
                     hidden: Tensor::cat(&[&a.penultimate, &b.penultimate], 2)?,
                     pooled: Some(b.pooled),
                 })
             }
+            _ => Ok(Embedding {
+                hidden: a.last_hidden,
+                pooled: None,
+            }),
         }
     }
 
@@ -483,21 +528,17 @@ impl SdTurbo {
         context: &Tensor,
         text_time: Option<&TextTime<'_>>,
     ) -> Result<Tensor, ModelError> {
-        self.load(Component::Denoiser)?;
-        let unet = self
-            .unet
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("denoiser not loaded".into()))?;
+        let (_, unet) = self.parts.denoiser()?;
         Ok(unet.forward(sample, timesteps, context, text_time)?)
     }
 
     /// SDXL's `add_time_ids` for an image: original size, crop top-left (0, 0), target size.
     fn time_ids(&self, b: usize, latent_h: usize, latent_w: usize) -> Result<Tensor, ModelError> {
-        let f = self.info.vae_scale_factor;
+        let f = self.profile.vae_scale_factor;
         let (h, w) = ((latent_h * f) as f32, (latent_w * f) as f32);
         let row = [h, w, 0.0, 0.0, h, w];
         let data: Vec<f32> = (0..b).flat_map(|_| row).collect();
-        Ok(Tensor::from_vec(data, (b, 6), &self.device)?)
+        Ok(Tensor::from_vec(data, (b, 6), self.parts.device())?)
     }
 }
 
@@ -515,70 +556,30 @@ fn repeat_rows(t: &Tensor, b: usize) -> candle_core::Result<Tensor> {
 }
 
 impl Family for SdTurbo {
-    fn info(&self) -> &FamilyInfo {
-        &self.info
+    fn profile(&self) -> &Profile {
+        &self.profile
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn components(&self) -> &dyn Components {
+        &self.parts
     }
 
-    fn policy(&self) -> PrecisionPolicy {
-        self.policy
-    }
-
-    fn component_bytes(&self) -> ComponentBytes {
-        let te = self.policy.text_encoder;
-        ComponentBytes {
-            text_encoder: self.text.weights.bytes_in("", te)
-                + self
-                    .text_2
-                    .as_ref()
-                    .map_or(0, |t| t.weights.bytes_in("", te)),
-            denoiser: self.unet_weights.bytes_in("", self.policy.denoiser),
-            // The UNet is not block-streamed: low-memory plans load it whole for its phase.
-            denoiser_largest_block: 0,
-            denoiser_blocks: 0,
-            vae_decoder: self.vae_weights.bytes_in("decoder.", self.policy.vae)
-                + self
-                    .vae_weights
-                    .bytes_in("post_quant_conv.", self.policy.vae),
-        }
+    fn components_mut(&mut self) -> &mut dyn Components {
+        &mut self.parts
     }
 
     fn activation_model(&self) -> ActivationModel {
-        let elem = |d: DType| d.size_in_bytes() as u64;
-        let unet = self.unet_precision();
-        // Both CLIPs run one after the other: the wider one sets the text-encoding peak.
-        let widest = std::iter::once(&self.text.cfg)
-            .chain(self.text_2.as_ref().map(|t| &t.cfg))
-            .max_by_key(|c| c.hidden_size)
-            .unwrap_or(&self.text.cfg);
-        let p = &self.unet_plan;
-        ActivationModel::unet(&UNetArch {
-            block_out_channels: p.channels.iter().map(|&c| c as u64).collect(),
-            attention: p.down_attn.clone(),
-            heads: p.heads.iter().map(|&h| h as u64).collect(),
-            layers_per_block: p.layers.iter().map(|&l| l as u64).collect(),
-            context_tokens: self.text.tokenizer.max_length() as u32,
-            text_hidden: widest.hidden_size as u64,
-            text_heads: widest.num_attention_heads as u64,
-            text_ffn_hidden: widest.intermediate_size as u64,
-            vae_block_out_channels: self
-                .vae_cfg
-                .block_out_channels
-                .iter()
-                .map(|&c| c as u32)
-                .collect(),
-            vae_scale: self.vae_cfg.scale_factor() as u32,
-            elem_bytes: elem(unet.compute),
-            residual_elem_bytes: elem(unet.residual),
-            text_elem_bytes: elem(self.policy.text_encoder),
-            vae_elem_bytes: elem(super::cpu_gemm::activation_dtype(
-                self.policy.vae,
-                &self.device,
-            )),
-        })
+        let text = self.text();
+        let (policy, device) = (self.parts.policy(), self.parts.device());
+        activations::model(&UNetArch::of(
+            &self.parts.denoiser.source().plan,
+            std::iter::once(&text.first.cfg).chain(text.second.as_ref().map(|t| &t.cfg)),
+            text.first.tokenizer.max_length(),
+            self.vae_config(),
+            unet_precision(&policy, device),
+            &policy,
+            device,
+        ))
     }
 
     fn schedule(
@@ -682,131 +683,34 @@ impl Family for SdTurbo {
         Ok(div_scalar(&(&x - x0)?, sigma)?)
     }
 
-    fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        let z = div_scalar(
-            &latents.to_dtype(DType::F32)?,
-            self.vae_cfg.scaling_factor as f32,
-        )?;
-        Ok(match self.vae_cfg.shift_factor {
-            Some(s) => (z + s)?,
-            None => z,
-        })
-    }
-
-    fn vae(&mut self) -> Result<&VaeDecoder, ModelError> {
-        self.load(Component::Vae)?;
-        self.vae
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("VAE not loaded".into()))
-    }
-
     fn lora_layers(&self) -> &LinearLayers {
         &self.lora_layers
     }
 
     fn set_loras(&mut self, set: Arc<LoraSet>) -> Result<(), ModelError> {
-        self.attach_loras(set, false)
-    }
-
-    fn vae_encoder(&mut self) -> Result<&VaeEncoder, ModelError> {
-        if self.vae_encoder.is_none() {
-            let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
-            let enc =
-                VaeEncoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
-            self.vae_encoder = Some(enc);
+        let (src, module) = self.parts.denoiser.split_mut();
+        if !(Arc::ptr_eq(&set, &src.loras) || set.key == src.loras.key) {
+            if let Some(u) = module {
+                lora::apply(u, &set, LoraPart::Denoiser, src.lora_mode)?;
+            }
+            src.loras = set.clone();
         }
-        self.vae_encoder
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("VAE encoder not loaded".into()))
+        let (src, module) = self.parts.text_encoder.split_mut();
+        if !(Arc::ptr_eq(&set, &src.loras) || set.key == src.loras.key) {
+            if let Some(t) = module {
+                lora::apply(&mut t.first, &set, LoraPart::TextEncoder, src.lora_mode)?;
+            }
+            src.loras = set;
+        }
+        Ok(())
     }
 
-    fn unload_vae_encoder(&mut self) {
-        self.vae_encoder = None;
-    }
-
-    fn latents_from_vae(&self, z: &Tensor) -> Result<Tensor, ModelError> {
-        let z = z.to_dtype(DType::F32)?;
-        let z = match self.vae_cfg.shift_factor {
-            Some(s) => (z - s)?,
+    fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
+        let cfg = self.vae_config();
+        let z = div_scalar(&latents.to_dtype(DType::F32)?, cfg.scaling_factor as f32)?;
+        Ok(match cfg.shift_factor {
+            Some(s) => (z + s)?,
             None => z,
-        };
-        Ok((z * self.vae_cfg.scaling_factor)?)
-    }
-
-    fn load(&mut self, component: Component) -> Result<(), ModelError> {
-        match component {
-            Component::TextEncoder => {
-                let (dtype, dev) = (self.policy.text_encoder, self.device.clone());
-                if self.text.model.is_none() {
-                    self.text.load(dtype, &dev)?;
-                    if let Some(t) = self.text.model.as_mut() {
-                        lora::apply(t, &self.loras, LoraPart::TextEncoder, self.lora_mode)?;
-                    }
-                }
-                if let Some(t2) = self.text_2.as_mut() {
-                    t2.load(dtype, &dev)?;
-                }
-            }
-            Component::Denoiser if self.unet.is_none() => {
-                let vb = self
-                    .unet_weights
-                    .var_builder(self.policy.denoiser, &self.device);
-                let mut unet = UNet::new(&self.unet_cfg, vb, self.unet_precision())
-                    .map_err(|e| self.unet_weights.context(e))?;
-                lora::apply(&mut unet, &self.loras, LoraPart::Denoiser, self.lora_mode)?;
-                self.unet = Some(unet);
-            }
-            Component::Vae if self.vae.is_none() => {
-                let vb = self.vae_weights.var_builder(self.policy.vae, &self.device);
-                let vae =
-                    VaeDecoder::new(&self.vae_cfg, vb).map_err(|e| self.vae_weights.context(e))?;
-                self.vae = Some(vae);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn unload(&mut self, component: Component) {
-        match component {
-            Component::TextEncoder => {
-                self.text.model = None;
-                if let Some(t2) = self.text_2.as_mut() {
-                    t2.model = None;
-                }
-            }
-            Component::Denoiser => self.unet = None,
-            Component::Vae => {
-                self.vae = None;
-                self.vae_encoder = None;
-            }
-        }
-    }
-
-    fn is_loaded(&self, component: Component) -> bool {
-        match component {
-            Component::TextEncoder => {
-                self.text.model.is_some() && self.text_2.as_ref().is_none_or(|t| t.model.is_some())
-            }
-            Component::Denoiser => self.unet.is_some(),
-            Component::Vae => self.vae.is_some(),
-        }
-    }
-
-    /// The UNet always runs resident (the planner never asks to stream it: it reports no blocks).
-    fn set_denoiser_residency(&mut self, _residency: DenoiserResidency) {}
-
-    fn set_dtype(&mut self, component: Component, dtype: DType) -> Result<(), ModelError> {
-        let was_loaded = self.is_loaded(component);
-        self.policy.set(component, dtype, self.base_residual);
-        self.unload(component);
-        if was_loaded {
-            self.load(component)?;
-        }
-        Ok(())
-    }
-
-    fn dtype(&self, component: Component) -> DType {
-        self.policy.of(component)
+        })
     }
 }

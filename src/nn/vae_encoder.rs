@@ -3,19 +3,17 @@
 //! `retrieve_latents(vae.encode(image), generator)` does. Shares the decoder's blocks (`vae.rs`).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::cpu_gemm;
 use super::torch_rng::TorchGenerator;
-use super::vae::{
-    conv, group_norm, in_dtype, Conv, GroupNorm, NormCtx, Resnet, SpatialAttention, VaeConfig,
-    CONV_BAND_ELEMS,
-};
+use super::vae::{group_norm, GroupNorm, NormCtx, Resnet, SpatialAttention, VaeConfig};
+use crate::ops::conv::{Conv, CONV_BAND_ELEMS};
+use crate::ops::linear;
 
 /// `Downsample2D(use_conv=True, padding=0)`: zero-pad one row and column at the bottom and right,
 /// then a 3×3 convolution with stride 2.
 #[derive(Debug, Clone)]
-struct Downsample(Conv2d);
+struct Downsample(Conv);
 
 impl Downsample {
     fn new(c: usize, vb: VarBuilder) -> candle_core::Result<Self> {
@@ -23,27 +21,27 @@ impl Downsample {
             stride: 2,
             ..Default::default()
         };
-        Ok(Self(candle_nn::conv2d(c, c, 3, cfg, vb)?))
+        Ok(Self(Conv::new(candle_nn::conv2d(c, c, 3, cfg, vb)?, false)))
     }
 
     /// Runs in bands of output rows (each reads rows `2r … 2r+2` of the padded input), so the
     /// im2col buffer stays bounded at large sizes.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let conv = in_dtype(&self.0, x.dtype())?;
+        let conv = &self.0;
         let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
         let (_, cin, h, w) = x.dims4()?;
         let out_h = (h - 3) / 2 + 1;
         let per_row = (w / 2) * cin * 9;
         let rows = (CONV_BAND_ELEMS / per_row.max(1)).max(1);
         if rows >= out_h {
-            return x.apply(conv.as_ref());
+            return conv.forward(&x);
         }
         let mut bands = Vec::with_capacity(out_h.div_ceil(rows));
         let mut r0 = 0;
         while r0 < out_h {
             let r1 = (r0 + rows).min(out_h);
             let band = x.narrow(2, 2 * r0, 2 * (r1 - r0) + 1)?;
-            bands.push(band.apply(conv.as_ref())?);
+            bands.push(conv.forward(&band)?);
             r0 = r1;
         }
         Tensor::cat(&bands, 2)
@@ -121,7 +119,7 @@ impl VaeEncoder {
         let mid = e.pp("mid_block");
         let latent2 = 2 * cfg.latent_channels;
         Ok(Self {
-            conv_in: conv(cfg.in_channels, boc[0], 3, e.pp("conv_in"))?,
+            conv_in: Conv::same(cfg.in_channels, boc[0], 3, e.pp("conv_in"))?,
             down_blocks,
             mid_resnets: [
                 Resnet::new(top, top, groups, mid.pp("resnets.0"))?,
@@ -133,13 +131,13 @@ impl VaeEncoder {
                 None
             },
             norm_out: group_norm(groups, top, e.pp("conv_norm_out"))?,
-            conv_out: conv(top, latent2, 3, e.pp("conv_out"))?,
+            conv_out: Conv::same(top, latent2, 3, e.pp("conv_out"))?,
             quant_conv: if cfg.use_quant_conv {
-                Some(conv(latent2, latent2, 1, vb.pp("quant_conv"))?)
+                Some(Conv::same(latent2, latent2, 1, vb.pp("quant_conv"))?)
             } else {
                 None
             },
-            dtype: cpu_gemm::activation_dtype(vb.dtype(), vb.device()),
+            dtype: linear::activation_dtype(vb.dtype(), vb.device()),
         })
     }
 

@@ -5,8 +5,6 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::ModelError;
-
 /// The schedule of one run: `sigmas` has one more entry than `timesteps` (the final 0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
@@ -143,7 +141,8 @@ fn d_exponential() -> String {
 
 impl FlowMatchConfig {
     /// Rejects options whose sampler we do not implement, naming the file.
-    pub fn validate(&self, path: &std::path::Path) -> Result<(), ModelError> {
+    /// Refuses the options this schedule does not reproduce (the message names the field).
+    pub fn validate(&self) -> Result<(), String> {
         let unsupported = [
             (self.use_karras_sigmas, "use_karras_sigmas"),
             (self.use_exponential_sigmas, "use_exponential_sigmas"),
@@ -152,25 +151,16 @@ impl FlowMatchConfig {
             (self.stochastic_sampling, "stochastic_sampling"),
         ];
         if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(ModelError::Malformed {
-                path: path.to_path_buf(),
-                message: format!("scheduler option `{name}: true` is not supported"),
-            });
+            return Err(format!("scheduler option `{name}: true` is not supported"));
         }
         if self.time_shift_type != "exponential" && self.time_shift_type != "linear" {
-            return Err(ModelError::Malformed {
-                path: path.to_path_buf(),
-                message: format!(
-                    "time_shift_type `{}` is not supported (exponential, linear)",
-                    self.time_shift_type
-                ),
-            });
+            return Err(format!(
+                "time_shift_type `{}` is not supported (exponential, linear)",
+                self.time_shift_type
+            ));
         }
         if self.num_train_timesteps == 0 {
-            return Err(ModelError::Malformed {
-                path: path.to_path_buf(),
-                message: "num_train_timesteps must be positive".into(),
-            });
+            return Err("num_train_timesteps must be positive".into());
         }
         Ok(())
     }
@@ -307,11 +297,8 @@ pub enum Prediction {
 impl EulerDiscreteConfig {
     /// Rejects options whose sampler we do not implement, naming the file; returns what the
     /// model predicts.
-    pub fn validate(&self, path: &std::path::Path) -> Result<Prediction, ModelError> {
-        let bad = |message: String| ModelError::Malformed {
-            path: path.to_path_buf(),
-            message,
-        };
+    /// The prediction type, or why this config is not reproduced (the message names the field).
+    pub fn validate(&self) -> Result<Prediction, String> {
         let unsupported = [
             (self.use_karras_sigmas, "use_karras_sigmas"),
             (self.use_exponential_sigmas, "use_exponential_sigmas"),
@@ -319,61 +306,59 @@ impl EulerDiscreteConfig {
             (self.rescale_betas_zero_snr, "rescale_betas_zero_snr"),
         ];
         if let Some((_, name)) = unsupported.iter().find(|(on, _)| *on) {
-            return Err(bad(format!(
-                "scheduler option `{name}: true` is not supported"
-            )));
+            return Err(format!("scheduler option `{name}: true` is not supported"));
         }
         if self.interpolation_type != "linear" {
-            return Err(bad(format!(
+            return Err(format!(
                 "interpolation_type `{}` is not supported (linear)",
                 self.interpolation_type
-            )));
+            ));
         }
         if self.final_sigmas_type != "zero" {
-            return Err(bad(format!(
+            return Err(format!(
                 "final_sigmas_type `{}` is not supported (zero)",
                 self.final_sigmas_type
-            )));
+            ));
         }
         if self.timestep_type != "discrete" {
-            return Err(bad(format!(
+            return Err(format!(
                 "timestep_type `{}` is not supported (discrete)",
                 self.timestep_type
-            )));
+            ));
         }
         if !["linspace", "leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
-            return Err(bad(format!(
+            return Err(format!(
                 "timestep_spacing `{}` is not supported (linspace, leading, trailing)",
                 self.timestep_spacing
-            )));
+            ));
         }
         if self.num_train_timesteps < 2 {
-            return Err(bad("num_train_timesteps must be at least 2".into()));
+            return Err("num_train_timesteps must be at least 2".into());
         }
         match &self.trained_betas {
             Some(b) if b.len() != self.num_train_timesteps as usize => {
-                return Err(bad(format!(
+                return Err(format!(
                     "trained_betas has {} entries, num_train_timesteps is {}",
                     b.len(),
                     self.num_train_timesteps
-                )))
+                ))
             }
             Some(_) => {}
             None => {
                 if !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str()) {
-                    return Err(bad(format!(
+                    return Err(format!(
                         "beta_schedule `{}` is not supported (linear, scaled_linear)",
                         self.beta_schedule
-                    )));
+                    ));
                 }
             }
         }
         match self.prediction_type.as_str() {
             "epsilon" => Ok(Prediction::Epsilon),
             "v_prediction" => Ok(Prediction::VPrediction),
-            other => Err(bad(format!(
+            other => Err(format!(
                 "prediction_type `{other}` is not supported (epsilon, v_prediction)"
-            ))),
+            )),
         }
     }
 

@@ -1,0 +1,115 @@
+//! SD-Turbo's and SDXL-Turbo's user-facing facts. Both were distilled (adversarial diffusion
+//! distillation) at 512² for one step without guidance: the model cards use `guidance_scale = 0`
+//! (our CFG 1.0) and 1–4 steps. CFG is still allowed so a negative prompt counts, but above 2 the
+//! distilled models oversaturate and burn within one or two steps, so intercepted values (≥ 3) are
+//! clamped to 2.
+
+use crate::families::profile::{
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, Profile, StepsProfile,
+};
+use crate::nn::scheduler::NoiseKind;
+
+pub const SAFE_CFG_MAX: f32 = 2.0;
+/// The model cards' settings: 512², one step, no guidance.
+pub const SD_TURBO_DEFAULTS: Defaults = Defaults {
+    width: 512,
+    height: 512,
+    steps: 1,
+    cfg: 1.0,
+};
+/// The model cards' image-to-image example: 2 steps at strength 0.5 (one step runs; the
+/// pipeline runs `int(steps × strength)` steps, so their product must reach 1).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: 2,
+    strength: 0.5,
+    noise: NoiseKind::VarianceExploding,
+};
+/// SDXL-Turbo was distilled at 512² as well (not SDXL's 1024²).
+pub const SDXL_TURBO_DEFAULTS: Defaults = SD_TURBO_DEFAULTS;
+
+const STEP_BANDS: &[Band] = &[
+    Band {
+        max: Some(1.0),
+        level: BandLevel::Ok,
+        hint: "1 — default: the model is distilled for one step.",
+        advice: "1 step: the default, what the model is distilled for.",
+    },
+    Band {
+        max: Some(4.0),
+        level: BandLevel::Info,
+        hint: "{value} steps: a little more detail, {value}× slower.",
+        advice: "{value} steps: a little more detail than the default {default}, {value}× slower.",
+    },
+    Band {
+        max: None,
+        level: BandLevel::Warn,
+        hint: "More than 4: no gain for this distilled model, just slower.",
+        advice: "{value} steps: no gain past 4 for this distilled model, only slower.",
+    },
+];
+
+const CFG_BANDS: &[Band] = &[
+    Band {
+        max: Some(1.0),
+        level: BandLevel::Ok,
+        hint: "{default} — default: guidance off, as the model was distilled; the negative \
+               prompt is unused.",
+        advice: "CFG {value}: guidance off, as the model was distilled; the default and fastest.",
+    },
+    Band {
+        max: Some(SAFE_CFG_MAX),
+        level: BandLevel::Info,
+        hint: "Guidance on: the negative prompt takes effect, two UNet passes per step; colours \
+               may oversaturate.",
+        advice: "CFG {value}: guidance on (two UNet passes per step) so the negative prompt \
+                 counts; this distilled model oversaturates quickly, {default} (off) is the \
+                 default.",
+    },
+    Band {
+        max: Some(2.99),
+        level: BandLevel::Warn,
+        hint: "Above the safe max {safe}: the engine lowers it if a step goes black.",
+        advice: "CFG {value}: above {safe} this distilled model burns colours; from 3 the value \
+                 is intercepted and lowered to {safe}. {default} (off) is the default.",
+    },
+    Band {
+        max: None,
+        level: BandLevel::Bad,
+        hint: "≥ 3.0 is intercepted: the engine clamps it to the safe max {safe}.",
+        advice: "CFG {value}: above {safe} this distilled model burns colours, so from 3 the \
+                 value is intercepted and lowered to {safe}. {default} (off) is the default.",
+    },
+];
+
+const STEPS: StepsProfile = StepsProfile {
+    presets: &[1, 2, 4, 8],
+    bands: STEP_BANDS,
+};
+
+const CFG: CfgProfile = CfgProfile {
+    presets: &[1.0, 1.5, 2.0],
+    intercept_at: 3.0,
+    bands: CFG_BANDS,
+};
+
+/// `stabilityai/sd-turbo` (4 latent channels, VAE factor 8).
+pub const SD_TURBO: Profile = Profile {
+    family: FamilyKind::SdTurbo,
+    latent_channels: 4,
+    vae_scale_factor: 8,
+    size_multiple: 8,
+    defaults: SD_TURBO_DEFAULTS,
+    safe_cfg_max: SAFE_CFG_MAX,
+    max_batch: 8,
+    sampler: "Euler",
+    steps: STEPS,
+    cfg: CFG,
+    img2img: IMG2IMG_DEFAULTS,
+};
+
+/// `stabilityai/sdxl-turbo`: the same ladders as SD-Turbo.
+pub const SDXL_TURBO: Profile = Profile {
+    family: FamilyKind::SdxlTurbo,
+    defaults: SDXL_TURBO_DEFAULTS,
+    ..SD_TURBO
+};

@@ -1,0 +1,177 @@
+//! Z-Image-Turbo's user-facing facts: 1024², 8 steps, CFG 1.8, and what each step count and CFG
+//! value does. The numbers are the seed study's: composition forms at 4 steps, 8 is the detail
+//! threshold, from 12 images over-sharpen; CFG 1.8 has the best usable rate (89.6 %), 2.2 is sharp
+//! and may overexpose, the forced-CFG example recovered at 2.4, from 3 the model breaks.
+
+use crate::families::profile::{
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, Profile, StepsProfile,
+};
+use crate::nn::scheduler::NoiseKind;
+
+/// The forced-CFG example recovered at 2.4; above it Z-Image-Turbo overexposes and breaks.
+pub const SAFE_CFG_MAX: f32 = 2.4;
+pub const DEFAULTS: Defaults = Defaults {
+    width: 1024,
+    height: 1024,
+    steps: 8,
+    cfg: 1.8,
+};
+
+/// `ZImageImg2ImgPipeline`'s default strength, with the model's 8 steps (5 of them run).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: DEFAULTS.steps,
+    strength: 0.6,
+    noise: NoiseKind::Flow,
+};
+
+const STEP_BANDS: &[Band] = &[
+    Band {
+        max: Some(1.0),
+        level: BandLevel::Warn,
+        hint: "Very few steps: a rough layout only.",
+        advice: "1 step: even the composition forms only at 4; {default} is the default.",
+    },
+    Band {
+        max: Some(3.0),
+        level: BandLevel::Warn,
+        hint: "Very few steps: a rough layout only.",
+        advice: "{value} steps: even the composition forms only at 4; {default} is the default.",
+    },
+    Band {
+        max: Some(4.0),
+        level: BandLevel::Info,
+        hint: "4 — composition only.",
+        advice: "4 steps: composition only, good for quick drafts; {default} is the default \
+                 (detail threshold).",
+    },
+    Band {
+        max: Some(5.0),
+        level: BandLevel::Info,
+        hint: "Between composition and basic texture.",
+        advice: "5 steps: between composition and basic texture; {default} is the default \
+                 (detail threshold).",
+    },
+    Band {
+        max: Some(6.0),
+        level: BandLevel::Info,
+        hint: "6 — basic texture.",
+        advice: "6 steps: basic texture; {default} is the default (detail threshold).",
+    },
+    Band {
+        max: Some(7.0),
+        level: BandLevel::Info,
+        hint: "Just under the detail threshold.",
+        advice: "7 steps: just below the detail threshold; {default} is the default.",
+    },
+    Band {
+        max: Some(8.0),
+        level: BandLevel::Ok,
+        hint: "8 — default: the detail threshold the model is distilled for.",
+        advice: "8 steps: the default, the detail threshold.",
+    },
+    Band {
+        max: Some(11.0),
+        level: BandLevel::Info,
+        hint: "Past the default: little visible gain, slower.",
+        advice: "{value} steps: little gain over 8, only slower.",
+    },
+    Band {
+        max: Some(12.0),
+        level: BandLevel::Warn,
+        hint: "12 — no gain; starts to over-sharpen.",
+        advice: "12 steps: no gain over 8, and from 12 images start to over-sharpen.",
+    },
+    Band {
+        max: None,
+        level: BandLevel::Warn,
+        hint: "More than 12: no gain and over-sharpening; just slower.",
+        advice: "{value} steps: no gain over 8, and from 12 images start to over-sharpen.",
+    },
+];
+
+/// Bounds sit on the 0.01 grid the form and the advice show (`x < 1.45` is `max 1.44`).
+const CFG_BANDS: &[Band] = &[
+    Band {
+        max: Some(1.0),
+        level: BandLevel::Info,
+        hint: "Guidance off: fastest; the negative prompt has no effect.",
+        advice: "CFG {value}: guidance off, fastest, and the negative prompt has no effect; \
+                 {default} is the default (best usable rate, 89.6 %).",
+    },
+    Band {
+        max: Some(1.44),
+        level: BandLevel::Info,
+        hint: "Very soft; may drift from the prompt.",
+        advice: "CFG {value}: a very soft look that may drift from the prompt; {default} is the \
+                 default (best usable rate, 89.6 %).",
+    },
+    Band {
+        max: Some(1.64),
+        level: BandLevel::Info,
+        hint: "Soft.",
+        advice: "CFG {value}: a soft look (1.5 is soft); {default} is the default (best usable \
+                 rate, 89.6 %).",
+    },
+    Band {
+        max: Some(1.74),
+        level: BandLevel::Info,
+        hint: "Soft, close to the default.",
+        advice: "CFG {value}: close to the default {default}, the best usable rate (89.6 %).",
+    },
+    Band {
+        max: Some(1.85),
+        level: BandLevel::Ok,
+        hint: "{default} — default, best usable rate.",
+        advice: "CFG {value}: at the default {default}, the best usable rate (89.6 %).",
+    },
+    Band {
+        max: Some(2.19),
+        level: BandLevel::Info,
+        hint: "Slightly crisper than the default.",
+        advice: "CFG {value}: slightly crisper than the default {default} (best usable rate, \
+                 89.6 %).",
+    },
+    Band {
+        max: Some(SAFE_CFG_MAX),
+        level: BandLevel::Info,
+        hint: "Sharp, may overexpose.",
+        advice: "CFG {value}: sharp (2.2) but may overexpose; {default} is the default.",
+    },
+    Band {
+        max: Some(2.99),
+        level: BandLevel::Warn,
+        hint: "Above the safe max {safe}: the engine lowers it if a step goes black.",
+        advice: "CFG {value}: above 2.2 images overexpose, and above {safe} the model breaks \
+                 (black images; the engine lowers CFG when a step fails); {default} is the \
+                 default.",
+    },
+    Band {
+        max: None,
+        level: BandLevel::Bad,
+        hint: "≥ 3.0 is intercepted: the engine clamps it to the safe max {safe}.",
+        advice: "CFG {value}: from 3 this model breaks (black images), so the value is \
+                 intercepted and lowered to {safe}; {default} is the default.",
+    },
+];
+
+/// The published model's profile (16 latent channels, VAE factor 8, patch 2).
+pub const PROFILE: Profile = Profile {
+    family: FamilyKind::ZImage,
+    latent_channels: 16,
+    vae_scale_factor: 8,
+    size_multiple: 16,
+    defaults: DEFAULTS,
+    safe_cfg_max: SAFE_CFG_MAX,
+    max_batch: 8,
+    sampler: "Euler (flow)",
+    steps: StepsProfile {
+        presets: &[4, 6, 8, 12],
+        bands: STEP_BANDS,
+    },
+    cfg: CfgProfile {
+        presets: &[1.5, 1.8, 2.2, 3.0],
+        intercept_at: 3.0,
+        bands: CFG_BANDS,
+    },
+    img2img: IMG2IMG_DEFAULTS,
+};

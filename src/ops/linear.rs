@@ -1,0 +1,315 @@
+//! Linear layers and matrix products, with bf16 operands and f32 accumulation on the CPU.
+//!
+//! candle multiplies bf16 matrices on the CPU by converting them to f32 first, so bf16 weights were
+//! slower than f32 there. Built with the `mkl` cargo feature on a CPU with AMX or AVX512-BF16 tiles,
+//! products go through MKL's `cblas_gemm_bf16bf16f32` instead (ops/cpu/matmul.rs): about
+//! 1.3 TFLOP/s on two cores of a Sapphire Rapids Xeon against 0.3 TFLOP/s for f32 (benches/compare,
+//! "Profile"). The CPU precision policy then keeps the denoiser's matrices in bf16 (half the
+//! memory) while activations, norms, softmax and the residual stream stay in f32 — what CUDA's
+//! mixed precision does on the GPU.
+//!
+//! [`Lin`] is the linear layer that takes this path when its weight is bf16 and its input f32;
+//! [`matmul`] multiplies two f32 tensors through bf16 operands on such a CPU and is candle's
+//! product on every other device. Without the feature (or without the instructions) the bf16
+//! entry points fall back to f32, so results and tests do not depend on the build.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+#[cfg(feature = "mkl")]
+use super::cpu::matmul::{LinearBf16, MatmulBf16};
+
+/// True when this build and this CPU multiply bf16 operands natively (MKL + AMX or AVX512-BF16),
+/// and `ZTURBO_CPU_BF16=0` does not turn it off.
+pub fn bf16_ready() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(|| {
+        let off = std::env::var("ZTURBO_CPU_BF16").is_ok_and(|v| v == "0" || v == "off");
+        cfg!(feature = "mkl") && !off && cpu_has_bf16_dot()
+    })
+}
+
+/// AMX-BF16 (CPUID.7.0:EDX[22]) or AVX512-BF16 (CPUID.7.1:EAX[5]).
+fn cpu_has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let l0 = __cpuid_count(7, 0);
+        let l1 = __cpuid_count(7, 1);
+        (l0.edx >> 22) & 1 == 1 || (l1.eax >> 5) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The dtype activations run in when a component's weights are stored as `weights` on `device`:
+/// f32 for bf16 weights on a CPU that multiplies bf16 natively, otherwise the weights' own dtype.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if weights == DType::BF16 && device.is_cpu() && bf16_ready() {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
+/// One low-rank update of one linear layer: `scale · (x·downᵀ)·upᵀ`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `[rank, in]`.
+    pub down: Tensor,
+    /// `[out, rank]`.
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+impl LowRank {
+    /// The update for `x` `[…, in]` → `[…, out]`, in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = x.broadcast_matmul(&self.down.t()?)?;
+        let y = h.broadcast_matmul(&self.up.t()?)?;
+        if self.scale == 1.0 {
+            Ok(y)
+        } else {
+            y * self.scale
+        }
+    }
+
+    /// The dense update `scale·up·down` `[out, in]` (f32), for merging into a weight copy.
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        up.matmul(&down)? * self.scale
+    }
+
+    pub fn to(&self, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            down: self.down.to_device(device)?.to_dtype(dtype)?,
+            up: self.up.to_device(device)?.to_dtype(dtype)?,
+            scale: self.scale,
+        })
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b` whose weight may be stored in a narrower dtype than its input
+/// (bf16 weight, f32 input on the CPU). The bias is kept in the activation dtype.
+///
+/// It is also the LoRA seam: a job's low-rank updates are attached with [`Lin::set_lora`] and
+/// replaced by the next job's without touching the base weight — at run time
+/// (`y += Σ s·(x·Aᵀ)·Bᵀ`, [`LoraMode::Runtime`]) or merged into a dense copy of the weight
+/// ([`LoraMode::Merged`]).
+#[derive(Debug, Clone)]
+pub struct Lin {
+    linear: candle_nn::Linear,
+    /// The activation dtype (the bias is stored in it; LoRA factors are converted to it).
+    act: DType,
+    /// The module path in the weight file (`layers.0.attention.to_q`): LoRAs find the layer by it.
+    name: std::sync::Arc<str>,
+    /// Runtime low-rank updates of the current job, in the activation dtype.
+    lora: Vec<LowRank>,
+    /// The weight with the current job's updates merged in, used instead of `linear`'s.
+    merged: Option<candle_nn::Linear>,
+}
+
+/// How a job's LoRAs reach a layer (see `benches/lora.rs` for what each costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Two thin products per call next to the base weight, which is never touched (works on any
+    /// base storage, quantized included; switching only swaps the small factors).
+    #[default]
+    Runtime,
+    /// `W + Σ s·B·A` computed once into a dense copy of each updated weight (its dtype): no
+    /// per-call cost, but a full weight copy per updated layer, rebuilt on every switch.
+    Merged,
+}
+
+impl Lin {
+    /// Loads `weight` `[out, in]` (and `bias` `[out]`) from `vb` in its dtype; when that is bf16 on
+    /// a bf16-ready CPU the bias is converted to f32.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let act = activation_dtype(vb.dtype(), vb.device());
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+        let mut lin = Self::from_parts(weight, bias, act)?;
+        lin.name = vb.prefix().into();
+        Ok(lin)
+    }
+
+    /// From loaded tensors; the bias is converted to `act`, the activation dtype.
+    pub fn from_parts(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        act: DType,
+    ) -> candle_core::Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(act)).transpose()?;
+        Ok(Self {
+            linear: candle_nn::Linear::new(weight, bias),
+            act,
+            name: "".into(),
+            lora: Vec::new(),
+            merged: None,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.linear.weight()
+    }
+
+    /// The module path this layer was loaded from (empty when built from tensors).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Names the layer by its module path (when built from tensors).
+    pub fn set_name(&mut self, name: impl Into<std::sync::Arc<str>>) {
+        self.name = name.into();
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        self.linear.weight().dims2()
+    }
+
+    /// Replaces the layer's LoRA updates (none: back to the base weight).
+    pub fn set_lora(&mut self, updates: &[LowRank], mode: LoraMode) -> candle_core::Result<()> {
+        self.lora.clear();
+        self.merged = None;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let dev = self.linear.weight().device().clone();
+        match mode {
+            LoraMode::Runtime => {
+                self.lora = updates
+                    .iter()
+                    .map(|u| u.to(self.act, &dev))
+                    .collect::<candle_core::Result<_>>()?;
+            }
+            LoraMode::Merged => {
+                let w = self.linear.weight();
+                let mut dense = w.to_dtype(DType::F32)?;
+                for u in updates {
+                    dense = (dense + u.to(DType::F32, &dev)?.dense()?)?;
+                }
+                self.merged = Some(candle_nn::Linear::new(
+                    dense.to_dtype(w.dtype())?,
+                    self.linear.bias().cloned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether updates are attached.
+    pub fn has_lora(&self) -> bool {
+        !self.lora.is_empty() || self.merged.is_some()
+    }
+}
+
+impl Module for Lin {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let linear = self.merged.as_ref().unwrap_or(&self.linear);
+        let mut y = if x.dtype() == linear.weight().dtype() {
+            linear.forward(x)?
+        } else {
+            let y = linear_mixed(x, linear.weight())?;
+            match linear.bias() {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
+        for u in &self.lora {
+            let xa = if x.dtype() == self.act {
+                x.clone()
+            } else {
+                x.to_dtype(self.act)?
+            };
+            let d = u.forward(&xa)?.to_dtype(y.dtype())?;
+            y = (y + d)?;
+        }
+        Ok(y)
+    }
+}
+
+/// `x·wᵀ` for an f32 `x` `[…, K]` and a weight `w` `[N, K]` of another dtype.
+fn linear_mixed(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "mkl")]
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::BF16 && bf16_ready() {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &LinearBf16);
+    }
+    let w = w.to_dtype(x.dtype())?;
+    x.broadcast_matmul(&w.t()?)
+}
+
+/// `a·b` for tensors `[…, M, K]`·`[…, K, N]` (same leading dims; `b` contiguous or the transpose
+/// of a contiguous tensor). On a bf16-ready CPU with `bf16` set, f32 tensors multiply through bf16
+/// operands with f32 accumulation (MKL); on every other device and dtype it is candle's product.
+pub fn matmul(a: &Tensor, b: &Tensor, bf16: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "mkl")]
+    if bf16
+        && a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && bf16_ready()
+    {
+        return a.contiguous()?.apply_op2_no_bwd(b, &MatmulBf16);
+    }
+    let _ = bf16;
+    a.matmul(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lin_with_a_bf16_weight_matches_the_f32_product() -> candle_core::Result<()> {
+        // A bf16 weight against an f32 input: bf16 operands, f32 accumulation (or candle's
+        // conversion without MKL) — within bf16's rounding of the exact x·wᵀ + b, in f32.
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev)?;
+        let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        let mixed = Lin::from_parts(
+            w.to_dtype(DType::BF16)?,
+            Some(b.to_dtype(DType::BF16)?),
+            DType::F32,
+        )?;
+        let y = x.apply(&mixed)?;
+        assert_eq!(y.dtype(), DType::F32);
+        let diff = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 0.1, "max |diff| {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn matmul_bf16_matches_f32_within_rounding() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 9, 32), &dev)?;
+        let bt = Tensor::randn(0f32, 1.0, (2, 3, 11, 32), &dev)?;
+        let b = bt.t()?; // transposed view
+        let want = a.matmul(&b.contiguous()?)?;
+        for rhs in [b.clone(), b.contiguous()?] {
+            let got = matmul(&a, &rhs, true)?;
+            assert_eq!(got.dims(), &[2, 3, 9, 11]);
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 0.15, "max |diff| {diff}");
+        }
+        let exact = matmul(&a, &b, false)?;
+        let diff = (exact - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max |diff| {diff}");
+        Ok(())
+    }
+}

@@ -1,0 +1,19 @@
+//! Every kernel zturbo runs beyond candle's own ops: one entry point per op, its CPU, CUDA (and
+//! Metal) variants side by side (the model: candle-nn's `SoftmaxLastDim`), so models call the
+//! function and never dispatch on the device. `cpu/` holds the CPU kernels (custom candle ops),
+//! `cuda/` one `.cu` kernel per file; the caps the memory planner models are `pub const`s here.
+//! Depends on candle only.
+
+pub mod act;
+pub mod attention;
+pub mod conv;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod group_norm;
+pub mod linear;
+pub mod rms_norm;
+pub mod softmax;
+
+pub use attention::attention;
+pub use linear::{activation_dtype, bf16_ready, matmul, Lin};
