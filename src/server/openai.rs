@@ -410,10 +410,11 @@ async fn read_form(mut form: Multipart) -> Result<EditForm, OpenAiError> {
                 out.image = Some(bytes.to_vec());
             }
             "mask" => out.mask = Some(bytes.to_vec()),
+            // Other parts are text fields; files the SDK may add for other models are ignored.
             _ => {
-                let text = String::from_utf8(bytes.to_vec())
-                    .map_err(|_| invalid(&name, format!("{name}: must be text")))?;
-                out.text.insert(name, text);
+                if let Ok(text) = String::from_utf8(bytes.to_vec()) {
+                    out.text.insert(name, text);
+                }
             }
         }
     }
@@ -466,6 +467,9 @@ pub async fn edits(
             "output_format",
             format!("`{f}` is not available: this server writes PNG"),
         ));
+    }
+    if text("stream").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(invalid("stream", "streaming is not supported"));
     }
     let n = match text("n") {
         Some(v) => Some(
