@@ -178,7 +178,9 @@ fn main() -> anyhow::Result<()> {
     let precision: Precision = o.precision.parse().map_err(anyhow::Error::msg)?;
     let policy = PrecisionPolicy::resolve(precision, &device);
     let open = || ZImage::open(ModelDir::open(&dir).expect("model folder"), &device, policy);
-    let lora_dir = dir.with_file_name(format!("{}-loras", o.shape));
+    let lora_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-models")
+        .join(format!("{}-loras", o.shape));
     std::fs::create_dir_all(&lora_dir)?;
     let (a, b) = (
         lora_dir.join("a.safetensors"),

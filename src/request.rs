@@ -447,6 +447,8 @@ fn resolve_loras(specs: &[LoraSpec], dir: Option<&LoraDir>) -> Result<Vec<LoraRe
                     ),
                 )
             })?;
+            dir.check(&path)
+                .map_err(|e| FieldError::new("loras", format!("`{}`: {e}", l.name)))?;
             Ok(LoraRef {
                 name: l.name.clone(),
                 weight: l.weight,

@@ -64,7 +64,24 @@ fn job_api_img2img_inpainting_and_loras() {
         models.join("loras/style.safetensors"),
     )
     .unwrap();
+    // A kohya LoRA made for SD-Turbo's UNet: its keys match no layer of the Z-Image demo.
+    std::fs::copy(
+        fixture("sd_lora_kohya.safetensors"),
+        models.join("loras/for-sd.safetensors"),
+    )
+    .unwrap();
     let s = Server::start_with_models(&out, &models, &[], &[]);
+    let (st, _, err) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "a lake", "loras": [{"name": "for-sd", "weight": 0.5}]}),
+    );
+    assert_eq!(st, 422, "{err}");
+    assert_eq!(err["error"]["field"], "loras");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("for-sd") && msg.contains("lora_unet_") && msg.contains("matches no layer"),
+        "{msg}"
+    );
 
     // Image to image: the job takes the image's size.
     let id = submit(
@@ -119,7 +136,13 @@ fn job_api_img2img_inpainting_and_loras() {
     // The A1111 list of LoRAs.
     let (st, list) = get_json(&s.url("/sdapi/v1/loras"));
     assert_eq!(st, 200);
-    assert_eq!(list[0]["name"], "style");
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["for-sd", "style"]);
 }
 
 #[test]

@@ -408,6 +408,11 @@ impl Engine {
         &self.probe
     }
 
+    /// The layers LoRAs may update.
+    pub fn lora_layers(&self) -> &crate::families::lora::LinearLayers {
+        self.family.lora_layers()
+    }
+
     pub fn family_mut(&mut self) -> &mut dyn Family {
         self.family.as_mut()
     }

@@ -144,7 +144,171 @@ fn alpha_scales(alpha: Option<f64>, rank: usize) -> (f64, f64) {
     (down, up)
 }
 
+/// One layer's keys in a file, matched to our layer (shapes checked, data not yet read).
+#[derive(Debug, Clone)]
+struct Planned {
+    part: LoraPart,
+    module: String,
+    down_key: String,
+    up_key: String,
+    alpha_key: Option<String>,
+    rank: usize,
+}
+
+/// Matches a file's keys (names and shapes only) to `layers`: every key must be a LoRA factor of
+/// a layer we have, with factors that fit it.
+fn plan(
+    path: &Path,
+    entries: &BTreeMap<String, Vec<usize>>,
+    layers: &LinearLayers,
+) -> Result<Vec<Planned>, LoraError> {
+    let key_err = |key: &str, message: String| LoraError::Key {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    if entries.is_empty() {
+        return Err(LoraError::File {
+            path: path.to_path_buf(),
+            message: "holds no tensors".into(),
+        });
+    }
+    let comfy = entries.keys().any(|k| k.starts_with("diffusion_model."));
+    // The factors grouped by their key's module part (as written in the file).
+    #[derive(Default)]
+    struct Parts<'a> {
+        down: Option<(&'a str, &'a [usize])>,
+        up: Option<(&'a str, &'a [usize])>,
+        alpha: Option<(&'a str, &'a [usize])>,
+    }
+    let mut groups: BTreeMap<&str, Parts<'_>> = BTreeMap::new();
+    for (key, shape) in entries {
+        // diffusers drops DoRA magnitudes (with a warning); so do we.
+        if key.contains("dora_scale") {
+            continue;
+        }
+        let Some((base, kind)) = split_suffix(key) else {
+            return Err(key_err(
+                key,
+                "is not a LoRA factor (expected lora_A/lora_B, lora_down/lora_up or alpha)".into(),
+            ));
+        };
+        let g = groups.entry(base).or_default();
+        let v = Some((key.as_str(), shape.as_slice()));
+        match kind {
+            Suffix::Down => g.down = v,
+            Suffix::Up => g.up = v,
+            Suffix::Alpha => g.alpha = v,
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for (base, g) in groups {
+        let Some((down_key, down)) = g.down else {
+            let key = g.up.or(g.alpha).map(|(k, _)| k).unwrap_or(base);
+            return Err(key_err(key, "has no matching down (lora_A) factor".into()));
+        };
+        let Some((up_key, up)) = g.up else {
+            return Err(key_err(
+                down_key,
+                "has no matching up (lora_B) factor".into(),
+            ));
+        };
+        if let Some((k, shape)) = g.alpha {
+            if shape.iter().product::<usize>() != 1 {
+                return Err(key_err(k, "alpha must be a single number".into()));
+            }
+        }
+        let (part, module) = resolve(base, comfy, layers).ok_or_else(|| {
+            let hint = if down.len() == 4 && down[2..] != [1, 1] {
+                " (it updates a convolution, LoCon: not supported)".to_string()
+            } else if !layers.has_part(LoraPart::TextEncoder)
+                && (base.starts_with("lora_te") || base.starts_with("text_encoder"))
+            {
+                " (text-encoder LoRAs are not applied to this model family)".to_string()
+            } else {
+                String::new()
+            };
+            LoraError::NoLayer {
+                path: path.to_path_buf(),
+                key: down_key.to_string(),
+                hint,
+            }
+        })?;
+        // 1×1 convolution factors are linear ones with trailing unit dims.
+        let flat = |s: &[usize]| -> Vec<usize> {
+            match s {
+                [a, b, 1, 1] => vec![*a, *b],
+                other => other.to_vec(),
+            }
+        };
+        let (d, u) = (flat(down), flat(up));
+        let (want_out, want_in) = layers.get(part, &module).unwrap_or((0, 0));
+        let fits =
+            d.len() == 2 && u.len() == 2 && d[0] == u[1] && d[1] == want_in && u[0] == want_out;
+        if !fits {
+            return Err(key_err(
+                down_key,
+                format!(
+                    "factors {down:?} and {up:?} do not fit layer `{module}` ({want_out}×{want_in})"
+                ),
+            ));
+        }
+        out.push(Planned {
+            part,
+            module,
+            down_key: down_key.to_string(),
+            up_key: up_key.to_string(),
+            alpha_key: g.alpha.map(|(k, _)| k.to_string()),
+            rank: d[0],
+        });
+    }
+    Ok(out)
+}
+
+/// The names and shapes in a safetensors file's header (the data is not read).
+fn header(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoraError> {
+    use std::io::Read;
+    let file_err = |message: String| LoraError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| file_err("not a safetensors file: too short".into()))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if n > 100 << 20 || n + 8 > size {
+        return Err(file_err(format!(
+            "not a safetensors file: a header of {n} bytes in a file of {size}"
+        )));
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json)
+        .map_err(|e| file_err(e.to_string()))?;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        shape: Vec<usize>,
+    }
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
+        .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
+    raw.into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let e: Entry = serde_json::from_value(v)
+                .map_err(|e| file_err(format!("not a safetensors file: `{k}`: {e}")))?;
+            Ok((k, e.shape))
+        })
+        .collect()
+}
+
 impl LoraFile {
+    /// Checks a file against `layers` from its header alone (names and shapes): what a server does
+    /// before it accepts a job naming the file.
+    pub fn check(path: &Path, layers: &LinearLayers) -> Result<usize, LoraError> {
+        Ok(plan(path, &header(path)?, layers)?.len())
+    }
+
     /// Reads a `.safetensors` LoRA and maps every key to a layer of `layers`; a key that
     /// matches none is an error naming it.
     pub fn read(path: &Path, layers: &LinearLayers) -> Result<Self, LoraError> {
@@ -175,127 +339,51 @@ impl LoraFile {
         tensors: BTreeMap<String, Tensor>,
         layers: &LinearLayers,
     ) -> Result<Self, LoraError> {
+        let entries: BTreeMap<String, Vec<usize>> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        let planned = plan(path, &entries, layers)?;
         let key_err = |key: &str, message: String| LoraError::Key {
             path: path.to_path_buf(),
             key: key.to_string(),
             message,
         };
-        if tensors.is_empty() {
-            return Err(LoraError::File {
-                path: path.to_path_buf(),
-                message: "holds no tensors".into(),
-            });
-        }
-        // diffusers drops DoRA magnitudes (with a warning); so do we.
-        let tensors: BTreeMap<String, Tensor> = tensors
-            .into_iter()
-            .filter(|(k, _)| !k.contains("dora_scale"))
-            .collect();
-        let comfy = tensors.keys().any(|k| k.starts_with("diffusion_model."));
-        // Group the factors by their key's module part (as written in the file).
-        #[derive(Default)]
-        struct Parts {
-            down: Option<(String, Tensor)>,
-            up: Option<(String, Tensor)>,
-            alpha: Option<(String, f64)>,
-        }
-        let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
-        for (key, t) in &tensors {
-            let Some((base, kind)) = split_suffix(key) else {
-                return Err(key_err(
-                    key,
-                    "is not a LoRA factor (expected lora_A/lora_B, lora_down/lora_up or alpha)"
-                        .into(),
-                ));
-            };
-            let g = groups.entry(base.to_string()).or_default();
-            match kind {
-                Suffix::Down => g.down = Some((key.clone(), t.clone())),
-                Suffix::Up => g.up = Some((key.clone(), t.clone())),
-                Suffix::Alpha => {
-                    let v = t
+        let get = |k: &str| -> Result<Tensor, LoraError> {
+            let t = tensors
+                .get(k)
+                .ok_or_else(|| key_err(k, "is missing".into()))?;
+            match t.rank() {
+                4 => t.squeeze(3).and_then(|t| t.squeeze(2)),
+                _ => Ok(t.clone()),
+            }
+            .map_err(|e| key_err(k, e.to_string()))
+        };
+        let mut out = Vec::with_capacity(planned.len());
+        for p in planned {
+            let alpha = match &p.alpha_key {
+                Some(k) => {
+                    let v = get(k)?
                         .flatten_all()
                         .and_then(|f| f.to_vec1::<f32>())
-                        .map_err(|e| key_err(key, e.to_string()))?;
-                    if v.len() != 1 {
-                        return Err(key_err(key, "alpha must be a single number".into()));
-                    }
-                    g.alpha = Some((key.clone(), v[0] as f64));
+                        .map_err(|e| key_err(k, e.to_string()))?;
+                    Some(v[0] as f64)
                 }
-            }
-        }
-        let mut out = Vec::with_capacity(groups.len());
-        for (base, g) in groups {
-            let (down_key, down) = match g.down {
-                Some(d) => d,
-                None => {
-                    let key =
-                        g.up.as_ref()
-                            .map(|(k, _)| k.clone())
-                            .or(g.alpha.as_ref().map(|(k, _)| k.clone()))
-                            .unwrap_or(base.clone());
-                    return Err(key_err(&key, "has no matching down (lora_A) factor".into()));
-                }
+                None => None,
             };
-            let Some((_, up)) = g.up else {
-                return Err(key_err(
-                    &down_key,
-                    "has no matching up (lora_B) factor".into(),
-                ));
-            };
-            let (part, module) = resolve(&base, comfy, layers).ok_or_else(|| {
-                let hint = if down.rank() == 4 && down.dims()[2..] != [1, 1] {
-                    " (it updates a convolution, LoCon: not supported)".to_string()
-                } else if !layers.has_part(LoraPart::TextEncoder)
-                    && (base.starts_with("lora_te") || base.starts_with("text_encoder"))
-                {
-                    " (text-encoder LoRAs are not applied to this model family)".to_string()
+            let (sd, su) = alpha_scales(alpha, p.rank);
+            let scale = |t: Tensor, s: f64, k: &str| {
+                if s == 1.0 {
+                    Ok(t)
                 } else {
-                    String::new()
-                };
-                LoraError::NoLayer {
-                    path: path.to_path_buf(),
-                    key: down_key.clone(),
-                    hint,
-                }
-            })?;
-            // 1×1 convolution factors are linear ones with trailing unit dims.
-            let flat = |t: Tensor| -> candle_core::Result<Tensor> {
-                match t.rank() {
-                    4 if t.dims()[2..] == [1, 1] => t.squeeze(3)?.squeeze(2),
-                    _ => Ok(t),
+                    (t * s).map_err(|e| key_err(k, e.to_string()))
                 }
             };
-            let down = flat(down).map_err(|e| key_err(&down_key, e.to_string()))?;
-            let up = flat(up).map_err(|e| key_err(&down_key, e.to_string()))?;
-            let (Ok((rank, inp)), Ok((outd, rank_up))) = (down.dims2(), up.dims2()) else {
-                return Err(key_err(
-                    &down_key,
-                    format!(
-                        "factors of shapes {:?} and {:?} are not matrices",
-                        down.dims(),
-                        up.dims()
-                    ),
-                ));
-            };
-            let (want_out, want_in) = layers.get(part, &module).unwrap_or((0, 0));
-            if rank != rank_up || inp != want_in || outd != want_out {
-                return Err(key_err(
-                    &down_key,
-                    format!(
-                        "factors {:?} and {:?} do not fit layer `{module}` ({want_out}×{want_in})",
-                        down.dims(),
-                        up.dims()
-                    ),
-                ));
-            }
-            let (sd, su) = alpha_scales(g.alpha.map(|(_, a)| a), rank);
-            let scale = |t: Tensor, s: f64| if s == 1.0 { Ok(t) } else { t * s };
             out.push(LoraLayer {
-                part,
-                module,
-                down: scale(down, sd).map_err(|e| key_err(&down_key, e.to_string()))?,
-                up: scale(up, su).map_err(|e| key_err(&down_key, e.to_string()))?,
+                part: p.part,
+                down: scale(get(&p.down_key)?, sd, &p.down_key)?,
+                up: scale(get(&p.up_key)?, su, &p.up_key)?,
+                module: p.module,
             });
         }
         Ok(Self {
@@ -401,10 +489,12 @@ impl LoraSet {
     }
 }
 
-/// `<models-dir>/loras/`: the LoRA files the APIs may name (`name` = the file stem).
+/// `<models-dir>/loras/`: the LoRA files the APIs may name (`name` = the file stem), and the
+/// loaded model's layers to check them against before a job is accepted.
 #[derive(Debug, Clone)]
 pub struct LoraDir {
     dir: PathBuf,
+    layers: Option<Arc<LinearLayers>>,
 }
 
 /// One file of a [`LoraDir`].
@@ -417,7 +507,21 @@ pub struct LoraEntry {
 
 impl LoraDir {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+        Self { dir, layers: None }
+    }
+
+    /// Checks named files against these layers (their headers) when a request is validated.
+    pub fn with_layers(mut self, layers: Arc<LinearLayers>) -> Self {
+        self.layers = Some(layers);
+        self
+    }
+
+    /// The file's keys against the model's layers (header only), when the layers are known.
+    pub fn check(&self, path: &Path) -> Result<(), LoraError> {
+        match &self.layers {
+            Some(l) => LoraFile::check(path, l).map(drop),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {

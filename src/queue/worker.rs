@@ -86,6 +86,8 @@ pub struct Loaded {
     /// `cpu`, `cuda:0`, `metal`.
     pub device: String,
     pub probe: Arc<dyn MemoryProbe>,
+    /// The layers a LoRA may update (the server checks named LoRA files against them).
+    pub lora_layers: Arc<crate::families::lora::LinearLayers>,
 }
 
 pub struct WorkerConfig {
@@ -165,6 +167,7 @@ where
                 max_batch: engine.max_batch().clamp(1, engine.profile().max_batch),
                 device: crate::settings::device_label(engine.device()),
                 probe: engine.probe().clone(),
+                lora_layers: Arc::new(engine.lora_layers().clone()),
             };
             if ready_tx.send(Ok(loaded)).is_err() {
                 return;

@@ -62,6 +62,8 @@ pub struct ServerInfo {
     pub model_path: Option<String>,
     /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
     pub started_at_s: u64,
+    /// The layers a LoRA may update: named LoRA files are checked against them on submission.
+    pub lora_layers: Arc<crate::families::lora::LinearLayers>,
 }
 
 impl ServerInfo {
@@ -74,6 +76,7 @@ impl ServerInfo {
         outputs: PathBuf,
     ) -> Self {
         Self {
+            lora_layers: loaded.lora_layers.clone(),
             model: loaded.model.clone(),
             demo,
             description,
@@ -92,9 +95,9 @@ impl ServerInfo {
 }
 
 impl ServerInfo {
-    /// `<models-dir>/loras/`: the LoRAs requests may name.
+    /// `<models-dir>/loras/`: the LoRAs requests may name, checked against the loaded model.
     pub fn lora_dir(&self) -> LoraDir {
-        LoraDir::new(self.models_dir.join("loras"))
+        LoraDir::new(self.models_dir.join("loras")).with_layers(self.lora_layers.clone())
     }
 }
 
@@ -444,6 +447,7 @@ mod tests {
             outputs,
             model_path: None,
             started_at_s: 0,
+            lora_layers: Default::default(),
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let monitor = Arc::new(Monitor::start(
