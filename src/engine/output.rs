@@ -299,8 +299,14 @@ mod tests {
         p.strength = Some(0.6);
         p.mask_blur = Some(4);
         let text = a1111_parameters(&p, 42, &[]);
-        assert!(text.starts_with("a lake, at dawn <lora:style:0.8>\n"), "{text}");
-        assert!(text.contains("Denoising strength: 0.6, Mask blur: 4"), "{text}");
+        assert!(
+            text.starts_with("a lake, at dawn <lora:style:0.8>\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Denoising strength: 0.6, Mask blur: 4"),
+            "{text}"
+        );
         // The tag comes back in the prompt, where requests take it (A1111's syntax).
         let back = parse_parameters(&text);
         let (clean, tags) = crate::request::extract_lora_tags(&back.prompt).unwrap();
