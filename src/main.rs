@@ -1,6 +1,7 @@
 //! The `zturbo` command: `serve` the web UI, `generate` one image from the terminal, `pull` a
 //! model from the Hugging Face hub, list `models`.
 
+mod hostile;
 mod soak;
 
 use std::io::IsTerminal;
@@ -74,6 +75,9 @@ enum Command {
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
+    /// Probes a running server on loopback as a hostile client would (developer tool; bounded in
+    /// time and requests) and prints a table of what held.
+    Probe(hostile::ProbeArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
@@ -112,6 +116,30 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_QUEUE_SIZE", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     queue_size: u32,
+    /// Seconds a connection has to send a complete request head, from connecting (or from the
+    /// first byte of a later request on a kept-alive connection); slower ones are closed.
+    #[arg(long, env = "ZTURBO_HEADER_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_HEADER_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
+    /// Seconds a kept-alive connection may stay idle between requests; also how long a request
+    /// body or a response (an SSE stream the client stopped reading) may make no progress.
+    #[arg(long, env = "ZTURBO_IDLE_TIMEOUT",
+          default_value_t = zturbo::server::listen::DEFAULT_IDLE_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
+    /// Most connections open at once, event streams included; more wait to be accepted. Lowered
+    /// to what the open-file limit allows.
+    #[arg(long, env = "ZTURBO_MAX_CONNECTIONS",
+          default_value_t = zturbo::server::listen::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Seconds a synchronous generation call (`/v1/images/generations`, `/sdapi/v1/txt2img`)
+    /// waits for its jobs before answering 504; 0 = no limit. A job that has not started by
+    /// then is cancelled; a running one finishes and stays readable under /api/jobs.
+    #[arg(long, env = "ZTURBO_SYNC_TIMEOUT",
+          default_value_t = zturbo::server::DEFAULT_SYNC_TIMEOUT_S)]
+    sync_timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -256,6 +284,7 @@ fn main() {
         Command::Pull { name } => pull(&name),
         Command::Models { models_dir } => models(&models_dir),
         Command::Soak(args) => soak::run(args),
+        Command::Probe(args) => hostile::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -351,6 +380,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&args.outputs)
         .with_context(|| format!("creating the outputs folder {}", args.outputs.display()))?;
+    // One server per outputs folder (two would both resume the same jobs); held until exit.
+    let _outputs_lock = zturbo::queue::outputs::lock(&args.outputs)?;
+    zturbo::queue::outputs::clean_stale_temps(&args.outputs);
 
     // The engine loads on its own thread; nothing is served until it reports back.
     let tags = Arc::new(Tags::default());
@@ -386,6 +418,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.outputs.clone(),
     );
     info.model_path = model_path;
+    info.sync_timeout =
+        (args.sync_timeout > 0).then(|| std::time::Duration::from_secs(args.sync_timeout));
     let api_key = api_key.map(str::to_string);
     let recovered = Journal::new(&args.outputs).load();
 
@@ -420,6 +454,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 loopback: addr.ip().is_loopback(),
                 port: addr.port(),
                 cors_origin,
+                key_attempts: Default::default(),
             }),
             downloads: Default::default(),
         };
@@ -427,14 +462,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {} on http://{addr}", loaded.model);
-        axum::serve(listener, server::app(state))
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
-                let _ = shutdown_tx.send(true);
-            })
-            .await
-            .context("serving")?;
+        let limits = server::listen::ConnLimits {
+            header_timeout: std::time::Duration::from_secs(args.header_timeout),
+            idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
+            max_connections: args.max_connections as usize,
+        }
+        .fit_to_fd_limit();
+        server::listen::serve(listener, server::app(state), limits, async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing writes; queued jobs stay journaled");
+            let _ = shutdown_tx.send(true);
+        })
+        .await
+        .context("serving")?;
         if tokio::time::timeout(std::time::Duration::from_secs(30), queue.shutdown())
             .await
             .is_err()

@@ -145,6 +145,10 @@ fn decode_tiled(
 ) -> Result<Tensor, EngineError> {
     let mut cache: Option<(Tensor, GroupNormStats)> = None;
     tiled(latents, tiling, TILE_CONTEXT, |z, (y0, x0)| {
+        // Between tiles: a cancel does not wait for the rest of the image.
+        if run.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
         decode_checked(family, run, &mut |f, raised| {
             if raised || cache.is_none() {
                 let input = f.vae_input(latents)?;

@@ -1,6 +1,7 @@
 //! The sampler loop: one Euler step per schedule entry, `x += (σ_next − σ)·d`, with the guard
 //! after every step (finite check → roll back, lower CFG, retry; then raise precision), a
-//! cancellation check between steps, and the freed memory handed back after each step.
+//! cancellation check before every step and after the last, and the freed memory handed back
+//! after each step.
 
 use candle_core::{DType, Tensor};
 
@@ -145,6 +146,10 @@ pub(crate) fn denoise(
             sigma: schedule.sigmas[i + 1],
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
+    }
+    // After the last step too: a cancel during it (a 1-step model's only one) is not ignored.
+    if run.cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
     }
     Ok(x)
 }

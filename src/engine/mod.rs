@@ -46,6 +46,10 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+    /// The flag itself, for [`crate::ops::interrupt::scope`].
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,7 +495,15 @@ impl Engine {
         let tags = self.tags.clone();
         let mut run = RunState::new(&faults, cancel, observer, tags.as_deref());
         run.salt = req.seed;
-        let result = self.generate_inner(req, extras, &profile, &mut run, started);
+        let result = {
+            // Long kernels (the VAE's convolutions) stop mid-way once the job is cancelled.
+            let _interruptible = crate::ops::interrupt::scope(cancel.flag());
+            match self.generate_inner(req, extras, &profile, &mut run, started) {
+                // Whatever stopped the run after a cancel (an interrupted kernel) is the cancel.
+                Err(_) if cancel.is_cancelled() => Err(EngineError::Cancelled),
+                other => other,
+            }
+        };
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
         if let Some(t) = &tags {
@@ -649,6 +661,9 @@ impl Engine {
         run.phase(Phase::Decode);
         let mut images = Vec::with_capacity(seeds.len());
         for (i, &seed) in seeds.iter().enumerate() {
+            if run.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
             let z = latents.narrow(0, i, 1)?;
             let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
             match to_image(&px, seed)? {

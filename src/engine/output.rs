@@ -130,7 +130,8 @@ pub fn png_text_chunks(bytes: &[u8]) -> Result<Vec<(String, String)>, png::Decod
 }
 
 /// Writes `bytes` to `path` via a temporary file in the same folder and a rename, so a reader (or a
-/// crash) never sees a half-written file.
+/// crash) never sees a half-written file; the folder is fsync'd after the rename, so the new name
+/// survives a power cut too.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -148,7 +149,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result?;
+    sync_dir(dir)
+}
+
+/// Makes a folder's entries (a rename, a new or removed file) durable. File systems that cannot
+/// sync a folder (some network ones) are taken as they are.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP)) => {}
+            other => return other,
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Parameters read back from an A1111-style `parameters` text.

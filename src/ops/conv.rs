@@ -41,6 +41,8 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // A cancelled job stops here rather than after the whole decode (or denoiser call).
+        super::interrupt::check()?;
         if let Some(y) = conv_fast(&self.inner, x)? {
             return Ok(y);
         }
@@ -132,6 +134,7 @@ fn conv_banded(conv: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
     let mut bands = Vec::with_capacity(h.div_ceil(rows));
     let mut r0 = 0;
     while r0 < h {
+        super::interrupt::check()?;
         let r1 = (r0 + rows).min(h);
         let a = r0.saturating_sub(halo);
         let b = (r1 + halo).min(h);

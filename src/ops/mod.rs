@@ -11,6 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod group_norm;
+pub mod interrupt;
 pub mod linear;
 pub mod rms_norm;
 pub mod softmax;

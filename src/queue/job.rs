@@ -98,6 +98,10 @@ pub struct JobRecord {
     pub plan: Option<crate::memory::planner::Plan>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Set when it failed because the outputs folder could not be written (the synchronous
+    /// surfaces then answer 507 or 503 instead of 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_problem: Option<super::outputs::StorageProblem>,
 }
 
 /// A job as the API shows it: the record plus live progress.

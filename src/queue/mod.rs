@@ -5,11 +5,13 @@
 
 pub mod job;
 pub mod journal;
+pub mod outputs;
 pub mod worker;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -17,7 +19,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::engine::CancelToken;
 use crate::request::ValidRequest;
 pub use job::{JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings};
-use journal::Journal;
+use journal::{EndWrite, Journal};
+use outputs::OutputsHealth;
 use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
 
 /// Finished jobs kept in memory for `GET /api/jobs` (older ones stay in the journal on disk).
@@ -91,6 +94,7 @@ enum Command {
     Get(JobId, oneshot::Sender<Option<JobSnapshot>>),
     List(usize, oneshot::Sender<Vec<JobSnapshot>>),
     Cancel(JobId, oneshot::Sender<Result<CancelOutcome, CancelError>>),
+    CancelQueued(JobId, oneshot::Sender<bool>),
     Subscribe(JobId, oneshot::Sender<Option<Subscription>>),
     Status(oneshot::Sender<QueueStatus>),
     Shutdown(oneshot::Sender<()>),
@@ -100,9 +104,15 @@ enum Command {
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::Sender<Command>,
+    outputs: Arc<OutputsHealth>,
 }
 
 impl QueueHandle {
+    /// Whether the outputs folder can be written (what `/api/health` reports).
+    pub fn outputs_health(&self) -> Arc<OutputsHealth> {
+        self.outputs.clone()
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.ok()?;
@@ -133,6 +143,13 @@ impl QueueHandle {
         self.ask(|tx| Command::Cancel(id.to_string(), tx))
             .await
             .unwrap_or(Err(CancelError::Stopped))
+    }
+
+    /// Cancels the job only if it has not started; whether it did.
+    pub async fn cancel_if_queued(&self, id: &str) -> bool {
+        self.ask(|tx| Command::CancelQueued(id.to_string(), tx))
+            .await
+            .unwrap_or(false)
     }
 
     /// The job's current state and, unless it has ended, a receiver of every event after it
@@ -186,6 +203,7 @@ pub fn start(
     recovered: Vec<JobRecord>,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(64);
+    let health = Arc::new(OutputsHealth::new(&config.outputs));
     let mut actor = Actor {
         jobs: HashMap::new(),
         pending: VecDeque::new(),
@@ -198,9 +216,18 @@ pub fn start(
         run_ms_avg: None,
         shutting_down: false,
         shutdown_waiters: Vec::new(),
+        health: health.clone(),
+        unjournaled: Vec::new(),
     };
     let mut requeued = 0usize;
     for mut record in recovered {
+        if matches!(record.state, JobState::Failed | JobState::Cancelled) {
+            // A failed or cancelled job has no images (a batch is all or nothing; older
+            // versions could leave some behind).
+            let batch = record.request.batch as usize;
+            outputs::remove_images(&actor.config.outputs, &record.id, batch);
+            record.images.clear();
+        }
         if record.state.is_terminal() {
             actor.history.push_back(record.id.clone());
             actor.jobs.insert(record.id.clone(), Job::new(record));
@@ -217,7 +244,10 @@ pub fn start(
         tracing::info!(jobs = requeued, "resuming journaled jobs");
     }
     tokio::spawn(actor.run(rx, worker_events));
-    QueueHandle { tx }
+    QueueHandle {
+        tx,
+        outputs: health,
+    }
 }
 
 struct Job {
@@ -274,6 +304,9 @@ struct Actor {
     run_ms_avg: Option<f64>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    health: Arc<OutputsHealth>,
+    /// Finished jobs whose final record is not in the journal yet (retried on later writes).
+    unjournaled: Vec<JobRecord>,
 }
 
 impl Actor {
@@ -326,6 +359,14 @@ impl Actor {
             Command::Cancel(id, reply) => {
                 let r = self.cancel(&id).await;
                 let _ = reply.send(r);
+            }
+            Command::CancelQueued(id, reply) => {
+                let queued = self
+                    .jobs
+                    .get(&id)
+                    .is_some_and(|j| j.record.state == JobState::Queued);
+                let done = queued && self.cancel(&id).await.is_ok();
+                let _ = reply.send(done);
             }
             Command::Subscribe(id, reply) => {
                 let snap = self.snapshot(&id);
@@ -431,6 +472,7 @@ impl Actor {
             peak_memory_bytes: None,
             plan: None,
             error: None,
+            storage_problem: None,
         };
         // Journaled before it is acknowledged: an accepted job survives a crash.
         self.write_journal(&record)
@@ -557,11 +599,29 @@ impl Actor {
         }
     }
 
-    async fn finished(&mut self, id: &str, outcome: Result<Box<RunOutput>, RunError>) {
+    async fn finished(&mut self, id: &str, mut outcome: Result<Box<RunOutput>, RunError>) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
+        // A cancel the user was told about wins, even when the run had just finished: its
+        // images are removed again.
+        let cancelled = job.cancel.as_ref().is_some_and(|c| c.is_cancelled()) && !job.interrupted;
         job.cancel = None;
+        if cancelled {
+            if let Ok(out) = &outcome {
+                let (dir, files) = (self.config.outputs.clone(), out.images.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    for f in files {
+                        let _ = std::fs::remove_file(dir.join(f));
+                    }
+                })
+                .await;
+            }
+            outcome = Err(RunError::Cancelled);
+        }
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         if let Some(t) = job.started {
             let ms = t.elapsed().as_millis() as f64;
             if outcome.is_ok() {
@@ -611,6 +671,12 @@ impl Actor {
             }
             Err(RunError::Cancelled) => self.finish(id, JobState::Cancelled, None).await,
             Err(RunError::Failed(e)) => self.finish(id, JobState::Failed, Some(e)).await,
+            Err(RunError::Storage(problem, e)) => {
+                self.health
+                    .note("the images", &Err(std::io::Error::other(e.clone())));
+                job.record.storage_problem = Some(problem);
+                self.finish(id, JobState::Failed, Some(e)).await
+            }
         }
     }
 
@@ -639,11 +705,64 @@ impl Actor {
                 tracing::warn!(job_id = %id, "could not write the JSON sidecar: {e}");
             }
         }
-        if let Err(e) = self.write_journal(&record).await {
-            tracing::warn!(job_id = %id, "could not journal the job's end: {e}");
-        }
+        self.write_journal_end(record).await;
         self.history.push_back(id.to_string());
         self.trim_history();
+    }
+
+    /// Journals a job's end (see [`Journal::write_end`]); an end that only got its marker is
+    /// written in full later, after any journal write that succeeds.
+    async fn write_journal_end(&mut self, record: JobRecord) {
+        let journal = self.journal.clone();
+        let rec = record.clone();
+        let outcome = tokio::task::spawn_blocking(move || journal.write_end(&rec))
+            .await
+            .unwrap_or_else(|e| EndWrite::Failed(std::io::Error::other(e)));
+        let id = record.id.clone();
+        match outcome {
+            EndWrite::Written => {
+                self.health.note("the job journal", &Ok(()));
+                self.unjournaled.retain(|r| r.id != id);
+                self.retry_unjournaled().await;
+            }
+            EndWrite::Tombstoned(e) => {
+                tracing::warn!(
+                    job_id = %id,
+                    "could not journal the job's end ({e}); marked it {} so it does not run again",
+                    record.state
+                );
+                self.health.note("the job journal", &Err(e));
+                self.remember_unjournaled(record);
+            }
+            EndWrite::Failed(e) => {
+                tracing::error!(job_id = %id, "could not journal the job's end: {e}");
+                self.health.note("the job journal", &Err(e));
+                self.remember_unjournaled(record);
+            }
+        }
+    }
+
+    fn remember_unjournaled(&mut self, record: JobRecord) {
+        self.unjournaled.retain(|r| r.id != record.id);
+        self.unjournaled.push(record);
+    }
+
+    /// Tries again to journal the ends that could not be written.
+    async fn retry_unjournaled(&mut self) {
+        if self.unjournaled.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.unjournaled);
+        let journal = self.journal.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            pending
+                .into_iter()
+                .filter(|r| !matches!(journal.write_end(r), EndWrite::Written))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        self.unjournaled = left;
     }
 
     fn trim_history(&mut self) {
@@ -676,13 +795,97 @@ impl Actor {
         }
     }
 
-    async fn write_journal(&self, record: &JobRecord) -> std::io::Result<()> {
+    async fn write_journal(&mut self, record: &JobRecord) -> std::io::Result<()> {
         let journal = self.journal.clone();
         let record = record.clone();
         // fsync belongs on a blocking thread, not on the runtime; awaiting it keeps the
         // journal's writes in the actor's order.
-        tokio::task::spawn_blocking(move || journal.write(&record))
+        let written = tokio::task::spawn_blocking(move || journal.write(&record))
             .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        self.health.note("the job journal", &written);
+        if written.is_ok() {
+            self.retry_unjournaled().await;
+        }
+        written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::planner::MemoryMode;
+
+    fn record(seq: u64, state: JobState, batch: u32) -> JobRecord {
+        JobRecord {
+            id: job::new_job_id(),
+            seq,
+            state,
+            model: "demo".into(),
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+            request: ValidRequest {
+                prompt: "a lake".into(),
+                negative_prompt: None,
+                width: 64,
+                height: 64,
+                steps: 2,
+                cfg: 1.0,
+                seed: 7,
+                batch,
+                enhance: false,
+                memory_mode: MemoryMode::Auto,
+                init: None,
+                loras: Vec::new(),
+            },
+            params: None,
+            enhancement: None,
+            images: vec![],
+            notices: vec![],
+            timings: None,
+            peak_memory_bytes: None,
+            plan: None,
+            error: None,
+            storage_problem: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_and_cancelled_jobs_keep_no_images_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("zturbo-recover-{}", job::new_job_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // What an older server could leave: a failed batch's first images, a cancelled job's.
+        let failed = record(1, JobState::Failed, 3);
+        let cancelled = record(2, JobState::Cancelled, 1);
+        let mut done = record(3, JobState::Done, 1);
+        done.images = vec![job::image_name(&done.id, 1)];
+        for f in [
+            job::image_name(&failed.id, 1),
+            job::image_name(&failed.id, 2),
+            job::image_name(&cancelled.id, 1),
+            job::image_name(&done.id, 1),
+        ] {
+            std::fs::write(dir.join(f), b"png").unwrap();
+        }
+        let (work, _jobs) = std_mpsc::channel();
+        let (_events, events_rx) = mpsc::unbounded_channel();
+        let q = start(
+            QueueConfig {
+                capacity: 4,
+                outputs: dir.clone(),
+                model: "demo".into(),
+            },
+            work,
+            events_rx,
+            vec![failed.clone(), cancelled.clone(), done.clone()],
+        );
+        for (id, n) in [(&failed.id, 1), (&failed.id, 2), (&cancelled.id, 1)] {
+            assert!(!dir.join(job::image_name(id, n)).exists(), "{id}-{n}");
+        }
+        assert!(dir.join(job::image_name(&done.id, 1)).exists());
+        let snap = q.get(&done.id).await.unwrap();
+        assert_eq!(snap.record.images.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

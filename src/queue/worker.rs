@@ -52,9 +52,11 @@ pub struct RunOutput {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunError {
-    /// The cancel token stopped the run between steps.
+    /// The cancel token stopped the run (between steps, after the last one, or in the decode).
     Cancelled,
     Failed(String),
+    /// The images could not be written (none of them was kept).
+    Storage(super::outputs::StorageProblem, String),
 }
 
 /// What the worker tells the queue while it runs.
@@ -239,7 +241,15 @@ fn run(
                         images,
                     })
                 })
-                .map_err(|e| RunError::Failed(format!("could not write the image: {e}"))),
+                .map_err(|e| {
+                    RunError::Storage(
+                        super::outputs::StorageProblem::of(&e),
+                        format!(
+                            "could not write the images to {}: {e}",
+                            config.outputs.display()
+                        ),
+                    )
+                }),
             Ok(Err(EngineError::Cancelled)) => Err(RunError::Cancelled),
             Ok(Err(e)) => Err(RunError::Failed(e.to_string())),
             Err(p) => Err(RunError::Failed(format!(
@@ -254,7 +264,9 @@ fn run(
         match &outcome {
             Ok(out) => tracing::info!(images = out.images.len(), "job done"),
             Err(RunError::Cancelled) => tracing::info!("job stopped (cancelled)"),
-            Err(RunError::Failed(e)) => tracing::warn!("job failed: {e}"),
+            Err(RunError::Failed(e) | RunError::Storage(_, e)) => {
+                tracing::warn!("job failed: {e}")
+            }
         }
         let finished = WorkerEvent::Finished {
             id: item.id.clone(),
@@ -329,23 +341,37 @@ fn with_inputs(outputs: &std::path::Path, req: &ValidRequest) -> Result<ValidReq
 }
 
 /// Writes `<id>-<n>.png` for each image, with the A1111 `parameters` chunk and the `zturbo`
-/// record (the same chunks `zturbo generate` writes).
-fn write_images(
+/// record (the same chunks `zturbo generate` writes), all or nothing ([`write_all`]).
+pub fn write_images(
     outputs: &std::path::Path,
     id: &str,
     gen: &Generation,
 ) -> std::io::Result<Vec<String>> {
-    let mut names = Vec::with_capacity(gen.images.len());
+    let mut files = Vec::with_capacity(gen.images.len());
     for (i, img) in gen.images.iter().enumerate() {
-        let name = image_name(id, i + 1);
         let text = a1111_parameters(&gen.params, img.seed, &gen.notices);
         let rec = record_text(Some(id), gen, img.seed);
         let png = encode_png(img, &[("parameters", &text), ("zturbo", &rec)])
             .map_err(std::io::Error::other)?;
-        write_atomic(&outputs.join(&name), &png)?;
-        names.push(name);
+        files.push((image_name(id, i + 1), png));
     }
-    Ok(names)
+    write_all(outputs, &files)?;
+    Ok(files.into_iter().map(|(name, _)| name).collect())
+}
+
+/// Writes every file or none: when one cannot be written (a full disk), those already written
+/// are removed again, so a failed job leaves nothing behind to be served or to fill the disk.
+pub fn write_all(outputs: &std::path::Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+    for (i, (name, bytes)) in files.iter().enumerate() {
+        if let Err(e) = write_atomic(&outputs.join(name), bytes) {
+            for (done, _) in &files[..i] {
+                let _ = std::fs::remove_file(outputs.join(done));
+            }
+            let _ = crate::engine::output::sync_dir(outputs);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
@@ -353,4 +379,33 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_written_whole_or_not_at_all() {
+        let dir =
+            std::env::temp_dir().join(format!("zturbo-batch-{}", super::super::job::new_job_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = "0123456789abcdef";
+        let files: Vec<(String, Vec<u8>)> = (1..=3)
+            .map(|n| (image_name(id, n), vec![n as u8; 100]))
+            .collect();
+        // The third cannot be written (a folder sits where its temporary goes): none is kept.
+        let blocker = dir.join(format!(".{}.{}.tmp", files[2].0, std::process::id()));
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(write_all(&dir, &files).is_err());
+        for (name, _) in &files {
+            assert!(!dir.join(name).exists(), "{name} was left behind");
+        }
+        std::fs::remove_dir(&blocker).unwrap();
+        write_all(&dir, &files).unwrap();
+        for (name, bytes) in &files {
+            assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::{parse_json, ApiError, JsonBody};
-use super::jobs::{read_images, submit_valid, wait_job};
+use super::jobs::{failure_status, read_images, submit_valid, sync_deadline, wait_job};
 use super::models::json_f32;
 use super::AppState;
 use crate::engine::output::png_text_chunks;
@@ -133,10 +133,11 @@ impl IntoResponse for A1111Error {
     }
 }
 
-/// A failed run, as A1111's exception handler reports it.
-fn run_failed(message: String) -> A1111Error {
+/// A failed run, as A1111's exception handler reports it (`status`: 500, or 507/503 when the
+/// outputs folder was to blame).
+fn run_failed(status: StatusCode, message: String) -> A1111Error {
     A1111Error {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
+        status,
         body: json!({ "error": "RuntimeError", "detail": "", "body": "", "errors": message }),
         retry_after_s: None,
     }
@@ -496,6 +497,7 @@ async fn run_jobs(
 ) -> Result<Json<Value>, A1111Error> {
     let s = s.clone();
     // n_iter jobs, queued back to back; seeds continue across them as in A1111.
+    let deadline = sync_deadline(&s);
     let mut ids = Vec::with_capacity(n_iter as usize);
     for k in 0..n_iter {
         let mut job = valid.clone();
@@ -516,7 +518,16 @@ async fn run_jobs(
     let mut params: Option<ResolvedParams> = None;
     let mut interrupted = false;
     for (i, id) in ids.iter().enumerate() {
-        let snap = wait_job(&s, id).await?;
+        let snap = match wait_job(&s, id, deadline).await {
+            Ok(snap) => snap,
+            Err(e) => {
+                // Past the wait limit (or shutting down): the later iterations are not wanted.
+                for rest in &ids[i + 1..] {
+                    let _ = s.queue.cancel_if_queued(rest).await;
+                }
+                return Err(e.into());
+            }
+        };
         match snap.record.state {
             JobState::Done => {
                 made.extend(collect(&s, &snap).await?);
@@ -534,6 +545,7 @@ async fn run_jobs(
                     break;
                 }
                 return Err(run_failed(
+                    failure_status(&snap),
                     snap.record.error.unwrap_or_else(|| "the job failed".into()),
                 ));
             }

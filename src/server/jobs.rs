@@ -16,6 +16,7 @@ use crate::engine::prompt::{self, Enhanced, PromptContext};
 use crate::engine::{Notice, ResolvedParams};
 use crate::inputs::InputStore;
 use crate::memory::planner::MemoryMode;
+use crate::queue::outputs::StorageProblem;
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
     SubmitError, Submitted,
@@ -166,8 +167,27 @@ pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted
         )
         .with_retry_after(retry_after_s)),
         Err(SubmitError::ShuttingDown) | Err(SubmitError::Stopped) => Err(shutting_down()),
-        Err(e @ SubmitError::Journal(_)) => Err(ApiError::internal(e.to_string())),
+        Err(SubmitError::Journal(e)) => Err(storage_error(
+            StorageProblem::of(&e),
+            format!(
+                "the job was not accepted: its journal entry in the outputs folder {} could not \
+                 be written ({e})",
+                s.info.outputs.display()
+            ),
+        )),
     }
+}
+
+/// The status of a disk error: 507 when the disk is full, 503 when the folder is unwritable.
+pub fn storage_status(problem: StorageProblem) -> StatusCode {
+    match problem {
+        StorageProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
+        StorageProblem::Unwritable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn storage_error(problem: StorageProblem, message: String) -> ApiError {
+    ApiError::new(storage_status(problem), None, message)
 }
 
 fn shutting_down() -> ApiError {
@@ -178,10 +198,29 @@ fn shutting_down() -> ApiError {
     )
 }
 
+/// When a synchronous call that starts now must have its answer (`--sync-timeout`).
+pub fn sync_deadline(s: &AppState) -> Option<tokio::time::Instant> {
+    s.info
+        .sync_timeout
+        .map(|limit| tokio::time::Instant::now() + limit)
+}
+
 /// Waits for a job to end (for the synchronous OpenAI and A1111 calls). A server shutdown ends
 /// the wait with a 503 (the job stays journaled and runs after the restart); the caller going
-/// away drops this future and leaves the job running.
-pub async fn wait_job(s: &AppState, id: &str) -> Result<JobSnapshot, ApiError> {
+/// away drops this future and leaves the job running. Past `deadline` the wait ends with a 504:
+/// a job that has not started by then is cancelled (nobody would collect its images), a running
+/// one finishes and stays readable at `/api/jobs/{id}`.
+pub async fn wait_job(
+    s: &AppState,
+    id: &str,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<JobSnapshot, ApiError> {
+    let limit = async move {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending::<()>().await,
+        }
+    };
     tokio::select! {
         snap = s.queue.wait(id) => snap.ok_or_else(shutting_down),
         _ = s.shutdown_signal() => Err(ApiError::new(
@@ -189,6 +228,35 @@ pub async fn wait_job(s: &AppState, id: &str) -> Result<JobSnapshot, ApiError> {
             None,
             format!("the server is shutting down; job {id} stays queued and runs after the restart"),
         )),
+        _ = limit => Err(waited_too_long(s, id).await),
+    }
+}
+
+async fn waited_too_long(s: &AppState, id: &str) -> ApiError {
+    let limit = s.info.sync_timeout.map(|d| d.as_secs()).unwrap_or(0);
+    let what = if s.queue.cancel_if_queued(id).await {
+        format!("job {id} had not started (the queue is busy), so it was cancelled; retry later")
+    } else {
+        format!(
+            "job {id} is still running; it will finish, and its images will be listed at \
+             GET /api/jobs/{id}"
+        )
+    };
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        None,
+        format!(
+            "no answer within the {limit} s limit for synchronous calls (--sync-timeout): {what}"
+        ),
+    )
+}
+
+/// Why a job that ended without images failed, as an error of the synchronous surfaces: the
+/// outputs folder's problem (507/503), or the run's own failure (500).
+pub fn failure_status(snap: &JobSnapshot) -> StatusCode {
+    match snap.record.storage_problem {
+        Some(p) => storage_status(p),
+        None => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -296,10 +364,19 @@ fn to_sse(ev: &JobEvent) -> Result<axum::response::sse::Event, std::convert::Inf
     Ok(axum::response::sse::Event::default().event(name).data(data))
 }
 
-/// The events that describe where a job stands now.
+/// The events that describe where a job stands now. An ended job's notices come before its end,
+/// as they did for a subscriber that was there: one that comes late (a fast job) misses nothing.
 fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
     if let Some(end) = JobEvent::terminal_for(&snap.record) {
-        return vec![end];
+        let mut v: Vec<JobEvent> = snap
+            .record
+            .notices
+            .iter()
+            .cloned()
+            .map(JobEvent::Notice)
+            .collect();
+        v.push(end);
+        return v;
     }
     match snap.record.state {
         JobState::Queued => vec![JobEvent::Queued {
@@ -416,4 +493,52 @@ pub async fn enhance(
         &ctx,
         true,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Notice;
+
+    #[test]
+    fn every_job_event_is_documented_with_its_payload() {
+        let doc = super::super::openapi::spec(&super::super::openapi::Facts {
+            model: "demo".into(),
+            size_multiple: 16,
+            max_batch: 2,
+        });
+        let events = [
+            JobEvent::Queued { position: 2 },
+            JobEvent::Started,
+            JobEvent::Progress {
+                step: 1,
+                total: 8,
+                elapsed_ms: 40,
+            },
+            JobEvent::Notice(Notice::new("cfg_clamped", "CFG clamped".into())),
+            JobEvent::Done {
+                images: vec!["0123456789abcdef-1.png".into()],
+            },
+            JobEvent::Failed { error: "no".into() },
+            JobEvent::Cancelled,
+        ];
+        for ev in &events {
+            let (name, data) = event_parts(ev);
+            let (_, payload) = super::super::openapi::JOB_EVENTS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("`{name}` is not documented"));
+            let value: serde_json::Value = serde_json::from_str(&data).unwrap();
+            let schema = &doc["components"]["schemas"][payload];
+            for key in schema["required"].as_array().into_iter().flatten() {
+                assert!(
+                    value.get(key.as_str().unwrap()).is_some(),
+                    "{name}: {data} lacks {key}"
+                );
+            }
+            if schema["additionalProperties"] == false {
+                assert_eq!(value, json!({}), "{name}");
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ pub mod a1111;
 pub mod error;
 pub mod images;
 pub mod jobs;
+pub mod listen;
 pub mod memory;
 pub mod models;
 pub mod openai;
@@ -40,6 +41,8 @@ use error::ApiError;
 pub const BODY_LIMIT_BYTES: usize = 16 << 20;
 /// How many finished and waiting jobs `GET /api/jobs` lists.
 pub const JOB_LIST_LIMIT: usize = 200;
+/// Default of `--sync-timeout`: seconds a synchronous `/v1` or `/sdapi` call waits for its jobs.
+pub const DEFAULT_SYNC_TIMEOUT_S: u64 = 600;
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What the server tells clients about itself; fixed at start-up.
@@ -64,6 +67,8 @@ pub struct ServerInfo {
     pub started_at_s: u64,
     /// The layers a LoRA may update: named LoRA files are checked against them on submission.
     pub lora_layers: Arc<crate::families::lora::LinearLayers>,
+    /// How long a synchronous call (`/v1`, `/sdapi`) waits for its jobs (`None`: no limit).
+    pub sync_timeout: Option<Duration>,
 }
 
 impl ServerInfo {
@@ -90,6 +95,7 @@ impl ServerInfo {
             outputs,
             model_path: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
+            sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
         }
     }
 }
@@ -448,6 +454,7 @@ mod tests {
             model_path: None,
             started_at_s: 0,
             lora_layers: Default::default(),
+            sync_timeout: Some(Duration::from_secs(2)),
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let monitor = Arc::new(Monitor::start(
@@ -485,11 +492,31 @@ mod tests {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        call_from(app, None, method, uri, headers, body).await
+    }
+
+    /// [`call_with`] from a client address (as the accept loop records it).
+    async fn call_from(
+        app: &Router,
+        client: Option<&str>,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
         let mut req = Request::builder().method(method).uri(uri);
+        if let Some(c) = client {
+            let addr: std::net::SocketAddr = c.parse().unwrap();
+            req = req.extension(axum::extract::ConnectInfo(addr));
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        if body.is_some() {
+        if body.is_some()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/json");
         }
         let req = req
@@ -634,6 +661,7 @@ mod tests {
                 loopback: true,
                 port: 7860,
                 cors_origin: Some("https://app.example.com".into()),
+                ..Default::default()
             },
         )
     }
@@ -891,5 +919,199 @@ mod tests {
             .headers()
             .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn json_posts_need_a_json_content_type() {
+        let f = fixture(4);
+        let body = r#"{"prompt": "a lake", "width": 64, "height": 64}"#;
+        for (uri, shape) in [
+            ("/api/jobs", "/error/message"),
+            ("/api/enhance", "/error/message"),
+            ("/v1/images/generations", "/error/message"),
+            ("/sdapi/v1/txt2img", "/detail"),
+        ] {
+            for ct in [
+                None,
+                Some("text/plain"),
+                Some("application/x-www-form-urlencoded"),
+            ] {
+                let req = Request::builder().method("POST").uri(uri);
+                let req = match ct {
+                    Some(c) => req.header("content-type", c),
+                    None => req,
+                };
+                let res = f
+                    .app
+                    .clone()
+                    .oneshot(req.body(Body::from(body)).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    res.status(),
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "{uri} {ct:?}"
+                );
+                let bytes = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let msg = v.pointer(shape).and_then(|m| m.as_str()).unwrap_or("");
+                assert!(msg.contains("application/json"), "{uri}: {v}");
+            }
+        }
+        assert!(f.work.try_recv().is_err(), "nothing was queued");
+    }
+
+    #[tokio::test]
+    async fn origin_scheme_and_host_port_spelling_are_checked() {
+        let f = guarded();
+        let json = ("content-type", "application/json");
+        let body = Some(r#"{"prompt": "a lake", "width": 64, "height": 64}"#);
+        // This server speaks plain http: an https page of the same host and port is another origin.
+        let (st, _, err) = call_with(
+            &f.app,
+            "POST",
+            "/api/jobs",
+            &[HOST, BEARER, json, ("origin", "https://127.0.0.1:7860")],
+            body,
+        )
+        .await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{err}");
+        // One spelling of the port.
+        for host in ["127.0.0.1:07860", "localhost:+7860", "[::1]:07860"] {
+            let (st, _, _) = call_with(
+                &f.app,
+                "GET",
+                "/api/health",
+                &[("host", host), BEARER],
+                None,
+            )
+            .await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "{host}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rebinding_names_are_not_trusted_off_loopback_without_a_key() {
+        let f = fixture_with(
+            4,
+            security::Security {
+                loopback: false,
+                port: 7860,
+                cors_origin: Some("https://app.example.com".into()),
+                ..Default::default()
+            },
+        );
+        let json = ("content-type", "application/json");
+        let body = Some(r#"{"prompt": "a lake", "width": 64, "height": 64}"#);
+        let post = |host: &'static str, origin: &'static str| {
+            let app = f.app.clone();
+            async move {
+                call_with(
+                    &app,
+                    "POST",
+                    "/api/jobs",
+                    &[("host", host), ("origin", origin), json],
+                    body,
+                )
+                .await
+                .0
+            }
+        };
+        // A DNS-rebinding page: its own name in both Host and Origin.
+        assert_eq!(
+            post("evil.example:7860", "http://evil.example:7860").await,
+            StatusCode::FORBIDDEN
+        );
+        // The page opened by address (or on the machine itself) still works.
+        assert_eq!(
+            post("192.168.1.5:7860", "http://192.168.1.5:7860").await,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            post("localhost:7860", "http://127.0.0.1:7860").await,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            post("192.168.1.5:7860", "http://192.168.1.6:7860").await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            post("192.168.1.5:7860", "http://192.168.1.5:8080").await,
+            StatusCode::FORBIDDEN
+        );
+        // A name the operator named.
+        assert_eq!(
+            post("evil.example:7860", "https://app.example.com").await,
+            StatusCode::ACCEPTED
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_keys_are_rate_limited_per_client_address() {
+        let f = guarded();
+        let wrong = ("authorization", "Bearer guess");
+        let a = Some("10.1.2.3:5555");
+        for i in 0..security::KEY_FAILURE_BURST {
+            let (st, _, _) = call_from(&f.app, a, "GET", "/api/jobs", &[HOST, wrong], None).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "guess {i}");
+        }
+        let (st, h, err) = call_from(&f.app, a, "GET", "/v1/models", &[HOST, wrong], None).await;
+        assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{err}");
+        assert!(err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrong API keys"));
+        let wait: u64 = h[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((1..=security::KEY_FAILURE_REFILL.as_secs()).contains(&wait));
+        // While locked, not even the right key is tried from there; /api/auth is limited too.
+        let (st, _, _) = call_from(&f.app, a, "GET", "/api/jobs", &[HOST, BEARER], None).await;
+        assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+        let (st, _, _) = call_from(
+            &f.app,
+            a,
+            "POST",
+            "/api/auth",
+            &[HOST],
+            Some(r#"{"key":"s3cret-key"}"#),
+        )
+        .await;
+        assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+        // A request without any key is not a guess: still the plain 401.
+        let (st, _, _) = call_from(&f.app, a, "GET", "/api/jobs", &[HOST], None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // Expired image URLs are not guesses: a page full of stale images does not lock its
+        // address out.
+        let signer = security::Security {
+            api_key: Some("s3cret-key".into()),
+            ..Default::default()
+        };
+        let file = "0123456789abcdef-1.png";
+        let stale = format!(
+            "/images/{file}?sig={}",
+            signer.image_sig_until(file, 1_000).unwrap()
+        );
+        for _ in 0..2 * security::KEY_FAILURE_BURST {
+            let (st, _, err) =
+                call_from(&f.app, Some("10.1.2.5:5555"), "GET", &stale, &[HOST], None).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED);
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("expired"),
+                "{err}"
+            );
+        }
+        // Other addresses are unaffected.
+        let (st, _, _) = call_from(
+            &f.app,
+            Some("10.1.2.4:5555"),
+            "GET",
+            "/api/jobs",
+            &[HOST, BEARER],
+            None,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
     }
 }

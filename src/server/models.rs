@@ -28,12 +28,23 @@ pub fn json_f32(x: f32) -> f64 {
     crate::families::profile::shortest_f64(x)
 }
 
+/// `GET /api/health`: `ok`, or `degraded` with the `reason` when the outputs folder cannot be
+/// written (read-only, full, or a recent write failed) — the server still answers, but new jobs
+/// would fail.
 pub async fn health(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
+    let outputs = s.queue.outputs_health();
+    let problem = tokio::task::spawn_blocking(move || outputs.problem())
+        .await
+        .unwrap_or_else(|e| Some(format!("the outputs folder could not be checked: {e}")));
+    let mut body = json!({
+        "status": if problem.is_some() { "degraded" } else { "ok" },
         "model": s.info.model,
         "device": s.info.device,
-    }))
+    });
+    if let Some(reason) = problem {
+        body["reason"] = json!(reason);
+    }
+    Json(body)
 }
 
 /// Shown with the demo model: what it is and how to get real weights.

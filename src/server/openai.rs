@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::{parse_json, ApiError, JsonBody};
-use super::jobs::{read_images, submit_valid, wait_job};
+use super::jobs::{failure_status, read_images, submit_valid, sync_deadline, wait_job};
 use super::AppState;
 use crate::queue::JobState;
 use crate::request::GenerationRequest;
@@ -94,6 +94,8 @@ impl From<ApiError> for OpenAiError {
         let code = match status.as_u16() {
             429 => Some("rate_limit_exceeded"),
             503 => Some("service_unavailable"),
+            504 => Some("timeout"),
+            507 => Some("insufficient_storage"),
             _ => None,
         };
         let mut out = error(
@@ -114,11 +116,19 @@ impl IntoResponse for OpenAiError {
         } else {
             tracing::debug!(status = %self.status, param = ?self.body.error.param, "{}", self.body.error.message);
         }
-        let mut res = (self.status, Json(self.body)).into_response();
+        let status = self.status;
+        let mut res = (status, Json(self.body)).into_response();
         if let Some(s) = self.retry_after_s {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 res.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        // OpenAI's SDKs retry 409 and 5xx by themselves; where a retry would only queue the same
+        // work again (a cancelled job, a job still running past the wait limit) they are told
+        // not to.
+        if matches!(status.as_u16(), 409 | 504) {
+            res.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         res
     }
@@ -288,38 +298,52 @@ pub async fn generations(
         invalid(param, format!("{}: {}", e.field, e.message))
     })?;
 
+    let deadline = sync_deadline(&s);
     let sub = submit_valid(&s, valid).await?;
-    respond(&s, &headers, &sub.id, format).await
+    respond(&s, &headers, &sub.id, format, deadline).await
 }
 
-/// Waits for the job and answers with its images in `format` (`b64_json` or `url`).
+/// Waits for the job (until `deadline`) and answers with its images in `format` (`b64_json` or
+/// `url`).
 async fn respond(
     s: &AppState,
     headers: &HeaderMap,
     id: &str,
     format: &str,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
-    let snap = wait_job(s, id).await?;
+    let snap = wait_job(s, id, deadline).await?;
     match snap.record.state {
         JobState::Done => {}
         JobState::Cancelled => {
+            // Someone else stopped it (DELETE /api/jobs/{id}, an A1111 interrupt): not a server
+            // error, and not worth a retry.
             return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::CONFLICT,
                 None,
-                Some("cancelled"),
-                format!("job {id} was cancelled before it finished"),
-            ))
+                Some("job_cancelled"),
+                format!(
+                    "job {id} was cancelled (DELETE /api/jobs/{id} or an A1111 interrupt) before \
+                     it finished; no images were made"
+                ),
+            ));
         }
         _ => {
+            let status = failure_status(&snap);
+            let code = match status.as_u16() {
+                507 => Some("insufficient_storage"),
+                503 => Some("service_unavailable"),
+                _ => None,
+            };
             return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                status,
                 None,
-                None,
+                code,
                 format!(
                     "image generation failed: {}",
                     snap.record.error.as_deref().unwrap_or("unknown error")
                 ),
-            ))
+            ));
         }
     }
     let revised = snap
@@ -554,8 +578,9 @@ pub async fn edits(
         };
         invalid(param, format!("{}: {}", e.field, e.message))
     })?;
+    let deadline = sync_deadline(&s);
     let sub = submit_valid(&s, valid).await?;
-    respond(&s, &headers, &sub.id, format).await
+    respond(&s, &headers, &sub.id, format, deadline).await
 }
 
 fn model_object(id: &str, created: u64) -> serde_json::Value {

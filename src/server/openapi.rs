@@ -30,12 +30,51 @@ fn error_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/responses/{name}") })
 }
 
-fn sse(description: &str) -> Value {
+/// A `text/event-stream` response whose `schema` describes one event, the way SSE-aware tools
+/// read it (schemathesis checks every parsed event `{event, data, id?, retry?}` against it; OpenAPI
+/// 3.2 calls this `itemSchema`): one branch per event name, and the schema of the JSON text in
+/// `data` under `x-data-schema`.
+fn sse(description: &str, events: &[(&str, &str)]) -> Value {
+    let branches: Vec<Value> = events
+        .iter()
+        .map(|(name, payload)| {
+            json!({
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": { "type": "string", "enum": [name] },
+                    "data": { "type": "string", "description": format!("JSON text: {payload}"),
+                              "x-data-schema": schema(payload) },
+                    "id": { "type": "string" },
+                    "retry": { "type": "integer" },
+                }
+            })
+        })
+        .collect();
     json!({
         "description": description,
-        "content": { "text/event-stream": { "schema": { "type": "string" } } }
+        "content": { "text/event-stream": { "schema": { "oneOf": branches } } }
     })
 }
+
+/// The events of `GET /api/jobs/{id}/events`: name and payload schema.
+pub const JOB_EVENTS: [(&str, &str); 7] = [
+    ("queued", "JobQueuedEvent"),
+    ("started", "EmptyEvent"),
+    ("progress", "JobProgressEvent"),
+    ("notice", "Notice"),
+    ("done", "JobDoneEvent"),
+    ("failed", "Error"),
+    ("cancelled", "EmptyEvent"),
+];
+/// The events of `GET /api/models/{name}/pull/events`.
+pub const PULL_EVENTS: [(&str, &str); 3] = [
+    ("progress", "PullProgressEvent"),
+    ("done", "PullDoneEvent"),
+    ("failed", "PullFailedEvent"),
+];
+/// The events of `GET /api/memory/stream`.
+pub const MEMORY_EVENTS: [(&str, &str); 1] = [("sample", "MemorySample")];
 
 fn path_param(name: &str, description: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true, "description": description,
@@ -49,9 +88,18 @@ fn op(id: &str, tag: &str, summary: &str, mut responses: Value) -> Value {
         "a1111" => ("A1111Unauthorized", "A1111Forbidden"),
         _ => ("Unauthorized", "Forbidden"),
     };
+    let guesses = match tag {
+        "openai" => "OpenAiTooManyGuesses",
+        "a1111" => "A1111TooManyGuesses",
+        _ => "TooManyGuesses",
+    };
     if let Some(r) = responses.as_object_mut() {
         r.entry("401").or_insert_with(|| error_ref(unauth));
         r.entry("403").or_insert_with(|| error_ref(forbidden));
+        // The key's rate limit, where a key is checked.
+        if !matches!(tag, "ui" | "meta") {
+            r.entry("429").or_insert_with(|| error_ref(guesses));
+        }
     }
     json!({ "operationId": id, "tags": [tag], "summary": summary, "responses": responses })
 }
@@ -90,7 +138,7 @@ fn paths() -> Value {
             path_param("file", "`<job id>-<n>.png`"),
             { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } }
         ])) },
-        "/api/health": { "get": op("health", "server", "Liveness and the loaded model", json!({ "200": ok("ok", "Health") })) },
+        "/api/health": { "get": op("health", "server", "Liveness, the loaded model, and whether the outputs folder can be written", json!({ "200": ok("`ok`, or `degraded` with the `reason`", "Health") })) },
         "/api/info": { "get": op("info", "server", "Model, limits, device and queue facts for the form", json!({ "200": ok("server facts", "Info") })) },
         "/api/auth": {
             "get": op("auth_status", "server", "Whether an API key is required and whether this client has it", json!({ "200": ok("status", "AuthStatus") })),
@@ -106,7 +154,7 @@ fn paths() -> Value {
             "409": error_ref("Conflict"),
         })), "parameters", json!([model_name.clone()])) },
         "/api/models/{name}/pull/events": { "get": with(op("pull_events", "models", "Download progress (SSE)", json!({
-            "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`"),
+            "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`", &PULL_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([model_name])) },
         "/api/enhance": { "post": body(op("enhance", "jobs", "Preview the prompt enhancement", json!({
@@ -119,6 +167,7 @@ fn paths() -> Value {
                 "202": ok("accepted", "Accepted"),
                 "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"),
                 "422": error_ref("Invalid"), "429": error_ref("QueueFull"), "503": error_ref("Unavailable"),
+                "507": error_ref("InsufficientStorage"),
             })), "GenerationRequest"),
         },
         "/api/jobs/{id}": {
@@ -129,18 +178,19 @@ fn paths() -> Value {
             })), "parameters", json!([job_id.clone()])),
         },
         "/api/jobs/{id}/events": { "get": with(op("job_events", "jobs", "A job's events (SSE)", json!({
-            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`"),
+            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([job_id])) },
         "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
-            "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`"),
+            "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`", &MEMORY_EVENTS),
         })) },
     });
     let openai = json!({
         "/v1/images/generations": { "post": body(op("openai_images_generations", "openai", "OpenAI Images API: create images", json!({
             "200": ok("the images", "OpenAiImagesResponse"),
-            "400": error_ref("OpenAiBadRequest"), "413": error_ref("OpenAiTooLarge"), "415": error_ref("OpenAiUnsupportedMediaType"),
+            "400": error_ref("OpenAiBadRequest"), "409": error_ref("OpenAiCancelled"), "413": error_ref("OpenAiTooLarge"), "415": error_ref("OpenAiUnsupportedMediaType"),
             "429": error_ref("OpenAiRateLimited"), "500": error_ref("OpenAiServerError"), "503": error_ref("OpenAiUnavailable"),
+            "504": error_ref("OpenAiTimeout"), "507": error_ref("OpenAiInsufficientStorage"),
         })), "OpenAiImagesRequest") },
         "/v1/images/edits": { "post": with(op("openai_images_edits", "openai", "OpenAI Images API: edit an image (image to image; inpainting where the mask is transparent)", json!({
             "200": ok("the images", "OpenAiImagesResponse"),
@@ -157,6 +207,7 @@ fn paths() -> Value {
             "200": ok("the images", "A1111Txt2ImgResponse"),
             "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
             "429": error_ref("A1111Error"), "500": error_ref("A1111RunError"), "503": error_ref("A1111Error"),
+            "504": error_ref("A1111Error"), "507": error_ref("A1111RunError"),
         })), "A1111Txt2ImgRequest") },
         "/sdapi/v1/img2img": { "post": body(op("a1111_img2img", "a1111", "AUTOMATIC1111 img2img (inpainting with `mask`)", json!({
             "200": ok("the images", "A1111Txt2ImgResponse"),
@@ -172,7 +223,7 @@ fn paths() -> Value {
             "get": op("a1111_options", "a1111", "Settings clients read", json!({ "200": ok("options", "A1111Options") })),
             "post": body(op("a1111_set_options", "a1111", "Accepted and ignored (logged)", json!({
                 "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } },
-                "422": error_ref("A1111Validation"),
+                "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
             })), "A1111Options"),
         },
         "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
@@ -246,7 +297,9 @@ fn components(f: &Facts) -> Value {
             "NotFound": error_response("no such thing", "Error"),
             "Conflict": error_response("not in a state that allows it", "Error"),
             "QueueFull": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("Error") },
-            "Unavailable": error_response("shutting down", "Error"),
+            "Unavailable": error_response("shutting down, or the outputs folder cannot be written", "Error"),
+            "InsufficientStorage": error_response("the outputs folder's disk is full", "Error"),
+            "TooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("Error") },
             "Unauthorized": error_response("an API key is required", "Error"),
             "Forbidden": error_response("Host not loopback, or a cross-origin state-changing request", "Error"),
             "OpenAiBadRequest": error_response("invalid request; `param` names the field", "OpenAiError"),
@@ -255,7 +308,11 @@ fn components(f: &Facts) -> Value {
             "OpenAiNotFound": error_response("no such model", "OpenAiError"),
             "OpenAiRateLimited": { "description": "the queue is full", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("OpenAiError") },
             "OpenAiServerError": error_response("the generation failed", "OpenAiError"),
-            "OpenAiUnavailable": error_response("shutting down", "OpenAiError"),
+            "OpenAiUnavailable": error_response("shutting down, or the outputs folder cannot be written", "OpenAiError"),
+            "OpenAiCancelled": error_response("the job was cancelled by another client (`code` job_cancelled; `x-should-retry: false`)", "OpenAiError"),
+            "OpenAiTimeout": error_response("no answer within --sync-timeout (`code` timeout; `x-should-retry: false`)", "OpenAiError"),
+            "OpenAiInsufficientStorage": error_response("the outputs folder's disk is full", "OpenAiError"),
+            "OpenAiTooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("OpenAiError") },
             "OpenAiUnauthorized": error_response("an API key is required", "OpenAiError"),
             "OpenAiForbidden": error_response("Host not loopback, or cross-origin", "OpenAiError"),
             "A1111Error": error_response("`{detail}`", "A1111Detail"),
@@ -263,6 +320,7 @@ fn components(f: &Facts) -> Value {
             "A1111RunError": error_response("the generation failed", "A1111RunError"),
             "A1111Unauthorized": error_response("an API key is required", "A1111Detail"),
             "A1111Forbidden": error_response("Host not loopback, or cross-origin", "A1111Detail"),
+            "A1111TooManyGuesses": { "description": "too many wrong API keys from this address", "headers": { "Retry-After": { "schema": { "type": "integer" } } }, "content": json_body("A1111Detail") },
     });
     let core = json!({
             "Error": { "type": "object", "required": ["error"], "properties": { "error": {
@@ -308,7 +366,24 @@ fn components(f: &Facts) -> Value {
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
                 "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
-            "Health": { "type": "object", "properties": { "status": { "type": "string" }, "model": { "type": "string" }, "device": { "type": "string" } } },
+            "Health": { "type": "object", "required": ["status", "model", "device"], "properties": {
+                "status": { "type": "string", "enum": ["ok", "degraded"] }, "model": { "type": "string" }, "device": { "type": "string" },
+                "reason": { "type": "string", "description": "when degraded: why new jobs would fail (the outputs folder is read-only, full, or a write just failed)" } } },
+            "EmptyEvent": { "type": "object", "additionalProperties": false },
+            "JobQueuedEvent": { "type": "object", "required": ["position"], "properties": { "position": { "type": "integer", "minimum": 0 } } },
+            "JobProgressEvent": { "type": "object", "required": ["step", "total", "elapsed_ms"], "properties": {
+                "step": { "type": "integer" }, "total": { "type": "integer" }, "elapsed_ms": { "type": "integer", "format": "int64" } } },
+            "JobDoneEvent": { "type": "object", "required": ["images"], "properties": { "images": { "type": "array", "items": { "type": "string" } } } },
+            "PullProgressEvent": { "type": "object", "required": ["file", "index", "count", "bytes"], "properties": {
+                "file": { "type": "string" }, "index": { "type": "integer" }, "count": { "type": "integer" },
+                "bytes": { "type": "integer", "format": "int64" }, "total_bytes": { "type": "integer", "format": "int64", "nullable": true } } },
+            "PullDoneEvent": { "type": "object", "required": ["path"], "properties": { "path": { "type": "string" } } },
+            "PullFailedEvent": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+            "MemorySample": { "type": "object", "required": ["t_ms", "device", "used_bytes", "total_bytes"], "properties": {
+                "t_ms": { "type": "integer", "format": "int64" }, "device": { "type": "string" },
+                "used_bytes": { "type": "integer", "format": "int64" }, "total_bytes": { "type": "integer", "format": "int64" },
+                "rss_bytes": { "type": "integer", "format": "int64" }, "job_id": { "type": "string" },
+                "phase": { "type": "string" }, "step": { "type": "integer" } } },
             "Info": { "type": "object", "properties": { "version": { "type": "string" }, "model": schema("InfoModel"), "device": { "type": "object" },
                 "max_batch": { "type": "integer" }, "queue_size": { "type": "integer" }, "memory_modes": { "type": "array", "items": { "type": "string" } },
                 "demo_help": nullable_string.clone() } },
@@ -563,6 +638,48 @@ mod tests {
             .map(|r| (r.path.to_string(), r.verb.as_str().to_string()))
             .collect();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn event_streams_describe_each_event() {
+        // Schemathesis (and OpenAPI 3.2's itemSchema) read an event stream's schema as the
+        // schema of one parsed event, `{event, data, id?, retry?}`: a bare string fails every
+        // event (issue 18, ST108).
+        let doc = &spec(&facts());
+        let mut streams = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let Some(content) = op.pointer("/responses/200/content/text~1event-stream") else {
+                    continue;
+                };
+                streams += 1;
+                let branches = content["schema"]["oneOf"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{method} {path}: no per-event schema"));
+                let names: BTreeSet<&str> = branches
+                    .iter()
+                    .map(|b| {
+                        assert_eq!(b["required"], json!(["event", "data"]), "{path}");
+                        assert_eq!(b["properties"]["data"]["type"], "string", "{path}");
+                        let payload = b["properties"]["data"]["x-data-schema"]["$ref"]
+                            .as_str()
+                            .unwrap();
+                        assert!(doc.pointer(&payload[1..]).is_some(), "{payload}");
+                        let e = b["properties"]["event"]["enum"].as_array().unwrap();
+                        assert_eq!(e.len(), 1, "one name per branch: oneOf stays exclusive");
+                        e[0].as_str().unwrap()
+                    })
+                    .collect();
+                let want: BTreeSet<&str> = match path.as_str() {
+                    "/api/jobs/{id}/events" => JOB_EVENTS.iter().map(|e| e.0).collect(),
+                    "/api/models/{name}/pull/events" => PULL_EVENTS.iter().map(|e| e.0).collect(),
+                    "/api/memory/stream" => MEMORY_EVENTS.iter().map(|e| e.0).collect(),
+                    other => panic!("unexpected event stream {other}"),
+                };
+                assert_eq!(names, want, "{path}");
+            }
+        }
+        assert_eq!(streams, 3);
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl CustomOp3 for Conv3x3Taps {
         }
         #[cfg(feature = "mkl")]
         if let CpuStorage::BF16(wb) = ws {
-            let out = taps_bf16(x, (n, c_in, h, w), &wb[w0..w1], bias);
+            let out = taps_bf16(x, (n, c_in, h, w), &wb[w0..w1], bias)?;
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
         let wt = &ws.as_slice::<f32>()?[w0..w1];
@@ -78,7 +78,7 @@ impl CustomOp3 for Conv3x3Taps {
                     gemm::Parallelism::None,
                 );
             }
-        });
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
     }
 }
@@ -95,7 +95,7 @@ fn taps_bf16(
     dims: (usize, usize, usize, usize),
     wt: &[half::bf16],
     bias: &[f32],
-) -> Vec<f32> {
+) -> candle_core::Result<Vec<f32>> {
     let (c_in, c_out) = (dims.1, bias.len());
     // Per tap a contiguous [c_out, c_in] matrix.
     let mut taps = vec![0u16; 9 * c_out * c_in];
@@ -154,7 +154,9 @@ fn conv3x3_bands<P: Clone + Sync>(
     bias: &[f32],
     prepare: impl for<'p> Fn(&'p [f32]) -> Cow<'p, [P]>,
     product: impl Fn(TapProduct<'_, P>) + Sync,
-) -> Vec<f32> {
+) -> candle_core::Result<Vec<f32>> {
+    // Checked before every band: a cancelled job stops a large convolution within one band.
+    let stop = crate::ops::interrupt::current();
     let c_out = bias.len();
     let row = w + 2;
     let plane = (h + 3) * row;
@@ -174,6 +176,9 @@ fn conv3x3_bands<P: Clone + Sync>(
         let prepared: &[P] = &prepared;
         let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
         let run_band = |b: usize, acc: &mut Vec<f32>| {
+            if crate::ops::interrupt::is_set(&stop) {
+                return;
+            }
             let y0 = b * band;
             let rows = band.min(h - y0);
             let cols = rows * row;
@@ -210,8 +215,9 @@ fn conv3x3_bands<P: Clone + Sync>(
         (0..bands)
             .into_par_iter()
             .for_each_init(Vec::new, |acc, b| run_band(b, acc));
+        crate::ops::interrupt::check()?;
     }
-    out
+    Ok(out)
 }
 
 /// A raw output pointer shared by the band tasks, which write disjoint rows.
