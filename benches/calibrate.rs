@@ -10,7 +10,8 @@ use zturbo::engine::decode::decode_image;
 use zturbo::families::z_image::synthetic::{self, SyntheticShape};
 use zturbo::families::{self, Component, ModelDir, PrecisionPolicy, StepInput};
 use zturbo::memory::alloc;
-use zturbo::memory::planner::{format_bytes, DEFAULT_VAE_TILING};
+use zturbo::memory::format_bytes;
+use zturbo::memory::planner::DEFAULT_VAE_TILING;
 
 fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let base = alloc::live_bytes();

@@ -15,7 +15,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use clap::Parser;
 use serde_json::json;
 
-use zturbo::families::z_image::dit::{Block, DitConfig, RopeTables, SEQ_MULTI_OF};
+use zturbo::families::z_image::config::DitConfig;
+use zturbo::families::z_image::dit::{Block, RopeTables, SEQ_MULTI_OF};
 use zturbo::families::ModelDir;
 use zturbo::ops::act;
 use zturbo::ops::attention::{attention, Attention};

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod nn;
 pub mod ops;
 pub mod profile;
+pub mod prompt;
 pub mod queue;
 pub mod request;
 pub mod server;

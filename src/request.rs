@@ -13,7 +13,7 @@ use crate::inputs::{self, CropRegion, InpaintFill, InputImage, ResizeMode};
 use crate::memory::planner::MemoryMode;
 use crate::nn::scheduler::{steps_run, NoiseKind};
 
-/// Longest prompt accepted, in characters. Z-Image truncates at 512 tokens anyway; this only
+/// Longest prompt accepted, in characters. Text encoders truncate far earlier anyway; this only
 /// stops absurd bodies before they reach the tokenizer.
 pub const MAX_PROMPT_CHARS: usize = 4000;
 pub const MIN_SIDE: u32 = 64;
@@ -110,7 +110,7 @@ pub struct Limits {
     pub default_height: u32,
     pub default_steps: u32,
     pub default_cfg: f32,
-    /// Width and height must be multiples of this (16 for Z-Image, 8 for SD).
+    /// Width and height must be multiples of this (the profile's `size_multiple`).
     pub size_multiple: u32,
     pub max_batch: u32,
     pub default_memory_mode: MemoryMode,

@@ -1,8 +1,95 @@
-//! Load-time settings shared by the CLI commands: which device, which precision, how much memory
-//! the planner may use. Parsed and validated once at start-up; request-time choices live in
-//! `request.rs`.
+//! Load-time settings: which model, device and precision, how much memory the planner may use, and
+//! for `serve` where to listen and who may call. Parsed and validated once at start-up (the CLI
+//! fills them); request-time choices live in `request.rs`.
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use candle_core::Device;
+
+/// The user-facing precision choice (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
+    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+    /// bf16 text encoder, f16 denoiser compute with a bf16 residual stream, VAE bf16 (f32 retry on
+    /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
+    /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
+    Mixed,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            "mixed" => Ok(Self::Mixed),
+            other => Err(format!(
+                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::Mixed => "mixed",
+        })
+    }
+}
+
+/// What to load, and on what: shared by `serve` and `generate`.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// A diffusers folder, a name in `models_dir`, a catalog name found in the Hugging Face cache,
+    /// or `demo`; `None`: `serve` picks z-image-turbo when it is found locally, else the demo.
+    pub model: Option<String>,
+    pub models_dir: PathBuf,
+    pub device: DeviceSpec,
+    pub precision: Precision,
+    /// Cap on the memory the planner may use.
+    pub memory_budget: Option<u64>,
+}
+
+/// Everything `server::run` needs to serve.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub model: ModelSettings,
+    /// Address to listen on; any address but loopback needs `api_key` (or `insecure_no_auth`).
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub insecure_no_auth: bool,
+    /// The one web origin allowed to call the API (CORS).
+    pub cors_origin: Option<String>,
+    /// Images, their JSON sidecars and the job journal.
+    pub outputs: PathBuf,
+    /// Jobs that may wait behind the running one.
+    pub queue_size: usize,
+    /// How long a connection has to send a complete request head.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may idle, or a body or response make no progress.
+    pub idle_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a synchronous generation call waits for its jobs (`None`: no limit).
+    pub sync_timeout: Option<Duration>,
+}
 
 /// `--device`: `auto` (best available), `cpu`, `cuda[:N]`, `metal`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

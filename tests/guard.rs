@@ -121,7 +121,7 @@ fn nan_steps_recover_with_lowered_cfg_exactly() {
             assert_eq!(adjusted.len(), attempts as usize, "{:?}", g.notices);
             assert!(adjusted.iter().all(|n| n.step == Some(step)));
             assert!((adjusted.last().unwrap().to.unwrap() - lowered).abs() < 1e-6);
-            assert!((g.params.cfg - lowered).abs() < 1e-6);
+            assert!((g.params.run.cfg - lowered).abs() < 1e-6);
             assert_eq!(g.params.cfg_requested, 2.8);
 
             let cfgs: Vec<f32> = (1..=8)
@@ -207,7 +207,7 @@ fn cfg_above_three_is_clamped_to_the_safe_maximum() {
         .find(|n| n.kind == "cfg_clamped")
         .expect("notice");
     assert_eq!((n.from, n.to), (Some(3.2), Some(2.4)));
-    assert_eq!(g.params.cfg, 2.4);
+    assert_eq!(g.params.run.cfg, 2.4);
     assert_eq!(g.params.cfg_requested, 3.2);
     let want = reference(&[2.4; 8], &init_latents());
     assert!(max_abs_diff(&g.latents, &want) < 1e-5);
@@ -230,7 +230,7 @@ impl Family for Spy {
     fn components_mut(&mut self) -> &mut dyn zturbo::families::Components {
         self.inner.components_mut()
     }
-    fn activation_model(&self) -> zturbo::memory::planner::ActivationModel {
+    fn activation_model(&self) -> zturbo::memory::ActivationModel {
         self.inner.activation_model()
     }
     fn schedule(
@@ -305,7 +305,7 @@ fn cfg_one_never_runs_the_unconditional_branch() {
         .unwrap();
     assert_eq!(guided.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(!negative.load(std::sync::atomic::Ordering::SeqCst));
-    assert_eq!(g.params.negative_prompt, None);
+    assert_eq!(g.params.run.negative_prompt, None);
     // And with guidance every step is guided.
     let g = e
         .generate(
@@ -316,5 +316,5 @@ fn cfg_one_never_runs_the_unconditional_branch() {
         )
         .unwrap();
     assert_eq!(guided.load(std::sync::atomic::Ordering::SeqCst), 8);
-    assert!(g.params.negative_prompt.is_some());
+    assert!(g.params.run.negative_prompt.is_some());
 }

@@ -24,7 +24,8 @@ use candle_nn::VarBuilder;
 use common::{fixture, max_abs, max_abs_diff};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
 use zturbo::families::sd_turbo::clip::{ClipTextConfig, ClipTextModel};
-use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetConfig, UNetPrecision};
+use zturbo::families::sd_turbo::config::UNetConfig;
+use zturbo::families::sd_turbo::unet::{TextTime, UNet, UNetPrecision};
 use zturbo::families::sd_turbo::{SdTurbo, Variant};
 use zturbo::families::{self, Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
@@ -485,7 +486,7 @@ fn engine_runs_are_finite_and_deterministic() {
     let guided = go(&mut e, 1, 1.5, 7);
     assert!(max_abs(&guided.latents).is_finite());
     assert!(max_abs_diff(&a.latents, &guided.latents) > 1e-3);
-    assert_eq!(guided.params.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!(guided.params.run.negative_prompt.as_deref(), Some("blurry"));
 }
 
 #[test]

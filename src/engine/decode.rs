@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::guard::{all_finite, poison};
-use super::{EngineError, Notice, RunState};
+use super::{EngineError, Notice, NoticeKind, RunState};
 use crate::families::{Component, Family};
 pub use crate::memory::planner::tile_starts;
 use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
@@ -54,7 +54,7 @@ pub(crate) fn decode(
         None => match decode_checked(family, run, &mut |f, _| Ok(f.decode(latents)?)) {
             Err(EngineError::Model(e)) if is_out_of_memory(&e.to_string()) => {
                 run.notice(Notice::new(
-                    "decode_tiled",
+                    NoticeKind::DecodeTiled,
                     "VAE decode ran out of memory; decoding in tiles instead".to_string(),
                 ));
                 decode_tiled(family, latents, DEFAULT_VAE_TILING, run)
@@ -111,13 +111,15 @@ fn decode_checked(
             .components_mut()
             .set_dtype(Component::Vae, DType::F32)?;
         run.notice(Notice {
-            kind: "precision_raised".into(),
+            kind: NoticeKind::PrecisionRaised,
             message: format!(
                 "VAE produced NaN in {}; decoded again in f32",
                 dtype_name(from)
             ),
             component: Some("vae".into()),
-            ..Notice::default()
+            step: None,
+            from: None,
+            to: None,
         });
         raised = true;
     }

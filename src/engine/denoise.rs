@@ -6,7 +6,9 @@
 use candle_core::{DType, Tensor};
 
 use super::guard::{self, all_finite, CFG_BACKOFF, MAX_STEP_RETRIES};
-use super::{decode::dtype_name, release_memory, EngineError, Notice, Phase, RunState, StepEvent};
+use super::{
+    decode::dtype_name, release_memory, EngineError, Notice, NoticeKind, Phase, RunState, StepEvent,
+};
 use crate::families::{Component, Conditioning, Family, Schedule, StepInput};
 
 /// Inpainting's blend (diffusers' `ZImageInpaintPipeline` / `StableDiffusionInpaintPipeline`
@@ -87,7 +89,7 @@ pub(crate) fn denoise(
                 if guided {
                     *cfg = (from * CFG_BACKOFF).max(1.0);
                     run.notice(Notice {
-                        kind: "cfg_adjusted".into(),
+                        kind: NoticeKind::CfgAdjusted,
                         message: format!(
                             "CFG adapted {from:.2} → {:.2} at step {} (non-finite latents rolled back)",
                             *cfg,
@@ -96,17 +98,19 @@ pub(crate) fn denoise(
                         step: Some(i + 1),
                         from: Some(from),
                         to: Some(*cfg),
-                        ..Notice::default()
+                        component: None,
                     });
                 } else {
                     run.notice(Notice {
-                        kind: "step_retried".into(),
+                        kind: NoticeKind::StepRetried,
                         message: format!(
                             "step {} produced non-finite latents; rolled back and retried",
                             i + 1
                         ),
                         step: Some(i + 1),
-                        ..Notice::default()
+                        from: None,
+                        to: None,
+                        component: None,
                     });
                 }
                 continue;
@@ -118,7 +122,7 @@ pub(crate) fn denoise(
                     .components_mut()
                     .set_dtype(Component::Denoiser, DType::F32)?;
                 run.notice(Notice {
-                    kind: "precision_raised".into(),
+                    kind: NoticeKind::PrecisionRaised,
                     message: format!(
                         "step {} still non-finite after {MAX_STEP_RETRIES} retries; denoiser raised from {} to f32",
                         i + 1,
@@ -126,7 +130,8 @@ pub(crate) fn denoise(
                     ),
                     step: Some(i + 1),
                     component: Some("denoiser".into()),
-                    ..Notice::default()
+                    from: None,
+                    to: None,
                 });
                 continue;
             }

@@ -5,8 +5,8 @@
 pub mod decode;
 pub mod denoise;
 pub mod guard;
+pub mod load;
 pub mod output;
-pub mod prompt;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,9 +24,9 @@ use crate::memory::probe::MemoryProbe;
 use crate::nn::scheduler::NoiseKind;
 use crate::nn::torch_rng::TorchGenerator;
 use crate::nn::vae_encoder::Posterior;
+use crate::prompt::{self, Enhanced, PromptContext};
 use crate::request::{InitImage, ValidRequest};
 use guard::{blank_image, Blank, FaultPlan};
-use prompt::{Enhanced, PromptContext};
 
 /// Seeds of the black-image retry are offset by this (a large prime, so the retry's noise shares
 /// nothing with any neighbouring seed the user might also try).
@@ -78,12 +78,67 @@ pub struct StepEvent {
     pub elapsed_ms: u64,
 }
 
+/// What a [`Notice`] reports. The wire names are the snake_case ones (`cfg_clamped`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// The requested CFG was intercepted and lowered to the model's safe maximum.
+    CfgClamped,
+    /// A step went non-finite and was retried with a lower CFG.
+    CfgAdjusted,
+    /// A step went non-finite and was retried as it was.
+    StepRetried,
+    /// A component was rebuilt in a higher precision after overflowing.
+    PrecisionRaised,
+    /// A blank image was regenerated from a new seed.
+    BlackRetry,
+    /// The memory plan ran in a lower mode than asked.
+    MemoryMode,
+    /// The VAE decoded in tiles.
+    DecodeTiled,
+}
+
+impl NoticeKind {
+    pub const ALL: [NoticeKind; 7] = [
+        NoticeKind::CfgClamped,
+        NoticeKind::CfgAdjusted,
+        NoticeKind::StepRetried,
+        NoticeKind::PrecisionRaised,
+        NoticeKind::BlackRetry,
+        NoticeKind::MemoryMode,
+        NoticeKind::DecodeTiled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::CfgClamped => "cfg_clamped",
+            NoticeKind::CfgAdjusted => "cfg_adjusted",
+            NoticeKind::StepRetried => "step_retried",
+            NoticeKind::PrecisionRaised => "precision_raised",
+            NoticeKind::BlackRetry => "black_retry",
+            NoticeKind::MemoryMode => "memory_mode",
+            NoticeKind::DecodeTiled => "decode_tiled",
+        }
+    }
+}
+
+impl std::fmt::Display for NoticeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for NoticeKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Something the engine adapted or wants the user to know (shown as a toast, kept in the record
-/// and the PNG). `kind`: `cfg_clamped`, `cfg_adjusted`, `step_retried`, `precision_raised`,
-/// `black_retry`, `memory_mode`, `decode_tiled`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// and the PNG).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
-    pub kind: String,
+    pub kind: NoticeKind,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
@@ -96,11 +151,14 @@ pub struct Notice {
 }
 
 impl Notice {
-    pub fn new(kind: &str, message: String) -> Self {
+    pub fn new(kind: NoticeKind, message: String) -> Self {
         Self {
-            kind: kind.to_string(),
+            kind,
             message,
-            ..Self::default()
+            step: None,
+            from: None,
+            to: None,
+            component: None,
         }
     }
 }
@@ -171,23 +229,17 @@ pub struct Timings {
     pub total_ms: u64,
 }
 
-/// The parameters a job actually ran with.
+/// The parameters a job actually ran with: the request as it ran (serialised flat, with the
+/// request's own field names) and what the engine chose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResolvedParams {
     pub model: String,
-    pub prompt: String,
-    /// The negative prompt given to the model; `None` when guidance was off (it is unused then).
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    /// The CFG the last step ran with (after interception and any backoff).
-    pub cfg: f32,
+    /// The request with its final values: the prompt as enhanced, the negative prompt given to
+    /// the model (`None` when guidance was off: it is unused then), the CFG the last step ran
+    /// with (after interception and any backoff), the memory mode the plan ran in.
+    #[serde(flatten)]
+    pub run: ValidRequest,
     pub cfg_requested: f32,
-    pub seed: u64,
-    pub batch: u32,
-    pub enhance: bool,
-    pub memory_mode: MemoryMode,
     pub precision: String,
     pub sampler: String,
     /// Image to image: the strength (`Denoising strength` in A1111's parameters).
@@ -542,13 +594,14 @@ impl Engine {
         if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
             cfg = profile.safe_cfg_max;
             run.notice(Notice {
-                kind: "cfg_clamped".into(),
+                kind: NoticeKind::CfgClamped,
                 message: format!(
                     "CFG {cfg_requested:.1} is above this model's safe range; using {cfg:.1}"
                 ),
                 from: Some(cfg_requested),
                 to: Some(cfg),
-                ..Notice::default()
+                step: None,
+                component: None,
             });
         }
         let guided = cfg > 1.0;
@@ -582,7 +635,7 @@ impl Engine {
         run.observer.plan(&plan);
         if plan.stepped_down() {
             run.notice(Notice::new(
-                "memory_mode",
+                NoticeKind::MemoryMode,
                 format!(
                     "{} mode does not fit the free memory; running in {} mode",
                     plan.requested_mode, plan.mode
@@ -672,7 +725,7 @@ impl Engine {
                     // 7. Black-image check: one retry from a fresh seed, then a clear failure.
                     let retry_seed = seed.wrapping_add(BLACK_RETRY_SEED_OFFSET);
                     run.notice(Notice::new(
-                        "black_retry",
+                        NoticeKind::BlackRetry,
                         format!(
                             "image {} came out blank ({}); regenerating it with seed {retry_seed}",
                             i + 1,
@@ -714,17 +767,18 @@ impl Engine {
 
         let params = ResolvedParams {
             model: self.model_name.clone(),
-            prompt: enhancement.prompt.clone(),
-            negative_prompt: negative,
-            width: req.width,
-            height: req.height,
-            steps: req.steps,
-            cfg,
+            run: ValidRequest {
+                prompt: enhancement.prompt.clone(),
+                negative_prompt: negative,
+                cfg,
+                memory_mode: plan.mode,
+                // Recorded below by content hash and name (`init_image`, `loras`): the record
+                // carries no decoded pixels and no server paths.
+                init: None,
+                loras: Vec::new(),
+                ..req.clone()
+            },
             cfg_requested,
-            seed: req.seed,
-            batch: req.batch,
-            enhance: req.enhance,
-            memory_mode: plan.mode,
             precision: self.family.components().policy().describe(),
             sampler: profile.sampler.into(),
             strength: req.init.as_ref().map(|i| i.strength),
@@ -1083,4 +1137,26 @@ fn to_image(px: &Tensor, seed: u64) -> Result<Result<GeneratedImage, Blank>, Eng
         seed,
         rgb,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Notices keep the wire names records and PNGs were written with.
+    #[test]
+    fn notice_kinds_serialise_as_their_names() {
+        for k in NoticeKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+            let back: NoticeKind = serde_json::from_value(k.as_str().into()).unwrap();
+            assert_eq!(back, k);
+        }
+        let n = Notice::new(NoticeKind::BlackRetry, "again".into());
+        assert!(n.kind == "black_retry");
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "black_retry", "message": "again"})
+        );
+    }
 }

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{GeneratedImage, Generation, Notice, ResolvedParams};
+use crate::request::ValidRequest;
 
 /// The `zturbo` text chunk of image `seed` of a run: the full JSON record (params with that
 /// image's seed, enhancement, notices, timings, peak memory, plan). Serialised from the typed
@@ -26,7 +27,10 @@ pub fn record_text(job_id: Option<&str>, gen: &Generation, seed: u64) -> String 
     let record = Record {
         job_id,
         params: ResolvedParams {
-            seed,
+            run: ValidRequest {
+                seed,
+                ..gen.params.run.clone()
+            },
             ..gen.params.clone()
         },
         enhancement: &gen.enhancement,
@@ -40,10 +44,11 @@ pub fn record_text(job_id: Option<&str>, gen: &Generation, seed: u64) -> String 
 
 /// A1111's infotext: prompt, `Negative prompt:` line, then `Key: value` pairs. Our notices ride
 /// along as `Notices: "…"` so other tools show them too.
-pub fn a1111_parameters(p: &ResolvedParams, seed: u64, notices: &[Notice]) -> String {
+pub fn a1111_parameters(params: &ResolvedParams, seed: u64, notices: &[Notice]) -> String {
+    let p = &params.run;
     let mut s = p.prompt.clone();
     // LoRAs as A1111 writes them, in the prompt: `--from-png` and A1111 read them back.
-    for l in &p.loras {
+    for l in &params.loras {
         s.push_str(&format!(" <lora:{}:{}>", l.name, fmt_cfg(l.weight)));
     }
     if let Some(n) = p.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
@@ -53,20 +58,23 @@ pub fn a1111_parameters(p: &ResolvedParams, seed: u64, notices: &[Notice]) -> St
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}",
         p.steps,
-        p.sampler,
+        params.sampler,
         fmt_cfg(p.cfg),
         p.width,
         p.height,
-        p.model
+        params.model
     ));
-    if let Some(st) = p.strength {
+    if let Some(st) = params.strength {
         s.push_str(&format!(", Denoising strength: {st}"));
     }
-    if let Some(b) = p.mask_blur {
+    if let Some(b) = params.mask_blur {
         s.push_str(&format!(", Mask blur: {b}"));
     }
-    if (p.cfg_requested - p.cfg).abs() > f32::EPSILON {
-        s.push_str(&format!(", CFG requested: {}", fmt_cfg(p.cfg_requested)));
+    if (params.cfg_requested - p.cfg).abs() > f32::EPSILON {
+        s.push_str(&format!(
+            ", CFG requested: {}",
+            fmt_cfg(params.cfg_requested)
+        ));
     }
     s.push_str(&format!(", Memory mode: {}", p.memory_mode));
     if !notices.is_empty() {
@@ -250,22 +258,27 @@ fn split_settings(line: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::NoticeKind;
     use crate::memory::planner::MemoryMode;
 
     fn params() -> ResolvedParams {
         ResolvedParams {
             model: "demo".into(),
-            prompt: "a lake, at dawn".into(),
-            negative_prompt: Some("blurry, dark".into()),
-            width: 128,
-            height: 96,
-            steps: 8,
-            cfg: 2.4,
+            run: ValidRequest {
+                prompt: "a lake, at dawn".into(),
+                negative_prompt: Some("blurry, dark".into()),
+                width: 128,
+                height: 96,
+                steps: 8,
+                cfg: 2.4,
+                seed: 42,
+                batch: 1,
+                enhance: true,
+                memory_mode: MemoryMode::Performance,
+                init: None,
+                loras: Vec::new(),
+            },
             cfg_requested: 3.2,
-            seed: 42,
-            batch: 1,
-            enhance: true,
-            memory_mode: MemoryMode::Performance,
             precision: "f32".into(),
             sampler: "Euler (flow)".into(),
             strength: None,
@@ -279,7 +292,7 @@ mod tests {
     #[test]
     fn parameters_round_trip_through_a_png() {
         let notices = vec![Notice::new(
-            "cfg_clamped",
+            NoticeKind::CfgClamped,
             "CFG 3.2 → 2.4, with \"quotes\"".into(),
         )];
         let text = a1111_parameters(&params(), 42, &notices);

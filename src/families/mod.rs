@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
-use crate::memory::planner::ActivationModel;
+use crate::memory::ActivationModel;
 
 pub use crate::nn::scheduler::Schedule;
 pub use precision::{Precision, PrecisionPolicy};

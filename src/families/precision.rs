@@ -3,50 +3,7 @@
 
 use candle_core::{DType, Device};
 
-/// The user-facing precision choice (`--precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
-    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
-    #[default]
-    Auto,
-    F32,
-    Bf16,
-    F16,
-    /// bf16 text encoder, f16 denoiser compute with a bf16 residual stream, VAE bf16 (f32 retry on
-    /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
-    /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
-    Mixed,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "f32" | "fp32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "f16" | "fp16" | "float16" => Ok(Self::F16),
-            "mixed" => Ok(Self::Mixed),
-            other => Err(format!(
-                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-            Self::Mixed => "mixed",
-        })
-    }
-}
+pub use crate::settings::Precision;
 
 /// Concrete dtypes per component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 
 use super::weights::Weights;
 use super::{Component, DenoiserResidency, ModelError, PrecisionPolicy};
-use crate::memory::planner::{ComponentBytes, VaeActivations};
+use crate::memory::planner::ComponentBytes;
+use crate::memory::VaeActivations;
 use crate::nn::vae::{VaeConfig, VaeDecoder};
 use crate::nn::vae_encoder::VaeEncoder;
 use crate::ops::attention::QUERY_CHUNK_ROWS;

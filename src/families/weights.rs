@@ -86,6 +86,14 @@ impl ModelDir {
         }
     }
 
+    /// A config error in the folder's file `rel`.
+    pub fn malformed(&self, rel: &str, message: String) -> ModelError {
+        ModelError::Malformed {
+            path: self.display_path(rel),
+            message,
+        }
+    }
+
     pub fn exists(&self, rel: &str) -> bool {
         match &self.store {
             Store::Dir(p) => p.join(rel).is_file(),

@@ -36,9 +36,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-const KIB: u64 = 1 << 10;
+use super::activations::{ActivationModel, SequenceActivations};
+use super::bytes::format_bytes;
+
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 /// Largest batch [`max_batch`] will consider; far above any request limit, it only bounds the search.
 pub const MAX_BATCH_SEARCH: u32 = 1024;
@@ -47,38 +48,6 @@ pub const MAX_BATCH_SEARCH: u32 = 1024;
 pub const DEFAULT_VAE_TILING: VaeTiling = VaeTiling::square(32, 8);
 /// Fallback when even the default tile does not fit.
 pub const SMALL_VAE_TILING: VaeTiling = VaeTiling::square(16, 4);
-
-// ---- Activation coefficients ----------------------------------------------------------------------------
-//
-// The generic building blocks of the families' formulas (`families/*/activations.rs`, which read the chunk and
-// band caps from `ops`), counted from our own forward code (`families/z_image/dit.rs`, `nn/vae.rs`,
-// `families/sd_turbo/`) and calibrated against peaks measured with the counting allocator (`cargo bench --bench calibrate`, f32 on the
-// CPU, the `bench` synthetic Z-Image). Measured vs planned on that model (planned / measured): denoiser call
-// with CFG 1.24 at 256² and 1.13 at 512²; text encoder at 512 tokens 1.19; VAE decode 1.0–1.05 whole and tiled.
-// The estimates stay on the safe side of every measurement. Every coefficient is a public field of
-// `ActivationModel` and can be overridden.
-
-/// (tokens × dim) tensors live at a DiT block's attention peak: residual, norm, modulated input, q/k/v,
-/// q/k after QK-norm, q/k after RoPE, contiguous per-head q/k/v, context, its reshaped copy, output
-/// projection.
-pub const ATTN_PHASE_DIM_COPIES: u64 = 16;
-/// (tokens × dim) tensors live at the MLP peak: residual, two norms, modulated input, attention output,
-/// its norm, the new residual and the MLP output.
-pub const MLP_PHASE_DIM_COPIES: u64 = 8;
-/// (tokens × ffn_hidden) tensors live at the SwiGLU peak: gate, silu(gate), up, product.
-pub const MLP_PHASE_HIDDEN_COPIES: u64 = 4;
-/// Attention score tensors alive at once: `q·kᵀ` (+ mask) and its softmax.
-pub const ATTN_SCORE_COPIES: u64 = 2;
-/// im2col column buffer of a 3 × 3 convolution, in input-channel multiples (the UNet's convolutions
-/// build it whole).
-pub const CONV_KERNEL_AREA: u64 = 9;
-/// Input-channel-wide tensors alive around a VAE resnet's first conv: block input (kept for the skip),
-/// group norm, swish.
-pub const CONV_INPUT_COPIES: u64 = 3;
-/// Output-channel-wide tensors of an im2col conv: matmul result and its NCHW copy.
-pub const CONV_OUTPUT_COPIES: u64 = 2;
-/// Bytes per output pixel of the tiled decoder's accumulator: f32 RGB sum plus f32 blend weight.
-pub const TILE_ACCUMULATOR_BYTES_PER_PIXEL: u64 = 16;
 
 // ---- Modes and residency --------------------------------------------------------------------------------
 
@@ -197,177 +166,6 @@ pub struct ComponentBytes {
     /// Number of repeated blocks (Z-Image: 30 layers + 2 noise + 2 context refiners); 0 = cannot stream.
     pub denoiser_blocks: usize,
     pub vae_decoder: u64,
-}
-
-/// Activation bytes of a transformer as a function of sequence length, per sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SequenceActivations {
-    /// Live bytes per token that scale linearly with the sequence (projections, MLP).
-    pub bytes_per_token: u64,
-    pub heads: u64,
-    /// Live bytes per attention-score element (copies alive at once × element size); 0 when attention is
-    /// fused (flash attention) and scores never exist in full.
-    pub bytes_per_score: u64,
-    /// Most score elements that exist at once (chunked attention); `u64::MAX` when unchunked.
-    pub max_scores: u64,
-}
-
-impl SequenceActivations {
-    /// From a transformer's shape, with the copy counts above. `elem_bytes` is the activation dtype's size.
-    pub fn transformer(dim: u64, heads: u64, ffn_hidden: u64, elem_bytes: u64) -> Self {
-        let attn_phase = ATTN_PHASE_DIM_COPIES.saturating_mul(dim);
-        let mlp_phase = MLP_PHASE_DIM_COPIES
-            .saturating_mul(dim)
-            .saturating_add(MLP_PHASE_HIDDEN_COPIES.saturating_mul(ffn_hidden));
-        // One term for both phases (the larger) keeps the formula simple; it over-counts the attention
-        // phase by a few (tokens × dim) copies, which errs on the safe side.
-        Self {
-            bytes_per_token: attn_phase.max(mlp_phase).saturating_mul(elem_bytes),
-            heads,
-            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
-            max_scores: u64::MAX,
-        }
-    }
-
-    /// Peak activation bytes for `batch` sequences of `tokens` tokens.
-    pub fn bytes(&self, tokens: u64, batch: u64) -> u64 {
-        let linear = self
-            .bytes_per_token
-            .saturating_mul(tokens)
-            .saturating_mul(batch);
-        let score_elems = self
-            .heads
-            .saturating_mul(tokens.saturating_mul(tokens))
-            .saturating_mul(batch)
-            .min(self.max_scores);
-        linear.saturating_add(self.bytes_per_score.saturating_mul(score_elems))
-    }
-}
-
-/// Activation bytes of a VAE decode, per image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VaeActivations {
-    /// Output pixels per latent pixel along each side.
-    pub scale: u32,
-    /// Peak live bytes per output pixel in the convolution stages (the full-resolution resnets dominate).
-    pub bytes_per_pixel: u64,
-    /// Live bytes per element of the mid-block attention scores over (latent pixels)².
-    pub bytes_per_score: u64,
-    /// Bytes per output pixel the tiled decoder keeps for the whole image (blend accumulator).
-    pub tile_accumulator_bytes_per_pixel: u64,
-    /// Largest im2col buffer of one convolution (banded), in bytes.
-    pub im2col_bytes: u64,
-    /// Query rows of the mid-block attention computed at once.
-    pub attention_rows: u64,
-}
-
-impl VaeActivations {
-    /// From an AutoencoderKL decoder's `block_out_channels` (encoder order, as in its `config.json`), with
-    /// one level per entry: the decoder walks them reversed from latent resolution, doubling the side at
-    /// each level but the last. `im2col_elems`: the convolutions' band cap; `attention_rows`: the mid
-    /// block's query rows per chunk (both the forward code's, `ops::conv` / `ops::attention`).
-    pub fn autoencoder_kl(
-        block_out_channels: &[u32],
-        scale: u32,
-        elem_bytes: u64,
-        im2col_elems: u64,
-        attention_rows: u64,
-    ) -> Self {
-        let reversed: Vec<u64> = block_out_channels
-            .iter()
-            .rev()
-            .map(|&c| u64::from(c))
-            .collect();
-        let levels = reversed.len();
-        let mut worst_per_pixel = 0u64;
-        for (i, &c_out) in reversed.iter().enumerate() {
-            // The mid block runs at the widest (last) channel count, which feeds level 0.
-            let c_in = if i == 0 { c_out } else { reversed[i - 1] };
-            // The im2col buffer is banded (a constant, below), so only feature maps scale.
-            let per_level_pixel = c_in
-                .saturating_mul(CONV_INPUT_COPIES)
-                .saturating_add(CONV_OUTPUT_COPIES.saturating_mul(c_out));
-            // Level i covers 1 / 4^(levels-1-i) of the output pixels.
-            let shift = u32::try_from(2 * (levels - 1 - i)).unwrap_or(u32::MAX);
-            let per_output_pixel = per_level_pixel.checked_shr(shift).unwrap_or(0);
-            worst_per_pixel = worst_per_pixel.max(per_output_pixel);
-        }
-        Self {
-            scale,
-            bytes_per_pixel: worst_per_pixel.saturating_mul(elem_bytes),
-            bytes_per_score: ATTN_SCORE_COPIES.saturating_mul(elem_bytes),
-            tile_accumulator_bytes_per_pixel: TILE_ACCUMULATOR_BYTES_PER_PIXEL,
-            im2col_bytes: im2col_elems.saturating_mul(elem_bytes),
-            attention_rows,
-        }
-    }
-
-    /// Peak bytes to decode a `latent_w × latent_h` latent in one go.
-    pub fn decode_bytes(&self, latent_w: u64, latent_h: u64) -> u64 {
-        let scale = u64::from(self.scale);
-        let pixels = latent_w
-            .saturating_mul(scale)
-            .saturating_mul(latent_h.saturating_mul(scale));
-        let latent_pixels = latent_w.saturating_mul(latent_h);
-        // Convolutions and the mid-block attention run at different times: the peak is the larger.
-        let conv = self
-            .bytes_per_pixel
-            .saturating_mul(pixels)
-            .saturating_add(self.im2col_bytes);
-        let attn = self
-            .bytes_per_score
-            .saturating_mul(latent_pixels.saturating_mul(latent_pixels.min(self.attention_rows)));
-        conv.max(attn)
-    }
-
-    /// Peak bytes to decode the same latent tile by tile.
-    pub fn tiled_decode_bytes(&self, latent_w: u64, latent_h: u64, tiling: VaeTiling) -> u64 {
-        let tile_w = u64::from(tiling.tile_width_latent.max(1));
-        let tile_h = u64::from(tiling.tile_height_latent.max(1));
-        let scale = u64::from(self.scale);
-        let pixels = latent_w
-            .saturating_mul(scale)
-            .saturating_mul(latent_h.saturating_mul(scale));
-        let accumulator = self.tile_accumulator_bytes_per_pixel.saturating_mul(pixels);
-        self.decode_bytes(latent_w.min(tile_w), latent_h.min(tile_h))
-            .saturating_add(accumulator)
-    }
-}
-
-/// Activation model of one model family. Plain data: constructors derive it from architecture numbers,
-/// and any field can be replaced by a calibrated value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationModel {
-    pub denoiser: SequenceActivations,
-    /// Output pixels per denoiser token along each side (VAE scale × patch size).
-    pub denoiser_pixels_per_token: u32,
-    /// Text tokens in the denoiser's sequence next to the image tokens (the caption at its padded maximum).
-    pub denoiser_context_tokens: u32,
-    pub text_encoder: SequenceActivations,
-    /// Tokens the text encoder runs over per prompt (its maximum).
-    pub text_tokens: u32,
-    pub vae: VaeActivations,
-    /// The denoiser's score cap in low mode, when the family then runs batch items (the CFG pair
-    /// included) one at a time; `None` when low mode runs the batch as usual.
-    pub low_memory_scores: Option<u64>,
-}
-
-impl ActivationModel {
-    /// Denoiser tokens for an image: patches plus the caption.
-    pub fn denoiser_tokens(&self, width: u32, height: u32) -> u64 {
-        let per = self.denoiser_pixels_per_token.max(1);
-        let patches = u64::from(width.div_ceil(per)) * u64::from(height.div_ceil(per));
-        patches.saturating_add(u64::from(self.denoiser_context_tokens))
-    }
-
-    /// Latent size (width, height) for an image.
-    pub fn latent_size(&self, width: u32, height: u32) -> (u64, u64) {
-        let scale = self.vae.scale.max(1);
-        (
-            u64::from(width.div_ceil(scale)),
-            u64::from(height.div_ceil(scale)),
-        )
-    }
 }
 
 /// Everything the planner looks at (serialisable so a job record can keep what its plan was made from).
@@ -1054,128 +852,14 @@ pub fn max_batch_in_mode(input: &PlanInput, mode: MemoryMode) -> u32 {
     lo
 }
 
-// ---- Byte sizes -----------------------------------------------------------------------------------------
-
-/// A `--memory-budget` value that cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseBytesError {
-    #[error(
-        "memory size is empty; expected e.g. `8GiB`, `8GB`, `512MiB`, `1.5GiB` or a byte count"
-    )]
-    Empty,
-    #[error(
-        "invalid memory size `{input}`: `{number}` is not a non-negative number; \
-         expected e.g. `8GiB`, `1.5GiB`, `512MiB` or a byte count"
-    )]
-    InvalidNumber { input: String, number: String },
-    #[error(
-        "invalid memory size `{input}`: unknown unit `{unit}`; use B, KiB, MiB, GiB, TiB (binary), \
-         KB, MB, GB, TB (decimal) or K, M, G, T (binary)"
-    )]
-    UnknownUnit { input: String, unit: String },
-    #[error("invalid memory size `{input}`: a byte count cannot have a fraction")]
-    FractionalBytes { input: String },
-    #[error("invalid memory size `{input}`: larger than 2^64 bytes")]
-    TooLarge { input: String },
-}
-
-/// Parses a memory size: `8GiB`, `512MiB`, `1.5GiB` (binary), `8GB`, `500MB` (decimal, powers of 1000),
-/// `8G`, `512M` (single letters are read as binary, like `free -h` and most GPU tools print them), or a
-/// plain byte count. Units are case-insensitive and may follow a space. Fractions round down to a byte.
-pub fn parse_bytes(s: &str) -> Result<u64, ParseBytesError> {
-    let text = s.trim();
-    if text.is_empty() {
-        return Err(ParseBytesError::Empty);
-    }
-    let split = text
-        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = (&text[..split], text[split..].trim());
-    if number.is_empty() {
-        return Err(ParseBytesError::InvalidNumber {
-            input: s.to_owned(),
-            number: text.to_owned(),
-        });
-    }
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => KIB,
-        "m" | "mib" => MIB,
-        "g" | "gib" => GIB,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => {
-            return Err(ParseBytesError::UnknownUnit {
-                input: s.to_owned(),
-                unit: unit.to_owned(),
-            })
-        }
-    };
-    let invalid = || ParseBytesError::InvalidNumber {
-        input: s.to_owned(),
-        number: number.to_owned(),
-    };
-    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-    if (int_part.is_empty() && frac_part.is_empty()) || frac_part.contains('.') {
-        return Err(invalid());
-    }
-    // Digits past the 24th are below a byte for every unit here (the largest is 2^40 < 10^13).
-    let frac_part = &frac_part[..frac_part.len().min(24)];
-    if multiplier == 1 && !frac_part.is_empty() {
-        return Err(ParseBytesError::FractionalBytes {
-            input: s.to_owned(),
-        });
-    }
-    // Exact decimal arithmetic in u128: "1.1GB" must be 1_100_000_000, which f64 would not promise.
-    let digits = format!("{int_part}{frac_part}");
-    // 30 significant digits are far beyond u64 range, so longer inputs are too large (or padding).
-    let digits = digits.trim_start_matches('0');
-    let too_large = || ParseBytesError::TooLarge {
-        input: s.to_owned(),
-    };
-    if digits.len() > 30 {
-        return Err(too_large());
-    }
-    let mantissa: u128 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().map_err(|_| invalid())?
-    };
-    let scale = 10u128
-        .checked_pow(u32::try_from(frac_part.len()).map_err(|_| too_large())?)
-        .ok_or_else(too_large)?;
-    let bytes = mantissa
-        .checked_mul(u128::from(multiplier))
-        .ok_or_else(too_large)?
-        / scale;
-    u64::try_from(bytes).map_err(|_| too_large())
-}
-
-/// A byte count for people: GiB with two decimals from 1 GiB up, else MiB, KiB or B.
-pub fn format_bytes(bytes: u64) -> String {
-    // f64 is fine for display: two decimals, never fed back into arithmetic.
-    let b = bytes as f64;
-    if bytes >= GIB {
-        format!("{:.2} GiB", b / GIB as f64)
-    } else if bytes >= MIB {
-        format!("{:.0} MiB", b / MIB as f64)
-    } else if bytes >= KIB {
-        format!("{:.0} KiB", b / KIB as f64)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GIB: u64 = 1 << 30;
     // A realistic input for the planner's decisions: Z-Image-Turbo's own activation formulas.
     use crate::families::z_image::activations as z_image;
 
-    const GB: u64 = 1_000_000_000;
     /// CUDA context + display already holding memory when the server starts (an assumption, typical of a
     /// desktop NVIDIA card: 300–500 MiB).
     const DRIVER_OVERHEAD: u64 = 400 * MIB;
@@ -1776,54 +1460,6 @@ mod tests {
             "{msg}"
         );
         assert_eq!(MemoryMode::default(), MemoryMode::Auto);
-    }
-
-    #[test]
-    fn byte_sizes_parse() {
-        let cases: [(&str, u64); 14] = [
-            ("8GiB", 8 * GIB),
-            ("8GB", 8 * GB),
-            ("8G", 8 * GIB),
-            ("8g", 8 * GIB),
-            ("512MiB", 512 * MIB),
-            ("1.5GiB", 3 * GIB / 2),
-            ("1.1GB", 1_100_000_000),
-            ("0.5 gib", GIB / 2),
-            (" 12 GiB ", 12 * GIB),
-            ("1073741824", GIB),
-            ("1024B", 1024),
-            ("4k", 4096),
-            (".5GiB", GIB / 2),
-            ("2TB", 2_000_000_000_000),
-        ];
-        for (text, bytes) in cases {
-            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
-        }
-        assert_eq!(parse_bytes("18446744073709551615"), Ok(u64::MAX));
-        assert_eq!(parse_bytes("0.000000000000000000000000000000001GiB"), Ok(0));
-    }
-
-    #[test]
-    fn byte_size_errors_name_the_input() {
-        let err = |s: &str| parse_bytes(s).expect_err(s).to_string();
-        assert!(err("").contains("empty"));
-        assert!(
-            err("8 gigs").contains("`8 gigs`") && err("8 gigs").contains("unknown unit `gigs`")
-        );
-        assert!(err("-1GiB").contains("`-1GiB`"));
-        assert!(err("GiB").contains("not a non-negative number"));
-        assert!(err("1.2.3GiB").contains("`1.2.3`"));
-        assert!(err("1.5").contains("cannot have a fraction"));
-        assert!(err("18446744073709551616").contains("larger than"));
-        assert!(err("99999999999999999999999999999999999TiB").contains("larger than"));
-    }
-
-    #[test]
-    fn bytes_format_for_people() {
-        assert_eq!(format_bytes(0), "0 B");
-        assert_eq!(format_bytes(1536), "2 KiB");
-        assert_eq!(format_bytes(512 * MIB), "512 MiB");
-        assert_eq!(format_bytes(12 * GIB + GIB / 4), "12.25 GiB");
     }
 
     /// The table for the report: `cargo test plan_table -- --nocapture`.

@@ -5,8 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::prompt::Enhanced;
+use super::outputs::StorageProblem;
 use crate::engine::{Notice, ResolvedParams};
+use crate::prompt::Enhanced;
 use crate::request::ValidRequest;
 
 /// A job's id: 16 lowercase hex digits (also the stem of its files in the outputs folder).
@@ -96,12 +97,110 @@ pub struct JobRecord {
     /// The memory plan the run used (mode, residency, tiling, estimated peaks, reasons).
     #[serde(default)]
     pub plan: Option<crate::memory::planner::Plan>,
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Set when it failed because the outputs folder could not be written (the synchronous
-    /// surfaces then answer 507 or 503 instead of 500).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage_problem: Option<super::outputs::StorageProblem>,
+    /// Why it failed; `None` unless it did. Records journaled before the error was typed hold a
+    /// plain message, read back as an [`FailureKind::Internal`] failure.
+    #[serde(default, deserialize_with = "legacy_error")]
+    pub error: Option<JobError>,
+}
+
+/// What kind of failure ended a job: the HTTP edge picks its status from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The model folder or a weight file was at fault (names the file).
+    Model,
+    /// Not enough memory for the request on this device.
+    DoesNotFit,
+    /// Non-finite values the guard could not recover from.
+    NonFinite,
+    /// The image came out blank twice.
+    BlankImage,
+    /// A request the engine cannot run as given (e.g. initial latents of the wrong shape).
+    Invalid,
+    /// The images could not be written: no space (or quota) left in the outputs folder.
+    StorageFull,
+    /// The images could not be written: the outputs folder is read-only, forbidden or broken.
+    StorageUnwritable,
+    /// The worker stopped or the engine panicked.
+    Internal,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::Model,
+        FailureKind::DoesNotFit,
+        FailureKind::NonFinite,
+        FailureKind::BlankImage,
+        FailureKind::Invalid,
+        FailureKind::StorageFull,
+        FailureKind::StorageUnwritable,
+        FailureKind::Internal,
+    ];
+
+    /// The outputs folder's problem, for a failure to write the images.
+    pub fn storage(self) -> Option<StorageProblem> {
+        match self {
+            FailureKind::StorageFull => Some(StorageProblem::Full),
+            FailureKind::StorageUnwritable => Some(StorageProblem::Unwritable),
+            _ => None,
+        }
+    }
+}
+
+impl From<StorageProblem> for FailureKind {
+    fn from(p: StorageProblem) -> Self {
+        match p {
+            StorageProblem::Full => FailureKind::StorageFull,
+            StorageProblem::Unwritable => FailureKind::StorageUnwritable,
+        }
+    }
+}
+
+/// A job's failure, typed from the engine's error to the HTTP edge (and journaled as such).
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[error("{message}")]
+pub struct JobError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl JobError {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&crate::engine::EngineError> for JobError {
+    fn from(e: &crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError as E;
+        let kind = match e {
+            E::Model(crate::families::ModelError::Candle(_)) => FailureKind::Internal,
+            E::Model(_) => FailureKind::Model,
+            E::DoesNotFit(_) => FailureKind::DoesNotFit,
+            E::NonFinite { .. } => FailureKind::NonFinite,
+            E::BlankImage(_) => FailureKind::BlankImage,
+            E::Invalid(_) => FailureKind::Invalid,
+            E::Cancelled => FailureKind::Internal,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+/// `error` as journaled now (`{kind, message}`) or before it was typed (a message).
+fn legacy_error<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<JobError>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Typed(JobError),
+        Message(String),
+    }
+    Ok(Option::<Stored>::deserialize(d)?.map(|s| match s {
+        Stored::Typed(e) => e,
+        Stored::Message(m) => JobError::new(FailureKind::Internal, m),
+    }))
 }
 
 /// A job as the API shows it: the record plus live progress.
@@ -135,7 +234,7 @@ pub enum JobEvent {
         images: Vec<String>,
     },
     Failed {
-        error: String,
+        error: JobError,
     },
     Cancelled,
 }
@@ -158,7 +257,7 @@ impl JobEvent {
                 error: record
                     .error
                     .clone()
-                    .unwrap_or_else(|| "the job failed".into()),
+                    .unwrap_or_else(|| JobError::new(FailureKind::Internal, "the job failed")),
             }),
             JobState::Cancelled => Some(JobEvent::Cancelled),
             JobState::Queued | JobState::Running => None,
@@ -214,6 +313,54 @@ pub fn is_image_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's errors keep their kind up to the HTTP edge.
+    #[test]
+    fn engine_errors_keep_their_kind() {
+        use crate::engine::EngineError;
+        use crate::families::ModelError;
+        let cases = [
+            (
+                EngineError::DoesNotFit("9 GiB".into()),
+                FailureKind::DoesNotFit,
+            ),
+            (EngineError::Invalid("latents".into()), FailureKind::Invalid),
+            (
+                EngineError::BlankImage("twice".into()),
+                FailureKind::BlankImage,
+            ),
+            (
+                EngineError::NonFinite {
+                    stage: "decode".into(),
+                    detail: "NaN".into(),
+                },
+                FailureKind::NonFinite,
+            ),
+            (
+                EngineError::Model(ModelError::MissingFile {
+                    path: "vae/config.json".into(),
+                }),
+                FailureKind::Model,
+            ),
+        ];
+        for (e, kind) in cases {
+            let j = JobError::from(&e);
+            assert_eq!(j.kind, kind, "{e}");
+            assert_eq!(j.message, e.to_string());
+        }
+        let names: Vec<String> = FailureKind::ALL
+            .iter()
+            .map(|k| {
+                serde_json::to_value(k)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(names.len(), 8);
+        assert!(names.contains(&"does_not_fit".to_owned()));
+    }
 
     #[test]
     fn ids_are_hex_and_distinct() {

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::job::{is_job_id, JobRecord, JobState};
+use super::job::{is_job_id, FailureKind, JobError, JobRecord, JobState};
 use crate::engine::output::{sync_dir, write_atomic};
 
 pub const JOURNAL_DIR: &str = ".jobs";
@@ -157,11 +157,11 @@ impl Journal {
                 .filter(|f| outputs.join(f).is_file())
                 .collect();
         } else if state == JobState::Failed && r.error.is_none() {
-            r.error = Some(
+            r.error = Some(JobError::new(
+                FailureKind::StorageUnwritable,
                 "the job failed, and its final record could not be written (the outputs folder \
-                 was full or not writable)"
-                    .into(),
-            );
+                 was full or not writable)",
+            ));
         }
         r.state = state;
         r
@@ -231,8 +231,34 @@ mod tests {
             peak_memory_bytes: None,
             plan: None,
             error: None,
-            storage_problem: None,
         }
+    }
+
+    /// A failed job's error is journaled typed; one journaled before the error was typed (a plain
+    /// message) still loads, as an internal failure with its message.
+    #[test]
+    fn failures_round_trip_and_old_messages_still_load() {
+        let mut r = record(3);
+        r.state = JobState::Failed;
+        r.error = Some(JobError::new(
+            FailureKind::DoesNotFit,
+            "not enough memory: 9 GiB",
+        ));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["error"]["kind"], "does_not_fit");
+        let back: JobRecord = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, r);
+        let mut old = json;
+        old["error"] = serde_json::json!("the worker thread has stopped");
+        let back: JobRecord = serde_json::from_value(old.clone()).unwrap();
+        let e = back.error.unwrap();
+        assert_eq!(e.kind, FailureKind::Internal);
+        assert_eq!(e.message, "the worker thread has stopped");
+        old["error"] = serde_json::Value::Null;
+        assert!(serde_json::from_value::<JobRecord>(old)
+            .unwrap()
+            .error
+            .is_none());
     }
 
     #[test]
@@ -271,7 +297,10 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         let mut end = r.clone();
         end.state = JobState::Failed;
-        end.error = Some("could not write the images: No space left on device".into());
+        end.error = Some(JobError::new(
+            FailureKind::StorageFull,
+            "could not write the images: No space left on device",
+        ));
         assert!(matches!(j.write_end(&end), EndWrite::Tombstoned(_)));
         assert!(j.dir().join(format!("{}.failed.json", r.id)).exists());
         let loaded = j.load();
@@ -279,8 +308,9 @@ mod tests {
         assert_eq!(loaded[0].state, JobState::Failed, "not `running`: no rerun");
         assert!(loaded[0]
             .error
-            .as_deref()
+            .as_ref()
             .unwrap()
+            .message
             .contains("could not be written"));
         // Once a write succeeds the full record replaces the marker.
         std::fs::remove_dir(&tmp).unwrap();

@@ -18,7 +18,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::engine::CancelToken;
 use crate::request::ValidRequest;
-pub use job::{JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings};
+pub use job::{
+    FailureKind, JobError, JobEvent, JobId, JobRecord, JobSnapshot, JobState, JobTimings,
+};
 use journal::{EndWrite, Journal};
 use outputs::OutputsHealth;
 use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
@@ -472,7 +474,6 @@ impl Actor {
             peak_memory_bytes: None,
             plan: None,
             error: None,
-            storage_problem: None,
         };
         // Journaled before it is acknowledged: an accepted job survives a crash.
         self.write_journal(&record)
@@ -540,7 +541,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
             return;
@@ -670,18 +674,18 @@ impl Actor {
                 job.step = 0;
             }
             Err(RunError::Cancelled) => self.finish(id, JobState::Cancelled, None).await,
-            Err(RunError::Failed(e)) => self.finish(id, JobState::Failed, Some(e)).await,
-            Err(RunError::Storage(problem, e)) => {
-                self.health
-                    .note("the images", &Err(std::io::Error::other(e.clone())));
-                job.record.storage_problem = Some(problem);
+            Err(RunError::Failed(e)) => {
+                if e.kind.storage().is_some() {
+                    self.health
+                        .note("the images", &Err(std::io::Error::other(e.message.clone())));
+                }
                 self.finish(id, JobState::Failed, Some(e)).await
             }
         }
     }
 
     /// Moves a job to a terminal state: record, sidecar, journal, subscribers, history.
-    async fn finish(&mut self, id: &str, state: JobState, error: Option<String>) {
+    async fn finish(&mut self, id: &str, state: JobState, error: Option<JobError>) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
@@ -786,7 +790,10 @@ impl Actor {
             self.finish(
                 &id,
                 JobState::Failed,
-                Some("the worker thread has stopped".into()),
+                Some(JobError::new(
+                    FailureKind::Internal,
+                    "the worker thread has stopped",
+                )),
             )
             .await;
         }
@@ -847,7 +854,6 @@ mod tests {
             peak_memory_bytes: None,
             plan: None,
             error: None,
-            storage_problem: None,
         }
     }
 

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::job::{image_name, JobId};
+use super::job::{image_name, FailureKind, JobError, JobId};
 use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
-use crate::engine::prompt::Enhanced;
 use crate::engine::{
     CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
     StepEvent, Timings,
@@ -21,6 +20,7 @@ use crate::families::Profile;
 use crate::inputs::InputStore;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
+use crate::prompt::Enhanced;
 use crate::request::ValidRequest;
 
 /// Test hook: milliseconds the worker sleeps after every denoising step (cancellable), so tests
@@ -54,9 +54,7 @@ pub struct RunOutput {
 pub enum RunError {
     /// The cancel token stopped the run (between steps, after the last one, or in the decode).
     Cancelled,
-    Failed(String),
-    /// The images could not be written (none of them was kept).
-    Storage(super::outputs::StorageProblem, String),
+    Failed(JobError),
 }
 
 /// What the worker tells the queue while it runs.
@@ -242,19 +240,19 @@ fn run(
                     })
                 })
                 .map_err(|e| {
-                    RunError::Storage(
-                        super::outputs::StorageProblem::of(&e),
+                    RunError::Failed(JobError::new(
+                        super::outputs::StorageProblem::of(&e).into(),
                         format!(
                             "could not write the images to {}: {e}",
                             config.outputs.display()
                         ),
-                    )
+                    ))
                 }),
             Ok(Err(EngineError::Cancelled)) => Err(RunError::Cancelled),
-            Ok(Err(e)) => Err(RunError::Failed(e.to_string())),
-            Err(p) => Err(RunError::Failed(format!(
-                "internal error: the engine panicked: {}",
-                panic_text(&*p)
+            Ok(Err(e)) => Err(RunError::Failed(JobError::from(&e))),
+            Err(p) => Err(RunError::Failed(JobError::new(
+                FailureKind::Internal,
+                format!("internal error: the engine panicked: {}", panic_text(&*p)),
             ))),
         };
         config.tags.set_job(None);
@@ -264,9 +262,7 @@ fn run(
         match &outcome {
             Ok(out) => tracing::info!(images = out.images.len(), "job done"),
             Err(RunError::Cancelled) => tracing::info!("job stopped (cancelled)"),
-            Err(RunError::Failed(e) | RunError::Storage(_, e)) => {
-                tracing::warn!("job failed: {e}")
-            }
+            Err(RunError::Failed(e)) => tracing::warn!("job failed: {e}"),
         }
         let finished = WorkerEvent::Finished {
             id: item.id.clone(),

@@ -546,7 +546,9 @@ async fn run_jobs(
                 }
                 return Err(run_failed(
                     failure_status(&snap),
-                    snap.record.error.unwrap_or_else(|| "the job failed".into()),
+                    snap.record
+                        .error
+                        .map_or_else(|| "the job failed".into(), |e| e.message),
                 ));
             }
         }
@@ -603,10 +605,10 @@ fn echo_parameters(
 fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &[Made]) -> Value {
     let n = made.len().max(1);
     let prompt = p
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_else(|| v.prompt.clone());
     let negative = p
-        .and_then(|p| p.negative_prompt.clone())
+        .and_then(|p| p.run.negative_prompt.clone())
         .or_else(|| v.negative_prompt.clone())
         .unwrap_or_default();
     let all_seeds: Vec<u64> = if made.is_empty() {
@@ -627,11 +629,11 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "subseed": -1,
         "all_subseeds": vec![-1; n],
         "subseed_strength": 0,
-        "width": p.map(|p| p.width).unwrap_or(v.width),
-        "height": p.map(|p| p.height).unwrap_or(v.height),
+        "width": p.map(|p| p.run.width).unwrap_or(v.width),
+        "height": p.map(|p| p.run.height).unwrap_or(v.height),
         "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.profile.sampler.to_string()),
-        "cfg_scale": json_f32(p.map(|p| p.cfg).unwrap_or(v.cfg)),
-        "steps": p.map(|p| p.steps).unwrap_or(v.steps),
+        "cfg_scale": json_f32(p.map(|p| p.run.cfg).unwrap_or(v.cfg)),
+        "steps": p.map(|p| p.run.steps).unwrap_or(v.steps),
         "batch_size": v.batch,
         "restore_faces": false,
         "face_restoration_model": null,

@@ -10,6 +10,8 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::queue::outputs::StorageProblem;
+use crate::queue::{FailureKind, JobError};
 use crate::request::FieldError;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,6 +68,34 @@ impl ApiError {
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after_s = Some(seconds);
         self
+    }
+}
+
+/// The status of a disk error: 507 when the disk is full, 503 when the folder is unwritable.
+pub fn storage_status(problem: StorageProblem) -> StatusCode {
+    match problem {
+        StorageProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
+        StorageProblem::Unwritable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The status a failed job answers with where a surface waits for it (OpenAI, A1111): the user's
+/// request when the engine could not run it as given, the device when it does not fit, the
+/// outputs folder's problem, ours otherwise.
+pub fn kind_status(kind: FailureKind) -> StatusCode {
+    if let Some(problem) = kind.storage() {
+        return storage_status(problem);
+    }
+    match kind {
+        FailureKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        FailureKind::DoesNotFit => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<&JobError> for ApiError {
+    fn from(e: &JobError) -> Self {
+        Self::new(kind_status(e.kind), None, e.message.clone())
     }
 }
 
@@ -231,6 +261,34 @@ fn backticked(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_jobs_answer_with_the_status_of_their_kind() {
+        use crate::queue::{FailureKind, JobError};
+        let e = ApiError::from(&JobError::new(FailureKind::Invalid, "initial latents"));
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.body.error.message, "initial latents");
+        let status = kind_status;
+        assert_eq!(
+            status(FailureKind::DoesNotFit),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(FailureKind::StorageFull),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            status(FailureKind::StorageUnwritable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        for k in [
+            FailureKind::Model,
+            FailureKind::BlankImage,
+            FailureKind::Internal,
+        ] {
+            assert_eq!(status(k), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
     use crate::request::GenerationRequest;
 
     fn err(json: &str) -> ApiError {

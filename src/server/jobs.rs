@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use super::error::{ApiError, ApiJson, ErrorBody};
+use super::error::{kind_status, storage_status, ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
-use crate::engine::prompt::{self, Enhanced, PromptContext};
 use crate::engine::{Notice, ResolvedParams};
 use crate::inputs::InputStore;
 use crate::memory::planner::MemoryMode;
+use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::outputs::StorageProblem;
 use crate::queue::{
     CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
@@ -46,6 +46,9 @@ pub struct JobView {
     /// The memory plan the run used; `null` until it ran.
     pub plan: Option<crate::memory::planner::Plan>,
     pub error: Option<String>,
+    /// What kind of failure `error` is (`model`, `does_not_fit`, `invalid`, …); `null` unless
+    /// the job failed.
+    pub error_kind: Option<crate::queue::FailureKind>,
 }
 
 /// After the run: as resolved (final prompts, the seed, `cfg` = the CFG actually used,
@@ -57,20 +60,13 @@ pub enum ParamsView {
     Requested(RequestedParams),
 }
 
+/// A job that has not run yet: the validated request as it will run, flat.
 #[derive(Debug, Serialize)]
 pub struct RequestedParams {
     pub model: String,
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub cfg: f32,
     pub cfg_requested: f32,
-    pub seed: u64,
-    pub batch: u32,
-    pub enhance: bool,
-    pub memory_mode: MemoryMode,
+    #[serde(flatten)]
+    pub request: ValidRequest,
 }
 
 impl From<JobSnapshot> for JobView {
@@ -78,23 +74,11 @@ impl From<JobSnapshot> for JobView {
         let r = s.record;
         let params = match r.params {
             Some(p) => ParamsView::Resolved(p),
-            None => {
-                let q = r.request;
-                ParamsView::Requested(RequestedParams {
-                    model: r.model,
-                    prompt: q.prompt,
-                    negative_prompt: q.negative_prompt,
-                    width: q.width,
-                    height: q.height,
-                    steps: q.steps,
-                    cfg: q.cfg,
-                    cfg_requested: q.cfg,
-                    seed: q.seed,
-                    batch: q.batch,
-                    enhance: q.enhance,
-                    memory_mode: q.memory_mode,
-                })
-            }
+            None => ParamsView::Requested(RequestedParams {
+                model: r.model,
+                cfg_requested: r.request.cfg,
+                request: r.request,
+            }),
         };
         Self {
             id: r.id,
@@ -112,7 +96,8 @@ impl From<JobSnapshot> for JobView {
             timings: r.timings,
             peak_memory_bytes: r.peak_memory_bytes,
             plan: r.plan,
-            error: r.error,
+            error_kind: r.error.as_ref().map(|e| e.kind),
+            error: r.error.map(|e| e.message),
         }
     }
 }
@@ -175,14 +160,6 @@ pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted
                 s.info.outputs.display()
             ),
         )),
-    }
-}
-
-/// The status of a disk error: 507 when the disk is full, 503 when the folder is unwritable.
-pub fn storage_status(problem: StorageProblem) -> StatusCode {
-    match problem {
-        StorageProblem::Full => StatusCode::INSUFFICIENT_STORAGE,
-        StorageProblem::Unwritable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -252,12 +229,13 @@ async fn waited_too_long(s: &AppState, id: &str) -> ApiError {
 }
 
 /// Why a job that ended without images failed, as an error of the synchronous surfaces: the
-/// outputs folder's problem (507/503), or the run's own failure (500).
+/// status of its failure's kind (the outputs folder's problem 507/503, a request the engine
+/// could not run 422, …, the run's own failure 500).
 pub fn failure_status(snap: &JobSnapshot) -> StatusCode {
-    match snap.record.storage_problem {
-        Some(p) => storage_status(p),
-        None => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    snap.record
+        .error
+        .as_ref()
+        .map_or(StatusCode::INTERNAL_SERVER_ERROR, |e| kind_status(e.kind))
 }
 
 /// The PNG files of a finished job, read from the outputs folder.
@@ -353,7 +331,10 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
         ),
         JobEvent::Failed { error } => (
             "failed",
-            text(serde_json::to_string(&ErrorBody::new(None, error.clone()))),
+            text(serde_json::to_string(&ErrorBody::new(
+                None,
+                error.message.clone(),
+            ))),
         ),
         JobEvent::Cancelled => ("cancelled", "{}".into()),
     }
@@ -515,11 +496,16 @@ mod tests {
                 total: 8,
                 elapsed_ms: 40,
             },
-            JobEvent::Notice(Notice::new("cfg_clamped", "CFG clamped".into())),
+            JobEvent::Notice(Notice::new(
+                crate::engine::NoticeKind::CfgClamped,
+                "CFG clamped".into(),
+            )),
             JobEvent::Done {
                 images: vec!["0123456789abcdef-1.png".into()],
             },
-            JobEvent::Failed { error: "no".into() },
+            JobEvent::Failed {
+                error: crate::queue::JobError::new(crate::queue::FailureKind::Internal, "no"),
+            },
             JobEvent::Cancelled,
         ];
         for ev in &events {

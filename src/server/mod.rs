@@ -11,6 +11,7 @@ pub mod memory;
 pub mod models;
 pub mod openai;
 pub mod openapi;
+mod run;
 pub mod security;
 
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use crate::queue::worker::Loaded;
 use crate::queue::QueueHandle;
 use crate::request::Limits;
 use error::ApiError;
+pub use run::{run, ServeError};
 
 /// Largest request body. High enough that an oversized prompt still parses and is refused by
 /// validation with a 422 naming `prompt`; anything bigger is a 413.

@@ -341,7 +341,10 @@ async fn respond(
                 code,
                 format!(
                     "image generation failed: {}",
-                    snap.record.error.as_deref().unwrap_or("unknown error")
+                    snap.record
+                        .error
+                        .as_ref()
+                        .map_or("unknown error", |e| e.message.as_str())
                 ),
             ));
         }
@@ -350,7 +353,7 @@ async fn respond(
         .record
         .params
         .as_ref()
-        .map(|p| p.prompt.clone())
+        .map(|p| p.run.prompt.clone())
         .unwrap_or_default();
     let created = snap.record.created_at / 1000;
     let data = if format == "b64_json" {

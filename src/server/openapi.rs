@@ -8,8 +8,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::engine::NoticeKind;
 use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
+use crate::queue::FailureKind;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
@@ -121,10 +123,11 @@ fn body(operation: Value, name: &str) -> Value {
 
 fn paths() -> Value {
     let job_id = path_param("id", "a job id (16 hex digits)");
-    let model_name = path_param(
-        "name",
-        "a catalog model: z-image-turbo, sd-turbo, sdxl-turbo",
-    );
+    let catalog: Vec<&str> = crate::families::catalog::CATALOG
+        .iter()
+        .map(|e| e.name)
+        .collect();
+    let model_name = path_param("name", &format!("a catalog model: {}", catalog.join(", ")));
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
@@ -278,7 +281,7 @@ fn components(f: &Facts) -> Value {
     let nullable_string = json!({ "type": "string", "nullable": true });
     let side = nullable(
         json!({ "type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": f.size_multiple,
-        "description": "a multiple of the loaded model's size multiple (16 for Z-Image, 8 for SD)" }),
+        "description": format!("a multiple of the loaded model's size multiple ({})", f.size_multiple) }),
     );
     let batch = nullable(json!({ "type": "integer", "minimum": 1, "maximum": f.max_batch }));
     let text = json!({ "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true,
@@ -353,10 +356,13 @@ fn components(f: &Facts) -> Value {
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
                 "error": nullable_string.clone(),
+                "error_kind": { "type": "string", "nullable": true,
+                    "enum": FailureKind::ALL,
+                    "description": "what kind of failure `error` is (null unless the job failed)" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
-                "kind": { "type": "string" }, "message": { "type": "string" }, "step": { "type": "integer" },
+                "kind": { "type": "string", "enum": NoticeKind::ALL }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
@@ -405,7 +411,7 @@ fn components(f: &Facts) -> Value {
                         "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
                         "bands": { "type": "array", "items": schema("Band") } } } } },
             "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
-                "description": "A value falls in the first band whose max is ≥ the value; texts may hold {value}, {default} and {safe}",
+                "description": "A value falls in the first band whose max is ≥ the value (max null: unbounded). Texts may hold {value} (the value), {default} (model.defaults.steps or model.defaults.cfg, whichever ladder the band is in) and {safe} (model.safe_cfg_max)",
                 "properties": {
                     "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
                     "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },

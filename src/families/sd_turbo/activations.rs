@@ -5,10 +5,11 @@
 use candle_core::{DType, Device};
 
 use super::clip::ClipTextConfig;
-use super::unet::{UNetPlan, UNetPrecision};
+use super::config::UNetPlan;
+use super::unet::UNetPrecision;
 use crate::families::slot::vae_activations;
 use crate::families::PrecisionPolicy;
-use crate::memory::planner::{
+use crate::memory::activations::{
     ActivationModel, SequenceActivations, ATTN_SCORE_COPIES, CONV_INPUT_COPIES, CONV_KERNEL_AREA,
     CONV_OUTPUT_COPIES,
 };

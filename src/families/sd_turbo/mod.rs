@@ -5,6 +5,7 @@
 
 pub mod activations;
 pub mod clip;
+pub mod config;
 pub mod profile;
 pub mod unet;
 
@@ -12,12 +13,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::memory::planner::ActivationModel;
+use crate::memory::ActivationModel;
 
 use self::activations::UNetArch;
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use self::unet::{TextTime, UNet, UNetConfig, UNetPlan, UNetPrecision};
+
 use super::lora::{self, LinearLayers, LoraPart, LoraSet};
+use self::config::{UNetConfig, UNetPlan};
+use self::unet::{TextTime, UNet, UNetPrecision};
 use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{
@@ -79,7 +82,7 @@ impl ClipSource {
     fn open(dir: &ModelDir, tok: &str, enc: &str) -> Result<Self, ModelError> {
         let cfg_rel = format!("{enc}/config.json");
         let cfg: ClipTextConfig = dir.read_json(&cfg_rel)?;
-        cfg.validate().map_err(|m| malformed(dir, &cfg_rel, m))?;
+        cfg.validate().map_err(|m| dir.malformed(&cfg_rel, m))?;
         Ok(Self {
             tokenizer: ClipTokenizer::load(dir, tok)?,
             cfg,
@@ -208,13 +211,6 @@ pub struct SdTurbo {
     lora_layers: LinearLayers,
 }
 
-fn malformed(dir: &ModelDir, rel: &str, message: String) -> ModelError {
-    ModelError::Malformed {
-        path: dir.display_path(rel),
-        message,
-    }
-}
-
 impl SdTurbo {
     /// Opens and validates a folder: every config parsed, every tensor name and shape checked
     /// against the headers (without reading weight data). Nothing is placed on the device yet.
@@ -239,8 +235,7 @@ impl SdTurbo {
         let sched_class: SchedulerClass = dir.read_json(sched_rel)?;
         let sched_name = sched_class.class_name.unwrap_or_default();
         if !EULER_CLASSES.contains(&sched_name.as_str()) {
-            return Err(malformed(
-                &dir,
+            return Err(dir.malformed(
                 sched_rel,
                 format!(
                     "scheduler `{sched_name}` is not supported ({})",
@@ -257,21 +252,20 @@ impl SdTurbo {
         let scheduler: EulerDiscreteConfig = dir.read_json(sched_rel)?;
         let prediction = scheduler
             .validate()
-            .map_err(|m| malformed(&dir, sched_rel, m))?;
+            .map_err(|m| dir.malformed(sched_rel, m))?;
 
         let unet_cfg: UNetConfig = dir.read_json("unet/config.json")?;
         let unet_plan = unet_cfg
             .plan()
-            .map_err(|m| malformed(&dir, "unet/config.json", m))?;
+            .map_err(|m| dir.malformed("unet/config.json", m))?;
         let vae_cfg: VaeConfig = dir.read_json("vae/config.json")?;
         vae_cfg
             .validate()
-            .map_err(|m| malformed(&dir, "vae/config.json", m))?;
+            .map_err(|m| dir.malformed("vae/config.json", m))?;
         if vae_cfg.latent_channels != unet_cfg.in_channels
             || unet_cfg.out_channels != unet_cfg.in_channels
         {
-            return Err(malformed(
-                &dir,
+            return Err(dir.malformed(
                 "unet/config.json",
                 format!(
                     "in_channels {} / out_channels {} do not match the VAE's latent_channels {}",
@@ -294,9 +288,7 @@ impl SdTurbo {
         // The UNet's cross-attention width must be what the text side produces.
         let context = text.cfg.hidden_size + text_2.as_ref().map_or(0, |t| t.cfg.hidden_size);
         if let Some(bad) = unet_plan.cross_dim.iter().find(|&&d| d != context) {
-            return Err(malformed(
-                &dir,
-                "unet/config.json",
+            return Err(dir.malformed("unet/config.json",
                 format!(
                     "cross_attention_dim {bad} does not match the text encoder output width {context}"
                 ),
@@ -308,24 +300,20 @@ impl SdTurbo {
                 let t2 = text_2.as_ref().map(|t| &t.cfg);
                 let proj = t2.and_then(|c| c.projection_dim).unwrap_or(0);
                 if 6 * tdim + proj != input {
-                    return Err(malformed(
-                        &dir,
-                        "unet/config.json",
+                    return Err(dir.malformed("unet/config.json",
                         format!(
                             "projection_class_embeddings_input_dim {input} != 6 time ids × {tdim} + text_encoder_2 projection_dim {proj}"
                         ),
                     ));
                 }
             }
-            (Variant::Sd, Some(_)) => return Err(malformed(
-                &dir,
+            (Variant::Sd, Some(_)) => return Err(dir.malformed(
                 "unet/config.json",
                 "addition_embed_type text_time needs the SDXL pipeline (StableDiffusionXLPipeline)"
                     .into(),
             )),
             (Variant::Sdxl, None) => {
-                return Err(malformed(
-                    &dir,
+                return Err(dir.malformed(
                     "unet/config.json",
                     "an SDXL pipeline needs addition_embed_type text_time".into(),
                 ))
@@ -420,9 +408,7 @@ impl SdTurbo {
         }
         if let Some(t2) = &text.second {
             if t2.cfg.projection_dim.is_none() || !t2.weights.contains("text_projection.weight") {
-                return Err(malformed(
-                    &self.dir,
-                    "text_encoder_2/config.json",
+                return Err(self.dir.malformed("text_encoder_2/config.json",
                     "SDXL's second text encoder must be a CLIPTextModelWithProjection (projection_dim and text_projection.weight)".into(),
                 ));
             }

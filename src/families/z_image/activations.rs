@@ -5,11 +5,11 @@
 use candle_core::{DType, Device};
 use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 
-use super::dit::DitConfig;
+use super::config::DitConfig;
 use super::MAX_SEQUENCE_LENGTH;
 use crate::families::slot::vae_activations;
 use crate::families::PrecisionPolicy;
-use crate::memory::planner::{ActivationModel, SequenceActivations};
+use crate::memory::{ActivationModel, SequenceActivations};
 use crate::nn::vae::VaeConfig;
 use crate::ops::attention::{LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS};
 use crate::ops::linear::activation_dtype;

@@ -3,6 +3,8 @@
 //! and the flow-matching schedule — reproducing diffusers' `ZImagePipeline` step for step.
 
 pub mod activations;
+pub mod blocks;
+pub mod config;
 pub mod dit;
 pub mod profile;
 pub mod synthetic;
@@ -14,12 +16,12 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
 use tokenizers::Tokenizer;
 
-use crate::memory::planner::ActivationModel;
+use crate::memory::ActivationModel;
 
 use self::activations::ZImageArch;
-use self::dit::{
-    Dit, DitConfig, DitPrecision, KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks,
-};
+use self::blocks::{KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks};
+use self::config::DitConfig;
+use self::dit::{Dit, DitPrecision};
 use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
@@ -263,13 +265,6 @@ pub struct ZImage {
     lora_layers: LinearLayers,
 }
 
-fn config_error(dir: &ModelDir, rel: &str, message: String) -> ModelError {
-    ModelError::Malformed {
-        path: dir.display_path(rel),
-        message,
-    }
-}
-
 impl ZImage {
     /// Opens and validates a folder: every config parsed, every tensor name and shape checked
     /// against the headers (without reading weight data). Nothing is placed on the device yet.
@@ -290,23 +285,21 @@ impl ZImage {
         let scheduler: FlowMatchConfig = dir.read_json(sched_rel)?;
         scheduler
             .validate()
-            .map_err(|m| config_error(&dir, sched_rel, m))?;
+            .map_err(|m| dir.malformed(sched_rel, m))?;
 
         let dit_cfg: DitConfig = dir.read_json("transformer/config.json")?;
         dit_cfg
             .validate()
-            .map_err(|m| config_error(&dir, "transformer/config.json", m))?;
+            .map_err(|m| dir.malformed("transformer/config.json", m))?;
         let te_cfg: TextEncoderConfig = dir.read_json("text_encoder/config.json")?;
         if te_cfg.num_hidden_layers < 2 {
-            return Err(config_error(
-                &dir,
+            return Err(dir.malformed(
                 "text_encoder/config.json",
                 "num_hidden_layers must be at least 2 (the pipeline uses hidden_states[-2])".into(),
             ));
         }
         if te_cfg.hidden_size != dit_cfg.cap_feat_dim {
-            return Err(config_error(
-                &dir,
+            return Err(dir.malformed(
                 "transformer/config.json",
                 format!(
                     "cap_feat_dim {} does not match the text encoder's hidden_size {}",
@@ -317,10 +310,9 @@ impl ZImage {
         let vae_cfg: VaeConfig = dir.read_json("vae/config.json")?;
         vae_cfg
             .validate()
-            .map_err(|m| config_error(&dir, "vae/config.json", m))?;
+            .map_err(|m| dir.malformed("vae/config.json", m))?;
         if vae_cfg.latent_channels != dit_cfg.in_channels {
-            return Err(config_error(
-                &dir,
+            return Err(dir.malformed(
                 "transformer/config.json",
                 format!(
                     "in_channels {} does not match the VAE's latent_channels {}",

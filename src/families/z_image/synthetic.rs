@@ -11,7 +11,9 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
 use serde_json::json;
 
-use super::dit::{Dit, DitConfig, DitPrecision, ResidentBlocks};
+use super::blocks::ResidentBlocks;
+use super::config::DitConfig;
+use super::dit::{Dit, DitPrecision};
 use crate::families::ModelError;
 use crate::nn::rng::NoiseRng;
 use crate::nn::vae::{VaeConfig, VaeDecoder};
