@@ -1,6 +1,10 @@
 // zturbo web UI — plain ES2020 module, no dependencies, talks only to the same-origin API.
 'use strict';
 
+import {
+  mountImg2Img, img2imgInfo, img2imgFields, restoreImg2Img, useAsInputButton, IMG2IMG_FIELD_IDS,
+} from './js/img2img.js';
+
 /* ------------------------------------------------------------------ *
  * small helpers
  * ------------------------------------------------------------------ */
@@ -179,6 +183,7 @@ const FIELD_IDS = {
   batch: 'batch',
   enhance: 'enhance',
   memory_mode: 'memory-mode',
+  ...IMG2IMG_FIELD_IDS,
 };
 
 function model() {
@@ -443,6 +448,7 @@ function readForm() {
   };
   if (negative) body.negative_prompt = negative;
   if (seed !== undefined) body.seed = seed;
+  img2imgFields(body, errors);
   return { body, errors };
 }
 
@@ -493,6 +499,7 @@ function restoreParams(p, enh, opts = {}) {
   }
   if (p.batch) setSelectValue(F.batch, p.batch);
   if (p.memory_mode) setSelectValue(F.memoryMode, p.memory_mode);
+  restoreImg2Img(p);
   updateAllHints();
   scheduleEnhancePreview(true);
   F.form.classList.remove('flash');
@@ -1101,6 +1108,7 @@ function buildResult(rec, opts) {
       'aria-label': `Download image ${i + 1}`,
       text: images.length > 1 ? `↓ ${i + 1}` : 'Download',
     }));
+    actions.append(useAsInputButton(src, images.length > 1 ? `Use ${i + 1} as input` : 'Use as input'));
   });
   caption.append(actions);
   fig.append(caption);
@@ -1734,6 +1742,7 @@ function applyInfo(info) {
   updateAllHints();
   updateButtons();
   scheduleEnhancePreview(true);
+  img2imgInfo(info);
   document.documentElement.dataset.info = 'ready';
 }
 
@@ -2017,8 +2026,22 @@ async function checkAuth() {
   } catch { /* an old or unreachable server: carry on, api() reports */ }
 }
 
+/** The input image sets the job's size (and, the first time, the model's image-to-image steps). */
+function onInputSize(w, h, opts = {}) {
+  F.width.value = String(w);
+  F.height.value = String(h);
+  clearOneError(F.width);
+  clearOneError(F.height);
+  if (opts.steps) {
+    F.steps.value = String(opts.steps);
+    clearOneError(F.steps);
+  }
+  updateAllHints();
+}
+
 async function main() {
   await checkAuth();
+  mountImg2Img({ api, toast, onSize: onInputSize });
   wire();
   updateAllHints();
   mem.chart = new MemoryChart($('memory-chart'), $('memory-readout'));

@@ -1,7 +1,8 @@
 //! The real-browser test: `zturbo serve` with the demo model, driven by headless Chromium through
 //! `tests/browser/ui_test.mjs` (playwright-core from npm, the system's Debian `chromium`; never a
 //! browser download). It types a prompt, clicks Generate, waits for the image in the gallery and
-//! checks the memory chart got samples; downloads a model from the Models panel (from a fake hub)
+//! checks the memory chart got samples; uses that result as the input image, paints a mask
+//! (mouse and keyboard) and inpaints it; downloads a model from the Models panel (from a fake hub)
 //! and logs into a second server started with `--api-key`. Screenshots for humans:
 //! `target/browser-screenshot.png` (1280 px wide) and `target/browser-screenshot-narrow.png`
 //! (420 px).

@@ -199,6 +199,9 @@ pub struct ProfileView<'a> {
     pub family: FamilyKind,
     pub steps: &'a StepsProfile,
     pub cfg: &'a CfgProfile,
+    /// Image-to-image defaults (steps, strength) and how strength cuts the schedule (`noise`:
+    /// `flow` or `variance_exploding`, where steps × strength must reach 1).
+    pub img2img: &'a Img2ImgDefaults,
 }
 
 impl Profile {
@@ -207,6 +210,7 @@ impl Profile {
             family: self.family,
             steps: &self.steps,
             cfg: &self.cfg,
+            img2img: &self.img2img,
         }
     }
 
@@ -308,9 +312,14 @@ mod tests {
         };
         assert_eq!(
             keys(&v),
-            ["cfg", "family", "steps"].map(String::from).into()
+            ["cfg", "family", "img2img", "steps"].map(String::from).into()
         );
         assert_eq!(v["family"], "sd-turbo");
+        // The page's strength slider and its "steps × strength ≥ 1" check read these.
+        assert_eq!(
+            v["img2img"],
+            serde_json::json!({"steps": 2, "strength": 0.5, "noise": "variance_exploding"})
+        );
         assert_eq!(v["steps"]["presets"], serde_json::json!([1, 2, 4, 8]));
         assert_eq!(v["cfg"]["intercept_at"], 3.0);
         let bands = v["cfg"]["bands"].as_array().unwrap();

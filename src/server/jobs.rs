@@ -14,7 +14,6 @@ use super::error::{kind_status, storage_status, ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
 use crate::engine::{Notice, ResolvedParams};
 use crate::inputs::InputStore;
-use crate::memory::planner::MemoryMode;
 use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::outputs::StorageProblem;
 use crate::queue::{

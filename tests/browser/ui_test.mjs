@@ -6,7 +6,10 @@
 // Drives the page in headless Chromium (system binary, $CHROMIUM or /usr/bin/chromium):
 // waits for /api/info to be applied, sets 128×128 / 8 steps, types a prompt, clicks Generate,
 // waits for the job's image to load in #gallery, checks the memory chart received samples and
-// that the console stayed free of errors, then saves a full-page screenshot. With PULL_MODEL set,
+// that the console stayed free of errors, then saves a full-page screenshot. Before the
+// screenshot it presses "Use as input" on that result, sets the strength slider, paints a mask
+// with the mouse and the keyboard (and inverts it twice), generates, and checks the request's
+// image and black/white mask and the finished inpainting job. With PULL_MODEL set,
 // it also clicks that model's Download button (the server talks to a fake hub) and waits for the
 // progress bar to finish and the model to show as on disk. With KEYED_URL and KEYED_KEY, it opens
 // a server started with --api-key, answers the key prompt (a wrong key first) and checks the page
@@ -149,23 +152,27 @@ try {
   ok('job submitted', `id ${id}`);
 
   // 4. wait for that job's image to load in the gallery (or its failure card)
-  const started = Date.now();
-  const outcome = await page.waitForFunction((jobId) => {
-    const fig = [...document.querySelectorAll('#gallery figure.result')].find((f) => f.dataset.jobId === jobId);
-    if (!fig) return null;
-    if (fig.classList.contains('failed')) return { failed: fig.innerText.slice(0, 300) };
-    const img = fig.querySelector('img');
-    if (!img) return null;
-    if (img.complete && img.naturalWidth > 0) return { ok: true, w: img.naturalWidth, h: img.naturalHeight, src: img.getAttribute('src') };
-    if (img.complete && img.naturalWidth === 0 && img.classList.contains('broken')) return { broken: img.getAttribute('src') };
-    fig.scrollIntoView({ block: 'nearest' });
-    return null;
-  }, id, { timeout: GEN_TIMEOUT_MS, polling: 250 }).then((h) => h.jsonValue()).catch(async () => {
-    const q = await page.$eval('#queue', (e) => e.innerText).catch(() => '');
-    fail('image in #gallery', `no loaded image for job ${id} within ${GEN_TIMEOUT_MS / 1000} s; queue shows: ${q.replace(/\s+/g, ' ').slice(0, 200)}`);
-  });
-  if (outcome.failed) fail('image in #gallery', `the job failed: ${outcome.failed.replace(/\s+/g, ' ')}`);
-  if (outcome.broken) fail('image in #gallery', `image ${outcome.broken} did not load`);
+  let started = Date.now();
+  const waitForImage = async (jobId, what) => {
+    const outcome = await page.waitForFunction((j) => {
+      const fig = [...document.querySelectorAll('#gallery figure.result')].find((f) => f.dataset.jobId === j);
+      if (!fig) return null;
+      if (fig.classList.contains('failed')) return { failed: fig.innerText.slice(0, 300) };
+      const img = fig.querySelector('img');
+      if (!img) return null;
+      if (img.complete && img.naturalWidth > 0) return { ok: true, w: img.naturalWidth, h: img.naturalHeight, src: img.getAttribute('src') };
+      if (img.complete && img.naturalWidth === 0 && img.classList.contains('broken')) return { broken: img.getAttribute('src') };
+      fig.scrollIntoView({ block: 'nearest' });
+      return null;
+    }, jobId, { timeout: GEN_TIMEOUT_MS, polling: 250 }).then((h) => h.jsonValue()).catch(async () => {
+      const q = await page.$eval('#queue', (e) => e.innerText).catch(() => '');
+      fail(what, `no loaded image for job ${jobId} within ${GEN_TIMEOUT_MS / 1000} s; queue shows: ${q.replace(/\s+/g, ' ').slice(0, 200)}`);
+    });
+    if (outcome.failed) fail(what, `the job failed: ${outcome.failed.replace(/\s+/g, ' ')}`);
+    if (outcome.broken) fail(what, `image ${outcome.broken} did not load`);
+    return outcome;
+  };
+  const outcome = await waitForImage(id, 'image in #gallery');
   if (outcome.w !== 128 || outcome.h !== 128) fail('image size', `expected 128×128, got ${outcome.w}×${outcome.h}`);
   ok('image loaded in #gallery', `${outcome.src} ${outcome.w}×${outcome.h} after ${((Date.now() - started) / 1000).toFixed(1)} s`);
 
@@ -176,6 +183,78 @@ try {
   }, null, { timeout: 10_000, polling: 200 }).then((h) => h.jsonValue())
     .catch(() => fail('memory chart', '#memory-chart[data-samples] stayed 0 for 10 s after the image loaded'));
   ok('memory chart fed', `${samples} samples`);
+
+  // 5b. image to image with a painted mask: "Use as input" on the result, the strength slider,
+  // a stroke painted with the mouse and one with the keyboard, invert twice, Generate.
+  await page.click(`#gallery figure.result[data-job-id="${id}"] button.use-input`, { timeout: 10_000 })
+    .catch((e) => fail('use as input', e.message.split('\n')[0]));
+  await page.waitForFunction(() => document.documentElement.dataset.initImage === '128x128', null, { timeout: 10_000 })
+    .catch(() => fail('use as input', `the result did not become a 128×128 input image${errs()}`));
+  if (!(await page.isVisible('#init-preview')) || !(await page.isVisible('#mask-canvas'))) fail('use as input', 'the input image or the mask canvas is not shown');
+  ok('result used as input image');
+
+  await page.$eval('#strength', (e) => { e.value = '0.75'; e.dispatchEvent(new Event('input', { bubbles: true })); });
+  if ((await page.$eval('#strength-value', (e) => e.textContent)) !== '0.75') fail('strength slider', 'the value readout did not follow the slider');
+  const coverage = () => page.$eval('#mask-info', (e) => Number(e.dataset.coverage));
+  if ((await coverage()) !== 0) fail('mask', 'a fresh input image already has a mask');
+  // "Use as input" scrolls the section into view smoothly: wait until the canvas stops moving.
+  let box = null;
+  for (let i = 0; i < 40; i++) {
+    const b = await page.locator('#mask-canvas').boundingBox();
+    if (box && b && b.x === box.x && b.y === box.y && b.width === box.width) break;
+    box = b;
+    await page.waitForTimeout(100);
+  }
+  if (!box || box.width < 20) fail('mask', `the mask canvas is not laid out (${JSON.stringify(box)})`);
+  await page.mouse.move(box.x + box.width * 0.15, box.y + box.height * 0.2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.35, box.y + box.height * 0.6, { steps: 10 });
+  await page.mouse.up();
+  const painted = await coverage();
+  if (!(painted > 0.01 && painted < 0.9)) fail('mask painted with the mouse', `coverage ${painted}`);
+  await page.focus('#mask-canvas');
+  await page.keyboard.down(' ');
+  for (let i = 0; i < 4; i++) await page.keyboard.press('ArrowRight');
+  await page.keyboard.up(' ');
+  const painted2 = await coverage();
+  if (!(painted2 > painted)) fail('mask painted with the keyboard', `coverage ${painted} → ${painted2}`);
+  await page.click('#mask-invert');
+  const inverted = await coverage();
+  if (Math.abs(inverted - (1 - painted2)) > 0.01) fail('mask invert', `coverage ${painted2} inverted to ${inverted}`);
+  await page.click('#mask-invert');
+  ok('mask painted', `mouse ${(painted * 100).toFixed(1)}%, keyboard → ${(painted2 * 100).toFixed(1)}%, invert ok`);
+
+  const i2iResp = page.waitForResponse((r) => r.url().endsWith('/api/jobs') && r.request().method() === 'POST', { timeout: 15_000 });
+  await page.click('#generate', { timeout: 10_000 }).catch((e) => fail('inpaint: click #generate', e.message.split('\n')[0]));
+  const i2iPost = await i2iResp.catch(() => fail('inpaint: POST /api/jobs', 'no request within 15 s'));
+  if (i2iPost.status() !== 202) fail('inpaint: POST /api/jobs', `status ${i2iPost.status()}: ${(await i2iPost.text().catch(() => '')).slice(0, 300)}`);
+  const i2iSent = i2iPost.request().postDataJSON();
+  if (!/^data:image\/png;base64,/.test(i2iSent.image || '')) fail('inpaint: request body', 'no PNG `image` sent');
+  if (!/^data:image\/png;base64,/.test(i2iSent.mask || '')) fail('inpaint: request body', 'no PNG `mask` sent');
+  if (i2iSent.strength !== 0.75 || i2iSent.mask_blur !== 4) fail('inpaint: request body', `strength ${i2iSent.strength}, mask_blur ${i2iSent.mask_blur}`);
+  // The mask sent is black and white: white where the stroke went, black in the far corner.
+  const px = await page.evaluate(async (src) => {
+    const img = new Image();
+    img.src = src;
+    await img.decode();
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const at = (fx, fy) => [...g.getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data];
+    return { w: c.width, h: c.height, stroke: at(0.25, 0.4), corner: at(0.95, 0.95) };
+  }, i2iSent.mask);
+  if (px.w !== 128 || px.h !== 128) fail('inpaint: mask', `mask is ${px.w}×${px.h}, the image 128×128`);
+  if (px.stroke.slice(0, 3).some((v) => v !== 255) || px.corner.slice(0, 3).some((v) => v !== 0)) {
+    fail('inpaint: mask', `expected white under the stroke and black in the corner, got ${px.stroke} / ${px.corner}`);
+  }
+  const { id: i2iId } = await i2iPost.json();
+  const i2iOut = await waitForImage(i2iId, 'inpainted image in #gallery');
+  if (i2iOut.w !== 128 || i2iOut.h !== 128) fail('inpainted image size', `expected 128×128, got ${i2iOut.w}×${i2iOut.h}`);
+  const rec = await page.evaluate(async (j) => (await fetch(`/api/jobs/${j}`)).json(), i2iId);
+  const rp = (rec && rec.params) || {};
+  if (rp.strength !== 0.75 || !rp.init_image || !rp.mask_image) fail('inpaint: job record', `params ${JSON.stringify(rp).slice(0, 300)}`);
+  ok('inpainting job done', `${i2iOut.src}, strength ${rp.strength}, mask ${String(rp.mask_image).slice(0, 12)}…`);
 
   // 6. models panel: Download buttons for catalog models not on disk; one download end to end
   const pullModel = process.env.PULL_MODEL;
