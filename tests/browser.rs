@@ -2,7 +2,7 @@
 //! `tests/browser/ui_test.mjs` (playwright-core from npm, the system's Debian `chromium`; never a
 //! browser download). It types a prompt, clicks Generate, waits for the image in the gallery and
 //! checks the memory chart got samples; uses that result as the input image, paints a mask
-//! (mouse and keyboard) and inpaints it; downloads a model from the Models panel (from a fake hub)
+//! (mouse and keyboard), picks a LoRA with a weight and inpaints it; downloads a model from the Models panel (from a fake hub)
 //! and logs into a second server started with `--api-key`. Screenshots for humans:
 //! `target/browser-screenshot.png` (1280 px wide) and `target/browser-screenshot-narrow.png`
 //! (420 px).
@@ -51,8 +51,21 @@ fn ui_generates_an_image_in_headless_chromium() {
     // Downloads from the Models panel go to a fake hub (no network in tests).
     let hub = fake_hub(false);
     let hf_home = out.with_file_name(format!("{}-hf", out.file_name().unwrap().to_string_lossy()));
-    let server = Server::start(
+    // One LoRA in <models-dir>/loras/ for the picker (the tiny Z-Image PEFT fixture, which
+    // matches the demo model's layers).
+    let models = out.with_file_name(format!(
+        "{}-models",
+        out.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(models.join("loras")).unwrap();
+    std::fs::copy(
+        root.join("tests/fixtures/img2img/lora_peft.safetensors"),
+        models.join("loras/style.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start_with_models(
         &out,
+        &models,
         &[],
         &[
             ("HF_ENDPOINT", hub.url.as_str()),

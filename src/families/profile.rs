@@ -312,7 +312,9 @@ mod tests {
         };
         assert_eq!(
             keys(&v),
-            ["cfg", "family", "img2img", "steps"].map(String::from).into()
+            ["cfg", "family", "img2img", "steps"]
+                .map(String::from)
+                .into()
         );
         assert_eq!(v["family"], "sd-turbo");
         // The page's strength slider and its "steps × strength ≥ 1" check read these.

@@ -8,8 +8,9 @@
 // waits for the job's image to load in #gallery, checks the memory chart received samples and
 // that the console stayed free of errors, then saves a full-page screenshot. Before the
 // screenshot it presses "Use as input" on that result, sets the strength slider, paints a mask
-// with the mouse and the keyboard (and inverts it twice), generates, and checks the request's
-// image and black/white mask and the finished inpainting job. With PULL_MODEL set,
+// with the mouse and the keyboard (and inverts it twice), adds a LoRA with a weight from the
+// picker, generates, and checks the request's image, black/white mask and LoRA and the finished
+// inpainting job. With PULL_MODEL set,
 // it also clicks that model's Download button (the server talks to a fake hub) and waits for the
 // progress bar to finish and the model to show as on disk. With KEYED_URL and KEYED_KEY, it opens
 // a server started with --api-key, answers the key prompt (a wrong key first) and checks the page
@@ -224,6 +225,14 @@ try {
   await page.click('#mask-invert');
   ok('mask painted', `mouse ${(painted * 100).toFixed(1)}%, keyboard → ${(painted2 * 100).toFixed(1)}%, invert ok`);
 
+  // The LoRA picker: the folder's one LoRA, added with weight 0.6.
+  await page.waitForSelector('#lora-add option[value="style"]', { state: 'attached', timeout: 10_000 })
+    .catch(() => fail('LoRA picker', `the LoRA folder's \`style\` is not offered${errs()}`));
+  await page.selectOption('#lora-add', 'style');
+  await page.click('#lora-add-btn');
+  await page.fill('#lora-weight-0', '0.6');
+  ok('LoRA picked', 'style at 0.6');
+
   const i2iResp = page.waitForResponse((r) => r.url().endsWith('/api/jobs') && r.request().method() === 'POST', { timeout: 15_000 });
   await page.click('#generate', { timeout: 10_000 }).catch((e) => fail('inpaint: click #generate', e.message.split('\n')[0]));
   const i2iPost = await i2iResp.catch(() => fail('inpaint: POST /api/jobs', 'no request within 15 s'));
@@ -231,6 +240,7 @@ try {
   const i2iSent = i2iPost.request().postDataJSON();
   if (!/^data:image\/png;base64,/.test(i2iSent.image || '')) fail('inpaint: request body', 'no PNG `image` sent');
   if (!/^data:image\/png;base64,/.test(i2iSent.mask || '')) fail('inpaint: request body', 'no PNG `mask` sent');
+  if (JSON.stringify(i2iSent.loras) !== JSON.stringify([{ name: 'style', weight: 0.6 }])) fail('inpaint: request body', `loras ${JSON.stringify(i2iSent.loras)}`);
   if (i2iSent.strength !== 0.75 || i2iSent.mask_blur !== 4) fail('inpaint: request body', `strength ${i2iSent.strength}, mask_blur ${i2iSent.mask_blur}`);
   // The mask sent is black and white: white where the stroke went, black in the far corner.
   const px = await page.evaluate(async (src) => {
@@ -253,7 +263,7 @@ try {
   if (i2iOut.w !== 128 || i2iOut.h !== 128) fail('inpainted image size', `expected 128×128, got ${i2iOut.w}×${i2iOut.h}`);
   const rec = await page.evaluate(async (j) => (await fetch(`/api/jobs/${j}`)).json(), i2iId);
   const rp = (rec && rec.params) || {};
-  if (rp.strength !== 0.75 || !rp.init_image || !rp.mask_image) fail('inpaint: job record', `params ${JSON.stringify(rp).slice(0, 300)}`);
+  if (rp.strength !== 0.75 || !rp.init_image || !rp.mask_image || JSON.stringify(rp.loras) !== JSON.stringify([{ name: 'style', weight: 0.6 }])) fail('inpaint: job record', `params ${JSON.stringify(rp).slice(0, 300)}`);
   ok('inpainting job done', `${i2iOut.src}, strength ${rp.strength}, mask ${String(rp.mask_image).slice(0, 12)}…`);
 
   // 6. models panel: Download buttons for catalog models not on disk; one download end to end

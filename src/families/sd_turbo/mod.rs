@@ -18,9 +18,9 @@ use crate::memory::ActivationModel;
 use self::activations::UNetArch;
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 
-use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use self::config::{UNetConfig, UNetPlan};
 use self::unet::{TextTime, UNet, UNetPrecision};
+use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{

@@ -12,8 +12,8 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::families::lora::HasLins;
 use super::config::{UNetConfig, UNetPlan};
+use crate::families::lora::HasLins;
 use crate::ops::act;
 use crate::ops::attention::{self, Attention as Sdpa, Spans};
 use crate::ops::conv::Conv as FastConv;

@@ -8,11 +8,11 @@ use candle_nn::VarBuilder;
 
 use super::blocks::{BlockGroup, BlockSource};
 use super::config::DitConfig;
+use crate::families::lora::HasLins;
 use crate::ops::act;
 use crate::ops::attention::{
     self, Attention as Sdpa, Spans, LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS,
 };
-use crate::families::lora::HasLins;
 use crate::ops::linear::{self, Lin};
 use crate::ops::rms_norm::{rms_norm, rms_norm_scale};
 use crate::profile;
