@@ -1,7 +1,8 @@
 //! `cargo bench --bench lora`: what a LoRA costs per job, runtime updates against merged weights,
 //! on a random-weight Z-Image of real proportions (the memory bench's `bench` shape, written once to
 //! `target/bench-models/`). Two random LoRAs of rank `--rank` on every attention and feed-forward
-//! layer of every block (what a full-coverage Z-Image LoRA updates) are written next to it.
+//! layer of every block (what a full-coverage Z-Image LoRA updates) are written next to it
+//! (`<model dir>-loras/`).
 //!
 //! Per mode it prints: reading and matching a file (first load), attaching it to the loaded model,
 //! switching to the other LoRA (parsed file cached, as the engine keeps them), removing it, and the
@@ -178,9 +179,13 @@ fn main() -> anyhow::Result<()> {
     let precision: Precision = o.precision.parse().map_err(anyhow::Error::msg)?;
     let policy = PrecisionPolicy::resolve(precision, &device);
     let open = || ZImage::open(ModelDir::open(&dir).expect("model folder"), &device, policy);
-    let lora_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/bench-models")
-        .join(format!("{}-loras", o.shape));
+    // The two LoRAs go next to the model folder (`<dir>-loras`).
+    let lora_dir = dir.with_file_name(format!(
+        "{}-loras",
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
     std::fs::create_dir_all(&lora_dir)?;
     let (a, b) = (
         lora_dir.join("a.safetensors"),
