@@ -95,7 +95,14 @@ fn main() -> Result<()> {
     let l = n_img.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF + SEQ_MULTI_OF;
     let (d, h, hd, ffn) = (cfg.dim, cfg.n_heads, cfg.head_dim(), cfg.ffn_hidden());
     let lf = l as f64;
-    let block = Block::new(&cfg, true, vb.pp("layers").pp(0))?;
+    let block = Block::new(
+        &cfg,
+        true,
+        dir.open_weights("transformer")?
+            .loader(DType::F32, &dev)
+            .pp("layers")
+            .pp(0),
+    )?;
     let ids: Vec<[usize; 3]> = (0..l).map(|i| [33, i / side % side, i % side]).collect();
     let rope = RopeTables::new(&cfg).rope(&[ids], l, &dev)?;
     let x = Tensor::randn(0f32, 1.0, (1, l, d), &dev)?;
@@ -111,7 +118,14 @@ fn main() -> Result<()> {
     let vb16 = dir
         .open_weights("transformer")?
         .var_builder(DType::BF16, &dev);
-    let block16 = Block::new(&cfg, true, vb16.pp("layers").pp(0))?;
+    let block16 = Block::new(
+        &cfg,
+        true,
+        dir.open_weights("transformer")?
+            .loader(DType::BF16, &dev)
+            .pp("layers")
+            .pp(0),
+    )?;
     timer.time("dit.block.bf16_operands", block_flops, || {
         block16.forward(&x, &rope, None, Some(&adaln))
     })?;

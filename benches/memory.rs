@@ -4,15 +4,20 @@
 //! weights, code) is that mode's alone; on a GPU the same harness reports peak device memory.
 //!
 //! Options (after `--`): `--shape bench|real`, `--sizes 256,512`, `--runs 5`, `--steps 8`,
-//! `--cfg 1.8`, `--modes performance,balanced,low`, `--device cpu|cuda`, `--precision auto`.
+//! `--cfg 1.8`, `--modes performance,balanced,low`, `--device cpu|cuda`, `--precision auto`,
+//! `--weights f32,q8_0,q4_k` (the model as written, or its transformer and text encoder
+//! quantized by `zturbo quantize`'s code into GGUF files next to it; with more than one, the table
+//! gains a weights column and a `quant:` line compares each to the first in performance mode).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
+use zturbo::families::weights::quantize::{self, Target};
+use zturbo::families::weights::{Role, Weights};
 use zturbo::families::z_image::synthetic::{self, SyntheticShape};
-use zturbo::families::{self, ModelDir, Precision, PrecisionPolicy};
+use zturbo::families::{self, ComponentFiles, ModelDir, Precision, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
 use zturbo::memory::probe::{self, peak_rss_bytes};
 use zturbo::request::ValidRequest;
@@ -28,6 +33,9 @@ struct Opts {
     device: String,
     precision: String,
     model_dir: Option<PathBuf>,
+    weights: Vec<String>,
+    /// `--budget 12GiB` (`none`: the device's free memory).
+    budget: Option<u64>,
 }
 
 fn opts() -> Opts {
@@ -55,7 +63,79 @@ fn opts() -> Opts {
         device: get("--device").unwrap_or_else(|| "cpu".into()),
         precision: get("--precision").unwrap_or_else(|| "auto".into()),
         model_dir: get("--model-dir").map(PathBuf::from),
+        budget: get("--budget")
+            .filter(|b| b != "none")
+            .and_then(|b| zturbo::memory::parse_bytes(&b).ok()),
+        weights: get("--weights")
+            .unwrap_or_else(|| "f32".into())
+            .split(',')
+            .map(str::to_string)
+            .collect(),
     }
+}
+
+/// The transformer and text encoder of `dir` quantized to `weights` (`f32`/`bf16`/`as-is`: the
+/// folder's own), written once next to the model.
+fn component_files(dir: &std::path::Path, weights: &str) -> anyhow::Result<ComponentFiles> {
+    if matches!(weights, "f32" | "bf16" | "as-is") {
+        return Ok(ComponentFiles::default());
+    }
+    let model = ModelDir::open(dir)?;
+    let mut files = ComponentFiles::default();
+    if weights == "fp8" {
+        for (component, role) in [
+            ("transformer", Role::Transformer),
+            ("text_encoder", Role::TextEncoder),
+        ] {
+            let out = dir.with_file_name(format!(
+                "{}-fp8-{component}.safetensors",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            if !out.is_file() {
+                eprintln!("writing the {component} as scaled fp8: {} …", out.display());
+                let w: Weights = model.open_weights_as(component, role)?;
+                quantize::write_fp8(&w, role, &out, &mut |_, _| {})?;
+            }
+            match role {
+                Role::Transformer => files.transformer = Some(out),
+                _ => files.text_encoder = Some(out),
+            }
+        }
+        return Ok(files);
+    }
+    let target: Target = weights.parse().map_err(anyhow::Error::msg)?;
+    for (component, role) in [
+        ("transformer", Role::Transformer),
+        ("text_encoder", Role::TextEncoder),
+    ] {
+        let out = dir.with_file_name(format!(
+            "{}-{weights}-{component}.gguf",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        if !out.is_file() {
+            eprintln!(
+                "quantizing the {component} to {weights}: {} …",
+                out.display()
+            );
+            let w: Weights = model.open_weights_as(component, role)?;
+            let te_cfg = match role {
+                Role::TextEncoder => Some(model.read_json("text_encoder/config.json")?),
+                _ => None,
+            };
+            let planned = quantize::plan(&w, role, target)?;
+            let meta = quantize::metadata(role, target, te_cfg.as_ref(), "bench");
+            quantize::write(&w, &planned, &meta, &out, &mut |_, _| {})?;
+        }
+        match role {
+            Role::Transformer => files.transformer = Some(out),
+            _ => files.text_encoder = Some(out),
+        }
+    }
+    Ok(files)
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -66,6 +146,9 @@ struct ChildResult {
     peak_bytes: u64,
     device_peak_bytes: u64,
     mode: String,
+    /// The guard's notices of the last run (`cfg_adjusted`, `black_image` …): none expected.
+    #[serde(default)]
+    notices: Vec<String>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -81,8 +164,15 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// One mode at one size, in this process: a warm-up job, then `runs` timed jobs.
-fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result<ChildResult> {
+/// One mode at one size with one set of weights, in this process: a warm-up job, then `runs`
+/// timed jobs.
+fn child(
+    o: &Opts,
+    dir: &PathBuf,
+    size: u32,
+    mode: MemoryMode,
+    weights: &str,
+) -> anyhow::Result<ChildResult> {
     let device = o
         .device
         .parse::<DeviceSpec>()
@@ -91,9 +181,18 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         .map_err(anyhow::Error::msg)?;
     let precision: Precision = o.precision.parse().map_err(anyhow::Error::msg)?;
     let policy = PrecisionPolicy::resolve(precision, &device);
-    let family = families::open(ModelDir::open(dir)?, &device, policy)?;
+    let files = component_files(dir, weights)?;
+    let family = families::open_with(ModelDir::open(dir)?, &files, &device, policy)?;
     let probe = probe::for_device(&device);
-    let mut engine = Engine::new(family, "bench", probe.clone(), EngineConfig::default());
+    let mut engine = Engine::new(
+        family,
+        "bench",
+        probe.clone(),
+        EngineConfig {
+            memory_budget: o.budget,
+            ..EngineConfig::default()
+        },
+    );
     let req = ValidRequest {
         prompt: "a serene mountain lake at dawn, mist rising, pine trees on shore".into(),
         negative_prompt: None,
@@ -112,6 +211,7 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
     let mut phases = Vec::new();
     let mut device_peak = 0;
     let mut resolved = String::new();
+    let mut notices = Vec::new();
     for i in 0..=o.runs {
         let t = Instant::now();
         let g = engine.generate(
@@ -127,6 +227,7 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         }
         device_peak = device_peak.max(g.peak_memory_bytes);
         resolved = g.plan.mode.to_string();
+        notices = g.notices.iter().map(|n| n.kind.to_string()).collect();
     }
     Ok(ChildResult {
         times_ms: times,
@@ -138,6 +239,7 @@ fn child(o: &Opts, dir: &PathBuf, size: u32, mode: MemoryMode) -> anyhow::Result
         },
         device_peak_bytes: device_peak,
         mode: resolved,
+        notices,
     })
 }
 
@@ -152,11 +254,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let size: u32 = args[i + 1].parse()?;
         let mode: MemoryMode = args[i + 2].parse()?;
+        let weights = args[i + 3].clone();
         let dir = o
             .model_dir
             .clone()
             .ok_or_else(|| anyhow::anyhow!("--model-dir missing"))?;
-        let r = child(&o, &dir, size, mode)?;
+        let r = child(&o, &dir, size, mode, &weights)?;
         println!("RESULT {}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -200,14 +303,15 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "unknown CPU".into());
     let total_mem = probe::host_memory().map(|m| m.total_bytes).unwrap_or(0);
     println!(
-        "memory bench: model `{}` ({:.2} GB of weights on disk), {} steps, cfg {}, {} timed runs per mode after a warm-up, device {}, precision {}",
+        "memory bench: model `{}` ({:.2} GB of weights on disk), {} steps, cfg {}, {} timed runs per mode after a warm-up, device {}, precision {}, budget {}",
         o.shape,
         weights as f64 / 1e9,
         o.steps,
         o.cfg,
         o.runs,
         o.device,
-        o.precision
+        o.precision,
+        o.budget.map_or("none".into(), gib)
     );
     println!(
         "host: {cpu}, {} threads, {} RAM",
@@ -215,74 +319,136 @@ fn main() -> anyhow::Result<()> {
         gib(total_mem)
     );
     println!();
-    println!(
-        "| size | mode | peak memory | median time | min–max time | encode / denoise / decode | vs performance (peak / time) |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let mut summary = None;
-    for &size in &o.sizes {
-        let mut base: Option<(u64, f64)> = None;
-        let mut rows = Vec::new();
-        for &mode in &o.modes {
-            let out = Command::new(&exe)
-                .args([
-                    "--child",
-                    &size.to_string(),
-                    mode.as_str(),
-                    "--model-dir",
-                    dir.to_str().unwrap_or("."),
-                ])
-                .args([
-                    "--steps",
-                    &o.steps.to_string(),
-                    "--runs",
-                    &o.runs.to_string(),
-                    "--cfg",
-                    &o.cfg.to_string(),
-                ])
-                .args(["--device", &o.device, "--precision", &o.precision])
-                .output()?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
-                anyhow::bail!(
-                    "{mode} at {size}² failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            let r: ChildResult = serde_json::from_str(line)?;
-            let mut t: Vec<f64> = r.times_ms.iter().map(|&v| v as f64 / 1000.0).collect();
-            let (lo, hi) = t
-                .iter()
-                .fold((f64::MAX, 0f64), |(a, b), &v| (a.min(v), b.max(v)));
-            let med = median(&mut t);
-            let phase = |k: usize| {
-                let mut v: Vec<f64> = r.phases_ms.iter().map(|p| p[k] as f64 / 1000.0).collect();
-                median(&mut v)
-            };
-            let phases = format!("{:.2} / {:.2} / {:.2} s", phase(0), phase(1), phase(2));
-            if mode == MemoryMode::Performance {
-                base = Some((r.peak_bytes, med));
-            }
-            let rel = base
-                .map(|(p, tm)| {
-                    format!(
-                        "{:.1} % / {:.2}×",
-                        100.0 * r.peak_bytes as f64 / p as f64,
-                        med / tm
-                    )
-                })
-                .unwrap_or_else(|| "–".into());
-            println!(
-                "| {size}² | {} | {} | {med:.2} s | {lo:.2}–{hi:.2} s | {phases} | {rel} |",
-                r.mode,
-                gib(r.peak_bytes)
-            );
-            rows.push((mode, r.peak_bytes, med));
+    // Quantized files are written once, here, before any child needs them.
+    for w in &o.weights {
+        component_files(&dir, w)?;
+    }
+    let many = o.weights.len() > 1;
+    let weights_col = |w: &str| {
+        if many {
+            format!(" {w} |")
+        } else {
+            String::new()
         }
-        if let (Some((bp, bt)), Some((_, lp, lt))) =
-            (base, rows.iter().find(|r| r.0 == MemoryMode::Low))
-        {
-            summary = Some((*lp as f64 / bp as f64, lt / bt, bp, *lp, bt, *lt, size));
+    };
+    println!(
+        "| size |{} mode | peak memory | median time | min–max time | encode / denoise / decode | vs performance (peak / time) |",
+        if many { " weights |" } else { "" }
+    );
+    println!(
+        "|---|{}---|---|---|---|---|---|",
+        if many { "---|" } else { "" }
+    );
+    let mut summary = None;
+    // Performance-mode (peak, time) per weights, at the last size that has them.
+    let mut perf: Vec<(String, u64, f64)> = Vec::new();
+    for &size in &o.sizes {
+        perf.clear();
+        for (wi, w) in o.weights.iter().enumerate() {
+            let mut base: Option<(u64, f64)> = None;
+            let mut rows = Vec::new();
+            for &mode in &o.modes {
+                let out = Command::new(&exe)
+                    .args([
+                        "--child",
+                        &size.to_string(),
+                        mode.as_str(),
+                        w,
+                        "--model-dir",
+                        dir.to_str().unwrap_or("."),
+                    ])
+                    .args([
+                        "--steps",
+                        &o.steps.to_string(),
+                        "--runs",
+                        &o.runs.to_string(),
+                        "--cfg",
+                        &o.cfg.to_string(),
+                    ])
+                    .args(["--device", &o.device, "--precision", &o.precision])
+                    .args([
+                        "--budget",
+                        &o.budget.map_or("none".into(), |b| b.to_string()),
+                    ])
+                    .output()?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+                    anyhow::bail!(
+                        "{mode} at {size}² with {w} weights failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                };
+                let r: ChildResult = serde_json::from_str(line)?;
+                let mut t: Vec<f64> = r.times_ms.iter().map(|&v| v as f64 / 1000.0).collect();
+                let (lo, hi) = t
+                    .iter()
+                    .fold((f64::MAX, 0f64), |(a, b), &v| (a.min(v), b.max(v)));
+                let med = median(&mut t);
+                let phase = |k: usize| {
+                    let mut v: Vec<f64> =
+                        r.phases_ms.iter().map(|p| p[k] as f64 / 1000.0).collect();
+                    median(&mut v)
+                };
+                let phases = format!("{:.2} / {:.2} / {:.2} s", phase(0), phase(1), phase(2));
+                if mode == MemoryMode::Performance {
+                    base = Some((r.peak_bytes, med));
+                    perf.push((w.clone(), r.peak_bytes, med));
+                }
+                let rel = base
+                    .map(|(p, tm)| {
+                        format!(
+                            "{:.1} % / {:.2}×",
+                            100.0 * r.peak_bytes as f64 / p as f64,
+                            med / tm
+                        )
+                    })
+                    .unwrap_or_else(|| "–".into());
+                println!(
+                    "| {size}² |{} {} | {} | {med:.2} s | {lo:.2}–{hi:.2} s | {phases} | {rel} |",
+                    weights_col(w),
+                    r.mode,
+                    gib(r.peak_bytes)
+                );
+                if !r.notices.is_empty() {
+                    println!("notices ({size}², {w}, {mode}): {}", r.notices.join(", "));
+                }
+                rows.push((mode, r.peak_bytes, med));
+            }
+            if wi == 0 {
+                if let (Some((bp, bt)), Some((_, lp, lt))) =
+                    (base, rows.iter().find(|r| r.0 == MemoryMode::Low))
+                {
+                    summary = Some((*lp as f64 / bp as f64, lt / bt, bp, *lp, bt, *lt, size));
+                }
+            }
+        }
+    }
+    if many {
+        if let Some((first, fp, ft)) = perf.first().cloned() {
+            let parts: Vec<String> = perf[1..]
+                .iter()
+                .flat_map(|(w, p, t)| {
+                    [
+                        format!("{w}_peak_ratio={:.3}", *p as f64 / fp as f64),
+                        format!("{w}_time_ratio={:.3}", t / ft),
+                    ]
+                })
+                .collect();
+            let mut peaks: Vec<&String> = parts.iter().filter(|p| p.contains("_peak_")).collect();
+            peaks.extend(parts.iter().filter(|p| p.contains("_time_")));
+            println!();
+            println!(
+                "performance mode, each weights against {first} (peak {}, {ft:.2} s):",
+                gib(fp)
+            );
+            println!(
+                "quant: {}",
+                peaks
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
     }
     if let Some((pr, tr, bp, lp, bt, lt, size)) = summary {

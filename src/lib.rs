@@ -1,6 +1,9 @@
 //! zturbo: a local image-generation server for Turbo diffusion models on candle.
 //! Layers, top to bottom: server → queue → engine → families → memory.
 
+// The OpenAPI document is one large `json!` literal (server/openapi.rs).
+#![recursion_limit = "256"]
+
 pub mod engine;
 pub mod families;
 pub mod inputs;

@@ -1,6 +1,7 @@
 //! The `zturbo` command: parses the command line and dispatches — `serve` the web UI
 //! (`zturbo::server::run`), `generate` images from the terminal, `pull` a model from the Hugging
-//! Face hub, list `models`, `soak` or `probe` a server. The commands live in `cmd/`.
+//! Face hub, list `models`, `quantize` weights, `soak` or `probe` a server. The commands live in
+//! `cmd/`.
 
 mod cmd;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cmd::{generate, hostile, models, soak};
+use cmd::{generate, hostile, models, quantize, soak};
 use zturbo::families::Precision;
 use zturbo::memory::parse_bytes;
 use zturbo::settings::{DeviceSpec, ModelSettings, ServeSettings};
@@ -46,6 +47,27 @@ pub struct ModelArgs {
     /// Cap on the memory the planner may use, e.g. 8GiB.
     #[arg(long, env = "ZTURBO_MEMORY_BUDGET", value_parser = parse_budget)]
     memory_budget: Option<u64>,
+    /// The transformer (DiT) from a single file: a diffusers or ComfyUI safetensors (bf16, fp8)
+    /// or a GGUF (Q8_0 … Q2_K). A bare file name is also looked for in --models-dir and the
+    /// ComfyUI folders. Configs and tokenizer still come from --model (default z-image-turbo).
+    #[arg(long, env = "ZTURBO_TRANSFORMER")]
+    transformer: Option<PathBuf>,
+    /// The Qwen3 text encoder from a single file (transformers safetensors such as ComfyUI's
+    /// qwen_3_4b.safetensors, fp8, or a llama.cpp GGUF).
+    #[arg(long, env = "ZTURBO_TEXT_ENCODER")]
+    text_encoder: Option<PathBuf>,
+    /// The VAE from a single file (diffusers names, or the ldm/Flux names of ae.safetensors).
+    #[arg(long, env = "ZTURBO_VAE")]
+    vae: Option<PathBuf>,
+    /// A ComfyUI folder (or its models/ folder): its diffusion_models, text_encoders, clip and
+    /// vae files are listed in the Models panel and found by name.
+    #[arg(long, env = "ZTURBO_COMFYUI_DIR")]
+    comfyui_dir: Option<PathBuf>,
+    /// Which weights of a catalog model to load: `bf16` (the release) or a variant pulled with
+    /// `zturbo pull NAME --variant V`. Without it the planner chooses among those on disk for
+    /// the default job, preferring quantized weights kept on the GPU to bf16 weights streamed.
+    #[arg(long, env = "ZTURBO_VARIANT")]
+    variant: Option<String>,
 }
 
 fn parse_budget(s: &str) -> Result<u64, String> {
@@ -64,16 +86,32 @@ enum Command {
     Pull {
         /// Catalog name (z-image-turbo, sd-turbo, sdxl-turbo) or hub repository `owner/name`.
         name: String,
+        /// Only the configs, scheduler and tokenizer (a few MB): enough to run single weight
+        /// files given with --transformer, --text-encoder and --vae.
+        #[arg(long, conflicts_with = "variant")]
+        configs_only: bool,
+        /// A quantized variant instead of the bf16 release (z-image-turbo: q8_0, q6_k, q5_k_m,
+        /// q4_k_m, q3_k_m): the transformer and text encoder as GGUF from the repositories
+        /// README names, configs, tokenizer and VAE from the model's own repository.
+        #[arg(long)]
+        variant: Option<String>,
     },
     /// Runs many random jobs through a real server with injected faults and audits the results.
     Soak(soak::SoakArgs),
     /// Probes a running server on loopback as a hostile client would (developer tool; bounded in
     /// time and requests) and prints a table of what held.
     Probe(hostile::ProbeArgs),
+    /// Write a component's weights as GGUF (ComfyUI names for the transformer, what ComfyUI-GGUF
+    /// and stable-diffusion.cpp load; llama.cpp `qwen3` names for the text encoder) or as
+    /// ComfyUI's scaled fp8 safetensors.
+    Quantize(quantize::QuantizeArgs),
     /// List known and local models.
     Models {
         #[arg(long, env = "ZTURBO_MODELS_DIR", default_value = "models")]
         models_dir: PathBuf,
+        /// Also list the weight files of this ComfyUI folder (or its models/ folder).
+        #[arg(long, env = "ZTURBO_COMFYUI_DIR")]
+        comfyui_dir: Option<PathBuf>,
     },
 }
 
@@ -142,6 +180,11 @@ impl ModelArgs {
             device: self.device,
             precision: self.precision,
             memory_budget: self.memory_budget,
+            transformer: self.transformer.clone(),
+            text_encoder: self.text_encoder.clone(),
+            vae: self.vae.clone(),
+            comfyui_dir: self.comfyui_dir.clone(),
+            variant: self.variant.clone(),
         }
     }
 }
@@ -177,8 +220,16 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => zturbo::server::run(args.settings()).map_err(Into::into),
         Command::Generate(args) => generate::run(*args),
-        Command::Pull { name } => models::pull(&name),
-        Command::Models { models_dir } => models::models(&models_dir),
+        Command::Pull {
+            name,
+            configs_only,
+            variant,
+        } => models::pull(&name, configs_only, variant.as_deref()),
+        Command::Models {
+            models_dir,
+            comfyui_dir,
+        } => models::models(&models_dir, comfyui_dir.as_deref()),
+        Command::Quantize(args) => quantize::run(args),
         Command::Soak(args) => soak::run(args),
         Command::Probe(args) => hostile::run(args),
     };

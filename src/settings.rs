@@ -63,6 +63,16 @@ pub struct ModelSettings {
     pub precision: Precision,
     /// Cap on the memory the planner may use.
     pub memory_budget: Option<u64>,
+    /// Single weight files replacing components of `model` (`--transformer`, `--text-encoder`,
+    /// `--vae`): paths, or bare names looked for in `models_dir` and `comfyui_dir`.
+    pub transformer: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+    /// A ComfyUI folder (or its `models/`): its weight files are listed and found by name.
+    pub comfyui_dir: Option<PathBuf>,
+    /// Which weights of a catalog model: `bf16` or a pulled variant (`q8_0` …); `None`: the
+    /// planner chooses among those on disk.
+    pub variant: Option<String>,
 }
 
 /// Everything `server::run` needs to serve.

@@ -4,4 +4,5 @@
 pub mod generate;
 pub mod hostile;
 pub mod models;
+pub mod quantize;
 pub mod soak;

@@ -1,6 +1,7 @@
-//! `zturbo pull` and `zturbo models`: fetching models with a progress bar, and listing them.
+//! `zturbo pull` and `zturbo models`: fetching models (or a quantized variant, or only the
+//! configs) with a progress bar, and listing them with the weight files found on disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -46,7 +47,7 @@ impl families::weights::DownloadProgress for BarProgress {
 }
 
 /// `zturbo pull`: downloads a catalog model or a hub repository into the Hugging Face cache.
-pub fn pull(name: &str) -> Result<()> {
+pub fn pull(name: &str, configs_only: bool, variant: Option<&str>) -> Result<()> {
     let repo = catalog::entry(name)
         .map(|e| e.repo.to_string())
         .unwrap_or_else(|| name.to_string());
@@ -61,13 +62,37 @@ pub fn pull(name: &str) -> Result<()> {
         );
     }
     let mut progress = BarProgress { bar: None };
-    let dir = families::weights::pull(&repo, &mut progress)?;
+    if let Some(v) = variant {
+        let v = families::variants::find(name, v)?;
+        let pulled = families::variants::pull(&repo, v, &mut progress)?;
+        let shown = |f: &Option<PathBuf>| {
+            f.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "{name} {} is ready: configs in {}, transformer {}, text encoder {} \
+             (`zturbo serve --model {name}` picks it when it suits the GPU, `--variant {}` forces it)",
+            v.name,
+            pulled.configs.display(),
+            shown(&pulled.files.transformer),
+            shown(&pulled.files.text_encoder),
+            v.name
+        );
+        return Ok(());
+    }
+    let set = if configs_only {
+        families::weights::PullSet::ConfigsOnly
+    } else {
+        families::weights::PullSet::Pipeline
+    };
+    let dir = families::weights::pull_set(&repo, set, &mut progress)?;
     eprintln!("{repo} is ready in {}", dir.display());
     Ok(())
 }
 
 /// `zturbo models`: the catalog and the local folders, with their state.
-pub fn models(models_dir: &Path) -> Result<()> {
+pub fn models(models_dir: &Path, comfyui_dir: Option<&Path>) -> Result<()> {
     println!(
         "{:<16} {:<11} {:<15} {:>10}  source",
         "name", "family", "state", "size"
@@ -90,6 +115,24 @@ pub fn models(models_dir: &Path) -> Result<()> {
             "{:<16} {:<11} {:<15} {:>10}  {source}",
             m.name, m.family, state, size
         );
+    }
+    let files = catalog::list_files(models_dir, comfyui_dir, &Default::default());
+    if !files.is_empty() {
+        println!();
+        println!(
+            "{:<15} {:<14} {:>10}  {:<22} file",
+            "flag", "encoding", "size", "names"
+        );
+        for f in files {
+            println!(
+                "{:<15} {:<14} {:>10}  {:<22} {}",
+                f.flag,
+                f.summary.encoding,
+                format!("{:.2} GB", f.summary.file_bytes as f64 / 1e9),
+                f.summary.kind,
+                f.path.display()
+            );
+        }
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::weights::{self, ModelDir};
-use super::{sd_turbo, z_image, Defaults, FamilyKind, ModelError};
+use super::weights::{self, FileSummary, ModelDir, Role};
+use super::{sd_turbo, z_image, ComponentFiles, Defaults, FamilyKind, ModelError};
 
 /// A model zturbo knows how to fetch.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -90,16 +90,21 @@ pub fn demo() -> ModelDir {
     ModelDir::embedded("demo", DEMO_FILES)
 }
 
-/// A resolved `--model`: a display name and its folder.
+/// A resolved `--model`: a display name, the folder of its configs (and of the weights no
+/// component file replaces) and the component files.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub name: String,
     pub dir: ModelDir,
     pub demo: bool,
+    pub files: ComponentFiles,
+    /// The quantized variant (`q8_0` …) these weights are, when they are one.
+    pub variant: Option<String>,
 }
 
-/// Finds a model without touching the network. Order: `demo`; an existing folder path;
-/// `<models_dir>/<name>`; the Hugging Face cache (catalog name or `owner/repo`).
+/// Finds a model without touching the network. Order: `demo`; an existing folder path; a weight
+/// file (its family's catalog configs); `<models_dir>/<name>`; the Hugging Face cache (catalog
+/// name or `owner/repo`).
 pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case(DEMO) {
@@ -107,9 +112,14 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             name: DEMO.into(),
             dir: demo(),
             demo: true,
+            files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let as_path = Path::new(spec);
+    if as_path.is_file() {
+        return resolve_file(as_path, models_dir);
+    }
     if as_path.is_dir() {
         let name = as_path
             .file_name()
@@ -119,6 +129,8 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             name,
             dir: ModelDir::open(as_path)?,
             demo: false,
+            files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let local = models_dir.join(spec);
@@ -127,6 +139,8 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             name: spec.to_string(),
             dir: ModelDir::open(local)?,
             demo: false,
+            files: ComponentFiles::default(),
+            variant: None,
         });
     }
     let (name, repo) = match entry(spec) {
@@ -152,6 +166,8 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
             name,
             dir: ModelDir::open(dir)?,
             demo: false,
+            files: ComponentFiles::default(),
+            variant: None,
         }),
         None => {
             let size = entry(&repo)
@@ -167,12 +183,381 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<Resolved, ModelError> {
     }
 }
 
-/// The model `serve` starts with when none is given: Z-Image-Turbo if found locally, else demo.
+/// Like [`resolve`], for a model whose weights come (partly) from component files: a catalog
+/// model's configs and tokenizer are enough then (`zturbo pull NAME --configs-only`).
+pub fn resolve_with(
+    spec: &str,
+    models_dir: &Path,
+    files: &ComponentFiles,
+) -> Result<Resolved, ModelError> {
+    let full = resolve(spec, models_dir);
+    let mut r = match full {
+        Ok(r) => r,
+        Err(e) if !files.is_empty() => match entry(spec.trim()) {
+            Some(entry) => configs_of(entry, models_dir).map_err(|_| e)?,
+            None => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    for (have, given, flag) in [
+        (
+            &mut r.files.transformer,
+            &files.transformer,
+            "--transformer",
+        ),
+        (
+            &mut r.files.text_encoder,
+            &files.text_encoder,
+            "--text-encoder",
+        ),
+        (&mut r.files.vae, &files.vae, "--vae"),
+    ] {
+        if let Some(g) = given {
+            if let Some(h) = have.as_ref().filter(|h| *h != g) {
+                return Err(ModelError::Invalid(format!(
+                    "{flag} {} conflicts with --model {}, which already is that component",
+                    g.display(),
+                    h.display()
+                )));
+            }
+            *have = Some(g.clone());
+        }
+    }
+    if let Some(t) = &r.files.transformer {
+        if !r.demo {
+            r.name = file_stem(t);
+        }
+    }
+    Ok(r)
+}
+
+fn file_stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// A catalog model's configs and tokenizer: `<models_dir>/<name>` (a diffusers folder, weights
+/// or not), else its Hugging Face cache snapshot (configs-only pulls included).
+pub fn configs_of(entry: &CatalogEntry, models_dir: &Path) -> Result<Resolved, ModelError> {
+    let local = models_dir.join(entry.name);
+    let dir = if local.join("model_index.json").is_file() {
+        ModelDir::open(local)?
+    } else if let Some(dir) = weights::hf_cache_configs(entry.repo) {
+        ModelDir::open(dir)?
+    } else {
+        return Err(ModelError::NotFound(
+            entry.name.into(),
+            format!(
+                "its configs and tokenizer are not here: run `zturbo pull {} --configs-only` (a few MB), \
+                 or put a diffusers folder at {}",
+                entry.name,
+                local.display()
+            ),
+        ));
+    };
+    Ok(Resolved {
+        name: entry.name.into(),
+        dir,
+        demo: false,
+        files: ComponentFiles::default(),
+        variant: None,
+    })
+}
+
+/// `--model FILE`: a transformer file runs with its family's catalog configs (and that model's
+/// other components unless files are given for them).
+fn resolve_file(path: &Path, models_dir: &Path) -> Result<Resolved, ModelError> {
+    let summary = weights::inspect(path)?;
+    match summary.role {
+        Some(Role::Transformer) => {
+            let entry = CATALOG
+                .iter()
+                .find(|e| e.family == FamilyKind::ZImage)
+                .ok_or_else(|| ModelError::Invalid("no Z-Image entry in the catalog".into()))?;
+            let mut r = configs_of(entry, models_dir).map_err(|e| {
+                ModelError::Invalid(format!(
+                    "{} is a Z-Image transformer ({}); {e}",
+                    path.display(),
+                    summary.kind
+                ))
+            })?;
+            r.name = file_stem(path);
+            r.files.transformer = Some(path.to_path_buf());
+            Ok(r)
+        }
+        Some(role) => Err(ModelError::Invalid(format!(
+            "{} is {} ({}), not a model to run: pass it with {} next to --model",
+            path.display(),
+            role.describe(),
+            summary.kind,
+            role.flag()
+        ))),
+        None => Err(ModelError::Invalid(format!(
+            "{}: not a Z-Image transformer (it looks like {})",
+            path.display(),
+            summary.kind
+        ))),
+    }
+}
+
+/// Where ComfyUI keeps each component's files, under its `models/` folder.
+pub const COMFYUI_FOLDERS: &[(&str, Role)] = &[
+    ("diffusion_models", Role::Transformer),
+    ("unet", Role::Transformer),
+    ("text_encoders", Role::TextEncoder),
+    ("clip", Role::TextEncoder),
+    ("vae", Role::Vae),
+];
+
+/// The `models/` folder of a ComfyUI tree given as the ComfyUI folder or its `models/`.
+pub fn comfyui_models(dir: &Path) -> PathBuf {
+    let inner = dir.join("models");
+    if inner.is_dir() {
+        inner
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A component file named on the command line: an existing path, or a file name found in
+/// `<models_dir>` or the ComfyUI folders for `role`.
+pub fn find_component_file(
+    spec: &Path,
+    role: Role,
+    models_dir: &Path,
+    comfyui: Option<&Path>,
+) -> Result<PathBuf, ModelError> {
+    if spec.is_file() {
+        return Ok(spec.to_path_buf());
+    }
+    let mut tried = vec![spec.display().to_string()];
+    if spec.components().count() == 1 {
+        let mut dirs = vec![models_dir.to_path_buf()];
+        if let Some(c) = comfyui {
+            let models = comfyui_models(c);
+            dirs.extend(
+                COMFYUI_FOLDERS
+                    .iter()
+                    .filter(|(_, r)| *r == role)
+                    .map(|(f, _)| models.join(f)),
+            );
+        }
+        for d in dirs {
+            let p = d.join(spec);
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p.display().to_string());
+        }
+    }
+    Err(ModelError::MissingFile {
+        path: PathBuf::from(format!(
+            "{} (looked for {})",
+            spec.display(),
+            tried.join(", ")
+        )),
+    })
+}
+
+/// A single weight file found on disk, for the Models panel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileListing {
+    pub name: String,
+    pub path: PathBuf,
+    /// `models_dir` or `comfyui`.
+    pub source: &'static str,
+    pub role: Role,
+    /// The family it belongs to (its names are Z-Image's or the ones Z-Image uses).
+    pub family: String,
+    #[serde(flatten)]
+    pub summary: FileSummary,
+    /// In use by the loaded model.
+    pub loaded: bool,
+    /// The flag that loads it.
+    pub flag: &'static str,
+}
+
+/// Weight files for our components in `<models_dir>` (top level and the ComfyUI-style
+/// subfolders) and in a ComfyUI `models/` tree. Only headers are read; files of other models
+/// are left out.
+pub fn list_files(
+    models_dir: &Path,
+    comfyui: Option<&Path>,
+    loaded: &ComponentFiles,
+) -> Vec<FileListing> {
+    let mut dirs: Vec<(PathBuf, &'static str)> = vec![(models_dir.to_path_buf(), "models_dir")];
+    dirs.extend(
+        COMFYUI_FOLDERS
+            .iter()
+            .map(|(f, _)| (models_dir.join(f), "models_dir")),
+    );
+    if let Some(c) = comfyui {
+        let models = comfyui_models(c);
+        dirs.extend(
+            COMFYUI_FOLDERS
+                .iter()
+                .map(|(f, _)| (models.join(f), "comfyui")),
+        );
+    }
+    let in_use = |p: &Path| {
+        [&loaded.transformer, &loaded.text_encoder, &loaded.vae]
+            .iter()
+            .filter_map(|f| f.as_ref())
+            .any(|f| same_file(f, p))
+    };
+    let mut out: Vec<FileListing> = Vec::new();
+    for (dir, source) in dirs {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|x| {
+                        let x = x.to_string_lossy().to_ascii_lowercase();
+                        x == "safetensors" || x == "gguf" || x == "sft"
+                    })
+            })
+            .collect();
+        files.sort();
+        for p in files {
+            if out.iter().any(|f| same_file(&f.path, &p)) {
+                continue;
+            }
+            let Ok(summary) = cached_summary(&p) else {
+                continue;
+            };
+            let Some(role) = summary.role else {
+                continue;
+            };
+            out.push(FileListing {
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                source,
+                role,
+                family: FamilyKind::ZImage.to_string(),
+                loaded: in_use(&p),
+                flag: role.flag(),
+                summary,
+                path: p,
+            });
+        }
+    }
+    out
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Header summaries by path, size and modification time: listing a ComfyUI folder of large
+/// files reads each header once.
+fn cached_summary(p: &Path) -> Result<FileSummary, ModelError> {
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Key, FileSummary>>,
+    > = std::sync::OnceLock::new();
+    let meta = std::fs::metadata(p).map_err(|e| ModelError::Io {
+        path: p.to_path_buf(),
+        source: e,
+    })?;
+    let key = (p.to_path_buf(), meta.len(), meta.modified().ok());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(s) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(s);
+    }
+    let s = weights::inspect(p)?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, s.clone());
+    }
+    Ok(s)
+}
+
+/// Every way of holding `resolved`'s model that is on disk: the model itself and, for a catalog
+/// model with quantized variants, each variant pulled (`zturbo pull NAME --variant V`). The
+/// engine lets the planner choose among them ([`crate::memory::planner::choose_weights`]).
+pub fn weight_candidates(resolved: &Resolved, models_dir: &Path) -> Vec<Resolved> {
+    let mut out = vec![resolved.clone()];
+    if !resolved.files.is_empty() || resolved.demo {
+        return out;
+    }
+    let Some(entry) = entry(&resolved.name) else {
+        return out;
+    };
+    let Ok(configs) = configs_of(entry, models_dir) else {
+        return out;
+    };
+    for (v, files) in super::variants::local(entry.name) {
+        out.push(Resolved {
+            name: format!("{} ({})", entry.name, v.name),
+            dir: configs.dir.clone(),
+            demo: false,
+            files,
+            variant: Some(v.name.to_string()),
+        });
+    }
+    out
+}
+
+/// A catalog model or one of its pulled variants, by name (`--variant`; `bf16` is the release).
+pub fn resolve_variant(
+    name: &str,
+    variant: &str,
+    models_dir: &Path,
+) -> Result<Resolved, ModelError> {
+    if variant.eq_ignore_ascii_case("bf16") {
+        return resolve(name, models_dir);
+    }
+    let entry = entry(name).ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "--variant applies to catalog models; `{name}` is not one"
+        ))
+    })?;
+    let v = super::variants::find(entry.name, variant)?;
+    let files = super::variants::local(entry.name)
+        .into_iter()
+        .find(|(l, _)| l.name == v.name)
+        .map(|(_, f)| f)
+        .ok_or_else(|| {
+            ModelError::NotFound(
+                format!("{} {}", entry.name, v.name),
+                format!(
+                    "not downloaded yet: run `zturbo pull {} --variant {}`",
+                    entry.name, v.name
+                ),
+            )
+        })?;
+    let configs = configs_of(entry, models_dir)?;
+    Ok(Resolved {
+        name: format!("{} ({})", entry.name, v.name),
+        dir: configs.dir,
+        demo: false,
+        files,
+        variant: Some(v.name.to_string()),
+    })
+}
+
+/// The model `serve` starts with when none is given: Z-Image-Turbo if found locally (the
+/// release or a pulled variant), else demo.
 pub fn default_model(models_dir: &Path) -> Resolved {
-    resolve("z-image-turbo", models_dir).unwrap_or_else(|_| Resolved {
+    let found = resolve("z-image-turbo", models_dir).ok().or_else(|| {
+        super::variants::of("z-image-turbo")
+            .iter()
+            .find_map(|v| resolve_variant("z-image-turbo", v.name, models_dir).ok())
+    });
+    found.unwrap_or_else(|| Resolved {
         name: DEMO.into(),
         dir: demo(),
         demo: true,
+        files: ComponentFiles::default(),
+        variant: None,
     })
 }
 
@@ -197,6 +582,10 @@ pub struct Listing {
     /// Known before loading for the demo and catalog models; `None` for other local folders.
     pub defaults: Option<Defaults>,
     pub description: String,
+    /// The bf16 release and the quantized variants `zturbo pull NAME --variant V` fetches, with
+    /// their sizes and the smallest GPU the planner fits each on (catalog models only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<super::variants::VariantListing>,
 }
 
 /// Every model known: the demo, the catalog (found or not), and diffusers folders in `models_dir`.
@@ -222,9 +611,11 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
         description:
             "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
                 .into(),
+        variants: Vec::new(),
     }];
     for e in CATALOG {
         let found = resolve(e.name, models_dir).ok();
+        let variants = super::variants::listings(e.name);
         out.push(Listing {
             name: e.name.into(),
             family: e.family.to_string(),
@@ -240,6 +631,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
             path: found.and_then(|r| r.dir.path().map(Path::to_path_buf)),
             defaults: Some(e.defaults),
             description: e.description.into(),
+            variants,
         });
     }
     if let Ok(rd) = std::fs::read_dir(models_dir) {
@@ -275,6 +667,7 @@ pub fn list(models_dir: &Path, loaded: &str) -> Vec<Listing> {
                 path: Some(p),
                 defaults: None,
                 description: "Local diffusers folder".into(),
+                variants: Vec::new(),
             });
         }
     }

@@ -13,6 +13,9 @@ pub mod slot;
 pub mod weights;
 pub mod z_image;
 
+/// The catalog's quantized variants (only Z-Image-Turbo has them; they live in its folder).
+pub use z_image::variants;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -57,7 +60,7 @@ pub enum ModelError {
     Download(String),
     #[error("{0}")]
     Invalid(String),
-    #[error(transparent)]
+    #[error("{}", weights::error_text(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -189,16 +192,50 @@ pub fn family_of_class(class: &str) -> Option<FamilyKind> {
     FamilyKind::of_pipeline_class(class)
 }
 
+/// Single weight files that replace a component's weights in a model folder (`--transformer`,
+/// `--text-encoder`, `--vae`); the folder still provides configs and the tokenizer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComponentFiles {
+    pub transformer: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+}
+
+impl ComponentFiles {
+    pub fn is_empty(&self) -> bool {
+        self.transformer.is_none() && self.text_encoder.is_none() && self.vae.is_none()
+    }
+}
+
 /// Opens a model folder with the family its `model_index.json` names.
 pub fn open(
     dir: ModelDir,
     device: &Device,
     policy: PrecisionPolicy,
 ) -> Result<Box<dyn Family>, ModelError> {
+    open_with(dir, &ComponentFiles::default(), device, policy)
+}
+
+/// [`open`] with some components' weights taken from single files.
+pub fn open_with(
+    dir: ModelDir,
+    files: &ComponentFiles,
+    device: &Device,
+    policy: PrecisionPolicy,
+) -> Result<Box<dyn Family>, ModelError> {
     let class = pipeline_class(&dir)?;
     match family_of_class(&class) {
-        Some(FamilyKind::ZImage) => Ok(Box::new(z_image::ZImage::open(dir, device, policy)?)),
-        Some(FamilyKind::SdTurbo | FamilyKind::SdxlTurbo) => {
+        Some(FamilyKind::ZImage) => Ok(Box::new(z_image::ZImage::open_with(
+            dir, files, device, policy,
+        )?)),
+        Some(family @ (FamilyKind::SdTurbo | FamilyKind::SdxlTurbo)) => {
+            if !files.is_empty() {
+                return Err(ModelError::Invalid(format!(
+                    "--transformer, --text-encoder and --vae files are read for Z-Image models; {} is {}",
+                    dir.describe(),
+                    family.as_str()
+                )));
+            }
             Ok(Box::new(sd_turbo::SdTurbo::open(dir, device, policy)?))
         }
         None => Err(ModelError::UnknownPipeline {

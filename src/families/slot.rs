@@ -30,6 +30,13 @@ pub trait Module: Sized + Send {
     /// Exact weight bytes in the policy's dtype (from the safetensors headers).
     fn bytes(src: &Self::Source, policy: &PrecisionPolicy) -> u64;
 
+    /// Bytes of the largest weight matrix dequantized into the policy's dtype just before its
+    /// product (0 when nothing is stored quantized): it lives on top of the stored weights while
+    /// the component runs.
+    fn scratch_bytes(_src: &Self::Source, _policy: &PrecisionPolicy) -> u64 {
+        0
+    }
+
     /// Bytes of each repeated block, for a denoiser that can stream them (empty: cannot).
     fn block_bytes(_src: &Self::Source, _policy: &PrecisionPolicy) -> Vec<u64> {
         Vec::new()
@@ -209,6 +216,8 @@ impl<T: Module, D: Module> Components for Parts<T, D> {
             denoiser_largest_block: blocks.iter().copied().max().unwrap_or(0),
             denoiser_blocks: blocks.len(),
             vae_decoder: VaeDecoder::bytes(self.vae.source(), &self.policy),
+            denoiser_scratch: D::scratch_bytes(self.denoiser.source(), &self.policy),
+            text_encoder_scratch: T::scratch_bytes(self.text_encoder.source(), &self.policy),
         }
     }
 

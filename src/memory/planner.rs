@@ -166,6 +166,13 @@ pub struct ComponentBytes {
     /// Number of repeated blocks (Z-Image: 30 layers + 2 noise + 2 context refiners); 0 = cannot stream.
     pub denoiser_blocks: usize,
     pub vae_decoder: u64,
+    /// Weights kept quantized are dequantized one matrix at a time just before its product: the
+    /// largest such matrix in the compute dtype (0 when nothing is quantized). It lives during the
+    /// denoising (or text-encoding) phase on top of the stored weights.
+    #[serde(default)]
+    pub denoiser_scratch: u64,
+    #[serde(default)]
+    pub text_encoder_scratch: u64,
 }
 
 /// Everything the planner looks at (serialisable so a job record can keep what its plan was made from).
@@ -330,7 +337,7 @@ impl Plan {
             tracing::warn!(mode = %self.mode, peak = self.estimated_peak_bytes, "{}", self.summary());
         }
         for reason in &self.reasons {
-            tracing::debug!("memory plan: {reason}");
+            tracing::info!("memory plan: {reason}");
         }
     }
 }
@@ -483,10 +490,14 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
     let batch = u64::from(batch.max(1));
     let passes = if input.cfg_on { 2 } else { 1 };
     // One prompt (plus its negative under CFG, encoded after it) serves the whole batch.
-    let te_act = a.text_encoder.bytes(u64::from(a.text_tokens), 1);
+    let te_act = a
+        .text_encoder
+        .bytes(u64::from(a.text_tokens), 1)
+        .saturating_add(c.text_encoder_scratch);
     let den_act = a
         .denoiser
-        .bytes(a.denoiser_tokens(input.width, input.height), batch * passes);
+        .bytes(a.denoiser_tokens(input.width, input.height), batch * passes)
+        .saturating_add(c.denoiser_scratch);
     let (lw, lh) = a.latent_size(input.width, input.height);
     let full_decode = a.vae.decode_bytes(lw, lh);
 
@@ -557,13 +568,14 @@ fn estimate(input: &PlanInput, mode: MemoryMode, batch: u32) -> Estimate {
                         max_scores: cap,
                         ..a.denoiser
                     };
-                    let whole = low.bytes(tokens, items);
+                    let whole = low.bytes(tokens, items).saturating_add(c.denoiser_scratch);
                     if items <= 1 || den_weights.saturating_add(whole) <= text_encoding {
                         (whole, false)
                     } else {
                         let waiting = (items - 1)
                             .saturating_mul(a.denoiser.bytes_per_token.saturating_mul(tokens) / 4);
-                        (low.bytes(tokens, 1).saturating_add(waiting), true)
+                        let one = low.bytes(tokens, 1).saturating_add(c.denoiser_scratch);
+                        (one.saturating_add(waiting), true)
                     }
                 }
                 None => (den_act, false),
@@ -811,6 +823,97 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
 }
 
+/// One way to hold a model's weights — the bf16 folder, a GGUF or fp8 variant of its denoiser … —
+/// as the planner sees it: the components' stored bytes and the request to plan for.
+#[derive(Debug, Clone)]
+pub struct WeightOption {
+    /// `bf16`, `q8_0` …, for the reasons.
+    pub label: String,
+    /// Its denoiser keeps quantized weights (dequantized per product).
+    pub quantized: bool,
+    pub input: PlanInput,
+}
+
+/// What [`choose_weights`] decided, with its reasons.
+#[derive(Debug, Clone)]
+pub struct WeightChoice {
+    pub index: usize,
+    pub plan: Plan,
+    pub reasons: Vec<String>,
+}
+
+/// Picks the weights to load among `options` (best quality first, e.g. bf16 before q8_0 before
+/// q4_k). A plan that keeps the denoiser resident beats one that streams it, which beats one that
+/// does not fit: quantized weights held resident are preferred over bf16 weights streamed block by
+/// block (streaming copies every block every step). Within a class, unquantized and then larger
+/// (higher quality) weights win. `None` without options.
+pub fn choose_weights(options: &[WeightOption]) -> Option<WeightChoice> {
+    let plans: Vec<Plan> = options.iter().map(|o| plan(&o.input)).collect();
+    let class = |p: &Plan| match (p.fits, p.denoiser) {
+        (true, Residency::Resident) => 0,
+        (true, _) => 1,
+        (false, _) => 2,
+    };
+    let index = (0..options.len()).min_by_key(|&i| {
+        (
+            class(&plans[i]),
+            options[i].quantized,
+            std::cmp::Reverse(options[i].input.components.denoiser),
+        )
+    })?;
+    let mut reasons: Vec<String> = options
+        .iter()
+        .zip(&plans)
+        .map(|(o, p)| {
+            format!(
+                "{}: denoiser {} stored, {} mode, denoiser {}, peak {}{}",
+                o.label,
+                format_bytes(o.input.components.denoiser),
+                p.mode,
+                p.denoiser,
+                format_bytes(p.estimated_peak_bytes),
+                if p.fits { "" } else { " (does not fit)" }
+            )
+        })
+        .collect();
+    let chosen = &plans[index];
+    let why = match class(chosen) {
+        0 if options[index].quantized => {
+            match (0..options.len()).find(|&i| !options[i].quantized) {
+                Some(u) => format!(
+                    "{} keeps the denoiser resident where {} would {}",
+                    options[index].label,
+                    options[u].label,
+                    if plans[u].fits {
+                        "stream it block by block"
+                    } else {
+                        "not fit"
+                    }
+                ),
+                None => format!("{} keeps the denoiser resident", options[index].label),
+            }
+        }
+        0 => format!(
+            "{} fits with the denoiser resident: the best quality that does",
+            options[index].label
+        ),
+        1 => format!(
+            "no option keeps the denoiser resident; {} streams it",
+            options[index].label
+        ),
+        _ => format!(
+            "nothing fits; {} comes closest in the leanest mode",
+            options[index].label
+        ),
+    };
+    reasons.push(format!("weights: chose {} ({why})", options[index].label));
+    Some(WeightChoice {
+        index,
+        plan: plans[index].clone(),
+        reasons,
+    })
+}
+
 /// Largest batch (≥ 1 if anything fits, else 0) at the input's resolution that [`plan`] can serve for the
 /// requested mode, in whichever mode it resolves to for that batch: for `auto` (and `performance`, its
 /// ceiling being the top) the leanest mode usually sets the limit, since only the denoiser's activations
@@ -874,6 +977,7 @@ mod tests {
             denoiser_largest_block: 356_000_000,
             denoiser_blocks: 34,
             vae_decoder: 330_000_000,
+            ..Default::default()
         }
     }
 
@@ -900,6 +1004,68 @@ mod tests {
         let mut a = z_image::turbo();
         a.denoiser.bytes_per_score = 0;
         a
+    }
+
+    #[test]
+    fn auto_prefers_quantized_resident_over_bf16_streamed() {
+        // Z-Image-Turbo at 1024², CFG on, on a 12 GiB card: bf16 (12.3 GB denoiser) has to stream
+        // its blocks; Q8_0 (≈ 6.5 GB stored, ≈ 190 MB dequantized scratch) stays resident.
+        let bf16 = z_image_components();
+        let q8 = ComponentBytes {
+            text_encoder: 4_300_000_000,
+            denoiser: 6_500_000_000,
+            denoiser_largest_block: 189_000_000,
+            denoiser_scratch: 10240 * 3840 * 2,
+            text_encoder_scratch: 9728 * 2560 * 2,
+            ..bf16
+        };
+        let input = |c: ComponentBytes, total: u64| PlanInput {
+            device_total: total,
+            device_free: total - DRIVER_OVERHEAD,
+            budget: None,
+            reserve: default_reserve(total),
+            components: c,
+            activations: z_image::turbo(),
+            width: 1024,
+            height: 1024,
+            batch: 1,
+            cfg_on: true,
+            mode: MemoryMode::Auto,
+        };
+        let options = |total: u64| {
+            vec![
+                WeightOption {
+                    label: "bf16".into(),
+                    quantized: false,
+                    input: input(bf16, total),
+                },
+                WeightOption {
+                    label: "q8_0".into(),
+                    quantized: true,
+                    input: input(q8, total),
+                },
+            ]
+        };
+        let c = choose_weights(&options(12 * GIB)).unwrap();
+        assert_eq!(c.index, 1, "{:?}", c.reasons);
+        assert_eq!(c.plan.denoiser, Residency::Resident);
+        assert!(
+            c.reasons.last().unwrap().contains("would stream it"),
+            "{:?}",
+            c.reasons
+        );
+        // Where bf16 fits resident (a 48 GiB card), its quality wins.
+        let c = choose_weights(&options(48 * GIB)).unwrap();
+        assert_eq!(c.index, 0, "{:?}", c.reasons);
+        // Scratch counts: a quantized denoiser's dequantized matrix joins its phase.
+        let p = plan(&input(q8, 48 * GIB));
+        let mut no_scratch = q8;
+        no_scratch.denoiser_scratch = 0;
+        let p0 = plan(&input(no_scratch, 48 * GIB));
+        assert_eq!(
+            p.phase_peaks.denoising - p0.phase_peaks.denoising,
+            q8.denoiser_scratch
+        );
     }
 
     #[test]
@@ -1397,6 +1563,7 @@ mod tests {
                 denoiser_largest_block: u64::MAX,
                 denoiser_blocks: usize::MAX,
                 vae_decoder: u64::MAX,
+                ..Default::default()
             },
             activations: z_image::turbo(),
             width: u32::MAX,

@@ -332,7 +332,7 @@ impl SpatialAttention {
         drop(t);
         let opts = Attention {
             max_rows: QUERY_CHUNK_ROWS,
-            bf16_products: self.q.weight().dtype() == DType::BF16,
+            bf16_products: self.q.weight_dtype() == DType::BF16,
             ..Attention::default()
         };
         let heads = |t: &Tensor| t.unsqueeze(1); // [B, 1, n, c]: one head

@@ -16,6 +16,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::quantized::{LowRankDelta, StoredMatrix};
+
 #[cfg(feature = "mkl")]
 use super::cpu::matmul::{LinearBf16, MatmulBf16};
 
@@ -57,6 +59,30 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
     }
 }
 
+/// A linear layer `y = x·Wᵀ + b (+ Σ scale·x·Aᵀ·Bᵀ)`.
+///
+/// The weight is kept as it was stored ([`StoredMatrix`]): a plain tensor, possibly narrower than
+/// the input (bf16 weight, f32 input on the CPU), or quantized (GGUF blocks, fp8 codes), which is
+/// dequantized into `dense` — the model's weight dtype — just before its product and dropped
+/// right after, so only one layer's dense copy ever exists. The bias is kept in the activation
+/// dtype.
+///
+/// Low-rank deltas (LoRA) ride on top at run time: [`Lin::set_deltas`] (or [`Lin::set_lora`],
+/// which a job's LoRAs use) replaces them without touching, reloading or dequantizing-and-keeping
+/// the base weight — or, in [`LoraMode::Merged`], a dense copy of the weight with the updates
+/// merged in is used instead of it.
+#[derive(Debug, Clone)]
+pub struct Lin {
+    weight: StoredMatrix,
+    bias: Option<Tensor>,
+    dense: DType,
+    deltas: Vec<LowRankDelta>,
+    /// The module path in the weight file (`layers.0.attention.to_q`): LoRAs find the layer by it.
+    name: std::sync::Arc<str>,
+    /// The weight (in `dense`) with the current job's updates merged in, used instead of `weight`.
+    merged: Option<Tensor>,
+}
+
 /// One low-rank update of one linear layer: `scale · (x·downᵀ)·upᵀ`.
 #[derive(Debug, Clone)]
 pub struct LowRank {
@@ -70,13 +96,7 @@ pub struct LowRank {
 impl LowRank {
     /// The update for `x` `[…, in]` → `[…, out]`, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = x.broadcast_matmul(&self.down.t()?)?;
-        let y = h.broadcast_matmul(&self.up.t()?)?;
-        if self.scale == 1.0 {
-            Ok(y)
-        } else {
-            y * self.scale
-        }
+        self.delta().apply(x)
     }
 
     /// The dense update `scale·up·down` `[out, in]` (f32), for merging into a weight copy.
@@ -93,26 +113,15 @@ impl LowRank {
             scale: self.scale,
         })
     }
-}
 
-/// A linear layer `y = x·Wᵀ + b` whose weight may be stored in a narrower dtype than its input
-/// (bf16 weight, f32 input on the CPU). The bias is kept in the activation dtype.
-///
-/// It is also the LoRA seam: a job's low-rank updates are attached with [`Lin::set_lora`] and
-/// replaced by the next job's without touching the base weight — at run time
-/// (`y += Σ s·(x·Aᵀ)·Bᵀ`, [`LoraMode::Runtime`]) or merged into a dense copy of the weight
-/// ([`LoraMode::Merged`]).
-#[derive(Debug, Clone)]
-pub struct Lin {
-    linear: candle_nn::Linear,
-    /// The activation dtype (the bias is stored in it; LoRA factors are converted to it).
-    act: DType,
-    /// The module path in the weight file (`layers.0.attention.to_q`): LoRAs find the layer by it.
-    name: std::sync::Arc<str>,
-    /// Runtime low-rank updates of the current job, in the activation dtype.
-    lora: Vec<LowRank>,
-    /// The weight with the current job's updates merged in, used instead of `linear`'s.
-    merged: Option<candle_nn::Linear>,
+    /// As the run-time delta `Lin` adds (`a` = down, `b` = up).
+    pub fn delta(&self) -> LowRankDelta {
+        LowRankDelta {
+            a: self.down.clone(),
+            b: self.up.clone(),
+            scale: self.scale,
+        }
+    }
 }
 
 /// How a job's LoRAs reach a layer (see `benches/lora.rs` for what each costs).
@@ -144,6 +153,26 @@ impl Lin {
         Ok(lin)
     }
 
+    /// From a weight as stored (a quantized one stays quantized and multiplies in `dense`); the
+    /// bias is converted to the activation dtype for `dense` on `device`. (Loading from model
+    /// files: `Lin::load`, in `families::weights`.)
+    pub fn from_stored(
+        weight: StoredMatrix,
+        bias: Option<Tensor>,
+        dense: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let act = activation_dtype(dense, device);
+        Ok(Self {
+            weight,
+            bias: bias.map(|b| b.to_dtype(act)).transpose()?,
+            dense,
+            deltas: Vec::new(),
+            name: "".into(),
+            merged: None,
+        })
+    }
+
     /// From loaded tensors; the bias is converted to `act`, the activation dtype.
     pub fn from_parts(
         weight: Tensor,
@@ -152,16 +181,55 @@ impl Lin {
     ) -> candle_core::Result<Self> {
         let bias = bias.map(|b| b.to_dtype(act)).transpose()?;
         Ok(Self {
-            linear: candle_nn::Linear::new(weight, bias),
-            act,
+            dense: weight.dtype(),
+            weight: StoredMatrix::Dense(weight),
+            bias,
+            deltas: Vec::new(),
             name: "".into(),
-            lora: Vec::new(),
             merged: None,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.linear.weight()
+    /// The plain weight tensor, `None` when it is stored quantized.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            StoredMatrix::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The weight as stored (plain or quantized).
+    pub fn stored(&self) -> &StoredMatrix {
+        &self.weight
+    }
+
+    /// The dtype the weight multiplies in (its own, or the one it is dequantized into).
+    pub fn weight_dtype(&self) -> DType {
+        self.dense
+    }
+
+    /// Replaces the low-rank deltas added to this layer's output (empty: none). Each `A` must be
+    /// `[rank, in]` and each `B` `[out, rank]`.
+    pub fn set_deltas(&mut self, deltas: Vec<LowRankDelta>) -> candle_core::Result<()> {
+        let dims = self.weight.dims();
+        let (out, inp) = (dims[0], dims[1]);
+        for d in &deltas {
+            let (ra, ia) = d.a.dims2()?;
+            let (ob, rb) = d.b.dims2()?;
+            if ia != inp || ob != out || ra != rb {
+                candle_core::bail!(
+                    "low-rank delta A {:?} · B {:?} does not fit a [{out}, {inp}] weight",
+                    d.a.dims(),
+                    d.b.dims()
+                )
+            }
+        }
+        self.deltas = deltas;
+        Ok(())
+    }
+
+    pub fn deltas(&self) -> &[LowRankDelta] {
+        &self.deltas
     }
 
     /// The module path this layer was loaded from (empty when built from tensors).
@@ -176,34 +244,36 @@ impl Lin {
 
     /// `(out, in)`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        self.linear.weight().dims2()
+        match self.weight.dims() {
+            [o, i] => Ok((*o, *i)),
+            d => candle_core::bail!("linear weight of shape {d:?}"),
+        }
     }
 
-    /// Replaces the layer's LoRA updates (none: back to the base weight).
+    /// Replaces the layer's LoRA updates (none: back to the base weight): as run-time deltas in
+    /// the activation dtype, or merged into a dense copy of the weight.
     pub fn set_lora(&mut self, updates: &[LowRank], mode: LoraMode) -> candle_core::Result<()> {
-        self.lora.clear();
+        self.deltas.clear();
         self.merged = None;
         if updates.is_empty() {
             return Ok(());
         }
-        let dev = self.linear.weight().device().clone();
+        let dev = stored_device(&self.weight);
         match mode {
             LoraMode::Runtime => {
-                self.lora = updates
+                let act = activation_dtype(self.dense, &dev);
+                let deltas = updates
                     .iter()
-                    .map(|u| u.to(self.act, &dev))
-                    .collect::<candle_core::Result<_>>()?;
+                    .map(|u| Ok(u.to(act, &dev)?.delta()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.set_deltas(deltas)?;
             }
             LoraMode::Merged => {
-                let w = self.linear.weight();
-                let mut dense = w.to_dtype(DType::F32)?;
+                let mut w = self.weight.dequantize(DType::F32)?;
                 for u in updates {
-                    dense = (dense + u.to(DType::F32, &dev)?.dense()?)?;
+                    w = (w + u.to(DType::F32, &dev)?.dense()?)?;
                 }
-                self.merged = Some(candle_nn::Linear::new(
-                    dense.to_dtype(w.dtype())?,
-                    self.linear.bias().cloned(),
-                ));
+                self.merged = Some(w.to_dtype(self.dense)?);
             }
         }
         Ok(())
@@ -211,32 +281,44 @@ impl Lin {
 
     /// Whether updates are attached.
     pub fn has_lora(&self) -> bool {
-        !self.lora.is_empty() || self.merged.is_some()
+        !self.deltas.is_empty() || self.merged.is_some()
     }
 }
 
 impl Module for Lin {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let linear = self.merged.as_ref().unwrap_or(&self.linear);
-        let mut y = if x.dtype() == linear.weight().dtype() {
-            linear.forward(x)?
-        } else {
-            let y = linear_mixed(x, linear.weight())?;
-            match linear.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
+        let y = match (&self.merged, &self.weight) {
+            (Some(w), _) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, StoredMatrix::Dense(w)) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, stored) => {
+                // One layer's dense copy, alive only for this product.
+                let w = stored.dequantize(self.dense)?;
+                dense_linear(x, &w, self.bias.as_ref())?
             }
         };
-        for u in &self.lora {
-            let xa = if x.dtype() == self.act {
-                x.clone()
-            } else {
-                x.to_dtype(self.act)?
-            };
-            let d = u.forward(&xa)?.to_dtype(y.dtype())?;
-            y = (y + d)?;
-        }
-        Ok(y)
+        self.deltas.iter().try_fold(y, |y, d| {
+            let dy = d.apply(x)?.to_dtype(y.dtype())?;
+            y + dy
+        })
+    }
+}
+
+fn stored_device(w: &StoredMatrix) -> Device {
+    match w {
+        StoredMatrix::Dense(t) => t.device().clone(),
+        StoredMatrix::Blocks(q) => q.blocks.device(),
+        StoredMatrix::Fp8(f) => f.codes.device().clone(),
+    }
+}
+
+fn dense_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if x.dtype() == w.dtype() {
+        return candle_nn::Linear::new(w.clone(), bias.cloned()).forward(x);
+    }
+    let y = linear_mixed(x, w)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 

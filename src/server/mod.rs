@@ -29,7 +29,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use crate::families::lora::LoraDir;
-use crate::families::Profile;
+use crate::families::{ComponentFiles, Profile};
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
 use crate::queue::worker::Loaded;
@@ -65,6 +65,10 @@ pub struct ServerInfo {
     pub outputs: PathBuf,
     /// The loaded model's folder (`None` for the embedded demo).
     pub model_path: Option<String>,
+    /// Component weights loaded from single files (`--transformer` …).
+    pub component_files: ComponentFiles,
+    /// `--comfyui-dir`: a ComfyUI tree whose weight files the Models panel lists.
+    pub comfyui_dir: Option<PathBuf>,
     /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
     pub started_at_s: u64,
     /// The layers a LoRA may update: named LoRA files are checked against them on submission.
@@ -96,6 +100,8 @@ impl ServerInfo {
             models_dir,
             outputs,
             model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
             sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
         }
@@ -454,6 +460,8 @@ mod tests {
             models_dir: outputs.join("models"),
             outputs,
             model_path: None,
+            component_files: ComponentFiles::default(),
+            comfyui_dir: None,
             started_at_s: 0,
             lora_layers: Default::default(),
             sync_timeout: Some(Duration::from_secs(2)),

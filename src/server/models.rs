@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use super::error::ApiError;
 use super::AppState;
 use crate::families::catalog::{self, ModelState};
+use crate::families::variants;
 use crate::families::weights;
 use crate::memory::planner::MemoryMode;
 use crate::request::{
@@ -88,6 +89,11 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
             },
             "safe_cfg_max": json_f32(i.profile.safe_cfg_max),
             "size_multiple": i.profile.size_multiple,
+            "files": {
+                "transformer": i.component_files.transformer,
+                "text_encoder": i.component_files.text_encoder,
+                "vae": i.component_files.vae,
+            },
             "profile": i.profile.view(),
         },
         "device": {
@@ -105,7 +111,7 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
 pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let info = s.info.clone();
     // Looks at the disk (models folder, Hugging Face cache): not on the runtime's threads.
-    let models = tokio::task::spawn_blocking(move || {
+    let (models, files) = tokio::task::spawn_blocking(move || {
         let mut models = catalog::list(&info.models_dir, &info.model);
         if !models.iter().any(|m| m.state == ModelState::Loaded) {
             // Loaded from a folder outside the models folder: still list what runs.
@@ -119,9 +125,15 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
                 path: None,
                 defaults: Some(info.profile.defaults),
                 description: info.description.clone(),
+                variants: Vec::new(),
             });
         }
-        models
+        let files = catalog::list_files(
+            &info.models_dir,
+            info.comfyui_dir.as_deref(),
+            &info.component_files,
+        );
+        (models, files)
     })
     .await
     .map_err(|e| ApiError::internal(format!("listing models failed: {e}")))?;
@@ -129,7 +141,9 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
         .downloads
         .current()
         .map(|(name, progress)| json!({ "name": name, "progress": progress }));
-    Ok(Json(json!({ "models": models, "pull": pull })))
+    Ok(Json(
+        json!({ "models": models, "files": files, "pull": pull }),
+    ))
 }
 
 /// A download's events, as `GET /api/models/{name}/pull/events` sends them.
@@ -360,12 +374,19 @@ impl weights::DownloadProgress for Reporter {
     }
 }
 
+/// `?variant=q8_0`: a quantized variant instead of the bf16 release.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PullQuery {
+    pub variant: Option<String>,
+}
+
 /// `POST /api/models/{name}/pull`: starts downloading a catalog model into the Hugging Face cache
 /// (202; `GET /api/models/{name}/pull/events` follows it). One download at a time: 409 while
 /// another runs. The served model does not change.
 pub async fn pull(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<PullQuery>,
 ) -> Result<Response, ApiError> {
     if name.eq_ignore_ascii_case(catalog::DEMO) {
         return Err(ApiError::new(
@@ -385,10 +406,20 @@ pub async fn pull(
         ))
     })?;
     let repo = entry.repo.to_string();
+    let variant =
+        match query.variant.as_deref() {
+            None | Some("bf16") => None,
+            Some(v) => Some(variants::find(entry.name, v).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, Some("variant"), e.to_string())
+            })?),
+        };
     let started = s
         .downloads
-        .start(entry.name, move |progress| {
-            weights::pull(&repo, progress).map_err(|e| e.to_string())
+        .start(entry.name, move |progress| match variant {
+            Some(v) => variants::pull(&repo, v, progress)
+                .map(|p| p.configs)
+                .map_err(|e| e.to_string()),
+            None => weights::pull(&repo, progress).map_err(|e| e.to_string()),
         })
         .map_err(|e| ApiError::internal(format!("could not start the download: {e}")))?;
     let events = format!("/api/models/{}/pull/events", entry.name);

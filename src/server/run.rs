@@ -76,16 +76,6 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     };
 
     let resolved = load::resolve(&settings.model, true)?;
-    let model_path = resolved.dir.path().map(|p| p.display().to_string());
-    let demo = resolved.demo;
-    let description = if demo {
-        "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
-            .to_string()
-    } else {
-        catalog::entry(&resolved.name)
-            .map(|e| e.description.to_string())
-            .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()))
-    };
     std::fs::create_dir_all(&settings.outputs).map_err(io(format!(
         "creating the outputs folder {}",
         settings.outputs.display()
@@ -98,8 +88,15 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let model_settings = settings.model.clone();
+    // The weights the engine settles on (the planner may pick a pulled variant).
+    let chosen: Arc<std::sync::Mutex<Option<catalog::Resolved>>> = Default::default();
+    let chosen_in = chosen.clone();
     let build = move || -> Result<Engine, String> {
-        let mut engine = load::open(&model_settings, resolved).map_err(|e| e.to_string())?;
+        let (mut engine, resolved) =
+            load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
+        if let Ok(mut c) = chosen_in.lock() {
+            *c = Some(resolved);
+        }
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
@@ -117,6 +114,16 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         max_batch = loaded.max_batch,
         "model loaded"
     );
+    let resolved = chosen
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take())
+        .ok_or_else(|| {
+            ServeError::Settings("the model loaded without saying which weights".into())
+        })?;
+    let model_path = resolved.dir.path().map(|p| p.display().to_string());
+    let demo = resolved.demo;
+    let description = describe(&resolved);
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let mut info = ServerInfo::new(
         &loaded,
@@ -127,6 +134,8 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         settings.outputs.clone(),
     );
     info.model_path = model_path;
+    info.component_files = resolved.files.clone();
+    info.comfyui_dir = settings.model.comfyui_dir.clone();
     info.sync_timeout = settings.sync_timeout;
     let recovered = Journal::new(&settings.outputs).load();
 
@@ -193,6 +202,36 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         }
         Ok(())
     })
+}
+
+/// The Models panel's sentence for the loaded weights.
+fn describe(resolved: &catalog::Resolved) -> String {
+    if resolved.demo {
+        return "Tiny random-weight Z-Image built into the binary: every stage runs, images are noise."
+            .to_string();
+    }
+    let base_name = resolved.name.split(" (").next().unwrap_or(&resolved.name);
+    let base = catalog::entry(base_name)
+        .map(|e| e.description.to_string())
+        .unwrap_or_else(|| format!("Local diffusers model ({})", resolved.dir.describe()));
+    let files: Vec<String> = [
+        ("transformer", &resolved.files.transformer),
+        ("text encoder", &resolved.files.text_encoder),
+        ("VAE", &resolved.files.vae),
+    ]
+    .iter()
+    .filter_map(|(what, f)| f.as_ref().map(|p| format!("{what} {}", p.display())))
+    .collect();
+    let variant = resolved
+        .variant
+        .as_ref()
+        .map(|v| format!(" Variant {v}."))
+        .unwrap_or_default();
+    if files.is_empty() {
+        format!("{base}{variant}")
+    } else {
+        format!("{base}{variant} With {}.", files.join(", "))
+    }
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

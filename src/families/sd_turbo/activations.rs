@@ -233,6 +233,7 @@ mod tests {
             denoiser_largest_block: 0,
             denoiser_blocks: 0,
             vae_decoder: 99_000_000,
+            ..Default::default()
         };
         let input = PlanInput {
             device_total: 6 * GIB,

@@ -3,11 +3,12 @@
 //! kept on the device — the low-memory plans.
 
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
 
 use super::config::DitConfig;
 use super::dit::Block;
 use crate::families::lora::{self, HasLins, LoraPart, LoraSet};
+use crate::families::weights::stage::{SharedStager, StagedBlock};
+use crate::families::weights::Loader;
 use crate::ops::linear::{Lin, LoraMode};
 
 /// How the forward obtains its repeated blocks: all resident, or loaded one by one.
@@ -47,7 +48,7 @@ pub struct ResidentBlocks {
 }
 
 impl ResidentBlocks {
-    pub fn load(cfg: &DitConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(cfg: &DitConfig, vb: &Loader) -> candle_core::Result<Self> {
         let group = |g: BlockGroup, n: usize, modulated: bool| {
             (0..n)
                 .map(|i| Block::new(cfg, modulated, vb.pp(g.prefix()).pp(i)))
@@ -99,7 +100,7 @@ pub struct KeptBlocks {
 }
 
 impl KeptBlocks {
-    pub fn load(cfg: &DitConfig, vb: &VarBuilder, n: usize) -> candle_core::Result<Self> {
+    pub fn load(cfg: &DitConfig, vb: &Loader, n: usize) -> candle_core::Result<Self> {
         let blocks = execution_order(cfg)
             .into_iter()
             .take(n)
@@ -131,28 +132,33 @@ impl KeptBlocks {
     }
 }
 
+/// A block on its way: built on a helper thread, or (on CUDA) uploading on the copy stream.
+enum Pending {
+    Built(std::thread::JoinHandle<candle_core::Result<Block>>),
+    Staged(std::thread::JoinHandle<candle_core::Result<Box<dyn StagedBlock>>>),
+}
+
 /// Blocks loaded from the host mapping just before use and dropped after; the next block is
-/// read on a helper thread while the current one computes. Blocks in `kept` are used in place.
+/// read on a helper thread while the current one computes — on CUDA through pinned memory and a
+/// copy stream ([`crate::families::weights::stage`]). Blocks in `kept` are used in place.
 pub struct StreamedBlocks<'a> {
     pub cfg: &'a DitConfig,
-    pub vb: VarBuilder<'static>,
+    pub vb: Loader,
     kept: Option<&'a KeptBlocks>,
     lora: StreamLora,
-    prefetched: Option<(
-        BlockGroup,
-        usize,
-        std::thread::JoinHandle<candle_core::Result<Block>>,
-    )>,
+    prefetched: Option<(BlockGroup, usize, Pending)>,
+    stager: Option<SharedStager>,
 }
 
 impl<'a> StreamedBlocks<'a> {
-    pub fn new(cfg: &'a DitConfig, vb: VarBuilder<'static>) -> Self {
+    pub fn new(cfg: &'a DitConfig, vb: Loader) -> Self {
         Self {
             cfg,
             vb,
             kept: None,
             lora: None,
             prefetched: None,
+            stager: None,
         }
     }
 
@@ -165,6 +171,12 @@ impl<'a> StreamedBlocks<'a> {
     /// Uses the blocks of `kept` from the device instead of streaming them.
     pub fn with_kept(mut self, kept: &'a KeptBlocks) -> Self {
         self.kept = Some(kept);
+        self
+    }
+
+    /// Uploads blocks through `stager` (pinned staging and a copy stream on CUDA).
+    pub fn with_stager(mut self, stager: Option<SharedStager>) -> Self {
+        self.stager = stager;
         self
     }
 
@@ -204,16 +216,77 @@ impl<'a> StreamedBlocks<'a> {
             .map(|g| (*g, 0))
     }
 
-    fn spawn(
+    /// The staging work for one block (the tensor names under its prefix).
+    fn stage_job(
         &self,
         group: BlockGroup,
         index: usize,
-    ) -> std::thread::JoinHandle<candle_core::Result<Block>> {
+    ) -> Option<impl FnOnce() -> candle_core::Result<Box<dyn StagedBlock>> + Send + 'static> {
+        let stager = self.stager.clone()?;
+        let weights = self.vb.weights()?.clone();
+        let prefix = format!("{}.{index}.", group.prefix());
+        Some(move || {
+            let names = weights.names_under(&prefix);
+            let mut s = stager.lock().map_err(|_| {
+                candle_core::Error::Msg("the block stager's lock was poisoned".into())
+            })?;
+            s.stage(&weights, &names)
+        })
+    }
+
+    fn spawn(&self, group: BlockGroup, index: usize) -> Pending {
+        if let Some(job) = self.stage_job(group, index) {
+            return Pending::Staged(std::thread::spawn(job));
+        }
         let cfg = self.cfg.clone();
         let vb = self.vb.pp(group.prefix()).pp(index);
         let modulated = group != BlockGroup::ContextRefiner;
-        let lora = self.lora.clone();
-        std::thread::spawn(move || with_lora(Block::new(&cfg, modulated, vb)?, &lora))
+        Pending::Built(std::thread::spawn(move || Block::new(&cfg, modulated, vb)))
+    }
+
+    /// Builds a block from its uploaded tensors (on the compute stream, after the upload).
+    fn build_staged(
+        &self,
+        staged: Box<dyn StagedBlock>,
+        group: BlockGroup,
+        index: usize,
+    ) -> candle_core::Result<Block> {
+        let map = staged.finish()?;
+        let weights = self
+            .vb
+            .weights()
+            .ok_or_else(|| candle_core::Error::Msg("staged block without weights".into()))?;
+        let ld = Loader::staged(map, weights, self.vb.dtype(), self.vb.device());
+        Block::new(
+            self.cfg,
+            group != BlockGroup::ContextRefiner,
+            ld.pp(group.prefix()).pp(index),
+        )
+    }
+
+    fn join(&self, p: Pending, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
+        let panicked = || candle_core::Error::Msg("block loader thread panicked".into());
+        let block = match p {
+            Pending::Built(h) => h.join().map_err(|_| panicked())??,
+            Pending::Staged(h) => {
+                let staged = h.join().map_err(|_| panicked())??;
+                self.build_staged(staged, group, index)?
+            }
+        };
+        with_lora(block, &self.lora)
+    }
+
+    /// Loads a block now, on this thread.
+    fn load_now(&self, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
+        let block = match self.stage_job(group, index) {
+            Some(job) => self.build_staged(job()?, group, index)?,
+            None => Block::new(
+                self.cfg,
+                group != BlockGroup::ContextRefiner,
+                self.vb.pp(group.prefix()).pp(index),
+            )?,
+        };
+        with_lora(block, &self.lora)
     }
 }
 
@@ -234,21 +307,13 @@ impl BlockSource for StreamedBlocks<'_> {
             return f(block);
         }
         let block = match self.prefetched.take() {
-            Some((g, i, handle)) if g == group && i == index => handle
-                .join()
-                .map_err(|_| candle_core::Error::Msg("block loader thread panicked".into()))??,
+            Some((g, i, pending)) if g == group && i == index => self.join(pending, g, i)?,
             other => {
-                if let Some((_, _, h)) = other {
-                    let _ = h.join();
+                if let Some((g, i, pending)) = other {
+                    // A stale prefetch: finish it so its buffers are released in order.
+                    let _ = self.join(pending, g, i);
                 }
-                with_lora(
-                    Block::new(
-                        self.cfg,
-                        group != BlockGroup::ContextRefiner,
-                        self.vb.pp(group.prefix()).pp(index),
-                    )?,
-                    &self.lora,
-                )?
+                self.load_now(group, index)?
             }
         };
         if let Some((g, i)) = self.next_streamed(group, index) {

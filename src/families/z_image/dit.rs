@@ -4,11 +4,11 @@
 //! stream) and block streaming need the block loop in our hands.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::blocks::{BlockGroup, BlockSource};
 use super::config::DitConfig;
 use crate::families::lora::HasLins;
+use crate::families::weights::Loader;
 use crate::ops::act;
 use crate::ops::attention::{
     self, Attention as Sdpa, Spans, LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS,
@@ -67,10 +67,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
         let act = linear::activation_dtype(vb.dtype(), vb.device());
-        let lin = |name: &str| Lin::new(dim, dim, false, vb.pp(name));
+        let lin = |name: &str| Lin::load(dim, dim, false, vb.pp(name));
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
                 Some(vb.get(hd, "norm_q.weight")?.to_dtype(act)?),
@@ -83,7 +83,7 @@ impl Attention {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,
-            to_out: Lin::new(dim, dim, false, vb.pp("to_out").pp("0"))?,
+            to_out: Lin::load(dim, dim, false, vb.pp("to_out").pp("0"))?,
             norm_q,
             norm_k,
             n_heads: cfg.n_heads,
@@ -164,12 +164,12 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let h = cfg.ffn_hidden();
         Ok(Self {
-            w1: Lin::new(cfg.dim, h, false, vb.pp("w1"))?,
-            w2: Lin::new(h, cfg.dim, false, vb.pp("w2"))?,
-            w3: Lin::new(cfg.dim, h, false, vb.pp("w3"))?,
+            w1: Lin::load(cfg.dim, h, false, vb.pp("w1"))?,
+            w2: Lin::load(h, cfg.dim, false, vb.pp("w2"))?,
+            w3: Lin::load(cfg.dim, h, false, vb.pp("w3"))?,
         })
     }
 
@@ -192,11 +192,11 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(cfg: &DitConfig, modulated: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(cfg: &DitConfig, modulated: bool, vb: Loader) -> candle_core::Result<Self> {
         let dim = cfg.dim;
         let act = linear::activation_dtype(vb.dtype(), vb.device());
         let modulation = if modulated {
-            Some(Lin::new(
+            Some(Lin::load(
                 cfg.adaln_dim(),
                 4 * dim,
                 true,
@@ -442,19 +442,19 @@ pub struct DitStem {
 }
 
 impl DitStem {
-    pub fn new(cfg: &DitConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (p, fp, c, dim) = (cfg.patch(), cfg.f_patch(), cfg.in_channels, cfg.dim);
         let key = format!("{p}-{fp}");
         let act = linear::activation_dtype(vb.dtype(), vb.device());
         let patch_dim = fp * p * p * c;
         Ok(Self {
-            t_mlp1: Lin::new(
+            t_mlp1: Lin::load(
                 FREQUENCY_EMBEDDING_SIZE,
                 T_EMBED_MID,
                 true,
                 vb.pp("t_embedder.mlp.0"),
             )?,
-            t_mlp2: Lin::new(
+            t_mlp2: Lin::load(
                 T_EMBED_MID,
                 cfg.adaln_dim(),
                 true,
@@ -463,15 +463,15 @@ impl DitStem {
             cap_norm: vb
                 .get(cfg.cap_feat_dim, "cap_embedder.0.weight")?
                 .to_dtype(act)?,
-            cap_linear: Lin::new(cfg.cap_feat_dim, dim, true, vb.pp("cap_embedder.1"))?,
-            x_embedder: Lin::new(patch_dim, dim, true, vb.pp("all_x_embedder").pp(&key))?,
-            final_linear: Lin::new(
+            cap_linear: Lin::load(cfg.cap_feat_dim, dim, true, vb.pp("cap_embedder.1"))?,
+            x_embedder: Lin::load(patch_dim, dim, true, vb.pp("all_x_embedder").pp(&key))?,
+            final_linear: Lin::load(
                 dim,
                 patch_dim,
                 true,
                 vb.pp("all_final_layer").pp(&key).pp("linear"),
             )?,
-            final_adaln: Lin::new(
+            final_adaln: Lin::load(
                 cfg.adaln_dim(),
                 dim,
                 true,
@@ -519,11 +519,7 @@ pub struct Trace {
 }
 
 impl Dit {
-    pub fn new(
-        cfg: DitConfig,
-        vb: VarBuilder,
-        precision: DitPrecision,
-    ) -> candle_core::Result<Self> {
+    pub fn new(cfg: DitConfig, vb: Loader, precision: DitPrecision) -> candle_core::Result<Self> {
         let stem = DitStem::new(&cfg, vb)?;
         let tables = RopeTables::new(&cfg);
         Ok(Self {

@@ -1,6 +1,8 @@
-//! Z-Image-Turbo (Tongyi-MAI) from a diffusers-layout folder: Qwen3 text encoder (candle's, which
-//! matches transformers' `hidden_states[-2]`), our DiT (`dit.rs`), the shared AutoencoderKL decoder
-//! and the flow-matching schedule — reproducing diffusers' `ZImagePipeline` step for step.
+//! Z-Image-Turbo (Tongyi-MAI) from a diffusers-layout folder, or with any component's weights
+//! from a single file (ComfyUI, fp8, GGUF, ldm VAE; see `families::weights`): our Qwen3 text
+//! encoder (`text_encoder.rs`, transformers' `hidden_states[-2]`, its linears possibly quantized),
+//! our DiT (`dit.rs`), the shared AutoencoderKL decoder and the flow-matching schedule —
+//! reproducing diffusers' `ZImagePipeline` step for step.
 
 pub mod activations;
 pub mod blocks;
@@ -8,12 +10,13 @@ pub mod config;
 pub mod dit;
 pub mod profile;
 pub mod synthetic;
+pub mod text_encoder;
+pub mod variants;
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
+use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 use tokenizers::Tokenizer;
 
 use crate::memory::ActivationModel;
@@ -22,12 +25,14 @@ use self::activations::ZImageArch;
 use self::blocks::{KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks};
 use self::config::DitConfig;
 use self::dit::{Dit, DitPrecision};
+use self::text_encoder::TextEncoder;
 use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use super::slot::{Components, Module, Parts, VaeSource};
-use super::weights::{ModelDir, Weights};
+use super::weights::stage::SharedStager;
+use super::weights::{ModelDir, Role, Weights};
 use super::{
-    cfg_combine, pipeline_class, Conditioning, DenoiserResidency, Embedding, Family, ModelError,
-    PrecisionPolicy, Profile, StepInput,
+    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, DenoiserResidency,
+    Embedding, Family, ModelError, PrecisionPolicy, Profile, StepInput,
 };
 use crate::nn::scheduler::{FlowMatchConfig, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
@@ -45,26 +50,14 @@ pub fn chat_template(prompt: &str) -> String {
     format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
 }
 
-/// The Qwen3 text encoder's source: its config and weights, and whether the file carries
-/// transformers 4's `model.` prefix.
+/// The Qwen3 text encoder's source: its config and weights (any naming: our loader presents
+/// transformers' names, with or without the `model.` prefix, and llama.cpp's).
 pub struct TextEncoderSource {
     cfg: TextEncoderConfig,
     weights: Weights,
-    prefixed: bool,
 }
 
-impl TextEncoderSource {
-    fn vb(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
-        if self.prefixed {
-            vb
-        } else {
-            // transformers 5 saves Qwen3Model without the `model.` prefix; candle expects it.
-            vb.rename_f(|name: &str| name.strip_prefix("model.").unwrap_or(name).to_string())
-        }
-    }
-}
-
-impl Module for ZImageTextEncoder {
+impl Module for TextEncoder {
     type Source = TextEncoderSource;
 
     fn build(
@@ -72,12 +65,16 @@ impl Module for ZImageTextEncoder {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let vb = src.vb(src.weights.var_builder(policy.text_encoder, device));
-        ZImageTextEncoder::new(&src.cfg, vb).map_err(|e| src.weights.context(e))
+        let ld = src.weights.loader(policy.text_encoder, device);
+        TextEncoder::new(&src.cfg, ld).map_err(|e| src.weights.context(e))
     }
 
     fn bytes(src: &TextEncoderSource, policy: &PrecisionPolicy) -> u64 {
         src.weights.bytes_in("", policy.text_encoder)
+    }
+
+    fn scratch_bytes(src: &TextEncoderSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.largest_dequantized(policy.text_encoder)
     }
 }
 
@@ -113,6 +110,22 @@ impl DenoiserSource {
             },
         })
     }
+
+    /// The most bytes one block takes in the files (what a staging buffer must hold).
+    fn largest_stored_block(&self) -> u64 {
+        let c = &self.cfg;
+        (0..c.n_refiner_layers)
+            .flat_map(|i| {
+                [
+                    format!("noise_refiner.{i}."),
+                    format!("context_refiner.{i}."),
+                ]
+            })
+            .chain((0..c.n_layers).map(|i| format!("layers.{i}.")))
+            .map(|p| self.weights.stored_bytes_under(&p))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The loaded DiT: the stem and final layer, and its blocks as the residency asks — all resident,
@@ -122,6 +135,8 @@ pub struct Denoiser {
     blocks: Option<ResidentBlocks>,
     /// While streaming: the blocks that stay on the device (see `DenoiserResidency::Streamed`).
     kept: Option<KeptBlocks>,
+    /// Pinned staging and a copy stream for streamed blocks (CUDA only; made on first use).
+    stager: Option<SharedStager>,
 }
 
 impl Module for Denoiser {
@@ -132,7 +147,7 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let vb = src.weights.var_builder(policy.denoiser, device);
+        let vb = src.weights.loader(policy.denoiser, device);
         let prec = DitPrecision::for_weights(policy.denoiser, policy.residual, device);
         let mut dit = Dit::new(src.cfg.clone(), vb, prec).map_err(|e| src.weights.context(e))?;
         dit.set_execution(src.execution());
@@ -141,11 +156,16 @@ impl Module for Denoiser {
             dit,
             blocks: None,
             kept: None,
+            stager: None,
         })
     }
 
     fn bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
         src.weights.bytes_in("", policy.denoiser)
+    }
+
+    fn scratch_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
+        src.weights.largest_dequantized(policy.denoiser)
     }
 
     fn block_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> Vec<u64> {
@@ -172,7 +192,7 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<(), ModelError> {
-        let vb = src.weights.var_builder(policy.denoiser, device);
+        let vb = src.weights.loader(policy.denoiser, device);
         let mut blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
         lora::apply(&mut blocks, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
         self.blocks = Some(blocks);
@@ -228,7 +248,7 @@ impl Denoiser {
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
                 if want > 0 {
-                    let vb = src.weights.var_builder(policy.denoiser, device);
+                    let vb = src.weights.loader(policy.denoiser, device);
                     let mut kept = KeptBlocks::load(&src.cfg, &vb, want)
                         .map_err(|e| src.weights.context(e))?;
                     lora::apply(&mut kept, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
@@ -241,8 +261,14 @@ impl Denoiser {
                 self.dit.forward(x, t, caps, blocks, trace)?
             }
             _ => {
-                let vb = src.weights.var_builder(policy.denoiser, device);
-                let mut streamed = StreamedBlocks::new(&src.cfg, vb).with_lora(src.stream_lora());
+                let vb = src.weights.loader(policy.denoiser, device);
+                if self.stager.is_none() && device.is_cuda() {
+                    let largest = src.largest_stored_block();
+                    self.stager = super::weights::stage::for_device(device, largest as usize)?;
+                }
+                let mut streamed = StreamedBlocks::new(&src.cfg, vb)
+                    .with_stager(self.stager.clone())
+                    .with_lora(src.stream_lora());
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
                 }
@@ -260,7 +286,7 @@ pub struct ZImage {
     profile: Profile,
     tokenizer: Tokenizer,
     scheduler: FlowMatchConfig,
-    parts: Parts<ZImageTextEncoder, Denoiser>,
+    parts: Parts<TextEncoder, Denoiser>,
     /// The DiT's linear layers (module paths and shapes): what a LoRA may update.
     lora_layers: LinearLayers,
 }
@@ -270,6 +296,17 @@ impl ZImage {
     /// against the headers (without reading weight data). Nothing is placed on the device yet.
     pub fn open(
         dir: ModelDir,
+        device: &Device,
+        policy: PrecisionPolicy,
+    ) -> Result<Self, ModelError> {
+        Self::open_with(dir, &ComponentFiles::default(), device, policy)
+    }
+
+    /// [`ZImage::open`] with some components' weights taken from single files (ComfyUI, fp8,
+    /// GGUF, ldm VAE …); configs and the tokenizer still come from the folder.
+    pub fn open_with(
+        dir: ModelDir,
+        files: &ComponentFiles,
         device: &Device,
         policy: PrecisionPolicy,
     ) -> Result<Self, ModelError> {
@@ -322,11 +359,22 @@ impl ZImage {
         }
 
         let tokenizer = load_tokenizer(&dir)?;
-        let te_weights = dir.open_weights("text_encoder")?;
+        let open = |file: &Option<std::path::PathBuf>, component: &str, role: Role| match file {
+            Some(path) => Weights::open_file(path, component, role),
+            None => dir.open_weights_as(component, role).map_err(|e| match e {
+                // A configs-only folder (`zturbo pull … --configs-only`): say which flag helps.
+                ModelError::MissingFile { .. } => ModelError::Invalid(format!(
+                    "{} has no {component} weights: give them as a file with {} \
+                     (or pull the whole model)",
+                    dir.describe(),
+                    role.flag()
+                )),
+                other => other,
+            }),
+        };
         let te = TextEncoderSource {
-            prefixed: te_weights.contains("model.embed_tokens.weight"),
             cfg: te_cfg,
-            weights: te_weights,
+            weights: open(&files.text_encoder, "text_encoder", Role::TextEncoder)?,
         };
         let profile = Profile {
             latent_channels: vae_cfg.latent_channels,
@@ -335,7 +383,7 @@ impl ZImage {
             ..profile::PROFILE
         };
         let den = DenoiserSource {
-            weights: dir.open_weights("transformer")?,
+            weights: open(&files.transformer, "transformer", Role::Transformer)?,
             cfg: dit_cfg,
             residency: DenoiserResidency::Resident,
             exec_override: None,
@@ -343,7 +391,7 @@ impl ZImage {
             lora_mode: LoraMode::default(),
         };
         let vae = VaeSource {
-            weights: dir.open_weights("vae")?,
+            weights: open(&files.vae, "vae", Role::Vae)?,
             cfg: vae_cfg,
         };
         let model = Self {
@@ -375,15 +423,24 @@ impl ZImage {
         &self.parts.text_encoder.source().cfg
     }
 
+    /// A component's opened weights (their files, format and encodings).
+    pub fn weights(&self, component: Component) -> &Weights {
+        match component {
+            Component::TextEncoder => &self.parts.text_encoder.source().weights,
+            Component::Denoiser => &self.parts.denoiser.source().weights,
+            Component::Vae => &self.parts.vae.source().weights,
+        }
+    }
+
     /// Builds every module against the headers only: names and shapes must match the configs.
     /// Returns the DiT's linear layers (what LoRAs may update).
     fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
         let te = self.parts.text_encoder.source();
-        ZImageTextEncoder::new(&te.cfg, te.vb(te.weights.shape_only(DType::F32, &dev)))
+        TextEncoder::new(&te.cfg, te.weights.shape_loader(DType::F32))
             .map_err(|e| te.weights.context(e))?;
         let den = self.parts.denoiser.source();
-        let vb = den.weights.shape_only(DType::F32, &dev);
+        let vb = den.weights.shape_loader(DType::F32);
         let prec = DitPrecision {
             compute: DType::F32,
             residual: DType::F32,

@@ -8,12 +8,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
+use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 use serde_json::json;
 
 use super::blocks::ResidentBlocks;
 use super::config::DitConfig;
 use super::dit::{Dit, DitPrecision};
+use super::text_encoder::TextEncoder;
+use crate::families::weights::Recording;
 use crate::families::ModelError;
 use crate::nn::rng::NoiseRng;
 use crate::nn::vae::{VaeConfig, VaeDecoder};
@@ -284,16 +286,35 @@ pub fn write(dir: &Path, shape: &SyntheticShape, seed: u64) -> Result<(), ModelE
     let vae_cfg: VaeConfig = serde_json::from_value(shape.vae.clone())
         .map_err(|e| ModelError::Invalid(e.to_string()))?;
 
-    let dit_tensors = record(|vb| {
+    let dit_tensors = {
+        let rec = Recording::default();
+        let ld = rec.loader(DType::F32);
         let p = DitPrecision {
             compute: DType::F32,
             residual: DType::F32,
         };
-        Dit::new(dit_cfg.clone(), vb.clone(), p)?;
-        ResidentBlocks::load(&dit_cfg, &vb)?;
-        Ok(())
-    })?;
-    let te_tensors = record(|vb| ZImageTextEncoder::new(&te_cfg, vb).map(|_| ()))?;
+        Dit::new(dit_cfg.clone(), ld.clone(), p)?;
+        ResidentBlocks::load(&dit_cfg, &ld)?;
+        rec.tensors()
+    };
+    let te_tensors = {
+        let rec = Recording::default();
+        TextEncoder::new(&te_cfg, rec.loader(DType::F32))?;
+        let mut t = rec.tensors();
+        // The last decoder layer and the final norm exist in real checkpoints although
+        // hidden_states[-2] never reads them: write them too.
+        let last = te_cfg.num_hidden_layers - 2;
+        let extra: Vec<(String, Vec<usize>)> = t
+            .iter()
+            .filter_map(|(n, s)| {
+                n.strip_prefix(&format!("model.layers.{last}."))
+                    .map(|rest| (format!("model.layers.{}.{rest}", last + 1), s.clone()))
+            })
+            .collect();
+        t.extend(extra);
+        t.push(("model.norm.weight".into(), vec![te_cfg.hidden_size]));
+        t
+    };
     let vae_tensors = record(|vb| {
         VaeDecoder::new(&vae_cfg, vb.clone())?;
         crate::nn::vae_encoder::VaeEncoder::new(&vae_cfg, vb)?;

@@ -1,17 +1,27 @@
-//! Where a model's files come from (a folder on disk or bytes embedded in the binary) and how its
-//! safetensors weights are opened: memory-mapped, single-file or sharded, with exact per-tensor sizes
-//! read from the headers so the memory planner never guesses.
+//! Where a model's files come from (a folder on disk, single files people already have, or bytes
+//! embedded in the binary) and how their weights are opened — every format in `store`, `gguf` and
+//! `layout`: memory-mapped, with exact per-tensor sizes read from the headers so the memory planner
+//! never guesses.
+
+pub mod gguf;
+pub mod layout;
+pub mod quantize;
+pub mod stage;
+#[cfg(feature = "cuda")]
+mod stage_cuda;
+mod store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use super::ModelError;
+pub use layout::{Layout, Role};
+use store::Bytes;
+pub use store::{
+    error_text, inspect, Encoding, FileSummary, FormatInfo, Loader, Recording, TensorInfo, Weights,
+};
 
 /// A model folder in the diffusers layout, wherever its bytes live.
 #[derive(Clone)]
@@ -218,27 +228,25 @@ impl ModelDir {
         }
     }
 
-    /// Opens a component's weights (memory-mapped on disk, borrowed when embedded).
+    /// Opens a component's weights (memory-mapped on disk, borrowed when embedded) under the
+    /// names the files use.
     pub fn open_weights(&self, component: &str) -> Result<Weights, ModelError> {
+        Weights::open(component, self.weight_sources(component)?, None)
+    }
+
+    /// Opens a component's weights as `role`: the layout is detected and mapped onto our names
+    /// (a folder may hold transformers' Qwen3 without the `model.` prefix, say).
+    pub fn open_weights_as(&self, component: &str, role: Role) -> Result<Weights, ModelError> {
+        Weights::open(component, self.weight_sources(component)?, Some(role))
+    }
+
+    fn weight_sources(&self, component: &str) -> Result<Vec<(PathBuf, Bytes)>, ModelError> {
         let files = self.weight_files(component)?;
         let mut sources = Vec::with_capacity(files.len());
         for rel in &files {
             let shown = self.display_path(rel);
             let bytes = match &self.store {
-                Store::Dir(p) => {
-                    let path = p.join(rel);
-                    let file = std::fs::File::open(&path).map_err(|e| ModelError::Io {
-                        path: path.clone(),
-                        source: e,
-                    })?;
-                    // SAFETY: read-only mapping; like every mmap user we rely on nobody truncating
-                    // model files while the server runs.
-                    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::Io {
-                        path: path.clone(),
-                        source: e,
-                    })?;
-                    Bytes::Mapped(map)
-                }
+                Store::Dir(p) => Bytes::map(&p.join(rel))?,
                 Store::Embedded { .. } => {
                     Bytes::Static(self.embedded_bytes(rel).ok_or_else(|| {
                         ModelError::MissingFile {
@@ -249,100 +257,7 @@ impl ModelDir {
             };
             sources.push((shown, bytes));
         }
-        let mut tensors = BTreeMap::new();
-        for (file_index, (path, bytes)) in sources.iter().enumerate() {
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes.as_slice())
-                .map_err(|e| ModelError::Malformed {
-                    path: path.clone(),
-                    message: format!("not a readable safetensors file: {e}"),
-                })?;
-            let data_start = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let dtype = st_dtype(info.dtype).ok_or_else(|| ModelError::Malformed {
-                    path: path.clone(),
-                    message: format!("tensor `{name}` has unsupported dtype {:?}", info.dtype),
-                })?;
-                let (a, b) = info.data_offsets;
-                let range = (data_start + a)..(data_start + b);
-                let expected = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
-                if range.end > bytes.as_slice().len() || b - a != expected {
-                    return Err(ModelError::Malformed {
-                        path: path.clone(),
-                        message: format!(
-                            "tensor `{name}` points outside the file or has the wrong byte size"
-                        ),
-                    });
-                }
-                tensors.insert(
-                    name,
-                    TensorInfo {
-                        dtype,
-                        shape: info.shape.clone(),
-                        bytes: (b - a) as u64,
-                        file: file_index,
-                        range,
-                    },
-                );
-            }
-        }
-        Ok(Weights {
-            inner: Arc::new(sources),
-            component: component.to_string(),
-            tensors: Arc::new(tensors),
-        })
-    }
-}
-
-fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F64 => DType::F64,
-        S::U8 => DType::U8,
-        S::U32 => DType::U32,
-        S::I64 => DType::I64,
-        _ => return None,
-    })
-}
-
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Static(&'static [u8]),
-}
-
-impl Bytes {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Static(s) => s,
-        }
-    }
-
-    /// Drops the whole pages inside `range` from this process's resident set once a tensor has
-    /// been copied out (they stay in the page cache): RSS then counts each weight once, and a
-    /// streamed block's file pages do not pile up.
-    fn release(&self, range: std::ops::Range<usize>) {
-        #[cfg(unix)]
-        if let Bytes::Mapped(m) = self {
-            const PAGE: usize = 4096;
-            let start = range.start.div_ceil(PAGE) * PAGE;
-            let end = range.end / PAGE * PAGE;
-            if end > start {
-                // SAFETY: private read-only mapping; DONTNEED only makes the next read fault the
-                // page back in from the file, it cannot change the bytes we see.
-                unsafe {
-                    let _ = m.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    );
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = range;
+        Ok(sources)
     }
 }
 
@@ -356,151 +271,6 @@ fn is_variant(name: &str, suffix: &str) -> bool {
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TensorInfo {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub bytes: u64,
-    file: usize,
-    range: std::ops::Range<usize>,
-}
-
-/// Opened weights of one component. Cheap to clone; every `var_builder` shares the same mapping, so
-/// reloading a component in another precision (guard fallbacks, block streaming) costs no I/O setup.
-#[derive(Clone)]
-pub struct Weights {
-    inner: Arc<Vec<(PathBuf, Bytes)>>,
-    component: String,
-    tensors: Arc<BTreeMap<String, TensorInfo>>,
-}
-
-impl Weights {
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
-    }
-
-    /// A builder that checks names and shapes against the headers and hands out zero-cost
-    /// broadcast placeholders: building a model with it validates a folder without reading weights.
-    pub fn shape_only(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(ShapeOnly(self.clone())), dtype, device.clone())
-    }
-
-    /// Copies one tensor out of the mapping onto `dev`, converted to `dtype`.
-    pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(info) = self.tensors.get(name) else {
-            candle_core::bail!("missing tensor `{name}`")
-        };
-        let source = &self.inner[info.file].1;
-        let bytes = &source.as_slice()[info.range.clone()];
-        let t = Tensor::from_raw_buffer(bytes, info.dtype, &info.shape, dev)?;
-        source.release(info.range.clone());
-        t.to_dtype(dtype)
-    }
-
-    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
-        &self.tensors
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    /// Bytes the tensors would take in `dtype` (what the device will hold after conversion).
-    pub fn bytes_in(&self, prefix: &str, dtype: DType) -> u64 {
-        self.tensors
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, t)| t.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
-            .sum()
-    }
-
-    /// Turns a candle load error into one that names the component and its files.
-    pub fn context(&self, e: candle_core::Error) -> ModelError {
-        let files = self
-            .inner
-            .iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        ModelError::Weights {
-            component: self.component.clone(),
-            files,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl SimpleBackend for Weights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let Some(info) = self.tensors.get(name) else {
-            candle_core::bail!("missing tensor `{name}`")
-        };
-        if info.shape.as_slice() != s.dims() {
-            candle_core::bail!(
-                "tensor `{name}` has shape {:?}, the config implies {:?}",
-                info.shape,
-                s.dims()
-            )
-        }
-        self.load(name, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-}
-
-struct ShapeOnly(Weights);
-
-impl ShapeOnly {
-    fn placeholder(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(info) = self.0.tensors.get(name) else {
-            candle_core::bail!("missing tensor `{name}`")
-        };
-        Tensor::zeros((), dtype, dev)?.broadcast_as(info.shape.as_slice())
-    }
-}
-
-impl SimpleBackend for ShapeOnly {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.placeholder(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "tensor `{name}` has shape {:?}, the config implies {:?}",
-                t.dims(),
-                s.dims()
-            )
-        }
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.placeholder(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.tensors.contains_key(name)
-    }
 }
 
 /// Components whose weights `pull` downloads, per pipeline (`model_index.json` names them too).
@@ -524,6 +294,16 @@ pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
         .filter(|c| dir.join(c).is_dir())
         .all(|c| model.weight_files(c).is_ok());
     complete.then_some(dir)
+}
+
+/// The snapshot folder of `repo` in the Hugging Face cache when its configs and tokenizer are
+/// there, weights or not (`zturbo pull NAME --configs-only`).
+pub fn hf_cache_configs(repo: &str) -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let index = cache.model(repo.to_string()).get("model_index.json")?;
+    let dir = index.parent()?.to_path_buf();
+    ModelDir::open(&dir).ok()?;
+    dir.join("tokenizer").is_dir().then_some(dir)
 }
 
 /// Reports download progress (a terminal bar, or SSE events to the UI).
@@ -605,41 +385,85 @@ pub fn select_files(files: &[String]) -> Vec<String> {
     out
 }
 
-/// Downloads what a pipeline needs from `repo` into the Hugging Face cache (resuming partial
-/// files) and returns the snapshot folder.
-pub fn pull(repo: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf, ModelError> {
-    let offline = |e: &dyn std::fmt::Display| {
-        ModelError::Download(format!(
-            "cannot reach the Hugging Face hub for `{repo}` ({e}). Are you offline? Download on a connected \
-             machine (`zturbo pull {repo}`, then copy ~/.cache/huggingface) or pass a local diffusers folder with --model"
-        ))
-    };
+/// What `pull` fetches from a diffusers repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullSet {
+    /// Configs, tokenizers and every component's weights.
+    Pipeline,
+    /// Configs, scheduler and tokenizers only (a few MB): enough to run single weight files.
+    ConfigsOnly,
+}
+
+fn hub_offline(repo: &str, e: &dyn std::fmt::Display) -> ModelError {
+    ModelError::Download(format!(
+        "cannot reach the Hugging Face hub for `{repo}` ({e}). Are you offline? Download on a connected \
+         machine (`zturbo pull {repo}`, then copy ~/.cache/huggingface) or pass a local diffusers folder with --model"
+    ))
+}
+
+fn hub_repo(repo: &str) -> Result<hf_hub::api::sync::ApiRepo, ModelError> {
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(false)
         .build()
-        .map_err(|e| offline(&e))?;
-    let handle = api.model(repo.to_string());
-    let info = handle.info().map_err(|e| offline(&e))?;
-    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    if !names.iter().any(|n| n == "model_index.json") {
-        return Err(ModelError::Download(format!(
-            "`{repo}` has no model_index.json: not a diffusers pipeline repository"
-        )));
-    }
-    let wanted = select_files(&names);
-    let count = wanted.len();
-    let mut snapshot = None;
-    for (i, f) in wanted.iter().enumerate() {
+        .map_err(|e| hub_offline(repo, &e))?;
+    Ok(api.model(repo.to_string()))
+}
+
+/// The file names of a hub repository.
+pub fn repo_files(repo: &str) -> Result<Vec<String>, ModelError> {
+    let info = hub_repo(repo)?.info().map_err(|e| hub_offline(repo, &e))?;
+    Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+}
+
+/// Downloads files of `repo` into the Hugging Face cache (resuming partial files); returns each
+/// file's path.
+pub fn pull_files(
+    repo: &str,
+    files: &[String],
+    progress: &mut dyn DownloadProgress,
+) -> Result<Vec<PathBuf>, ModelError> {
+    let handle = hub_repo(repo)?;
+    let count = files.len();
+    let mut paths = Vec::with_capacity(count);
+    for (i, f) in files.iter().enumerate() {
         progress.file_started(f, 0, i, count);
         let path = handle
             .download_with_progress(f, HubProgress(progress))
             .map_err(|e| ModelError::Download(format!("{repo}/{f}: {e}")))?;
         progress.file_finished(f);
-        if f == "model_index.json" {
-            snapshot = path.parent().map(Path::to_path_buf);
-        }
+        paths.push(path);
     }
-    snapshot
+    Ok(paths)
+}
+
+/// Downloads what a pipeline needs from `repo` into the Hugging Face cache (resuming partial
+/// files) and returns the snapshot folder.
+pub fn pull(repo: &str, progress: &mut dyn DownloadProgress) -> Result<PathBuf, ModelError> {
+    pull_set(repo, PullSet::Pipeline, progress)
+}
+
+/// [`pull`] of the whole pipeline or of its configs and tokenizers only.
+pub fn pull_set(
+    repo: &str,
+    set: PullSet,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf, ModelError> {
+    let names = repo_files(repo)?;
+    if !names.iter().any(|n| n == "model_index.json") {
+        return Err(ModelError::Download(format!(
+            "`{repo}` has no model_index.json: not a diffusers pipeline repository"
+        )));
+    }
+    let mut wanted = select_files(&names);
+    if set == PullSet::ConfigsOnly {
+        wanted.retain(|f| !f.ends_with(".safetensors") && !f.ends_with(".safetensors.index.json"));
+    }
+    let paths = pull_files(repo, &wanted, progress)?;
+    wanted
+        .iter()
+        .zip(&paths)
+        .find(|(f, _)| *f == "model_index.json")
+        .and_then(|(_, p)| p.parent().map(Path::to_path_buf))
         .ok_or_else(|| ModelError::Download(format!("{repo}: model_index.json was not fetched")))
 }
 
