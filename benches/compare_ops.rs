@@ -21,6 +21,7 @@ use zturbo::families::ModelDir;
 use zturbo::ops::act;
 use zturbo::ops::attention::{attention, Attention};
 use zturbo::ops::linear::{self, Lin};
+use zturbo::ops::rms_norm;
 
 #[derive(Parser)]
 struct Args {
@@ -168,6 +169,54 @@ fn main() -> Result<()> {
         2.0 * lf * (d * ffn) as f64,
         || hidden.apply(&w2_16),
     )?;
+    // Side by side: candle's product (its `gemm` crate, above) against `Lin` in f32 (MKL's sgemm
+    // in MKL builds).
+    let lin32 = |i: usize, o: usize, name: &str| Lin::new(i, o, false, vb.pp("layers.0").pp(name));
+    let (q32, w1_32, w2_32) = (
+        lin32(d, d, "attention.to_q")?,
+        lin32(d, ffn, "feed_forward.w1")?,
+        lin32(ffn, d, "feed_forward.w2")?,
+    );
+    for (name, lin, inp, flops) in [
+        ("dim_to_dim", &q32, &x, 2.0 * lf * (d * d) as f64),
+        ("dim_to_ffn", &w1_32, &x, 2.0 * lf * (d * ffn) as f64),
+        ("ffn_to_dim", &w2_32, &hidden, 2.0 * lf * (d * ffn) as f64),
+    ] {
+        timer.time(&format!("dit.linear.{name}.lin_f32"), flops, || {
+            inp.apply(lin)
+        })?;
+    }
+    // The block's elementwise passes: candle's ops against the fused CPU passes.
+    let a_out = Tensor::randn(0f32, 1.0, (1, l, d), &dev)?;
+    let w_d = Tensor::randn(1f32, 0.1, d, &dev)?;
+    let s_d = Tensor::randn(1f32, 0.1, (1, 1, d), &dev)?;
+    timer.time("dit.norm_scale.candle", 0.0, || {
+        candle_nn::ops::rms_norm(&a_out, &w_d, 1e-5)?.broadcast_mul(&s_d)
+    })?;
+    timer.time("dit.norm_scale.fused", 0.0, || {
+        rms_norm::rms_norm_scale(&a_out, &w_d, Some(&s_d), 1e-5)
+    })?;
+    timer.time("dit.norm_gate_add.candle", 0.0, || {
+        &x + candle_nn::ops::rms_norm(&a_out, &w_d, 1e-5)?.broadcast_mul(&s_d)?
+    })?;
+    timer.time("dit.norm_gate_add.fused", 0.0, || {
+        rms_norm::rms_norm_gate_add(&x, &a_out, &w_d, Some(&s_d), 1e-5)
+    })?;
+    {
+        let xh = x.reshape((1, l, h, hd))?;
+        let hd_w = Tensor::randn(1f32, 0.1, hd, &dev)?;
+        let cos = Tensor::randn(0f32, 1.0, (1, l, hd / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (1, l, hd / 2), &dev)?;
+        timer.time("dit.qk_prep.candle", 0.0, || {
+            let n = candle_nn::ops::rms_norm(&xh, &hd_w, 1e-5)?;
+            let t = n.transpose(1, 2)?.contiguous()?;
+            candle_nn::rotary_emb::rope_i(&t, &cos, &sin)? * 0.088
+        })?;
+        timer.time("dit.qk_prep.fused", 0.0, || {
+            rms_norm::qk_norm_rope(&xh, Some(&hd_w), 1e-5, &cos, &sin, 0.088)
+        })?;
+    }
+
     let gate = Tensor::randn(0f32, 1.0, (1, l, ffn), &dev)?;
     timer.time("dit.ffn.silu_mul.candle", 0.0, || {
         candle_nn::ops::silu(&gate)? * &hidden

@@ -121,6 +121,7 @@ fn request(o: &Opts, loras: &[PathBuf]) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: MemoryMode::Performance,
+        enhance_exclude: Vec::new(),
         init: None,
         loras: loras
             .iter()

@@ -206,6 +206,7 @@ fn child(
         memory_mode: mode,
         init: None,
         loras: Vec::new(),
+        enhance_exclude: Vec::new(),
     };
     let mut times = Vec::new();
     let mut phases = Vec::new();

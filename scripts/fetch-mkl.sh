@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs Intel MKL's static libraries from PyPI under target/mkl, for `cargo build --features mkl`
-# (bf16 matrix products with f32 accumulation on CPUs with AMX or AVX512-BF16). About 250 MB download.
+# Installs Intel MKL's static libraries from PyPI under target/mkl through pip. build.rs does the same
+# by itself (curl, the pinned wheel of build.rs) on x86-64 Linux; this script is the manual route (a
+# proxy pip knows about, or a retry after target/mkl/fetch-failed). About 250 MB download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=target/mkl
@@ -32,4 +33,5 @@ if want:
     sys.exit(f"missing from the wheel: {sorted(want)}")
 PY
 echo "$version-$libs_tag" > "$dest/version"
+rm -f "$dest/fetch-failed"
 echo "MKL static libraries in $dest/lib" >&2

@@ -170,6 +170,11 @@ struct ServeArgs {
     #[arg(long, env = "ZTURBO_SYNC_TIMEOUT",
           default_value_t = zturbo::server::DEFAULT_SYNC_TIMEOUT_S)]
     sync_timeout: u64,
+    /// Live previews: each step's latents as a small image on the job's event stream (a page
+    /// can also turn them off for itself with `?preview=0`).
+    #[arg(long, env = "ZTURBO_PREVIEW", default_value = "on", value_parser = generate::parse_on_off,
+          action = clap::ArgAction::Set)]
+    preview: bool,
 }
 
 impl ModelArgs {
@@ -204,6 +209,7 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_connections: self.max_connections as usize,
             sync_timeout: (self.sync_timeout > 0).then(|| Duration::from_secs(self.sync_timeout)),
+            preview: self.preview,
         }
     }
 }

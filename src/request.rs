@@ -83,6 +83,13 @@ pub struct GenerationRequest {
     pub inpaint_full_res: Option<bool>,
     #[serde(default)]
     pub inpaint_full_res_padding: Option<u32>,
+    /// Phrases the enhancement must not add (the UI's removed chips), as the preview showed them.
+    #[serde(default)]
+    pub enhance_exclude: Vec<String>,
+    /// The model to run on (a name `/api/models` lists as local); the selected one when absent.
+    /// The server checks it and records it with the job; validation ignores it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// A LoRA as a request names it: a file in the server's LoRA folder and its weight.
@@ -102,6 +109,10 @@ fn one() -> f32 {
 pub const MAX_LORAS: usize = 8;
 /// LoRA weights are accepted in ±this.
 pub const MAX_LORA_WEIGHT: f32 = 10.0;
+
+/// At most this many excluded enhancement phrases, each at most [`MAX_EXCLUDE_CHARS`] long.
+pub const MAX_EXCLUDED_PHRASES: usize = 64;
+pub const MAX_EXCLUDE_CHARS: usize = 200;
 
 /// What a request is validated against: the loaded model's facts and the server's limits.
 #[derive(Debug, Clone)]
@@ -157,6 +168,9 @@ pub struct ValidRequest {
     /// LoRAs applied to the denoiser for this job, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraRef>,
+    /// Phrases the enhancement leaves out (see [`GenerationRequest::enhance_exclude`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enhance_exclude: Vec<String>,
 }
 
 /// One LoRA of a job: a low-rank update of the denoiser's weights, scaled by `weight`.
@@ -336,6 +350,7 @@ impl GenerationRequest {
                 None
             }
         };
+        let enhance_exclude = check_excluded(self.enhance_exclude)?;
         Ok(ValidRequest {
             init,
             loras: Vec::new(),
@@ -349,6 +364,7 @@ impl GenerationRequest {
             batch,
             enhance: self.enhance.unwrap_or(true),
             memory_mode: self.memory_mode.unwrap_or(limits.default_memory_mode),
+            enhance_exclude,
         })
     }
 }
@@ -454,6 +470,38 @@ fn resolve_loras(specs: &[LoraSpec], dir: Option<&LoraDir>) -> Result<Vec<LoraRe
                 weight: l.weight,
                 path,
             })
+        })
+        .collect()
+}
+
+/// `enhance_exclude`: a bounded list of short phrases without control characters.
+pub fn check_excluded(list: Vec<String>) -> Result<Vec<String>, FieldError> {
+    const FIELD: &str = "enhance_exclude";
+    if list.len() > MAX_EXCLUDED_PHRASES {
+        return Err(FieldError::new(
+            FIELD,
+            format!(
+                "at most {MAX_EXCLUDED_PHRASES} phrases (got {})",
+                list.len()
+            ),
+        ));
+    }
+    list.into_iter()
+        .map(|p| {
+            let n = p.chars().count();
+            if n > MAX_EXCLUDE_CHARS {
+                return Err(FieldError::new(
+                    FIELD,
+                    format!("each phrase must be at most {MAX_EXCLUDE_CHARS} characters (got {n})"),
+                ));
+            }
+            if p.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    FIELD,
+                    "must not contain control characters",
+                ));
+            }
+            Ok(p.trim().to_string())
         })
         .collect()
 }

@@ -99,6 +99,8 @@ pub struct ServeSettings {
     pub max_connections: usize,
     /// How long a synchronous generation call waits for its jobs (`None`: no limit).
     pub sync_timeout: Option<Duration>,
+    /// Job streams carry live `preview` events (`--preview off`: never).
+    pub preview: bool,
 }
 
 /// `--device`: `auto` (best available), `cpu`, `cuda[:N]`, `metal`.

@@ -1,11 +1,14 @@
 //! The real-browser test: `zturbo serve` with the demo model, driven by headless Chromium through
-//! `tests/browser/ui_test.mjs` (playwright-core from npm, the system's Debian `chromium`; never a
-//! browser download). It types a prompt, clicks Generate, waits for the image in the gallery and
-//! checks the memory chart got samples; uses that result as the input image, paints a mask
-//! (mouse and keyboard), picks a LoRA with a weight and inpaints it; downloads a model from the Models panel (from a fake hub)
-//! and logs into a second server started with `--api-key`. Screenshots for humans:
-//! `target/browser-screenshot.png` (1280 px wide) and `target/browser-screenshot-narrow.png`
-//! (420 px).
+//! `tests/browser/ui_test.mjs` (playwright-core and axe-core from npm, pinned; the system's Debian
+//! `chromium`; never a browser download). It checks the zh-CN messages against English, then uses
+//! the page as people do: generate (hero, gallery, the chart's exact job peak, per-image seeds),
+//! the lightbox, downloads, search and delete, the enhancement chips, image to image (a result
+//! used as the input image), inpainting (a mask painted with mouse and keyboard) and a LoRA with a
+//! weight, the Models panel (from a fake hub), the profile contract, a phone viewport, cancel-all
+//! and Esc, an outage (it kills and restarts a server of its own under the page), model switching
+//! between two tiny local models, the API-key prompt, and axe-core in both themes and both
+//! languages. Screenshots for humans and CI artefacts: `target/browser-desktop.png`,
+//! `browser-phone.png`, `browser-zh-CN.png`, `browser-dark.png`, `browser-outage.png`.
 //!
 //! Needs `node`, `npm ci --prefix tests/browser` and `apt-get install chromium`; `.ci/run` does
 //! all three. A missing piece fails the test with a message saying which.
@@ -15,7 +18,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{fake_hub, temp_dir, Server};
+use support::{fake_hub, temp_dir, tiny_models_dir, Server};
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
@@ -30,11 +33,14 @@ fn check_prerequisites(root: &Path) {
         "the browser test needs Node.js (`node` on PATH): install it (Debian: apt-get install nodejs npm), \
          or run .ci/run, which installs everything the tests need"
     );
-    assert!(
-        root.join("tests/browser/node_modules/playwright-core")
-            .is_dir(),
-        "the browser test needs playwright-core: run `npm ci --prefix tests/browser` (or .ci/run)"
-    );
+    for package in ["playwright-core", "axe-core"] {
+        assert!(
+            root.join("tests/browser/node_modules")
+                .join(package)
+                .is_dir(),
+            "the browser test needs {package}: run `npm ci --prefix tests/browser` (or .ci/run)"
+        );
+    }
     assert!(
         chromium().is_file(),
         "the browser test needs Chromium at {} (Debian: apt-get install chromium; or set CHROMIUM=/path), \
@@ -80,20 +86,40 @@ fn ui_generates_an_image_in_headless_chromium() {
         &["--api-key", "browser-test-key"],
         &[],
     );
+    // Two tiny local models to switch between.
+    let models = tiny_models_dir("browser-models", false);
+    let switching = Server::start_in(
+        &out.with_file_name(format!(
+            "{}-switch",
+            out.file_name().unwrap().to_string_lossy()
+        )),
+        &models,
+        "tiny-z-image",
+        &[],
+        &[],
+    );
     let target = root.join("target");
     std::fs::create_dir_all(&target).unwrap();
-    let shot = target.join("browser-screenshot.png");
-    let narrow = target.join("browser-screenshot-narrow.png");
-    let _ = std::fs::remove_file(&shot);
+    for name in [
+        "browser-desktop.png",
+        "browser-phone.png",
+        "browser-zh-CN.png",
+    ] {
+        let _ = std::fs::remove_file(target.join(name));
+    }
+    let scratch = temp_dir("browser-scratch");
     let run = Command::new("node")
         .arg(root.join("tests/browser/ui_test.mjs"))
         .arg(&server.url)
-        .arg(&shot)
-        .arg(&narrow)
+        .arg(&target)
         .env("CHROMIUM", chromium())
         .env("PULL_MODEL", "sd-turbo")
         .env("KEYED_URL", &keyed.url)
         .env("KEYED_KEY", "browser-test-key")
+        .env("ZTURBO_BIN", env!("CARGO_BIN_EXE_zturbo"))
+        .env("SCRATCH_DIR", &scratch)
+        .env("SWITCH_URL", &switching.url)
+        .env("SWITCH_MODELS", "tiny-z-image,tiny-sd-turbo")
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -105,6 +131,16 @@ fn ui_generates_an_image_in_headless_chromium() {
         run.status,
         server.log()
     );
-    assert!(shot.is_file(), "no screenshot at {}", shot.display());
-    println!("screenshots: {} and {}", shot.display(), narrow.display());
+    for name in [
+        "browser-desktop.png",
+        "browser-phone.png",
+        "browser-zh-CN.png",
+    ] {
+        assert!(
+            target.join(name).is_file(),
+            "no screenshot {name} in {}",
+            target.display()
+        );
+    }
+    println!("screenshots in {}", target.display());
 }

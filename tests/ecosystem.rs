@@ -365,13 +365,30 @@ fn a1111_api() {
     let (st, o) = get_json(&s.url("/sdapi/v1/options"));
     assert_eq!(st, 200);
     assert_eq!(o["sd_model_checkpoint"], m[0]["title"]);
+    // A checkpoint not on this machine is refused naming the field (switching itself is
+    // server_http's models_switch_between_jobs_from_the_api_a_job_and_a1111).
     let (st, _, r) = post_json(
         &s.url("/sdapi/v1/options"),
         &json!({"sd_model_checkpoint": "other.safetensors", "CLIP_stop_at_last_layers": 2}),
     );
+    assert_eq!(st.as_u16(), 422, "{r}");
+    assert_eq!(
+        r["detail"][0]["loc"],
+        json!(["body", "sd_model_checkpoint"]),
+        "{r}"
+    );
+    assert_eq!(r["detail"][0]["type"], "value_error", "{r}");
+    // The loaded one (title as listed) and other options: accepted, nothing changes.
+    let (st, _, r) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({"sd_model_checkpoint": "demo", "CLIP_stop_at_last_layers": 2}),
+    );
     assert_eq!((st.as_u16(), r), (200, Value::Null));
     let (_, o) = get_json(&s.url("/sdapi/v1/options"));
-    assert_eq!(o["sd_model_checkpoint"], "demo", "options are ignored");
+    assert_eq!(
+        o["sd_model_checkpoint"], "demo",
+        "other options are ignored"
+    );
     let (st, sm) = get_json(&s.url("/sdapi/v1/samplers"));
     assert_eq!(st, 200);
     assert_eq!(sm[0]["name"], "Euler (flow)");

@@ -54,6 +54,7 @@ fn request(cfg: f32) -> ValidRequest {
         memory_mode: MemoryMode::Performance,
         init: None,
         loras: Vec::new(),
+        enhance_exclude: Vec::new(),
     }
 }
 

@@ -412,6 +412,7 @@ mod engine_cancel {
             memory_mode: MemoryMode::Performance,
             init: None,
             loras: Vec::new(),
+            enhance_exclude: Vec::new(),
         }
     }
 

@@ -46,6 +46,7 @@ fn request(loras: &[(&str, f32)]) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: MemoryMode::Performance,
+        enhance_exclude: Vec::new(),
         init: None,
         loras: loras
             .iter()

@@ -119,6 +119,7 @@ fn request(w: u32, h: u32, mode: MemoryMode) -> ValidRequest {
         memory_mode: mode,
         init: None,
         loras: Vec::new(),
+        enhance_exclude: Vec::new(),
     }
 }
 

@@ -95,9 +95,54 @@ fn page_info_models_and_enhance() {
         .unwrap()
         .is_empty());
     assert!(!enh["advice"].as_array().unwrap().is_empty());
-    let (st, _, err) = post_json(&s.url("/api/enhance"), &json!({"prompt": "x", "cfg": 2}));
+    // Unknown fields are refused, naming them (`cfg` and `steps` are the form's, see below).
+    let (st, _, err) = post_json(&s.url("/api/enhance"), &json!({"prompt": "x", "seed": 2}));
     assert_eq!(st, 422);
-    assert_eq!(err["error"]["field"], "cfg");
+    assert_eq!(err["error"]["field"], "seed");
+    // The preview reads the form's CFG and steps, so its advice matches the form: CFG 3.0 is
+    // called out as intercepted, not "1.8, the default".
+    let (st, _, enh) = post_json(
+        &s.url("/api/enhance"),
+        &json!({"prompt": "a mountain lake at dawn", "cfg": 3.0, "steps": 4}),
+    );
+    assert_eq!(st, 200, "{enh}");
+    let advice: Vec<&str> = enh["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        advice
+            .iter()
+            .any(|m| m.starts_with("CFG 3") && m.contains("intercepted")),
+        "{advice:?}"
+    );
+    assert!(advice.iter().any(|m| m.contains('4')), "{advice:?}");
+    // Removed phrases stay out.
+    let first = enh["added"]["prompt"][0].as_str().unwrap().to_string();
+    let (st, _, enh2) = post_json(
+        &s.url("/api/enhance"),
+        &json!({"prompt": "a mountain lake at dawn", "exclude": [first]}),
+    );
+    assert_eq!(st, 200, "{enh2}");
+    assert!(!enh2["added"]["prompt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == &json!(first)));
+    for (body, field) in [
+        (json!({"prompt": "x", "cfg": 0.5}), "cfg"),
+        (json!({"prompt": "x", "steps": 0}), "steps"),
+        (json!({"prompt": "x", "exclude": ["a\u{0007}"]}), "exclude"),
+    ] {
+        let (st, _, err) = post_json(&s.url("/api/enhance"), &body);
+        assert_eq!(
+            (st.as_u16(), err["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{body}"
+        );
+    }
 
     // Unknown paths and jobs: JSON 404s.
     let (st, err) = get_json(&s.url("/api/nope"));
@@ -148,6 +193,7 @@ fn submit_stream_done_and_png() {
         .unwrap()
         .to_string();
     assert_eq!(url, format!("/images/{id}-1.png"));
+    let done_peak = events.last().unwrap().data["peak_memory_bytes"].as_u64();
 
     let png = client().get(s.url(&url)).send().unwrap();
     assert_eq!(png.status(), 200);
@@ -202,6 +248,20 @@ fn submit_stream_done_and_png() {
         assert!(t[k].is_u64(), "timings.{k}: {t}");
     }
     assert!(job["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // The done event carries the record's exact peak (the chart shows that, not a sample).
+    assert_eq!(done_peak, job["peak_memory_bytes"].as_u64());
+    assert_eq!(job["image_seeds"], json!([42]));
+    // A download is an attachment named after the prompt, the image's seed and its index.
+    let dl = client()
+        .get(s.url(&format!("{url}?download=1")))
+        .send()
+        .unwrap();
+    assert_eq!(dl.status(), 200);
+    assert_eq!(
+        dl.headers()["content-disposition"],
+        "attachment; filename=\"a-serene-mountain-lake-at-dawn-42-1.png\""
+    );
+    assert!(png_has_no_disposition(&s, &url));
     // The memory plan the run used is part of the record.
     assert!(job["plan"]["mode"].is_string(), "{}", job["plan"]);
     assert!(job["plan"]["reasons"]
@@ -254,9 +314,16 @@ fn submit_stream_done_and_png() {
         .collect();
     assert_eq!(ids, vec![second.as_str(), id.as_str()]);
     let j2 = &list["jobs"][0];
+    let base_seed = j2["params"]["seed"].as_u64().unwrap();
+    assert_eq!(j2["image_seeds"], json!([base_seed, base_seed + 1]));
     assert_eq!(j2["params"]["cfg"], 2.4);
     assert_eq!(j2["params"]["cfg_requested"], 3.2);
     assert_eq!(j2["notices"][0]["kind"], "cfg_clamped");
+}
+
+fn png_has_no_disposition(s: &Server, url: &str) -> bool {
+    let res = client().get(s.url(url)).send().unwrap();
+    res.status() == 200 && res.headers().get("content-disposition").is_none()
 }
 
 /// The (status, field) a body is refused with.
@@ -293,6 +360,14 @@ fn invalid_bodies_name_the_field() {
         (json!({"prompt": "   "}), "prompt"),
         (json!({"prompt": ten_mb}), "prompt"),
         (json!({"prompt": "x", "stepz": 4}), "stepz"),
+        (
+            json!({"prompt": "x", "enhance_exclude": "all"}),
+            "enhance_exclude",
+        ),
+        (
+            json!({"prompt": "x", "enhance_exclude": ["x".repeat(201)]}),
+            "enhance_exclude",
+        ),
         (json!({"steps": 4}), "prompt"),
     ];
     for (body, field) in cases {
@@ -583,8 +658,24 @@ fn journaled_jobs_survive_kill_and_restart() {
             (ids[0].as_str(), "running")
         ]
     );
+    // The interrupted job says it restarted from step 1; the ones that never ran do not.
+    let resumed = |id: &str| -> bool {
+        let (_, j) = get_json(&s.url(&format!("/api/jobs/{id}")));
+        j["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["kind"] == "resumed")
+    };
+    assert!(resumed(&ids[0]));
+    assert!(!resumed(&ids[1]) && !resumed(&ids[2]));
     let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", ids[0])));
-    assert!(ev.any(|e| e.name == "progress"));
+    let mut saw_notice = false;
+    assert!(ev.any(|e| {
+        saw_notice |= e.name == "notice" && e.data["kind"] == "resumed";
+        e.name == "progress"
+    }));
+    assert!(saw_notice, "the stream tells the page the job restarted");
     assert!(s.terminate(Duration::from_secs(20)), "graceful exit status");
     assert_eq!(
         journal_states(&out, &ids),
@@ -597,6 +688,24 @@ fn journaled_jobs_survive_kill_and_restart() {
         .iter()
         .map(|id| wait_terminal(&s, id, Duration::from_secs(60)))
         .collect();
+    let kinds = |j: &Value| -> Vec<String> {
+        j["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Resumed twice, noted once, and still there once it has run.
+    assert_eq!(
+        kinds(&jobs[0])
+            .iter()
+            .filter(|k| k.as_str() == "resumed")
+            .count(),
+        1,
+        "{}",
+        jobs[0]
+    );
     for j in &jobs {
         assert_eq!(j["state"], "done", "{j}");
         assert_eq!(j["params"]["seed"], 7);
@@ -716,4 +825,309 @@ fn serves_an_sd_turbo_folder_too() {
     let bytes = client().get(s.url(url)).send().unwrap().bytes().unwrap();
     let img = image::load_from_memory(&bytes).unwrap();
     assert_eq!((img.width(), img.height()), (136, 96));
+}
+
+#[test]
+fn history_pages_search_delete_and_cancel_all() {
+    let out = temp_dir("history");
+    let s = Server::start(&out, &[], &[]);
+    let prompts = [
+        "a red fox",
+        "a blue lake",
+        "a red barn",
+        "a green hill",
+        "a red kite",
+    ];
+    let ids: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            submit(
+                &s,
+                json!({"prompt": p, "width": 64, "height": 64, "steps": 1, "enhance": false}),
+            )
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            wait_terminal(&s, id, Duration::from_secs(60))["state"],
+            "done"
+        );
+    }
+    // Pages of two, newest first; `next_before` walks to the end.
+    let mut seen = Vec::new();
+    let mut url = s.url("/api/history?limit=2");
+    loop {
+        let (st, page) = get_json(&url);
+        assert_eq!(st, 200, "{page}");
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 2);
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        match page["next_before"].as_u64() {
+            Some(b) => url = s.url(&format!("/api/history?limit=2&before={b}")),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    // Search: case-insensitive text in the prompt.
+    let (_, page) = get_json(&s.url("/api/history?q=RED"));
+    let found: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["params"]["prompt"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, vec!["a red kite", "a red barn", "a red fox"]);
+    assert!(page["next_before"].is_null());
+    for bad in ["limit=0", "limit=101", "limit=x", "colour=red"] {
+        let (st, err) = get_json(&s.url(&format!("/api/history?{bad}")));
+        assert_eq!(st, 422, "{bad}: {err}");
+        assert!(err["error"]["message"].is_string());
+    }
+
+    // Delete: the record, its images, its sidecar and its journal entry go; a second delete is 404.
+    let victim = &ids[1];
+    let (st, _) = delete(&s.url(&format!("/api/history/{victim}")));
+    assert_eq!(st, 204);
+    assert!(!out.join(format!("{victim}-1.png")).exists());
+    assert!(!out.join(format!("{victim}.json")).exists());
+    assert!(!out.join(".jobs").join(format!("{victim}.json")).exists());
+    let (st, _) = get_json(&s.url(&format!("/api/jobs/{victim}")));
+    assert_eq!(st, 404);
+    let (st, _) = delete(&s.url(&format!("/api/history/{victim}")));
+    assert_eq!(st, 404);
+    let (_, page) = get_json(&s.url("/api/history?q=lake"));
+    assert_eq!(page["jobs"], json!([]));
+    drop(s);
+
+    // A restart does not bring it back; cancel-all empties the queue but leaves the running job.
+    let s = Server::start(&out, &[], &[SLOW]);
+    let (_, page) = get_json(&s.url("/api/history?limit=100"));
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 4);
+    let body = json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 8});
+    let queued: Vec<String> = (0..4).map(|_| submit(&s, body.clone())).collect();
+    let mut ev = SseReader::open(&s.url(&format!("/api/jobs/{}/events", queued[0])));
+    assert!(ev.any(|e| e.name == "progress"));
+    let (st, err) = delete(&s.url("/api/jobs"));
+    assert_eq!(st, 422, "{err}");
+    assert_eq!(err["error"]["field"], "state");
+    let (st, out_) = delete(&s.url("/api/jobs?state=queued"));
+    assert_eq!(st, 200, "{out_}");
+    let mut cancelled: Vec<String> = out_["cancelled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    cancelled.sort();
+    let mut expected = queued[1..].to_vec();
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    for id in &queued[1..] {
+        let (_, j) = get_json(&s.url(&format!("/api/jobs/{id}")));
+        assert_eq!(j["state"], "cancelled");
+    }
+    let (_, j) = get_json(&s.url(&format!("/api/jobs/{}", queued[0])));
+    assert_eq!(j["state"], "running");
+    // Deleting a job that has not finished is refused.
+    let (st, err) = delete(&s.url(&format!("/api/history/{}", queued[0])));
+    assert_eq!(st, 409, "{err}");
+}
+
+/// Each step's preview: a PNG data URL of the denoised estimate, one pixel per latent cell.
+fn preview_size(event: &SseEvent) -> (u32, u32) {
+    use base64::Engine as _;
+    let url = event.data["image"].as_str().unwrap();
+    let b64 = url
+        .strip_prefix("data:image/png;base64,")
+        .unwrap_or_else(|| panic!("not a PNG data URL: {url:.60}"));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    (img.width(), img.height())
+}
+
+#[test]
+fn live_previews_reach_the_stream_unless_turned_off() {
+    let out = temp_dir("preview");
+    let s = Server::start(&out, &[], &[SLOW]);
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["preview"], true);
+    let body = json!({"prompt": "a lake", "width": 128, "height": 96, "steps": 3, "batch": 2});
+    let id = submit(&s, body.clone());
+    // Two streams on the same job: one with previews, one that asked for none.
+    let quiet = SseReader::open(&s.url(&format!("/api/jobs/{id}/events?preview=0")));
+    let events = job_events(&s, &id);
+    let previews: Vec<&SseEvent> = events.iter().filter(|e| e.name == "preview").collect();
+    let steps: Vec<u64> = previews
+        .iter()
+        .map(|e| e.data["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+    assert_eq!(steps.last(), Some(&3));
+    for p in &previews {
+        // 128×96 px at 8 px per latent cell (the batch's first image only).
+        assert_eq!(preview_size(p), (16, 12));
+    }
+    let quiet: Vec<SseEvent> = quiet.collect();
+    assert!(quiet.iter().all(|e| e.name != "preview"), "?preview=0");
+    assert_eq!(quiet.last().unwrap().name, "done");
+    drop(s);
+
+    // Server-wide off: no previews on any stream, and /api/info says so.
+    let s = Server::start(&out, &["--preview", "off"], &[]);
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["preview"], false);
+    let id = submit(&s, body);
+    let events = job_events(&s, &id);
+    assert!(events.iter().all(|e| e.name != "preview"));
+    assert_eq!(events.last().unwrap().name, "done");
+}
+
+/// Reads `/api/events` until a `model` event in `state` for `name`; returns it.
+fn wait_model_event(ev: &mut SseReader, state: &str, name: &str) -> Value {
+    ev.find(|e| e.name == "model" && e.data["state"] == state && e.data["name"] == name)
+        .unwrap_or_else(|| panic!("no `model {state}` event for {name}"))
+        .data
+}
+
+#[test]
+fn models_switch_between_jobs_from_the_api_a_job_and_a1111() {
+    let out = temp_dir("switch");
+    let models = tiny_models_dir("switch-models", true);
+    let s = Server::start_in(&out, &models, "tiny-z-image", &[], &[]);
+    let (_, health) = get_json(&s.url("/api/health"));
+    assert_eq!(health["model"], "tiny-z-image");
+    let mut events = SseReader::open(&s.url("/api/events"));
+    let first = events.next().unwrap();
+    assert_eq!(
+        (
+            first.name.as_str(),
+            &first.data["state"],
+            &first.data["name"]
+        ),
+        ("model", &json!("loaded"), &json!("tiny-z-image"))
+    );
+
+    // 1. From the page's call: idle, so the worker loads it at once.
+    let (st, _, sel) = post_json(&s.url("/api/model"), &json!({"name": "tiny-sd-turbo"}));
+    assert_eq!(st, 202, "{sel}");
+    assert_eq!(sel["state"], "switching");
+    wait_model_event(&mut events, "loading", "tiny-sd-turbo");
+    let loaded = wait_model_event(&mut events, "loaded", "tiny-sd-turbo");
+    assert_eq!(loaded["family"], "sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    assert_eq!(info["model"]["family"], "sd-turbo");
+    assert_eq!(info["model"]["size_multiple"], 8);
+    let (_, health) = get_json(&s.url("/api/health"));
+    assert_eq!(health["model"], "tiny-sd-turbo");
+    // Validation follows the loaded model: 72 is a multiple of SD's 8 (not of Z-Image's 16).
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 72, "height": 64, "steps": 1}),
+    );
+    let job = wait_terminal(&s, &id, Duration::from_secs(120));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["params"]["model"], "tiny-sd-turbo");
+
+    // 2. A job that names another model: the worker switches before it and says so on its stream.
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1, "model": "tiny-z-image"}),
+    );
+    let loading = wait_model_event(&mut events, "loading", "tiny-z-image");
+    assert_eq!(loading["job"], json!(id));
+    assert_eq!(
+        wait_model_event(&mut events, "loaded", "tiny-z-image")["job"],
+        json!(id)
+    );
+    let job = wait_terminal(&s, &id, Duration::from_secs(120));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["params"]["model"], "tiny-z-image");
+    let switch = job["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "model_switch")
+        .expect("the job says the worker switched models for it");
+    assert!(switch["message"].as_str().unwrap().contains("tiny-z-image"));
+    // Its limits were Z-Image's: 72 is refused for it, naming the field.
+    let (st, _, err) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "x", "width": 72, "model": "tiny-z-image"}),
+    );
+    assert_eq!(
+        (st.as_u16(), &err["error"]["field"]),
+        (422, &json!("width"))
+    );
+    let (st, _, err) = post_json(
+        &s.url("/api/jobs"),
+        &json!({"prompt": "x", "model": "no-such-model"}),
+    );
+    assert_eq!(
+        (st.as_u16(), &err["error"]["field"]),
+        (422, &json!("model")),
+        "{err}"
+    );
+
+    // 3. A1111: the options call answers once the model is loaded, and GET reports it.
+    let (st, _, _) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({"sd_model_checkpoint": "tiny-sd-turbo [no hash]"}),
+    );
+    assert_eq!(st, 200);
+    let (_, opts) = get_json(&s.url("/sdapi/v1/options"));
+    assert_eq!(opts["sd_model_checkpoint"], "tiny-sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    let (_, list) = get_json(&s.url("/sdapi/v1/sd-models"));
+    let titles: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    for t in ["demo", "tiny-z-image", "tiny-sd-turbo", "broken-sd-turbo"] {
+        assert!(titles.contains(&t), "{titles:?}");
+    }
+
+    // 4. A model that does not load: the error names the file, the previous model comes back.
+    let (st, _, _) = post_json(&s.url("/api/model"), &json!({"name": "broken-sd-turbo"}));
+    assert_eq!(st, 202);
+    let failed = wait_model_event(&mut events, "failed", "broken-sd-turbo");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("diffusion_pytorch_model.safetensors"),
+        "the error names the file: {error}"
+    );
+    wait_model_event(&mut events, "loaded", "tiny-sd-turbo");
+    let (_, info) = get_json(&s.url("/api/info"));
+    assert_eq!(info["model"]["name"], "tiny-sd-turbo");
+    let (_, opts) = get_json(&s.url("/sdapi/v1/options"));
+    assert_eq!(opts["sd_model_checkpoint"], "tiny-sd-turbo", "not retried");
+    let (st, _, err) = post_json(
+        &s.url("/sdapi/v1/options"),
+        &json!({"sd_model_checkpoint": "broken-sd-turbo"}),
+    );
+    assert_eq!(st, 500, "{err}");
+    assert!(
+        err["detail"].as_str().unwrap().contains("safetensors"),
+        "{err}"
+    );
+    let (st, _, err) = post_json(&s.url("/api/model"), &json!({"name": "nope"}));
+    assert_eq!((st.as_u16(), &err["error"]["field"]), (422, &json!("name")));
+    // Still serving.
+    let id = submit(
+        &s,
+        json!({"prompt": "a lake", "width": 64, "height": 64, "steps": 1}),
+    );
+    assert_eq!(
+        wait_terminal(&s, &id, Duration::from_secs(120))["state"],
+        "done"
+    );
 }

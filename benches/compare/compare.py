@@ -5,7 +5,8 @@ For each case it starts both sides once (model loaded, as a server would hold it
 compute the same thing (final latents and image from the same initial noise), runs one warm-up each,
 then R rounds of one run per side, alternating which side goes first (ABBA...), so a slow spell of a
 shared machine falls on both. Prints a markdown table per case and, last, the machine-readable
-`summary:` line for medium@512.
+`like_for_like:` line (both sides f32) and `summary:` line (zturbo --precision, default auto, with the image
+PSNR between the sides) for medium@512.
 """
 
 import argparse
@@ -119,15 +120,15 @@ def stage_medians(runs):
     }
 
 
-def run_case(label, model, size, steps, channels, a, bench_bin, env_common):
+def run_case(label, model, size, steps, channels, a, bench_bin, env_common, precision):
     lat = subprocess.check_output(
         [sys.executable, os.path.join(HERE, "make_model.py"), "latents", str(size), str(size), str(channels)],
         text=True, cwd=REPO,
     ).strip()
     common = ["--model", model, "--width", str(size), "--height", str(size), "--steps", str(steps),
               "--cfg", str(a.cfg), "--init-latents", lat]
-    zt_extra = ["--precision", a.precision]
-    out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-"))
+    zt_extra = ["--precision", precision]
+    out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-") + "-" + precision)
     log(f"== {label}: starting both sides ({model})")
     zt = Side("zturbo", [bench_bin] + common + zt_extra, env_common)
     dp = Side("diffusers", [sys.executable, os.path.join(HERE, "bench_diffusers.py")] + common +
@@ -241,7 +242,12 @@ def main():
             models[shape] = subprocess.check_output(
                 [sys.executable, os.path.join(HERE, "make_model.py"), shape], text=True, cwd=REPO
             ).strip()
-        results.append(run_case(label, models[shape], size, steps or a.steps, channels, a, a.bench_bin, env))
+        # Like for like (zturbo f32 against diffusers f32), then zturbo's --precision (default
+        # auto: bf16 operands where the CPU has them natively) against the same diffusers f32.
+        for prec in dict.fromkeys(["f32", a.precision]):
+            r = run_case(label, models[shape], size, steps or a.steps, channels, a, a.bench_bin, env, prec)
+            r["zturbo_precision_arg"] = prec
+            results.append(r)
 
     import diffusers
     import torch
@@ -262,7 +268,9 @@ def main():
         p = r["parity"]
         psnr = p.get("image_psnr_db")
         psnr_s = "identical" if psnr == float("inf") else (f"{psnr:.1f} dB" if psnr is not None else "n/a")
-        print(f"### {r['label']}, {r['steps']} steps  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
+        zp = r["ready"]["zturbo"].get("precision", "?")
+        print(f"### {r['label']}, {r['steps']} steps, zturbo --precision {r['zturbo_precision_arg']} "
+              f"(resolved: {zp}) vs diffusers float32  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
               f"{100 * p['latents_rel_diff']:.2g} % of their range, image max diff "
               f"{p['image_max_level_diff']} levels, PSNR {psnr_s})")
         print()
@@ -276,13 +284,22 @@ def main():
     with open(a.json, "w") as f:
         json.dump({"hardware": hw, "results": results}, f, indent=1)
     print(f"(raw runs: {os.path.relpath(a.json, REPO)})")
-    main_case = next((r for r in results if r["label"] == "medium@512"), None)
-    if main_case is None:
-        print("summary: total_ratio=nan step_ratio=nan (medium@512 not run)")
-    else:
-        rt = main_case["ratios"]
-        print(f"summary: total_ratio={rt['total']:.3f} step_ratio={rt['denoise step (median of all steps)']:.3f}")
+    def line(r, name, psnr):
+        if r is None:
+            return f"{name}: total_ratio=nan step_ratio=nan" + (" psnr_db=nan" if psnr else "") + " (medium@512 not run)"
+        rt = r["ratios"]
+        out = f"{name}: total_ratio={rt['total']:.3f} step_ratio={rt['denoise step (median of all steps)']:.3f}"
+        if psnr:
+            v = r["parity"].get("image_psnr_db")
+            out += " psnr_db=" + ("inf" if v == float("inf") else (f"{v:.1f}" if v is not None else "nan"))
+        return out
 
+    def pick(label, prec):
+        return next((r for r in results if r["label"] == label and r["zturbo_precision_arg"] == prec), None)
 
-if __name__ == "__main__":
-    main()
+    # Every case's pair first (sd-turbo@512 included), then the two medium@512 lines last.
+    for r in results:
+        tag = "like_for_like" if r["zturbo_precision_arg"] == "f32" else "summary"
+        print(line(r, f"{tag}[{r['label']}]", tag == "summary"))
+    print(line(pick("medium@512", "f32"), "like_for_like", False))
+    print(line(pick("medium@512", a.precision), "summary", True))

@@ -133,7 +133,7 @@ fn file_base64(flag: &str, p: &Path) -> Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),
@@ -226,6 +226,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         inpaint_fill: args.inpaint_fill,
         inpaint_full_res: args.inpaint_full_res.then_some(true),
         inpaint_full_res_padding: args.inpaint_padding,
+        ..Default::default()
     }
     .validate_in(&limits, Some(&lora_dir))
     .map_err(|e| {

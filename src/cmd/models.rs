@@ -104,7 +104,7 @@ pub fn models(models_dir: &Path, comfyui_dir: Option<&Path>) -> Result<()> {
             .to_string();
         let size = m
             .size_bytes
-            .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+            .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_default();
         let source = m
             .path

@@ -57,6 +57,7 @@ pub(crate) fn denoise(
         let mut attempt = 0u32;
         let mut retries = 0u32;
         let mut precision_raised = false;
+        let preview;
         x = loop {
             attempt += 1;
             let step = StepInput {
@@ -73,8 +74,22 @@ pub(crate) fn denoise(
                 );
                 d = guard::poison(&d)?;
             }
-            let next = (&x + (d.to_dtype(DType::F32)? * dt as f64)?)?;
+            let d32 = d.to_dtype(DType::F32)?;
+            let next = (&x + (&d32 * dt as f64)?)?;
             if all_finite(&next)? {
+                // The live preview looks at the denoised estimate, not at the noisy latents:
+                // x̂₀ = x − σ·d for the Euler ODE of both the flow and the ε models.
+                preview = if run.wants_preview() {
+                    x.narrow(0, 0, 1)
+                        .and_then(|x1| {
+                            let d1 = d32.narrow(0, 0, 1)?;
+                            (x1 - (d1 * schedule.sigmas[i] as f64)?)?.squeeze(0)
+                        })
+                        .map_err(|e| tracing::debug!("no preview for step {}: {e}", i + 1))
+                        .ok()
+                } else {
+                    None
+                };
                 break match inpaint {
                     Some(p) => p.blend(i, schedule, &next)?,
                     None => next,
@@ -151,6 +166,9 @@ pub(crate) fn denoise(
             sigma: schedule.sigmas[i + 1],
             elapsed_ms: started.elapsed().as_millis() as u64,
         });
+        if let Some(x0) = preview {
+            run.preview(i + 1, total, &x0);
+        }
     }
     // After the last step too: a cancel during it (a 1-step model's only one) is not ignored.
     if run.cancel.is_cancelled() {

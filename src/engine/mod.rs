@@ -7,6 +7,7 @@ pub mod denoise;
 pub mod guard;
 pub mod load;
 pub mod output;
+pub mod preview;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -96,10 +97,14 @@ pub enum NoticeKind {
     MemoryMode,
     /// The VAE decoded in tiles.
     DecodeTiled,
+    /// The queue re-ran the job from step 1 after the server restarted.
+    Resumed,
+    /// The worker switched models to run the job.
+    ModelSwitch,
 }
 
 impl NoticeKind {
-    pub const ALL: [NoticeKind; 7] = [
+    pub const ALL: [NoticeKind; 9] = [
         NoticeKind::CfgClamped,
         NoticeKind::CfgAdjusted,
         NoticeKind::StepRetried,
@@ -107,6 +112,8 @@ impl NoticeKind {
         NoticeKind::BlackRetry,
         NoticeKind::MemoryMode,
         NoticeKind::DecodeTiled,
+        NoticeKind::Resumed,
+        NoticeKind::ModelSwitch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -118,7 +125,16 @@ impl NoticeKind {
             NoticeKind::BlackRetry => "black_retry",
             NoticeKind::MemoryMode => "memory_mode",
             NoticeKind::DecodeTiled => "decode_tiled",
+            NoticeKind::Resumed => "resumed",
+            NoticeKind::ModelSwitch => "model_switch",
         }
+    }
+}
+
+impl NoticeKind {
+    /// Notices the queue itself adds (not the engine): they outlive a re-run's own notices.
+    pub fn is_queue_notice(self) -> bool {
+        matches!(self, NoticeKind::Resumed | NoticeKind::ModelSwitch)
     }
 }
 
@@ -169,6 +185,14 @@ pub trait Observer {
     fn step(&mut self, _event: &StepEvent) {}
     fn notice(&mut self, _notice: &Notice) {}
     fn plan(&mut self, _plan: &Plan) {}
+    /// Whether [`Observer::preview`] should get the denoised estimate after each step (computing
+    /// it costs one latent-sized tensor operation per step).
+    fn wants_preview(&self) -> bool {
+        false
+    }
+    /// The denoised estimate x̂₀ = x − σ·d of the batch's first image after step `step`, as
+    /// `[C, h, w]` f32 in the denoiser's latent space (see [`preview`]).
+    fn preview(&mut self, _step: usize, _total: usize, _x0: &Tensor) {}
 }
 
 /// An observer that ignores everything.
@@ -323,6 +347,14 @@ impl<'a> RunState<'a> {
     fn phase(&mut self, phase: Phase) {
         self.set_step(phase, None);
         self.observer.phase(phase);
+    }
+
+    pub fn wants_preview(&self) -> bool {
+        self.observer.wants_preview()
+    }
+
+    pub fn preview(&mut self, step: usize, total: usize, x0: &Tensor) {
+        self.observer.preview(step, total, x0);
     }
 
     pub fn step(&mut self, ev: StepEvent) {
@@ -612,11 +644,12 @@ impl Engine {
             steps: req.steps,
             profile: *profile,
         };
-        let enhancement = prompt::enhance(
+        let enhancement = prompt::enhance_with(
             &req.prompt,
             req.negative_prompt.as_deref(),
             &ctx,
             req.enhance,
+            &req.enhance_exclude,
         );
         let negative = guided.then(|| enhancement.negative_prompt.clone());
 

@@ -277,6 +277,7 @@ mod tests {
                 memory_mode: MemoryMode::Performance,
                 init: None,
                 loras: Vec::new(),
+                enhance_exclude: Vec::new(),
             },
             cfg_requested: 3.2,
             precision: "f32".into(),

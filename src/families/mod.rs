@@ -24,7 +24,7 @@ use crate::memory::ActivationModel;
 
 pub use crate::nn::scheduler::Schedule;
 pub use precision::{Precision, PrecisionPolicy};
-pub use profile::{Defaults, FamilyKind, Profile};
+pub use profile::{Defaults, FamilyKind, LatentPreview, Profile};
 pub use slot::Components;
 pub use weights::ModelDir;
 

@@ -170,6 +170,17 @@ pub struct Img2ImgDefaults {
     pub noise: NoiseKind,
 }
 
+/// How the denoiser's latents look in colour without the VAE (the live preview): a linear map
+/// per latent cell, `rgb = bias + Σ_c latent[c] · factors[c]`, in [-1, 1], applied to the
+/// denoised estimate in the denoiser's own latent space (after the VAE's scale and shift, as the
+/// scheduler sees it) — the approach of ComfyUI's `Latent2RGBPreviewer`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatentPreview {
+    /// One `[r, g, b]` row per latent channel.
+    pub factors: &'static [[f32; 3]],
+    pub bias: [f32; 3],
+}
+
 /// Per-family facts in one place. The constants come from the family's `profile.rs`; the three
 /// config-derived numbers (`latent_channels`, `vae_scale_factor`, `size_multiple`) are replaced by
 /// the opened folder's own when a model is loaded.
@@ -191,6 +202,8 @@ pub struct Profile {
     pub steps: StepsProfile,
     pub cfg: CfgProfile,
     pub img2img: Img2ImgDefaults,
+    /// The live preview's latent → RGB projection.
+    pub preview: LatentPreview,
 }
 
 /// The profile as `/api/info` sends it (`model.profile`): the UI draws presets and hints from it.
@@ -334,6 +347,16 @@ mod tests {
         let z = serde_json::to_value(FamilyKind::ZImage.profile().view()).unwrap();
         // f32 values go out in their shortest form (1.8, not 1.7999999523162842).
         assert_eq!(z["cfg"]["presets"][1], 1.8);
+    }
+
+    #[test]
+    fn every_family_previews_each_of_its_latent_channels() {
+        for kind in FamilyKind::ALL {
+            let p = kind.profile();
+            assert_eq!(p.preview.factors.len(), p.latent_channels, "{kind}");
+            // A neutral (all-zero) latent maps to a mid grey, not to black or white.
+            assert!(p.preview.bias.iter().all(|b| b.abs() < 0.5), "{kind}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 use super::cpu::attention::AttentionBf16;
 use super::cpu::attention::AttentionF32;
 use super::{linear, softmax};
@@ -162,7 +162,7 @@ fn fused_cpu(
         None => None,
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    #[cfg(feature = "mkl")]
+    #[cfg(zturbo_mkl)]
     if bf16 && linear::bf16_ready() {
         return q.apply_op3_no_bwd(&k, &v, &AttentionBf16 { bias });
     }

@@ -18,8 +18,10 @@ use candle_nn::VarBuilder;
 
 use super::quantized::{LowRankDelta, StoredMatrix};
 
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 use super::cpu::matmul::{LinearBf16, MatmulBf16};
+#[cfg(zturbo_mkl)]
+use super::cpu::sgemm::{LinearF32, MatmulF32};
 
 /// True when this build and this CPU multiply bf16 operands natively (MKL + AMX or AVX512-BF16),
 /// and `ZTURBO_CPU_BF16=0` does not turn it off.
@@ -27,7 +29,7 @@ pub fn bf16_ready() -> bool {
     static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *READY.get_or_init(|| {
         let off = std::env::var("ZTURBO_CPU_BF16").is_ok_and(|v| v == "0" || v == "off");
-        cfg!(feature = "mkl") && !off && cpu_has_bf16_dot()
+        cfg!(zturbo_mkl) && !off && cpu_has_bf16_dot()
     })
 }
 
@@ -312,6 +314,16 @@ fn stored_device(w: &StoredMatrix) -> Device {
 }
 
 fn dense_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    // f32 on the CPU in an MKL build: MKL's sgemm with the bias written first (one pass).
+    #[cfg(zturbo_mkl)]
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &LinearF32 { bias });
+    }
     if x.dtype() == w.dtype() {
         return candle_nn::Linear::new(w.clone(), bias.cloned()).forward(x);
     }
@@ -324,7 +336,7 @@ fn dense_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::R
 
 /// `x·wᵀ` for an f32 `x` `[…, K]` and a weight `w` `[N, K]` of another dtype.
 fn linear_mixed(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "mkl")]
+    #[cfg(zturbo_mkl)]
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::BF16 && bf16_ready() {
         return x
             .contiguous()?
@@ -336,9 +348,10 @@ fn linear_mixed(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `a·b` for tensors `[…, M, K]`·`[…, K, N]` (same leading dims; `b` contiguous or the transpose
 /// of a contiguous tensor). On a bf16-ready CPU with `bf16` set, f32 tensors multiply through bf16
-/// operands with f32 accumulation (MKL); on every other device and dtype it is candle's product.
+/// operands with f32 accumulation (MKL); other f32 CPU products in an MKL build go through MKL's
+/// sgemm; on every other device and dtype it is candle's product.
 pub fn matmul(a: &Tensor, b: &Tensor, bf16: bool) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "mkl")]
+    #[cfg(zturbo_mkl)]
     if bf16
         && a.device().is_cpu()
         && a.dtype() == DType::F32
@@ -348,6 +361,15 @@ pub fn matmul(a: &Tensor, b: &Tensor, bf16: bool) -> candle_core::Result<Tensor>
         return a.contiguous()?.apply_op2_no_bwd(b, &MatmulBf16);
     }
     let _ = bf16;
+    #[cfg(zturbo_mkl)]
+    if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        // MKL's sgemm; a `b` in another layout than the two it takes is made contiguous.
+        let a = a.contiguous()?;
+        return match a.apply_op2_no_bwd(b, &MatmulF32) {
+            Ok(y) => Ok(y),
+            Err(_) => a.apply_op2_no_bwd(&b.contiguous()?, &MatmulF32),
+        };
+    }
     a.matmul(b)
 }
 

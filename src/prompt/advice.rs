@@ -46,6 +46,50 @@ impl Advice {
     }
 }
 
+/// Chinese prompts are measured in characters: about two per English word, so the measured 8–12
+/// words become 15–30 characters and the 15-word drop about 40 (a conversion, stated as such; the
+/// page's hints use the same bands).
+pub(super) const ZH_GOOD_CHARS: (usize, usize) = (15, 30);
+pub(super) const ZH_TOO_LONG_CHARS: usize = 40;
+
+fn chinese_length_advice(prompt: &str) -> Advice {
+    let n = super::zh::cjk_chars(prompt);
+    let (lo, hi) = ZH_GOOD_CHARS;
+    let source = "the 8–12 English word guidance converted at about two characters a word, not \
+                  measured for Chinese";
+    if n < lo {
+        Advice::info(
+            "prompt_length",
+            format!(
+                "{n} Chinese character{}: about {lo}–{hi} characters say what 8–12 words do \
+                 ({source}); name the subject, setting and light.",
+                plural(n)
+            ),
+        )
+    } else if n <= hi {
+        Advice::info(
+            "prompt_length",
+            format!("{n} Chinese characters: in the {lo}–{hi} character range ({source})."),
+        )
+    } else if n <= ZH_TOO_LONG_CHARS {
+        Advice::info(
+            "prompt_length",
+            format!(
+                "{n} Chinese characters: a little long; {lo}–{hi} carry the subject, setting and \
+                 light ({source})."
+            ),
+        )
+    } else {
+        Advice::warn(
+            "prompt_length",
+            format!(
+                "{n} Chinese characters: above about {ZH_TOO_LONG_CHARS} the extra details tend \
+                 to get lost ({source}); consider trimming."
+            ),
+        )
+    }
+}
+
 pub(super) fn prompt_advice(prompt: &str) -> Advice {
     let n = word_count(prompt);
     match classify(prompt) {
@@ -53,6 +97,7 @@ pub(super) fn prompt_advice(prompt: &str) -> Advice {
             "empty",
             "The prompt is empty, so the image is unguided; describe a subject in 8–12 words.",
         ),
+        Script::NonLatin if super::zh::is_chinese(prompt) => chinese_length_advice(prompt),
         Script::NonLatin => Advice::info(
             "language",
             "The prompt is mostly non-Latin script: the 8–12 word guidance was measured on English \

@@ -10,6 +10,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 mod text;
+mod zh;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,7 @@ use enhance::{guidance_on, rewrite};
 use rules::rules;
 use text::has_word;
 pub use text::word_count;
+pub use zh::cjk_chars;
 
 /// Used when guidance is on and the user gave no negative prompt; "black screen" is part of the
 /// anti-black-image defence.
@@ -71,9 +73,28 @@ pub fn enhance(
     ctx: &PromptContext,
     enabled: bool,
 ) -> Enhanced {
+    enhance_with(prompt, negative_prompt, ctx, enabled, &[])
+}
+
+/// [`enhance`], leaving out the added phrases listed in `exclude` (compared case-insensitively):
+/// the phrases a user removed from the preview stay removed in the job.
+pub fn enhance_with(
+    prompt: &str,
+    negative_prompt: Option<&str>,
+    ctx: &PromptContext,
+    enabled: bool,
+    exclude: &[String],
+) -> Enhanced {
     let mut advice_list = advice(prompt, ctx);
     let mut out = if enabled {
-        rewrite(rules(), prompt, negative_prompt, ctx, &mut advice_list)
+        rewrite(
+            rules(),
+            prompt,
+            negative_prompt,
+            ctx,
+            &mut advice_list,
+            exclude,
+        )
     } else {
         Enhanced {
             prompt: prompt.to_owned(),

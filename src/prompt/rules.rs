@@ -82,6 +82,9 @@ pub(super) struct RawRules {
     pub(super) subjects: RawSubjects,
     pub(super) lighting: Vec<RawLighting>,
     pub(super) negative: RawNegative,
+    /// Chinese prompts (see `zh.rs`).
+    #[serde(default)]
+    pub(super) zh: Option<super::zh::RawZh>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +276,7 @@ pub(super) struct Rules {
     pub(super) lighting: Vec<Lighting>,
     pub(super) general_defects: Vec<Defect>,
     pub(super) class_defects: BTreeMap<Class, Vec<Defect>>,
+    pub(super) zh: super::zh::ZhRules,
 }
 
 /// The compiled-in table, parsed once. A malformed table is a build defect caught by the unit tests;
@@ -338,6 +342,7 @@ impl Rules {
                 .iter()
                 .map(|(class, list)| (*class, list.iter().map(Defect::new).collect()))
                 .collect(),
+            zh: raw.zh.map(super::zh::ZhRules::build).unwrap_or_default(),
         };
         rules.validate()?;
         Ok(rules)
@@ -432,6 +437,7 @@ impl Rules {
                 problems.push(format!("negative phrase {:?} is empty", d.text));
             }
         }
+        self.zh.validate(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -264,10 +264,44 @@ fn an_empty_rule_set_still_applies_the_default_negative() {
         None,
         &ctx(),
         &mut advice_list,
+        &[],
     );
     assert_eq!(e.prompt, "a serene mountain lake at dawn");
     assert_eq!(e.negative_prompt, DEFAULT_NEGATIVE_PROMPT);
     assert!(e.added.prompt.is_empty());
+}
+
+#[test]
+fn excluded_phrases_stay_out_of_the_prompt_and_the_negative() {
+    // The UI's removed chips: what the preview showed, minus what the user took away.
+    let ctx = ctx_cfg(1.8);
+    let full = enhance("a serene mountain lake at dawn", None, &ctx, true);
+    assert!(full.added.prompt.len() >= 2, "{:?}", full.added);
+    let gone = full.added.prompt[0].clone();
+    let neg_gone = full.added.negative_prompt[0].clone();
+    let kept = full.added.prompt[1].clone();
+    let e = enhance_with(
+        "a serene mountain lake at dawn",
+        None,
+        &ctx,
+        true,
+        &[gone.to_uppercase(), format!(" {neg_gone} ")],
+    );
+    assert!(!e.added.prompt.contains(&gone), "{:?}", e.added);
+    assert!(!e.prompt.contains(&gone), "{}", e.prompt);
+    assert!(e.added.prompt.contains(&kept));
+    assert!(!e.added.negative_prompt.contains(&neg_gone));
+    assert!(
+        !e.negative_prompt.contains(&neg_gone),
+        "{}",
+        e.negative_prompt
+    );
+    // Nothing else changes.
+    assert_eq!(e.added.prompt.len(), full.added.prompt.len() - 1);
+    assert_eq!(
+        e.added.negative_prompt.len(),
+        full.added.negative_prompt.len() - 1
+    );
 }
 
 #[test]
@@ -677,8 +711,8 @@ fn guidance_off_skips_the_default_but_shows_the_negative_as_unused() {
     assert!(e.negative_prompt.contains("jpeg artifacts"));
     assert_eq!(advice_of(&e, "negative_unused").level, AdviceLevel::Info);
 
-    // Nothing to show, nothing to warn about.
-    let e = enhance("一只猫", None, &ctx_cfg(1.0), true);
+    // Nothing to show, nothing to warn about (a Chinese prompt with no known subject).
+    let e = enhance("一幅抽象画", None, &ctx_cfg(1.0), true);
     assert_eq!(e.negative_prompt, "");
     assert!(!kinds(&e).contains(&"negative_unused"));
 }
@@ -764,8 +798,9 @@ fn disabled_returns_everything_verbatim_with_advice() {
 
 #[test]
 fn non_english_prompts_pass_through_with_a_notice() {
+    // Chinese has rules of its own (the `chinese_*` tests below).
     for prompt in [
-        "一只猫坐在窗台上，黄昏",
+        "해질녘의 산속 호수",
         "夕暮れの山の湖",
         "горное озеро на рассвете",
         "un lac de montagne à l'aube",
@@ -852,7 +887,12 @@ fn added_phrases_are_visible_in_the_final_texts() {
         if e.added.prompt.is_empty() {
             assert_eq!(e.prompt, *prompt);
         } else {
-            let tail = format!(", {}", e.added.prompt.join(", "));
+            let sep = if super::zh::is_chinese(prompt) {
+                "，"
+            } else {
+                ", "
+            };
+            let tail = format!("{sep}{}", e.added.prompt.join(sep));
             assert!(e.prompt.ends_with(&tail), "{:?}", e.prompt);
             assert!(e.prompt.starts_with(prompt.trim().trim_end_matches('.')));
         }
@@ -1075,4 +1115,197 @@ fn serialises_for_the_api() {
 
     let warn = serde_json::to_string(&AdviceLevel::Warn).ok();
     assert_eq!(warn.as_deref(), Some("\"warn\""));
+}
+
+// ---- Chinese prompts (the table's `[zh]` section) ----
+// Expected phrases are the table's own entries (rules.toml, `[zh]`); the invariants are those of the
+// English table (idempotence, no invented time of day), checked over a spread of prompts.
+
+const ZH_PROMPTS: &[&str] = &[
+    "黎明时分宁静的山间湖泊",
+    "一只猫坐在窗台上",
+    "雪山下的湖泊",
+    "夜晚下雨的城市街道，霓虹灯",
+    "黄昏时分在海滩上奔跑的女孩",
+    "竹林中的大熊猫",
+    "清晨的古镇，薄雾",
+    "一碗热气腾腾的拉面",
+    "暴风雨中的城堡和巨龙",
+    "老人和孩子在公园里下棋",
+    "宇宙飞船",
+    "一幅抽象画",
+];
+
+#[test]
+fn chinese_dawn_lake_gets_its_details_and_dawn_light() {
+    let e = run("黎明时分宁静的山间湖泊");
+    assert_eq!(e.recognised.subjects, ["湖泊"]);
+    assert_eq!(e.recognised.lighting, ["黎明"]);
+    assert!(
+        e.added.prompt.iter().any(|p| p == "柔和的金色晨光"),
+        "{:?}",
+        e.added
+    );
+    assert!(e.added.prompt.iter().any(|p| p == "如镜的水面"));
+    assert!(
+        e.prompt.starts_with("黎明时分宁静的山间湖泊，"),
+        "joined with the full-width comma: {}",
+        e.prompt
+    );
+    let added: usize = e.added.prompt.iter().map(|p| p.chars().count()).sum();
+    assert!(added <= table().zh.limits.max_added_chars, "{added}");
+    let summary = &e
+        .advice
+        .iter()
+        .find(|a| a.kind == "enhancement")
+        .unwrap()
+        .message;
+    assert!(
+        summary.contains("湖泊") && summary.contains("黎明"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn chinese_enhancement_is_idempotent() {
+    for ctx in [ctx(), ctx_cfg(1.0)] {
+        for p in ZH_PROMPTS {
+            let once = enhance(p, None, &ctx, true);
+            let twice = enhance(&once.prompt, Some(&once.negative_prompt), &ctx, true);
+            assert_eq!(twice.prompt, once.prompt, "prompt of {p}");
+            assert!(twice.added.prompt.is_empty(), "{p}: {:?}", twice.added);
+            assert!(
+                twice.added.negative_prompt.is_empty(),
+                "{p}: {:?}",
+                twice.added
+            );
+            assert_eq!(
+                twice.negative_prompt, once.negative_prompt,
+                "negative of {p}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chinese_without_time_or_weather_words_no_lighting_is_invented() {
+    let rules = table();
+    let lighting_phrases: Vec<&str> = rules
+        .zh
+        .lighting
+        .iter()
+        .flat_map(|l| l.phrases.iter().map(String::as_str))
+        .collect();
+    for p in [
+        "一只猫坐在窗台上",
+        "雪山下的湖泊",
+        "竹林中的大熊猫",
+        "一碗热气腾腾的拉面",
+        "热带雨林里的瀑布",
+        "穿雨衣的男孩",
+    ] {
+        let e = run(p);
+        assert!(e.recognised.lighting.is_empty(), "{p}: {:?}", e.recognised);
+        assert!(
+            e.added
+                .prompt
+                .iter()
+                .all(|a| !lighting_phrases.contains(&a.as_str())),
+            "{p}: {:?}",
+            e.added
+        );
+        // The time words are the table's triggers: none may appear in what was added.
+        let added = e.added.prompt.join("");
+        for l in &rules.zh.lighting {
+            for t in &l.triggers {
+                assert!(!added.contains(t.as_str()), "{p}: {added} says {t}");
+            }
+        }
+    }
+    // 雪山 is a mountain, not a snowfall; 下雪 is.
+    assert_eq!(run("下雪的山峰").recognised.lighting, ["雪"]);
+}
+
+#[test]
+fn chinese_negatives_name_the_subjects_defects_once() {
+    let e = run("黄昏时分在海滩上奔跑的女孩");
+    for d in ["畸形的手", "多余的手指"] {
+        assert!(
+            e.added.negative_prompt.iter().any(|n| n == d),
+            "{:?}",
+            e.added
+        );
+        assert!(e.negative_prompt.contains(d));
+    }
+    // The default negative comes first when guidance is on and the user gave none.
+    assert!(e.negative_prompt.starts_with(DEFAULT_NEGATIVE_PROMPT));
+    // Already in the user's negative: not added again.
+    let e = enhance("一个女孩的肖像", Some("畸形的手"), &ctx(), true);
+    assert!(!e.added.negative_prompt.iter().any(|n| n == "畸形的手"));
+    assert!(e.added.negative_prompt.iter().any(|n| n == "多余的手指"));
+    // `unless`: a neon scene is saturated on purpose.
+    let e = run("霓虹灯下的湖泊");
+    assert!(
+        !e.added.negative_prompt.iter().any(|n| n == "过度饱和"),
+        "{:?}",
+        e.added
+    );
+    assert!(run("湖泊")
+        .added
+        .negative_prompt
+        .iter()
+        .any(|n| n == "过度饱和"));
+    // A removed chip stays removed.
+    let e = enhance_with("黎明的湖泊", None, &ctx(), true, &["柔和的金色晨光".into()]);
+    assert!(!e.prompt.contains("柔和的金色晨光"), "{}", e.prompt);
+    assert!(e.added.prompt.iter().any(|p| p == "如镜的水面"));
+}
+
+#[test]
+fn long_chinese_prompts_are_not_expanded_and_other_scripts_left_alone() {
+    let long = "清晨的湖泊边上有一座古老的木屋，屋前停着一辆红色的自行车，远处是连绵起伏的青山和飘动的白云";
+    assert!(cjk_chars(long) > table().zh.limits.expand_max_chars);
+    let e = run(long);
+    assert!(e.added.prompt.is_empty(), "{:?}", e.added);
+    assert_eq!(e.prompt, long);
+    let summary = &e
+        .advice
+        .iter()
+        .find(|a| a.kind == "enhancement")
+        .unwrap()
+        .message;
+    assert!(summary.contains("not expanded"), "{summary}");
+    // Japanese (kana) is not Chinese: left as written.
+    let e = run("夜明けの湖");
+    assert!(e.added.prompt.is_empty());
+    assert_eq!(e.prompt, "夜明けの湖");
+}
+
+#[test]
+fn chinese_prompt_length_is_counted_in_characters() {
+    // 20 characters, no spaces: one "word" to a word counter.
+    let p = "黄昏时分在金色的海滩上奔跑的女孩和她的狗";
+    assert_eq!(cjk_chars(p), 20);
+    let a = prompt_advice(p);
+    assert_eq!(a.kind, "prompt_length");
+    assert!(
+        a.message.starts_with("20 Chinese characters"),
+        "{}",
+        a.message
+    );
+    assert!(
+        a.message.contains("not measured for Chinese"),
+        "{}",
+        a.message
+    );
+    assert_eq!(prompt_advice("湖泊").level, AdviceLevel::Info);
+    let long = "湖".repeat(41);
+    assert_eq!(prompt_advice(&long).level, AdviceLevel::Warn);
+}
+
+#[test]
+fn a_zh_phrase_with_a_trigger_is_rejected() {
+    let text = RULES_TOML.replace("\"柔和的金色晨光\"", "\"柔和的黄昏光\"");
+    let err = Rules::parse(&text).expect_err("a phrase with a trigger");
+    assert!(err.to_string().contains("柔和的黄昏光"), "{err}");
 }

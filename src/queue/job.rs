@@ -88,6 +88,9 @@ pub struct JobRecord {
     /// File names in the outputs folder, `<id>-<n>.png`.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Each image's own seed (base seed + index, or the seed a blank-image retry used).
+    #[serde(default)]
+    pub image_seeds: Vec<u64>,
     #[serde(default)]
     pub notices: Vec<Notice>,
     #[serde(default)]
@@ -215,6 +218,8 @@ pub struct JobSnapshot {
     pub elapsed_ms: Option<u64>,
     /// Running, and asked to stop (it ends at the next step boundary).
     pub cancelling: bool,
+    /// The latest live preview `(step, data URL)` while it runs.
+    pub preview: Option<(usize, String)>,
 }
 
 /// What a job's subscribers hear, in order; the last one is always terminal.
@@ -230,8 +235,23 @@ pub enum JobEvent {
         elapsed_ms: u64,
     },
     Notice(Notice),
+    /// The worker switches models for this job: `loading`, then `loaded` or `failed` (the error
+    /// names the file).
+    Model {
+        state: &'static str,
+        name: String,
+        error: Option<String>,
+        elapsed_ms: Option<u64>,
+    },
+    /// The live preview after `step` (a `data:image/png` URL); not kept in the record.
+    Preview {
+        step: usize,
+        image: String,
+    },
     Done {
         images: Vec<String>,
+        /// The job's exact high-water mark of device memory (the chart shows this one).
+        peak_memory_bytes: Option<u64>,
     },
     Failed {
         error: JobError,
@@ -252,6 +272,7 @@ impl JobEvent {
         match record.state {
             JobState::Done => Some(JobEvent::Done {
                 images: record.images.clone(),
+                peak_memory_bytes: record.peak_memory_bytes,
             }),
             JobState::Failed => Some(JobEvent::Failed {
                 error: record

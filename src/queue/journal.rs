@@ -74,6 +74,23 @@ impl Journal {
         }
     }
 
+    /// Removes a job's entry and any end-state tombstone (a deleted history item); a missing
+    /// entry is not an error.
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        let mut paths = vec![self.path(id)];
+        for state in [JobState::Done, JobState::Failed, JobState::Cancelled] {
+            paths.push(self.tombstone(id, state));
+        }
+        for path in paths {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        let _ = sync_dir(&self.dir);
+        Ok(())
+    }
+
     /// Every readable entry, in acceptance order. Unreadable or foreign files are skipped with a
     /// warning: one damaged entry must not keep the server from starting.
     pub fn load(&self) -> Vec<JobRecord> {
@@ -222,10 +239,12 @@ mod tests {
                 memory_mode: MemoryMode::Auto,
                 init: None,
                 loras: Vec::new(),
+                enhance_exclude: Vec::new(),
             },
             params: None,
             enhancement: None,
             images: vec![],
+            image_seeds: vec![],
             notices: vec![],
             timings: None,
             peak_memory_bytes: None,

@@ -23,7 +23,8 @@ pub use job::{
 };
 use journal::{EndWrite, Journal};
 use outputs::OutputsHealth;
-use worker::{RunError, RunOutput, WorkItem, WorkerEvent};
+pub use worker::ModelEvent;
+use worker::{RunError, RunOutput, Work, WorkItem, WorkerEvent};
 
 /// Finished jobs kept in memory for `GET /api/jobs` (older ones stay in the journal on disk).
 pub const HISTORY_LIMIT: usize = 500;
@@ -38,7 +39,8 @@ pub struct QueueConfig {
     /// Jobs that may wait behind the running one.
     pub capacity: usize,
     pub outputs: PathBuf,
-    /// The loaded model's name (recorded with each job).
+    /// The loaded model's name: new jobs run on it unless they name another (or a switch selects
+    /// another).
     pub model: String,
 }
 
@@ -86,13 +88,33 @@ type Subscription = (JobSnapshot, Option<broadcast::Receiver<JobEvent>>);
 pub struct QueueStatus {
     pub running: Option<JobSnapshot>,
     pub queued: usize,
+    /// The model the worker has loaded.
+    pub loaded: String,
+    /// The model new jobs run on (the last switch asked for; usually `loaded`).
+    pub selected: String,
+    /// A switch in progress with no job behind it.
+    pub switching: Option<String>,
+}
+
+/// Where a model switch stands when it is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectOutcome {
+    /// It is already loaded.
+    Loaded,
+    /// The worker is loading it now.
+    Switching,
+    /// New jobs run on it; the worker loads it once the jobs queued before the switch are done.
+    AfterQueued,
 }
 
 enum Command {
     Submit(
         ValidRequest,
+        Option<String>,
         oneshot::Sender<Result<Submitted, SubmitError>>,
     ),
+    SelectModel(String, oneshot::Sender<SelectOutcome>),
+    SubscribeModels(oneshot::Sender<broadcast::Receiver<ModelEvent>>),
     Get(JobId, oneshot::Sender<Option<JobSnapshot>>),
     List(usize, oneshot::Sender<Vec<JobSnapshot>>),
     Cancel(JobId, oneshot::Sender<Result<CancelOutcome, CancelError>>),
@@ -100,6 +122,38 @@ enum Command {
     Subscribe(JobId, oneshot::Sender<Option<Subscription>>),
     Status(oneshot::Sender<QueueStatus>),
     Shutdown(oneshot::Sender<()>),
+    CancelAllQueued(oneshot::Sender<Vec<JobId>>),
+    Delete(JobId, oneshot::Sender<Result<(), DeleteError>>),
+    History(HistoryQuery, oneshot::Sender<HistoryPage>),
+}
+
+/// `GET /api/history`: finished jobs (done or failed), newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Case-insensitive text the prompt (as typed or as enhanced) must contain.
+    pub text: Option<String>,
+    /// Only jobs accepted before this one (its `seq`): the next page.
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub jobs: Vec<JobSnapshot>,
+    /// `before` for the next page; `None` when this page is the last.
+    pub next_before: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeleteError {
+    #[error("no job `{0}`")]
+    NotFound(String),
+    #[error("job `{0}` is {1}: cancel it first, only finished jobs can be deleted")]
+    NotFinished(String, JobState),
+    #[error("could not delete the files of job `{0}`: {1}")]
+    Io(String, String),
+    #[error("the queue has stopped")]
+    Stopped,
 }
 
 /// Talks to the queue actor; cheap to clone.
@@ -123,9 +177,30 @@ impl QueueHandle {
 
     /// Accepts a job (journaled before this returns) or refuses it at once.
     pub async fn submit(&self, request: ValidRequest) -> Result<Submitted, SubmitError> {
-        self.ask(|tx| Command::Submit(request, tx))
+        self.submit_on(request, None).await
+    }
+
+    /// [`QueueHandle::submit`] on `model` (a name `/api/models` lists) instead of the selected one;
+    /// the worker switches to it when the job's turn comes.
+    pub async fn submit_on(
+        &self,
+        request: ValidRequest,
+        model: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        self.ask(|tx| Command::Submit(request, model, tx))
             .await
             .unwrap_or(Err(SubmitError::Stopped))
+    }
+
+    /// Makes `model` the one new jobs run on, and has the worker load it as soon as it is idle.
+    pub async fn select_model(&self, model: &str) -> Option<SelectOutcome> {
+        self.ask(|tx| Command::SelectModel(model.to_string(), tx))
+            .await
+    }
+
+    /// Every model switch from now on (`/api/events`, the server's view of the loaded model).
+    pub async fn model_events(&self) -> Option<broadcast::Receiver<ModelEvent>> {
+        self.ask(Command::SubscribeModels).await
     }
 
     pub async fn get(&self, id: &str) -> Option<JobSnapshot> {
@@ -167,6 +242,9 @@ impl QueueHandle {
         self.ask(Command::Status).await.unwrap_or(QueueStatus {
             running: None,
             queued: 0,
+            loaded: String::new(),
+            selected: String::new(),
+            switching: None,
         })
     }
 
@@ -188,6 +266,28 @@ impl QueueHandle {
         snap.record.state.is_terminal().then_some(snap)
     }
 
+    /// Cancels every queued job (not the running one) in one step; returns their ids.
+    pub async fn cancel_queued(&self) -> Vec<JobId> {
+        self.ask(Command::CancelAllQueued).await.unwrap_or_default()
+    }
+
+    /// Deletes a finished job: its images, its sidecar, its journal entry and its history entry.
+    pub async fn delete(&self, id: &str) -> Result<(), DeleteError> {
+        self.ask(|tx| Command::Delete(id.to_string(), tx))
+            .await
+            .unwrap_or(Err(DeleteError::Stopped))
+    }
+
+    /// A page of the finished jobs kept in memory (the newest [`HISTORY_LIMIT`]).
+    pub async fn history(&self, query: HistoryQuery) -> HistoryPage {
+        self.ask(|tx| Command::History(query, tx))
+            .await
+            .unwrap_or(HistoryPage {
+                jobs: Vec::new(),
+                next_before: None,
+            })
+    }
+
     /// Stops starting jobs and interrupts the running one (it stays journaled and restarts with
     /// the next server); returns once the worker is idle.
     pub async fn shutdown(&self) {
@@ -200,13 +300,18 @@ impl QueueHandle {
 /// (a job that was running restarts from scratch).
 pub fn start(
     config: QueueConfig,
-    worker: std_mpsc::Sender<WorkItem>,
+    worker: std_mpsc::Sender<Work>,
     worker_events: mpsc::UnboundedReceiver<WorkerEvent>,
     recovered: Vec<JobRecord>,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(64);
+    let model = config.model.clone();
     let health = Arc::new(OutputsHealth::new(&config.outputs));
     let mut actor = Actor {
+        loaded: model.clone(),
+        selected: model,
+        switching: None,
+        model_events: broadcast::channel(64).0,
         jobs: HashMap::new(),
         pending: VecDeque::new(),
         running: None,
@@ -234,6 +339,18 @@ pub fn start(
             actor.history.push_back(record.id.clone());
             actor.jobs.insert(record.id.clone(), Job::new(record));
         } else {
+            if record.state == JobState::Running
+                && !record
+                    .notices
+                    .iter()
+                    .any(|n| n.kind == crate::engine::NoticeKind::Resumed)
+            {
+                // It restarts from step 1: say so, in the record and on its event stream.
+                record.notices.push(crate::engine::Notice::new(
+                    crate::engine::NoticeKind::Resumed,
+                    "restarted after the server restarted (from step 1)".into(),
+                ));
+            }
             record.state = JobState::Queued;
             record.started_at = None;
             actor.pending.push_back(record.id.clone());
@@ -262,6 +379,8 @@ struct Job {
     elapsed_ms: Option<u64>,
     started: Option<Instant>,
     events: Option<broadcast::Sender<JobEvent>>,
+    /// The latest live preview (a page that opens the stream mid-run starts from it).
+    preview: Option<(usize, String)>,
 }
 
 impl Job {
@@ -276,6 +395,7 @@ impl Job {
             elapsed_ms: None,
             started: None,
             events: None,
+            preview: None,
         }
     }
 
@@ -300,8 +420,13 @@ struct Actor {
     history: VecDeque<JobId>,
     next_seq: u64,
     journal: Journal,
-    worker: std_mpsc::Sender<WorkItem>,
+    worker: std_mpsc::Sender<Work>,
     config: QueueConfig,
+    /// The model the worker has loaded, the one new jobs run on, and a job-less switch in flight.
+    loaded: String,
+    selected: String,
+    switching: Option<String>,
+    model_events: broadcast::Sender<ModelEvent>,
     /// Moving average of run times (ms), for `Retry-After`.
     run_ms_avg: Option<f64>,
     shutting_down: bool,
@@ -341,9 +466,27 @@ impl Actor {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(req, reply) => {
-                let r = self.submit(req).await;
+            Command::Submit(req, model, reply) => {
+                let r = self.submit(req, model).await;
                 let _ = reply.send(r);
+            }
+            Command::SelectModel(name, reply) => {
+                self.selected = name.clone();
+                let outcome = if self.loaded == name && self.switching.is_none() {
+                    SelectOutcome::Loaded
+                } else if self.switching.as_deref() == Some(name.as_str()) {
+                    SelectOutcome::Switching
+                } else if self.running.is_none() && self.pending.is_empty() {
+                    self.dispatch().await;
+                    SelectOutcome::Switching
+                } else {
+                    SelectOutcome::AfterQueued
+                };
+                tracing::info!(model = %name, ?outcome, "model selected");
+                let _ = reply.send(outcome);
+            }
+            Command::SubscribeModels(reply) => {
+                let _ = reply.send(self.model_events.subscribe());
             }
             Command::Get(id, reply) => {
                 let _ = reply.send(self.snapshot(&id));
@@ -391,7 +534,27 @@ impl Actor {
                 let _ = reply.send(QueueStatus {
                     running,
                     queued: self.pending.len(),
+                    loaded: self.loaded.clone(),
+                    selected: self.selected.clone(),
+                    switching: self.switching.clone(),
                 });
+            }
+            Command::CancelAllQueued(reply) => {
+                let ids: Vec<JobId> = self.pending.drain(..).collect();
+                for id in &ids {
+                    self.finish(id, JobState::Cancelled, None).await;
+                }
+                if !ids.is_empty() {
+                    tracing::info!(jobs = ids.len(), "cancelled every queued job");
+                }
+                let _ = reply.send(ids);
+            }
+            Command::Delete(id, reply) => {
+                let r = self.delete(&id).await;
+                let _ = reply.send(r);
+            }
+            Command::History(q, reply) => {
+                let _ = reply.send(self.history_page(&q));
             }
             Command::Shutdown(reply) => {
                 self.shutting_down = true;
@@ -423,6 +586,7 @@ impl Actor {
             total_steps: job.total,
             elapsed_ms: job.elapsed_ms,
             cancelling: job.cancel.as_ref().is_some_and(|c| c.is_cancelled()),
+            preview: job.preview.clone(),
         })
     }
 
@@ -443,7 +607,11 @@ impl Actor {
         }
     }
 
-    async fn submit(&mut self, request: ValidRequest) -> Result<Submitted, SubmitError> {
+    async fn submit(
+        &mut self,
+        request: ValidRequest,
+        model: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
         if self.shutting_down {
             return Err(SubmitError::ShuttingDown);
         }
@@ -461,7 +629,7 @@ impl Actor {
             id: id.clone(),
             seq: self.next_seq,
             state: JobState::Queued,
-            model: self.config.model.clone(),
+            model: model.unwrap_or_else(|| self.selected.clone()),
             created_at: job::now_ms(),
             started_at: None,
             finished_at: None,
@@ -469,6 +637,7 @@ impl Actor {
             params: None,
             enhancement: None,
             images: Vec::new(),
+            image_seeds: Vec::new(),
             notices: Vec::new(),
             timings: None,
             peak_memory_bytes: None,
@@ -508,12 +677,107 @@ impl Actor {
         }
     }
 
-    /// Starts the next job when the worker is free.
+    async fn delete(&mut self, id: &str) -> Result<(), DeleteError> {
+        let job = self
+            .jobs
+            .get(id)
+            .ok_or_else(|| DeleteError::NotFound(id.to_string()))?;
+        let state = job.record.state;
+        if !state.is_terminal() {
+            return Err(DeleteError::NotFinished(id.to_string(), state));
+        }
+        let mut files: Vec<PathBuf> = job
+            .record
+            .images
+            .iter()
+            .map(|f| self.config.outputs.join(f))
+            .collect();
+        files.push(self.config.outputs.join(format!("{id}.json")));
+        let journal = self.journal.clone();
+        let owned = id.to_string();
+        // The journal entry goes first: a crash half-way leaves orphan images, never a record
+        // pointing at missing files.
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            journal.remove(&owned)?;
+            for f in files {
+                match std::fs::remove_file(&f) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|e| DeleteError::Io(id.to_string(), e.to_string()))?;
+        self.jobs.remove(id);
+        self.history.retain(|h| h != id);
+        tracing::info!(job_id = %id, "deleted from the history");
+        Ok(())
+    }
+
+    fn history_page(&self, q: &HistoryQuery) -> HistoryPage {
+        let needle = q
+            .text
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_lowercase);
+        let matches = |r: &JobRecord| {
+            let Some(n) = &needle else { return true };
+            let texts = [
+                Some(r.request.prompt.as_str()),
+                r.params.as_ref().map(|p| p.run.prompt.as_str()),
+                r.enhancement.as_ref().map(|e| e.original_prompt.as_str()),
+            ];
+            texts
+                .into_iter()
+                .flatten()
+                .any(|t| t.to_lowercase().contains(n))
+        };
+        let limit = q.limit.max(1);
+        let mut jobs = Vec::new();
+        let mut more = false;
+        for id in self.history.iter().rev() {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let r = &job.record;
+            if !matches!(r.state, JobState::Done | JobState::Failed)
+                || q.before.is_some_and(|b| r.seq >= b)
+                || !matches(r)
+            {
+                continue;
+            }
+            if jobs.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(s) = self.snapshot(id) {
+                jobs.push(s);
+            }
+        }
+        let next_before = if more {
+            jobs.last().map(|s| s.record.seq)
+        } else {
+            None
+        };
+        HistoryPage { jobs, next_before }
+    }
+
+    /// Starts the next job when the worker is free; with nothing to run, has it load the selected
+    /// model if another one is loaded.
     async fn dispatch(&mut self) {
-        if self.running.is_some() || self.shutting_down {
+        if self.running.is_some() || self.switching.is_some() || self.shutting_down {
             return;
         }
         let Some(id) = self.pending.pop_front() else {
+            if self.selected != self.loaded {
+                let name = self.selected.clone();
+                if self.worker.send(Work::Load(name.clone())).is_ok() {
+                    self.switching = Some(name);
+                }
+            }
             return;
         };
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -526,17 +790,19 @@ impl Actor {
         job.started = Some(Instant::now());
         job.cancel = Some(cancel.clone());
         job.step = 0;
+        job.preview = None;
         let queue_ms = now.saturating_sub(job.record.created_at);
         let item = WorkItem {
             id: id.clone(),
             request: job.record.request.clone(),
             cancel,
             queue_ms,
+            model: job.record.model.clone(),
         };
         job.emit(JobEvent::Started);
         let record = job.record.clone();
         self.running = Some(id.clone());
-        if self.worker.send(item).is_err() {
+        if self.worker.send(Work::Job(item)).is_err() {
             self.running = None;
             self.finish(
                 &id,
@@ -582,6 +848,15 @@ impl Actor {
                     });
                 }
             }
+            WorkerEvent::Preview { id, step, image } => {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    if job.record.state == JobState::Running {
+                        job.preview = Some((step, image.clone()));
+                        job.emit(JobEvent::Preview { step, image });
+                    }
+                }
+            }
+            WorkerEvent::Model(ev) => self.model_event(ev).await,
             WorkerEvent::Notice { id, notice } => {
                 if let Some(job) = self.jobs.get_mut(&id) {
                     job.record.notices.push(notice.clone());
@@ -601,6 +876,80 @@ impl Actor {
                 self.dispatch().await;
             }
         }
+    }
+
+    /// A switch's progress: the job that asked for it hears it on its stream; `/api/events` and
+    /// the server's model info follow every switch.
+    async fn model_event(&mut self, ev: ModelEvent) {
+        let (job, event) = match &ev {
+            ModelEvent::Loading { name, job } => (
+                job.clone(),
+                JobEvent::Model {
+                    state: "loading",
+                    name: name.clone(),
+                    error: None,
+                    elapsed_ms: None,
+                },
+            ),
+            ModelEvent::Loaded {
+                loaded,
+                job,
+                elapsed_ms,
+            } => {
+                self.loaded = loaded.model.clone();
+                if self.switching.as_deref() == Some(loaded.model.as_str()) {
+                    self.switching = None;
+                }
+                (
+                    job.clone(),
+                    JobEvent::Model {
+                        state: "loaded",
+                        name: loaded.model.clone(),
+                        error: None,
+                        elapsed_ms: Some(*elapsed_ms),
+                    },
+                )
+            }
+            ModelEvent::Failed { name, error, job } => {
+                if self.switching.as_deref() == Some(name.as_str()) {
+                    self.switching = None;
+                }
+                // Do not retry a model that does not load: new jobs go back to what runs.
+                if self.selected == *name {
+                    self.selected = self.loaded.clone();
+                }
+                (
+                    job.clone(),
+                    JobEvent::Model {
+                        state: "failed",
+                        name: name.clone(),
+                        error: Some(error.clone()),
+                        elapsed_ms: None,
+                    },
+                )
+            }
+        };
+        if let Some(job) = job.and_then(|id| self.jobs.get_mut(&id)) {
+            job.emit(event);
+            // The record says which model the worker switched to for it.
+            if let ModelEvent::Loaded {
+                loaded, elapsed_ms, ..
+            } = &ev
+            {
+                let notice = crate::engine::Notice::new(
+                    crate::engine::NoticeKind::ModelSwitch,
+                    format!(
+                        "switched to the model {} for this job (loaded in {:.1} s)",
+                        loaded.model,
+                        *elapsed_ms as f64 / 1000.0
+                    ),
+                );
+                job.record.notices.push(notice.clone());
+                job.emit(JobEvent::Notice(notice));
+            }
+        }
+        let _ = self.model_events.send(ev);
+        self.dispatch().await;
     }
 
     async fn finished(&mut self, id: &str, mut outcome: Result<Box<RunOutput>, RunError>) {
@@ -650,10 +999,20 @@ impl Actor {
                     peak_memory_bytes,
                     plan,
                     images,
+                    image_seeds,
                 } = *out;
                 job.record.params = Some(params);
                 job.record.enhancement = Some(enhancement);
-                job.record.notices = notices;
+                // A resumed job keeps saying it was restarted.
+                let mut kept: Vec<_> = job
+                    .record
+                    .notices
+                    .drain(..)
+                    .filter(|n| n.kind.is_queue_notice())
+                    .collect();
+                kept.extend(notices);
+                job.record.notices = kept;
+                job.record.image_seeds = image_seeds;
                 job.record.timings = Some(JobTimings {
                     queue_ms,
                     encode_ms: timings.encode_ms,
@@ -672,6 +1031,7 @@ impl Actor {
                 job.record.state = JobState::Queued;
                 job.record.started_at = None;
                 job.step = 0;
+                job.preview = None;
             }
             Err(RunError::Cancelled) => self.finish(id, JobState::Cancelled, None).await,
             Err(RunError::Failed(e)) => {
@@ -691,6 +1051,7 @@ impl Actor {
         };
         job.record.state = state;
         job.record.finished_at = Some(job::now_ms());
+        job.preview = None;
         job.record.error = error;
         let record = job.record.clone();
         if let Some(ev) = JobEvent::terminal_for(&record) {
@@ -845,10 +1206,12 @@ mod tests {
                 memory_mode: MemoryMode::Auto,
                 init: None,
                 loras: Vec::new(),
+                enhance_exclude: Vec::new(),
             },
             params: None,
             enhancement: None,
             images: vec![],
+            image_seeds: vec![],
             notices: vec![],
             timings: None,
             peak_memory_bytes: None,

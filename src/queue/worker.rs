@@ -1,6 +1,8 @@
 //! The worker: one OS thread that owns the Engine, so candle never runs on the async runtime. It
 //! loads the model first and reports "loaded" (or the load error) before anything is served, then
 //! runs one job at a time, writes its PNGs and reports progress and the outcome to the queue.
+//! Between jobs it switches models: a job that recorded another model (or a switch the queue
+//! asks for) unloads the current one and loads that one, reporting [`ModelEvent`]s.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -13,9 +15,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::job::{image_name, FailureKind, JobError, JobId};
 use crate::engine::output::{a1111_parameters, encode_png, record_text, write_atomic};
 use crate::engine::{
-    CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams, RunExtras,
-    StepEvent, Timings,
+    preview, CancelToken, Engine, EngineError, Generation, Notice, Observer, ResolvedParams,
+    RunExtras, StepEvent, Timings,
 };
+use crate::families::LatentPreview;
 use crate::families::Profile;
 use crate::inputs::InputStore;
 use crate::memory::monitor::Tags;
@@ -35,6 +38,50 @@ pub struct WorkItem {
     pub cancel: CancelToken,
     /// Time the job waited in the queue (recorded on the job's span).
     pub queue_ms: u64,
+    /// The model the job runs on (the worker switches to it first when another one is loaded).
+    pub model: String,
+}
+
+/// What the queue hands the worker.
+#[derive(Debug)]
+pub enum Work {
+    Job(WorkItem),
+    /// Load this model now (the worker is idle; a switch asked for from the page or the API).
+    Load(String),
+}
+
+/// Builds the engine for a model name (the names `/api/models` lists): resolves it, opens the
+/// device, loads and warms the weights. Runs on the worker thread.
+pub type Loader = Arc<dyn Fn(&str) -> Result<(Engine, ModelMeta), String> + Send + Sync>;
+
+/// What the loader knows about a model besides its engine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelMeta {
+    /// The built-in random-weight demo.
+    pub demo: bool,
+    pub description: String,
+    /// The model's folder (`None` for the embedded demo).
+    pub path: Option<String>,
+    /// Component files given instead of (or over) the folder's.
+    pub files: crate::families::ComponentFiles,
+}
+
+/// A model switch, as the queue, the job's stream and `/api/events` report it.
+#[derive(Debug, Clone)]
+pub enum ModelEvent {
+    /// Unloading the current model and loading `name` (for `job`, when a job asked for it).
+    Loading { name: String, job: Option<JobId> },
+    Loaded {
+        loaded: Box<Loaded>,
+        job: Option<JobId>,
+        elapsed_ms: u64,
+    },
+    /// `error` names the file at fault; the previous model is loaded again when it can be.
+    Failed {
+        name: String,
+        error: String,
+        job: Option<JobId>,
+    },
 }
 
 /// A finished run.
@@ -48,6 +95,8 @@ pub struct RunOutput {
     pub plan: crate::memory::planner::Plan,
     /// Image file names written to the outputs folder.
     pub images: Vec<String>,
+    /// Each image's own seed, in the same order.
+    pub image_seeds: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,10 +119,17 @@ pub enum WorkerEvent {
         id: JobId,
         notice: Notice,
     },
+    /// The live preview after `step`: a `data:image/png` URL, at most 256 px on the long side.
+    Preview {
+        id: JobId,
+        step: usize,
+        image: String,
+    },
     Finished {
         id: JobId,
         outcome: Result<Box<RunOutput>, RunError>,
     },
+    Model(ModelEvent),
 }
 
 /// What the loaded engine can do; the server builds its limits and `/api/info` from it.
@@ -81,13 +137,39 @@ pub enum WorkerEvent {
 pub struct Loaded {
     pub model: String,
     pub profile: Profile,
-    /// `engine.max_batch()` at start-up, clamped to 1..=the profile's `max_batch`.
+    /// `engine.max_batch()` at load time, clamped to 1..=the profile's `max_batch`.
     pub max_batch: u32,
     /// `cpu`, `cuda:0`, `metal`.
     pub device: String,
     pub probe: Arc<dyn MemoryProbe>,
+    pub meta: ModelMeta,
     /// The layers a LoRA may update (the server checks named LoRA files against them).
     pub lora_layers: Arc<crate::families::lora::LinearLayers>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("model", &self.model)
+            .field("family", &self.profile.family)
+            .field("max_batch", &self.max_batch)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Loaded {
+    fn of(engine: &Engine, meta: ModelMeta) -> Self {
+        Loaded {
+            model: engine.model_name().to_string(),
+            profile: *engine.profile(),
+            max_batch: engine.max_batch().clamp(1, engine.profile().max_batch),
+            device: crate::settings::device_label(engine.device()),
+            probe: engine.probe().clone(),
+            meta,
+            lora_layers: Arc::new(engine.lora_layers().clone()),
+        }
+    }
 }
 
 pub struct WorkerConfig {
@@ -95,6 +177,8 @@ pub struct WorkerConfig {
     pub tags: Arc<Tags>,
     /// See [`STEP_DELAY_ENV`].
     pub step_delay: Option<Duration>,
+    /// Render a live preview after every denoising step ([`WorkerEvent::Preview`]).
+    pub preview: bool,
 }
 
 impl WorkerConfig {
@@ -125,54 +209,44 @@ pub enum WorkerError {
     Vanished,
 }
 
-/// The running worker thread: send it jobs.
+/// The running worker thread: send it work.
 pub struct Worker {
-    pub jobs: std_mpsc::Sender<WorkItem>,
+    pub jobs: std_mpsc::Sender<Work>,
     pub thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts the worker thread, which builds the engine with `build` (load + warm-up happen there),
+/// Starts the worker thread, which loads `model` with `loader` (load + warm-up happen there),
 /// and waits until it reports the model loaded — or returns the load error.
-pub fn spawn<F>(
-    build: F,
+pub fn spawn(
+    loader: Loader,
+    model: String,
     config: WorkerConfig,
     events: UnboundedSender<WorkerEvent>,
-) -> Result<(Worker, Loaded), WorkerError>
-where
-    F: FnOnce() -> Result<Engine, String> + Send + 'static,
-{
+) -> Result<(Worker, Loaded), WorkerError> {
     let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Loaded, String>>();
-    let (jobs_tx, jobs_rx) = std_mpsc::channel::<WorkItem>();
+    let (jobs_tx, jobs_rx) = std_mpsc::channel::<Work>();
     let thread = std::thread::Builder::new()
         .name("zturbo-worker".into())
         .spawn(move || {
-            let engine = match catch_unwind(AssertUnwindSafe(build)) {
-                Ok(Ok(engine)) => engine,
-                Ok(Err(e)) => {
+            let (engine, meta) = match load(&loader, &model) {
+                Ok(ok) => ok,
+                Err(e) => {
                     let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                Err(p) => {
-                    let _ = ready_tx.send(Err(format!(
-                        "loading the model panicked: {}",
-                        panic_text(&*p)
-                    )));
                     return;
                 }
             };
             let engine = engine.with_tags(config.tags.clone());
-            let loaded = Loaded {
-                model: engine.model_name().to_string(),
-                profile: *engine.profile(),
-                max_batch: engine.max_batch().clamp(1, engine.profile().max_batch),
-                device: crate::settings::device_label(engine.device()),
-                probe: engine.probe().clone(),
-                lora_layers: Arc::new(engine.lora_layers().clone()),
-            };
+            let loaded = Loaded::of(&engine, meta.clone());
             if ready_tx.send(Ok(loaded)).is_err() {
                 return;
             }
-            run(engine, config, jobs_rx, events);
+            let worker = WorkerThread {
+                engine: Some((engine, meta)),
+                loader,
+                config,
+                events,
+            };
+            worker.run(jobs_rx);
         })
         .map_err(WorkerError::Spawn)?;
     match ready_rx.recv() {
@@ -194,14 +268,152 @@ where
     }
 }
 
-/// The job loop; ends when the queue drops its sender.
-fn run(
-    mut engine: Engine,
+/// `loader(name)`, with a panic turned into an error.
+fn load(loader: &Loader, name: &str) -> Result<(Engine, ModelMeta), String> {
+    match catch_unwind(AssertUnwindSafe(|| loader(name))) {
+        Ok(r) => r,
+        Err(p) => Err(format!("loading the model panicked: {}", panic_text(&*p))),
+    }
+}
+
+/// The worker thread's state: the loaded engine (none after a failed switch whose fallback
+/// failed too) and how to load another.
+struct WorkerThread {
+    engine: Option<(Engine, ModelMeta)>,
+    loader: Loader,
     config: WorkerConfig,
-    jobs: std_mpsc::Receiver<WorkItem>,
     events: UnboundedSender<WorkerEvent>,
-) {
-    while let Ok(item) = jobs.recv() {
+}
+
+impl WorkerThread {
+    fn loaded_name(&self) -> Option<&str> {
+        self.engine.as_ref().map(|(e, _)| e.model_name())
+    }
+
+    /// Makes `name` the loaded model: unloads the current one first (two models rarely fit),
+    /// reports the switch, and on failure loads the previous model again. `Err` names the file.
+    fn ensure_model(&mut self, name: &str, job: Option<&JobId>) -> Result<(), String> {
+        if self.loaded_name() == Some(name) {
+            return Ok(());
+        }
+        let previous = self.loaded_name().map(str::to_string);
+        let send = |ev: ModelEvent| {
+            let _ = self.events.send(WorkerEvent::Model(ev));
+        };
+        send(ModelEvent::Loading {
+            name: name.to_string(),
+            job: job.cloned(),
+        });
+        tracing::info!(from = ?previous, to = name, "switching models");
+        if let Some((old, _)) = self.engine.take() {
+            let device = old.device().clone();
+            drop(old);
+            crate::engine::release_memory(&device);
+        }
+        let t = Instant::now();
+        match load(&self.loader, name) {
+            Ok((engine, meta)) => {
+                let engine = engine.with_tags(self.config.tags.clone());
+                let loaded = Loaded::of(&engine, meta.clone());
+                self.engine = Some((engine, meta));
+                let elapsed_ms = t.elapsed().as_millis() as u64;
+                tracing::info!(model = name, elapsed_ms, "model loaded");
+                send(ModelEvent::Loaded {
+                    loaded: Box::new(loaded),
+                    job: job.cloned(),
+                    elapsed_ms,
+                });
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(model = name, "the model did not load: {error}");
+                send(ModelEvent::Failed {
+                    name: name.to_string(),
+                    error: error.clone(),
+                    job: job.cloned(),
+                });
+                // Back to the model that worked, so the server keeps serving.
+                if let Some(prev) = previous {
+                    let t = Instant::now();
+                    match load(&self.loader, &prev) {
+                        Ok((engine, meta)) => {
+                            let engine = engine.with_tags(self.config.tags.clone());
+                            let loaded = Loaded::of(&engine, meta.clone());
+                            self.engine = Some((engine, meta));
+                            send(ModelEvent::Loaded {
+                                loaded: Box::new(loaded),
+                                job: None,
+                                elapsed_ms: t.elapsed().as_millis() as u64,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::error!(model = %prev, "the previous model did not load again either: {e}");
+                            send(ModelEvent::Failed {
+                                name: prev,
+                                error: e,
+                                job: None,
+                            });
+                        }
+                    }
+                }
+                Err(format!("could not load the model `{name}`: {error}"))
+            }
+        }
+    }
+
+    /// The work loop; ends when the queue drops its sender.
+    fn run(mut self, jobs: std_mpsc::Receiver<Work>) {
+        let previews = if self.config.preview {
+            match preview_thread(self.events.clone()) {
+                Ok(tx) => Some(tx),
+                Err(e) => {
+                    tracing::warn!("live previews off: their thread did not start: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        while let Ok(work) = jobs.recv() {
+            let item = match work {
+                Work::Load(name) => {
+                    let _ = self.ensure_model(&name, None);
+                    continue;
+                }
+                Work::Job(item) => item,
+            };
+            if let Err(e) = self.ensure_model(&item.model, Some(&item.id)) {
+                let finished = WorkerEvent::Finished {
+                    id: item.id.clone(),
+                    outcome: Err(RunError::Failed(crate::queue::JobError::new(
+                        crate::queue::FailureKind::Model,
+                        e,
+                    ))),
+                };
+                if self.events.send(finished).is_err() {
+                    break;
+                }
+                continue;
+            }
+            let Some((engine, _)) = self.engine.as_mut() else {
+                continue;
+            };
+            if !run_job(engine, &self.config, previews.as_ref(), &self.events, item) {
+                break;
+            }
+        }
+    }
+}
+
+/// Runs one job on `engine` and reports it; `false` when the queue is gone.
+fn run_job(
+    engine: &mut Engine,
+    config: &WorkerConfig,
+    previews: Option<&std_mpsc::SyncSender<PreviewWork>>,
+    events: &UnboundedSender<WorkerEvent>,
+    item: WorkItem,
+) -> bool {
+    {
         let span = tracing::info_span!(
             "job",
             job_id = %item.id,
@@ -213,9 +425,11 @@ fn run(
         let started = Instant::now();
         let mut observer = JobObserver {
             id: &item.id,
-            events: &events,
+            events,
             cancel: &item.cancel,
             step_delay: config.step_delay,
+            preview: previews.map(|tx| (tx, engine.profile().preview)),
+            preview_failed: false,
         };
         let request = with_inputs(&config.outputs, &item.request);
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -229,6 +443,7 @@ fn run(
         let outcome = match result {
             Ok(Ok(gen)) => write_images(&config.outputs, &item.id, &gen)
                 .map(|images| {
+                    let image_seeds = gen.images.iter().map(|i| i.seed).collect();
                     Box::new(RunOutput {
                         params: gen.params,
                         enhancement: gen.enhancement,
@@ -237,6 +452,7 @@ fn run(
                         peak_memory_bytes: gen.peak_memory_bytes,
                         plan: gen.plan,
                         images,
+                        image_seeds,
                     })
                 })
                 .map_err(|e| {
@@ -268,10 +484,47 @@ fn run(
             id: item.id.clone(),
             outcome,
         };
-        if events.send(finished).is_err() {
-            break;
-        }
+        events.send(finished).is_ok()
     }
+}
+
+/// One step's denoised estimate on its way to the preview thread.
+struct PreviewWork {
+    id: JobId,
+    step: usize,
+    dims: [usize; 3],
+    data: Vec<f32>,
+    projection: LatentPreview,
+}
+
+/// Projects and encodes previews off the engine thread: a step only pays for x̂₀ and its copy to
+/// the host. One preview waits at most; a step that finds the thread busy skips its preview.
+fn preview_thread(
+    events: UnboundedSender<WorkerEvent>,
+) -> std::io::Result<std_mpsc::SyncSender<PreviewWork>> {
+    let (tx, rx) = std_mpsc::sync_channel::<PreviewWork>(1);
+    std::thread::Builder::new()
+        .name("zturbo-preview".into())
+        .spawn(move || {
+            while let Ok(w) = rx.recv() {
+                match preview::project_raw(&w.data, w.dims, &w.projection)
+                    .and_then(|img| img.data_url())
+                {
+                    Ok(image) => {
+                        let ev = WorkerEvent::Preview {
+                            id: w.id,
+                            step: w.step,
+                            image,
+                        };
+                        if events.send(ev).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(job_id = %w.id, "no preview for step {}: {e}", w.step),
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 struct JobObserver<'a> {
@@ -279,6 +532,10 @@ struct JobObserver<'a> {
     events: &'a UnboundedSender<WorkerEvent>,
     cancel: &'a CancelToken,
     step_delay: Option<Duration>,
+    /// The preview thread and the family's latent → RGB projection, when previews are on.
+    preview: Option<(&'a std_mpsc::SyncSender<PreviewWork>, LatentPreview)>,
+    /// A preview failed once in this job: say so once, then stop trying.
+    preview_failed: bool,
 }
 
 impl Observer for JobObserver<'_> {
@@ -307,6 +564,37 @@ impl Observer for JobObserver<'_> {
             id: self.id.clone(),
             notice: n.clone(),
         });
+    }
+
+    fn wants_preview(&self) -> bool {
+        self.preview.is_some() && !self.preview_failed
+    }
+
+    fn preview(&mut self, step: usize, _total: usize, x0: &candle_core::Tensor) {
+        let Some((tx, projection)) = self.preview else {
+            return;
+        };
+        let work = match preview::to_host(x0) {
+            Ok((dims, data)) => PreviewWork {
+                id: self.id.clone(),
+                step,
+                dims,
+                data,
+                projection,
+            },
+            Err(e) => {
+                tracing::warn!("live preview off for this job: {e}");
+                self.preview_failed = true;
+                return;
+            }
+        };
+        match tx.try_send(work) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(_)) => {
+                tracing::debug!(step, "preview thread busy: this step's preview skipped")
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => self.preview_failed = true,
+        }
     }
 }
 

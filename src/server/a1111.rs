@@ -81,6 +81,8 @@ fn type_error(field: &str) -> &'static str {
     match field {
         "prompt" | "negative_prompt" => "type_error.str",
         "cfg_scale" => "type_error.float",
+        // A checkpoint that is not on this machine: a value, not a type, is wrong.
+        "sd_model_checkpoint" => "value_error",
         _ => "type_error.integer",
     }
 }
@@ -230,7 +232,7 @@ impl Txt2ImgRequest {
             memory_mode: None,
             ..Default::default()
         }
-        .validate_in(&s.info.limits, Some(&s.info.lora_dir()))?;
+        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
         Ok((valid, n_iter as u32))
     }
 }
@@ -392,8 +394,9 @@ impl Img2ImgRequest {
             inpaint_fill: inpaint.then_some(fill),
             inpaint_full_res: inpaint.then(|| self.inpaint_full_res.is_none_or(|f| f.0)),
             inpaint_full_res_padding: padding.map(|p| p as u32).filter(|_| inpaint),
+            ..Default::default()
         }
-        .validate_in(&s.info.limits, Some(&s.info.lora_dir()))?;
+        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
         Ok((valid, n_iter as u32))
     }
 }
@@ -590,7 +593,7 @@ fn echo_parameters(
         ("seed", json!(-1)),
         ("batch_size", json!(v.batch)),
         ("n_iter", json!(n_iter)),
-        ("sampler_name", json!(s.info.profile.sampler)),
+        ("sampler_name", json!(s.info().profile.sampler)),
     ];
     for (k, d) in defaults {
         let missing = echo.get(k).is_none_or(Value::is_null);
@@ -631,13 +634,13 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "subseed_strength": 0,
         "width": p.map(|p| p.run.width).unwrap_or(v.width),
         "height": p.map(|p| p.run.height).unwrap_or(v.height),
-        "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info.profile.sampler.to_string()),
+        "sampler_name": p.map(|p| p.sampler.clone()).unwrap_or_else(|| s.info().profile.sampler.to_string()),
         "cfg_scale": json_f32(p.map(|p| p.run.cfg).unwrap_or(v.cfg)),
         "steps": p.map(|p| p.run.steps).unwrap_or(v.steps),
         "batch_size": v.batch,
         "restore_faces": false,
         "face_restoration_model": null,
-        "sd_model_name": s.info.model,
+        "sd_model_name": s.info().model,
         "sd_model_hash": null,
         "sd_vae_name": null,
         "sd_vae_hash": null,
@@ -709,48 +712,64 @@ pub async fn interrupt(State(s): State<AppState>) -> Json<Value> {
     Json(json!({}))
 }
 
-fn checkpoint_title(s: &AppState) -> String {
-    s.info.model.clone()
+/// A1111 titles a checkpoint `name [hash]`; clients send the title back. Ours carry no hash.
+fn checkpoint_name(title: &str) -> &str {
+    let t = title.trim();
+    match t.rfind(" [") {
+        Some(i) if t.ends_with(']') => &t[..i],
+        _ => t,
+    }
 }
 
-/// `GET /sdapi/v1/sd-models`: the loaded model (switching models is not supported).
-pub async fn sd_models(State(s): State<AppState>) -> Json<Value> {
-    let filename = if s.info.demo {
-        "<embedded demo>".to_string()
-    } else {
-        s.info
-            .model_path
-            .clone()
-            .unwrap_or_else(|| s.info.model.clone())
-    };
-    Json(json!([{
-        "title": checkpoint_title(&s),
-        "model_name": s.info.model,
-        "hash": null,
-        "sha256": null,
-        "filename": filename,
-        "config": null,
-    }]))
+/// `GET /sdapi/v1/sd-models`: every model on this machine (the picker of A1111 clients); `POST
+/// /sdapi/v1/options {sd_model_checkpoint}` switches to one.
+pub async fn sd_models(State(s): State<AppState>) -> Result<Json<Value>, A1111Error> {
+    let models = super::models::local_models(&s).await?;
+    Ok(Json(Value::Array(
+        models
+            .iter()
+            .map(|m| {
+                let filename = match &m.path {
+                    Some(p) => p.display().to_string(),
+                    None if m.demo => "<embedded demo>".to_string(),
+                    None => m.name.clone(),
+                };
+                json!({
+                    "title": m.name,
+                    "model_name": m.name,
+                    "hash": null,
+                    "sha256": null,
+                    "filename": filename,
+                    "config": null,
+                })
+            })
+            .collect(),
+    )))
 }
 
-/// `GET /sdapi/v1/options`: the settings clients read.
+/// `GET /sdapi/v1/options`: the settings clients read; `sd_model_checkpoint` is the model new
+/// jobs run on (after a switch, the one switched to).
 pub async fn options(State(s): State<AppState>) -> Json<Value> {
+    let selected = s.queue.status().await.selected;
+    let info = s.info();
     Json(json!({
-        "sd_model_checkpoint": checkpoint_title(&s),
+        "sd_model_checkpoint": if selected.is_empty() { info.model.clone() } else { selected },
         "sd_checkpoint_hash": null,
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
         "eta_noise_seed_delta": 0,
         "samples_format": "png",
         "samples_save": true,
-        "outdir_samples": s.info.outputs.display().to_string(),
-        "outdir_txt2img_samples": s.info.outputs.display().to_string(),
+        "outdir_samples": info.outputs.display().to_string(),
+        "outdir_txt2img_samples": info.outputs.display().to_string(),
         "enable_pnginfo": true,
         "sd_checkpoints_limit": 1,
     }))
 }
 
-/// `POST /sdapi/v1/options`: accepted and ignored (logged); a different checkpoint is not loaded.
+/// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches models as A1111 does — the answer
+/// comes once the model is loaded (after the jobs queued before the switch), or with a 500
+/// naming the file when it does not load. Other options are logged and ignored.
 pub async fn set_options(
     State(s): State<AppState>,
     body: Result<JsonBody, ApiError>,
@@ -773,24 +792,63 @@ pub async fn set_options(
             "type_error.str",
         ));
     }
-    let keys: Vec<&String> = opts.keys().collect();
-    tracing::info!(?keys, "A1111 options ignored");
-    if let Some(ckpt) = opts.get("sd_model_checkpoint").and_then(Value::as_str) {
-        if ckpt != checkpoint_title(&s) {
-            tracing::warn!(
-                requested = ckpt,
-                loaded = %s.info.model,
-                "switching models is not supported; restart with --model"
-            );
-        }
+    let ignored: Vec<&String> = opts
+        .keys()
+        .filter(|k| k.as_str() != "sd_model_checkpoint")
+        .collect();
+    if !ignored.is_empty() {
+        tracing::info!(keys = ?ignored, "A1111 options ignored");
     }
-    Ok(Json(Value::Null))
+    let Some(title) = opts.get("sd_model_checkpoint").and_then(Value::as_str) else {
+        return Ok(Json(Value::Null));
+    };
+    let model =
+        super::models::find_local(&s, checkpoint_name(title), "sd_model_checkpoint").await?;
+    let stopped = || A1111Error {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: json!({ "detail": "the server is shutting down" }),
+        retry_after_s: None,
+    };
+    // Subscribed before the switch is asked for, so its end cannot slip past.
+    let mut rx = s.queue.model_events().await.ok_or_else(stopped)?;
+    let outcome = s
+        .queue
+        .select_model(&model.name)
+        .await
+        .ok_or_else(stopped)?;
+    if outcome == crate::queue::SelectOutcome::Loaded {
+        return Ok(Json(Value::Null));
+    }
+    let wait = async {
+        loop {
+            match rx.recv().await {
+                Ok(crate::queue::ModelEvent::Loaded { loaded, .. })
+                    if loaded.model == model.name =>
+                {
+                    return Ok(());
+                }
+                Ok(crate::queue::ModelEvent::Failed { name, error, .. }) if name == model.name => {
+                    return Err(A1111Error {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        body: json!({ "detail": format!("could not load `{name}`: {error}") }),
+                        retry_after_s: None,
+                    });
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(stopped()),
+            }
+        }
+    };
+    tokio::select! {
+        r = wait => r.map(|()| Json(Value::Null)),
+        _ = s.shutdown_signal() => Err(stopped()),
+    }
 }
 
 /// `GET /sdapi/v1/loras`: the LoRAs in `<models-dir>/loras/`, in A1111's shape (`name` is what
 /// `<lora:name:weight>` in a prompt and `loras` in the job API take).
 pub async fn loras(State(s): State<AppState>) -> Json<Value> {
-    let dir = s.info.lora_dir();
+    let dir = s.info().lora_dir();
     let list = tokio::task::spawn_blocking(move || dir.list())
         .await
         .unwrap_or_default();
@@ -816,7 +874,7 @@ pub async fn refresh_loras() -> Json<Value> {
 
 /// `GET /sdapi/v1/samplers`: the one sampler the loaded model runs.
 pub async fn samplers(State(s): State<AppState>) -> Json<Value> {
-    Json(json!([{ "name": s.info.profile.sampler, "aliases": [], "options": {} }]))
+    Json(json!([{ "name": s.info().profile.sampler, "aliases": [], "options": {} }]))
 }
 
 /// `GET /sdapi/v1/schedulers`.

@@ -13,19 +13,25 @@ use tokio::sync::broadcast;
 use super::error::{kind_status, storage_status, ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
 use crate::engine::{Notice, ResolvedParams};
+use crate::families::lora::LoraDir;
 use crate::inputs::InputStore;
 use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::outputs::StorageProblem;
 use crate::queue::{
-    CancelError, CancelOutcome, JobEvent, JobSnapshot, JobState, JobTimings, QueueHandle,
-    SubmitError, Submitted,
+    CancelError, CancelOutcome, DeleteError, HistoryQuery, JobEvent, JobSnapshot, JobState,
+    JobTimings, QueueHandle, SubmitError, Submitted,
 };
-use crate::request::{GenerationRequest, ValidRequest, MAX_PROMPT_CHARS};
+use crate::request::{
+    check_excluded, GenerationRequest, ValidRequest, MAX_CFG, MAX_PROMPT_CHARS, MAX_STEPS, MIN_CFG,
+    MIN_STEPS,
+};
 
 /// A job as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct JobView {
     pub id: String,
+    /// Acceptance order (the history's page cursor, `before`).
+    pub seq: u64,
     pub state: JobState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<usize>,
@@ -39,6 +45,8 @@ pub struct JobView {
     /// What the enhancement added (`original_prompt`, `added`, `advice`); `null` until it ran.
     pub enhancement: Option<Enhanced>,
     pub images: Vec<String>,
+    /// Each image's own seed, in the order of `images`.
+    pub image_seeds: Vec<u64>,
     pub notices: Vec<Notice>,
     pub timings: Option<JobTimings>,
     pub peak_memory_bytes: Option<u64>,
@@ -81,6 +89,7 @@ impl From<JobSnapshot> for JobView {
         };
         Self {
             id: r.id,
+            seq: r.seq,
             state: r.state,
             position: s.position,
             step: s.step,
@@ -91,6 +100,7 @@ impl From<JobSnapshot> for JobView {
             params,
             enhancement: r.enhancement,
             images: r.images.iter().map(|f| images::url(f)).collect(),
+            image_seeds: r.image_seeds,
             notices: r.notices,
             timings: r.timings,
             peak_memory_bytes: r.peak_memory_bytes,
@@ -103,10 +113,29 @@ impl From<JobSnapshot> for JobView {
 
 pub async fn submit(
     State(s): State<AppState>,
-    ApiJson(req): ApiJson<GenerationRequest>,
+    ApiJson(mut req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    let valid = req.validate_in(&s.info.limits, Some(&s.info.lora_dir()))?;
-    let sub = submit_valid(&s, valid).await?;
+    // The job runs on the model it names, else on the selected one: validate for that model.
+    let named = req.model.take().map(|m| m.trim().to_string());
+    let target = match &named {
+        Some(name) => name.clone(),
+        None => s.queue.status().await.selected,
+    };
+    let info = s.info();
+    // LoRA files are checked against the loaded model's layers; another model's are not known
+    // until it loads, so there only the names are checked (the worker reports a mismatch).
+    let (limits, loras) = if target.is_empty() || target == info.model {
+        (info.limits.clone(), info.lora_dir())
+    } else {
+        let listing = super::models::find_local(&s, &target, "model").await?;
+        (
+            super::models::limits_for(&s, &listing)?,
+            LoraDir::new(info.models_dir.join("loras")),
+        )
+    };
+    let valid = req.validate_in(&limits, Some(&loras))?;
+    // A named model is recorded as asked; otherwise the queue records the selected one.
+    let sub = submit_valid_on(&s, valid, named).await?;
     Ok((
         StatusCode::ACCEPTED,
         [(
@@ -121,8 +150,17 @@ pub async fn submit(
 /// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here. Its input
 /// image and mask are stored first, so the journaled job finds them after a restart.
 pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted, ApiError> {
+    submit_valid_on(s, valid, None).await
+}
+
+/// [`submit_valid`] on a named model (checked by the caller) instead of the selected one.
+pub async fn submit_valid_on(
+    s: &AppState,
+    valid: ValidRequest,
+    model: Option<String>,
+) -> Result<Submitted, ApiError> {
     if let Some(init) = &valid.init {
-        let store = InputStore::new(&s.info.outputs);
+        let store = InputStore::new(&s.info().outputs);
         let init = init.clone();
         tokio::task::spawn_blocking(move || {
             store.save(&init.image)?;
@@ -139,14 +177,14 @@ pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted
         .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?
         .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?;
     }
-    match s.queue.submit(valid).await {
+    match s.queue.submit_on(valid, model).await {
         Ok(sub) => Ok(sub),
         Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             None,
             format!(
                 "the queue is full ({} jobs waiting); retry in {retry_after_s} s",
-                s.info.queue_size
+                s.info().queue_size
             ),
         )
         .with_retry_after(retry_after_s)),
@@ -156,7 +194,7 @@ pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted
             format!(
                 "the job was not accepted: its journal entry in the outputs folder {} could not \
                  be written ({e})",
-                s.info.outputs.display()
+                s.info().outputs.display()
             ),
         )),
     }
@@ -176,7 +214,7 @@ fn shutting_down() -> ApiError {
 
 /// When a synchronous call that starts now must have its answer (`--sync-timeout`).
 pub fn sync_deadline(s: &AppState) -> Option<tokio::time::Instant> {
-    s.info
+    s.info()
         .sync_timeout
         .map(|limit| tokio::time::Instant::now() + limit)
 }
@@ -209,7 +247,7 @@ pub async fn wait_job(
 }
 
 async fn waited_too_long(s: &AppState, id: &str) -> ApiError {
-    let limit = s.info.sync_timeout.map(|d| d.as_secs()).unwrap_or(0);
+    let limit = s.info().sync_timeout.map(|d| d.as_secs()).unwrap_or(0);
     let what = if s.queue.cancel_if_queued(id).await {
         format!("job {id} had not started (the queue is busy), so it was cancelled; retry later")
     } else {
@@ -241,7 +279,7 @@ pub fn failure_status(snap: &JobSnapshot) -> StatusCode {
 pub async fn read_images(s: &AppState, snap: &JobSnapshot) -> Result<Vec<Vec<u8>>, ApiError> {
     let mut out = Vec::with_capacity(snap.record.images.len());
     for name in &snap.record.images {
-        let path = s.info.outputs.join(name);
+        let path = s.info().outputs.join(name);
         let bytes = tokio::fs::read(&path)
             .await
             .map_err(|e| ApiError::internal(format!("could not read {}: {e}", path.display())))?;
@@ -279,6 +317,106 @@ pub async fn get(
     Ok(Json(snap.into()))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelAllQuery {
+    pub state: String,
+}
+
+/// `DELETE /api/jobs?state=queued`: cancels every queued job at once (the running one goes on;
+/// Esc or `DELETE /api/jobs/{id}` stops it) → `{"cancelled": [ids]}`.
+pub async fn cancel_all(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<CancelAllQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = query.map(|q| q.0.state).unwrap_or_default();
+    if state != "queued" {
+        return Err(ApiError::field(
+            "state",
+            format!("must be `queued` (only queued jobs are cancelled all at once; got `{state}`)"),
+        ));
+    }
+    let ids = s.queue.cancel_queued().await;
+    Ok(Json(json!({ "cancelled": ids })))
+}
+
+/// Most finished jobs one `GET /api/history` page holds.
+pub const HISTORY_PAGE_MAX: usize = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    #[serde(default)]
+    pub q: Option<String>,
+    #[serde(default)]
+    pub before: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct HistoryView {
+    /// Finished jobs (done or failed), newest first.
+    pub jobs: Vec<JobView>,
+    /// Pass as `before` for the next (older) page; `null` on the last page.
+    pub next_before: Option<u64>,
+}
+
+/// `GET /api/history?q=&before=&limit=`: the gallery's pages of finished jobs, newest first,
+/// optionally only those whose prompt contains `q`.
+pub async fn history(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<HistoryView>, ApiError> {
+    let q = query
+        .map_err(|e| ApiError::field("query", e.body_text()))?
+        .0;
+    let limit = q.limit.unwrap_or(24);
+    if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {HISTORY_PAGE_MAX} (got {limit})"),
+        ));
+    }
+    if let Some(text) = &q.q {
+        let n = text.chars().count();
+        if n > MAX_PROMPT_CHARS {
+            return Err(ApiError::field(
+                "q",
+                format!("must be at most {MAX_PROMPT_CHARS} characters (got {n})"),
+            ));
+        }
+    }
+    let page = s
+        .queue
+        .history(HistoryQuery {
+            text: q.q,
+            before: q.before,
+            limit,
+        })
+        .await;
+    Ok(Json(HistoryView {
+        jobs: page.jobs.into_iter().map(JobView::from).collect(),
+        next_before: page.next_before,
+    }))
+}
+
+/// `DELETE /api/history/{id}`: deletes a finished job's images, sidecar and record (204).
+pub async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.queue.delete(&id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(DeleteError::NotFound(_)) => Err(no_job(&id)),
+        Err(e @ DeleteError::NotFinished(..)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, None, e.to_string()))
+        }
+        Err(e @ DeleteError::Io(..)) => Err(ApiError::internal(e.to_string())),
+        Err(DeleteError::Stopped) => Err(shutting_down()),
+    }
+}
+
 pub async fn cancel(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -304,6 +442,7 @@ pub async fn cancel(
 #[derive(Serialize)]
 struct Images {
     images: Vec<String>,
+    peak_memory_bytes: Option<u64>,
 }
 
 /// SSE name and JSON payload of a job event. Serialised from typed values (not through
@@ -322,10 +461,28 @@ fn event_parts(ev: &JobEvent) -> (&'static str, String) {
             json!({ "step": step, "total": total, "elapsed_ms": elapsed_ms }).to_string(),
         ),
         JobEvent::Notice(n) => ("notice", text(serde_json::to_string(n))),
-        JobEvent::Done { images: files } => (
+        JobEvent::Model {
+            state,
+            name,
+            error,
+            elapsed_ms,
+        } => (
+            "model",
+            json!({ "state": state, "name": name, "error": error, "elapsed_ms": elapsed_ms })
+                .to_string(),
+        ),
+        JobEvent::Preview { step, image } => (
+            "preview",
+            json!({ "step": step, "image": image }).to_string(),
+        ),
+        JobEvent::Done {
+            images: files,
+            peak_memory_bytes,
+        } => (
             "done",
             text(serde_json::to_string(&Images {
                 images: files.iter().map(|f| images::url(f)).collect(),
+                peak_memory_bytes: *peak_memory_bytes,
             })),
         ),
         JobEvent::Failed { error } => (
@@ -344,9 +501,10 @@ fn to_sse(ev: &JobEvent) -> Result<axum::response::sse::Event, std::convert::Inf
     Ok(axum::response::sse::Event::default().event(name).data(data))
 }
 
-/// The events that describe where a job stands now. An ended job's notices come before its end,
-/// as they did for a subscriber that was there: one that comes late (a fast job) misses nothing.
-fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
+/// The events that describe where a job stands now (with its latest preview when `preview`). An
+/// ended job's notices come before its end, as they did for a subscriber that was there: one that
+/// comes late (a fast job) misses nothing.
+fn current_state(snap: &JobSnapshot, preview: bool) -> Vec<JobEvent> {
     if let Some(end) = JobEvent::terminal_for(&snap.record) {
         let mut v: Vec<JobEvent> = snap
             .record
@@ -373,9 +531,22 @@ fn current_state(snap: &JobSnapshot) -> Vec<JobEvent> {
                     elapsed_ms: snap.elapsed_ms.unwrap_or(0),
                 });
             }
+            if let Some((step, image)) = snap.preview.clone().filter(|_| preview) {
+                v.push(JobEvent::Preview { step, image });
+            }
             v
         }
     }
+}
+
+/// `?preview=0` (or `false`, `off`): this stream leaves the live previews out.
+fn wants_preview(uri: &axum::http::Uri) -> bool {
+    !uri.query().unwrap_or("").split('&').any(|kv| {
+        matches!(
+            kv,
+            "preview=0" | "preview=false" | "preview=off" | "preview=no"
+        )
+    })
 }
 
 struct Follow {
@@ -383,6 +554,8 @@ struct Follow {
     rx: broadcast::Receiver<JobEvent>,
     queue: QueueHandle,
     ended: bool,
+    /// Pass `preview` events on.
+    preview: bool,
 }
 
 /// `GET /api/jobs/{id}/events`: the job's current state first, then every event up to and
@@ -390,9 +563,11 @@ struct Follow {
 pub async fn events(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    let preview = s.info().preview && wants_preview(&uri);
     let (snap, rx) = s.queue.subscribe(&id).await.ok_or_else(|| no_job(&id))?;
-    let first = current_state(&snap);
+    let first = current_state(&snap, preview);
     let ended = first.iter().any(JobEvent::is_terminal);
     let head = stream::iter(first.iter().map(to_sse).collect::<Vec<_>>());
     let Some(rx) = rx.filter(|_| !ended) else {
@@ -403,6 +578,7 @@ pub async fn events(
         rx,
         queue: s.queue.clone(),
         ended: false,
+        preview,
     };
     let tail = stream::unfold(follow, |mut f| async move {
         if f.ended {
@@ -410,6 +586,7 @@ pub async fn events(
         }
         loop {
             match f.rx.recv().await {
+                Ok(JobEvent::Preview { .. }) if !f.preview => continue,
                 Ok(ev) => {
                     f.ended = ev.is_terminal();
                     return Some((to_sse(&ev), f));
@@ -441,6 +618,15 @@ pub struct EnhanceRequest {
     pub prompt: String,
     #[serde(default)]
     pub negative_prompt: Option<String>,
+    /// The form's CFG and steps, so the advice matches the form's own hints (model defaults
+    /// when absent).
+    #[serde(default)]
+    pub cfg: Option<f32>,
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Phrases the user removed from the preview (as `enhance_exclude` of a job).
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// `POST /api/enhance`: what the enhancement would add to this prompt at the model's defaults.
@@ -461,17 +647,34 @@ pub async fn enhance(
             ));
         }
     }
-    let profile = s.info.profile;
+    let profile = s.info().profile;
+    let cfg = req.cfg.unwrap_or(profile.defaults.cfg);
+    if !cfg.is_finite() || !(MIN_CFG..=MAX_CFG).contains(&cfg) {
+        return Err(ApiError::field(
+            "cfg",
+            format!("must be between {MIN_CFG} and {MAX_CFG} (got {cfg})"),
+        ));
+    }
+    let steps = req.steps.unwrap_or(profile.defaults.steps);
+    if !(MIN_STEPS..=MAX_STEPS).contains(&steps) {
+        return Err(ApiError::field(
+            "steps",
+            format!("must be between {MIN_STEPS} and {MAX_STEPS} (got {steps})"),
+        ));
+    }
+    let exclude = check_excluded(req.exclude).map_err(|e| ApiError::field("exclude", e.message))?;
+    // The CFG as the form shows it: the advice itself says when it will be intercepted.
     let ctx = PromptContext {
-        cfg: profile.defaults.cfg,
-        steps: profile.defaults.steps,
+        cfg,
+        steps,
         profile,
     };
-    Ok(Json(prompt::enhance(
+    Ok(Json(prompt::enhance_with(
         &req.prompt,
         req.negative_prompt.as_deref(),
         &ctx,
         true,
+        &exclude,
     )))
 }
 
@@ -501,6 +704,7 @@ mod tests {
             )),
             JobEvent::Done {
                 images: vec!["0123456789abcdef-1.png".into()],
+                peak_memory_bytes: Some(1 << 20),
             },
             JobEvent::Failed {
                 error: crate::queue::JobError::new(crate::queue::FailureKind::Internal, "no"),

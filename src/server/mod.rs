@@ -73,24 +73,19 @@ pub struct ServerInfo {
     pub started_at_s: u64,
     /// The layers a LoRA may update: named LoRA files are checked against them on submission.
     pub lora_layers: Arc<crate::families::lora::LinearLayers>,
+    /// Job streams carry `preview` events (`zturbo serve --preview off` turns them off).
+    pub preview: bool,
     /// How long a synchronous call (`/v1`, `/sdapi`) waits for its jobs (`None`: no limit).
     pub sync_timeout: Option<Duration>,
 }
 
 impl ServerInfo {
-    pub fn new(
-        loaded: &Loaded,
-        demo: bool,
-        description: String,
-        queue_size: usize,
-        models_dir: PathBuf,
-        outputs: PathBuf,
-    ) -> Self {
+    pub fn new(loaded: &Loaded, queue_size: usize, models_dir: PathBuf, outputs: PathBuf) -> Self {
         Self {
             lora_layers: loaded.lora_layers.clone(),
             model: loaded.model.clone(),
-            demo,
-            description,
+            demo: loaded.meta.demo,
+            description: loaded.meta.description.clone(),
             profile: loaded.profile,
             limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
             device: loaded.device.clone(),
@@ -99,12 +94,48 @@ impl ServerInfo {
             queue_size,
             models_dir,
             outputs,
-            model_path: None,
-            component_files: ComponentFiles::default(),
+            model_path: loaded.meta.path.clone(),
+            component_files: loaded.meta.files.clone(),
             comfyui_dir: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
+            preview: true,
             sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
         }
+    }
+
+    /// The same server with `loaded` as its model (after a switch).
+    pub fn with_model(&self, loaded: &Loaded) -> Self {
+        Self {
+            model: loaded.model.clone(),
+            demo: loaded.meta.demo,
+            description: loaded.meta.description.clone(),
+            profile: loaded.profile,
+            limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
+            model_path: loaded.meta.path.clone(),
+            component_files: loaded.meta.files.clone(),
+            lora_layers: loaded.lora_layers.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The server's facts, replaced as a whole when the worker switches models; handlers read a
+/// snapshot ([`AppState::info`]) and never hold the lock.
+#[derive(Clone)]
+pub struct SharedInfo(Arc<std::sync::RwLock<Arc<ServerInfo>>>);
+
+impl SharedInfo {
+    pub fn new(info: ServerInfo) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(info))))
+    }
+
+    pub fn get(&self) -> Arc<ServerInfo> {
+        // A poisoned lock still holds a whole ServerInfo (it is replaced, never edited in place).
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, info: ServerInfo) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(info);
     }
 }
 
@@ -119,7 +150,7 @@ impl ServerInfo {
 pub struct AppState {
     pub queue: QueueHandle,
     pub monitor: Arc<Monitor>,
-    pub info: Arc<ServerInfo>,
+    pub info: SharedInfo,
     /// Turns `true` when the server shuts down: SSE streams end so connections can drain.
     pub shutdown: watch::Receiver<bool>,
     pub security: Arc<security::Security>,
@@ -128,6 +159,29 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The server's facts now (the loaded model's, after any switch).
+    pub fn info(&self) -> Arc<ServerInfo> {
+        self.info.get()
+    }
+
+    /// Follows the worker's model switches: `/api/info`, `/api/health`, validation limits and the
+    /// A1111 options name the model that is loaded.
+    pub async fn follow_model_switches(self) {
+        let Some(mut rx) = self.queue.model_events().await else {
+            return;
+        };
+        loop {
+            match rx.recv().await {
+                Ok(crate::queue::ModelEvent::Loaded { loaded, .. }) => {
+                    let next = self.info().with_model(&loaded);
+                    self.info.set(next);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
     /// Resolves when the server starts shutting down (never, if nobody can signal it).
     pub fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.shutdown.clone();
@@ -209,11 +263,16 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/api/auth", security::auth_status),
         route(Post, "/api/auth", security::auth),
         route(Get, "/api/models", models::list),
+        route(Post, "/api/model", models::select),
+        route(Get, "/api/events", models::events),
         route(Post, "/api/models/{name}/pull", models::pull),
         route(Get, "/api/models/{name}/pull/events", models::pull_events),
         route(Post, "/api/enhance", jobs::enhance),
         route(Get, "/api/jobs", jobs::list),
         route(Post, "/api/jobs", jobs::submit),
+        route(Delete, "/api/jobs", jobs::cancel_all),
+        route(Get, "/api/history", jobs::history),
+        route(Delete, "/api/history/{id}", jobs::delete),
         route(Get, "/api/jobs/{id}", jobs::get),
         route(Delete, "/api/jobs/{id}", jobs::cancel),
         route(Get, "/api/jobs/{id}/events", jobs::events),
@@ -300,18 +359,40 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
+/// UI development: `ZTURBO_UI_DIR=static` serves the UI's files from that folder instead of the
+/// compiled-in copies (edit, reload, no rebuild). Only paths the binary has are served.
+pub const UI_DIR_ENV: &str = "ZTURBO_UI_DIR";
+
 /// Serves the UI file at `path`, or 404 in the UI's error shape.
 fn asset(path: &str) -> Response {
     match static_asset(path) {
-        Some(body) => (
-            [
-                (header::CONTENT_TYPE, content_type(path)),
-                // Revalidate every load: a new binary may bring a new UI.
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            body,
-        )
-            .into_response(),
+        Some(body) => {
+            let body: std::borrow::Cow<'static, [u8]> = match std::env::var_os(UI_DIR_ENV) {
+                Some(dir) => {
+                    let file = std::path::Path::new(&dir).join(path.trim_start_matches('/'));
+                    match std::fs::read(&file) {
+                        Ok(bytes) => bytes.into(),
+                        Err(e) => {
+                            tracing::warn!(
+                                "{UI_DIR_ENV}: cannot read {}: {e}; serving the built-in copy",
+                                file.display()
+                            );
+                            body.into()
+                        }
+                    }
+                }
+                None => body.into(),
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, content_type(path)),
+                    // Revalidate every load: a new binary may bring a new UI.
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                body,
+            )
+                .into_response()
+        }
         None => surface_error(
             path,
             StatusCode::NOT_FOUND,
@@ -399,13 +480,13 @@ mod tests {
     use crate::families::{Defaults, FamilyKind};
     use crate::memory::monitor::Tags;
     use crate::memory::probe::CpuProbe;
-    use crate::queue::worker::{WorkItem, WorkerEvent};
+    use crate::queue::worker::{Work, WorkerEvent};
     use crate::queue::{self, QueueConfig};
 
     /// A server whose worker never runs anything: jobs handed to it stay "running".
     struct Fixture {
         app: Router,
-        work: std::sync::mpsc::Receiver<WorkItem>,
+        work: std::sync::mpsc::Receiver<Work>,
         _events: tokio::sync::mpsc::UnboundedSender<WorkerEvent>,
         _shutdown: watch::Sender<bool>,
     }
@@ -464,6 +545,7 @@ mod tests {
             comfyui_dir: None,
             started_at_s: 0,
             lora_layers: Default::default(),
+            preview: true,
             sync_timeout: Some(Duration::from_secs(2)),
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -475,7 +557,7 @@ mod tests {
             app: app(AppState {
                 queue,
                 monitor,
-                info: Arc::new(info),
+                info: SharedInfo::new(info),
                 shutdown,
                 security: Arc::new(security),
                 downloads: models::Downloads::default(),
@@ -574,6 +656,114 @@ mod tests {
         assert!(err["error"]["message"].is_string());
     }
 
+    /// Every `src`/`href` of index.html and every module a module imports (`import … from
+    /// './x.js'`, `export … from`, `import('./x.js')`), resolved like a browser would.
+    fn referenced_assets() -> Vec<String> {
+        fn quoted_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while let Some(i) = rest.find(marker) {
+                rest = &rest[i + marker.len()..];
+                let trimmed = rest.trim_start_matches(['(', ' ']);
+                if let Some(q) = trimmed.chars().next().filter(|c| matches!(c, '\'' | '"')) {
+                    if let Some(end) = trimmed[1..].find(q) {
+                        out.push(&trimmed[1..1 + end]);
+                    }
+                }
+            }
+            out
+        }
+        fn resolve(from: &str, spec: &str) -> String {
+            let mut parts: Vec<&str> = from.split('/').collect();
+            parts.pop();
+            for seg in spec.split('/') {
+                match seg {
+                    "." => {}
+                    ".." => {
+                        parts.pop();
+                    }
+                    s => parts.push(s),
+                }
+            }
+            parts.join("/")
+        }
+        let html = std::str::from_utf8(static_asset("/index.html").unwrap()).unwrap();
+        let mut todo: Vec<String> = ["src=", "href="]
+            .iter()
+            .flat_map(|m| quoted_after(html, m))
+            .filter(|u| !u.starts_with('#') && !u.starts_with("data:") && !u.contains("://"))
+            .map(|u| resolve("index.html", u))
+            .collect();
+        let mut seen = Vec::new();
+        while let Some(path) = todo.pop() {
+            if seen.contains(&path) {
+                continue;
+            }
+            if path.ends_with(".js") {
+                if let Some(body) = static_asset(&format!("/{path}")) {
+                    let js = std::str::from_utf8(body).unwrap();
+                    for marker in [" from ", "import(", "import "] {
+                        for spec in quoted_after(js, marker) {
+                            if spec.starts_with("./") || spec.starts_with("../") {
+                                todo.push(resolve(&path, spec));
+                            }
+                        }
+                    }
+                }
+            }
+            seen.push(path);
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn every_module_the_page_loads_is_served_as_javascript() {
+        let f = fixture(1);
+        let assets = referenced_assets();
+        let modules: Vec<&String> = assets.iter().filter(|p| p.ends_with(".js")).collect();
+        // app.js, and the modules it imports (directly or not).
+        assert!(modules.len() >= 10, "{assets:?}");
+        assert!(
+            modules.iter().any(|m| m.as_str() == "js/i18n.zh-CN.js"),
+            "{modules:?}"
+        );
+        for path in &assets {
+            let res = f
+                .app
+                .clone()
+                .oneshot(
+                    Request::get(format!("/{path}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "/{path}");
+            let ct = res.headers()[header::CONTENT_TYPE].to_str().unwrap();
+            let want = if path.ends_with(".js") {
+                "text/javascript"
+            } else if path.ends_with(".css") {
+                "text/css"
+            } else {
+                "text/html"
+            };
+            assert!(ct.starts_with(want), "/{path}: {ct}");
+        }
+        // Every module under static/ is reachable from the page (none is dead weight), and a
+        // name the UI does not have is a 404 in the API's error shape.
+        for (path, _) in assets::ASSETS {
+            if path.ends_with(".js") {
+                let rel = path.trim_start_matches('/');
+                assert!(assets.iter().any(|a| a == rel), "{path} is never imported");
+            }
+        }
+        let (st, _, err) = call(&f.app, "GET", "/js/nope.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(err["error"]["message"].is_string());
+        let (st, _, _) = call(&f.app, "GET", "/js/..%2Fapp.js", None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+
     /// Every file under `static/` is served at its path with a content type the browser accepts
     /// (ES modules need JavaScript's), whether or not the route table names it.
     #[tokio::test]
@@ -612,7 +802,9 @@ mod tests {
         let (st, _, a) = call(&f.app, "POST", "/api/jobs", Some(body)).await;
         assert_eq!(st, StatusCode::ACCEPTED, "{a}");
         assert_eq!(a["position"], 0);
-        let item = f.work.try_recv().expect("handed to the worker");
+        let Work::Job(item) = f.work.try_recv().expect("handed to the worker") else {
+            panic!("a job, not a model switch");
+        };
         assert_eq!(item.id, a["id"].as_str().unwrap());
         assert_eq!(item.request.width, 64);
         let (st, _, b) = call(&f.app, "POST", "/api/jobs", Some(body)).await;

@@ -18,7 +18,10 @@ use super::AppState;
 use crate::families::catalog::{self, ModelState};
 use crate::families::variants;
 use crate::families::weights;
+use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
+use crate::queue::{ModelEvent, SelectOutcome};
+use crate::request::Limits;
 use crate::request::{
     MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
@@ -39,8 +42,8 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
         .unwrap_or_else(|e| Some(format!("the outputs folder could not be checked: {e}")));
     let mut body = json!({
         "status": if problem.is_some() { "degraded" } else { "ok" },
-        "model": s.info.model,
-        "device": s.info.device,
+        "model": s.info().model,
+        "device": s.info().device,
     });
     if let Some(reason) = problem {
         body["reason"] = json!(reason);
@@ -52,9 +55,10 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
 pub fn demo_help() -> String {
     let size = catalog::entry("z-image-turbo")
         .map(|e| {
+            // GiB, as the Models panel and the memory chart count.
             format!(
-                " (about {:.1} GB, needs a GPU)",
-                e.download_bytes as f64 / 1e9
+                " (about {:.1} GiB, needs a GPU)",
+                e.download_bytes as f64 / (1u64 << 30) as f64
             )
         })
         .unwrap_or_default();
@@ -67,7 +71,7 @@ pub fn demo_help() -> String {
 }
 
 pub async fn info(State(s): State<AppState>) -> Json<Value> {
-    let i = &s.info;
+    let i = s.info();
     let d = i.profile.defaults;
     let kind = i.device.split(':').next().unwrap_or("cpu");
     let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
@@ -103,13 +107,19 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
         },
         "max_batch": i.limits.max_batch,
         "queue_size": i.queue_size,
+        "preview": i.preview,
         "memory_modes": modes,
+        // Optional features the UI shows controls for: image to image and inpainting (with
+        // LoRAs) run on every family.
+        "features": ["img2img"],
         "demo_help": if i.demo { Some(demo_help()) } else { None },
+        // What `zturbo pull z-image-turbo` downloads (the UI words the demo help in its language).
+        "demo_download_bytes": if i.demo { catalog::entry("z-image-turbo").map(|e| e.download_bytes) } else { None },
     }))
 }
 
 pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let info = s.info.clone();
+    let info = s.info().clone();
     // Looks at the disk (models folder, Hugging Face cache): not on the runtime's threads.
     let (models, files) = tokio::task::spawn_blocking(move || {
         let mut models = catalog::list(&info.models_dir, &info.model);
@@ -535,4 +545,139 @@ mod tests {
         assert!(rx.is_none());
         assert_eq!(d.start("sdxl-turbo", noop).unwrap(), PullStart::Started);
     }
+}
+
+/// The models a switch or a job may name: those on this machine (loaded, a local folder, a
+/// cached catalog model, the demo).
+pub async fn local_models(s: &AppState) -> Result<Vec<catalog::Listing>, ApiError> {
+    let info = s.info();
+    tokio::task::spawn_blocking(move || {
+        catalog::list(&info.models_dir, &info.model)
+            .into_iter()
+            .filter(|m| m.state != ModelState::NotDownloaded)
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("listing models failed: {e}")))
+}
+
+/// The local model called `name`, or a 422 naming `field` with the names there are.
+pub async fn find_local(
+    s: &AppState,
+    name: &str,
+    field: &str,
+) -> Result<catalog::Listing, ApiError> {
+    let name = name.trim();
+    let models = local_models(s).await?;
+    if let Some(m) = models.iter().find(|m| m.name == name) {
+        return Ok(m.clone());
+    }
+    let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    Err(ApiError::field(
+        field,
+        format!(
+            "no local model `{name}` (on this machine: {}); download a catalog model first",
+            known.join(", ")
+        ),
+    ))
+}
+
+/// What a request for `model` is validated against: the loaded model's limits, or those of its
+/// family's profile (its own defaults when the listing knows them).
+pub fn limits_for(s: &AppState, model: &catalog::Listing) -> Result<Limits, ApiError> {
+    let info = s.info();
+    if model.name == info.model {
+        return Ok(info.limits.clone());
+    }
+    let family: FamilyKind = model
+        .family
+        .parse()
+        .map_err(|e: crate::families::profile::UnknownFamily| ApiError::internal(e.to_string()))?;
+    let mut profile = family.profile();
+    if let Some(d) = model.defaults {
+        profile.defaults = d;
+    }
+    let max_batch = info.limits.max_batch.min(profile.max_batch);
+    Ok(Limits::new(&profile, max_batch, MemoryMode::Auto))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectRequest {
+    pub name: String,
+}
+
+/// `POST /api/model {name}`: new jobs run on `name`; the worker loads it between jobs (at once
+/// when idle) and reports the switch on `GET /api/events`. 200 when it is already loaded, else
+/// 202 with `state: "switching"` (loading now) or `"after_queued"` (after the jobs already
+/// queued).
+pub async fn select(
+    State(s): State<AppState>,
+    super::error::ApiJson(req): super::error::ApiJson<SelectRequest>,
+) -> Result<Response, ApiError> {
+    let model = find_local(&s, &req.name, "name").await?;
+    let outcome = s.queue.select_model(&model.name).await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the queue has stopped",
+        )
+    })?;
+    let (status, state) = match outcome {
+        SelectOutcome::Loaded => (StatusCode::OK, "loaded"),
+        SelectOutcome::Switching => (StatusCode::ACCEPTED, "switching"),
+        SelectOutcome::AfterQueued => (StatusCode::ACCEPTED, "after_queued"),
+    };
+    Ok((status, Json(json!({ "name": model.name, "state": state }))).into_response())
+}
+
+/// A switch as `GET /api/events` sends it.
+fn model_event_json(ev: &ModelEvent) -> Value {
+    match ev {
+        ModelEvent::Loading { name, job } => {
+            json!({ "state": "loading", "name": name, "job": job })
+        }
+        ModelEvent::Loaded {
+            loaded,
+            job,
+            elapsed_ms,
+        } => json!({
+            "state": "loaded", "name": loaded.model, "family": loaded.profile.family,
+            "job": job, "elapsed_ms": elapsed_ms,
+        }),
+        ModelEvent::Failed { name, error, job } => {
+            json!({ "state": "failed", "name": name, "error": error, "job": job })
+        }
+    }
+}
+
+/// `GET /api/events`: server-wide events for the page — `model {state, name, …}`: the model
+/// loaded now (or loading) first, then every switch (`loading`, then `loaded` or `failed` with
+/// an error naming the file).
+pub async fn events(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let rx = s.queue.model_events().await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the queue has stopped",
+        )
+    })?;
+    let st = s.queue.status().await;
+    let now = match &st.switching {
+        Some(name) => json!({ "state": "loading", "name": name, "job": null }),
+        None => json!({ "state": "loaded", "name": st.loaded, "job": null }),
+    };
+    let head = stream::iter([Ok(super::json_event("model", &now))]);
+    let tail = stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    return Some((Ok(super::json_event("model", &model_event_json(&ev))), rx))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(super::sse(head.chain(tail).take_until(s.shutdown_signal())))
 }

@@ -237,7 +237,7 @@ pub async fn generations(
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
     let JsonBody(bytes) = body?;
     let req: ImagesRequest = parse_json(&bytes)?;
-    let info = &s.info;
+    let info = s.info();
     if let Some(m) = req.model.as_deref() {
         if !model_ok(m, &info.model) {
             return Err(error(
@@ -469,7 +469,7 @@ pub async fn edits(
         )
     })?;
     let form = read_form(form).await?;
-    let info = &s.info;
+    let info = s.info();
     let text = |k: &str| form.text.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let prompt = text("prompt")
         .ok_or_else(|| invalid("prompt", "prompt: required"))?
@@ -591,14 +591,14 @@ fn model_object(id: &str, created: u64) -> serde_json::Value {
 }
 
 fn model_ids(s: &AppState) -> Vec<String> {
-    std::iter::once(s.info.model.clone())
+    std::iter::once(s.info().model.clone())
         .chain(ALIASES.iter().map(|a| a.to_string()))
         .collect()
 }
 
 /// `GET /v1/models`: the loaded model and the aliases that reach it.
 pub async fn models(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let created = s.info.started_at_s;
+    let created = s.info().started_at_s;
     let data: Vec<_> = model_ids(&s)
         .iter()
         .map(|id| model_object(id, created))
@@ -612,7 +612,7 @@ pub async fn model(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, OpenAiError> {
     if model_ids(&s).iter().any(|m| m.eq_ignore_ascii_case(&id)) {
-        return Ok(Json(model_object(&id, s.info.started_at_s)));
+        return Ok(Json(model_object(&id, s.info().started_at_s)));
     }
     Err(error(
         StatusCode::NOT_FOUND,

@@ -13,7 +13,8 @@ use crate::families::FamilyKind;
 use crate::memory::planner::MemoryMode;
 use crate::queue::FailureKind;
 use crate::request::{
-    MAX_CFG, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_CFG, MIN_SIDE, MIN_STEPS,
+    MAX_CFG, MAX_EXCLUDED_PHRASES, MAX_EXCLUDE_CHARS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS,
+    MIN_CFG, MIN_SIDE, MIN_STEPS,
 };
 
 fn schema(name: &str) -> Value {
@@ -60,10 +61,12 @@ fn sse(description: &str, events: &[(&str, &str)]) -> Value {
 }
 
 /// The events of `GET /api/jobs/{id}/events`: name and payload schema.
-pub const JOB_EVENTS: [(&str, &str); 7] = [
+pub const JOB_EVENTS: [(&str, &str); 9] = [
     ("queued", "JobQueuedEvent"),
     ("started", "EmptyEvent"),
     ("progress", "JobProgressEvent"),
+    ("model", "JobModelEvent"),
+    ("preview", "JobPreviewEvent"),
     ("notice", "Notice"),
     ("done", "JobDoneEvent"),
     ("failed", "Error"),
@@ -75,6 +78,8 @@ pub const PULL_EVENTS: [(&str, &str); 3] = [
     ("done", "PullDoneEvent"),
     ("failed", "PullFailedEvent"),
 ];
+/// The events of `GET /api/events`.
+pub const SERVER_EVENTS: [(&str, &str); 1] = [("model", "ModelSwitchEvent")];
 /// The events of `GET /api/memory/stream`.
 pub const MEMORY_EVENTS: [(&str, &str); 1] = [("sample", "MemorySample")];
 
@@ -131,7 +136,7 @@ fn paths() -> Value {
     let ui = json!({
         "/": { "get": op("ui", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
         "/index.html": { "get": op("ui_index", "ui", "The web UI", json!({ "200": { "description": "HTML page", "content": { "text/html": { "schema": { "type": "string" } } } } })) },
-        "/app.js": { "get": op("ui_script", "ui", "The UI's script", json!({ "200": { "description": "JavaScript", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
+        "/app.js": { "get": op("ui_script", "ui", "The UI's entry module (it imports the others, served from static/ at their paths)", json!({ "200": { "description": "JavaScript (ES module)", "content": { "text/javascript": { "schema": { "type": "string" } } } } })) },
         "/style.css": { "get": op("ui_style", "ui", "The UI's style sheet", json!({ "200": { "description": "CSS", "content": { "text/css": { "schema": { "type": "string" } } } } })) },
         "/openapi.json": { "get": op("openapi", "meta", "This document", json!({ "200": { "description": "OpenAPI 3.0 document", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
         "/images/{file}": { "get": with(op("image", "images", "An image the server wrote (`<job>-<n>.png`)", json!({
@@ -139,7 +144,8 @@ fn paths() -> Value {
             "404": error_ref("NotFound"),
         })), "parameters", json!([
             path_param("file", "`<job id>-<n>.png`"),
-            { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } }
+            { "name": "sig", "in": "query", "required": false, "description": "signature from an OpenAI `url` response (opens the image without a key)", "schema": { "type": "string" } },
+            { "name": "download", "in": "query", "required": false, "description": "`1`: an attachment named after the prompt, the image's seed and its index (`Content-Disposition`)", "schema": { "type": "string", "enum": ["1"] } }
         ])) },
         "/api/health": { "get": op("health", "server", "Liveness, the loaded model, and whether the outputs folder can be written", json!({ "200": ok("`ok`, or `degraded` with the `reason`", "Health") })) },
         "/api/info": { "get": op("info", "server", "Model, limits, device and queue facts for the form", json!({ "200": ok("server facts", "Info") })) },
@@ -163,6 +169,14 @@ fn paths() -> Value {
             "200": sse("events `progress {file, index, count, bytes, total_bytes}`, then `done {path}` or `failed {error}`", &PULL_EVENTS),
             "404": error_ref("NotFound"),
         })), "parameters", json!([model_name])) },
+        "/api/model": { "post": body(op("select_model", "models", "Switch models: new jobs run on `name`; the worker loads it between jobs (at once when idle)", json!({
+            "200": { "description": "already loaded: `{name, state: \"loaded\"}`", "content": { "application/json": { "schema": { "type": "object" } } } },
+            "202": { "description": "`{name, state: \"switching\" | \"after_queued\"}`; `GET /api/events` reports the switch", "content": { "application/json": { "schema": { "type": "object" } } } },
+            "400": error_ref("BadRequest"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"), "503": error_ref("Unavailable"),
+        })), "SelectModelRequest") },
+        "/api/events": { "get": op("events", "models", "Server-wide events (SSE)", json!({
+            "200": sse("`model {state, name, job?, family?, elapsed_ms?, error?}`: the model loaded now (or loading) first, then each switch — `loading`, then `loaded` or `failed` (the error names the file)", &SERVER_EVENTS),
+        })) },
         "/api/enhance": { "post": body(op("enhance", "jobs", "Preview the prompt enhancement", json!({
             "200": ok("the enhanced texts and advice", "Enhanced"),
             "400": error_ref("BadRequest"), "413": error_ref("TooLarge"), "415": error_ref("UnsupportedMediaType"), "422": error_ref("Invalid"),
@@ -175,7 +189,21 @@ fn paths() -> Value {
                 "422": error_ref("Invalid"), "429": error_ref("QueueFull"), "503": error_ref("Unavailable"),
                 "507": error_ref("InsufficientStorage"),
             })), "GenerationRequest"),
+            "delete": with(op("cancel_queued_jobs", "jobs", "Cancel every queued job at once (the running one goes on)", json!({
+                "200": { "description": "`{cancelled: [ids]}`", "content": { "application/json": { "schema": { "type": "object", "properties": { "cancelled": { "type": "array", "items": { "type": "string" } } } } } } },
+                "422": error_ref("Invalid"),
+            })), "parameters", json!([{ "name": "state", "in": "query", "required": true, "description": "`queued`", "schema": { "type": "string", "enum": ["queued"] } }])),
         },
+        "/api/history": { "get": with(op("history", "jobs", "Finished jobs (done or failed), newest first, a page at a time", json!({
+            "200": ok("a page", "HistoryPage"), "422": error_ref("Invalid"),
+        })), "parameters", json!([
+            { "name": "q", "in": "query", "required": false, "description": "text the prompt contains (case-insensitive)", "schema": { "type": "string" } },
+            { "name": "before", "in": "query", "required": false, "description": "`next_before` of the previous page", "schema": { "type": "integer", "format": "int64" } },
+            { "name": "limit", "in": "query", "required": false, "description": "jobs per page (1-100, default 24)", "schema": { "type": "integer", "minimum": 1, "maximum": 100 } },
+        ])) },
+        "/api/history/{id}": { "delete": with(op("delete_history", "jobs", "Delete a finished job: its images, sidecar and record", json!({
+            "204": { "description": "deleted" }, "404": error_ref("NotFound"), "409": error_ref("Conflict"),
+        })), "parameters", json!([job_id.clone()])) },
         "/api/jobs/{id}": {
             "get": with(op("get_job", "jobs", "One job", json!({ "200": ok("the job", "Job"), "404": error_ref("NotFound") })), "parameters", json!([job_id.clone()])),
             "delete": with(op("cancel_job", "jobs", "Cancel a job (queued: at once; running: between steps)", json!({
@@ -184,9 +212,9 @@ fn paths() -> Value {
             })), "parameters", json!([job_id.clone()])),
         },
         "/api/jobs/{id}/events": { "get": with(op("job_events", "jobs", "A job's events (SSE)", json!({
-            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `notice {kind,message}`, then `done {images}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
+            "200": sse("`queued {position}`, `started`, `progress {step,total,elapsed_ms}`, `model {state,name,error?,elapsed_ms?}` (the worker switches models for this job), `preview {step,image}` (a `data:image/png` URL, at most 256 px, unless `?preview=0` or the server runs with `--preview off`), `notice {kind,message}`, then `done {images, peak_memory_bytes?}`, `failed {error}` or `cancelled`", &JOB_EVENTS),
             "404": error_ref("NotFound"),
-        })), "parameters", json!([job_id])) },
+        })), "parameters", json!([job_id, { "name": "preview", "in": "query", "required": false, "description": "`0`: leave the live previews out of this stream", "schema": { "type": "string", "enum": ["0", "1"] } }])) },
         "/api/memory/stream": { "get": op("memory_stream", "server", "Memory samples (SSE)", json!({
             "200": sse("`sample {t_ms, device, used_bytes, total_bytes, rss_bytes?, job_id?, phase?, step?}`", &MEMORY_EVENTS),
         })) },
@@ -224,12 +252,13 @@ fn paths() -> Value {
         "/sdapi/v1/refresh-loras": { "post": op("a1111_refresh_loras", "a1111", "Nothing to do: the folder is read on every request", json!({ "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } } })) },
         "/sdapi/v1/progress": { "get": op("a1111_progress", "a1111", "Progress of the running job", json!({ "200": ok("progress", "A1111Progress") })) },
         "/sdapi/v1/interrupt": { "post": op("a1111_interrupt", "a1111", "Stop the running job", json!({ "200": { "description": "`{}`", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
-        "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The loaded checkpoint", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
+        "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The models on this machine (switch with `POST /sdapi/v1/options`)", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
         "/sdapi/v1/options": {
             "get": op("a1111_options", "a1111", "Settings clients read", json!({ "200": ok("options", "A1111Options") })),
-            "post": body(op("a1111_set_options", "a1111", "Accepted and ignored (logged)", json!({
+            "post": body(op("a1111_set_options", "a1111", "`sd_model_checkpoint` switches models (answers once loaded); other options are logged and ignored", json!({
                 "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } },
                 "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
+                "500": error_ref("A1111Error"), "503": error_ref("A1111Error"),
             })), "A1111Options"),
         },
         "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
@@ -341,6 +370,8 @@ fn components(f: &Facts) -> Value {
                 "batch": batch.clone(),
                 "enhance": { "type": "boolean", "nullable": true },
                 "memory_mode": { "type": "string", "enum": modes, "nullable": true },
+                "model": { "type": "string", "nullable": true, "description": "a local model (`GET /api/models`) to run on; the selected one when absent — the worker switches between jobs" },
+                "enhance_exclude": { "type": "array", "maxItems": MAX_EXCLUDED_PHRASES, "items": { "type": "string", "maxLength": MAX_EXCLUDE_CHARS }, "description": "added phrases the enhancement leaves out (removed from the preview)" },
             } },
             "Accepted": { "type": "object", "required": ["id", "position"], "properties": { "id": { "type": "string" }, "position": { "type": "integer" } } },
             "CancelResult": { "type": "object", "properties": { "id": { "type": "string" }, "state": { "type": "string", "enum": ["cancelled", "cancelling"] } } },
@@ -354,7 +385,9 @@ fn components(f: &Facts) -> Value {
                 "finished_at": { "type": "integer", "format": "int64", "nullable": true },
                 "params": { "type": "object", "description": "as resolved after the run (final prompts, seed, cfg used, cfg_requested); before it, the validated request" },
                 "enhancement": { "type": "object", "nullable": true },
+                "seq": { "type": "integer", "format": "int64", "description": "acceptance order" },
                 "images": { "type": "array", "items": { "type": "string" } },
+                "image_seeds": { "type": "array", "items": { "type": "integer", "format": "int64" }, "description": "each image's own seed" },
                 "notices": { "type": "array", "items": schema("Notice") },
                 "timings": { "type": "object", "nullable": true },
                 "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true },
@@ -364,12 +397,20 @@ fn components(f: &Facts) -> Value {
                     "description": "what kind of failure `error` is (null unless the job failed)" },
             } },
             "JobList": { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": schema("Job") } } },
+            "HistoryPage": { "type": "object", "required": ["jobs", "next_before"], "properties": {
+                "jobs": { "type": "array", "items": schema("Job") },
+                "next_before": { "type": "integer", "format": "int64", "nullable": true, "description": "`before` of the next page; null on the last" } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
                 "kind": { "type": "string", "enum": NoticeKind::ALL }, "message": { "type": "string" }, "step": { "type": "integer" },
                 "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
+            "SelectModelRequest": { "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                "name": { "type": "string", "description": "a model `GET /api/models` lists as loaded or on disk" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
-                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true } } },
+                "negative_prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS, "nullable": true },
+                "cfg": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true, "description": "the form's CFG (the model's default when absent)" },
+                "steps": steps.clone(),
+                "exclude": { "type": "array", "maxItems": MAX_EXCLUDED_PHRASES, "items": { "type": "string", "maxLength": MAX_EXCLUDE_CHARS } } } },
             "Enhanced": { "type": "object", "properties": {
                 "prompt": { "type": "string" }, "negative_prompt": { "type": "string" },
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
@@ -382,7 +423,8 @@ fn components(f: &Facts) -> Value {
             "JobQueuedEvent": { "type": "object", "required": ["position"], "properties": { "position": { "type": "integer", "minimum": 0 } } },
             "JobProgressEvent": { "type": "object", "required": ["step", "total", "elapsed_ms"], "properties": {
                 "step": { "type": "integer" }, "total": { "type": "integer" }, "elapsed_ms": { "type": "integer", "format": "int64" } } },
-            "JobDoneEvent": { "type": "object", "required": ["images"], "properties": { "images": { "type": "array", "items": { "type": "string" } } } },
+            "JobDoneEvent": { "type": "object", "required": ["images"], "properties": { "images": { "type": "array", "items": { "type": "string" } },
+                "peak_memory_bytes": { "type": "integer", "format": "int64", "nullable": true, "description": "the job's exact memory high-water mark (as in the record)" } } },
             "PullProgressEvent": { "type": "object", "required": ["file", "index", "count", "bytes"], "properties": {
                 "file": { "type": "string" }, "index": { "type": "integer" }, "count": { "type": "integer" },
                 "bytes": { "type": "integer", "format": "int64" }, "total_bytes": { "type": "integer", "format": "int64", "nullable": true } } },
@@ -565,10 +607,24 @@ fn components(f: &Facts) -> Value {
                 "sha256": { "type": "string", "nullable": true }, "filename": { "type": "string" }, "config": { "type": "string", "nullable": true } } },
             "A1111Options": { "type": "object", "additionalProperties": true, "properties": { "sd_model_checkpoint": { "type": "string" } } },
     });
+    // Events of the UI lane (model switches, live previews).
+    let events = json!({
+            "JobModelEvent": { "type": "object", "required": ["state", "name"], "properties": {
+                "state": { "type": "string", "enum": ["loading", "loaded", "failed"] }, "name": { "type": "string" },
+                "error": { "type": "string", "nullable": true, "description": "when failed: names the file at fault" },
+                "elapsed_ms": { "type": "integer", "format": "int64", "nullable": true } } },
+            "JobPreviewEvent": { "type": "object", "required": ["step", "image"], "properties": {
+                "step": { "type": "integer" }, "image": { "type": "string", "description": "a `data:image/png;base64,` URL, at most 256 px on the long side" } } },
+            "ModelSwitchEvent": { "type": "object", "required": ["state", "name"], "properties": {
+                "state": { "type": "string", "enum": ["loading", "loaded", "failed"] }, "name": { "type": "string" },
+                "job": { "type": "string", "nullable": true, "description": "the job the switch is for, if any" },
+                "family": { "type": "string" }, "elapsed_ms": { "type": "integer", "format": "int64" },
+                "error": { "type": "string", "description": "when failed: names the file at fault" } } },
+    });
     json!({
         "securitySchemes": security,
         "responses": responses,
-        "schemas": merge([core, openai, a1111]),
+        "schemas": merge([core, events, openai, a1111]),
     })
 }
 
@@ -614,9 +670,9 @@ pub fn spec(f: &Facts) -> Value {
 /// `GET /openapi.json`.
 pub async fn document(State(s): State<super::AppState>) -> Response {
     let facts = Facts {
-        model: s.info.model.clone(),
-        size_multiple: s.info.profile.size_multiple,
-        max_batch: s.info.limits.max_batch,
+        model: s.info().model.clone(),
+        size_multiple: s.info().profile.size_multiple,
+        max_batch: s.info().limits.max_batch,
     };
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -708,12 +764,13 @@ mod tests {
                     "/api/jobs/{id}/events" => JOB_EVENTS.iter().map(|e| e.0).collect(),
                     "/api/models/{name}/pull/events" => PULL_EVENTS.iter().map(|e| e.0).collect(),
                     "/api/memory/stream" => MEMORY_EVENTS.iter().map(|e| e.0).collect(),
+                    "/api/events" => SERVER_EVENTS.iter().map(|e| e.0).collect(),
                     other => panic!("unexpected event stream {other}"),
                 };
                 assert_eq!(names, want, "{path}");
             }
         }
-        assert_eq!(streams, 3);
+        assert_eq!(streams, 4);
     }
 
     #[test]
@@ -781,7 +838,13 @@ mod tests {
         assert_eq!(properties("GenerationRequest"), fields(gen));
         assert_eq!(
             properties("EnhanceRequest"),
-            BTreeSet::from(["prompt".into(), "negative_prompt".into()])
+            BTreeSet::from([
+                "prompt".into(),
+                "negative_prompt".into(),
+                "cfg".into(),
+                "steps".into(),
+                "exclude".into()
+            ])
         );
         // The A1111 and OpenAI request schemas list what the handlers read.
         let a1111: crate::server::a1111::Txt2ImgRequest = serde_json::from_value(json!({

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::security::{check_api_key, is_loopback_host, parse_cors_origin, Security};
 use super::{app, listen, AppState, ServerInfo};
-use crate::engine::{load, Engine};
+use crate::engine::load;
 use crate::families::catalog;
 use crate::memory::monitor::{Monitor, Tags};
 use crate::queue::{self, journal::Journal, outputs, worker, QueueConfig};
@@ -75,7 +75,8 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         None => None,
     };
 
-    let resolved = load::resolve(&settings.model, true)?;
+    // Resolved here so a missing model fails before anything starts.
+    let initial = load::resolve(&settings.model, true)?.name;
     std::fs::create_dir_all(&settings.outputs).map_err(io(format!(
         "creating the outputs folder {}",
         settings.outputs.display()
@@ -87,56 +88,48 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
     // The engine loads on its own thread; nothing is served until it reports back.
     let tags = Arc::new(Tags::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The worker loads models by name: the one asked for now, and later those a switch names
+    // (the names `/api/models` lists: local folders, cached catalog models, the demo).
     let model_settings = settings.model.clone();
-    // The weights the engine settles on (the planner may pick a pulled variant).
-    let chosen: Arc<std::sync::Mutex<Option<catalog::Resolved>>> = Default::default();
-    let chosen_in = chosen.clone();
-    let build = move || -> Result<Engine, String> {
+    let first = initial.clone();
+    let loader: worker::Loader = Arc::new(move |name: &str| -> Result<_, String> {
+        let resolved = if name == first {
+            load::resolve(&model_settings, true).map_err(|e| e.to_string())?
+        } else {
+            catalog::resolve(name, &model_settings.models_dir).map_err(|e| e.to_string())?
+        };
+        // The weights the engine settles on (the planner may pick a pulled variant).
         let (mut engine, resolved) =
             load::open_chosen(&model_settings, resolved).map_err(|e| e.to_string())?;
-        if let Ok(mut c) = chosen_in.lock() {
-            *c = Some(resolved);
-        }
+        let meta = model_meta(&resolved);
         engine
             .warm_up()
             .map_err(|e| format!("loading the model's weights failed: {e}"))?;
-        Ok(engine)
-    };
+        Ok((engine, meta))
+    });
     let worker_config = worker::WorkerConfig {
         outputs: settings.outputs.clone(),
         tags: tags.clone(),
         step_delay: worker::WorkerConfig::step_delay_from_env(),
+        preview: settings.preview,
     };
-    let (worker, loaded) = worker::spawn(build, worker_config, events_tx)?;
+    let (worker, loaded) = worker::spawn(loader, initial, worker_config, events_tx)?;
     tracing::info!(
         model = %loaded.model,
         device = %loaded.device,
         max_batch = loaded.max_batch,
         "model loaded"
     );
-    let resolved = chosen
-        .lock()
-        .ok()
-        .and_then(|mut c| c.take())
-        .ok_or_else(|| {
-            ServeError::Settings("the model loaded without saying which weights".into())
-        })?;
-    let model_path = resolved.dir.path().map(|p| p.display().to_string());
-    let demo = resolved.demo;
-    let description = describe(&resolved);
     let monitor = Arc::new(Monitor::start(loaded.probe.clone(), tags));
     let mut info = ServerInfo::new(
         &loaded,
-        demo,
-        description,
         settings.queue_size,
         settings.model.models_dir.clone(),
         settings.outputs.clone(),
     );
-    info.model_path = model_path;
-    info.component_files = resolved.files.clone();
     info.comfyui_dir = settings.model.comfyui_dir.clone();
     info.sync_timeout = settings.sync_timeout;
+    info.preview = settings.preview;
     let recovered = Journal::new(&settings.outputs).load();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -165,7 +158,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         let state = AppState {
             queue: queue.clone(),
             monitor,
-            info: Arc::new(info),
+            info: super::SharedInfo::new(info),
             shutdown: shutdown_rx,
             security: Arc::new(Security {
                 api_key,
@@ -181,6 +174,7 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {} on http://{addr}", loaded.model);
+        tokio::spawn(state.clone().follow_model_switches());
         let limits = listen::ConnLimits {
             header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
@@ -202,6 +196,17 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
         }
         Ok(())
     })
+}
+
+/// What the server says about a model besides what its engine knows: the Models panel's
+/// sentence for the loaded weights, its folder and component files.
+fn model_meta(resolved: &catalog::Resolved) -> worker::ModelMeta {
+    worker::ModelMeta {
+        demo: resolved.demo,
+        description: describe(resolved),
+        path: resolved.dir.path().map(|p| p.display().to_string()),
+        files: resolved.files.clone(),
+    }
 }
 
 /// The Models panel's sentence for the loaded weights.

@@ -8,7 +8,8 @@
 //   img2imgInfo(info)           whenever /api/info is (re)applied
 //   img2imgFields(body, errors) while reading the form: adds image/mask/strength/mask_blur/loras
 //   restoreImg2Img(params)      when a result's settings are restored (strength, LoRAs)
-//   useAsInput(url)             a result's "Use as input" button
+//   useAsInput(url)             a result's "Use as input" (the viewer's button fills the
+//                               `data-image-slot="input"` field and fires zturbo:use-image)
 // and merges IMG2IMG_FIELD_IDS into its field→input map so 422 answers land next to the input.
 //
 // The input is redrawn on a canvas at the size the job will run at (the image's own size scaled
@@ -127,6 +128,8 @@ function build() {
   const section = el('fieldset', { class: 'field i2i', id: 'img2img' },
     el('legend', { text: 'Image to image, inpainting, LoRA' }),
     fileInput,
+    // The viewer's "Use as input" fills this slot (the image's URL) and fires zturbo:use-image.
+    el('input', { type: 'hidden', id: 'init-image-src', 'data-image-slot': 'input' }),
     el('div', { class: 'i2i-empty', id: 'init-empty' },
       drop,
       el('label', { class: 'link-btn', for: 'init-image-file', text: 'Choose an image…' })),
@@ -584,6 +587,10 @@ export function mountImg2Img(ctx) {
     if (!item) return;
     e.preventDefault();
     await loadImageFromBlob(item.getAsFile(), 'pasted image');
+  });
+  $('init-image-src').addEventListener('zturbo:use-image', (e) => {
+    const src = (e.detail && e.detail.src) || e.target.value;
+    if (src) useAsInput(src);
   });
   $('init-remove').addEventListener('click', removeImage);
   $('strength').addEventListener('input', () => { st.strengthTouched = true; updateStrength(); showError('strength', ''); });

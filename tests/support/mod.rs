@@ -36,6 +36,19 @@ impl Server {
         Server::start_full(outputs, "demo", "127.0.0.1", args, env)
     }
 
+    /// [`Server::start`] with `--model model --models-dir models_dir`.
+    pub fn start_in(
+        outputs: &Path,
+        models_dir: &Path,
+        model: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut all = vec!["--models-dir", models_dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Server::start_full(outputs, model, "127.0.0.1", &all, env)
+    }
+
     /// [`Server::start`] with another `--model`.
     pub fn start_model(outputs: &Path, model: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         Server::start_full(outputs, model, "127.0.0.1", args, env)
@@ -92,10 +105,11 @@ impl Server {
         }
         cmd.args(["serve", "--model", model, "--port", "0", "--host", host])
             .arg("--outputs")
-            .arg(outputs)
-            .arg("--models-dir")
-            .arg(models_dir)
-            .args(args)
+            .arg(outputs);
+        if !args.contains(&"--models-dir") {
+            cmd.arg("--models-dir").arg(models_dir);
+        }
+        cmd.args(args)
             .env("ZTURBO_LOG", "info,tower_http=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -226,10 +240,18 @@ pub fn get_json(url: &str) -> (reqwest::StatusCode, Value) {
     (status, json)
 }
 
+/// DELETE; the body parsed as JSON (`null` when empty, as a 204's is).
 pub fn delete(url: &str) -> (reqwest::StatusCode, Value) {
     let res = client().delete(url).send().unwrap();
     let status = res.status();
-    (status, res.json().unwrap())
+    let text = res.text().unwrap();
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {text:.300}"))
+    };
+    (status, json)
 }
 
 /// Submits a job; panics unless it is accepted. Returns its id.
@@ -453,6 +475,40 @@ fn serve_hub(mut conn: TcpStream, weights: &[u8], cut: &Mutex<bool>, seen: &Mute
         sent += piece.len();
         if body.len() > 1 {
             std::thread::sleep(Duration::from_millis(15));
+        }
+    }
+}
+
+/// A models folder holding the tiny fixture models (symlinks, so nothing is copied): the names a
+/// model switch can use. `broken` adds `broken-sd-turbo`, whose UNet weights are cut short.
+pub fn tiny_models_dir(name: &str, broken: bool) -> PathBuf {
+    let dir = temp_dir(name);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for m in ["tiny-z-image", "tiny-sd-turbo"] {
+        std::os::unix::fs::symlink(fixtures.join(m), dir.join(m)).unwrap();
+    }
+    if broken {
+        let b = dir.join("broken-sd-turbo");
+        copy_tree(&fixtures.join("tiny-sd-turbo"), &b);
+        let w = b.join("unet/diffusion_pytorch_model.safetensors");
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    dir
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == "golden") {
+            continue;
+        }
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use crate::families::lora::HasLins;
 use crate::ops::linear::Lin;
@@ -120,10 +120,10 @@ impl Attention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q: linear(h, h, vb.pp("q_proj"))?,
-            k: linear(h, h, vb.pp("k_proj"))?,
-            v: linear(h, h, vb.pp("v_proj"))?,
-            out: linear(h, h, vb.pp("out_proj"))?,
+            q: linear(h, h, true, vb.pp("q_proj"))?,
+            k: linear(h, h, true, vb.pp("k_proj"))?,
+            v: linear(h, h, true, vb.pp("v_proj"))?,
+            out: linear(h, h, true, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -153,13 +153,13 @@ impl Attention {
     }
 }
 
-/// A biased linear layer in the encoder's own dtype, named by its canonical module path
-/// (`text_model.encoder.layers.N.…`, whether or not the file spells the `text_model.` prefix) so
-/// text-encoder LoRAs find it.
-fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+/// A linear layer in the encoder's own dtype, as [`Lin`] (f32 products on the CPU go through
+/// MKL's sgemm in MKL builds), named by its canonical module path (`text_model.encoder.layers.N.…`,
+/// whether or not the file spells the `text_model.` prefix) so text-encoder LoRAs find it.
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Lin> {
     let w = vb.get((o, i), "weight")?;
-    let b = vb.get(o, "bias")?;
-    let mut lin = Lin::from_parts(w, Some(b), vb.dtype())?;
+    let b = bias.then(|| vb.get(o, "bias")).transpose()?;
+    let mut lin = Lin::from_parts(w, b, vb.dtype())?;
     let name = vb.prefix();
     lin.set_name(if name.starts_with("text_model.") {
         name
@@ -186,8 +186,8 @@ impl Layer {
             ln1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
             ln2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: linear(h, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, true, vb.pp("mlp.fc2"))?,
             act,
         })
     }
@@ -245,7 +245,7 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
-    projection: Option<Linear>,
+    projection: Option<Lin>,
     eos_token_id: u32,
     dtype: DType,
 }
@@ -273,7 +273,7 @@ impl ClipTextModel {
         let final_norm = candle_nn::layer_norm(h, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?;
         let projection = match cfg.projection_dim {
             Some(p) if vb.contains_tensor("text_projection.weight") => {
-                Some(candle_nn::linear_no_bias(h, p, vb.pp("text_projection"))?)
+                Some(linear(h, p, false, vb.pp("text_projection"))?)
             }
             _ => None,
         };

@@ -5,7 +5,8 @@
 //! clamped to 2.
 
 use crate::families::profile::{
-    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, Profile, StepsProfile,
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview, Profile,
+    StepsProfile,
 };
 use crate::nn::scheduler::NoiseKind;
 
@@ -92,6 +93,29 @@ const CFG: CfgProfile = CfgProfile {
     bands: CFG_BANDS,
 };
 
+/// SD 2.1's VAE (SD-Turbo's) has SD 1.x's latent space (4 channels, scale 0.18215): the linear
+/// colour approximation ComfyUI publishes for it (`comfy/latent_formats.py`, class `SD15`).
+const SD_PREVIEW: LatentPreview = LatentPreview {
+    factors: &[
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ],
+    bias: [0.0, 0.0, 0.0],
+};
+
+/// SDXL's VAE (scale 0.13025) has its own latent colours (ComfyUI's class `SDXL`).
+const SDXL_PREVIEW: LatentPreview = LatentPreview {
+    factors: &[
+        [0.3651, 0.4232, 0.4341],
+        [-0.2533, -0.0042, 0.1068],
+        [0.1076, 0.1111, -0.0362],
+        [-0.3165, -0.2492, -0.2188],
+    ],
+    bias: [0.1084, -0.0175, -0.0011],
+};
+
 /// `stabilityai/sd-turbo` (4 latent channels, VAE factor 8).
 pub const SD_TURBO: Profile = Profile {
     family: FamilyKind::SdTurbo,
@@ -105,11 +129,13 @@ pub const SD_TURBO: Profile = Profile {
     steps: STEPS,
     cfg: CFG,
     img2img: IMG2IMG_DEFAULTS,
+    preview: SD_PREVIEW,
 };
 
 /// `stabilityai/sdxl-turbo`: the same ladders as SD-Turbo.
 pub const SDXL_TURBO: Profile = Profile {
     family: FamilyKind::SdxlTurbo,
     defaults: SDXL_TURBO_DEFAULTS,
+    preview: SDXL_PREVIEW,
     ..SD_TURBO
 };

@@ -14,7 +14,7 @@ use crate::ops::attention::{
     self, Attention as Sdpa, Spans, LOW_MEMORY_SCORE_CHUNK_ELEMS, SCORE_CHUNK_ELEMS,
 };
 use crate::ops::linear::{self, Lin};
-use crate::ops::rms_norm::{rms_norm, rms_norm_scale};
+use crate::ops::rms_norm::{qk_norm_rope, rms_norm, rms_norm_gate_add, rms_norm_scale};
 use crate::profile;
 
 /// Every per-item sequence (image tokens, caption tokens) is padded to a multiple of this.
@@ -102,7 +102,6 @@ impl Attention {
         max_scores: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let dtype = x.dtype();
         let dev = x.device();
         let heads = |t: Tensor| t.reshape((b, l, self.n_heads, self.head_dim));
         let (q, k, v) = profile::span("dit.attn.qkv", dev, || {
@@ -113,22 +112,26 @@ impl Attention {
             ))
         })?;
         let (q, k, v) = profile::span("dit.attn.qk_norm_rope", dev, || {
-            let (mut q, mut k) = (q, k);
-            if let Some(w) = &self.norm_q {
-                q = rms_norm(&q, w, QK_NORM_EPS)?;
-            }
-            if let Some(w) = &self.norm_k {
-                k = rms_norm(&k, w, QK_NORM_EPS)?;
-            }
-            // Rotary embedding in f32 on interleaved pairs, as diffusers' complex multiply does.
-            let q = q.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
-            let k = k.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?;
-            // Scaling q before the product saves a full pass over the L×L scores.
+            // Per-head norm, rotary embedding in f32 on interleaved pairs (as diffusers' complex
+            // multiply), and q's softmax scale (saves a pass over the L×L scores): one pass each
+            // on the CPU.
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            let q = (q * scale)?.to_dtype(dtype)?;
-            let k = k.to_dtype(dtype)?;
+            let q = qk_norm_rope(
+                &q,
+                self.norm_q.as_ref(),
+                QK_NORM_EPS,
+                &rope.cos,
+                &rope.sin,
+                scale,
+            )?;
+            let k = qk_norm_rope(
+                &k,
+                self.norm_k.as_ref(),
+                QK_NORM_EPS,
+                &rope.cos,
+                &rope.sin,
+                1.0,
+            )?;
             Ok((q, k, v.transpose(1, 2)?.contiguous()?))
         })?;
         let opts = Sdpa {
@@ -262,23 +265,25 @@ impl Block {
                 rms_norm_scale(t, w, s.as_ref(), self.eps)
             })
         };
-        let add = |x: &Tensor, a: Tensor| {
-            profile::span("dit.residual_add", dev, || x + a.to_dtype(residual)?)
+        // x + rms_norm(a)·w·gate in x's dtype (one pass on the CPU in f32).
+        let add = |x: &Tensor, a: Tensor, w: &Tensor, g: &Option<Tensor>| {
+            profile::span("dit.norm_gate_add", dev, || {
+                rms_norm_gate_add(x, &a, w, g.as_ref(), self.eps)?.to_dtype(residual)
+            })
         };
         let x = {
             let h = norms(x, &self.attention_norm1, &scale_msa)?;
             let a = self.attention.forward(&h, rope, bias, exec.max_scores)?;
             drop(h);
-            let a = norms(&a, &self.attention_norm2, &gate_msa)?;
-            add(x, a)?
+            add(x, a, &self.attention_norm2, &gate_msa)?
         };
         let f = {
             let h = norms(&x, &self.ffn_norm1, &scale_mlp)?;
             let f = profile::span("dit.ffn", dev, || self.feed_forward.forward(&h))?;
             drop(h);
-            norms(&f, &self.ffn_norm2, &gate_mlp)?
+            f
         };
-        add(&x, f)
+        add(&x, f, &self.ffn_norm2, &gate_mlp)
     }
 }
 

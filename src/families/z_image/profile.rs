@@ -4,7 +4,8 @@
 //! and may overexpose, the forced-CFG example recovered at 2.4, from 3 the model breaks.
 
 use crate::families::profile::{
-    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, Profile, StepsProfile,
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview, Profile,
+    StepsProfile,
 };
 use crate::nn::scheduler::NoiseKind;
 
@@ -154,6 +155,31 @@ const CFG_BANDS: &[Band] = &[
     },
 ];
 
+/// Z-Image-Turbo decodes with FLUX.1's VAE (16 channels, scale 0.3611, shift 0.1159), so its
+/// latents share FLUX's linear colour approximation. The coefficients are the least-squares fit
+/// ComfyUI publishes for FLUX latents (`comfy/latent_formats.py`, class `Flux`).
+const PREVIEW: LatentPreview = LatentPreview {
+    factors: &[
+        [-0.0346, 0.0244, 0.0681],
+        [0.0034, 0.0210, 0.0687],
+        [0.0275, -0.0668, -0.0433],
+        [-0.0174, 0.0160, 0.0617],
+        [0.0859, 0.0721, 0.0329],
+        [0.0004, 0.0383, 0.0115],
+        [0.0405, 0.0861, 0.0915],
+        [-0.0236, -0.0185, -0.0259],
+        [-0.0245, 0.0250, 0.1180],
+        [0.1008, 0.0755, -0.0421],
+        [-0.0515, 0.0201, 0.0011],
+        [0.0428, -0.0012, -0.0036],
+        [0.0817, 0.0765, 0.0749],
+        [-0.1264, -0.0522, -0.1103],
+        [-0.0280, -0.0881, -0.0499],
+        [-0.1262, -0.0982, -0.0778],
+    ],
+    bias: [-0.0329, -0.0718, -0.0851],
+};
+
 /// The published model's profile (16 latent channels, VAE factor 8, patch 2).
 pub const PROFILE: Profile = Profile {
     family: FamilyKind::ZImage,
@@ -174,4 +200,5 @@ pub const PROFILE: Profile = Profile {
         bands: CFG_BANDS,
     },
     img2img: IMG2IMG_DEFAULTS,
+    preview: PREVIEW,
 };

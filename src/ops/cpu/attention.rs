@@ -1,14 +1,15 @@
 //! The fused CPU attention: softmax(q·kᵀ + bias)·v per head in blocks of query rows — the
 //! block's scores (one product), an in-place softmax and the product with `v` — so no score
-//! matrix beyond one ≈ 1 MiB block ever exists. f32 products through candle's `gemm` crate
-//! ([`AttentionF32`]), or bf16 operands through MKL ([`AttentionBf16`], feature `mkl`).
+//! matrix beyond one ≈ 1 MiB block ever exists. f32 products through `sgemm`
+//! ([`AttentionF32`]: MKL where linked, candle's `gemm` crate otherwise), or bf16 operands through MKL ([`AttentionBf16`], feature `mkl`).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
 use super::f32_slice;
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 use super::mkl;
+use super::sgemm::sgemm;
 use super::softmax::softmax_row;
 
 /// Checks the fused attention's inputs; returns `(b, h, l, lk, d)`.
@@ -38,7 +39,7 @@ pub(crate) fn attention_dims(
 /// the block stays in cache between the two products).
 const SCORE_BLOCK_ELEMS: usize = 1 << 18;
 
-/// [`crate::ops::attention`] with f32 products through candle's `gemm` crate (one thread per head).
+/// [`crate::ops::attention`] with f32 products through `sgemm` (one thread per head).
 pub(crate) struct AttentionF32 {
     pub(crate) bias: Option<Vec<f32>>,
 }
@@ -80,61 +81,14 @@ impl CustomOp3 for AttentionF32 {
                 for r0 in (0..l).step_by(block) {
                     let rows = block.min(l - r0);
                     let qa = &q[(bh * l + r0) * d..(bh * l + r0 + rows) * d];
-                    // SAFETY (both products): every index stays inside the slices, whose lengths
-                    // are rows·d (qa), lk·d (kh, vh), rows·lk (scores) and rows·d (out rows).
-                    unsafe {
-                        // scores[r, j] = Σ_i qa[r, i] · kh[j, i]
-                        gemm::gemm(
-                            rows,
-                            lk,
-                            d,
-                            scores.as_mut_ptr(),
-                            1,
-                            lk as isize,
-                            false,
-                            qa.as_ptr(),
-                            1,
-                            d as isize,
-                            kh.as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    // scores[r, j] = Σ_i qa[r, i] · kh[j, i]
+                    sgemm(rows, lk, d, qa, d, kh, d, true, scores, lk, 0.0);
                     for s in scores[..rows * lk].chunks_mut(lk) {
                         softmax_row(s, bias);
                     }
                     let o = &mut out[r0 * d..(r0 + rows) * d];
-                    // SAFETY: as above.
-                    unsafe {
-                        // o[r, i] = Σ_j scores[r, j] · vh[j, i]
-                        gemm::gemm(
-                            rows,
-                            d,
-                            lk,
-                            o.as_mut_ptr(),
-                            1,
-                            d as isize,
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            lk as isize,
-                            vh.as_ptr(),
-                            1,
-                            d as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    // o[r, i] = Σ_j scores[r, j] · vh[j, i]
+                    sgemm(rows, d, lk, scores, lk, vh, d, false, o, d, 0.0);
                 }
             },
         );
@@ -146,12 +100,12 @@ impl CustomOp3 for AttentionF32 {
 /// with bf16 operands: per head, blocks of query rows get their scores (one product), a
 /// softmax that writes bf16 probabilities directly, and the product with `v` — no score matrix
 /// beyond one block ever exists. `bias`: `[B, Lk]` additive, f32.
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 pub(crate) struct AttentionBf16 {
     pub(crate) bias: Option<Vec<f32>>,
 }
 
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 impl CustomOp3 for AttentionBf16 {
     fn name(&self) -> &'static str {
         "attention-bf16-mkl"

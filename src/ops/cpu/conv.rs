@@ -1,12 +1,13 @@
 //! The 3×3 convolution on the CPU as nine accumulated matrix products per band of output rows
-//! ([`Conv3x3Taps`]): no im2col matrix at all, f32 weights through candle's `gemm` crate or bf16
-//! weights through MKL (feature `mkl`).
+//! ([`Conv3x3Taps`]): no im2col matrix at all, f32 weights through `sgemm` (MKL where linked,
+//! candle's `gemm` crate otherwise) or bf16 weights through MKL.
 
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
 use super::f32_slice;
+use super::sgemm::sgemm;
 
 /// 3×3 convolution, stride 1, padding 1, f32 on the CPU, as nine matrix products accumulated in
 /// place: output `[c_out, y·(W+2) + x]` += `w[:, :, kh, kw]` · (the zero-padded input, flattened with
@@ -45,39 +46,28 @@ impl CustomOp3 for Conv3x3Taps {
                 bl.shape()
             );
         }
-        #[cfg(feature = "mkl")]
+        #[cfg(zturbo_mkl)]
         if let CpuStorage::BF16(wb) = ws {
             let out = taps_bf16(x, (n, c_in, h, w), &wb[w0..w1], bias)?;
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
         let wt = &ws.as_slice::<f32>()?[w0..w1];
+        // Per tap a contiguous [c_out, c_in] matrix (a row-major operand for `sgemm`).
+        let taps = per_tap(wt, c_out, c_in, |v| v);
         let out = conv3x3_bands(x, (n, c_in, h, w), bias, as_is, |p| {
-            // SAFETY: dst is `acc`, c_out rows of `cols` elements. lhs element (o, i) is
-            // wt[o·9·c_in + i·9 + tap] < c_out·c_in·9 = wt.len(). rhs element (i, j) is
-            // padded[offset + i·plane + j], inside the padded input (see conv3x3_bands).
-            unsafe {
-                gemm::gemm(
-                    c_out,
-                    p.cols,
-                    c_in,
-                    p.acc.as_mut_ptr(),
-                    1,
-                    p.cols as isize,
-                    true,
-                    wt.as_ptr().add(p.tap),
-                    9,
-                    (9 * c_in) as isize,
-                    p.padded.as_ptr().add(p.offset),
-                    1,
-                    p.plane as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            sgemm(
+                c_out,
+                p.cols,
+                c_in,
+                &taps[p.tap * c_out * c_in..],
+                c_in,
+                &p.padded[p.offset..],
+                p.plane,
+                false,
+                p.acc,
+                p.cols,
+                1.0,
+            );
         })?;
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))))
     }
@@ -89,7 +79,7 @@ const ACC_BAND_ELEMS: usize = 1 << 18;
 /// [`Conv3x3Taps`] with bf16 weights: the same nine accumulated products per band, with bf16
 /// operands (weights regrouped per tap, the padded input rounded once) and f32 accumulation
 /// through MKL.
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 fn taps_bf16(
     x: &[f32],
     dims: (usize, usize, usize, usize),
@@ -97,15 +87,7 @@ fn taps_bf16(
     bias: &[f32],
 ) -> candle_core::Result<Vec<f32>> {
     let (c_in, c_out) = (dims.1, bias.len());
-    // Per tap a contiguous [c_out, c_in] matrix.
-    let mut taps = vec![0u16; 9 * c_out * c_in];
-    for o in 0..c_out {
-        for i in 0..c_in {
-            for t in 0..9 {
-                taps[(t * c_out + o) * c_in + i] = wt[(o * c_in + i) * 9 + t].to_bits();
-            }
-        }
-    }
+    let taps = per_tap(wt, c_out, c_in, |v| v.to_bits());
     fn rounded(p: &[f32]) -> Cow<'_, [u16]> {
         Cow::Owned(super::mkl::to_bf16(p))
     }
@@ -124,6 +106,25 @@ fn taps_bf16(
             1.0,
         );
     })
+}
+
+/// A `[c_out, c_in, 3, 3]` weight regrouped as nine contiguous `[c_out, c_in]` matrices, one per
+/// tap, each element mapped by `f`.
+fn per_tap<T: Copy, U: Copy + Default>(
+    wt: &[T],
+    c_out: usize,
+    c_in: usize,
+    f: impl Fn(T) -> U,
+) -> Vec<U> {
+    let mut taps = vec![U::default(); 9 * c_out * c_in];
+    for o in 0..c_out {
+        for i in 0..c_in {
+            for t in 0..9 {
+                taps[(t * c_out + o) * c_in + i] = f(wt[(o * c_in + i) * 9 + t]);
+            }
+        }
+    }
+    taps
 }
 
 /// The padded f32 input as it is (for f32 weights).

@@ -66,32 +66,9 @@ impl CustomOp2 for MatmulBf16 {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ad = al.shape().dims();
-        let bd = bl.shape().dims();
-        let r = ad.len();
-        if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
-            candle_core::bail!("matmul-bf16: shapes {:?} · {:?}", al.shape(), bl.shape());
-        }
-        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-        let batch: usize = ad[..r - 2].iter().product();
+        let (batch, m, k, n, b_t) = batched_dims(al, bl, "matmul-bf16")?;
         let Some((a0, a1)) = al.contiguous_offsets() else {
             candle_core::bail!("matmul-bf16: lhs must be contiguous");
-        };
-        // rhs: contiguous `[…, K, N]`, or the transpose of a contiguous `[…, N, K]`.
-        let st = bl.stride();
-        let b_t = if bl.is_contiguous() {
-            false
-        } else if st[r - 2] == 1 && st[r - 1] == k && (r == 2 || st[r - 3] == n * k) {
-            let lead_ok = (0..r - 2).rev().all(|i| {
-                let inner: usize = bd[i + 1..].iter().product();
-                st[i] == inner || bd[i] == 1
-            });
-            if !lead_ok {
-                candle_core::bail!("matmul-bf16: unsupported rhs strides {st:?}");
-            }
-            true
-        } else {
-            candle_core::bail!("matmul-bf16: unsupported rhs strides {st:?}");
         };
         let a = to_bf16(&as_.as_slice::<f32>()?[a0..a1]);
         let b_all = bs.as_slice::<f32>()?;
@@ -108,8 +85,43 @@ impl CustomOp2 for MatmulBf16 {
                 gemm(m, n, k, &a[i * m * k..], k, bb, ldb, b_t, c, n, 0.0);
             });
         }
-        let mut dims = ad.to_vec();
+        let mut dims = al.shape().dims().to_vec();
+        let r = dims.len();
         dims[r - 1] = n;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
+}
+
+/// `(batch, M, K, N, b_t)` of a batched product `a[…, M, K] · b[…, K, N]` with the same leading
+/// dims; `b` contiguous (`b_t` false) or the transpose of a contiguous `[…, N, K]` (`b_t` true).
+pub(crate) fn batched_dims(
+    al: &Layout,
+    bl: &Layout,
+    op: &str,
+) -> candle_core::Result<(usize, usize, usize, usize, bool)> {
+    let ad = al.shape().dims();
+    let bd = bl.shape().dims();
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        candle_core::bail!("{op}: shapes {:?} · {:?}", al.shape(), bl.shape());
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let batch: usize = ad[..r - 2].iter().product();
+    // rhs: contiguous `[…, K, N]`, or the transpose of a contiguous `[…, N, K]`.
+    let st = bl.stride();
+    let b_t = if bl.is_contiguous() {
+        false
+    } else if st[r - 2] == 1 && st[r - 1] == k && (r == 2 || st[r - 3] == n * k) {
+        let lead_ok = (0..r - 2).rev().all(|i| {
+            let inner: usize = bd[i + 1..].iter().product();
+            st[i] == inner || bd[i] == 1
+        });
+        if !lead_ok {
+            candle_core::bail!("{op}: unsupported rhs strides {st:?}");
+        }
+        true
+    } else {
+        candle_core::bail!("{op}: unsupported rhs strides {st:?}");
+    };
+    Ok((batch, m, k, n, b_t))
 }

@@ -1,13 +1,29 @@
-//! The MKL bindings (static libraries from the `mkl-static` wheel; see build.rs): bf16 × bf16 → f32
-//! products on one thread, split across the rayon pool, and f32 → bf16 rounding of whole slices.
+//! The MKL bindings (static libraries from the `mkl-static` wheel; see build.rs): f32 products
+//! (`cblas_sgemm`, used by ops/cpu/sgemm.rs), bf16 × bf16 → f32 products on one thread, split across the rayon pool, and f32 → bf16 rounding of whole slices.
 
 use rayon::prelude::*;
 
-const ROW_MAJOR: i32 = 101;
-const NO_TRANS: i32 = 111;
-const TRANS: i32 = 112;
+pub(crate) const ROW_MAJOR: i32 = 101;
+pub(crate) const NO_TRANS: i32 = 111;
+pub(crate) const TRANS: i32 = 112;
 
 unsafe extern "C" {
+    pub(crate) fn cblas_sgemm(
+        layout: i32,
+        transa: i32,
+        transb: i32,
+        m: i32,
+        n: i32,
+        k: i32,
+        alpha: f32,
+        a: *const f32,
+        lda: i32,
+        b: *const f32,
+        ldb: i32,
+        beta: f32,
+        c: *mut f32,
+        ldc: i32,
+    );
     fn cblas_gemm_bf16bf16f32(
         layout: i32,
         transa: i32,

@@ -5,10 +5,12 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod group_norm;
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 pub mod matmul;
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 pub mod mkl;
+pub mod rms_norm;
+pub mod sgemm;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout};
@@ -76,7 +78,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 }
 
 /// f32 → bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. Branch-free.
-#[cfg(feature = "mkl")]
+#[cfg(zturbo_mkl)]
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
