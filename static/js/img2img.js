@@ -91,8 +91,8 @@ function build() {
     'aria-describedby': 'init-image-error',
   });
   const drop = el('div', {
+    // Its accessible name is its visible text (axe: label-content-name-mismatch).
     class: 'i2i-drop', id: 'init-drop', tabindex: '0', role: 'button',
-    'aria-label': 'Input image: choose a file, drop one here, or paste one (Ctrl+V)',
   },
   el('strong', { text: 'Input image' }),
   el('span', { class: 'hint', text: 'Choose, drop or paste (Ctrl+V) a PNG, JPEG or WebP — or press “Use as input” on a result.' }));
