@@ -768,9 +768,12 @@ async function queueControl(browser, url) {
     await fillSmall(page, `a small boat on a lake number ${i + 1}`, { steps: 30 });
     ids.push((await generate(page, `queue job ${i + 1}`)).id);
   }
+  // Each row takes the server's resolved seed from the job's record, fetched after the submit
+  // answers: wait for those too (on a loaded machine the last one can lag the running state).
   await page.waitForFunction(() => {
     const first = document.querySelector('#queue .job');
-    return first && first.classList.contains('running');
+    const rows = [...document.querySelectorAll('#queue .job .job-meta')];
+    return first && first.classList.contains('running') && rows.every((m) => /seed \d+/.test(m.innerText));
   }, null, { timeout: 10_000 }).catch(async () => fail('running pinned on top', (await page.$eval('#queue', (e) => e.innerText)).replace(/\s+/g, ' ')));
   const rows = await page.$$eval('#queue .job', (ls) => ls.map((l) => ({ id: l.dataset.jobId, meta: l.querySelector('.job-meta').innerText, label: l.querySelector('.bar').getAttribute('aria-label') })));
   check(rows[0].id === ids[0], 'running on top', JSON.stringify(rows));
