@@ -204,6 +204,8 @@ fn child(
         batch: 1,
         enhance: true,
         memory_mode: mode,
+        init: None,
+        loras: Vec::new(),
         enhance_exclude: Vec::new(),
     };
     let mut times = Vec::new();

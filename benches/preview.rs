@@ -146,6 +146,8 @@ fn main() -> anyhow::Result<()> {
         batch: 1,
         enhance: true,
         memory_mode: MemoryMode::Performance,
+        init: None,
+        loras: Vec::new(),
         enhance_exclude: Vec::new(),
     };
     let mut run = |preview: Option<LatentPreview>| -> anyhow::Result<Timing> {

@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod families;
+pub mod inputs;
 pub mod memory;
 pub mod nn;
 pub mod ops;

@@ -6,8 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::families::lora::LoraDir;
+pub use crate::families::profile::Img2ImgDefaults;
 use crate::families::Profile;
+use crate::inputs::{self, CropRegion, InpaintFill, InputImage, ResizeMode};
 use crate::memory::planner::MemoryMode;
+use crate::nn::scheduler::{steps_run, NoiseKind};
 
 /// Longest prompt accepted, in characters. Text encoders truncate far earlier anyway; this only
 /// stops absurd bodies before they reach the tokenizer.
@@ -20,6 +24,11 @@ pub const MAX_STEPS: u32 = 100;
 /// are accepted and clamped to the model's safe maximum before the run.
 pub const MIN_CFG: f32 = 1.0;
 pub const MAX_CFG: f32 = 30.0;
+/// Largest `mask_blur` (σ of the paste-back blur, in pixels).
+pub const MAX_MASK_BLUR: u32 = 64;
+/// The default strength of inpainting (diffusers' `ZImageInpaintPipeline`): the masked region is
+/// repainted from pure noise.
+pub const INPAINT_STRENGTH: f64 = 1.0;
 
 /// A generation request as it arrives (JSON body or CLI flags). Unknown fields are an error.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -44,6 +53,36 @@ pub struct GenerationRequest {
     pub enhance: Option<bool>,
     #[serde(default)]
     pub memory_mode: Option<MemoryMode>,
+    /// Image to image: the input image, base64 (PNG, JPEG or WebP) or a `data:` URL.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Inpainting: a mask the size of `image`, white = repaint (base64 or a data URL).
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// How much of `image` is repainted, 0–1 (default: the model's image-to-image strength; 1
+    /// with a mask).
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// σ in pixels of the blur that blends the original pixels back outside the mask (default 4).
+    #[serde(default)]
+    pub mask_blur: Option<u32>,
+    /// How `image` and `mask` are fitted to `width`×`height` when their size differs.
+    #[serde(default)]
+    pub resize_mode: Option<ResizeMode>,
+    /// LoRAs from the server's LoRA folder, applied in order (also: `<lora:name:weight>` in the
+    /// prompt, as in A1111).
+    #[serde(default)]
+    pub loras: Option<Vec<LoraSpec>>,
+    /// Inpainting: what the masked region starts from (default `original`).
+    #[serde(default)]
+    pub inpaint_fill: Option<InpaintFill>,
+    /// Inpainting: repaint only the masked region, cropped (with `inpaint_full_res_padding`
+    /// pixels around it) and scaled to width×height, then pasted back into the whole image (A1111's
+    /// "only masked"). Default false: the whole picture at width×height.
+    #[serde(default)]
+    pub inpaint_full_res: Option<bool>,
+    #[serde(default)]
+    pub inpaint_full_res_padding: Option<u32>,
     /// Phrases the enhancement must not add (the UI's removed chips), as the preview showed them.
     #[serde(default)]
     pub enhance_exclude: Vec<String>,
@@ -53,12 +92,30 @@ pub struct GenerationRequest {
     pub model: Option<String>,
 }
 
+/// A LoRA as a request names it: a file in the server's LoRA folder and its weight.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub weight: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// Most LoRAs one job may apply.
+pub const MAX_LORAS: usize = 8;
+/// LoRA weights are accepted in ±this.
+pub const MAX_LORA_WEIGHT: f32 = 10.0;
+
 /// At most this many excluded enhancement phrases, each at most [`MAX_EXCLUDE_CHARS`] long.
 pub const MAX_EXCLUDED_PHRASES: usize = 64;
 pub const MAX_EXCLUDE_CHARS: usize = 200;
 
 /// What a request is validated against: the loaded model's facts and the server's limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub default_width: u32,
     pub default_height: u32,
@@ -68,7 +125,12 @@ pub struct Limits {
     pub size_multiple: u32,
     pub max_batch: u32,
     pub default_memory_mode: MemoryMode,
+    /// Image-to-image defaults and step arithmetic of the loaded model.
+    pub img2img: Img2ImgDefaults,
 }
+
+/// The default σ of the paste-back blur (A1111's `mask_blur` default).
+pub const DEFAULT_MASK_BLUR: u32 = 4;
 
 impl Limits {
     /// The loaded model's defaults and size multiple, with the device's batch limit.
@@ -82,6 +144,7 @@ impl Limits {
             size_multiple: profile.size_multiple,
             max_batch,
             default_memory_mode,
+            img2img: profile.img2img,
         }
     }
 }
@@ -99,10 +162,48 @@ pub struct ValidRequest {
     pub batch: u32,
     pub enhance: bool,
     pub memory_mode: MemoryMode,
+    /// Image to image / inpainting; `None` for text to image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<Box<InitImage>>,
+    /// LoRAs applied to the denoiser for this job, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
     /// Phrases the enhancement leaves out (see [`GenerationRequest::enhance_exclude`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enhance_exclude: Vec<String>,
 }
+
+/// One LoRA of a job: a low-rank update of the denoiser's weights, scaled by `weight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraRef {
+    /// What the user named (a file stem in `<models-dir>/loras/`, or a file on the CLI).
+    pub name: String,
+    pub weight: f32,
+    /// The file it resolved to when the job was accepted.
+    pub path: std::path::PathBuf,
+}
+
+/// The image a job starts from, fitted to the job's size, and its mask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitImage {
+    /// RGB, `width`×`height` of the job.
+    pub image: InputImage,
+    /// Gray, same size, white (≥ 128) = repaint; `None` = image to image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<InputImage>,
+    pub strength: f64,
+    pub mask_blur: u32,
+    /// What the masked region starts from.
+    #[serde(default)]
+    pub fill: InpaintFill,
+    /// "Only masked": the crop of the whole image that `image` and `mask` are (resized to the
+    /// job's size); the result is pasted back into the whole image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<CropRegion>,
+}
+
+/// Largest `inpaint_full_res_padding`.
+pub const MAX_INPAINT_PADDING: u32 = 1024;
 
 /// A user error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
@@ -122,7 +223,30 @@ impl FieldError {
 }
 
 impl GenerationRequest {
+    /// Validation without a LoRA folder (a request naming LoRAs is refused).
     pub fn validate(self, limits: &Limits) -> Result<ValidRequest, FieldError> {
+        self.validate_in(limits, None)
+    }
+
+    /// Validation with the server's LoRA folder to resolve `loras` (and `<lora:…>` prompt tags).
+    pub fn validate_in(
+        mut self,
+        limits: &Limits,
+        lora_dir: Option<&LoraDir>,
+    ) -> Result<ValidRequest, FieldError> {
+        let (clean, tagged) = extract_lora_tags(&self.prompt)?;
+        let mut specs = self.loras.take().unwrap_or_default();
+        if !tagged.is_empty() {
+            self.prompt = clean;
+            specs.extend(tagged);
+        }
+        let loras = resolve_loras(&specs, lora_dir)?;
+        let mut valid = self.validate_plain(limits)?;
+        valid.loras = loras;
+        Ok(valid)
+    }
+
+    fn validate_plain(self, limits: &Limits) -> Result<ValidRequest, FieldError> {
         let prompt = check_text("prompt", self.prompt)?;
         if prompt.trim().is_empty() {
             return Err(FieldError::new("prompt", "must not be empty"));
@@ -152,9 +276,24 @@ impl GenerationRequest {
             }
             Ok(v)
         };
-        let width = side("width", self.width, limits.default_width)?;
-        let height = side("height", self.height, limits.default_height)?;
-        let steps = self.steps.unwrap_or(limits.default_steps);
+        let decoded = match &self.image {
+            Some(b64) => Some(decode_field("image", b64)?),
+            None => None,
+        };
+        // Without a size, an input image gives its own (rounded down to the size multiple,
+        // scaled down to fit the largest side), as diffusers takes the image's size.
+        let (dw, dh) = match &decoded {
+            Some(img) => image_size(img.width(), img.height(), limits.size_multiple),
+            None => (limits.default_width, limits.default_height),
+        };
+        let width = side("width", self.width, dw)?;
+        let height = side("height", self.height, dh)?;
+        let default_steps = if decoded.is_some() {
+            limits.img2img.steps
+        } else {
+            limits.default_steps
+        };
+        let steps = self.steps.unwrap_or(default_steps);
         if !(MIN_STEPS..=MAX_STEPS).contains(&steps) {
             return Err(FieldError::new(
                 "steps",
@@ -180,8 +319,41 @@ impl GenerationRequest {
                 ),
             ));
         }
+        let init = match decoded {
+            Some(img) => Some(Box::new(init_image(
+                img,
+                InitOptions {
+                    mask: self.mask.as_deref(),
+                    strength: self.strength,
+                    mask_blur: self.mask_blur,
+                    mode: self.resize_mode.unwrap_or_default(),
+                    fill: self.inpaint_fill.unwrap_or_default(),
+                    full_res: self.inpaint_full_res.unwrap_or(false),
+                    padding: self.inpaint_full_res_padding.unwrap_or(0),
+                },
+                (width, height),
+                steps,
+                limits,
+            )?)),
+            None => {
+                for (field, given) in [
+                    ("mask", self.mask.is_some()),
+                    ("strength", self.strength.is_some()),
+                    ("mask_blur", self.mask_blur.is_some()),
+                    ("inpaint_fill", self.inpaint_fill.is_some()),
+                    ("inpaint_full_res", self.inpaint_full_res.is_some()),
+                ] {
+                    if given {
+                        return Err(FieldError::new(field, "needs an input image (`image`)"));
+                    }
+                }
+                None
+            }
+        };
         let enhance_exclude = check_excluded(self.enhance_exclude)?;
         Ok(ValidRequest {
+            init,
+            loras: Vec::new(),
             prompt,
             negative_prompt,
             width,
@@ -195,6 +367,111 @@ impl GenerationRequest {
             enhance_exclude,
         })
     }
+}
+
+/// Pulls A1111's `<lora:name:weight>` tags (weight optional, default 1) out of a prompt; the
+/// prompt keeps the rest, tidied of the spaces and commas the tags leave.
+pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<LoraSpec>), FieldError> {
+    let mut rest = String::with_capacity(prompt.len());
+    let mut specs = Vec::new();
+    let mut s = prompt;
+    while let Some(start) = s.find("<lora:") {
+        rest.push_str(&s[..start]);
+        let after = &s[start + "<lora:".len()..];
+        let Some(end) = after.find('>') else {
+            return Err(FieldError::new(
+                "prompt",
+                "has a `<lora:` tag without its closing `>` (syntax: <lora:name:weight>)",
+            ));
+        };
+        let body = &after[..end];
+        let (name, weight) = match body.rsplit_once(':') {
+            Some((n, w)) => {
+                let w: f32 = w.trim().parse().map_err(|_| {
+                    FieldError::new(
+                        "prompt",
+                        format!(
+                            "<lora:{body}>: `{w}` is not a weight (syntax: <lora:name:weight>)"
+                        ),
+                    )
+                })?;
+                (n, w)
+            }
+            None => (body, 1.0),
+        };
+        specs.push(LoraSpec {
+            name: name.trim().to_string(),
+            weight,
+        });
+        s = &after[end + 1..];
+    }
+    if specs.is_empty() {
+        return Ok((prompt.to_string(), specs));
+    }
+    rest.push_str(s);
+    let tidy = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((tidy, specs))
+}
+
+/// Resolves named LoRAs against the server's folder: known names, finite weights in range.
+fn resolve_loras(specs: &[LoraSpec], dir: Option<&LoraDir>) -> Result<Vec<LoraRef>, FieldError> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if specs.len() > MAX_LORAS {
+        return Err(FieldError::new(
+            "loras",
+            format!("at most {MAX_LORAS} LoRAs per job (got {})", specs.len()),
+        ));
+    }
+    let Some(dir) = dir else {
+        return Err(FieldError::new(
+            "loras",
+            "this server has no LoRA folder (put .safetensors files in <models-dir>/loras/)",
+        ));
+    };
+    specs
+        .iter()
+        .map(|l| {
+            if !l.weight.is_finite() || l.weight.abs() > MAX_LORA_WEIGHT {
+                return Err(FieldError::new(
+                    "loras",
+                    format!(
+                        "`{}`: weight must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT} (got {})",
+                        l.name, l.weight
+                    ),
+                ));
+            }
+            let path = dir.resolve(&l.name).ok_or_else(|| {
+                let known = dir.names();
+                FieldError::new(
+                    "loras",
+                    format!(
+                        "no LoRA named `{}` in {} (available: {})",
+                        l.name,
+                        dir.path().display(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })?;
+            dir.check(&path)
+                .map_err(|e| FieldError::new("loras", format!("`{}`: {e}", l.name)))?;
+            Ok(LoraRef {
+                name: l.name.clone(),
+                weight: l.weight,
+                path,
+            })
+        })
+        .collect()
 }
 
 /// `enhance_exclude`: a bounded list of short phrases without control characters.
@@ -227,6 +504,164 @@ pub fn check_excluded(list: Vec<String>) -> Result<Vec<String>, FieldError> {
             Ok(p.trim().to_string())
         })
         .collect()
+}
+
+fn decode_field(field: &str, b64: &str) -> Result<image::DynamicImage, FieldError> {
+    let bytes = inputs::decode_base64(b64).map_err(|e| FieldError::new(field, e.to_string()))?;
+    inputs::decode_image(&bytes).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+/// The size an input image gives a job: its own, scaled down to fit [`MAX_SIDE`], rounded down to
+/// the size multiple and at least [`MIN_SIDE`].
+pub fn image_size(w: u32, h: u32, multiple: u32) -> (u32, u32) {
+    let m = multiple.max(1);
+    let scale = (MAX_SIDE as f64 / w.max(h).max(1) as f64).min(1.0);
+    let fit = |v: u32| {
+        let v = (v as f64 * scale).floor() as u32;
+        (v / m * m).max(MIN_SIDE.div_ceil(m) * m)
+    };
+    (fit(w), fit(h))
+}
+
+/// The image-to-image and inpainting options of a request, before validation.
+struct InitOptions<'a> {
+    mask: Option<&'a str>,
+    strength: Option<f64>,
+    mask_blur: Option<u32>,
+    mode: ResizeMode,
+    fill: InpaintFill,
+    full_res: bool,
+    padding: u32,
+}
+
+/// Checks and fits the image-to-image inputs: strength in [0, 1] that leaves at least one step,
+/// a mask of the image's size with something to repaint; with "only masked", the crop around the
+/// mask becomes the job's image.
+fn init_image(
+    img: image::DynamicImage,
+    o: InitOptions<'_>,
+    (width, height): (u32, u32),
+    steps: u32,
+    limits: &Limits,
+) -> Result<InitImage, FieldError> {
+    let rgb = inputs::to_rgb(&img);
+    let mask = match o.mask {
+        Some(b64) => {
+            let m = decode_field("mask", b64)?;
+            if (m.width(), m.height()) != (img.width(), img.height()) {
+                return Err(FieldError::new(
+                    "mask",
+                    format!(
+                        "is {}×{} but the image is {}×{}: they must be the same size",
+                        m.width(),
+                        m.height(),
+                        img.width(),
+                        img.height()
+                    ),
+                ));
+            }
+            let m = inputs::to_luma_pil(&m);
+            if inputs::mask_is_empty(&m) {
+                return Err(FieldError::new(
+                    "mask",
+                    "is empty: nothing is white (≥ 128), so nothing would be repainted",
+                ));
+            }
+            Some(m)
+        }
+        None => {
+            for (field, set) in [
+                ("inpaint_fill", o.fill != InpaintFill::Original),
+                ("inpaint_full_res", o.full_res),
+            ] {
+                if set {
+                    return Err(FieldError::new(field, "needs a mask (`mask`)"));
+                }
+            }
+            None
+        }
+    };
+    if o.padding > MAX_INPAINT_PADDING {
+        return Err(FieldError::new(
+            "inpaint_full_res_padding",
+            format!(
+                "must be between 0 and {MAX_INPAINT_PADDING} (got {})",
+                o.padding
+            ),
+        ));
+    }
+    let default = if mask.is_some() {
+        INPAINT_STRENGTH
+    } else {
+        limits.img2img.strength
+    };
+    let strength = o.strength.unwrap_or(default);
+    if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+        return Err(FieldError::new(
+            "strength",
+            format!("must be between 0 and 1 (got {strength})"),
+        ));
+    }
+    if steps_run(limits.img2img.noise, steps as usize, strength) == 0 {
+        let rule = match limits.img2img.noise {
+            NoiseKind::VarianceExploding => format!(
+                "this model runs int(steps × strength) steps, so steps × strength must be at least 1 \
+                 (got {steps} × {strength} = {})",
+                steps as f64 * strength
+            ),
+            NoiseKind::Flow => "use a strength above 0".to_string(),
+        };
+        return Err(FieldError::new(
+            "strength",
+            format!("{strength} with {steps} steps runs no denoising step: {rule}"),
+        ));
+    }
+    let mask_blur = o.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
+    if mask_blur > MAX_MASK_BLUR {
+        return Err(FieldError::new(
+            "mask_blur",
+            format!("must be between 0 and {MAX_MASK_BLUR} (got {mask_blur})"),
+        ));
+    }
+    // "Only masked": the job works on the crop around the mask, resized (and filled) to its size.
+    let (region, job_rgb, job_mask) = match (&mask, o.full_res) {
+        (Some(m), true) => {
+            let (x, y, cw, ch) = inputs::crop_region(m, o.padding, width, height)
+                .ok_or_else(|| FieldError::new("mask", "is empty"))?;
+            let crop_rgb = image::imageops::crop_imm(&rgb, x, y, cw, ch).to_image();
+            let crop_mask = image::imageops::crop_imm(m, x, y, cw, ch).to_image();
+            let region = CropRegion {
+                x,
+                y,
+                width: cw,
+                height: ch,
+                image: InputImage::rgb(rgb.clone()),
+                mask: InputImage::gray(m.clone()),
+            };
+            let fit_rgb = inputs::fit(&crop_rgb, width, height, ResizeMode::ResizeAndFill);
+            let fit_mask = inputs::fit(&crop_mask, width, height, ResizeMode::ResizeAndFill);
+            (Some(region), fit_rgb, Some(fit_mask))
+        }
+        _ => (
+            None,
+            inputs::fit(&rgb, width, height, o.mode),
+            mask.as_ref().map(|m| inputs::fit(m, width, height, o.mode)),
+        ),
+    };
+    if job_mask.as_ref().is_some_and(inputs::mask_is_empty) {
+        return Err(FieldError::new(
+            "mask",
+            format!("has nothing white (≥ 128) left once fitted to {width}×{height}"),
+        ));
+    }
+    Ok(InitImage {
+        image: InputImage::rgb(job_rgb),
+        mask: job_mask.map(InputImage::gray),
+        strength,
+        mask_blur,
+        fill: o.fill,
+        region,
+    })
 }
 
 fn check_text(field: &str, text: String) -> Result<String, FieldError> {
@@ -278,6 +713,11 @@ mod tests {
             size_multiple: 16,
             max_batch: 4,
             default_memory_mode: MemoryMode::Auto,
+            img2img: Img2ImgDefaults {
+                steps: 8,
+                strength: 0.6,
+                noise: NoiseKind::Flow,
+            },
         }
     }
 

@@ -13,7 +13,9 @@ import { $, el, fmtBytes, isMac, isTouch, stored } from './js/dom.js';
 import { state, set, emit, on } from './js/store.js';
 import { t, initLang, setLang, lang, LANGS } from './js/i18n.js';
 import { api, setOnline } from './js/api.js';
-import { applyInfoToForm, wireForm, updateAllHints, relabelForm } from './js/form.js';
+import { applyInfoToForm, wireForm, updateAllHints, relabelForm, clearOneError, F } from './js/form.js';
+import { mountImg2Img, img2imgInfo } from './js/img2img.js';
+import { toast } from './js/toast.js';
 import { wireEnhance } from './js/enhance.js';
 import { wireJobs, trackJob, updateButtons, isTerminal } from './js/jobs.js';
 import { wireGallery, resetHistory } from './js/gallery.js';
@@ -145,10 +147,27 @@ async function loadActiveJobs() {
   }
 }
 
+/** The input image sets the job's size (and, the first time, the model's image-to-image steps). */
+function onInputSize(w, h, opts = {}) {
+  F.width.value = String(w);
+  F.height.value = String(h);
+  clearOneError(F.width);
+  clearOneError(F.height);
+  if (opts.steps) {
+    F.steps.value = String(opts.steps);
+    clearOneError(F.steps);
+  }
+  updateAllHints();
+  emit('form:changed', { field: 'size' });
+}
+
 async function main() {
   initLang();
   await checkAuth();
   wireForm();
+  // Image to image, inpainting and LoRAs: their own module, mounted into the form.
+  mountImg2Img({ api, toast, onSize: onInputSize });
+  on('info', img2imgInfo);
   wireEnhance();
   wireJobs();
   wireGallery();

@@ -2,12 +2,13 @@
 //! `tests/browser/ui_test.mjs` (playwright-core and axe-core from npm, pinned; the system's Debian
 //! `chromium`; never a browser download). It checks the zh-CN messages against English, then uses
 //! the page as people do: generate (hero, gallery, the chart's exact job peak, per-image seeds),
-//! the lightbox, downloads, search and delete, the enhancement chips, the Models panel (from a
-//! fake hub), the profile contract, a phone viewport, cancel-all and Esc, an outage (it kills and
-//! restarts a server of its own under the page), model switching between two tiny local models,
-//! the API-key prompt, and axe-core in both themes and both languages. Screenshots for humans and
-//! CI artefacts: `target/browser-desktop.png`, `browser-phone.png`, `browser-zh-CN.png`,
-//! `browser-dark.png`, `browser-outage.png`.
+//! the lightbox, downloads, search and delete, the enhancement chips, image to image (a result
+//! used as the input image), inpainting (a mask painted with mouse and keyboard) and a LoRA with a
+//! weight, the Models panel (from a fake hub), the profile contract, a phone viewport, cancel-all
+//! and Esc, an outage (it kills and restarts a server of its own under the page), model switching
+//! between two tiny local models, the API-key prompt, and axe-core in both themes and both
+//! languages. Screenshots for humans and CI artefacts: `target/browser-desktop.png`,
+//! `browser-phone.png`, `browser-zh-CN.png`, `browser-dark.png`, `browser-outage.png`.
 //!
 //! Needs `node`, `npm ci --prefix tests/browser` and `apt-get install chromium`; `.ci/run` does
 //! all three. A missing piece fails the test with a message saying which.
@@ -56,8 +57,21 @@ fn ui_generates_an_image_in_headless_chromium() {
     // Downloads from the Models panel go to a fake hub (no network in tests).
     let hub = fake_hub(false);
     let hf_home = out.with_file_name(format!("{}-hf", out.file_name().unwrap().to_string_lossy()));
-    let server = Server::start(
+    // One LoRA in <models-dir>/loras/ for the picker (the tiny Z-Image PEFT fixture, which
+    // matches the demo model's layers).
+    let models = out.with_file_name(format!(
+        "{}-models",
+        out.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(models.join("loras")).unwrap();
+    std::fs::copy(
+        root.join("tests/fixtures/img2img/lora_peft.safetensors"),
+        models.join("loras/style.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start_with_models(
         &out,
+        &models,
         &[],
         &[
             ("HF_ENDPOINT", hub.url.as_str()),

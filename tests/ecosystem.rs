@@ -350,7 +350,7 @@ fn a1111_api() {
     assert_eq!(e["detail"][0]["type"], "value_error.jsondecode");
     let (st, _, e) = post_raw(&t2i, "application/json", b"[1]".to_vec());
     assert_eq!(st, 422, "{e}");
-    let (st, e) = get_json(&s.url("/sdapi/v1/img2img"));
+    let (st, e) = get_json(&s.url("/sdapi/v1/extra-single-image"));
     assert_eq!(st, 404);
     assert!(e["detail"].is_string(), "{e}");
 

@@ -52,6 +52,8 @@ fn request(cfg: f32) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: MemoryMode::Performance,
+        init: None,
+        loras: Vec::new(),
         enhance_exclude: Vec::new(),
     }
 }
@@ -265,6 +267,15 @@ impl Family for Spy {
     }
     fn vae_input(&self, l: &Tensor) -> Result<Tensor, zturbo::families::ModelError> {
         self.inner.vae_input(l)
+    }
+    fn lora_layers(&self) -> &zturbo::families::lora::LinearLayers {
+        self.inner.lora_layers()
+    }
+    fn set_loras(
+        &mut self,
+        set: Arc<zturbo::families::lora::LoraSet>,
+    ) -> Result<(), zturbo::families::ModelError> {
+        self.inner.set_loras(set)
     }
 }
 

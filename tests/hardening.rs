@@ -410,6 +410,8 @@ mod engine_cancel {
             batch: 2,
             enhance: false,
             memory_mode: MemoryMode::Performance,
+            init: None,
+            loras: Vec::new(),
             enhance_exclude: Vec::new(),
         }
     }

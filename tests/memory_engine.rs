@@ -117,6 +117,8 @@ fn request(w: u32, h: u32, mode: MemoryMode) -> ValidRequest {
         batch: 1,
         enhance: false,
         memory_mode: mode,
+        init: None,
+        loras: Vec::new(),
         enhance_exclude: Vec::new(),
     }
 }

@@ -151,6 +151,7 @@ fn request(size: u32, mode: MemoryMode) -> zturbo::request::ValidRequest {
         size_multiple: 8,
         max_batch: 4,
         default_memory_mode: MemoryMode::Auto,
+        img2img: zturbo::families::sd_turbo::profile::IMG2IMG_DEFAULTS,
     };
     GenerationRequest {
         prompt: "a serene mountain lake at dawn".into(),

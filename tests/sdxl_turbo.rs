@@ -441,6 +441,7 @@ fn request(steps: u32, cfg: f32, seed: u64) -> zturbo::request::ValidRequest {
         size_multiple: 8,
         max_batch: 4,
         default_memory_mode: MemoryMode::Auto,
+        img2img: zturbo::families::sd_turbo::profile::IMG2IMG_DEFAULTS,
     };
     GenerationRequest {
         prompt: "a serene mountain lake at dawn".into(),

@@ -294,12 +294,14 @@ fn submit_stream_done_and_png() {
                                     "steps": 1, "batch": 2, "cfg": 3.2}),
     );
     let events = job_events(&s, &second);
-    let notice = events
-        .iter()
-        .find(|e| e.name == "notice")
-        .expect("a cfg notice");
-    assert_eq!(notice.data["kind"], "cfg_clamped");
-    assert_eq!(notice.data["to"], 2.4);
+    // A job that ends before the stream is opened shows only its final event: the notice is
+    // then read from the record (on a busy machine this 1-step job can finish that fast).
+    let notice = match events.iter().find(|e| e.name == "notice") {
+        Some(e) => e.data.clone(),
+        None => get_json(&s.url(&format!("/api/jobs/{second}"))).1["notices"][0].clone(),
+    };
+    assert_eq!(notice["kind"], "cfg_clamped", "{notice}");
+    assert_eq!(notice["to"], 2.4);
     let done = events.last().unwrap();
     assert_eq!(done.name, "done");
     assert_eq!(done.data["images"].as_array().unwrap().len(), 2);

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use zturbo::engine::output::{self, a1111_parameters, encode_png, write_atomic};
@@ -44,7 +44,8 @@ pub struct GenerateArgs {
     #[arg(long, short)]
     output: PathBuf,
     /// Initial noise: a safetensors file with one tensor `latents` of shape (B, C, H/8, W/8),
-    /// used exactly like diffusers' `latents=` argument.
+    /// used exactly like diffusers' `latents=` argument (with --image: the loop's start latents,
+    /// as `ZImageImg2ImgPipeline(latents=…)` takes them).
     #[arg(long)]
     init_latents: Option<PathBuf>,
     /// Write the final latents (before the VAE) as tensor `latents` to this safetensors file.
@@ -53,6 +54,83 @@ pub struct GenerateArgs {
     /// Take prompt, size, steps, CFG and seed from a PNG's parameters (flags still override).
     #[arg(long)]
     from_png: Option<PathBuf>,
+    /// Image to image: start from this PNG, JPEG or WebP (its size is the default size).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// How much of --image is repainted, 0–1 (default: the model's, 1 with --mask).
+    #[arg(long, requires = "image")]
+    strength: Option<f64>,
+    /// Inpainting: a mask the size of --image, white = repaint.
+    #[arg(long, requires = "image")]
+    mask: Option<PathBuf>,
+    /// σ in pixels of the blur that blends the original back outside the mask (default 4).
+    #[arg(long, requires = "mask")]
+    mask_blur: Option<u32>,
+    /// How --image and --mask are fitted to --width/--height: stretch, crop-and-resize,
+    /// resize-and-fill.
+    #[arg(long, value_parser = parse_resize_mode)]
+    resize_mode: Option<zturbo::inputs::ResizeMode>,
+    /// A LoRA file and its weight (default 1), e.g. `--lora style.safetensors:0.8`; repeat for
+    /// several (applied in order). `<lora:name:weight>` in the prompt names files in
+    /// <models-dir>/loras/.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]", value_parser = parse_lora)]
+    loras: Vec<(PathBuf, f32)>,
+    /// What the masked region starts from: original (default), fill (the surrounding colours),
+    /// latent-noise, latent-nothing (A1111's inpainting fill).
+    #[arg(long, requires = "mask", value_parser = parse_fill)]
+    inpaint_fill: Option<zturbo::inputs::InpaintFill>,
+    /// Repaint only the masked region: its crop (plus --inpaint-padding pixels) is generated at
+    /// --width×--height and pasted back into the whole image (A1111's "only masked").
+    #[arg(long, requires = "mask")]
+    inpaint_full_res: bool,
+    /// Pixels of context around the mask with --inpaint-full-res.
+    #[arg(long, requires = "inpaint_full_res")]
+    inpaint_padding: Option<u32>,
+}
+
+fn parse_fill(s: &str) -> Result<zturbo::inputs::InpaintFill, String> {
+    use zturbo::inputs::InpaintFill;
+    match s {
+        "original" => Ok(InpaintFill::Original),
+        "fill" => Ok(InpaintFill::Fill),
+        "latent-noise" => Ok(InpaintFill::LatentNoise),
+        "latent-nothing" => Ok(InpaintFill::LatentNothing),
+        _ => Err(format!(
+            "`{s}`: expected original, fill, latent-noise or latent-nothing"
+        )),
+    }
+}
+
+/// `FILE[:WEIGHT]`: the weight is what follows the last `:` when it is a number.
+fn parse_lora(s: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((file, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f32>() {
+            if !w.is_finite() {
+                return Err(format!("`{s}`: the weight must be a finite number"));
+            }
+            return Ok((PathBuf::from(file), w));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
+
+fn parse_resize_mode(s: &str) -> Result<zturbo::inputs::ResizeMode, String> {
+    use zturbo::inputs::ResizeMode;
+    match s {
+        "stretch" => Ok(ResizeMode::Stretch),
+        "crop-and-resize" => Ok(ResizeMode::CropAndResize),
+        "resize-and-fill" => Ok(ResizeMode::ResizeAndFill),
+        _ => Err(format!(
+            "`{s}`: expected stretch, crop-and-resize or resize-and-fill"
+        )),
+    }
+}
+
+/// A file's bytes as base64, for the request's image fields.
+fn file_base64(flag: &str, p: &Path) -> Result<String> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -121,6 +199,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut engine = load::open(&settings, load::resolve(&settings, false)?)?;
     let limits = Limits::new(engine.profile(), 64, MemoryMode::Auto);
     let fp = from_png.unwrap_or_default();
+    let lora_dir = zturbo::families::lora::LoraDir::new(args.model.models_dir.join("loras"));
     let req = GenerationRequest {
         prompt: args.prompt.clone().unwrap_or(fp.prompt),
         negative_prompt: args.negative_prompt.clone().or(fp.negative_prompt),
@@ -132,11 +211,54 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         batch: args.batch,
         enhance: args.enhance.or(args.from_png.as_ref().map(|_| false)),
         memory_mode: args.memory_mode,
+        image: match &args.image {
+            Some(p) => Some(file_base64("--image", p)?),
+            None => None,
+        },
+        mask: match &args.mask {
+            Some(p) => Some(file_base64("--mask", p)?),
+            None => None,
+        },
+        strength: args.strength,
+        mask_blur: args.mask_blur,
+        resize_mode: args.resize_mode,
+        loras: None,
+        inpaint_fill: args.inpaint_fill,
+        inpaint_full_res: args.inpaint_full_res.then_some(true),
+        inpaint_full_res_padding: args.inpaint_padding,
         ..Default::default()
     }
-    .validate(&limits)
-    .map_err(|e| anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
+    .validate_in(&limits, Some(&lora_dir))
+    .map_err(|e| {
+        let flag = match e.field.as_str() {
+            "inpaint_full_res_padding" => "inpaint-padding".to_string(),
+            f => f.replace('_', "-"),
+        };
+        let file = match e.field.as_str() {
+            "image" => args.image.as_ref(),
+            "mask" => args.mask.as_ref(),
+            _ => None,
+        };
+        match file {
+            Some(p) => anyhow!("--{flag} {}: {}", p.display(), e.message),
+            None => anyhow!("--{flag}: {}", e.message),
+        }
+    })?;
 
+    let mut req = req;
+    for (path, weight) in &args.loras {
+        if !path.is_file() {
+            bail!("--lora {}: no such file", path.display());
+        }
+        req.loras.push(zturbo::request::LoraRef {
+            name: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            weight: *weight,
+            path: path.clone(),
+        });
+    }
     let extras = RunExtras {
         init_latents: match &args.init_latents {
             Some(p) => Some(load_latents(p)?),

@@ -11,6 +11,30 @@ use super::{
 };
 use crate::families::{Component, Conditioning, Family, Schedule, StepInput};
 
+/// Inpainting's blend (diffusers' `ZImageInpaintPipeline` / `StableDiffusionInpaintPipeline`
+/// with a 4-channel denoiser): after every step the region outside the mask is replaced by the
+/// input image's latents noised to the next step's level (the clean latents after the last).
+pub(crate) struct Inpaint {
+    /// `[1, 1, h, w]`, 1 = repaint.
+    pub mask: Tensor,
+    /// `[B, C, h, w]`: each image's posterior sample, as sampler latents.
+    pub image_latents: Tensor,
+    /// `[B, C, h, w]`: the noise each image started from.
+    pub noise: Tensor,
+}
+
+impl Inpaint {
+    fn blend(&self, i: usize, schedule: &Schedule, x: &Tensor) -> candle_core::Result<Tensor> {
+        let proper = if i + 1 < schedule.steps() {
+            schedule.add_noise(&self.image_latents, &self.noise, schedule.sigmas[i + 1])?
+        } else {
+            self.image_latents.clone()
+        };
+        let keep = (1.0 - &self.mask)?;
+        proper.broadcast_mul(&keep)? + x.broadcast_mul(&self.mask)?
+    }
+}
+
 /// Runs the whole schedule from `x` (already scaled by `init_noise_sigma`). `cfg` is updated in
 /// place when the guard lowers it; the rest of the run keeps the lowered value.
 pub(crate) fn denoise(
@@ -20,6 +44,7 @@ pub(crate) fn denoise(
     schedule: &Schedule,
     cfg: &mut f32,
     run: &mut RunState<'_>,
+    inpaint: Option<&Inpaint>,
 ) -> Result<Tensor, EngineError> {
     let total = schedule.steps();
     let started = std::time::Instant::now();
@@ -65,7 +90,10 @@ pub(crate) fn denoise(
                 } else {
                     None
                 };
-                break next;
+                break match inpaint {
+                    Some(p) => p.blend(i, schedule, &next)?,
+                    None => next,
+                };
             }
             // Roll back: `x` still holds the previous step's latents; `next` is discarded.
             drop(next);

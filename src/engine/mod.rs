@@ -16,13 +16,17 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::families::lora::{LoraFile, LoraSet};
 use crate::families::{Component, DenoiserResidency, Family, ModelError, PrecisionPolicy, Profile};
+use crate::inputs::InpaintFill;
 use crate::memory::monitor::Tags;
 use crate::memory::planner::{self, MemoryMode, Plan, PlanInput, Residency};
 use crate::memory::probe::MemoryProbe;
-use crate::nn::rng;
+use crate::nn::scheduler::NoiseKind;
+use crate::nn::torch_rng::TorchGenerator;
+use crate::nn::vae_encoder::Posterior;
 use crate::prompt::{self, Enhanced, PromptContext};
-use crate::request::ValidRequest;
+use crate::request::{InitImage, ValidRequest};
 use guard::{blank_image, Blank, FaultPlan};
 
 /// Seeds of the black-image retry are offset by this (a large prime, so the retry's noise shares
@@ -262,6 +266,27 @@ pub struct ResolvedParams {
     pub cfg_requested: f32,
     pub precision: String,
     pub sampler: String,
+    /// Image to image: the strength (`Denoising strength` in A1111's parameters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// Inpainting: σ of the paste-back blur (`Mask blur`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<u32>,
+    /// The input image and mask (content hashes, see `inputs::InputStore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image: Option<String>,
+    /// The LoRAs the run applied, by name, with their weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraUse>,
+}
+
+/// One applied LoRA as the job's record shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraUse {
+    pub name: String,
+    pub weight: f32,
 }
 
 pub struct Generation {
@@ -374,6 +399,49 @@ pub struct Engine {
     tags: Option<Arc<Tags>>,
     /// The family's facts, with the model's own defaults where they differ (the demo's size).
     profile: Profile,
+    /// LoRA files read so far (parsed and matched to the model), kept so switching back to one
+    /// costs no disk read.
+    loras: LoraCache,
+}
+
+/// Parsed LoRA files by path, re-read when the file changes (size or modification time).
+#[derive(Default)]
+struct LoraCache {
+    files: std::collections::HashMap<
+        std::path::PathBuf,
+        (u64, Option<std::time::SystemTime>, Arc<LoraFile>),
+    >,
+}
+
+/// Most LoRA files kept parsed at once (the oldest is dropped first).
+const LORA_CACHE_FILES: usize = 16;
+
+impl LoraCache {
+    fn get(
+        &mut self,
+        path: &std::path::Path,
+        layers: &crate::families::lora::LinearLayers,
+    ) -> Result<Arc<LoraFile>, EngineError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| EngineError::Invalid(format!("LoRA {}: {e}", path.display())))?;
+        let stamp = (meta.len(), meta.modified().ok());
+        if let Some((len, mtime, f)) = self.files.get(path) {
+            if (*len, *mtime) == stamp {
+                return Ok(f.clone());
+            }
+        }
+        let f = Arc::new(
+            LoraFile::read(path, layers).map_err(|e| EngineError::Invalid(e.to_string()))?,
+        );
+        if self.files.len() >= LORA_CACHE_FILES {
+            if let Some(k) = self.files.keys().next().cloned() {
+                self.files.remove(&k);
+            }
+        }
+        self.files
+            .insert(path.to_path_buf(), (stamp.0, stamp.1, f.clone()));
+        Ok(f)
+    }
 }
 
 impl Engine {
@@ -396,6 +464,7 @@ impl Engine {
             config,
             base_policy,
             tags: None,
+            loras: LoraCache::default(),
         }
     }
 
@@ -425,6 +494,11 @@ impl Engine {
 
     pub fn probe(&self) -> &Arc<dyn MemoryProbe> {
         &self.probe
+    }
+
+    /// The layers LoRAs may update.
+    pub fn lora_layers(&self) -> &crate::families::lora::LinearLayers {
+        self.family.lora_layers()
     }
 
     pub fn family_mut(&mut self) -> &mut dyn Family {
@@ -579,6 +653,9 @@ impl Engine {
         );
         let negative = guided.then(|| enhancement.negative_prompt.clone());
 
+        // LoRAs first: a text-encoder LoRA changes the prompt's encoding.
+        self.attach_loras(req)?;
+
         // 3. Memory plan.
         let plan = planner::plan(&self.plan_input(
             req.width,
@@ -621,6 +698,16 @@ impl Engine {
             self.family.components_mut().unload(Component::TextEncoder);
             release_memory(self.family.components().device());
         }
+        // The input image's posterior (image to image, inpainting), with the VAE encoder loaded
+        // only for this in the low-memory plans.
+        let init = match &req.init {
+            Some(init) => Some(self.prepare_init(init, req)?),
+            None => None,
+        };
+        if init.is_some() && plan.vae != Residency::Resident {
+            self.family.components_mut().unload_vae_encoder();
+            release_memory(self.family.components().device());
+        }
         let encode_ms = t_encode.elapsed().as_millis() as u64;
 
         // 5. Denoise.
@@ -639,11 +726,15 @@ impl Engine {
         let seeds: Vec<u64> = (0..req.batch as u64)
             .map(|i| req.seed.wrapping_add(i))
             .collect();
-        let noise = match &extras.init_latents {
-            Some(t) => self.check_init_latents(t, req)?,
-            None => self.seeded_noise(&seeds, req.width, req.height)?,
-        };
-        let latents = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
+        let latents = self.denoise_seeds(
+            &seeds,
+            extras.init_latents.as_ref(),
+            init.as_ref(),
+            &cond,
+            req,
+            &mut cfg,
+            run,
+        )?;
         let denoise_ms = t_denoise.elapsed().as_millis() as u64;
 
         // 6. Decode straight after the last step.
@@ -662,7 +753,7 @@ impl Engine {
             let z = latents.narrow(0, i, 1)?;
             let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
             match to_image(&px, seed)? {
-                Ok(img) => images.push(img),
+                Ok(img) => images.push(paste_back(img, req)),
                 Err(blank) => {
                     // 7. Black-image check: one retry from a fresh seed, then a clear failure.
                     let retry_seed = seed.wrapping_add(BLACK_RETRY_SEED_OFFSET);
@@ -675,15 +766,22 @@ impl Engine {
                         ),
                     ));
                     run.phase(Phase::Denoise);
-                    let noise = self.seeded_noise(&[retry_seed], req.width, req.height)?;
-                    let z = self.run_denoise(noise, &cond, req, &mut cfg, run)?;
+                    let z = self.denoise_seeds(
+                        &[retry_seed],
+                        None,
+                        init.as_ref(),
+                        &cond,
+                        req,
+                        &mut cfg,
+                        run,
+                    )?;
                     if plan.denoiser != Residency::Resident {
                         self.family.components_mut().unload(Component::Denoiser);
                     }
                     run.phase(Phase::Decode);
                     let px = decode::decode(self.family.as_mut(), &z, tiling, run)?;
                     match to_image(&px, retry_seed)? {
-                        Ok(img) => images.push(img),
+                        Ok(img) => images.push(paste_back(img, req)),
                         Err(blank) => {
                             return Err(EngineError::BlankImage(format!(
                                 "image {} was blank twice ({}), also with seed {retry_seed}",
@@ -707,11 +805,33 @@ impl Engine {
                 negative_prompt: negative,
                 cfg,
                 memory_mode: plan.mode,
+                // Recorded below by content hash and name (`init_image`, `loras`): the record
+                // carries no decoded pixels and no server paths.
+                init: None,
+                loras: Vec::new(),
                 ..req.clone()
             },
             cfg_requested,
             precision: self.family.components().policy().describe(),
             sampler: profile.sampler.into(),
+            strength: req.init.as_ref().map(|i| i.strength),
+            mask_blur: req
+                .init
+                .as_ref()
+                .and_then(|i| i.mask.as_ref().map(|_| i.mask_blur)),
+            init_image: req.init.as_ref().map(|i| i.image.sha256.clone()),
+            mask_image: req
+                .init
+                .as_ref()
+                .and_then(|i| i.mask.as_ref().map(|m| m.sha256.clone())),
+            loras: req
+                .loras
+                .iter()
+                .map(|l| LoraUse {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
         };
         Ok(Generation {
             images,
@@ -730,19 +850,200 @@ impl Engine {
         })
     }
 
-    fn run_denoise(
+    /// Encodes the input image once (its posterior is shared by the batch; each image samples it
+    /// with its own generator) and brings its mask to latent resolution.
+    fn prepare_init(
         &mut self,
-        noise: Tensor,
+        init: &InitImage,
+        req: &ValidRequest,
+    ) -> Result<Prepared, EngineError> {
+        let rgb = init.image.as_rgb().ok_or_else(|| {
+            EngineError::Invalid("the input image's pixels are not loaded".into())
+        })?;
+        if (rgb.width(), rgb.height()) != (req.width, req.height) {
+            return Err(EngineError::Invalid(format!(
+                "the input image is {}×{}; this job is {}×{}",
+                rgb.width(),
+                rgb.height(),
+                req.width,
+                req.height
+            )));
+        }
+        let device = self.family.components().device().clone();
+        let filled = match (init.fill, init.mask.as_ref().and_then(|m| m.as_gray())) {
+            (InpaintFill::Fill, Some(mask)) => Some(crate::inputs::fill_masked(rgb, mask)),
+            _ => None,
+        };
+        let pixels = crate::inputs::pixels_tensor(filled.as_ref().unwrap_or(rgb), &device)?;
+        let posterior = self
+            .family
+            .components_mut()
+            .vae_encoder()?
+            .encode(&pixels)?;
+        let mask = match &init.mask {
+            Some(m) => {
+                let gray = m.as_gray().ok_or_else(|| {
+                    EngineError::Invalid("the mask's pixels are not loaded".into())
+                })?;
+                let f = self.family.profile().vae_scale_factor;
+                Some(crate::inputs::latent_mask(gray, f, &device)?)
+            }
+            None => None,
+        };
+        Ok(Prepared {
+            posterior,
+            mask,
+            strength: init.strength,
+            fill: init.fill,
+        })
+    }
+
+    /// Start latents for each seed as the family's diffusers pipeline makes them, then the whole
+    /// schedule (cut by strength for image to image), inpainting's blend after every step.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_seeds(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Option<&Tensor>,
+        init: Option<&Prepared>,
         cond: &crate::families::Conditioning,
         req: &ValidRequest,
         cfg: &mut f32,
         run: &mut RunState<'_>,
     ) -> Result<Tensor, EngineError> {
-        let (_, _, lh, lw) = noise.dims4()?;
-        let schedule = self.family.schedule(req.steps as usize, lh, lw)?;
-        let x = (noise * schedule.init_noise_sigma as f64)?;
+        let (c, lh, lw) = self.latent_dims(req.width, req.height);
+        let full = self.family.schedule(req.steps as usize, lh, lw)?;
+        let given = match init_latents {
+            Some(t) => Some(self.check_init_latents(t, seeds.len(), req)?),
+            None => None,
+        };
+        let device = self.family.components().device().clone();
+        let shape = [1, c, lh, lw];
+        let Some(init) = init else {
+            // Text to image: `randn(generator=manual_seed(seed + i)) · init_noise_sigma`.
+            let noise = match given {
+                Some(t) => t,
+                None => self.seeded_noise(seeds, req.width, req.height)?,
+            };
+            let x = (noise * full.init_noise_sigma as f64)?;
+            self.family.components_mut().load(Component::Denoiser)?;
+            return denoise::denoise(self.family.as_mut(), x, cond, &full, cfg, run, None);
+        };
+        let skip = full.skipped_steps(init.strength);
+        if skip >= full.steps() {
+            return Err(EngineError::Invalid(format!(
+                "strength {} with {} steps runs no denoising step",
+                init.strength, req.steps
+            )));
+        }
+        let schedule = full.from_step(skip);
+        let sigma0 = schedule.sigmas[0];
+        let flow = schedule.kind == NoiseKind::Flow;
+        let inpaint = init.mask.is_some();
+        let mut starts = Vec::with_capacity(seeds.len());
+        let mut images = Vec::with_capacity(seeds.len());
+        let mut noises = Vec::with_capacity(seeds.len());
+        for (i, &seed) in seeds.iter().enumerate() {
+            let mut gen = TorchGenerator::new(seed);
+            let given_i = match &given {
+                Some(t) => Some(t.narrow(0, i, 1)?),
+                None => None,
+            };
+            // The draws, in each pipeline's order (one generator per image, batch 1).
+            let (start, image, noise) = match (given_i, flow, inpaint) {
+                // ZImageImg2ImgPipeline and our SD equivalent: `latents=` are the loop's start;
+                // nothing is drawn.
+                (Some(l), _, false) => (l, None, None),
+                // ZImageInpaintPipeline with `latents=`: noise first, then the posterior.
+                (Some(l), true, true) => {
+                    let noise = gen.randn_tensor(&shape, &device)?;
+                    let image = self.image_latents(init, &mut gen)?;
+                    (l, Some(image), Some(noise))
+                }
+                // StableDiffusionInpaintPipeline with `latents=`: the posterior; the given
+                // latents are also the blend's noise, and start scaled by init_noise_sigma.
+                (Some(l), false, true) => {
+                    let image = self.image_latents(init, &mut gen)?;
+                    let start = (&l * schedule.init_noise_sigma as f64)?;
+                    (start, Some(image), Some(l))
+                }
+                // Every pipeline without `latents=`: the posterior, then the noise.
+                (None, _, _) => {
+                    let image = self.image_latents(init, &mut gen)?;
+                    let noise = gen.randn_tensor(&shape, &device)?;
+                    // A1111's latent fills change what the masked region starts from (drawn
+                    // after the noise); the blend keeps only the unmasked region of `image`.
+                    let from = match (init.fill, init.mask.as_ref()) {
+                        (InpaintFill::LatentNoise, Some(m)) => {
+                            let fresh = gen.randn_tensor(&shape, &device)?;
+                            (image.broadcast_mul(&(1.0 - m)?)? + fresh.broadcast_mul(m)?)?
+                        }
+                        (InpaintFill::LatentNothing, Some(m)) => {
+                            image.broadcast_mul(&(1.0 - m)?)?
+                        }
+                        _ => image.clone(),
+                    };
+                    // StableDiffusionInpaintPipeline at strength 1 starts from pure noise.
+                    let start = if !flow && inpaint && init.strength == 1.0 {
+                        (&noise * schedule.init_noise_sigma as f64)?
+                    } else {
+                        schedule.add_noise(&from, &noise, sigma0)?
+                    };
+                    (start, Some(image), Some(noise))
+                }
+            };
+            starts.push(start);
+            if let (Some(im), Some(n)) = (image, noise) {
+                images.push(im);
+                noises.push(n);
+            }
+        }
+        let x = Tensor::cat(&starts, 0)?;
+        let blend = match &init.mask {
+            Some(mask) => Some(denoise::Inpaint {
+                mask: mask.clone(),
+                image_latents: Tensor::cat(&images, 0)?,
+                noise: Tensor::cat(&noises, 0)?,
+            }),
+            None => None,
+        };
         self.family.components_mut().load(Component::Denoiser)?;
-        denoise::denoise(self.family.as_mut(), x, cond, &schedule, cfg, run)
+        denoise::denoise(
+            self.family.as_mut(),
+            x,
+            cond,
+            &schedule,
+            cfg,
+            run,
+            blend.as_ref(),
+        )
+    }
+
+    /// One posterior sample of the input image as the sampler's latents.
+    fn image_latents(
+        &self,
+        init: &Prepared,
+        gen: &mut TorchGenerator,
+    ) -> Result<Tensor, EngineError> {
+        let z = init.posterior.sample(gen)?;
+        Ok(self
+            .family
+            .components()
+            .vae_config()
+            .latents_from_sample(&z)?)
+    }
+
+    /// Attaches the job's LoRAs to the model (or removes the previous job's): parsed files come
+    /// from the cache; the base weights are never reloaded.
+    fn attach_loras(&mut self, req: &ValidRequest) -> Result<(), EngineError> {
+        let mut files = Vec::with_capacity(req.loras.len());
+        for l in &req.loras {
+            let f = self.loras.get(&l.path, self.family.lora_layers())?;
+            files.push((f, l.weight));
+        }
+        let set = Arc::new(LoraSet::new(&files));
+        self.family.set_loras(set)?;
+        Ok(())
     }
 
     fn latent_dims(&self, width: u32, height: u32) -> (usize, usize, usize) {
@@ -755,18 +1056,28 @@ impl Engine {
     }
 
     /// One noise tensor per seed, stacked: image i of a batch is reproducible alone with seed + i.
+    /// Each is `torch.randn((1, C, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, the
+    /// noise diffusers and ComfyUI draw for that seed.
     fn seeded_noise(&self, seeds: &[u64], width: u32, height: u32) -> Result<Tensor, EngineError> {
         let (c, h, w) = self.latent_dims(width, height);
         let per: Vec<Tensor> = seeds
             .iter()
-            .map(|&s| rng::noise(s, &[c, h, w], self.family.components().device()))
+            .map(|&s| {
+                TorchGenerator::new(s)
+                    .randn_tensor(&[1, c, h, w], self.family.components().device())
+            })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::stack(&per, 0)?)
+        Ok(Tensor::cat(&per, 0)?)
     }
 
-    fn check_init_latents(&self, t: &Tensor, req: &ValidRequest) -> Result<Tensor, EngineError> {
+    fn check_init_latents(
+        &self,
+        t: &Tensor,
+        batch: usize,
+        req: &ValidRequest,
+    ) -> Result<Tensor, EngineError> {
         let (c, h, w) = self.latent_dims(req.width, req.height);
-        let want = [req.batch as usize, c, h, w];
+        let want = [batch, c, h, w];
         if t.dims() != want {
             return Err(EngineError::Invalid(format!(
                 "initial latents have shape {:?}; this request needs {:?} (batch, channels, height/{f}, width/{f})",
@@ -778,6 +1089,55 @@ impl Engine {
         Ok(t.to_dtype(DType::F32)?
             .to_device(self.family.components().device())?)
     }
+}
+
+/// The input image encoded for a job: its posterior and (inpainting) the latent mask.
+struct Prepared {
+    posterior: Posterior,
+    mask: Option<Tensor>,
+    strength: f64,
+    fill: InpaintFill,
+}
+
+/// Inpainting's PNG: the original pixels pasted back outside the blurred mask (A1111's overlay);
+/// with "only masked", the result is first scaled back into its region of the whole image, which
+/// is what the PNG shows. The latents (and `--save-latents`) stay as the sampler left them.
+fn paste_back(mut img: GeneratedImage, req: &ValidRequest) -> GeneratedImage {
+    let Some(init) = &req.init else {
+        return img;
+    };
+    if let Some(r) = &init.region {
+        let (Some(full), Some(mask)) = (r.image.as_rgb(), r.mask.as_gray()) else {
+            return img;
+        };
+        let Some(generated) = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+        else {
+            return img;
+        };
+        let patch = image::imageops::resize(
+            &generated,
+            r.width,
+            r.height,
+            image::imageops::FilterType::Lanczos3,
+        );
+        let mut whole = full.clone();
+        image::imageops::replace(&mut whole, &patch, r.x as i64, r.y as i64);
+        let mut rgb = whole.into_raw();
+        crate::inputs::paste_back(&mut rgb, full, mask, init.mask_blur);
+        img.width = full.width();
+        img.height = full.height();
+        img.rgb = rgb;
+        return img;
+    }
+    if let (Some(orig), Some(mask)) = (
+        init.image.as_rgb(),
+        init.mask.as_ref().and_then(|m| m.as_gray()),
+    ) {
+        if (orig.width(), orig.height()) == (img.width, img.height) {
+            crate::inputs::paste_back(&mut img.rgb, orig, mask, init.mask_blur);
+        }
+    }
+    img
 }
 
 fn describe_blank(b: Blank) -> String {

@@ -47,6 +47,10 @@ pub fn record_text(job_id: Option<&str>, gen: &Generation, seed: u64) -> String 
 pub fn a1111_parameters(params: &ResolvedParams, seed: u64, notices: &[Notice]) -> String {
     let p = &params.run;
     let mut s = p.prompt.clone();
+    // LoRAs as A1111 writes them, in the prompt: `--from-png` and A1111 read them back.
+    for l in &params.loras {
+        s.push_str(&format!(" <lora:{}:{}>", l.name, fmt_cfg(l.weight)));
+    }
     if let Some(n) = p.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str("\nNegative prompt: ");
         s.push_str(n);
@@ -60,6 +64,12 @@ pub fn a1111_parameters(params: &ResolvedParams, seed: u64, notices: &[Notice]) 
         p.height,
         params.model
     ));
+    if let Some(st) = params.strength {
+        s.push_str(&format!(", Denoising strength: {st}"));
+    }
+    if let Some(b) = params.mask_blur {
+        s.push_str(&format!(", Mask blur: {b}"));
+    }
     if (params.cfg_requested - p.cfg).abs() > f32::EPSILON {
         s.push_str(&format!(
             ", CFG requested: {}",
@@ -265,11 +275,18 @@ mod tests {
                 batch: 1,
                 enhance: true,
                 memory_mode: MemoryMode::Performance,
+                init: None,
+                loras: Vec::new(),
                 enhance_exclude: Vec::new(),
             },
             cfg_requested: 3.2,
             precision: "f32".into(),
             sampler: "Euler (flow)".into(),
+            strength: None,
+            mask_blur: None,
+            init_image: None,
+            mask_image: None,
+            loras: Vec::new(),
         }
     }
 
@@ -301,6 +318,31 @@ mod tests {
         assert_eq!(p.model.as_deref(), Some("demo"));
         let decoded = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(decoded.as_raw(), &img.rgb);
+    }
+
+    #[test]
+    fn loras_and_strength_ride_in_the_parameters() {
+        let mut p = params();
+        p.loras = vec![crate::engine::LoraUse {
+            name: "style".into(),
+            weight: 0.8,
+        }];
+        p.strength = Some(0.6);
+        p.mask_blur = Some(4);
+        let text = a1111_parameters(&p, 42, &[]);
+        assert!(
+            text.starts_with("a lake, at dawn <lora:style:0.8>\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Denoising strength: 0.6, Mask blur: 4"),
+            "{text}"
+        );
+        // The tag comes back in the prompt, where requests take it (A1111's syntax).
+        let back = parse_parameters(&text);
+        let (clean, tags) = crate::request::extract_lora_tags(&back.prompt).unwrap();
+        assert_eq!(clean, "a lake, at dawn");
+        assert_eq!((tags[0].name.as_str(), tags[0].weight), ("style", 0.8));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! diffusers configs or tensor names.
 
 pub mod catalog;
+pub mod lora;
 pub mod precision;
 pub mod profile;
 pub mod sd_turbo;
@@ -149,6 +150,12 @@ pub trait Family: Send {
     /// The VAE decoder's input for these latents (the pipeline's unscaling, e.g.
     /// `latents / scaling + shift`): per element, so it works on any latent tile.
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError>;
+
+    /// The linear layers a LoRA may update (module paths and shapes, per part).
+    fn lora_layers(&self) -> &lora::LinearLayers;
+    /// Attaches a job's LoRAs (an empty set removes them) to the loaded layers and to those that
+    /// load later; the base weights stay as they are.
+    fn set_loras(&mut self, set: std::sync::Arc<lora::LoraSet>) -> Result<(), ModelError>;
 
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.

@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::nn::scheduler::NoiseKind;
+
 /// The model families zturbo runs. The wire names are the `family` of `/api/info` and the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FamilyKind {
@@ -157,6 +159,17 @@ impl CfgProfile {
     }
 }
 
+/// A family's image-to-image defaults and how its pipeline turns strength into steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Img2ImgDefaults {
+    /// Steps when an image is given and `steps` is not.
+    pub steps: u32,
+    /// Strength when an image is given (without a mask) and `strength` is not.
+    pub strength: f64,
+    /// Decides how strength cuts the schedule (see [`NoiseKind`]).
+    pub noise: NoiseKind,
+}
+
 /// How the denoiser's latents look in colour without the VAE (the live preview): a linear map
 /// per latent cell, `rgb = bias + Σ_c latent[c] · factors[c]`, in [-1, 1], applied to the
 /// denoised estimate in the denoiser's own latent space (after the VAE's scale and shift, as the
@@ -188,6 +201,7 @@ pub struct Profile {
     pub sampler: &'static str,
     pub steps: StepsProfile,
     pub cfg: CfgProfile,
+    pub img2img: Img2ImgDefaults,
     /// The live preview's latent → RGB projection.
     pub preview: LatentPreview,
 }
@@ -198,6 +212,9 @@ pub struct ProfileView<'a> {
     pub family: FamilyKind,
     pub steps: &'a StepsProfile,
     pub cfg: &'a CfgProfile,
+    /// Image-to-image defaults (steps, strength) and how strength cuts the schedule (`noise`:
+    /// `flow` or `variance_exploding`, where steps × strength must reach 1).
+    pub img2img: &'a Img2ImgDefaults,
 }
 
 impl Profile {
@@ -206,6 +223,7 @@ impl Profile {
             family: self.family,
             steps: &self.steps,
             cfg: &self.cfg,
+            img2img: &self.img2img,
         }
     }
 
@@ -307,9 +325,16 @@ mod tests {
         };
         assert_eq!(
             keys(&v),
-            ["cfg", "family", "steps"].map(String::from).into()
+            ["cfg", "family", "img2img", "steps"]
+                .map(String::from)
+                .into()
         );
         assert_eq!(v["family"], "sd-turbo");
+        // The page's strength slider and its "steps × strength ≥ 1" check read these.
+        assert_eq!(
+            v["img2img"],
+            serde_json::json!({"steps": 2, "strength": 0.5, "noise": "variance_exploding"})
+        );
         assert_eq!(v["steps"]["presets"], serde_json::json!([1, 2, 4, 8]));
         assert_eq!(v["cfg"]["intercept_at"], 3.0);
         let bands = v["cfg"]["bands"].as_array().unwrap();

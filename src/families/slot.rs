@@ -11,6 +11,7 @@ use super::{Component, DenoiserResidency, ModelError, PrecisionPolicy};
 use crate::memory::planner::ComponentBytes;
 use crate::memory::VaeActivations;
 use crate::nn::vae::{VaeConfig, VaeDecoder};
+use crate::nn::vae_encoder::VaeEncoder;
 use crate::ops::attention::QUERY_CHUNK_ROWS;
 use crate::ops::conv::CONV_BAND_ELEMS;
 
@@ -143,6 +144,12 @@ pub trait Components: Send {
     fn set_denoiser_residency(&mut self, residency: DenoiserResidency);
     /// The VAE decoder (loaded on demand).
     fn vae(&mut self) -> Result<&VaeDecoder, ModelError>;
+    /// The VAE encoder (loaded on demand: image to image and inpainting; dropped with the VAE).
+    fn vae_encoder(&mut self) -> Result<&VaeEncoder, ModelError>;
+    /// Drops the VAE encoder's device copy.
+    fn unload_vae_encoder(&mut self);
+    /// `vae/config.json` (scaling and shift of the latents).
+    fn vae_config(&self) -> &VaeConfig;
 }
 
 /// A family's three components with the device and the precision policy.
@@ -154,6 +161,8 @@ pub struct Parts<T: Module, D: Module> {
     pub text_encoder: Slot<T>,
     pub denoiser: Slot<D>,
     pub vae: Slot<VaeDecoder>,
+    /// Built from the VAE's source when an input image is encoded.
+    vae_encoder: Option<VaeEncoder>,
 }
 
 impl<T: Module, D: Module> Parts<T, D> {
@@ -171,6 +180,7 @@ impl<T: Module, D: Module> Parts<T, D> {
             text_encoder: Slot::new(text_encoder),
             denoiser: Slot::new(denoiser),
             vae: Slot::new(vae),
+            vae_encoder: None,
         }
     }
 
@@ -224,7 +234,10 @@ impl<T: Module, D: Module> Components for Parts<T, D> {
         match component {
             Component::TextEncoder => self.text_encoder.unload(),
             Component::Denoiser => self.denoiser.unload(),
-            Component::Vae => self.vae.unload(),
+            Component::Vae => {
+                self.vae.unload();
+                self.vae_encoder = None;
+            }
         }
     }
 
@@ -253,6 +266,26 @@ impl<T: Module, D: Module> Components for Parts<T, D> {
 
     fn vae(&mut self) -> Result<&VaeDecoder, ModelError> {
         Ok(self.vae.load(&self.policy, &self.device)?)
+    }
+
+    fn vae_encoder(&mut self) -> Result<&VaeEncoder, ModelError> {
+        let enc = match self.vae_encoder.take() {
+            Some(e) => e,
+            None => {
+                let src = self.vae.source();
+                let vb = src.weights.var_builder(self.policy.vae, &self.device);
+                VaeEncoder::new(&src.cfg, vb).map_err(|e| src.weights.context(e))?
+            }
+        };
+        Ok(self.vae_encoder.insert(enc))
+    }
+
+    fn unload_vae_encoder(&mut self) {
+        self.vae_encoder = None;
+    }
+
+    fn vae_config(&self) -> &VaeConfig {
+        &self.vae.source().cfg
     }
 }
 

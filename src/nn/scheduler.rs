@@ -2,6 +2,7 @@
 //! Euler discrete (SD-Turbo). Both reduce to one sampler step `x += (σ_next − σ)·d`, so the engine's
 //! loop is family-agnostic; the arithmetic follows diffusers in f32 so sigmas match bit for bit.
 
+use candle_core::Tensor;
 use serde::Deserialize;
 
 /// The schedule of one run: `sigmas` has one more entry than `timesteps` (the final 0).
@@ -11,11 +12,75 @@ pub struct Schedule {
     pub sigmas: Vec<f32>,
     /// What the initial unit-variance noise is multiplied by.
     pub init_noise_sigma: f32,
+    pub kind: NoiseKind,
+}
+
+/// How clean latents and noise combine at noise level σ, and how image-to-image strength picks
+/// the first step (each as its diffusers pipeline does it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseKind {
+    /// Flow matching (`FlowMatchEulerDiscreteScheduler.scale_noise`): `σ·noise + (1 − σ)·x0`.
+    /// `ZImageImg2ImgPipeline.get_timesteps` skips `int(N − min(N·strength, N))` steps.
+    Flow,
+    /// Variance exploding (`EulerDiscreteScheduler.add_noise`): `x0 + σ·noise`.
+    /// `StableDiffusionImg2ImgPipeline.get_timesteps` keeps `min(int(N·strength), N)` steps.
+    VarianceExploding,
+}
+
+/// How many of `n` steps image-to-image at `strength` (in [0, 1]) skips, in the arithmetic of the
+/// family's diffusers pipeline (Python floats: f64). Skipping all of them means no step runs.
+pub fn skipped_steps(kind: NoiseKind, n: usize, strength: f64) -> usize {
+    match kind {
+        NoiseKind::Flow => {
+            let init = (n as f64 * strength).min(n as f64);
+            (n as f64 - init).max(0.0) as usize
+        }
+        NoiseKind::VarianceExploding => {
+            let init = ((n as f64 * strength) as usize).min(n);
+            n - init
+        }
+    }
+}
+
+/// How many of `n` steps image-to-image at `strength` runs.
+pub fn steps_run(kind: NoiseKind, n: usize, strength: f64) -> usize {
+    n - skipped_steps(kind, n, strength).min(n)
 }
 
 impl Schedule {
     pub fn steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// How many leading steps image-to-image at `strength` skips (see [`skipped_steps`]).
+    pub fn skipped_steps(&self, strength: f64) -> usize {
+        skipped_steps(self.kind, self.steps(), strength)
+    }
+
+    /// The schedule from step `start` on (diffusers' `set_begin_index`): the loop runs the rest.
+    pub fn from_step(&self, start: usize) -> Schedule {
+        let start = start.min(self.steps());
+        Schedule {
+            timesteps: self.timesteps[start..].to_vec(),
+            sigmas: self.sigmas[start..].to_vec(),
+            init_noise_sigma: self.init_noise_sigma,
+            kind: self.kind,
+        }
+    }
+
+    /// Clean latents `x0` noised to level `sigma` with `noise` (same shape), f32 as diffusers
+    /// computes it.
+    pub fn add_noise(
+        &self,
+        x0: &Tensor,
+        noise: &Tensor,
+        sigma: f32,
+    ) -> candle_core::Result<Tensor> {
+        match self.kind {
+            NoiseKind::Flow => (noise * sigma as f64)? + (x0 * (1.0f32 - sigma) as f64)?,
+            NoiseKind::VarianceExploding => x0 + (noise * sigma as f64)?,
+        }
     }
 }
 
@@ -159,6 +224,7 @@ impl FlowMatchConfig {
             timesteps,
             sigmas,
             init_noise_sigma: 1.0,
+            kind: NoiseKind::Flow,
         }
     }
 }
@@ -398,6 +464,7 @@ impl EulerDiscreteConfig {
             timesteps,
             sigmas,
             init_noise_sigma,
+            kind: NoiseKind::VarianceExploding,
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default = "d_true")]
     pub use_post_quant_conv: bool,
+    /// The encoder's `quant_conv` (absent in Z-Image's VAE).
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default)]
+    pub down_block_types: Option<Vec<String>>,
     #[serde(default = "d_true")]
     pub force_upcast: bool,
     #[serde(default)]
@@ -107,9 +112,24 @@ impl VaeConfig {
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }
+
+    /// A posterior sample `z` as the sampler's latents, as the pipelines scale an encoded image:
+    /// `(z − shift)·scale` (SD: `scale·z`).
+    pub fn latents_from_sample(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = z.to_dtype(DType::F32)?;
+        let z = match self.shift_factor {
+            Some(s) => (z - s)?,
+            None => z,
+        };
+        z * self.scaling_factor
+    }
 }
 
-fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
+pub(super) fn group_norm(
+    groups: usize,
+    c: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<GroupNorm> {
     Ok(GroupNorm {
         weight: vb.get(c, "weight")?,
         bias: vb.get(c, "bias")?,
@@ -137,7 +157,7 @@ impl GroupNormStats {
 /// Where each GroupNorm takes its statistics from. A tile normalised with its own statistics
 /// drifts in tone from its neighbours (the classic tiled-VAE seam); normalising every tile with
 /// statistics of the whole image removes that drift.
-enum NormCtx<'a> {
+pub(super) enum NormCtx<'a> {
     Local,
     Record(&'a mut GroupNormStats),
     Fixed {
@@ -176,7 +196,7 @@ impl NormCtx<'_> {
 
 /// GroupNorm over `[B, C, H, W]` (ops::group_norm), taking its statistics from the [`NormCtx`].
 #[derive(Debug, Clone)]
-struct GroupNorm {
+pub(super) struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -184,7 +204,7 @@ struct GroupNorm {
 
 impl GroupNorm {
     /// GroupNorm followed by SiLU when `silu`.
-    fn forward_act(
+    pub(super) fn forward_act(
         &self,
         x: &Tensor,
         ctx: &mut NormCtx<'_>,
@@ -200,7 +220,7 @@ impl GroupNorm {
 }
 
 #[derive(Debug, Clone)]
-struct Resnet {
+pub(super) struct Resnet {
     norm1: GroupNorm,
     conv1: Conv,
     norm2: GroupNorm,
@@ -209,7 +229,12 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: group_norm(groups, cin, vb.pp("norm1"))?,
             conv1: Conv::same(cin, cout, 3, vb.pp("conv1"))?,
@@ -223,7 +248,7 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let mut h = span("vae.norm_silu", dev, || {
             self.norm1.forward_act(x, ctx, true)
@@ -242,7 +267,7 @@ impl Resnet {
 
 /// Single-head self-attention over all spatial positions (the mid block).
 #[derive(Debug, Clone)]
-struct SpatialAttention {
+pub(super) struct SpatialAttention {
     norm: GroupNorm,
     q: Lin,
     k: Lin,
@@ -251,7 +276,7 @@ struct SpatialAttention {
 }
 
 impl SpatialAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         // diffusers renamed query/key/value/proj_attn to to_q/to_k/to_v/to_out.0; old files and
         // some conversions still carry the legacy names (sometimes as 1×1 conv weights).
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
@@ -292,7 +317,7 @@ impl SpatialAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut NormCtx<'_>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self
             .norm

@@ -69,14 +69,73 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
 /// right after, so only one layer's dense copy ever exists. The bias is kept in the activation
 /// dtype.
 ///
-/// Low-rank deltas (LoRA) ride on top at run time: [`Lin::set_deltas`] replaces them without
-/// touching, reloading or dequantizing-and-keeping the base weight.
+/// Low-rank deltas (LoRA) ride on top at run time: [`Lin::set_deltas`] (or [`Lin::set_lora`],
+/// which a job's LoRAs use) replaces them without touching, reloading or dequantizing-and-keeping
+/// the base weight — or, in [`LoraMode::Merged`], a dense copy of the weight with the updates
+/// merged in is used instead of it.
 #[derive(Debug, Clone)]
 pub struct Lin {
     weight: StoredMatrix,
     bias: Option<Tensor>,
     dense: DType,
     deltas: Vec<LowRankDelta>,
+    /// The module path in the weight file (`layers.0.attention.to_q`): LoRAs find the layer by it.
+    name: std::sync::Arc<str>,
+    /// The weight (in `dense`) with the current job's updates merged in, used instead of `weight`.
+    merged: Option<Tensor>,
+}
+
+/// One low-rank update of one linear layer: `scale · (x·downᵀ)·upᵀ`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `[rank, in]`.
+    pub down: Tensor,
+    /// `[out, rank]`.
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+impl LowRank {
+    /// The update for `x` `[…, in]` → `[…, out]`, in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.delta().apply(x)
+    }
+
+    /// The dense update `scale·up·down` `[out, in]` (f32), for merging into a weight copy.
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        up.matmul(&down)? * self.scale
+    }
+
+    pub fn to(&self, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            down: self.down.to_device(device)?.to_dtype(dtype)?,
+            up: self.up.to_device(device)?.to_dtype(dtype)?,
+            scale: self.scale,
+        })
+    }
+
+    /// As the run-time delta `Lin` adds (`a` = down, `b` = up).
+    pub fn delta(&self) -> LowRankDelta {
+        LowRankDelta {
+            a: self.down.clone(),
+            b: self.up.clone(),
+            scale: self.scale,
+        }
+    }
+}
+
+/// How a job's LoRAs reach a layer (see `benches/lora.rs` for what each costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Two thin products per call next to the base weight, which is never touched (works on any
+    /// base storage, quantized included; switching only swaps the small factors).
+    #[default]
+    Runtime,
+    /// `W + Σ s·B·A` computed once into a dense copy of each updated weight (its dtype): no
+    /// per-call cost, but a full weight copy per updated layer, rebuilt on every switch.
+    Merged,
 }
 
 impl Lin {
@@ -91,7 +150,9 @@ impl Lin {
         let act = activation_dtype(vb.dtype(), vb.device());
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-        Self::from_parts(weight, bias, act)
+        let mut lin = Self::from_parts(weight, bias, act)?;
+        lin.name = vb.prefix().into();
+        Ok(lin)
     }
 
     /// From a weight as stored (a quantized one stays quantized and multiplies in `dense`); the
@@ -109,6 +170,8 @@ impl Lin {
             bias: bias.map(|b| b.to_dtype(act)).transpose()?,
             dense,
             deltas: Vec::new(),
+            name: "".into(),
+            merged: None,
         })
     }
 
@@ -124,6 +187,8 @@ impl Lin {
             weight: StoredMatrix::Dense(weight),
             bias,
             deltas: Vec::new(),
+            name: "".into(),
+            merged: None,
         })
     }
 
@@ -168,13 +233,66 @@ impl Lin {
     pub fn deltas(&self) -> &[LowRankDelta] {
         &self.deltas
     }
+
+    /// The module path this layer was loaded from (empty when built from tensors).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Names the layer by its module path (when built from tensors).
+    pub fn set_name(&mut self, name: impl Into<std::sync::Arc<str>>) {
+        self.name = name.into();
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self.weight.dims() {
+            [o, i] => Ok((*o, *i)),
+            d => candle_core::bail!("linear weight of shape {d:?}"),
+        }
+    }
+
+    /// Replaces the layer's LoRA updates (none: back to the base weight): as run-time deltas in
+    /// the activation dtype, or merged into a dense copy of the weight.
+    pub fn set_lora(&mut self, updates: &[LowRank], mode: LoraMode) -> candle_core::Result<()> {
+        self.deltas.clear();
+        self.merged = None;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let dev = stored_device(&self.weight);
+        match mode {
+            LoraMode::Runtime => {
+                let act = activation_dtype(self.dense, &dev);
+                let deltas = updates
+                    .iter()
+                    .map(|u| Ok(u.to(act, &dev)?.delta()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.set_deltas(deltas)?;
+            }
+            LoraMode::Merged => {
+                let mut w = self.weight.dequantize(DType::F32)?;
+                for u in updates {
+                    w = (w + u.to(DType::F32, &dev)?.dense()?)?;
+                }
+                self.merged = Some(w.to_dtype(self.dense)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether updates are attached.
+    pub fn has_lora(&self) -> bool {
+        !self.deltas.is_empty() || self.merged.is_some()
+    }
 }
 
 impl Module for Lin {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            StoredMatrix::Dense(w) => dense_linear(x, w, self.bias.as_ref())?,
-            stored => {
+        let y = match (&self.merged, &self.weight) {
+            (Some(w), _) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, StoredMatrix::Dense(w)) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, stored) => {
                 // One layer's dense copy, alive only for this product.
                 let w = stored.dequantize(self.dense)?;
                 dense_linear(x, &w, self.bias.as_ref())?
@@ -184,6 +302,14 @@ impl Module for Lin {
             let dy = d.apply(x)?.to_dtype(y.dtype())?;
             y + dy
         })
+    }
+}
+
+fn stored_device(w: &StoredMatrix) -> Device {
+    match w {
+        StoredMatrix::Dense(t) => t.device().clone(),
+        StoredMatrix::Blocks(q) => q.blocks.device(),
+        StoredMatrix::Fp8(f) => f.codes.device().clone(),
     }
 }
 

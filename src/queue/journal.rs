@@ -237,6 +237,8 @@ mod tests {
                 batch: 1,
                 enhance: false,
                 memory_mode: MemoryMode::Auto,
+                init: None,
+                loras: Vec::new(),
                 enhance_exclude: Vec::new(),
             },
             params: None,

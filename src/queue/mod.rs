@@ -1365,6 +1365,8 @@ mod tests {
                 batch,
                 enhance: false,
                 memory_mode: MemoryMode::Auto,
+                init: None,
+                loras: Vec::new(),
                 enhance_exclude: Vec::new(),
             },
             params: None,

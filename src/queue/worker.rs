@@ -20,6 +20,7 @@ use crate::engine::{
 };
 use crate::families::LatentPreview;
 use crate::families::Profile;
+use crate::inputs::InputStore;
 use crate::memory::monitor::Tags;
 use crate::memory::probe::MemoryProbe;
 use crate::prompt::Enhanced;
@@ -154,6 +155,8 @@ pub struct Loaded {
     pub device: String,
     pub probe: Arc<dyn MemoryProbe>,
     pub meta: ModelMeta,
+    /// The layers a LoRA may update (the server checks named LoRA files against them).
+    pub lora_layers: Arc<crate::families::lora::LinearLayers>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -176,6 +179,7 @@ impl Loaded {
             device: crate::settings::device_label(engine.device()),
             probe: engine.probe().clone(),
             meta,
+            lora_layers: Arc::new(engine.lora_layers().clone()),
         }
     }
 }
@@ -440,9 +444,10 @@ fn run_job(
             preview: previews.map(|tx| (tx, engine.profile().preview)),
             preview_failed: false,
         };
+        let request = with_inputs(config.outputs.as_deref(), &item.request);
         let result = catch_unwind(AssertUnwindSafe(|| {
             engine.generate(
-                &item.request,
+                &request?,
                 &RunExtras::default(),
                 &mut observer,
                 &item.cancel,
@@ -597,6 +602,54 @@ impl Observer for JobObserver<'_> {
             Err(std_mpsc::TrySendError::Disconnected(_)) => self.preview_failed = true,
         }
     }
+}
+
+/// The request with its input image and mask read back from the store (a journaled job carries
+/// only their hashes).
+fn with_inputs(
+    outputs: Option<&std::path::Path>,
+    req: &ValidRequest,
+) -> Result<ValidRequest, EngineError> {
+    let mut req = req.clone();
+    if let Some(init) = req.init.as_mut() {
+        // A remote worker (`zturbo worker`) has no outputs folder, so no input store: the front
+        // door keeps the inputs, and an image-to-image job cannot be read back here yet.
+        let Some(outputs) = outputs else {
+            let region_loaded = init
+                .region
+                .as_ref()
+                .is_none_or(|r| r.image.is_loaded() && r.mask.is_loaded());
+            if init.image.is_loaded()
+                && init.mask.as_ref().is_none_or(|m| m.is_loaded())
+                && region_loaded
+            {
+                return Ok(req);
+            }
+            return Err(EngineError::Invalid(
+                "image: this worker has no outputs folder to read the job's input image from; \
+                 image-to-image and inpainting jobs are not yet carried through --broker"
+                    .into(),
+            ));
+        };
+        let store = InputStore::new(outputs);
+        store
+            .load(&mut init.image, false)
+            .map_err(|e| EngineError::Invalid(format!("input image: {e}")))?;
+        if let Some(mask) = init.mask.as_mut() {
+            store
+                .load(mask, true)
+                .map_err(|e| EngineError::Invalid(format!("mask: {e}")))?;
+        }
+        if let Some(r) = init.region.as_mut() {
+            store
+                .load(&mut r.image, false)
+                .map_err(|e| EngineError::Invalid(format!("input image: {e}")))?;
+            store
+                .load(&mut r.mask, true)
+                .map_err(|e| EngineError::Invalid(format!("mask: {e}")))?;
+        }
+    }
+    Ok(req)
 }
 
 /// The run's images as `(names, PNG bytes)`: written to `outputs` (the bytes are then dropped),

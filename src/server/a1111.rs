@@ -69,6 +69,9 @@ fn a1111_field(field: &str) -> &str {
     match field {
         "cfg" => "cfg_scale",
         "batch" => "batch_size",
+        "image" => "init_images",
+        "strength" => "denoising_strength",
+        "inpaint_fill" => "inpainting_fill",
         other => other,
     }
 }
@@ -229,7 +232,171 @@ impl Txt2ImgRequest {
             memory_mode: None,
             ..Default::default()
         }
-        .validate(&s.info().limits)?;
+        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
+        Ok((valid, n_iter as u32))
+    }
+}
+
+/// A boolean as A1111 clients send it: `true`/`false`, or 0/1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Flag(pub bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Flag;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a boolean or 0/1")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Flag, E> {
+                match v {
+                    0 => Ok(Flag(false)),
+                    1 => Ok(Flag(true)),
+                    _ => Err(E::invalid_value(de::Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Flag, E> {
+                self.visit_i64(v as i64)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The fields of A1111's `StableDiffusionImg2ImgProcessingAPI` that mean something here (the
+/// txt2img ones and the image-to-image ones). A1111's own defaults apply to what is missing:
+/// `denoising_strength` 0.75, `mask_blur` 4, `inpainting_fill` 0 (fill), `inpaint_full_res` true
+/// (only the masked region), `inpaint_full_res_padding` 0, `resize_mode` 0 (just resize).
+#[derive(Debug, Default, Deserialize)]
+pub struct Img2ImgRequest {
+    #[serde(flatten)]
+    pub base: Txt2ImgRequest,
+    #[serde(default)]
+    pub init_images: Option<Vec<String>>,
+    #[serde(default)]
+    pub mask: Option<String>,
+    #[serde(default)]
+    pub denoising_strength: Option<f64>,
+    #[serde(default)]
+    pub mask_blur: Option<Int>,
+    #[serde(default)]
+    pub inpainting_mask_invert: Option<Int>,
+    #[serde(default)]
+    pub inpainting_fill: Option<Int>,
+    #[serde(default)]
+    pub inpaint_full_res: Option<Flag>,
+    #[serde(default)]
+    pub inpaint_full_res_padding: Option<Int>,
+    #[serde(default)]
+    pub resize_mode: Option<Int>,
+    #[serde(default)]
+    pub include_init_images: Option<bool>,
+}
+
+/// A1111's default `denoising_strength`.
+const A1111_STRENGTH: f64 = 0.75;
+
+fn int_in(field: &str, v: Option<Int>, lo: i64, hi: i64) -> Result<Option<i64>, FieldError> {
+    match v {
+        None => Ok(None),
+        Some(Int(n)) if (lo..=hi).contains(&n) => Ok(Some(n)),
+        Some(Int(n)) => Err(FieldError::new(
+            field,
+            format!("must be between {lo} and {hi} (got {n})"),
+        )),
+    }
+}
+
+/// The mask as our requests take it (white = repaint): decoded, inverted when asked, PNG again.
+fn mask_png(b64: &str, invert: bool) -> Result<String, FieldError> {
+    if !invert {
+        return Ok(b64.to_string());
+    }
+    let err = |e: crate::inputs::InputError| FieldError::new("mask", e.to_string());
+    let img = crate::inputs::decode_image(&crate::inputs::decode_base64(b64).map_err(err)?)
+        .map_err(err)?;
+    let mut gray = crate::inputs::to_luma_pil(&img);
+    image::imageops::invert(&mut gray);
+    let png = crate::inputs::InputImage::gray(gray).png().map_err(err)?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+impl Img2ImgRequest {
+    fn validate(&self, s: &AppState) -> Result<(ValidRequest, u32), FieldError> {
+        let b = &self.base;
+        let n_iter = b.n_iter.map(|i| i.0).unwrap_or(1);
+        if !(1..=MAX_N_ITER).contains(&n_iter) {
+            return Err(FieldError::new(
+                "n_iter",
+                format!("must be between 1 and {MAX_N_ITER} (got {n_iter})"),
+            ));
+        }
+        let image = match self.init_images.as_deref() {
+            Some([one]) => one.clone(),
+            Some([]) | None => {
+                return Err(FieldError::new(
+                    "init_images",
+                    "needs one base64 image (PNG, JPEG or WebP)",
+                ))
+            }
+            Some(more) => {
+                return Err(FieldError::new(
+                    "init_images",
+                    format!("takes one image (got {})", more.len()),
+                ))
+            }
+        };
+        let invert =
+            int_in("inpainting_mask_invert", self.inpainting_mask_invert, 0, 1)? == Some(1);
+        let fill = int_in("inpainting_fill", self.inpainting_fill, 0, 3)?
+            .and_then(crate::inputs::InpaintFill::from_a1111)
+            .unwrap_or(crate::inputs::InpaintFill::Fill);
+        let resize = int_in("resize_mode", self.resize_mode, 0, 3)?
+            .and_then(crate::inputs::ResizeMode::from_a1111);
+        let mask_blur = int_in(
+            "mask_blur",
+            self.mask_blur,
+            0,
+            crate::request::MAX_MASK_BLUR as i64,
+        )?;
+        let padding = int_in(
+            "inpaint_full_res_padding",
+            self.inpaint_full_res_padding,
+            0,
+            crate::request::MAX_INPAINT_PADDING as i64,
+        )?;
+        let mask = match self.mask.as_deref().filter(|m| !m.is_empty()) {
+            Some(m) => Some(mask_png(m, invert)?),
+            None => None,
+        };
+        let inpaint = mask.is_some();
+        let valid = GenerationRequest {
+            prompt: b.prompt.clone().unwrap_or_default(),
+            negative_prompt: b.negative_prompt.clone().filter(|n| !n.is_empty()),
+            width: to_u32("width", b.width)?,
+            height: to_u32("height", b.height)?,
+            steps: to_u32("steps", b.steps)?,
+            cfg: b.cfg_scale.map(|c| c as f32),
+            seed: b.seed.and_then(|Int(v)| u64::try_from(v).ok()),
+            batch: to_u32("batch_size", b.batch_size)?,
+            enhance: Some(false),
+            memory_mode: None,
+            image: Some(image),
+            mask,
+            strength: Some(self.denoising_strength.unwrap_or(A1111_STRENGTH)),
+            mask_blur: mask_blur.map(|v| v as u32).filter(|_| inpaint),
+            resize_mode: resize,
+            loras: None,
+            inpaint_fill: inpaint.then_some(fill),
+            inpaint_full_res: inpaint.then(|| self.inpaint_full_res.is_none_or(|f| f.0)),
+            inpaint_full_res_padding: padding.map(|p| p as u32).filter(|_| inpaint),
+            ..Default::default()
+        }
+        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
         Ok((valid, n_iter as u32))
     }
 }
@@ -298,7 +465,40 @@ pub async fn txt2img(
     };
     let req: Txt2ImgRequest = parse_json(&bytes)?;
     let (valid, n_iter) = req.validate(&s)?;
+    run_jobs(&s, echo, valid, n_iter).await
+}
 
+/// `POST /sdapi/v1/img2img`: image to image, and inpainting with `mask`; answers as txt2img.
+pub async fn img2img(
+    State(s): State<AppState>,
+    body: Result<JsonBody, ApiError>,
+) -> Result<Json<Value>, A1111Error> {
+    let JsonBody(bytes) = body?;
+    let Value::Object(mut echo) = parse_json::<Value>(&bytes)? else {
+        return Err(validation(
+            None,
+            "the body must be a JSON object",
+            "type_error.dict",
+        ));
+    };
+    let req: Img2ImgRequest = parse_json(&bytes)?;
+    let (valid, n_iter) = req.validate(&s)?;
+    // A1111 leaves the (large) input images out of the echo unless asked.
+    if req.include_init_images != Some(true) {
+        echo.insert("init_images".into(), Value::Null);
+        echo.insert("mask".into(), Value::Null);
+    }
+    run_jobs(&s, echo, valid, n_iter).await
+}
+
+/// Queues `n_iter` jobs of `valid` and answers A1111's way when they end.
+async fn run_jobs(
+    s: &AppState,
+    echo: Map<String, Value>,
+    valid: ValidRequest,
+    n_iter: u32,
+) -> Result<Json<Value>, A1111Error> {
+    let s = s.clone();
     // n_iter jobs, queued back to back; seeds continue across them as in A1111.
     let deadline = sync_deadline(&s);
     let mut ids = Vec::with_capacity(n_iter as usize);
@@ -446,7 +646,7 @@ fn info_json(s: &AppState, v: &ValidRequest, p: Option<&ResolvedParams>, made: &
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": null,
+        "denoising_strength": v.init.as_ref().map(|i| i.strength),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": made.iter().map(|m| m.infotext.clone()).collect::<Vec<_>>(),
@@ -643,6 +843,33 @@ pub async fn set_options(
         r = wait => r.map(|()| Json(Value::Null)),
         _ = s.shutdown_signal() => Err(stopped()),
     }
+}
+
+/// `GET /sdapi/v1/loras`: the LoRAs in `<models-dir>/loras/`, in A1111's shape (`name` is what
+/// `<lora:name:weight>` in a prompt and `loras` in the job API take).
+pub async fn loras(State(s): State<AppState>) -> Json<Value> {
+    let dir = s.info().lora_dir();
+    let list = tokio::task::spawn_blocking(move || dir.list())
+        .await
+        .unwrap_or_default();
+    Json(Value::Array(
+        list.into_iter()
+            .map(|e| {
+                json!({
+                    "name": e.name,
+                    "alias": e.name,
+                    "path": e.path.display().to_string(),
+                    "size_bytes": e.size_bytes,
+                    "metadata": {},
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /sdapi/v1/refresh-loras`: the folder is read on every request, so there is nothing to do.
+pub async fn refresh_loras() -> Json<Value> {
+    Json(Value::Null)
 }
 
 /// `GET /sdapi/v1/samplers`: the one sampler the loaded model runs.

@@ -13,6 +13,8 @@ use tokio::sync::broadcast;
 use super::error::{kind_status, storage_status, ApiError, ApiJson, ErrorBody};
 use super::{images, sse, AppState, JOB_LIST_LIMIT};
 use crate::engine::{Notice, ResolvedParams};
+use crate::families::lora::LoraDir;
+use crate::inputs::InputStore;
 use crate::prompt::{self, Enhanced, PromptContext};
 use crate::queue::outputs::StorageProblem;
 use crate::queue::{
@@ -124,13 +126,18 @@ pub async fn submit(
         None => s.queue.status().await.selected,
     };
     let info = s.info();
-    let limits = if target.is_empty() || target == info.model {
-        info.limits
+    // LoRA files are checked against the loaded model's layers; another model's are not known
+    // until it loads, so there only the names are checked (the worker reports a mismatch).
+    let (limits, loras) = if target.is_empty() || target == info.model {
+        (info.limits.clone(), info.lora_dir())
     } else {
         let listing = super::models::find_local(&s, &target, "model").await?;
-        super::models::limits_for(&s, &listing)?
+        (
+            super::models::limits_for(&s, &listing)?,
+            LoraDir::new(info.models_dir.join("loras")),
+        )
     };
-    let valid = req.validate(&limits)?;
+    let valid = req.validate_in(&limits, Some(&loras))?;
     // A named model is recorded as asked; otherwise the queue records the selected one.
     let sub = submit_valid_on(&s, valid, named).await?;
     Ok((
@@ -144,7 +151,8 @@ pub async fn submit(
         .into_response())
 }
 
-/// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here.
+/// Queues a validated request; every surface (UI, OpenAI, A1111) comes through here. Its input
+/// image and mask are stored first, so the journaled job finds them after a restart.
 pub async fn submit_valid(s: &AppState, valid: ValidRequest) -> Result<Submitted, ApiError> {
     submit_valid_on(s, valid, None).await
 }
@@ -155,6 +163,24 @@ pub async fn submit_valid_on(
     valid: ValidRequest,
     model: Option<String>,
 ) -> Result<Submitted, ApiError> {
+    if let Some(init) = &valid.init {
+        let store = InputStore::new(&s.info().outputs);
+        let init = init.clone();
+        tokio::task::spawn_blocking(move || {
+            store.save(&init.image)?;
+            if let Some(m) = &init.mask {
+                store.save(m)?;
+            }
+            if let Some(r) = &init.region {
+                store.save(&r.image)?;
+                store.save(&r.mask)?;
+            }
+            Ok::<(), crate::inputs::InputError>(())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?
+        .map_err(|e| ApiError::internal(format!("storing the input image: {e}")))?;
+    }
     match s.queue.submit_on(valid, model).await {
         Ok(sub) => Ok(sub),
         Err(SubmitError::Full { retry_after_s, .. }) => Err(ApiError::new(

@@ -28,6 +28,7 @@ use axum::Router;
 use futures::Stream;
 use tokio::sync::watch;
 
+use crate::families::lora::LoraDir;
 use crate::families::{ComponentFiles, Profile};
 use crate::memory::monitor::Monitor;
 use crate::memory::planner::MemoryMode;
@@ -70,6 +71,8 @@ pub struct ServerInfo {
     pub comfyui_dir: Option<PathBuf>,
     /// Seconds since the Unix epoch when the server started (OpenAI's model `created`).
     pub started_at_s: u64,
+    /// The layers a LoRA may update: named LoRA files are checked against them on submission.
+    pub lora_layers: Arc<crate::families::lora::LinearLayers>,
     /// Job streams carry `preview` events (`zturbo serve --preview off` turns them off).
     pub preview: bool,
     /// How long a synchronous call (`/v1`, `/sdapi`) waits for its jobs (`None`: no limit).
@@ -101,6 +104,7 @@ impl ServerInfo {
             component_files: ComponentFiles::default(),
             comfyui_dir: None,
             started_at_s: crate::queue::job::now_ms() / 1000,
+            lora_layers: Default::default(),
             // The workers' steps do not travel through the broker: no live previews here.
             preview: false,
             sync_timeout: Some(Duration::from_secs(DEFAULT_SYNC_TIMEOUT_S)),
@@ -109,6 +113,7 @@ impl ServerInfo {
 
     pub fn new(loaded: &Loaded, queue_size: usize, models_dir: PathBuf, outputs: PathBuf) -> Self {
         Self {
+            lora_layers: loaded.lora_layers.clone(),
             model: loaded.model.clone(),
             demo: loaded.meta.demo,
             description: loaded.meta.description.clone(),
@@ -139,6 +144,7 @@ impl ServerInfo {
             limits: Limits::new(&loaded.profile, loaded.max_batch, MemoryMode::Auto),
             model_path: loaded.meta.path.clone(),
             component_files: loaded.meta.files.clone(),
+            lora_layers: loaded.lora_layers.clone(),
             ..self.clone()
         }
     }
@@ -161,6 +167,19 @@ impl SharedInfo {
 
     pub fn set(&self, info: ServerInfo) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(info);
+    }
+}
+
+impl ServerInfo {
+    /// `<models-dir>/loras/`: the LoRAs requests may name, checked against the loaded model (a
+    /// front door has no model here, so its workers check them when they attach them).
+    pub fn lora_dir(&self) -> LoraDir {
+        let dir = LoraDir::new(self.models_dir.join("loras"));
+        if self.lora_layers.is_empty() {
+            dir
+        } else {
+            dir.with_layers(self.lora_layers.clone())
+        }
     }
 }
 
@@ -299,9 +318,13 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/api/memory/stream", memory::stream),
         route(Get, "/api/workers", models::workers),
         route(Post, "/v1/images/generations", openai::generations),
+        route(Post, "/v1/images/edits", openai::edits),
         route(Get, "/v1/models", openai::models),
         route(Get, "/v1/models/{model}", openai::model),
         route(Post, "/sdapi/v1/txt2img", a1111::txt2img),
+        route(Post, "/sdapi/v1/img2img", a1111::img2img),
+        route(Get, "/sdapi/v1/loras", a1111::loras),
+        route(Post, "/sdapi/v1/refresh-loras", a1111::refresh_loras),
         route(Get, "/sdapi/v1/progress", a1111::progress),
         route(Post, "/sdapi/v1/interrupt", a1111::interrupt),
         route(Get, "/sdapi/v1/sd-models", a1111::sd_models),
@@ -548,6 +571,7 @@ mod tests {
                 size_multiple: 16,
                 max_batch: 2,
                 default_memory_mode: MemoryMode::Auto,
+                img2img: crate::families::z_image::profile::IMG2IMG_DEFAULTS,
             },
             profile,
             device: "cpu".into(),
@@ -560,6 +584,7 @@ mod tests {
             component_files: ComponentFiles::default(),
             comfyui_dir: None,
             started_at_s: 0,
+            lora_layers: Default::default(),
             preview: true,
             sync_timeout: Some(Duration::from_secs(2)),
         };

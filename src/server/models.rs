@@ -146,6 +146,9 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
         "queue_size": i.queue_size,
         "preview": i.preview,
         "memory_modes": modes,
+        // Optional features the UI shows controls for: image to image and inpainting (with
+        // LoRAs) run on every family.
+        "features": ["img2img"],
         "demo_help": if i.demo { Some(demo_help()) } else { None },
         // What `zturbo pull z-image-turbo` downloads (the UI words the demo help in its language).
         "demo_download_bytes": if i.demo { catalog::entry("z-image-turbo").map(|e| e.download_bytes) } else { None },
@@ -688,7 +691,7 @@ pub async fn find_local(
 pub fn limits_for(s: &AppState, model: &catalog::Listing) -> Result<Limits, ApiError> {
     let info = s.info();
     if model.name == info.model {
-        return Ok(info.limits);
+        return Ok(info.limits.clone());
     }
     let family: FamilyKind = model
         .family

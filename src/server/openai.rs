@@ -10,7 +10,8 @@
 //! `gpt-image-*`), all served by the loaded model. Prompts are enhanced, and `revised_prompt` is
 //! the enhanced prompt.
 
-use axum::extract::{Path, State};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -261,22 +262,7 @@ pub async fn generations(
         }
         None => None,
     };
-    let gpt_image = req
-        .model
-        .as_deref()
-        .is_some_and(|m| m.to_ascii_lowercase().starts_with("gpt-image-"));
-    let format = match req.response_format.as_deref() {
-        Some(f @ ("b64_json" | "url")) => f,
-        Some(f) => {
-            return Err(invalid(
-                "response_format",
-                format!("`{f}` is not a response format: use b64_json or url"),
-            ))
-        }
-        // OpenAI's defaults: URLs for DALL·E, base64 for GPT image models.
-        None if gpt_image => "b64_json",
-        None => "url",
-    };
+    let format = response_format(req.response_format.as_deref(), req.model.as_deref())?;
     if let Some(f) = req
         .output_format
         .as_deref()
@@ -301,7 +287,7 @@ pub async fn generations(
         enhance: Some(true),
         ..Default::default()
     }
-    .validate(&info.limits)
+    .validate_in(&info.limits, Some(&info.lora_dir()))
     .map_err(|e| {
         let param = match e.field.as_str() {
             "width" | "height" => "size",
@@ -314,7 +300,19 @@ pub async fn generations(
 
     let deadline = sync_deadline(&s);
     let sub = submit_valid(&s, valid).await?;
-    let snap = wait_job(&s, &sub.id, deadline).await?;
+    respond(&s, &headers, &sub.id, format, deadline).await
+}
+
+/// Waits for the job (until `deadline`) and answers with its images in `format` (`b64_json` or
+/// `url`).
+async fn respond(
+    s: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    format: &str,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Json<ImagesResponse>, OpenAiError> {
+    let snap = wait_job(s, id, deadline).await?;
     match snap.record.state {
         JobState::Done => {}
         JobState::Cancelled => {
@@ -325,9 +323,8 @@ pub async fn generations(
                 None,
                 Some("job_cancelled"),
                 format!(
-                    "job {} was cancelled (DELETE /api/jobs/{} or an A1111 interrupt) before it \
-                     finished; no images were made",
-                    sub.id, sub.id
+                    "job {id} was cancelled (DELETE /api/jobs/{id} or an A1111 interrupt) before \
+                     it finished; no images were made"
                 ),
             ));
         }
@@ -360,7 +357,7 @@ pub async fn generations(
         .unwrap_or_default();
     let created = snap.record.created_at / 1000;
     let data = if format == "b64_json" {
-        read_images(&s, &snap)
+        read_images(s, &snap)
             .await?
             .into_iter()
             .map(|png| ImageData {
@@ -370,7 +367,7 @@ pub async fn generations(
             })
             .collect()
     } else {
-        let base = base_url(&headers);
+        let base = base_url(headers);
         snap.record
             .images
             .iter()
@@ -382,6 +379,211 @@ pub async fn generations(
             .collect()
     };
     Ok(Json(ImagesResponse { created, data }))
+}
+
+/// `response_format`, with OpenAI's defaults (URLs for DALL·E, base64 for GPT image models).
+fn response_format(
+    requested: Option<&str>,
+    model: Option<&str>,
+) -> Result<&'static str, OpenAiError> {
+    let gpt_image = model.is_some_and(|m| m.to_ascii_lowercase().starts_with("gpt-image-"));
+    match requested {
+        Some("b64_json") => Ok("b64_json"),
+        Some("url") => Ok("url"),
+        Some(f) => Err(invalid(
+            "response_format",
+            format!("`{f}` is not a response format: use b64_json or url"),
+        )),
+        None if gpt_image => Ok("b64_json"),
+        None => Ok("url"),
+    }
+}
+
+/// The parts of an edits request, as read from the multipart body.
+#[derive(Debug, Default)]
+struct EditForm {
+    image: Option<Vec<u8>>,
+    mask: Option<Vec<u8>>,
+    text: std::collections::HashMap<String, String>,
+}
+
+async fn read_form(mut form: Multipart) -> Result<EditForm, OpenAiError> {
+    let mut out = EditForm::default();
+    loop {
+        let field = form.next_field().await.map_err(|e| {
+            error(
+                e.status(),
+                None,
+                None,
+                format!("the multipart body could not be read: {}", e.body_text()),
+            )
+        })?;
+        let Some(field) = field else { break };
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field.bytes().await.map_err(|e| {
+            error(
+                e.status(),
+                Some(&name),
+                None,
+                format!("{name}: the upload could not be read: {}", e.body_text()),
+            )
+        })?;
+        match name.as_str() {
+            // gpt-image clients send `image[]` (one image here).
+            "image" | "image[]" => {
+                if out.image.is_some() {
+                    return Err(invalid("image", "takes one image here"));
+                }
+                out.image = Some(bytes.to_vec());
+            }
+            "mask" => out.mask = Some(bytes.to_vec()),
+            // Other parts are text fields; files the SDK may add for other models are ignored.
+            _ => {
+                if let Ok(text) = String::from_utf8(bytes.to_vec()) {
+                    out.text.insert(name, text);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `POST /v1/images/edits` (multipart/form-data): `image` (PNG, JPEG or WebP), `mask` (a PNG of
+/// the image's size whose fully transparent pixels mark what to edit; without one, an image with
+/// transparent pixels is its own mask, as for DALL·E 2, and an opaque image is edited as a whole:
+/// image to image), `prompt`, `n`, `size` (the image is fitted to it; default: its own size),
+/// `response_format`, `model`, `quality`; `user`, `background`, `input_fidelity`,
+/// `output_format` (png only) accepted.
+pub async fn edits(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Json<ImagesResponse>, OpenAiError> {
+    let form = form.map_err(|e| {
+        invalid(
+            "image",
+            format!(
+                "the body must be multipart/form-data with an image file: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let form = read_form(form).await?;
+    let info = s.info();
+    let text = |k: &str| form.text.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let prompt = text("prompt")
+        .ok_or_else(|| invalid("prompt", "prompt: required"))?
+        .to_string();
+    let model = text("model");
+    if let Some(m) = model {
+        if !model_ok(m, &info.model) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                Some("model"),
+                Some("model_not_found"),
+                format!(
+                    "the model `{m}` does not exist here: this server runs `{}`",
+                    info.model
+                ),
+            ));
+        }
+    }
+    let format = response_format(text("response_format"), model)?;
+    if let Some(f) = text("output_format").filter(|f| !f.eq_ignore_ascii_case("png")) {
+        return Err(invalid(
+            "output_format",
+            format!("`{f}` is not available: this server writes PNG"),
+        ));
+    }
+    if text("stream").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(invalid("stream", "streaming is not supported"));
+    }
+    let n = match text("n") {
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| invalid("n", format!("n: `{v}` is not a whole number")))?,
+        ),
+        None => None,
+    };
+    let size = match text("size") {
+        Some(sz) => parse_size(sz).map_err(|m| invalid("size", m))?,
+        None => None,
+    };
+    let steps = match text("quality") {
+        Some(q) => {
+            Some(quality_steps(q, info.limits.img2img.steps).map_err(|m| invalid("quality", m))?)
+        }
+        None => None,
+    };
+    let bytes = form
+        .image
+        .ok_or_else(|| invalid("image", "image: required (a PNG, JPEG or WebP file)"))?;
+    let image =
+        crate::inputs::decode_image(&bytes).map_err(|e| invalid("image", format!("image: {e}")))?;
+    // OpenAI's masks: fully transparent = edit here.
+    let mask = match form.mask {
+        Some(m) => {
+            let img = crate::inputs::decode_image(&m)
+                .map_err(|e| invalid("mask", format!("mask: {e}")))?;
+            if (img.width(), img.height()) != (image.width(), image.height()) {
+                return Err(invalid(
+                    "mask",
+                    format!(
+                        "mask: is {}×{} but the image is {}×{}: they must be the same size",
+                        img.width(),
+                        img.height(),
+                        image.width(),
+                        image.height()
+                    ),
+                ));
+            }
+            let gray = crate::inputs::mask_from_alpha(&img).ok_or_else(|| {
+                invalid(
+                    "mask",
+                    "mask: has no transparency: its fully transparent pixels mark what to edit",
+                )
+            })?;
+            if crate::inputs::mask_is_empty(&gray) {
+                return Err(invalid(
+                    "mask",
+                    "mask: is empty: no pixel is fully transparent, so nothing would be edited",
+                ));
+            }
+            Some(gray)
+        }
+        None => crate::inputs::mask_from_alpha(&image).filter(|m| !crate::inputs::mask_is_empty(m)),
+    };
+    let b64 = |png: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(png);
+    let mask = match mask {
+        Some(m) => Some(b64(crate::inputs::InputImage::gray(m)
+            .png()
+            .map_err(|e| invalid("mask", format!("mask: {e}")))?)),
+        None => None,
+    };
+    let valid = GenerationRequest {
+        prompt,
+        width: size.map(|(w, _)| w),
+        height: size.map(|(_, h)| h),
+        steps,
+        batch: Some(n.unwrap_or(1)),
+        enhance: Some(true),
+        image: Some(b64(bytes)),
+        mask,
+        ..Default::default()
+    }
+    .validate_in(&info.limits, Some(&info.lora_dir()))
+    .map_err(|e| {
+        let param = match e.field.as_str() {
+            "width" | "height" => "size",
+            "batch" => "n",
+            "steps" | "strength" => "quality",
+            other => other,
+        };
+        invalid(param, format!("{}: {}", e.field, e.message))
+    })?;
+    let deadline = sync_deadline(&s);
+    let sub = submit_valid(&s, valid).await?;
+    respond(&s, &headers, &sub.id, format, deadline).await
 }
 
 fn model_object(id: &str, created: u64) -> serde_json::Value {

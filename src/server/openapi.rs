@@ -230,6 +230,11 @@ fn paths() -> Value {
             "429": error_ref("OpenAiRateLimited"), "500": error_ref("OpenAiServerError"), "503": error_ref("OpenAiUnavailable"),
             "504": error_ref("OpenAiTimeout"), "507": error_ref("OpenAiInsufficientStorage"),
         })), "OpenAiImagesRequest") },
+        "/v1/images/edits": { "post": with(op("openai_images_edits", "openai", "OpenAI Images API: edit an image (image to image; inpainting where the mask is transparent)", json!({
+            "200": ok("the images", "OpenAiImagesResponse"),
+            "400": error_ref("OpenAiBadRequest"), "413": error_ref("OpenAiTooLarge"),
+            "429": error_ref("OpenAiRateLimited"), "500": error_ref("OpenAiServerError"), "503": error_ref("OpenAiUnavailable"),
+        })), "requestBody", json!({ "required": true, "content": { "multipart/form-data": { "schema": schema("OpenAiEditRequest") } } })) },
         "/v1/models": { "get": op("openai_models", "openai", "OpenAI models list: the loaded model and its aliases", json!({ "200": ok("models", "OpenAiModelList") })) },
         "/v1/models/{model}": { "get": with(op("openai_model", "openai", "One OpenAI model object", json!({
             "200": ok("the model", "OpenAiModel"), "404": error_ref("OpenAiNotFound"),
@@ -242,6 +247,13 @@ fn paths() -> Value {
             "429": error_ref("A1111Error"), "500": error_ref("A1111RunError"), "503": error_ref("A1111Error"),
             "504": error_ref("A1111Error"), "507": error_ref("A1111RunError"),
         })), "A1111Txt2ImgRequest") },
+        "/sdapi/v1/img2img": { "post": body(op("a1111_img2img", "a1111", "AUTOMATIC1111 img2img (inpainting with `mask`)", json!({
+            "200": ok("the images", "A1111Txt2ImgResponse"),
+            "413": error_ref("A1111Error"), "415": error_ref("A1111Error"), "422": error_ref("A1111Validation"),
+            "429": error_ref("A1111Error"), "500": error_ref("A1111RunError"), "503": error_ref("A1111Error"),
+        })), "A1111Img2ImgRequest") },
+        "/sdapi/v1/loras": { "get": op("a1111_loras", "a1111", "The LoRAs in <models-dir>/loras/ (names for `<lora:name:weight>` and the job API's `loras`)", json!({ "200": { "description": "LoRAs", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111Lora") } } } } })) },
+        "/sdapi/v1/refresh-loras": { "post": op("a1111_refresh_loras", "a1111", "Nothing to do: the folder is read on every request", json!({ "200": { "description": "`null`", "content": { "application/json": { "schema": { "nullable": true } } } } })) },
         "/sdapi/v1/progress": { "get": op("a1111_progress", "a1111", "Progress of the running job", json!({ "200": ok("progress", "A1111Progress") })) },
         "/sdapi/v1/interrupt": { "post": op("a1111_interrupt", "a1111", "Stop the running job", json!({ "200": { "description": "`{}`", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
         "/sdapi/v1/sd-models": { "get": op("a1111_sd_models", "a1111", "The models on this machine (switch with `POST /sdapi/v1/options`)", json!({ "200": { "description": "models", "content": { "application/json": { "schema": { "type": "array", "items": schema("A1111SdModel") } } } } })) },
@@ -501,6 +513,30 @@ fn components(f: &Facts) -> Value {
                 "pull": { "type": "object", "nullable": true, "description": "the running download: {name, progress}" } } },
             "PullAccepted": { "type": "object", "properties": { "name": { "type": "string" }, "repo": { "type": "string" }, "state": { "type": "string" }, "events": { "type": "string" } } },
     });
+    // Image-to-image, inpainting and LoRA fields (kept apart: one json! this size overflows the
+    // macro's recursion limit).
+    let img2img_props = json!({
+                "image": { "type": "string", "nullable": true, "description": "image to image: a PNG, JPEG or WebP as base64 or a data: URL (at most 10 MiB decoded, 8192 px a side, 16 Mpx); without width/height the job takes its size (rounded down to the size multiple)" },
+                "mask": { "type": "string", "nullable": true, "description": "inpainting: a mask of the image's size, white (≥ 128) = repaint; base64 or a data: URL" },
+                "strength": { "type": "number", "minimum": 0, "maximum": 1, "nullable": true, "description": "how much of the image is repainted (default: the model's image-to-image strength, 1 with a mask); the model must run at least one step (SD-Turbo: steps × strength ≥ 1)" },
+                "mask_blur": { "type": "integer", "minimum": 0, "maximum": crate::request::MAX_MASK_BLUR, "nullable": true, "description": "σ in pixels of the blur that blends the original back outside the mask (default 4)" },
+                "resize_mode": { "type": "string", "enum": ["stretch", "crop_and_resize", "resize_and_fill"], "nullable": true, "description": "how image and mask are fitted to width×height when their size differs" },
+                "inpaint_fill": { "type": "string", "enum": ["original", "fill", "latent_noise", "latent_nothing"], "nullable": true, "description": "inpainting: what the masked region starts from (default original)" },
+                "inpaint_full_res": { "type": "boolean", "nullable": true, "description": "inpainting: repaint only the masked region, cropped and scaled to width×height, then pasted back (default false)" },
+                "inpaint_full_res_padding": { "type": "integer", "minimum": 0, "maximum": crate::request::MAX_INPAINT_PADDING, "nullable": true, "description": "pixels of context around the mask with inpaint_full_res" },
+                "loras": { "type": "array", "nullable": true, "maxItems": crate::request::MAX_LORAS, "description": "LoRAs from <models-dir>/loras/ (see GET /sdapi/v1/loras), applied in order; `<lora:name:weight>` in the prompt adds more (A1111 syntax)",
+                    "items": { "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                        "name": { "type": "string", "description": "file name without .safetensors" },
+                        "weight": { "type": "number", "minimum": -crate::request::MAX_LORA_WEIGHT, "maximum": crate::request::MAX_LORA_WEIGHT, "default": 1.0 } } } },
+    });
+    let mut core = core;
+    if let (Some(props), Value::Object(more)) = (
+        core.pointer_mut("/GenerationRequest/properties")
+            .and_then(Value::as_object_mut),
+        img2img_props,
+    ) {
+        props.extend(more);
+    }
     let openai = json!({
             "OpenAiError": { "type": "object", "required": ["error"], "properties": { "error": {
                 "type": "object", "required": ["message", "type", "param", "code"],
@@ -520,6 +556,17 @@ fn components(f: &Facts) -> Value {
                 "user": { "type": "string", "description": "ignored", "nullable": true },
                 "output_format": { "type": "string", "enum": ["png"], "nullable": true },
                 "stream": { "type": "boolean", "enum": [false], "nullable": true } } },
+            "OpenAiEditRequest": { "type": "object", "required": ["image", "prompt"], "properties": {
+                "image": { "type": "string", "format": "binary", "description": "PNG, JPEG or WebP (also as `image[]`); without `size` the result has its size" },
+                "mask": { "type": "string", "format": "binary", "description": "PNG of the image's size: fully transparent pixels are edited, the rest kept (pasted back). Without a mask an image with transparent pixels is its own mask; an opaque image is edited as a whole" },
+                "prompt": { "type": "string", "maxLength": MAX_PROMPT_CHARS },
+                "model": { "type": "string", "description": "as for generations" },
+                "n": { "type": "integer", "minimum": 1, "maximum": f.max_batch },
+                "size": { "type": "string", "description": "WIDTHxHEIGHT or auto" },
+                "response_format": { "type": "string", "enum": ["b64_json", "url"] },
+                "quality": { "type": "string", "enum": ["standard", "hd", "auto", "low", "medium", "high", "xhigh", "max"] },
+                "output_format": { "type": "string", "enum": ["png"] },
+                "user": { "type": "string", "description": "ignored" } } },
             "OpenAiImage": { "type": "object", "properties": { "b64_json": { "type": "string" }, "url": { "type": "string" }, "revised_prompt": { "type": "string" } } },
             "OpenAiImagesResponse": { "type": "object", "required": ["created", "data"], "properties": {
                 "created": { "type": "integer", "format": "int64" }, "data": { "type": "array", "items": schema("OpenAiImage") } } },
@@ -542,6 +589,27 @@ fn components(f: &Facts) -> Value {
                 "seed": { "type": "integer", "format": "int64", "description": "-1 = random", "nullable": true },
                 "batch_size": batch,
                 "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true } } },
+            "A1111Img2ImgRequest": { "type": "object", "additionalProperties": true, "required": ["init_images"],
+                "description": "A1111's img2img body: the txt2img fields plus these; A1111's defaults apply (denoising_strength 0.75, mask_blur 4, inpainting_fill 0, inpaint_full_res true, inpaint_full_res_padding 0, resize_mode 0)", "properties": {
+                "prompt": prompt_schema(), "negative_prompt": { "type": "string", "nullable": true },
+                "width": { "type": "integer", "nullable": true }, "height": { "type": "integer", "nullable": true },
+                "steps": { "type": "integer", "nullable": true }, "cfg_scale": { "type": "number", "nullable": true },
+                "seed": { "type": "integer", "format": "int64", "description": "-1 = random", "nullable": true },
+                "batch_size": { "type": "integer", "nullable": true },
+                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true },
+                "init_images": { "type": "array", "minItems": 1, "maxItems": 1, "items": { "type": "string", "description": "base64 PNG/JPEG/WebP or a data: URL" } },
+                "mask": { "type": "string", "nullable": true, "description": "base64 mask of the image's size, white = repaint" },
+                "denoising_strength": { "type": "number", "minimum": 0, "maximum": 1, "nullable": true },
+                "mask_blur": { "type": "integer", "minimum": 0, "maximum": crate::request::MAX_MASK_BLUR, "nullable": true },
+                "inpainting_mask_invert": { "type": "integer", "enum": [0, 1], "nullable": true },
+                "inpainting_fill": { "type": "integer", "enum": [0, 1, 2, 3], "nullable": true, "description": "0 fill, 1 original, 2 latent noise, 3 latent nothing" },
+                "inpaint_full_res": { "type": "boolean", "nullable": true, "description": "true: only the masked region (cropped, scaled to width×height, pasted back)" },
+                "inpaint_full_res_padding": { "type": "integer", "minimum": 0, "maximum": crate::request::MAX_INPAINT_PADDING, "nullable": true },
+                "resize_mode": { "type": "integer", "enum": [0, 1, 2, 3], "nullable": true, "description": "0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize" },
+                "include_init_images": { "type": "boolean", "nullable": true } } },
+            "A1111Lora": { "type": "object", "required": ["name", "path"], "properties": {
+                "name": { "type": "string" }, "alias": { "type": "string" }, "path": { "type": "string" },
+                "size_bytes": { "type": "integer", "format": "int64" }, "metadata": { "type": "object" } } },
             "A1111Txt2ImgResponse": { "type": "object", "required": ["images", "parameters", "info"], "properties": {
                 "images": { "type": "array", "items": { "type": "string", "format": "byte" } },
                 "parameters": { "type": "object" },

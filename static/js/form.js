@@ -8,6 +8,7 @@ import {
   limits, defaults, sizeMultiple, safeCfgMax, stepPresets, cfgPresets, cfgRange, stepsBand, cfgBand,
 } from './profile.js';
 import { toast } from './toast.js';
+import { img2imgFields, restoreImg2Img, IMG2IMG_FIELD_IDS } from './img2img.js';
 
 export const F = {
   form: $('gen-form'),
@@ -40,6 +41,7 @@ const FIELD_IDS = {
   batch: 'batch',
   enhance: 'enhance',
   memory_mode: 'memory-mode',
+  ...IMG2IMG_FIELD_IDS,
 };
 
 export function clearFieldErrors() {
@@ -274,6 +276,7 @@ export function readForm() {
   };
   if (negative) body.negative_prompt = negative;
   if (seed !== undefined) body.seed = seed;
+  img2imgFields(body, errors);
   emit('form:read', body);
   return { body, errors };
 }
@@ -323,6 +326,7 @@ export function restoreParams(p, enh, opts = {}) {
   else if (p.batch) setSelectValue(F.batch, p.batch);
   const mode = opts.memoryMode || p.memory_mode;
   if (mode) setSelectValue(F.memoryMode, mode);
+  restoreImg2Img(p);
   updateAllHints();
   emit('form:changed', { restored: true });
   F.form.classList.remove('flash');

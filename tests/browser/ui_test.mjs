@@ -13,7 +13,7 @@
 //   SWITCH_URL, SWITCH_MODELS   a server whose models folder holds two tiny local models
 // Sections: messages (zh-CN complete against English), the desktop page (modules, profile,
 // generate, hero, exact chart peak, per-image seeds, lightbox, download name, search, delete,
-// enhancement chips, Models panel), the profile contract with injected numbers, the phone
+// enhancement chips, image to image + inpainting + a LoRA, Models panel), the profile contract with injected numbers, the phone
 // viewport, queue control (cancel-all, Esc), the outage banner, model switching, the key prompt,
 // and axe in both themes and both languages. Screenshots land in <screenshot_dir>:
 // browser-desktop.png, browser-phone.png, browser-zh-CN.png (and browser-dark.png).
@@ -348,7 +348,8 @@ async function desktop(browser) {
   const cd = dlRes.headers['content-disposition'] || '';
   check(/attachment; filename="a-red-fox-in-the-snow-4243-2\.png"/.test(cd), 'download name', `Content-Disposition: ${cd} for ${dl}`);
   const hooks = await page.evaluate(() => ['viewer-input', 'viewer-control'].map((id) => document.getElementById(id).hidden));
-  check(hooks[0] && hooks[1], 'use as input / control hidden', `the server announces neither feature, yet hidden = ${JSON.stringify(hooks)}`);
+  // The server announces img2img (and the form has its input slot), not ControlNet.
+  check(!hooks[0] && hooks[1], 'use as input shown / use as control hidden', `the server announces img2img only, yet hidden = ${JSON.stringify(hooks)}`);
   await page.keyboard.press('Escape');
   await page.waitForFunction(() => !document.getElementById('viewer').open, null, { timeout: 3000 }).catch(() => fail('lightbox', 'Esc did not close it'));
   ok('lightbox: open, ←/→, compare, Esc; download named by the server', cd.replace('attachment; ', ''));
@@ -406,6 +407,85 @@ async function desktop(browser) {
   const rec3 = (await api(page, `/api/jobs/${third.id}`)).body;
   check(!rec3.enhancement.added.prompt.includes(removedPhrase) && !rec3.params.prompt.includes(removedPhrase), 'removed phrase stays removed', JSON.stringify(rec3.enhancement.added));
   ok('enhancement: advice follows CFG, a removed chip stays out of the job, no layout jump', removedPhrase);
+
+  // image to image with a painted mask and a LoRA: "Use as input" in the lightbox, the strength
+  // slider, a stroke painted with the mouse and one with the keyboard, invert twice, Generate.
+  await page.click(`#gallery figure[data-job-id="${third.id}"] .thumb >> nth=0`);
+  await page.waitForSelector('#viewer[open]');
+  check(await page.$eval('#viewer-input', (b) => !b.hidden), 'use as input shown', '/api/info lists img2img and the form has its input slot, yet the button is hidden');
+  await page.click('#viewer-input');
+  await page.waitForFunction(() => document.documentElement.dataset.initImage === '128x128', null, { timeout: 10_000 })
+    .catch(() => fail('use as input', 'the result did not become a 128×128 input image'));
+  check(await page.isVisible('#init-preview') && await page.isVisible('#mask-canvas'), 'use as input', 'the input image or the mask canvas is not shown');
+  ok('result used as input image (lightbox → img2img slot)');
+
+  await page.$eval('#strength', (e) => { e.value = '0.75'; e.dispatchEvent(new Event('input', { bubbles: true })); });
+  check((await page.$eval('#strength-value', (e) => e.textContent)) === '0.75', 'strength slider', 'the value readout did not follow the slider');
+  const coverage = () => page.$eval('#mask-info', (e) => Number(e.dataset.coverage));
+  check((await coverage()) === 0, 'mask', 'a fresh input image already has a mask');
+  // "Use as input" scrolls the section into view smoothly: wait until the canvas stops moving.
+  let box = null;
+  for (let i = 0; i < 40; i++) {
+    const b = await page.locator('#mask-canvas').boundingBox();
+    if (box && b && b.x === box.x && b.y === box.y && b.width === box.width) break;
+    box = b;
+    await page.waitForTimeout(100);
+  }
+  check(box && box.width >= 20, 'mask', `the mask canvas is not laid out (${JSON.stringify(box)})`);
+  await page.mouse.move(box.x + box.width * 0.15, box.y + box.height * 0.2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.35, box.y + box.height * 0.6, { steps: 10 });
+  await page.mouse.up();
+  const painted = await coverage();
+  check(painted > 0.01 && painted < 0.9, 'mask painted with the mouse', `coverage ${painted}`);
+  await page.focus('#mask-canvas');
+  await page.keyboard.down(' ');
+  for (let i = 0; i < 4; i++) await page.keyboard.press('ArrowRight');
+  await page.keyboard.up(' ');
+  const painted2 = await coverage();
+  check(painted2 > painted, 'mask painted with the keyboard', `coverage ${painted} → ${painted2}`);
+  await page.click('#mask-invert');
+  const inverted = await coverage();
+  check(Math.abs(inverted - (1 - painted2)) <= 0.01, 'mask invert', `coverage ${painted2} inverted to ${inverted}`);
+  await page.click('#mask-invert');
+  ok('mask painted', `mouse ${(painted * 100).toFixed(1)}%, keyboard → ${(painted2 * 100).toFixed(1)}%, invert ok`);
+
+  // The LoRA picker: the folder's one LoRA, added with weight 0.6.
+  await page.waitForSelector('#lora-add option[value="style"]', { state: 'attached', timeout: 10_000 })
+    .catch(() => fail('LoRA picker', 'the LoRA folder\'s `style` is not offered'));
+  await page.selectOption('#lora-add', 'style');
+  await page.click('#lora-add-btn');
+  await page.fill('#lora-weight-0', '0.6');
+  ok('LoRA picked', 'style at 0.6');
+
+  const i2i = await generate(page, 'inpainting job');
+  const i2iSent = i2i.sent;
+  check(/^data:image\/png;base64,/.test(i2iSent.image || ''), 'inpaint: request body', 'no PNG `image` sent');
+  check(/^data:image\/png;base64,/.test(i2iSent.mask || ''), 'inpaint: request body', 'no PNG `mask` sent');
+  check(JSON.stringify(i2iSent.loras) === JSON.stringify([{ name: 'style', weight: 0.6 }]), 'inpaint: request body', `loras ${JSON.stringify(i2iSent.loras)}`);
+  check(i2iSent.strength === 0.75 && i2iSent.mask_blur === 4, 'inpaint: request body', `strength ${i2iSent.strength}, mask_blur ${i2iSent.mask_blur}`);
+  // The mask sent is black and white: white where the stroke went, black in the far corner.
+  const px = await page.evaluate(async (src) => {
+    const img = new Image();
+    img.src = src;
+    await img.decode();
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const at = (fx, fy) => [...g.getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data];
+    return { w: c.width, h: c.height, stroke: at(0.25, 0.4), corner: at(0.95, 0.95) };
+  }, i2iSent.mask);
+  check(px.w === 128 && px.h === 128, 'inpaint: mask', `mask is ${px.w}×${px.h}, the image 128×128`);
+  check(!px.stroke.slice(0, 3).some((v) => v !== 255) && !px.corner.slice(0, 3).some((v) => v !== 0), 'inpaint: mask',
+    `expected white under the stroke and black in the corner, got ${px.stroke} / ${px.corner}`);
+  const i2iOut = await waitResult(page, i2i.id, 'inpainted image in #gallery');
+  check(i2iOut.w === 128 && i2iOut.h === 128, 'inpainted image size', `expected 128×128, got ${i2iOut.w}×${i2iOut.h}`);
+  const rp = ((await api(page, `/api/jobs/${i2i.id}`)).body || {}).params || {};
+  check(rp.strength === 0.75 && rp.init_image && rp.mask_image && JSON.stringify(rp.loras) === JSON.stringify([{ name: 'style', weight: 0.6 }]),
+    'inpaint: job record', `params ${JSON.stringify(rp).slice(0, 300)}`);
+  ok('inpainting job done', `${i2iOut.src}, strength ${rp.strength}, mask ${String(rp.mask_image).slice(0, 12)}…`);
+  await page.click('#init-remove');
 
   // Models panel: a big download asks first, then runs
   const pullModel = process.env.PULL_MODEL;
@@ -535,17 +615,15 @@ async function imageHooks(browser) {
     body.features = ['img2img', 'controlnet'];
     await route.fulfill({ response: res, json: body });
   });
-  // The fields those features' own modules add to the form.
+  // The fields those features' own modules add to the form: img2img's is the page's own
+  // (js/img2img.js); a ControlNet one is added here. Every use-image event is recorded on its field.
   await page.addInitScript(() => {
+    document.addEventListener('zturbo:use-image', (e) => { e.target.dataset.job = e.detail.jobId; e.target.dataset.index = String(e.detail.index); }, true);
     document.addEventListener('DOMContentLoaded', () => {
-      for (const slot of ['input', 'control']) {
-        const f = document.createElement('input');
-        f.type = 'hidden';
-        f.dataset.imageSlot = slot;
-        f.id = `hook-${slot}`;
-        f.addEventListener('zturbo:use-image', (e) => { f.dataset.job = e.detail.jobId; f.dataset.index = String(e.detail.index); });
-        document.getElementById('gen-form').append(f);
-      }
+      const f = document.createElement('input');
+      f.type = 'hidden';
+      f.dataset.imageSlot = 'control';
+      document.getElementById('gen-form').append(f);
     });
   });
   await page.goto(base, { waitUntil: 'domcontentloaded' });
@@ -558,7 +636,7 @@ async function imageHooks(browser) {
     check(await page.$eval(button, (b) => !b.hidden), `use as ${slot} shown`, 'hidden although /api/info announces the feature and the field exists');
     const src = await page.$eval('#viewer-stage img', (i) => i.getAttribute('src'));
     await page.click(button);
-    const got = await page.$eval(`#hook-${slot}`, (f) => ({ value: f.value, job: f.dataset.job, index: f.dataset.index }));
+    const got = await page.$eval(`[data-image-slot="${slot}"]`, (f) => ({ value: f.value, job: f.dataset.job, index: f.dataset.index }));
     check(got.value === src && got.job && got.index === '0', `use as ${slot}`, `${JSON.stringify(got)} for ${src}`);
     check(!(await page.$('#viewer[open]')), `use as ${slot} closes the viewer`, 'still open');
   }
@@ -690,9 +768,12 @@ async function queueControl(browser, url) {
     await fillSmall(page, `a small boat on a lake number ${i + 1}`, { steps: 30 });
     ids.push((await generate(page, `queue job ${i + 1}`)).id);
   }
+  // Each row takes the server's resolved seed from the job's record, fetched after the submit
+  // answers: wait for those too (on a loaded machine the last one can lag the running state).
   await page.waitForFunction(() => {
     const first = document.querySelector('#queue .job');
-    return first && first.classList.contains('running');
+    const rows = [...document.querySelectorAll('#queue .job .job-meta')];
+    return first && first.classList.contains('running') && rows.every((m) => /seed \d+/.test(m.innerText));
   }, null, { timeout: 10_000 }).catch(async () => fail('running pinned on top', (await page.$eval('#queue', (e) => e.innerText)).replace(/\s+/g, ' ')));
   const rows = await page.$$eval('#queue .job', (ls) => ls.map((l) => ({ id: l.dataset.jobId, meta: l.querySelector('.job-meta').innerText, label: l.querySelector('.bar').getAttribute('aria-label') })));
   check(rows[0].id === ids[0], 'running on top', JSON.stringify(rows));

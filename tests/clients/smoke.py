@@ -19,6 +19,24 @@ from PIL import Image
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+MASK_BOX = (24, 40, 88, 104)
+
+
+def png_bytes(img):
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def edit_inputs():
+    """A 128×128 picture (gradients and a disc) and a mask, white = repaint, over MASK_BOX."""
+    photo = Image.new("RGB", (128, 128))
+    photo.putdata([(x * 2, y * 2, 255 - x - y if x + y < 255 else 0) for y in range(128) for x in range(128)])
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, MASK_BOX)
+    return photo, mask
+
+
 def openai_client(base, key):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key or "not-needed")
 
@@ -49,6 +67,24 @@ def openai_client(base, key):
     ids = [m.id for m in client.models.list()]
     assert "dall-e-3" in ids, ids
     print(f"openai models: {ids}")
+
+    # edits: the mask's fully transparent pixels are repainted, the rest pasted back.
+    photo, mask = edit_inputs()
+    alpha = Image.new("RGBA", photo.size, (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), MASK_BOX)
+    r = client.images.edit(
+        model="gpt-image-1",
+        image=("photo.png", png_bytes(photo), "image/png"),
+        mask=("mask.png", png_bytes(alpha), "image/png"),
+        prompt="a red sailing boat on the lake",
+        n=1,
+        quality="low",
+        response_format="b64_json",
+    )
+    edited = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB")
+    assert edited.size == photo.size, edited.size
+    assert edited.getpixel((2, 2)) == photo.getpixel((2, 2)), "outside the mask is kept"
+    print(f"openai edit: {edited.size}, revised_prompt={r.data[0].revised_prompt!r}")
 
     try:
         client.images.generate(prompt="x", size="100x100")
@@ -81,6 +117,28 @@ def a1111_client(base, key):
     assert result.parameters["seed"] == 42
     print(f"a1111 txt2img: {len(result.images)} images, seeds {result.info['all_seeds']}")
     print(f"a1111 infotext: {result.info['infotexts'][0]!r}")
+
+    # img2img with a mask (white = repaint), A1111's defaults for the rest.
+    photo, mask = edit_inputs()
+    result = api.img2img(
+        images=[photo],
+        mask_image=mask,
+        prompt="a red sailing boat",
+        denoising_strength=0.9,
+        steps=3,
+        width=64,
+        height=64,
+        cfg_scale=1.0,
+        seed=5,
+    )
+    assert result.image.size == photo.size, result.image.size  # only-masked: the whole picture back
+    assert result.info["denoising_strength"] == 0.9, result.info
+    assert result.info["all_seeds"] == [5], result.info["all_seeds"]
+    assert result.image.convert("RGB").getpixel((2, 2)) == photo.getpixel((2, 2))
+    print(f"a1111 img2img: {result.image.size}, infotext {result.info['infotexts'][0]!r}")
+    loras = api.get_loras()
+    assert isinstance(loras, list), loras
+    print(f"a1111 loras: {loras}")
 
     progress = api.get_progress()
     assert 0.0 <= progress["progress"] <= 1.0 and "state" in progress, progress

@@ -61,10 +61,32 @@ impl Server {
         Server::start_full(outputs, "demo", host, args, env)
     }
 
+    /// [`Server::start`] with `--models-dir models_dir` (e.g. holding `loras/`).
+    pub fn start_with_models(
+        outputs: &Path,
+        models_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        Server::start_dirs(outputs, "demo", "127.0.0.1", models_dir, args, env)
+    }
+
     fn start_full(
         outputs: &Path,
         model: &str,
         host: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let models_dir = outputs.with_file_name("no-models-here");
+        Server::start_dirs(outputs, model, host, &models_dir, args, env)
+    }
+
+    fn start_dirs(
+        outputs: &Path,
+        model: &str,
+        host: &str,
+        models_dir: &Path,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
@@ -87,8 +109,7 @@ impl Server {
             .arg("--outputs")
             .arg(outputs);
         if !args.contains(&"--models-dir") {
-            cmd.arg("--models-dir")
-                .arg(outputs.with_file_name("no-models-here"));
+            cmd.arg("--models-dir").arg(models_dir);
         }
         cmd.args(args)
             .env("ZTURBO_LOG", "info,tower_http=warn")

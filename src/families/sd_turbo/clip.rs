@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
+use crate::families::lora::HasLins;
 use crate::ops::linear::Lin;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -152,6 +153,22 @@ impl Attention {
     }
 }
 
+/// A linear layer in the encoder's own dtype, as [`Lin`] (f32 products on the CPU go through
+/// MKL's sgemm in MKL builds), named by its canonical module path (`text_model.encoder.layers.N.…`,
+/// whether or not the file spells the `text_model.` prefix) so text-encoder LoRAs find it.
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Lin> {
+    let w = vb.get((o, i), "weight")?;
+    let b = bias.then(|| vb.get(o, "bias")).transpose()?;
+    let mut lin = Lin::from_parts(w, b, vb.dtype())?;
+    let name = vb.prefix();
+    lin.set_name(if name.starts_with("text_model.") {
+        name
+    } else {
+        format!("text_model.{name}")
+    });
+    Ok(lin)
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     ln1: LayerNorm,
@@ -199,6 +216,29 @@ pub struct ClipOutput {
 }
 
 /// transformers' `CLIPTextModel` (and `…WithProjection` when `text_projection.weight` exists).
+impl HasLins for ClipTextModel {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let a = &mut l.attn;
+                [
+                    &mut a.q, &mut a.k, &mut a.v, &mut a.out, &mut l.fc1, &mut l.fc2,
+                ]
+            })
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.attn;
+                [&a.q, &a.k, &a.v, &a.out, &l.fc1, &l.fc2]
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
@@ -579,14 +619,6 @@ fn slow_to_fast(
             "ignore_merges": false, "vocab": vocab, "merges": merges
         }
     }))
-}
-
-/// A linear layer in the weights' own dtype (bias included), as [`Lin`]: f32 products on the CPU
-/// go through MKL's sgemm in MKL builds.
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Lin> {
-    let w = vb.get((out_dim, in_dim), "weight")?;
-    let b = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-    Lin::from_parts(w, b, vb.dtype())
 }
 
 #[cfg(test)]

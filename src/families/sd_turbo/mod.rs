@@ -9,14 +9,18 @@ pub mod config;
 pub mod profile;
 pub mod unet;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::memory::ActivationModel;
 
 use self::activations::UNetArch;
 use self::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+
 use self::config::{UNetConfig, UNetPlan};
 use self::unet::{TextTime, UNet, UNetPrecision};
+use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::{ModelDir, Weights};
 use super::{
@@ -25,7 +29,7 @@ use super::{
 };
 use crate::nn::scheduler::{EulerDiscreteConfig, Prediction, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
-use crate::ops::linear;
+use crate::ops::linear::{self, LoraMode};
 
 pub const SD_PIPELINE_CLASS: &str = "StableDiffusionPipeline";
 pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
@@ -92,10 +96,13 @@ impl ClipSource {
     }
 }
 
-/// The text side's sources: one CLIP (SD) or two (SDXL).
+/// The text side's sources: one CLIP (SD) or two (SDXL), and the current job's LoRAs for the
+/// first one (kohya `lora_te_` keys).
 pub struct TextSources {
     first: ClipSource,
     second: Option<ClipSource>,
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
 }
 
 /// The loaded text encoder(s).
@@ -113,8 +120,10 @@ impl Module for TextEncoders {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let dtype = policy.text_encoder;
+        let mut first = src.first.build(dtype, device)?;
+        lora::apply(&mut first, &src.loras, LoraPart::TextEncoder, src.lora_mode)?;
         Ok(Self {
-            first: src.first.build(dtype, device)?,
+            first,
             second: match &src.second {
                 Some(s) => Some(s.build(dtype, device)?),
                 None => None,
@@ -145,11 +154,13 @@ fn clip_encode(
     Ok(model.forward(&input)?)
 }
 
-/// The UNet's source.
+/// The UNet's source, and the current job's LoRAs.
 pub struct UNetSource {
     cfg: UNetConfig,
     plan: UNetPlan,
     weights: Weights,
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
 }
 
 /// bf16 weights on a bf16-ready CPU compute in f32 (bf16 matrix operands, f32 activations, norms
@@ -176,7 +187,10 @@ impl Module for UNet {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let vb = src.weights.var_builder(policy.denoiser, device);
-        UNet::new(&src.cfg, vb, unet_precision(policy, device)).map_err(|e| src.weights.context(e))
+        let mut unet = UNet::new(&src.cfg, vb, unet_precision(policy, device))
+            .map_err(|e| src.weights.context(e))?;
+        lora::apply(&mut unet, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
+        Ok(unet)
     }
 
     fn bytes(src: &UNetSource, policy: &PrecisionPolicy) -> u64 {
@@ -193,6 +207,8 @@ pub struct SdTurbo {
     prediction: Prediction,
     force_zeros_for_empty_prompt: bool,
     parts: Parts<TextEncoders, UNet>,
+    /// The UNet's and the first text encoder's linear layers: what a LoRA may update.
+    lora_layers: LinearLayers,
 }
 
 impl SdTurbo {
@@ -313,11 +329,15 @@ impl SdTurbo {
         let text = TextSources {
             first: text,
             second: text_2,
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
         };
         let unet = UNetSource {
             weights: dir.open_weights("unet")?,
             cfg: unet_cfg,
             plan: unet_plan,
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
         };
         let vae = VaeSource {
             weights: dir.open_weights("vae")?,
@@ -331,8 +351,10 @@ impl SdTurbo {
             prediction,
             force_zeros_for_empty_prompt: force_zeros,
             parts: Parts::new(device, policy, text, unet, vae),
+            lora_layers: LinearLayers::default(),
         };
-        model.validate_tensors()?;
+        let mut model = model;
+        model.lora_layers = model.validate_tensors()?;
         Ok(model)
     }
 
@@ -369,12 +391,20 @@ impl SdTurbo {
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
-    fn validate_tensors(&self) -> Result<(), ModelError> {
+    /// Returns the layers LoRAs may update (the UNet's and the first text encoder's).
+    fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
         let text = self.text();
-        for side in std::iter::once(&text.first).chain(text.second.as_ref()) {
-            ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
+        let mut layers = LinearLayers::default();
+        for (i, side) in std::iter::once(&text.first)
+            .chain(text.second.as_ref())
+            .enumerate()
+        {
+            let m = ClipTextModel::new(&side.cfg, side.weights.shape_only(DType::F32, &dev))
                 .map_err(|e| side.weights.context(e))?;
+            if i == 0 {
+                lora::record(&m, LoraPart::TextEncoder, &mut layers);
+            }
         }
         if let Some(t2) = &text.second {
             if t2.cfg.projection_dim.is_none() || !t2.weights.contains("text_projection.weight") {
@@ -384,7 +414,7 @@ impl SdTurbo {
             }
         }
         let unet = self.parts.denoiser.source();
-        UNet::new(
+        let model = UNet::new(
             &unet.cfg,
             unet.weights.shape_only(DType::F32, &dev),
             UNetPrecision {
@@ -393,9 +423,26 @@ impl SdTurbo {
             },
         )
         .map_err(|e| unet.weights.context(e))?;
+        lora::record(&model, LoraPart::Denoiser, &mut layers);
         let vae = self.parts.vae.source();
         VaeDecoder::new(&vae.cfg, vae.weights.shape_only(DType::F32, &dev))
             .map_err(|e| vae.weights.context(e))?;
+        Ok(layers)
+    }
+
+    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]); re-attaches
+    /// the current ones.
+    pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<(), ModelError> {
+        let (src, module) = self.parts.denoiser.split_mut();
+        src.lora_mode = mode;
+        if let Some(u) = module {
+            lora::apply(u, &src.loras, LoraPart::Denoiser, mode)?;
+        }
+        let (src, module) = self.parts.text_encoder.split_mut();
+        src.lora_mode = mode;
+        if let Some(t) = module {
+            lora::apply(&mut t.first, &src.loras, LoraPart::TextEncoder, mode)?;
+        }
         Ok(())
     }
 
@@ -620,6 +667,28 @@ impl Family for SdTurbo {
             }
         };
         Ok(div_scalar(&(&x - x0)?, sigma)?)
+    }
+
+    fn lora_layers(&self) -> &LinearLayers {
+        &self.lora_layers
+    }
+
+    fn set_loras(&mut self, set: Arc<LoraSet>) -> Result<(), ModelError> {
+        let (src, module) = self.parts.denoiser.split_mut();
+        if !(Arc::ptr_eq(&set, &src.loras) || set.key == src.loras.key) {
+            if let Some(u) = module {
+                lora::apply(u, &set, LoraPart::Denoiser, src.lora_mode)?;
+            }
+            src.loras = set.clone();
+        }
+        let (src, module) = self.parts.text_encoder.split_mut();
+        if !(Arc::ptr_eq(&set, &src.loras) || set.key == src.loras.key) {
+            if let Some(t) = module {
+                lora::apply(&mut t.first, &set, LoraPart::TextEncoder, src.lora_mode)?;
+            }
+            src.loras = set;
+        }
+        Ok(())
     }
 
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {

@@ -5,8 +5,10 @@
 //! clamped to 2.
 
 use crate::families::profile::{
-    Band, BandLevel, CfgProfile, Defaults, FamilyKind, LatentPreview, Profile, StepsProfile,
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview, Profile,
+    StepsProfile,
 };
+use crate::nn::scheduler::NoiseKind;
 
 pub const SAFE_CFG_MAX: f32 = 2.0;
 /// The model cards' settings: 512², one step, no guidance.
@@ -15,6 +17,13 @@ pub const SD_TURBO_DEFAULTS: Defaults = Defaults {
     height: 512,
     steps: 1,
     cfg: 1.0,
+};
+/// The model cards' image-to-image example: 2 steps at strength 0.5 (one step runs; the
+/// pipeline runs `int(steps × strength)` steps, so their product must reach 1).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: 2,
+    strength: 0.5,
+    noise: NoiseKind::VarianceExploding,
 };
 /// SDXL-Turbo was distilled at 512² as well (not SDXL's 1024²).
 pub const SDXL_TURBO_DEFAULTS: Defaults = SD_TURBO_DEFAULTS;
@@ -119,6 +128,7 @@ pub const SD_TURBO: Profile = Profile {
     sampler: "Euler",
     steps: STEPS,
     cfg: CFG,
+    img2img: IMG2IMG_DEFAULTS,
     preview: SD_PREVIEW,
 };
 

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::{UNetConfig, UNetPlan};
+use crate::families::lora::HasLins;
 use crate::ops::act;
 use crate::ops::attention::{self, Attention as Sdpa, Spans};
 use crate::ops::conv::Conv as FastConv;
@@ -812,6 +813,96 @@ fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> candle_core::Result<Ten
     let iy = Tensor::new(index(h, th).as_slice(), dev)?;
     let ix = Tensor::new(index(w, tw).as_slice(), dev)?;
     x.index_select(&iy, 2)?.index_select(&ix, 3)
+}
+
+impl HasLins for Attention {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        vec![
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ]
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        vec![&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+    }
+}
+
+impl HasLins for SpatialTransformer {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        let mut v = Vec::new();
+        if let Projection::Linear(p) = &mut self.proj_in {
+            v.push(p);
+        }
+        for b in &mut self.blocks {
+            v.extend(b.attn1.lins_mut());
+            v.extend(b.attn2.lins_mut());
+            v.push(&mut b.ff_in);
+            v.push(&mut b.ff_out);
+        }
+        if let Projection::Linear(p) = &mut self.proj_out {
+            v.push(p);
+        }
+        v
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        let mut v = Vec::new();
+        if let Projection::Linear(p) = &self.proj_in {
+            v.push(p);
+        }
+        for b in &self.blocks {
+            v.extend(b.attn1.lins());
+            v.extend(b.attn2.lins());
+            v.push(&b.ff_in);
+            v.push(&b.ff_out);
+        }
+        if let Projection::Linear(p) = &self.proj_out {
+            v.push(p);
+        }
+        v
+    }
+}
+
+impl HasLins for UNet {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        let mut v: Vec<&mut Lin> = vec![&mut self.time_linear_1, &mut self.time_linear_2];
+        if let Some((a, b)) = &mut self.add_linear {
+            v.push(a);
+            v.push(b);
+        }
+        for d in &mut self.down {
+            v.extend(d.resnets.iter_mut().map(|r| &mut r.time_emb_proj));
+            v.extend(d.attentions.iter_mut().flat_map(|a| a.lins_mut()));
+        }
+        v.push(&mut self.mid.resnet0.time_emb_proj);
+        v.extend(self.mid.attention.lins_mut());
+        v.push(&mut self.mid.resnet1.time_emb_proj);
+        for u in &mut self.up {
+            v.extend(u.resnets.iter_mut().map(|r| &mut r.time_emb_proj));
+            v.extend(u.attentions.iter_mut().flat_map(|a| a.lins_mut()));
+        }
+        v
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        let mut v: Vec<&Lin> = vec![&self.time_linear_1, &self.time_linear_2];
+        if let Some((a, b)) = &self.add_linear {
+            v.push(a);
+            v.push(b);
+        }
+        for d in &self.down {
+            v.extend(d.resnets.iter().map(|r| &r.time_emb_proj));
+            v.extend(d.attentions.iter().flat_map(|a| a.lins()));
+        }
+        v.push(&self.mid.resnet0.time_emb_proj);
+        v.extend(self.mid.attention.lins());
+        v.push(&self.mid.resnet1.time_emb_proj);
+        for u in &self.up {
+            v.extend(u.resnets.iter().map(|r| &r.time_emb_proj));
+            v.extend(u.attentions.iter().flat_map(|a| a.lins()));
+        }
+        v
+    }
 }
 
 #[cfg(test)]

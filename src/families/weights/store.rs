@@ -1095,6 +1095,9 @@ impl crate::ops::Lin {
     ) -> candle_core::Result<Self> {
         let weight = ld.matrix(out_dim, in_dim, "weight")?;
         let bias = bias.then(|| ld.get(out_dim, "bias")).transpose()?;
-        Self::from_stored(weight, bias, ld.dtype(), ld.device())
+        let mut lin = Self::from_stored(weight, bias, ld.dtype(), ld.device())?;
+        // LoRAs find the layer by its module path.
+        lin.set_name(ld.prefix());
+        Ok(lin)
     }
 }

@@ -6,8 +6,10 @@ use candle_core::Tensor;
 
 use super::config::DitConfig;
 use super::dit::Block;
+use crate::families::lora::{self, HasLins, LoraPart, LoraSet};
 use crate::families::weights::stage::{SharedStager, StagedBlock};
 use crate::families::weights::Loader;
+use crate::ops::linear::{Lin, LoraMode};
 
 /// How the forward obtains its repeated blocks: all resident, or loaded one by one.
 pub trait BlockSource {
@@ -143,6 +145,7 @@ pub struct StreamedBlocks<'a> {
     pub cfg: &'a DitConfig,
     pub vb: Loader,
     kept: Option<&'a KeptBlocks>,
+    lora: StreamLora,
     prefetched: Option<(BlockGroup, usize, Pending)>,
     stager: Option<SharedStager>,
 }
@@ -153,9 +156,16 @@ impl<'a> StreamedBlocks<'a> {
             cfg,
             vb,
             kept: None,
+            lora: None,
             prefetched: None,
             stager: None,
         }
+    }
+
+    /// Applies a job's LoRAs to every streamed block.
+    pub fn with_lora(mut self, lora: StreamLora) -> Self {
+        self.lora = lora;
+        self
     }
 
     /// Uses the blocks of `kept` from the device instead of streaming them.
@@ -256,25 +266,27 @@ impl<'a> StreamedBlocks<'a> {
 
     fn join(&self, p: Pending, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
         let panicked = || candle_core::Error::Msg("block loader thread panicked".into());
-        match p {
-            Pending::Built(h) => h.join().map_err(|_| panicked())?,
+        let block = match p {
+            Pending::Built(h) => h.join().map_err(|_| panicked())??,
             Pending::Staged(h) => {
                 let staged = h.join().map_err(|_| panicked())??;
-                self.build_staged(staged, group, index)
+                self.build_staged(staged, group, index)?
             }
-        }
+        };
+        with_lora(block, &self.lora)
     }
 
     /// Loads a block now, on this thread.
     fn load_now(&self, group: BlockGroup, index: usize) -> candle_core::Result<Block> {
-        match self.stage_job(group, index) {
-            Some(job) => self.build_staged(job()?, group, index),
+        let block = match self.stage_job(group, index) {
+            Some(job) => self.build_staged(job()?, group, index)?,
             None => Block::new(
                 self.cfg,
                 group != BlockGroup::ContextRefiner,
                 self.vb.pp(group.prefix()).pp(index),
-            ),
-        }
+            )?,
+        };
+        with_lora(block, &self.lora)
     }
 }
 
@@ -309,4 +321,45 @@ impl BlockSource for StreamedBlocks<'_> {
         }
         f(&block)
     }
+}
+
+impl HasLins for ResidentBlocks {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.noise_refiner
+            .iter_mut()
+            .chain(self.context_refiner.iter_mut())
+            .chain(self.layers.iter_mut())
+            .flat_map(|b| b.lins_mut())
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.noise_refiner
+            .iter()
+            .chain(self.context_refiner.iter())
+            .chain(self.layers.iter())
+            .flat_map(|b| b.lins())
+            .collect()
+    }
+}
+
+impl HasLins for KeptBlocks {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|(_, _, b)| b.lins_mut())
+            .collect()
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        self.blocks.iter().flat_map(|(_, _, b)| b.lins()).collect()
+    }
+}
+
+/// A job's LoRAs for streamed blocks: applied to each block as it is built.
+pub type StreamLora = Option<(std::sync::Arc<LoraSet>, LoraMode)>;
+
+fn with_lora(mut block: Block, lora: &StreamLora) -> candle_core::Result<Block> {
+    if let Some((set, mode)) = lora {
+        lora::apply(&mut block, set, LoraPart::Denoiser, *mode)?;
+    }
+    Ok(block)
 }

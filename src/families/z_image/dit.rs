@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::blocks::{BlockGroup, BlockSource};
 use super::config::DitConfig;
+use crate::families::lora::HasLins;
 use crate::families::weights::Loader;
 use crate::ops::act;
 use crate::ops::attention::{
@@ -756,6 +757,54 @@ fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     xc.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+impl HasLins for Block {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        let a = &mut self.attention;
+        let f = &mut self.feed_forward;
+        let mut v = vec![
+            &mut a.to_q,
+            &mut a.to_k,
+            &mut a.to_v,
+            &mut a.to_out,
+            &mut f.w1,
+            &mut f.w2,
+            &mut f.w3,
+        ];
+        v.extend(self.modulation.as_mut());
+        v
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        let a = &self.attention;
+        let f = &self.feed_forward;
+        let mut v = vec![&a.to_q, &a.to_k, &a.to_v, &a.to_out, &f.w1, &f.w2, &f.w3];
+        v.extend(self.modulation.as_ref());
+        v
+    }
+}
+
+impl HasLins for DitStem {
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        vec![
+            &mut self.t_mlp1,
+            &mut self.t_mlp2,
+            &mut self.cap_linear,
+            &mut self.x_embedder,
+            &mut self.final_linear,
+            &mut self.final_adaln,
+        ]
+    }
+    fn lins(&self) -> Vec<&Lin> {
+        vec![
+            &self.t_mlp1,
+            &self.t_mlp2,
+            &self.cap_linear,
+            &self.x_embedder,
+            &self.final_linear,
+            &self.final_adaln,
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub mod synthetic;
 pub mod text_encoder;
 pub mod variants;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::z_image::text_encoder::TextEncoderConfig;
 use tokenizers::Tokenizer;
@@ -20,10 +22,11 @@ use tokenizers::Tokenizer;
 use crate::memory::ActivationModel;
 
 use self::activations::ZImageArch;
-use self::blocks::{KeptBlocks, ResidentBlocks, StreamedBlocks};
+use self::blocks::{KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks};
 use self::config::DitConfig;
 use self::dit::{Dit, DitPrecision};
 use self::text_encoder::TextEncoder;
+use super::lora::{self, LinearLayers, LoraPart, LoraSet};
 use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::stage::SharedStager;
 use super::weights::{ModelDir, Role, Weights};
@@ -33,6 +36,7 @@ use super::{
 };
 use crate::nn::scheduler::{FlowMatchConfig, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
+use crate::ops::linear::LoraMode;
 
 pub const PIPELINE_CLASS: &str = "ZImagePipeline";
 /// The pipeline's `max_sequence_length`: prompts are cut at this many tokens.
@@ -74,15 +78,23 @@ impl Module for TextEncoder {
     }
 }
 
-/// The DiT's source: config, weights, and how its blocks are held ([`DenoiserResidency`]) and run.
+/// The DiT's source: config, weights, how its blocks are held ([`DenoiserResidency`]) and run,
+/// and the current job's LoRAs (attached to every block as it is built).
 pub struct DenoiserSource {
     cfg: DitConfig,
     weights: Weights,
     residency: DenoiserResidency,
     exec_override: Option<dit::Execution>,
+    loras: Arc<LoraSet>,
+    lora_mode: LoraMode,
 }
 
 impl DenoiserSource {
+    /// The current LoRAs for streamed blocks (`None` without any).
+    fn stream_lora(&self) -> StreamLora {
+        (!self.loras.is_empty()).then(|| (self.loras.clone(), self.lora_mode))
+    }
+
     /// Streaming is the low-memory plan: it also runs the CFG pair one item at a time and keeps
     /// attention chunks small, so activations shrink with the weights.
     fn execution(&self) -> dit::Execution {
@@ -139,6 +151,7 @@ impl Module for Denoiser {
         let prec = DitPrecision::for_weights(policy.denoiser, policy.residual, device);
         let mut dit = Dit::new(src.cfg.clone(), vb, prec).map_err(|e| src.weights.context(e))?;
         dit.set_execution(src.execution());
+        lora::apply(&mut dit.stem, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
         Ok(Self {
             dit,
             blocks: None,
@@ -180,7 +193,8 @@ impl Module for Denoiser {
         device: &Device,
     ) -> Result<(), ModelError> {
         let vb = src.weights.loader(policy.denoiser, device);
-        let blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
+        let mut blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
+        lora::apply(&mut blocks, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
         self.blocks = Some(blocks);
         Ok(())
     }
@@ -202,6 +216,18 @@ impl Module for Denoiser {
 }
 
 impl Denoiser {
+    /// Attaches `set` to every loaded layer (the stem, resident and kept blocks).
+    fn attach_loras(&mut self, set: &LoraSet, mode: LoraMode) -> candle_core::Result<()> {
+        lora::apply(&mut self.dit.stem, set, LoraPart::Denoiser, mode)?;
+        if let Some(b) = self.blocks.as_mut() {
+            lora::apply(b, set, LoraPart::Denoiser, mode)?;
+        }
+        if let Some(k) = self.kept.as_mut() {
+            lora::apply(k, set, LoraPart::Denoiser, mode)?;
+        }
+        Ok(())
+    }
+
     /// One DiT call; streams the blocks (keeping the first ones) when the residency says so.
     #[allow(clippy::too_many_arguments)]
     fn forward(
@@ -223,8 +249,9 @@ impl Denoiser {
                 self.kept = None;
                 if want > 0 {
                     let vb = src.weights.loader(policy.denoiser, device);
-                    let kept = KeptBlocks::load(&src.cfg, &vb, want)
+                    let mut kept = KeptBlocks::load(&src.cfg, &vb, want)
                         .map_err(|e| src.weights.context(e))?;
+                    lora::apply(&mut kept, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
                     self.kept = Some(kept);
                 }
             }
@@ -239,8 +266,9 @@ impl Denoiser {
                     let largest = src.largest_stored_block();
                     self.stager = super::weights::stage::for_device(device, largest as usize)?;
                 }
-                let mut streamed =
-                    StreamedBlocks::new(&src.cfg, vb).with_stager(self.stager.clone());
+                let mut streamed = StreamedBlocks::new(&src.cfg, vb)
+                    .with_stager(self.stager.clone())
+                    .with_lora(src.stream_lora());
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
                 }
@@ -259,6 +287,8 @@ pub struct ZImage {
     tokenizer: Tokenizer,
     scheduler: FlowMatchConfig,
     parts: Parts<TextEncoder, Denoiser>,
+    /// The DiT's linear layers (module paths and shapes): what a LoRA may update.
+    lora_layers: LinearLayers,
 }
 
 impl ZImage {
@@ -357,6 +387,8 @@ impl ZImage {
             cfg: dit_cfg,
             residency: DenoiserResidency::Resident,
             exec_override: None,
+            loras: Arc::default(),
+            lora_mode: LoraMode::default(),
         };
         let vae = VaeSource {
             weights: open(&files.vae, "vae", Role::Vae)?,
@@ -368,8 +400,10 @@ impl ZImage {
             tokenizer,
             scheduler,
             parts: Parts::new(device, policy, te, den, vae),
+            lora_layers: LinearLayers::default(),
         };
-        model.validate_tensors()?;
+        let mut model = model;
+        model.lora_layers = model.validate_tensors()?;
         Ok(model)
     }
 
@@ -399,7 +433,8 @@ impl ZImage {
     }
 
     /// Builds every module against the headers only: names and shapes must match the configs.
-    fn validate_tensors(&self) -> Result<(), ModelError> {
+    /// Returns the DiT's linear layers (what LoRAs may update).
+    fn validate_tensors(&self) -> Result<LinearLayers, ModelError> {
         let dev = Device::Cpu;
         let te = self.parts.text_encoder.source();
         TextEncoder::new(&te.cfg, te.weights.shape_loader(DType::F32))
@@ -410,11 +445,26 @@ impl ZImage {
             compute: DType::F32,
             residual: DType::F32,
         };
-        Dit::new(den.cfg.clone(), vb.clone(), prec).map_err(|e| den.weights.context(e))?;
-        ResidentBlocks::load(&den.cfg, &vb).map_err(|e| den.weights.context(e))?;
+        let dit =
+            Dit::new(den.cfg.clone(), vb.clone(), prec).map_err(|e| den.weights.context(e))?;
+        let blocks = ResidentBlocks::load(&den.cfg, &vb).map_err(|e| den.weights.context(e))?;
         let vae = self.parts.vae.source();
         VaeDecoder::new(&vae.cfg, vae.weights.shape_only(DType::F32, &dev))
             .map_err(|e| vae.weights.context(e))?;
+        let mut layers = LinearLayers::default();
+        lora::record(&dit.stem, LoraPart::Denoiser, &mut layers);
+        lora::record(&blocks, LoraPart::Denoiser, &mut layers);
+        Ok(layers)
+    }
+
+    /// How LoRAs reach the layers (runtime updates by default; see [`LoraMode`]); re-attaches
+    /// the current ones.
+    pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<(), ModelError> {
+        let (src, module) = self.parts.denoiser.split_mut();
+        src.lora_mode = mode;
+        if let Some(m) = module {
+            m.attach_loras(&src.loras, mode)?;
+        }
         Ok(())
     }
 
@@ -552,6 +602,22 @@ impl Family for ZImage {
         };
         // Z-Image predicts the flow toward the data; the sampler's derivative is its negation.
         Ok(out.neg()?)
+    }
+
+    fn lora_layers(&self) -> &LinearLayers {
+        &self.lora_layers
+    }
+
+    fn set_loras(&mut self, set: Arc<LoraSet>) -> Result<(), ModelError> {
+        let (src, module) = self.parts.denoiser.split_mut();
+        if Arc::ptr_eq(&set, &src.loras) || set.key == src.loras.key {
+            return Ok(());
+        }
+        if let Some(m) = module {
+            m.attach_loras(&set, src.lora_mode)?;
+        }
+        src.loras = set;
+        Ok(())
     }
 
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {

@@ -4,8 +4,10 @@
 //! and may overexpose, the forced-CFG example recovered at 2.4, from 3 the model breaks.
 
 use crate::families::profile::{
-    Band, BandLevel, CfgProfile, Defaults, FamilyKind, LatentPreview, Profile, StepsProfile,
+    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview, Profile,
+    StepsProfile,
 };
+use crate::nn::scheduler::NoiseKind;
 
 /// The forced-CFG example recovered at 2.4; above it Z-Image-Turbo overexposes and breaks.
 pub const SAFE_CFG_MAX: f32 = 2.4;
@@ -14,6 +16,13 @@ pub const DEFAULTS: Defaults = Defaults {
     height: 1024,
     steps: 8,
     cfg: 1.8,
+};
+
+/// `ZImageImg2ImgPipeline`'s default strength, with the model's 8 steps (5 of them run).
+pub const IMG2IMG_DEFAULTS: Img2ImgDefaults = Img2ImgDefaults {
+    steps: DEFAULTS.steps,
+    strength: 0.6,
+    noise: NoiseKind::Flow,
 };
 
 const STEP_BANDS: &[Band] = &[
@@ -190,5 +199,6 @@ pub const PROFILE: Profile = Profile {
         intercept_at: 3.0,
         bands: CFG_BANDS,
     },
+    img2img: IMG2IMG_DEFAULTS,
     preview: PREVIEW,
 };

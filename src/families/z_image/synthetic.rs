@@ -315,7 +315,11 @@ pub fn write(dir: &Path, shape: &SyntheticShape, seed: u64) -> Result<(), ModelE
         t.push(("model.norm.weight".into(), vec![te_cfg.hidden_size]));
         t
     };
-    let vae_tensors = record(|vb| VaeDecoder::new(&vae_cfg, vb).map(|_| ()))?;
+    let vae_tensors = record(|vb| {
+        VaeDecoder::new(&vae_cfg, vb.clone())?;
+        crate::nn::vae_encoder::VaeEncoder::new(&vae_cfg, vb)?;
+        Ok(())
+    })?;
 
     let demo = crate::families::catalog::demo();
     for rel in [
