@@ -334,6 +334,45 @@ pub fn is_image_name(name: &str) -> bool {
         && !n.starts_with('0')
 }
 
+/// A small queued or finished record for the queue's and the journal's tests.
+#[cfg(test)]
+pub(crate) fn test_record(seq: u64, state: JobState, batch: u32) -> JobRecord {
+    JobRecord {
+        id: new_job_id(),
+        seq,
+        state,
+        model: "demo".into(),
+        created_at: 1,
+        started_at: None,
+        finished_at: None,
+        request: ValidRequest {
+            prompt: "a lake".into(),
+            negative_prompt: None,
+            width: 64,
+            height: 64,
+            steps: 2,
+            cfg: 1.0,
+            seed: 7,
+            batch,
+            enhance: false,
+            memory_mode: crate::memory::planner::MemoryMode::Auto,
+            init: None,
+            loras: Vec::new(),
+            enhance_exclude: Vec::new(),
+        },
+        params: None,
+        enhancement: None,
+        images: vec![],
+        image_seeds: vec![],
+        notices: vec![],
+        timings: None,
+        peak_memory_bytes: None,
+        plan: None,
+        error: None,
+        worker: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,45 +213,10 @@ fn read_record(path: &Path) -> Result<JobRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::planner::MemoryMode;
     use crate::queue::job::{new_job_id, JobState};
-    use crate::request::ValidRequest;
 
     fn record(seq: u64) -> JobRecord {
-        JobRecord {
-            id: new_job_id(),
-            seq,
-            state: JobState::Queued,
-            model: "demo".into(),
-            created_at: 1,
-            started_at: None,
-            finished_at: None,
-            request: ValidRequest {
-                prompt: "a lake".into(),
-                negative_prompt: None,
-                width: 64,
-                height: 64,
-                steps: 2,
-                cfg: 1.0,
-                seed: 7,
-                batch: 1,
-                enhance: false,
-                memory_mode: MemoryMode::Auto,
-                init: None,
-                loras: Vec::new(),
-                enhance_exclude: Vec::new(),
-            },
-            params: None,
-            enhancement: None,
-            images: vec![],
-            image_seeds: vec![],
-            notices: vec![],
-            timings: None,
-            peak_memory_bytes: None,
-            plan: None,
-            error: None,
-            worker: None,
-        }
+        crate::queue::job::test_record(seq, JobState::Queued, 1)
     }
 
     /// A failed job's error is journaled typed; one journaled before the error was typed (a plain

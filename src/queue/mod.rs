@@ -938,43 +938,9 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::planner::MemoryMode;
 
     fn record(seq: u64, state: JobState, batch: u32) -> JobRecord {
-        JobRecord {
-            id: job::new_job_id(),
-            seq,
-            state,
-            model: "demo".into(),
-            created_at: 1,
-            started_at: None,
-            finished_at: None,
-            request: ValidRequest {
-                prompt: "a lake".into(),
-                negative_prompt: None,
-                width: 64,
-                height: 64,
-                steps: 2,
-                cfg: 1.0,
-                seed: 7,
-                batch,
-                enhance: false,
-                memory_mode: MemoryMode::Auto,
-                init: None,
-                loras: Vec::new(),
-                enhance_exclude: Vec::new(),
-            },
-            params: None,
-            enhancement: None,
-            images: vec![],
-            image_seeds: vec![],
-            notices: vec![],
-            timings: None,
-            peak_memory_bytes: None,
-            plan: None,
-            error: None,
-            worker: None,
-        }
+        job::test_record(seq, state, batch)
     }
 
     #[tokio::test]
