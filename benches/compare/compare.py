@@ -120,7 +120,7 @@ def stage_medians(runs):
     }
 
 
-def run_case(label, model, size, steps, channels, a, bench_bin, env_common, precision):
+def run_case(label, model, size, steps, channels, a, bench_bin, env_common, precision, ddtype="float32"):
     lat = subprocess.check_output(
         [sys.executable, os.path.join(HERE, "make_model.py"), "latents", str(size), str(size), str(channels)],
         text=True, cwd=REPO,
@@ -128,11 +128,12 @@ def run_case(label, model, size, steps, channels, a, bench_bin, env_common, prec
     common = ["--model", model, "--width", str(size), "--height", str(size), "--steps", str(steps),
               "--cfg", str(a.cfg), "--init-latents", lat]
     zt_extra = ["--precision", precision]
-    out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-") + "-" + precision)
+    out_dir = os.path.join(REPO, "target", "compare-runs", label.replace("@", "-") + "-" + precision
+                           + ("" if ddtype == "float32" else "-vs-" + ddtype))
     log(f"== {label}: starting both sides ({model})")
     zt = Side("zturbo", [bench_bin] + common + zt_extra, env_common)
     dp = Side("diffusers", [sys.executable, os.path.join(HERE, "bench_diffusers.py")] + common +
-              ["--threads", str(a.threads)], env_common)
+              ["--threads", str(a.threads), "--dtype", ddtype], env_common)
     for s in (zt, dp):
         if s.ready["threads"] != a.threads:
             raise SystemExit(f"{s.name} runs {s.ready['threads']} threads, not {a.threads}")
@@ -147,7 +148,8 @@ def run_case(label, model, size, steps, channels, a, bench_bin, env_common, prec
     # f32 on both sides agrees to ~1e-5 (abs). With bf16 matrix operands (zturbo's CPU default where
     # the CPU multiplies bf16 natively) the final latents carry bf16 rounding: accepted up to
     # --bf16-tolerance of the latents' range, and reported (with the image PSNR) in the table.
-    narrow = bool(zt.ready.get("cpu_bf16_products")) and "bf16" in str(zt.ready.get("precision"))
+    narrow = (bool(zt.ready.get("cpu_bf16_products")) and "bf16" in str(zt.ready.get("precision"))) \
+        or ddtype != "float32"
     limit = a.bf16_tolerance * parity["latents_max_abs"] if narrow else a.tolerance
     if parity["latents_max_abs_diff"] > limit:
         raise SystemExit(
@@ -205,6 +207,21 @@ def cpu_flags():
     return "?"
 
 
+def host_bf16_native():
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX) and zturbo is allowed to use it."""
+    if os.environ.get("ZTURBO_CPU_BF16") == "0":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in fl or "amx_bf16" in fl
+    except OSError:
+        pass
+    return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench-bin", required=True, help="the compare_zturbo bench executable")
@@ -219,6 +236,9 @@ def main():
                     help="zturbo --precision: auto (bf16 operands where the CPU has them natively, else f32) or f32")
     ap.add_argument("--bf16-tolerance", type=float, default=0.05,
                     help="max |latents diff| / max |latents| accepted when zturbo runs bf16 operands")
+    ap.add_argument("--diffusers-bf16", choices=["auto", "on", "off"], default="auto",
+                    help="also time diffusers in bfloat16 against zturbo bf16 (auto: where the CPU multiplies "
+                         "bf16 natively)")
     ap.add_argument("--json", default=os.path.join(REPO, "target", "compare-runs", "results.json"))
     a = ap.parse_args()
     if a.runs < 5:
@@ -247,6 +267,15 @@ def main():
         for prec in dict.fromkeys(["f32", a.precision]):
             r = run_case(label, models[shape], size, steps or a.steps, channels, a, a.bench_bin, env, prec)
             r["zturbo_precision_arg"] = prec
+            r["diffusers_dtype"] = "float32"
+            results.append(r)
+        # diffusers' own best setting where bf16 is native: the whole pipeline in bfloat16, against
+        # zturbo's `auto`, which there is bf16 matrix operands with f32 accumulation.
+        if a.diffusers_bf16 == "on" or (a.diffusers_bf16 == "auto" and host_bf16_native()):
+            r = run_case(label, models[shape], size, steps or a.steps, channels, a, a.bench_bin, env, "auto",
+                         ddtype="bfloat16")
+            r["zturbo_precision_arg"] = "auto"
+            r["diffusers_dtype"] = "bfloat16"
             results.append(r)
 
     import diffusers
@@ -270,7 +299,7 @@ def main():
         psnr_s = "identical" if psnr == float("inf") else (f"{psnr:.1f} dB" if psnr is not None else "n/a")
         zp = r["ready"]["zturbo"].get("precision", "?")
         print(f"### {r['label']}, {r['steps']} steps, zturbo --precision {r['zturbo_precision_arg']} "
-              f"(resolved: {zp}) vs diffusers float32  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
+              f"(resolved: {zp}) vs diffusers {r.get('diffusers_dtype', 'float32')}  (final latents max |diff| {p['latents_max_abs_diff']:.2e} = "
               f"{100 * p['latents_rel_diff']:.2g} % of their range, image max diff "
               f"{p['image_max_level_diff']} levels, PSNR {psnr_s})")
         print()
@@ -295,10 +324,15 @@ def main():
         return out
 
     def pick(label, prec):
-        return next((r for r in results if r["label"] == label and r["zturbo_precision_arg"] == prec), None)
+        return next((r for r in results if r["label"] == label and r["zturbo_precision_arg"] == prec
+                     and r.get("diffusers_dtype", "float32") == "float32"), None)
 
-    # Every case's pair first (sd-turbo@512 included), then the two medium@512 lines last.
+    # Every case's lines first (sd-turbo@512 included; `bf16[...]`: zturbo bf16 against diffusers
+    # bfloat16, where run), then the two medium@512 lines last.
     for r in results:
+        if r.get("diffusers_dtype", "float32") != "float32":
+            print(line(r, f"bf16[{r['label']}]", True))
+            continue
         tag = "like_for_like" if r["zturbo_precision_arg"] == "f32" else "summary"
         print(line(r, f"{tag}[{r['label']}]", tag == "summary"))
     print(line(pick("medium@512", "f32"), "like_for_like", False))
