@@ -1114,9 +1114,18 @@ fn models_switch_between_jobs_from_the_api_a_job_and_a1111() {
         &s.url("/sdapi/v1/options"),
         &json!({"sd_model_checkpoint": "broken-sd-turbo"}),
     );
-    assert_eq!(st, 500, "{err}");
+    // A checkpoint that does not load is the client's value: 422 naming the field and the file.
+    assert_eq!(st, 422, "{err}");
+    assert_eq!(
+        err["detail"][0]["loc"],
+        json!(["body", "sd_model_checkpoint"]),
+        "{err}"
+    );
     assert!(
-        err["detail"].as_str().unwrap().contains("safetensors"),
+        err["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("safetensors"),
         "{err}"
     );
     let (st, _, err) = post_json(&s.url("/api/model"), &json!({"name": "nope"}));

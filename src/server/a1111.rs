@@ -768,8 +768,8 @@ pub async fn options(State(s): State<AppState>) -> Json<Value> {
 }
 
 /// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches models as A1111 does — the answer
-/// comes once the model is loaded (after the jobs queued before the switch), or with a 500
-/// naming the file when it does not load. Other options are logged and ignored.
+/// comes once the model is loaded (after the jobs queued before the switch), or with a 422
+/// naming `sd_model_checkpoint` and the file when it does not load. Other options are logged and ignored.
 pub async fn set_options(
     State(s): State<AppState>,
     body: Result<JsonBody, ApiError>,
@@ -828,11 +828,14 @@ pub async fn set_options(
                     return Ok(());
                 }
                 Ok(crate::queue::ModelEvent::Failed { name, error, .. }) if name == model.name => {
-                    return Err(A1111Error {
-                        status: StatusCode::INTERNAL_SERVER_ERROR,
-                        body: json!({ "detail": format!("could not load `{name}`: {error}") }),
-                        retry_after_s: None,
-                    });
+                    // The checkpoint the client named does not load (a broken or unsupported
+                    // file): a value the client sent, so a 422 naming the field and the file —
+                    // the previous model is loaded again and keeps serving.
+                    return Err(validation(
+                        Some("sd_model_checkpoint"),
+                        format!("sd_model_checkpoint: could not load `{name}`: {error}"),
+                        "value_error",
+                    ));
                 }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(stopped()),
