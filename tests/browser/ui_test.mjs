@@ -600,6 +600,11 @@ async function serverTextsInChinese(page) {
   const widthError = await page.$eval('#width-error', (e) => e.textContent);
   chineseServerText(widthError, 'zh-CN field error');
   check(widthError.includes('（当前为 1）'), 'zh-CN field error', `"${widthError}" does not name the value`);
+  // The image-to-image section's own texts switch too (file names, syntax and units excepted).
+  const i2i = await page.$eval('#img2img', (e) => e.innerText);
+  const syntax = new Set(['lora', 'name', 'loras', 'models', 'dir', 'safetensors', 'style', 'png']);
+  const i2iEnglish = englishWords(i2i).filter((w) => !syntax.has(w.toLowerCase()));
+  check(/[\u4e00-\u9fff]/.test(i2i) && !i2iEnglish.length, 'zh-CN image to image', `English words ${i2iEnglish.join(', ')} in "${i2i.replace(/\s+/g, ' ').slice(0, 300)}"`);
   ok('zh-CN: the server\'s texts in Chinese', `${stepsHint} | ${advice.length} advice | ${widthError}`);
 }
 
