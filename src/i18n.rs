@@ -51,10 +51,12 @@ pub fn numbers(s: &str) -> Vec<String> {
     out
 }
 
-/// Sorted [`numbers`]: word order differs between the languages.
+/// The distinct [`numbers`], sorted: word order differs between the languages, and a translation
+/// may state a figure once where the English repeats it.
 pub fn number_set(s: &str) -> Vec<String> {
     let mut v = numbers(s);
     v.sort();
+    v.dedup();
     v
 }
 
@@ -67,6 +69,7 @@ mod tests {
         assert_eq!(numbers("CFG 3.2 → 2.4 at step 3."), ["3.2", "2.4", "3"]);
         assert_eq!(numbers("约 15–30 个字"), ["15", "30"]);
         assert!(has_cjk("步数") && !has_cjk("steps"));
+        assert_eq!(number_set("8–12 words (8–12, 2.4)"), ["12", "2.4", "8"]);
     }
 
     #[test]

@@ -82,8 +82,8 @@ fn chinese_length_advice(prompt: &str) -> Advice {
                 plural(n)
             ),
             format!(
-                "{n} 个汉字：大约 {lo}–{hi} 个字能说清 8–12 个英文单词的内容（{zh_source}）；\
-                 请写明主体、场景和光线。"
+                "{n} 个汉字：大约 {lo}–{hi} 个字能说清 8–12 个英文单词的内容（按每词约两个字换算，\
+                 未针对中文实测）；请写明主体、场景和光线。"
             ),
         )
     } else if n <= hi {

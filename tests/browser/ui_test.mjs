@@ -539,7 +539,7 @@ async function desktop(browser) {
   await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
   await docShot(page, 'ui-zh-CN.jpg');
   // The form's lower half: the advice list and the image-to-image section, in Chinese.
-  await page.$eval('#enhance-preview', (e) => e.scrollIntoView({ block: 'start' }));
+  await page.$eval('#enhance-advice', (e) => e.scrollIntoView({ block: 'end' }));
   await page.waitForTimeout(150);
   await page.screenshot({ path: join(shotDir, 'browser-zh-CN-form.png') });
   await noticeInChinese(page);
