@@ -535,9 +535,10 @@ async function desktop(browser) {
   const counter = await page.$eval('#word-count', (e) => e.textContent);
   check(/19 个字/.test(counter), 'CJK prompt length', `counter says "${counter}"`);
   await page.waitForTimeout(600);
-  await serverTextsInChinese(page);
-  await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
+  const zhShown = await serverTextsInChinese(page);
   await docShot(page, 'ui-zh-CN.jpg');
+  await fieldErrorInChinese(page, zhShown);
+  await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
   // The form's lower half: the advice list and the image-to-image section, in Chinese.
   await page.$eval('#enhance-advice', (e) => e.scrollIntoView({ block: 'end' }));
   await page.waitForTimeout(150);
@@ -565,8 +566,7 @@ function chineseServerText(text, name) {
 
 /**
  * zh-CN: what the server writes shows in Chinese — the step and CFG hints (the family profile's
- * bands), the enhancement preview's advice, and a field error of POST /api/jobs (an out-of-range
- * width slipped past the form's own checks, so the server answers 422 naming the field).
+ * bands), the enhancement preview's advice, and the image-to-image section's own texts.
  */
 async function serverTextsInChinese(page) {
   await page.fill('#steps', '4');
@@ -581,6 +581,19 @@ async function serverTextsInChinese(page) {
   }, null, { timeout: 10_000 }).catch(() => fail('zh-CN advice', 'the enhancement preview did not update'));
   const advice = await page.$$eval('#enhance-advice li', (lis) => lis.map((li) => li.textContent));
   for (const a of advice) chineseServerText(a, 'zh-CN advice');
+  // The image-to-image section's own texts switch too (file names, syntax and units excepted).
+  const i2i = await page.$eval('#img2img', (e) => e.innerText);
+  const syntax = new Set(['lora', 'name', 'loras', 'models', 'dir', 'safetensors', 'style', 'png']);
+  const i2iEnglish = englishWords(i2i).filter((w) => !syntax.has(w.toLowerCase()));
+  check(/[\u4e00-\u9fff]/.test(i2i) && !i2iEnglish.length, 'zh-CN image to image', `English words ${i2iEnglish.join(', ')} in "${i2i.replace(/\s+/g, ' ').slice(0, 300)}"`);
+  return `${stepsHint} | ${advice.length} advice`;
+}
+
+/**
+ * zh-CN: a field error of POST /api/jobs in Chinese (an out-of-range width slipped past the form's
+ * own checks, so the server answers 422 naming the field), shown next to the field.
+ */
+async function fieldErrorInChinese(page, shown) {
   const jobsUrl = (u) => new URL(u).pathname === '/api/jobs';
   const widen = async (route) => {
     if (route.request().method() !== 'POST') return route.continue();
@@ -600,12 +613,7 @@ async function serverTextsInChinese(page) {
   const widthError = await page.$eval('#width-error', (e) => e.textContent);
   chineseServerText(widthError, 'zh-CN field error');
   check(widthError.includes('（当前为 1）'), 'zh-CN field error', `"${widthError}" does not name the value`);
-  // The image-to-image section's own texts switch too (file names, syntax and units excepted).
-  const i2i = await page.$eval('#img2img', (e) => e.innerText);
-  const syntax = new Set(['lora', 'name', 'loras', 'models', 'dir', 'safetensors', 'style', 'png']);
-  const i2iEnglish = englishWords(i2i).filter((w) => !syntax.has(w.toLowerCase()));
-  check(/[\u4e00-\u9fff]/.test(i2i) && !i2iEnglish.length, 'zh-CN image to image', `English words ${i2iEnglish.join(', ')} in "${i2i.replace(/\s+/g, ' ').slice(0, 300)}"`);
-  ok('zh-CN: the server\'s texts in Chinese', `${stepsHint} | ${advice.length} advice | ${widthError}`);
+  ok('zh-CN: the server\'s texts in Chinese', `${shown} | ${widthError}`);
 }
 
 /** zh-CN: a notice the engine makes (CFG intercepted and clamped) shows as a Chinese toast. */
