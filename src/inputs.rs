@@ -39,6 +39,24 @@ pub enum InputError {
     Invalid(String),
 }
 
+impl InputError {
+    /// The same text in Simplified Chinese (a decoder's own detail stays as it reported it).
+    pub fn zh(&self) -> String {
+        match self {
+            InputError::Base64(e) => {
+                format!("不是有效的 base64（应为 PNG、JPEG 或 WebP 文件，可以写成 data: URL）：{e}")
+            }
+            InputError::Empty => "是空的".into(),
+            InputError::TooLarge(n) => format!("有 {n} 字节；上限是 {MAX_INPUT_BYTES} 字节"),
+            InputError::NotAnImage(e) => format!("不是 PNG、JPEG 或 WebP 图像：{e}"),
+            InputError::TooManyPixels(w, h) => {
+                format!("有 {w}×{h} 像素；每边最多 {MAX_INPUT_SIDE}，总共最多 {MAX_INPUT_PIXELS}")
+            }
+            InputError::Invalid(e) => format!("无法使用：{e}"),
+        }
+    }
+}
+
 /// Bytes of a base64 string or a `data:image/…;base64,` URL (whitespace ignored).
 pub fn decode_base64(s: &str) -> Result<Vec<u8>, InputError> {
     let s = s.trim();

@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod families;
+pub mod i18n;
 pub mod inputs;
 pub mod memory;
 pub mod nn;

@@ -2,6 +2,7 @@
 //! is parsed once into a [`ValidRequest`] with defaults and a seed filled in; everything downstream
 //! accepts only that type. Errors name the field, the allowed range and the value given.
 
+use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::families::lora::LoraDir;
 pub use crate::families::profile::Img2ImgDefaults;
 use crate::families::Profile;
+use crate::i18n::Translations;
 use crate::inputs::{self, CropRegion, InpaintFill, InputImage, ResizeMode};
 use crate::memory::planner::MemoryMode;
 use crate::nn::scheduler::{steps_run, NoiseKind};
@@ -205,12 +207,15 @@ pub struct InitImage {
 /// Largest `inpaint_full_res_padding`.
 pub const MAX_INPAINT_PADDING: u32 = 1024;
 
-/// A user error: which field, and what is wrong with it.
+/// A user error: which field, and what is wrong with it (`message` in English; `i18n` the same
+/// text in the page's other languages, for the errors the page can cause).
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
 #[error("{field}: {message}")]
 pub struct FieldError {
     pub field: String,
     pub message: String,
+    #[serde(skip_serializing_if = "Translations::is_empty")]
+    pub i18n: Translations,
 }
 
 impl FieldError {
@@ -218,7 +223,24 @@ impl FieldError {
         Self {
             field: field.to_string(),
             message: message.into(),
+            i18n: Translations::default(),
         }
+    }
+
+    /// The message in Simplified Chinese.
+    pub fn zh(mut self, text: impl Into<String>) -> Self {
+        self.i18n = Translations::zh(text);
+        self
+    }
+
+    /// "must be between `lo` and `hi` (got `got`)".
+    pub fn range(field: &str, lo: impl Display, hi: impl Display, got: impl Display) -> Self {
+        Self::new(field, format!("must be between {lo} and {hi} (got {got})"))
+            .zh(format!("必须在 {lo} 到 {hi} 之间（当前为 {got}）"))
+    }
+
+    fn input(field: &str, e: &inputs::InputError) -> Self {
+        Self::new(field, e.to_string()).zh(e.zh())
     }
 }
 
@@ -249,7 +271,7 @@ impl GenerationRequest {
     fn validate_plain(self, limits: &Limits) -> Result<ValidRequest, FieldError> {
         let prompt = check_text("prompt", self.prompt)?;
         if prompt.trim().is_empty() {
-            return Err(FieldError::new("prompt", "must not be empty"));
+            return Err(FieldError::new("prompt", "must not be empty").zh("不能为空"));
         }
         let negative_prompt = match self.negative_prompt {
             Some(n) => Some(check_text("negative_prompt", n)?),
@@ -259,20 +281,17 @@ impl GenerationRequest {
             let v = v.unwrap_or(default);
             let m = limits.size_multiple.max(1);
             if !(MIN_SIDE..=MAX_SIDE).contains(&v) {
-                return Err(FieldError::new(
-                    field,
-                    format!("must be between {MIN_SIDE} and {MAX_SIDE} (got {v})"),
-                ));
+                return Err(FieldError::range(field, MIN_SIDE, MAX_SIDE, v));
             }
             if v % m != 0 {
+                let (lo, hi) = (v / m * m, (v / m + 1) * m);
                 return Err(FieldError::new(
                     field,
-                    format!(
-                        "must be a multiple of {m} (got {v}; nearest: {} or {})",
-                        v / m * m,
-                        (v / m + 1) * m
-                    ),
-                ));
+                    format!("must be a multiple of {m} (got {v}; nearest: {lo} or {hi})"),
+                )
+                .zh(format!(
+                    "必须是 {m} 的倍数（当前为 {v}；最接近的是 {lo} 或 {hi}）"
+                )));
             }
             Ok(v)
         };
@@ -295,10 +314,7 @@ impl GenerationRequest {
         };
         let steps = self.steps.unwrap_or(default_steps);
         if !(MIN_STEPS..=MAX_STEPS).contains(&steps) {
-            return Err(FieldError::new(
-                "steps",
-                format!("must be between {MIN_STEPS} and {MAX_STEPS} (got {steps})"),
-            ));
+            return Err(FieldError::range("steps", MIN_STEPS, MAX_STEPS, steps));
         }
         let cfg = self.cfg.unwrap_or(limits.default_cfg);
         if !cfg.is_finite() || !(MIN_CFG..=MAX_CFG).contains(&cfg) {
@@ -307,7 +323,10 @@ impl GenerationRequest {
                 format!(
                     "must be between {MIN_CFG} and {MAX_CFG}; 1.0 turns guidance off (got {cfg})"
                 ),
-            ));
+            )
+            .zh(format!(
+                "必须在 {MIN_CFG} 到 {MAX_CFG} 之间；1.0 表示关闭引导（当前为 {cfg}）"
+            )));
         }
         let batch = self.batch.unwrap_or(1);
         if batch == 0 || batch > limits.max_batch {
@@ -317,7 +336,11 @@ impl GenerationRequest {
                     "must be between 1 and {} on this device (got {batch})",
                     limits.max_batch
                 ),
-            ));
+            )
+            .zh(format!(
+                "在这台设备上必须在 1 到 {} 之间（当前为 {batch}）",
+                limits.max_batch
+            )));
         }
         let init = match decoded {
             Some(img) => Some(Box::new(init_image(
@@ -344,7 +367,8 @@ impl GenerationRequest {
                     ("inpaint_full_res", self.inpaint_full_res.is_some()),
                 ] {
                     if given {
-                        return Err(FieldError::new(field, "needs an input image (`image`)"));
+                        return Err(FieldError::new(field, "needs an input image (`image`)")
+                            .zh("需要一张输入图像（`image`）"));
                     }
                 }
                 None
@@ -382,7 +406,8 @@ pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<LoraSpec>), FieldE
             return Err(FieldError::new(
                 "prompt",
                 "has a `<lora:` tag without its closing `>` (syntax: <lora:name:weight>)",
-            ));
+            )
+            .zh("中的 `<lora:` 标签缺少结尾的 `>`（语法：<lora:name:weight>）"));
         };
         let body = &after[..end];
         let (name, weight) = match body.rsplit_once(':') {
@@ -394,6 +419,9 @@ pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<LoraSpec>), FieldE
                             "<lora:{body}>: `{w}` is not a weight (syntax: <lora:name:weight>)"
                         ),
                     )
+                    .zh(format!(
+                        "<lora:{body}>：`{w}` 不是有效的权重（语法：<lora:name:weight>）"
+                    ))
                 })?;
                 (n, w)
             }
@@ -427,13 +455,18 @@ fn resolve_loras(specs: &[LoraSpec], dir: Option<&LoraDir>) -> Result<Vec<LoraRe
         return Err(FieldError::new(
             "loras",
             format!("at most {MAX_LORAS} LoRAs per job (got {})", specs.len()),
-        ));
+        )
+        .zh(format!(
+            "每个任务最多 {MAX_LORAS} 个 LoRA（当前为 {}）",
+            specs.len()
+        )));
     }
     let Some(dir) = dir else {
         return Err(FieldError::new(
             "loras",
             "this server has no LoRA folder (put .safetensors files in <models-dir>/loras/)",
-        ));
+        )
+        .zh("这台服务器没有 LoRA 文件夹（请把 .safetensors 文件放到 <models-dir>/loras/）"));
     };
     specs
         .iter()
@@ -445,26 +478,38 @@ fn resolve_loras(specs: &[LoraSpec], dir: Option<&LoraDir>) -> Result<Vec<LoraRe
                         "`{}`: weight must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT} (got {})",
                         l.name, l.weight
                     ),
-                ));
+                )
+                .zh(format!(
+                    "`{}`：权重必须在 -{MAX_LORA_WEIGHT} 到 {MAX_LORA_WEIGHT} 之间（当前为 {}）",
+                    l.name, l.weight
+                )));
             }
             let path = dir.resolve(&l.name).ok_or_else(|| {
                 let known = dir.names();
+                let (list, list_zh) = if known.is_empty() {
+                    ("none".to_string(), "无".to_string())
+                } else {
+                    (known.join(", "), known.join("、"))
+                };
                 FieldError::new(
                     "loras",
                     format!(
-                        "no LoRA named `{}` in {} (available: {})",
+                        "no LoRA named `{}` in {} (available: {list})",
                         l.name,
                         dir.path().display(),
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
                     ),
                 )
+                .zh(format!(
+                    "{} 中没有名为 `{}` 的 LoRA（可用：{list_zh}）",
+                    dir.path().display(),
+                    l.name,
+                ))
             })?;
             dir.check(&path)
-                .map_err(|e| FieldError::new("loras", format!("`{}`: {e}", l.name)))?;
+                .map_err(|e| {
+                    FieldError::new("loras", format!("`{}`: {e}", l.name))
+                        .zh(format!("`{}` 无法使用：{e}", l.name))
+                })?;
             Ok(LoraRef {
                 name: l.name.clone(),
                 weight: l.weight,
@@ -484,7 +529,11 @@ pub fn check_excluded(list: Vec<String>) -> Result<Vec<String>, FieldError> {
                 "at most {MAX_EXCLUDED_PHRASES} phrases (got {})",
                 list.len()
             ),
-        ));
+        )
+        .zh(format!(
+            "最多 {MAX_EXCLUDED_PHRASES} 个短语（当前为 {}）",
+            list.len()
+        )));
     }
     list.into_iter()
         .map(|p| {
@@ -493,22 +542,26 @@ pub fn check_excluded(list: Vec<String>) -> Result<Vec<String>, FieldError> {
                 return Err(FieldError::new(
                     FIELD,
                     format!("each phrase must be at most {MAX_EXCLUDE_CHARS} characters (got {n})"),
-                ));
+                )
+                .zh(format!(
+                    "每个短语最多 {MAX_EXCLUDE_CHARS} 个字符（当前为 {n}）"
+                )));
             }
             if p.chars().any(char::is_control) {
-                return Err(FieldError::new(
-                    FIELD,
-                    "must not contain control characters",
-                ));
+                return Err(no_control_characters(FIELD));
             }
             Ok(p.trim().to_string())
         })
         .collect()
 }
 
+fn no_control_characters(field: &str) -> FieldError {
+    FieldError::new(field, "must not contain control characters").zh("不能包含控制字符")
+}
+
 fn decode_field(field: &str, b64: &str) -> Result<image::DynamicImage, FieldError> {
-    let bytes = inputs::decode_base64(b64).map_err(|e| FieldError::new(field, e.to_string()))?;
-    inputs::decode_image(&bytes).map_err(|e| FieldError::new(field, e.to_string()))
+    let bytes = inputs::decode_base64(b64).map_err(|e| FieldError::input(field, &e))?;
+    inputs::decode_image(&bytes).map_err(|e| FieldError::input(field, &e))
 }
 
 /// The size an input image gives a job: its own, scaled down to fit [`MAX_SIDE`], rounded down to
@@ -549,23 +602,22 @@ fn init_image(
         Some(b64) => {
             let m = decode_field("mask", b64)?;
             if (m.width(), m.height()) != (img.width(), img.height()) {
+                let (mw, mh, iw, ih) = (m.width(), m.height(), img.width(), img.height());
                 return Err(FieldError::new(
                     "mask",
-                    format!(
-                        "is {}×{} but the image is {}×{}: they must be the same size",
-                        m.width(),
-                        m.height(),
-                        img.width(),
-                        img.height()
-                    ),
-                ));
+                    format!("is {mw}×{mh} but the image is {iw}×{ih}: they must be the same size"),
+                )
+                .zh(format!(
+                    "尺寸为 {mw}×{mh}，但图像是 {iw}×{ih}：两者必须一样大"
+                )));
             }
             let m = inputs::to_luma_pil(&m);
             if inputs::mask_is_empty(&m) {
                 return Err(FieldError::new(
                     "mask",
                     "is empty: nothing is white (≥ 128), so nothing would be repainted",
-                ));
+                )
+                .zh("是空的：没有白色区域（≥ 128），所以不会重绘任何地方"));
             }
             Some(m)
         }
@@ -575,19 +627,20 @@ fn init_image(
                 ("inpaint_full_res", o.full_res),
             ] {
                 if set {
-                    return Err(FieldError::new(field, "needs a mask (`mask`)"));
+                    return Err(
+                        FieldError::new(field, "needs a mask (`mask`)").zh("需要蒙版（`mask`）")
+                    );
                 }
             }
             None
         }
     };
     if o.padding > MAX_INPAINT_PADDING {
-        return Err(FieldError::new(
+        return Err(FieldError::range(
             "inpaint_full_res_padding",
-            format!(
-                "must be between 0 and {MAX_INPAINT_PADDING} (got {})",
-                o.padding
-            ),
+            0,
+            MAX_INPAINT_PADDING,
+            o.padding,
         ));
     }
     let default = if mask.is_some() {
@@ -597,37 +650,43 @@ fn init_image(
     };
     let strength = o.strength.unwrap_or(default);
     if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
-        return Err(FieldError::new(
-            "strength",
-            format!("must be between 0 and 1 (got {strength})"),
-        ));
+        return Err(FieldError::range("strength", 0, 1, strength));
     }
     if steps_run(limits.img2img.noise, steps as usize, strength) == 0 {
-        let rule = match limits.img2img.noise {
-            NoiseKind::VarianceExploding => format!(
-                "this model runs int(steps × strength) steps, so steps × strength must be at least 1 \
-                 (got {steps} × {strength} = {})",
-                steps as f64 * strength
+        let product = steps as f64 * strength;
+        let (rule, rule_zh) = match limits.img2img.noise {
+            NoiseKind::VarianceExploding => (
+                format!(
+                    "this model runs int(steps × strength) steps, so steps × strength must be at \
+                     least 1 (got {steps} × {strength} = {product})"
+                ),
+                format!(
+                    "这个模型运行 int(步数 × 强度) 步，所以步数 × 强度至少要为 1\
+                     （当前为 {steps} × {strength} = {product}）"
+                ),
             ),
-            NoiseKind::Flow => "use a strength above 0".to_string(),
+            NoiseKind::Flow => (
+                "use a strength above 0".to_string(),
+                "请使用大于 0 的强度".to_string(),
+            ),
         };
         return Err(FieldError::new(
             "strength",
             format!("{strength} with {steps} steps runs no denoising step: {rule}"),
-        ));
+        )
+        .zh(format!(
+            "强度 {strength} 配合 {steps} 步不会运行任何去噪步骤：{rule_zh}"
+        )));
     }
     let mask_blur = o.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
     if mask_blur > MAX_MASK_BLUR {
-        return Err(FieldError::new(
-            "mask_blur",
-            format!("must be between 0 and {MAX_MASK_BLUR} (got {mask_blur})"),
-        ));
+        return Err(FieldError::range("mask_blur", 0, MAX_MASK_BLUR, mask_blur));
     }
     // "Only masked": the job works on the crop around the mask, resized (and filled) to its size.
     let (region, job_rgb, job_mask) = match (&mask, o.full_res) {
         (Some(m), true) => {
             let (x, y, cw, ch) = inputs::crop_region(m, o.padding, width, height)
-                .ok_or_else(|| FieldError::new("mask", "is empty"))?;
+                .ok_or_else(|| FieldError::new("mask", "is empty").zh("是空的"))?;
             let crop_rgb = image::imageops::crop_imm(&rgb, x, y, cw, ch).to_image();
             let crop_mask = image::imageops::crop_imm(m, x, y, cw, ch).to_image();
             let region = CropRegion {
@@ -652,7 +711,10 @@ fn init_image(
         return Err(FieldError::new(
             "mask",
             format!("has nothing white (≥ 128) left once fitted to {width}×{height}"),
-        ));
+        )
+        .zh(format!(
+            "缩放到 {width}×{height} 后没有剩下白色区域（≥ 128）"
+        )));
     }
     Ok(InitImage {
         image: InputImage::rgb(job_rgb),
@@ -670,16 +732,14 @@ fn check_text(field: &str, text: String) -> Result<String, FieldError> {
         return Err(FieldError::new(
             field,
             format!("must be at most {MAX_PROMPT_CHARS} characters (got {n})"),
-        ));
+        )
+        .zh(format!("最多 {MAX_PROMPT_CHARS} 个字符（当前为 {n}）")));
     }
     if text
         .chars()
         .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
     {
-        return Err(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(no_control_characters(field));
     }
     Ok(text)
 }
@@ -733,6 +793,101 @@ mod tests {
         assert_eq!(v.cfg, 1.8);
         assert!(v.enhance);
         assert!(v.seed <= MAX_RANDOM_SEED);
+    }
+
+    fn png_b64(w: u32, h: u32, luma: u8) -> String {
+        use base64::Engine as _;
+        let img = image::GrayImage::from_pixel(w, h, image::Luma([luma]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    }
+
+    /// Every error the page's form can cause comes with its Chinese text, stating the same
+    /// numbers as the English one (the page shows it next to the field in zh-CN).
+    #[test]
+    fn field_errors_have_their_chinese_text() {
+        let img = png_b64(64, 64, 200);
+        let long = "x".repeat(MAX_PROMPT_CHARS + 1);
+        let many: Vec<String> = (0..=MAX_EXCLUDED_PHRASES)
+            .map(|i| format!("p{i}"))
+            .collect();
+        let cases = [
+            (r#"{"prompt":" "}"#.to_owned(), "prompt"),
+            (format!(r#"{{"prompt":"{long}"}}"#), "prompt"),
+            (r#"{"prompt":"a\u0001b"}"#.to_owned(), "prompt"),
+            (r#"{"prompt":"a <lora:x"}"#.to_owned(), "prompt"),
+            (r#"{"prompt":"a <lora:x:abc>"}"#.to_owned(), "prompt"),
+            (r#"{"prompt":"a <lora:x:0.5>"}"#.to_owned(), "loras"),
+            (r#"{"prompt":"x","width":100}"#.to_owned(), "width"),
+            (r#"{"prompt":"x","height":5000}"#.to_owned(), "height"),
+            (r#"{"prompt":"x","steps":0}"#.to_owned(), "steps"),
+            (r#"{"prompt":"x","cfg":50}"#.to_owned(), "cfg"),
+            (r#"{"prompt":"x","batch":9}"#.to_owned(), "batch"),
+            (r#"{"prompt":"x","strength":0.5}"#.to_owned(), "strength"),
+            (
+                format!(
+                    r#"{{"prompt":"x","enhance_exclude":{}}}"#,
+                    serde_json::json!(many)
+                ),
+                "enhance_exclude",
+            ),
+            (
+                format!(
+                    r#"{{"prompt":"x","enhance_exclude":["{}"]}}"#,
+                    "y".repeat(201)
+                ),
+                "enhance_exclude",
+            ),
+            (r#"{"prompt":"x","image":"%%%"}"#.to_owned(), "image"),
+            (r#"{"prompt":"x","image":"aGVsbG8="}"#.to_owned(), "image"),
+            (
+                format!(r#"{{"prompt":"x","image":"{img}","strength":2}}"#),
+                "strength",
+            ),
+            (
+                format!(r#"{{"prompt":"x","image":"{img}","strength":0}}"#),
+                "strength",
+            ),
+            (
+                format!(r#"{{"prompt":"x","image":"{img}","mask_blur":10000}}"#),
+                "mask_blur",
+            ),
+            (
+                format!(
+                    r#"{{"prompt":"x","image":"{img}","mask":"{}"}}"#,
+                    png_b64(32, 32, 255)
+                ),
+                "mask",
+            ),
+            (
+                format!(
+                    r#"{{"prompt":"x","image":"{img}","mask":"{}"}}"#,
+                    png_b64(64, 64, 0)
+                ),
+                "mask",
+            ),
+            (
+                format!(r#"{{"prompt":"x","image":"{img}","inpaint_full_res":true}}"#),
+                "inpaint_full_res",
+            ),
+        ];
+        for (json, field) in &cases {
+            let e = req(json).expect_err(json);
+            assert_eq!(&e.field, field, "{json}");
+            let zh = &e.i18n.zh_cn;
+            assert!(
+                crate::i18n::has_cjk(zh),
+                "{field}: no Chinese text for {:?}",
+                e.message
+            );
+            assert_eq!(
+                crate::i18n::number_set(&e.message),
+                crate::i18n::number_set(zh),
+                "{field}: {} / {zh}",
+                e.message
+            );
+        }
     }
 
     #[test]

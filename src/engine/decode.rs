@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::guard::{all_finite, poison};
-use super::{EngineError, Notice, NoticeKind, RunState};
+use super::{EngineError, Notice, RunState};
 use crate::families::{Component, Family};
 pub use crate::memory::planner::tile_starts;
 use crate::memory::planner::{VaeTiling, DEFAULT_VAE_TILING};
@@ -53,10 +53,7 @@ pub(crate) fn decode(
     match tiling {
         None => match decode_checked(family, run, &mut |f, _| Ok(f.decode(latents)?)) {
             Err(EngineError::Model(e)) if is_out_of_memory(&e.to_string()) => {
-                run.notice(Notice::new(
-                    NoticeKind::DecodeTiled,
-                    "VAE decode ran out of memory; decoding in tiles instead".to_string(),
-                ));
+                run.notice(Notice::decode_tiled());
                 decode_tiled(family, latents, DEFAULT_VAE_TILING, run)
             }
             other => Ok(other?.to_device(&Device::Cpu)?),
@@ -110,17 +107,7 @@ fn decode_checked(
         family
             .components_mut()
             .set_dtype(Component::Vae, DType::F32)?;
-        run.notice(Notice {
-            kind: NoticeKind::PrecisionRaised,
-            message: format!(
-                "VAE produced NaN in {}; decoded again in f32",
-                dtype_name(from)
-            ),
-            component: Some("vae".into()),
-            step: None,
-            from: None,
-            to: None,
-        });
+        run.notice(Notice::vae_precision_raised(dtype_name(from)));
         raised = true;
     }
 }

@@ -6,9 +6,7 @@
 use candle_core::{DType, Tensor};
 
 use super::guard::{self, all_finite, CFG_BACKOFF, MAX_STEP_RETRIES};
-use super::{
-    decode::dtype_name, release_memory, EngineError, Notice, NoticeKind, Phase, RunState, StepEvent,
-};
+use super::{decode::dtype_name, release_memory, EngineError, Notice, Phase, RunState, StepEvent};
 use crate::families::{Component, Conditioning, Family, Schedule, StepInput};
 
 /// Inpainting's blend (diffusers' `ZImageInpaintPipeline` / `StableDiffusionInpaintPipeline`
@@ -103,30 +101,9 @@ pub(crate) fn denoise(
                 let guided = from > 1.0 && cond.negative.is_some();
                 if guided {
                     *cfg = (from * CFG_BACKOFF).max(1.0);
-                    run.notice(Notice {
-                        kind: NoticeKind::CfgAdjusted,
-                        message: format!(
-                            "CFG adapted {from:.2} → {:.2} at step {} (non-finite latents rolled back)",
-                            *cfg,
-                            i + 1
-                        ),
-                        step: Some(i + 1),
-                        from: Some(from),
-                        to: Some(*cfg),
-                        component: None,
-                    });
+                    run.notice(Notice::cfg_adjusted(i + 1, from, *cfg));
                 } else {
-                    run.notice(Notice {
-                        kind: NoticeKind::StepRetried,
-                        message: format!(
-                            "step {} produced non-finite latents; rolled back and retried",
-                            i + 1
-                        ),
-                        step: Some(i + 1),
-                        from: None,
-                        to: None,
-                        component: None,
-                    });
+                    run.notice(Notice::step_retried(i + 1));
                 }
                 continue;
             }
@@ -136,18 +113,11 @@ pub(crate) fn denoise(
                 family
                     .components_mut()
                     .set_dtype(Component::Denoiser, DType::F32)?;
-                run.notice(Notice {
-                    kind: NoticeKind::PrecisionRaised,
-                    message: format!(
-                        "step {} still non-finite after {MAX_STEP_RETRIES} retries; denoiser raised from {} to f32",
-                        i + 1,
-                        dtype_name(current)
-                    ),
-                    step: Some(i + 1),
-                    component: Some("denoiser".into()),
-                    from: None,
-                    to: None,
-                });
+                run.notice(Notice::denoiser_precision_raised(
+                    i + 1,
+                    MAX_STEP_RETRIES as usize,
+                    dtype_name(current),
+                ));
                 continue;
             }
             return Err(EngineError::NonFinite {

@@ -440,16 +440,7 @@ impl Engine {
         let mut cfg = req.cfg;
         if cfg >= profile.cfg.intercept_at && cfg > profile.safe_cfg_max {
             cfg = profile.safe_cfg_max;
-            run.notice(Notice {
-                kind: NoticeKind::CfgClamped,
-                message: format!(
-                    "CFG {cfg_requested:.1} is above this model's safe range; using {cfg:.1}"
-                ),
-                from: Some(cfg_requested),
-                to: Some(cfg),
-                step: None,
-                component: None,
-            });
+            run.notice(Notice::cfg_clamped(cfg_requested, cfg));
         }
         let guided = cfg > 1.0;
 
@@ -482,13 +473,7 @@ impl Engine {
         plan.log();
         run.observer.plan(&plan);
         if plan.stepped_down() {
-            run.notice(Notice::new(
-                NoticeKind::MemoryMode,
-                format!(
-                    "{} mode does not fit the free memory; running in {} mode",
-                    plan.requested_mode, plan.mode
-                ),
-            ));
+            run.notice(Notice::memory_mode(plan.requested_mode, plan.mode));
         }
         if !plan.fits {
             tracing::warn!("the memory plan does not fit; trying anyway (lowest mode)");
@@ -572,13 +557,10 @@ impl Engine {
                 Err(blank) => {
                     // 7. Black-image check: one retry from a fresh seed, then a clear failure.
                     let retry_seed = seed.wrapping_add(BLACK_RETRY_SEED_OFFSET);
-                    run.notice(Notice::new(
-                        NoticeKind::BlackRetry,
-                        format!(
-                            "image {} came out blank ({}); regenerating it with seed {retry_seed}",
-                            i + 1,
-                            describe_blank(blank)
-                        ),
+                    run.notice(Notice::black_retry(
+                        i + 1,
+                        (describe_blank(blank), describe_blank_zh(blank)),
+                        retry_seed,
                     ));
                     run.phase(Phase::Denoise);
                     let z = self.denoise_seeds(
@@ -962,6 +944,14 @@ fn describe_blank(b: Blank) -> String {
     }
 }
 
+/// [`describe_blank`] in Simplified Chinese, for the notice's translation.
+fn describe_blank_zh(b: Blank) -> String {
+    match b {
+        Blank::NonFinite => "像素含非有限值".into(),
+        Blank::Flat(range) => format!("所有像素都在 {:.1}/255 以内", range * 255.0),
+    }
+}
+
 /// Decoder output `[1, 3, H, W]` in about [-1, 1] → RGB8, exactly as diffusers post-processes
 /// (`clamp(x/2 + 0.5, 0, 1)`, ×255, round half to even) — or why the image is blank.
 fn to_image(px: &Tensor, seed: u64) -> Result<Result<GeneratedImage, Blank>, EngineError> {
@@ -999,12 +989,18 @@ mod tests {
             let back: NoticeKind = serde_json::from_value(k.as_str().into()).unwrap();
             assert_eq!(back, k);
         }
-        let n = Notice::new(NoticeKind::BlackRetry, "again".into());
+        let n = Notice::new(NoticeKind::BlackRetry, "again".into(), "再来".into());
         assert!(n.kind == "black_retry");
         let json = serde_json::to_value(&n).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"kind": "black_retry", "message": "again"})
+            serde_json::json!({"kind": "black_retry", "message": "again", "i18n": {"zh-CN": "再来"}})
         );
+        // The Chinese blank descriptions state the same figures.
+        for b in [Blank::NonFinite, Blank::Flat(0.002)] {
+            let (en, zh) = (describe_blank(b), describe_blank_zh(b));
+            assert!(crate::i18n::has_cjk(&zh));
+            assert_eq!(crate::i18n::number_set(&en), crate::i18n::number_set(&zh));
+        }
     }
 }

@@ -295,6 +295,7 @@ mod tests {
         let notices = vec![Notice::new(
             NoticeKind::CfgClamped,
             "CFG 3.2 → 2.4, with \"quotes\"".into(),
+            "CFG 3.2 → 2.4，带“引号”".into(),
         )];
         let text = a1111_parameters(&params(), 42, &notices);
         let img = GeneratedImage {

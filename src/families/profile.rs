@@ -111,7 +111,9 @@ pub enum BandLevel {
 /// One range of a ladder. A value falls in the first band whose `max` is ≥ the value (`None` =
 /// unbounded, the last band). `hint` is the UI's short line next to the field, `advice` the
 /// sentence of the prompt advice; both may hold `{value}`, `{default}` and `{safe}`, which
-/// [`Profile::render`] (and the UI) fill in.
+/// [`Profile::render`] (and the UI) fill in. `zh` holds the same two texts in Simplified Chinese,
+/// with the same placeholders and numbers; it goes out as `i18n: {"zh-CN": {hint, advice}}` (see
+/// [`crate::i18n`]), so a family's numbers stay in its own folder in every language.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Band {
     #[serde(serialize_with = "shortest_opt")]
@@ -119,6 +121,22 @@ pub struct Band {
     pub level: BandLevel,
     pub hint: &'static str,
     pub advice: &'static str,
+    #[serde(rename = "i18n", serialize_with = "zh_cn_entry")]
+    pub zh: BandText,
+}
+
+/// A band's two texts in one language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BandText {
+    pub hint: &'static str,
+    pub advice: &'static str,
+}
+
+fn zh_cn_entry<S: Serializer>(text: &BandText, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(1))?;
+    m.serialize_entry(crate::i18n::ZH_CN, text)?;
+    m.end()
 }
 
 /// The band `value` falls in (the last one for values past every bound, and for NaN).
@@ -230,6 +248,7 @@ impl Profile {
     /// Fills a band text's placeholders: `{value}` (as given), `{default}` (the default of the
     /// ladder the text belongs to, `default`), `{safe}` (the safe CFG maximum).
     pub fn render(&self, text: &str, value: &str, default: &str) -> String {
+        // Callers pass a band's `hint`/`advice` or its `zh` twin: the same placeholders.
         text.replace("{value}", value)
             .replace("{default}", default)
             .replace("{safe}", &fmt_num(self.safe_cfg_max))
@@ -341,8 +360,10 @@ mod tests {
         assert_eq!(bands[0]["max"], 1.0);
         assert!(bands.last().unwrap()["max"].is_null());
         for b in bands {
-            let want = ["advice", "hint", "level", "max"].map(String::from);
+            let want = ["advice", "hint", "i18n", "level", "max"].map(String::from);
             assert_eq!(keys(b), want.into());
+            let zh = &b["i18n"]["zh-CN"];
+            assert_eq!(keys(zh), ["advice", "hint"].map(String::from).into());
         }
         let z = serde_json::to_value(FamilyKind::ZImage.profile().view()).unwrap();
         // f32 values go out in their shortest form (1.8, not 1.7999999523162842).
@@ -356,6 +377,42 @@ mod tests {
             assert_eq!(p.preview.factors.len(), p.latent_channels, "{kind}");
             // A neutral (all-zero) latent maps to a mid grey, not to black or white.
             assert!(p.preview.bias.iter().all(|b| b.abs() < 0.5), "{kind}");
+        }
+    }
+
+    /// Every band of every family has its Chinese hint and advice, with the English text's
+    /// placeholders and numbers (a translation keeps "8", "2.4", "89.6").
+    #[test]
+    fn every_band_has_its_chinese_texts() {
+        use crate::i18n::{has_cjk, number_set};
+        let placeholders = |s: &str| -> std::collections::BTreeSet<String> {
+            let mut out = std::collections::BTreeSet::new();
+            let mut rest = s;
+            while let Some(i) = rest.find('{') {
+                let Some(j) = rest[i..].find('}') else { break };
+                out.insert(rest[i..i + j + 1].to_owned());
+                rest = &rest[i + j + 1..];
+            }
+            out
+        };
+        for kind in FamilyKind::ALL {
+            let p = kind.profile();
+            for (ladder, bands) in [("steps", p.steps.bands), ("cfg", p.cfg.bands)] {
+                for (i, b) in bands.iter().enumerate() {
+                    for (what, en, zh) in [
+                        ("hint", b.hint, b.zh.hint),
+                        ("advice", b.advice, b.zh.advice),
+                    ] {
+                        let at = format!("{kind} {ladder} band {i} {what}");
+                        assert!(has_cjk(zh), "{at}: no Chinese text: {zh:?}");
+                        assert_eq!(placeholders(en), placeholders(zh), "{at}: placeholders");
+                        assert_eq!(number_set(en), number_set(zh), "{at}: numbers");
+                        // Rendered, the two still state the same numbers.
+                        let (en, zh) = (p.render(en, "2.5", "1.8"), p.render(zh, "2.5", "1.8"));
+                        assert_eq!(number_set(&en), number_set(&zh), "{at}: {en} / {zh}");
+                    }
+                }
+            }
         }
     }
 

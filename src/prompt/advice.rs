@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::text::{classify, plural, word_count, Script};
 use super::PromptContext;
 use crate::families::profile::{fmt_num, Band, BandLevel};
+use crate::i18n::Translations;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -14,14 +15,27 @@ pub enum AdviceLevel {
     Warn,
 }
 
-/// One guidance message. `kind` is one of "prompt_length", "empty", "language", "cfg", "steps",
-/// "negative_unused", "enhancement".
+/// One guidance message. `kind` is one of [`ADVICE_KINDS`]; `message` is English and `i18n` the
+/// same sentence in the page's other languages (`{"zh-CN": …}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advice {
     pub kind: String,
     pub level: AdviceLevel,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Translations::is_empty")]
+    pub i18n: Translations,
 }
+
+/// Every advice `kind` there is.
+pub const ADVICE_KINDS: [&str; 7] = [
+    "prompt_length",
+    "empty",
+    "language",
+    "cfg",
+    "steps",
+    "negative_unused",
+    "enhancement",
+];
 
 /// Guidance only (word count, CFG, steps); `enhance` includes it.
 pub fn advice(prompt: &str, ctx: &PromptContext) -> Vec<Advice> {
@@ -29,19 +43,20 @@ pub fn advice(prompt: &str, ctx: &PromptContext) -> Vec<Advice> {
 }
 
 impl Advice {
-    pub(super) fn info(kind: &str, message: impl Into<String>) -> Self {
+    /// Guidance in English (`message`) and Simplified Chinese (`zh`).
+    pub(super) fn info(kind: &str, message: impl Into<String>, zh: impl Into<String>) -> Self {
         Self {
             kind: kind.to_owned(),
             level: AdviceLevel::Info,
             message: message.into(),
+            i18n: Translations::zh(zh),
         }
     }
 
-    pub(super) fn warn(kind: &str, message: impl Into<String>) -> Self {
+    pub(super) fn warn(kind: &str, message: impl Into<String>, zh: impl Into<String>) -> Self {
         Self {
-            kind: kind.to_owned(),
             level: AdviceLevel::Warn,
-            message: message.into(),
+            ..Self::info(kind, message, zh)
         }
     }
 }
@@ -57,6 +72,7 @@ fn chinese_length_advice(prompt: &str) -> Advice {
     let (lo, hi) = ZH_GOOD_CHARS;
     let source = "the 8–12 English word guidance converted at about two characters a word, not \
                   measured for Chinese";
+    let zh_source = "由 8–12 个英文单词的建议按每词约两个字换算而来，未针对中文实测";
     if n < lo {
         Advice::info(
             "prompt_length",
@@ -65,11 +81,16 @@ fn chinese_length_advice(prompt: &str) -> Advice {
                  ({source}); name the subject, setting and light.",
                 plural(n)
             ),
+            format!(
+                "{n} 个汉字：大约 {lo}–{hi} 个字能说清 8–12 个英文单词的内容（按每词约两个字换算，\
+                 未针对中文实测）；请写明主体、场景和光线。"
+            ),
         )
     } else if n <= hi {
         Advice::info(
             "prompt_length",
             format!("{n} Chinese characters: in the {lo}–{hi} character range ({source})."),
+            format!("{n} 个汉字：在 {lo}–{hi} 个字的范围内（{zh_source}）。"),
         )
     } else if n <= ZH_TOO_LONG_CHARS {
         Advice::info(
@@ -78,6 +99,7 @@ fn chinese_length_advice(prompt: &str) -> Advice {
                 "{n} Chinese characters: a little long; {lo}–{hi} carry the subject, setting and \
                  light ({source})."
             ),
+            format!("{n} 个汉字：稍长；{lo}–{hi} 个字就足以写清主体、场景和光线（{zh_source}）。"),
         )
     } else {
         Advice::warn(
@@ -85,6 +107,10 @@ fn chinese_length_advice(prompt: &str) -> Advice {
             format!(
                 "{n} Chinese characters: above about {ZH_TOO_LONG_CHARS} the extra details tend \
                  to get lost ({source}); consider trimming."
+            ),
+            format!(
+                "{n} 个汉字：超过约 {ZH_TOO_LONG_CHARS} 个字后，多出来的细节往往会被忽略\
+                 （{zh_source}）；建议精简。"
             ),
         )
     }
@@ -96,17 +122,22 @@ pub(super) fn prompt_advice(prompt: &str) -> Advice {
         Script::Empty => Advice::warn(
             "empty",
             "The prompt is empty, so the image is unguided; describe a subject in 8–12 words.",
+            "提示词为空，图像将没有任何引导；请用 8–12 个词描述一个主体。",
         ),
         Script::NonLatin if super::zh::is_chinese(prompt) => chinese_length_advice(prompt),
         Script::NonLatin => Advice::info(
             "language",
             "The prompt is mostly non-Latin script: the 8–12 word guidance was measured on English \
              prompts, and quality enhancement leaves such prompts as written.",
+            "提示词大部分不是拉丁字母：8–12 个词的建议是在英文提示词上测得的，画质增强也不会改写\
+             这类提示词。",
         ),
         Script::OtherLatin => Advice::info(
             "language",
             "The prompt does not look like English: the 8–12 word guidance was measured on English \
              prompts, and quality enhancement leaves such prompts as written.",
+            "提示词看起来不是英文：8–12 个词的建议是在英文提示词上测得的，画质增强也不会改写这类\
+             提示词。",
         ),
         Script::English => match n {
             0..=7 => Advice::info(
@@ -116,15 +147,23 @@ pub(super) fn prompt_advice(prompt: &str) -> Advice {
                      subject, setting and light.",
                     plural(n)
                 ),
+                format!(
+                    "{n} 个英文单词：8–12 个单词的提示词构图最好（准确率 92.3 %）；请写明主体、\
+                     场景和光线。"
+                ),
             ),
             8..=12 => Advice::info(
                 "prompt_length",
                 format!("{n} words: in the 8–12 word range that composes best (92.3 % accuracy)."),
+                format!("{n} 个英文单词：在构图最好的 8–12 个单词范围内（准确率 92.3 %）。"),
             ),
             13..=15 => Advice::info(
                 "prompt_length",
                 format!(
                     "{n} words: 8–12 compose best; above 15 words accuracy falls to 76.1 %."
+                ),
+                format!(
+                    "{n} 个英文单词：8–12 个单词构图最好；超过 15 个单词准确率降到 76.1 %。"
                 ),
             ),
             _ => Advice::warn(
@@ -133,13 +172,17 @@ pub(super) fn prompt_advice(prompt: &str) -> Advice {
                     "{n} words: above 15 words composition accuracy fell from 92.3 % to 76.1 %; \
                      trim to 8–12 words. Quality enhancement does not expand prompts this long."
                 ),
+                format!(
+                    "{n} 个英文单词：超过 15 个单词后构图准确率从 92.3 % 降到 76.1 %；请精简到 \
+                     8–12 个单词。画质增强不会扩写这么长的提示词。"
+                ),
             ),
         },
     }
 }
 
-/// One band of the profile as advice: its sentence with the placeholders filled; `warn` and `bad`
-/// bands warn.
+/// One band of the profile as advice: its sentence (in English and in the band's Chinese) with
+/// the placeholders filled; `warn` and `bad` bands warn.
 pub(super) fn band_advice(
     kind: &str,
     band: Option<&Band>,
@@ -149,12 +192,13 @@ pub(super) fn band_advice(
 ) -> Advice {
     let Some(band) = band else {
         // Only an empty ladder has no band (the profiles' tests rule that out).
-        return Advice::info(kind, value);
+        return Advice::info(kind, value.clone(), value);
     };
     let message = ctx.profile.render(band.advice, &value, &default);
+    let zh = ctx.profile.render(band.zh.advice, &value, &default);
     match band.level {
-        BandLevel::Info | BandLevel::Ok => Advice::info(kind, message),
-        BandLevel::Warn | BandLevel::Bad => Advice::warn(kind, message),
+        BandLevel::Info | BandLevel::Ok => Advice::info(kind, message, zh),
+        BandLevel::Warn | BandLevel::Bad => Advice::warn(kind, message, zh),
     }
 }
 
@@ -167,6 +211,7 @@ pub(super) fn cfg_advice(ctx: &PromptContext) -> Advice {
                 "CFG {} is not a number; {default} is the default.",
                 fmt_num(ctx.cfg)
             ),
+            format!("CFG {} 不是数字；默认是 {default}。", fmt_num(ctx.cfg)),
         );
     }
     let band = ctx.profile.cfg.band(ctx.cfg);

@@ -88,7 +88,8 @@ pub(super) fn rewrite(
         added_words: word_count(&added_prompt.join(", ")),
         negative: added_negative.len(),
     };
-    advice_list.push(Advice::info("enhancement", outcome.summary(limits)));
+    let (summary, zh_summary) = outcome.summary(limits);
+    advice_list.push(Advice::info("enhancement", summary, zh_summary));
     Enhanced {
         prompt: final_prompt,
         negative_prompt: final_negative,
@@ -142,42 +143,47 @@ fn rewrite_chinese(
     added_negative.retain(|p| !excluded(p));
     let final_negative = join(negative_prompt.unwrap_or_default(), &added_negative);
     let zh_limits = rules.zh.limits;
-    let head = if !r.expanded {
-        format!(
-            "Prompt not expanded: {} Chinese characters is above {}, the length it is expanded              up to.",
-            r.chars, zh_limits.expand_max_chars
+    let (head, zh_head) = if !r.expanded {
+        (
+            format!(
+                "Prompt not expanded: {} Chinese characters is above {}, the length it is expanded \
+                 up to.",
+                r.chars, zh_limits.expand_max_chars
+            ),
+            format!(
+                "提示词未扩写：{} 个汉字超过了 {}，只有不超过这个长度的提示词才会扩写。",
+                r.chars, zh_limits.expand_max_chars
+            ),
         )
     } else if r.subjects.is_empty() && r.lighting.is_empty() {
-        "No known subject or time/weather word recognised: prompt left as written.".to_owned()
+        nothing_recognised()
     } else {
-        let mut found = Vec::new();
-        if !r.subjects.is_empty() {
-            found.push(r.subjects.join("、"));
-        }
-        if !r.lighting.is_empty() {
-            found.push(format!("lighting: {}", r.lighting.join("、")));
-        }
-        let found = found.join("; ");
+        let found = found_text(&r.subjects, &r.lighting, "、");
         let n_details = r.details.iter().filter(|p| !excluded(p)).count();
         let n_lighting = added_prompt.len() - n_details;
         if added_prompt.is_empty() {
-            format!("Recognised {found}; the prompt already describes it, nothing added.")
+            nothing_added(&found)
         } else {
             let chars: usize = added_prompt.iter().map(|p| p.chars().count()).sum();
-            format!(
-                "Recognised {found}; added {n_details} detail{} and {n_lighting} lighting \
-                 phrase{} ({chars} characters, at most {}).",
-                plural(n_details),
-                plural(n_lighting),
-                zh_limits.max_added_chars
+            (
+                format!(
+                    "Recognised {}; added {n_details} detail{} and {n_lighting} lighting \
+                     phrase{} ({chars} characters, at most {}).",
+                    found.0,
+                    plural(n_details),
+                    plural(n_lighting),
+                    zh_limits.max_added_chars
+                ),
+                format!(
+                    "识别到{}；添加了 {n_details} 个细节和 {n_lighting} 个光线短语\
+                     （共 {chars} 个字，最多 {} 个）。",
+                    found.1, zh_limits.max_added_chars
+                ),
             )
         }
     };
-    let summary = match added_negative.len() {
-        0 => head,
-        n => format!("{head} Negative prompt: {n} phrase{} added.", plural(n)),
-    };
-    advice_list.push(Advice::info("enhancement", summary));
+    let (summary, zh_summary) = with_negative((head, zh_head), added_negative.len());
+    advice_list.push(Advice::info("enhancement", summary, zh_summary));
     Enhanced {
         prompt: final_prompt,
         negative_prompt: final_negative,
@@ -209,56 +215,116 @@ pub(super) struct Outcome<'a> {
 }
 
 impl Outcome<'_> {
-    pub(super) fn summary(&self, limits: Limits) -> String {
+    /// The summary in English and in Simplified Chinese.
+    pub(super) fn summary(&self, limits: Limits) -> (String, String) {
+        let unchanged = |en: &str, zh: &str| (en.to_owned(), zh.to_owned());
         let head = match self.script {
-            Script::Empty => "Prompt is empty: nothing to enhance.".to_owned(),
-            Script::NonLatin => {
+            Script::Empty => unchanged(
+                "Prompt is empty: nothing to enhance.",
+                "提示词为空：没有可增强的内容。",
+            ),
+            Script::NonLatin => unchanged(
                 "Prompt left unchanged: it is mostly non-Latin script and the table has English \
-                 and Chinese rules only."
-                    .to_owned()
-            }
-            Script::OtherLatin => {
-                "Prompt left unchanged: it does not look like English and the table is English."
-                    .to_owned()
-            }
-            Script::English if self.words > limits.expand_max_words => format!(
-                "Prompt not expanded: {} words is above {}, where composition accuracy drops.",
-                self.words, limits.expand_max_words
+                 and Chinese rules only.",
+                "提示词保持不变：它大部分不是拉丁字母，而规则表只有英文和中文规则。",
+            ),
+            Script::OtherLatin => unchanged(
+                "Prompt left unchanged: it does not look like English and the table is English.",
+                "提示词保持不变：它看起来不是英文，而这部分规则表是英文的。",
+            ),
+            Script::English if self.words > limits.expand_max_words => (
+                format!(
+                    "Prompt not expanded: {} words is above {}, where composition accuracy drops.",
+                    self.words, limits.expand_max_words
+                ),
+                format!(
+                    "提示词未扩写：{} 个单词超过了 {}，再长构图准确率就会下降。",
+                    self.words, limits.expand_max_words
+                ),
             ),
             Script::English if self.subjects.is_empty() && self.lights.is_empty() => {
-                "No known subject or time/weather word recognised: prompt left as written."
-                    .to_owned()
+                nothing_recognised()
             }
             Script::English => {
-                let mut found = Vec::new();
-                if !self.subjects.is_empty() {
-                    found.push(self.subjects.join(", "));
-                }
-                if !self.lights.is_empty() {
-                    found.push(format!("lighting: {}", self.lights.join(", ")));
-                }
-                let found = found.join("; ");
+                let found = found_text(self.subjects, self.lights, ", ");
                 if self.details + self.lighting == 0 {
-                    format!("Recognised {found}; the prompt already describes it, nothing added.")
+                    nothing_added(&found)
                 } else {
-                    format!(
-                        "Recognised {found}; added {} detail{} and {} lighting phrase{} ({} word{}, \
-                         at most {}).",
-                        self.details,
-                        plural(self.details),
-                        self.lighting,
-                        plural(self.lighting),
-                        self.added_words,
-                        plural(self.added_words),
-                        limits.max_added_words
+                    (
+                        format!(
+                            "Recognised {}; added {} detail{} and {} lighting phrase{} ({} word{}, \
+                             at most {}).",
+                            found.0,
+                            self.details,
+                            plural(self.details),
+                            self.lighting,
+                            plural(self.lighting),
+                            self.added_words,
+                            plural(self.added_words),
+                            limits.max_added_words
+                        ),
+                        format!(
+                            "识别到{}；添加了 {} 个细节和 {} 个光线短语（共 {} 个单词，最多 {} 个）。",
+                            found.1,
+                            self.details,
+                            self.lighting,
+                            self.added_words,
+                            limits.max_added_words
+                        ),
                     )
                 }
             }
         };
-        match self.negative {
-            0 => head,
-            n => format!("{head} Negative prompt: {n} phrase{} added.", plural(n)),
-        }
+        with_negative(head, self.negative)
+    }
+}
+
+/// "cat, lake; lighting: dawn" and "cat、lake；光线：dawn" (the names as the table has them;
+/// `sep` joins the names: ", " for English rules, "、" for Chinese ones).
+fn found_text(subjects: &[String], lights: &[String], sep: &str) -> (String, String) {
+    let (mut en, mut zh) = (Vec::new(), Vec::new());
+    if !subjects.is_empty() {
+        en.push(subjects.join(sep));
+        zh.push(subjects.join(sep));
+    }
+    if !lights.is_empty() {
+        en.push(format!("lighting: {}", lights.join(sep)));
+        zh.push(format!("光线：{}", lights.join(sep)));
+    }
+    // A space after 识别到 reads well only before Latin names.
+    let lead = if subjects.iter().chain(lights).any(|n| n.is_ascii()) {
+        " "
+    } else {
+        ""
+    };
+    (en.join("; "), format!("{lead}{}", zh.join("；")))
+}
+
+fn nothing_recognised() -> (String, String) {
+    (
+        "No known subject or time/weather word recognised: prompt left as written.".to_owned(),
+        "没有识别出已知的主体或时间、天气词：提示词保持原样。".to_owned(),
+    )
+}
+
+fn nothing_added(found: &(String, String)) -> (String, String) {
+    (
+        format!(
+            "Recognised {}; the prompt already describes it, nothing added.",
+            found.0
+        ),
+        format!("识别到{}；提示词已经写到了这些，未添加内容。", found.1),
+    )
+}
+
+/// The summary's head, plus what was added to the negative prompt.
+fn with_negative(head: (String, String), negative: usize) -> (String, String) {
+    match negative {
+        0 => head,
+        n => (
+            format!("{} Negative prompt: {n} phrase{} added.", head.0, plural(n)),
+            format!("{}反向提示词：添加了 {n} 个短语。", head.1),
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::families::profile::{fmt_num, Profile};
 
-pub use advice::{advice, Advice, AdviceLevel};
+pub use advice::{advice, Advice, AdviceLevel, ADVICE_KINDS};
 use enhance::{guidance_on, rewrite};
 use rules::rules;
 use text::has_word;
@@ -109,15 +109,27 @@ pub fn enhance_with(
     };
     if !guidance_on(ctx) && has_word(&out.negative_prompt) {
         let default = ctx.profile.defaults.cfg;
-        let hint = if default > 1.0 {
-            format!(
-                "set CFG above 1 ({} is the default) for it to take effect",
-                fmt_num(default)
+        let (hint, zh_hint) = if default > 1.0 {
+            (
+                format!(
+                    "set CFG above 1 ({} is the default) for it to take effect",
+                    fmt_num(default)
+                ),
+                format!(
+                    "把 CFG 设到 1 以上（默认是 {}）它才会生效",
+                    fmt_num(default)
+                ),
             )
         } else {
-            format!(
-                "set CFG above 1 (this model's default is {}, off) for it to take effect",
-                fmt_num(default)
+            (
+                format!(
+                    "set CFG above 1 (this model's default is {}, off) for it to take effect",
+                    fmt_num(default)
+                ),
+                format!(
+                    "把 CFG 设到 1 以上它才会生效（这个模型的默认值是 {}，即关闭）",
+                    fmt_num(default)
+                ),
             )
         };
         advice_list.push(Advice::info(
@@ -125,6 +137,10 @@ pub fn enhance_with(
             format!(
                 "CFG {} turns guidance off, so the negative prompt is shown but not used by the model; \
                  {hint}.",
+                fmt_num(ctx.cfg)
+            ),
+            format!(
+                "CFG {} 会关闭引导，所以反向提示词虽然显示出来，但模型不会使用；{zh_hint}。",
                 fmt_num(ctx.cfg)
             ),
         ));

@@ -1309,3 +1309,85 @@ fn a_zh_phrase_with_a_trigger_is_rejected() {
     let err = Rules::parse(&text).expect_err("a phrase with a trigger");
     assert!(err.to_string().contains("柔和的黄昏光"), "{err}");
 }
+
+// --- languages -------------------------------------------------------------------------------
+
+/// Every advice kind, over prompts and settings that reach each branch (English, Chinese, other
+/// scripts, each CFG and step band of both families, guidance off with a negative), comes with
+/// its Chinese sentence, which states the same numbers as the English one.
+#[test]
+fn every_advice_has_its_chinese_text_with_the_same_numbers() {
+    use crate::i18n::{has_cjk, number_set};
+    let prompts = [
+        "",
+        "a cat",
+        "a small red fox sitting in fresh snow at dusk",
+        "a small red fox sitting in fresh snow at dusk near an old wooden barn",
+        "a small red fox sitting in fresh snow at dusk near an old wooden barn under tall dark \
+         pine trees with falling snowflakes",
+        "a cat on a sofa",
+        "a wooden chair",
+        "Восход над горным озером",
+        "un chat sur le canapé au soleil",
+        "猫",
+        "一只橘猫趴在窗台上晒太阳，黎明",
+        "一只橘猫趴在窗台上晒太阳，窗外是下着小雨的城市街道和霓虹灯",
+        "一只橘猫趴在窗台上晒太阳，窗外是下着小雨的城市街道和霓虹灯，远处有高楼和飞过的鸽子，\
+         天空是灰蓝色的",
+        "一张桌子",
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for kind in FamilyKind::ALL {
+        let profile = kind.profile();
+        let cfgs: Vec<f32> = profile
+            .cfg
+            .bands
+            .iter()
+            .map(|b| b.max.map_or(4.5, |m| m - 0.01))
+            .chain([f32::NAN, 1.0])
+            .collect();
+        let steps: Vec<u32> = profile
+            .steps
+            .bands
+            .iter()
+            .map(|b| b.max.map_or(30, |m| m as u32))
+            .collect();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let ctx = PromptContext {
+                cfg: cfgs[i % cfgs.len()],
+                steps: steps[i % steps.len()],
+                profile,
+            };
+            let mut all = advice(prompt, &ctx);
+            for negative in [None, Some("blurry")] {
+                all.extend(enhance(prompt, negative, &ctx, true).advice);
+            }
+            for cfg in &cfgs {
+                all.extend(advice(prompt, &PromptContext { cfg: *cfg, ..ctx }));
+            }
+            for s in &steps {
+                all.extend(advice(prompt, &PromptContext { steps: *s, ..ctx }));
+            }
+            for a in all {
+                let zh = &a.i18n.zh_cn;
+                assert!(
+                    has_cjk(zh),
+                    "{kind} {:?}: no Chinese text for {:?}",
+                    a.kind,
+                    a.message
+                );
+                assert_eq!(
+                    number_set(&a.message),
+                    number_set(zh),
+                    "{kind} {}: {} / {zh}",
+                    a.kind,
+                    a.message
+                );
+                seen.insert(a.kind);
+            }
+        }
+    }
+    let all: std::collections::BTreeSet<String> =
+        ADVICE_KINDS.iter().map(|k| k.to_string()).collect();
+    assert_eq!(seen, all, "every advice kind reached");
+}

@@ -243,10 +243,7 @@ pub fn start_with(
                     .any(|n| n.kind == crate::engine::NoticeKind::Resumed)
             {
                 // It restarts from step 1: say so, in the record and on its event stream.
-                record.notices.push(crate::engine::Notice::new(
-                    crate::engine::NoticeKind::Resumed,
-                    "restarted after the server restarted (from step 1)".into(),
-                ));
+                record.notices.push(crate::engine::Notice::resumed());
             }
             record.state = JobState::Queued;
             record.started_at = None;

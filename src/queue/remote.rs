@@ -119,14 +119,8 @@ impl Actor {
                 loaded, elapsed_ms, ..
             } = &ev
             {
-                let notice = crate::engine::Notice::new(
-                    crate::engine::NoticeKind::ModelSwitch,
-                    format!(
-                        "switched to the model {} for this job (loaded in {:.1} s)",
-                        loaded.model,
-                        *elapsed_ms as f64 / 1000.0
-                    ),
-                );
+                let notice =
+                    crate::engine::Notice::model_switch(&loaded.model, *elapsed_ms as f64 / 1000.0);
                 job.record.notices.push(notice.clone());
                 job.emit(JobEvent::Notice(notice));
             }

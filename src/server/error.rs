@@ -10,6 +10,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::i18n::Translations;
 use crate::queue::outputs::StorageProblem;
 use crate::queue::{FailureKind, JobError};
 use crate::request::FieldError;
@@ -18,6 +19,9 @@ use crate::request::FieldError;
 pub struct ErrorDetail {
     pub field: Option<String>,
     pub message: String,
+    /// The message in the page's other languages (`{"zh-CN": …}`), where the server has it.
+    #[serde(skip_serializing_if = "Translations::is_empty")]
+    pub i18n: Translations,
 }
 
 /// The body of every error response and of the SSE `failed` event.
@@ -32,6 +36,7 @@ impl ErrorBody {
             error: ErrorDetail {
                 field,
                 message: message.into(),
+                i18n: Translations::default(),
             },
         }
     }
@@ -101,7 +106,9 @@ impl From<&JobError> for ApiError {
 
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
-        Self::field(&e.field, e.message)
+        let mut err = Self::field(&e.field, e.message);
+        err.body.error.i18n = e.i18n;
+        err
     }
 }
 

@@ -708,10 +708,7 @@ mod tests {
                 total: 8,
                 elapsed_ms: 40,
             },
-            JobEvent::Notice(Notice::new(
-                crate::engine::NoticeKind::CfgClamped,
-                "CFG clamped".into(),
-            )),
+            JobEvent::Notice(Notice::cfg_clamped(3.2, 2.4)),
             JobEvent::Done {
                 images: vec!["0123456789abcdef-1.png".into()],
                 peak_memory_bytes: Some(1 << 20),

@@ -364,7 +364,13 @@ fn components(f: &Facts) -> Value {
     let core = json!({
             "Error": { "type": "object", "required": ["error"], "properties": { "error": {
                 "type": "object", "required": ["field", "message"],
-                "properties": { "field": nullable_string.clone(), "message": { "type": "string" } } } } },
+                "properties": { "field": nullable_string.clone(), "message": { "type": "string" },
+                    "i18n": schema("Translations") } } } },
+            "Translations": { "type": "object", "description": "The English text beside it in the page's other languages (absent when the server has none)",
+                "properties": { "zh-CN": { "type": "string", "description": "Simplified Chinese" } } },
+            "Advice": { "type": "object", "required": ["kind", "level", "message"], "properties": {
+                "kind": { "type": "string", "enum": crate::prompt::ADVICE_KINDS }, "level": { "type": "string", "enum": ["info", "warn"] },
+                "message": { "type": "string" }, "i18n": schema("Translations") } },
             "GenerationRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": prompt_schema(),
                 "negative_prompt": text.clone(),
@@ -407,7 +413,8 @@ fn components(f: &Facts) -> Value {
                 "next_before": { "type": "integer", "format": "int64", "nullable": true, "description": "`before` of the next page; null on the last" } } },
             "Notice": { "type": "object", "required": ["kind", "message"], "properties": {
                 "kind": { "type": "string", "enum": NoticeKind::ALL }, "message": { "type": "string" }, "step": { "type": "integer" },
-                "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" } } },
+                "from": { "type": "number" }, "to": { "type": "number" }, "component": { "type": "string" },
+                "i18n": schema("Translations") } },
             "SelectModelRequest": { "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
                 "name": { "type": "string", "description": "a model `GET /api/models` lists as loaded or on disk" } } },
             "EnhanceRequest": { "type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
@@ -419,7 +426,7 @@ fn components(f: &Facts) -> Value {
             "Enhanced": { "type": "object", "properties": {
                 "prompt": { "type": "string" }, "negative_prompt": { "type": "string" },
                 "original_prompt": { "type": "string" }, "original_negative_prompt": nullable_string.clone(),
-                "added": { "type": "object" }, "advice": { "type": "array", "items": { "type": "object" } },
+                "added": { "type": "object" }, "advice": { "type": "array", "items": schema("Advice") },
                 "enhanced": { "type": "boolean" }, "recognised": { "type": "object" } } },
             "WorkerList": { "type": "object", "required": ["broker", "workers"], "properties": {
                 "broker": { "type": "boolean", "description": "whether this server is a front door (--broker)" },
@@ -472,13 +479,16 @@ fn components(f: &Facts) -> Value {
                         "presets": { "type": "array", "items": { "type": "number" } },
                         "intercept_at": { "type": "number", "description": "requests from this CFG up are clamped to safe_cfg_max" },
                         "bands": { "type": "array", "items": schema("Band") } } } } },
-            "Band": { "type": "object", "required": ["max", "level", "hint", "advice"],
+            "Band": { "type": "object", "required": ["max", "level", "hint", "advice", "i18n"],
                 "description": "A value falls in the first band whose max is ≥ the value (max null: unbounded). Texts may hold {value} (the value), {default} (model.defaults.steps or model.defaults.cfg, whichever ladder the band is in) and {safe} (model.safe_cfg_max)",
                 "properties": {
                     "max": { "type": "number", "nullable": true, "description": "null: unbounded (the last band)" },
                     "level": { "type": "string", "enum": ["info", "ok", "warn", "bad"] },
                     "hint": { "type": "string", "description": "the form's short hint" },
-                    "advice": { "type": "string", "description": "the prompt advice's sentence" } } },
+                    "advice": { "type": "string", "description": "the prompt advice's sentence" },
+                    "i18n": { "type": "object", "description": "the two texts in the page's other languages, with the same placeholders",
+                        "properties": { "zh-CN": { "type": "object", "required": ["hint", "advice"], "properties": {
+                            "hint": { "type": "string" }, "advice": { "type": "string" } } } } } } },
             "AuthRequest": { "type": "object", "required": ["key"], "additionalProperties": false, "properties": { "key": { "type": "string" } } },
             "AuthStatus": { "type": "object", "properties": { "required": { "type": "boolean" }, "authorized": { "type": "boolean" } } },
             "ModelListing": { "type": "object", "properties": {

@@ -5,11 +5,13 @@ import { emit, set, state } from './store.js';
 import { t } from './i18n.js';
 
 export class ApiError extends Error {
-  constructor(status, field, message, headers) {
+  /** `i18n`: the server's translations of `message` (`{"zh-CN": …}`), shown through localized(). */
+  constructor(status, field, message, headers, i18n) {
     super(message);
     this.status = status;
     this.field = field;
     this.headers = headers;
+    this.i18n = i18n && typeof i18n === 'object' ? i18n : null;
   }
 }
 
@@ -45,7 +47,7 @@ export async function api(path, opts = {}) {
   if (!res.ok) {
     const err = data && data.error ? data.error : null;
     const message = err && err.message ? err.message : `${res.status} ${res.statusText || 'error'}`;
-    throw new ApiError(res.status, err ? err.field ?? null : null, message, res.headers);
+    throw new ApiError(res.status, err ? err.field ?? null : null, message, res.headers, err && err.i18n);
   }
   return { status: res.status, data, headers: res.headers };
 }

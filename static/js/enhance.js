@@ -4,7 +4,7 @@
 
 import { $, el } from './dom.js';
 import { state, on } from './store.js';
-import { t } from './i18n.js';
+import { t, localized } from './i18n.js';
 import { api } from './api.js';
 import { F } from './form.js';
 
@@ -99,7 +99,7 @@ async function run() {
     if (e && e.name === 'AbortError') return;
     if (seq === preview.seq) {
       $('enhance-preview').classList.remove('stale');
-      $('enhance-advice').replaceChildren(el('li', { class: 'warn', text: e.message }));
+      $('enhance-advice').replaceChildren(el('li', { class: 'warn', text: localized(e) }));
     }
   }
 }
@@ -133,7 +133,7 @@ function render(data) {
     ...gone.map((p) => el('button', { type: 'button', class: 'chip chip-removed', title: t('enhance.restore', { phrase: p }), onclick: () => restorePhrase(p) }, `↺ ${p}`)),
   ] : []));
   const items = (data.advice || []).map((a) => el('li', { class: a.level === 'warn' ? 'warn' : 'info' },
-    a.message, a.source ? el('span', { class: 'source', text: ` (${a.source})` }) : null));
+    localized(a), a.source ? el('span', { class: 'source', text: ` (${a.source})` }) : null));
   if (on && !pos.length && !neg.length && !items.length) items.push(el('li', { class: 'info', text: t('enhance.nothing') }));
   $('enhance-advice').replaceChildren(...items);
   box.classList.remove('stale');

@@ -48,6 +48,21 @@ export function t(key, vars) {
   return fill(msg, vars);
 }
 
+/**
+ * A text the server made, in the page's language. The server keeps English where it always was
+ * (`message`, or a band's `hint` / `advice`) and sends its other languages beside it as
+ * `i18n: {"zh-CN": "…"}` (or, for a band, `i18n: {"zh-CN": {hint, advice}}`); anything without a
+ * translation — an old record, a text only in English — shows as sent.
+ */
+export function localized(obj, field = 'message') {
+  if (!obj || typeof obj !== 'object') return obj ? String(obj) : '';
+  const tr = obj.i18n && typeof obj.i18n === 'object' ? obj.i18n[current] : undefined;
+  if (typeof tr === 'string' && tr && field === 'message') return tr;
+  if (tr && typeof tr === 'object' && typeof tr[field] === 'string' && tr[field]) return tr[field];
+  const en = obj[field];
+  return en === undefined || en === null ? '' : String(en);
+}
+
 /** Fills every [data-i18n] and [data-i18n-attr] under `root`. */
 export function applyStatic(root = document) {
   for (const node of root.querySelectorAll('[data-i18n]')) node.textContent = t(node.dataset.i18n);

@@ -17,7 +17,13 @@
 // an image without a size), so the mask is painted at exactly that size and the request stays
 // well under the body limit. The mask is sent as a black/white PNG, white = repaint.
 
+import { t } from './i18n.js';
+import { on } from './store.js';
+
 const $ = (id) => document.getElementById(id);
+
+/** Attributes for a static text: set now, and again by applyStatic() on a language switch. */
+const tx = (key) => ({ text: t(key), 'data-i18n': key });
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -94,13 +100,13 @@ function build() {
     // Its accessible name is its visible text (axe: label-content-name-mismatch).
     class: 'i2i-drop', id: 'init-drop', tabindex: '0', role: 'button',
   },
-  el('strong', { text: 'Input image' }),
-  el('span', { class: 'hint', text: 'Choose, drop or paste (Ctrl+V) a PNG, JPEG or WebP — or press “Use as input” on a result.' }));
+  el('strong', tx('i2i.input')),
+  el('span', { class: 'hint', ...tx('i2i.drop.hint') }));
 
-  const preview = el('img', { id: 'init-preview', alt: 'Input image' });
+  const preview = el('img', { id: 'init-preview', alt: t('i2i.input'), 'data-i18n-attr': 'alt:i2i.input' });
   const mask = el('canvas', {
     id: 'mask-canvas', class: 'i2i-mask', tabindex: '0', role: 'img',
-    'aria-label': 'Mask: paint the region to repaint. Keyboard: arrow keys move the brush (Shift: faster), Space paints, E toggles the eraser, [ and ] change the brush size',
+    'aria-label': t('i2i.mask.label'), 'data-i18n-attr': 'aria-label:i2i.mask.label',
     'aria-describedby': 'mask-info mask-canvas-error',
   });
   const cursor = el('div', { class: 'i2i-cursor', id: 'mask-cursor', hidden: true });
@@ -108,12 +114,15 @@ function build() {
 
   const brush = el('input', { type: 'range', id: 'brush-size', min: '2', max: '256', step: '1', value: '32' });
   const brushOut = el('output', { id: 'brush-size-value', for: 'brush-size', text: '32' });
-  const tools = el('div', { class: 'i2i-tools', role: 'group', 'aria-label': 'Mask tools' },
-    el('label', { for: 'brush-size', text: 'Brush' }), brush, brushOut,
-    el('button', { type: 'button', class: 'small-btn', id: 'mask-eraser', 'aria-pressed': 'false', title: 'Erase painted mask (E)', text: 'Eraser' }),
-    el('button', { type: 'button', class: 'small-btn', id: 'mask-clear', title: 'Clear the mask (image to image)', text: 'Clear' }),
-    el('button', { type: 'button', class: 'small-btn', id: 'mask-invert', title: 'Swap painted and unpainted', text: 'Invert' }),
-    el('button', { type: 'button', class: 'small-btn', id: 'init-remove', title: 'Back to text to image', text: 'Remove image' }));
+  const tool = (id, key, extra = {}) => el('button', {
+    type: 'button', class: 'small-btn', id, title: t(`${key}.title`), 'data-i18n-attr': `title:${key}.title`, ...tx(key), ...extra,
+  });
+  const tools = el('div', { class: 'i2i-tools', role: 'group', 'aria-label': t('i2i.tools'), 'data-i18n-attr': 'aria-label:i2i.tools' },
+    el('label', { for: 'brush-size', ...tx('i2i.brush') }), brush, brushOut,
+    tool('mask-eraser', 'i2i.eraser', { 'aria-pressed': 'false' }),
+    tool('mask-clear', 'i2i.clear'),
+    tool('mask-invert', 'i2i.invert'),
+    tool('init-remove', 'i2i.remove'));
 
   const strength = el('input', {
     type: 'range', id: 'strength', name: 'strength', min: '0', max: '1', step: '0.01', value: '0.6',
@@ -126,13 +135,13 @@ function build() {
 
   const loraSelect = el('select', { id: 'lora-add', 'aria-describedby': 'lora-hint lora-add-error' });
   const section = el('fieldset', { class: 'field i2i', id: 'img2img' },
-    el('legend', { text: 'Image to image, inpainting, LoRA' }),
+    el('legend', tx('i2i.legend')),
     fileInput,
     // The viewer's "Use as input" fills this slot (the image's URL) and fires zturbo:use-image.
     el('input', { type: 'hidden', id: 'init-image-src', 'data-image-slot': 'input' }),
     el('div', { class: 'i2i-empty', id: 'init-empty' },
       drop,
-      el('label', { class: 'link-btn', for: 'init-image-file', text: 'Choose an image…' })),
+      el('label', { class: 'link-btn', for: 'init-image-file', ...tx('i2i.choose') })),
     el('div', { class: 'i2i-loaded', id: 'init-loaded', hidden: true },
       stage,
       el('p', { class: 'hint', id: 'init-meta' }),
@@ -141,22 +150,22 @@ function build() {
       el('p', { class: 'field-error', id: 'mask-canvas-error', hidden: true }),
       el('div', { class: 'field' },
         el('div', { class: 'label-row' },
-          el('label', { for: 'strength', text: 'Strength' }),
+          el('label', { for: 'strength', ...tx('i2i.strength') }),
           el('output', { id: 'strength-value', for: 'strength' })),
         strength,
         el('p', { class: 'hint', id: 'strength-hint' }),
         el('p', { class: 'field-error', id: 'strength-error', hidden: true })),
       el('div', { class: 'field i2i-blur', id: 'mask-blur-field' },
-        el('label', { for: 'mask-blur', text: 'Mask blur (px)' }), blur,
+        el('label', { for: 'mask-blur', ...tx('i2i.maskBlur') }), blur,
         el('p', { class: 'field-error', id: 'mask-blur-error', hidden: true }))),
     el('p', { class: 'field-error', id: 'init-image-file-error', hidden: true }),
     el('div', { class: 'i2i-loras' },
       el('div', { class: 'label-row' },
         el('label', { for: 'lora-add', text: 'LoRA' }),
-        el('button', { type: 'button', class: 'link-btn', id: 'lora-refresh', text: 'Refresh' })),
+        el('button', { type: 'button', class: 'link-btn', id: 'lora-refresh', ...tx('i2i.refresh') })),
       el('div', { class: 'i2i-lora-add' }, loraSelect,
-        el('button', { type: 'button', class: 'small-btn', id: 'lora-add-btn', text: 'Add' })),
-      el('ul', { class: 'i2i-lora-list', id: 'lora-list', 'aria-label': 'LoRAs of the next job' }),
+        el('button', { type: 'button', class: 'small-btn', id: 'lora-add-btn', ...tx('i2i.add') })),
+      el('ul', { class: 'i2i-lora-list', id: 'lora-list', 'aria-label': t('i2i.loraList'), 'data-i18n-attr': 'aria-label:i2i.loraList' }),
       el('p', { class: 'hint', id: 'lora-hint' }),
       el('p', { class: 'field-error', id: 'lora-add-error', hidden: true })));
   return section;
@@ -175,14 +184,14 @@ function showError(id, message) {
 
 async function loadImageFromBlob(blob, name) {
   if (!blob || (blob.type && !ACCEPT.includes(blob.type))) {
-    showError('init-image-file', `${name || 'That file'} is not a PNG, JPEG or WebP image.`);
+    showError('init-image-file', t('i2i.notImage', { name: name || t('i2i.thatFile') }));
     return false;
   }
   let bitmap;
   try {
     bitmap = await createImageBitmap(blob);
   } catch {
-    showError('init-image-file', `${name || 'That file'} could not be decoded as an image.`);
+    showError('init-image-file', t('i2i.notDecoded', { name: name || t('i2i.thatFile') }));
     return false;
   }
   const lim = limits();
@@ -214,7 +223,8 @@ function setImage(canvas, name, original) {
   mask.getContext('2d').clearRect(0, 0, w, h);
   $('init-stage').style.aspectRatio = `${w} / ${h}`;
   st.cursor = { x: w / 2, y: h / 2 };
-  $('init-meta').textContent = `${name} · ${original} → runs at ${w}×${h}`;
+  st.meta = { name, original, size: `${w}×${h}` };
+  renderMeta();
   $('init-empty').hidden = true;
   $('init-loaded').hidden = false;
   const brush = $('brush-size');
@@ -226,6 +236,10 @@ function setImage(canvas, name, original) {
   updateMaskInfo();
   updateStrength();
   document.documentElement.dataset.initImage = `${w}x${h}`;
+}
+
+function renderMeta() {
+  if (st.meta) $('init-meta').textContent = t('i2i.meta', st.meta);
 }
 
 function removeImage() {
@@ -246,20 +260,20 @@ export async function useAsInput(url) {
     const blob = await res.blob();
     const name = new URL(url, location.href).pathname.split('/').pop() || 'result.png';
     if (await loadImageFromBlob(blob, name)) {
-      if (st.ctx && st.ctx.toast) st.ctx.toast(`${name} is the input image.`, 'ok', 2500);
+      if (st.ctx && st.ctx.toast) st.ctx.toast(t('i2i.isInput', { name }), 'ok', 2500);
       $('img2img').scrollIntoView({ block: 'nearest', behavior: 'smooth' });
       $('mask-canvas').focus({ preventScroll: true });
     }
   } catch (e) {
-    if (st.ctx && st.ctx.toast) st.ctx.toast(`Could not use that image: ${e.message}`, 'bad');
+    if (st.ctx && st.ctx.toast) st.ctx.toast(t('i2i.useFailed', { error: e.message }), 'bad');
   }
 }
 
 /** A "Use as input" button for a result image. */
 export function useAsInputButton(src, label) {
   return el('button', {
-    type: 'button', class: 'small-btn use-input', title: 'Start image to image or inpainting from this image',
-    text: label || 'Use as input', onclick: () => useAsInput(src),
+    type: 'button', class: 'small-btn use-input', title: t('i2i.useInput.title'),
+    text: label || t('viewer.input'), onclick: () => useAsInput(src),
   });
 }
 
@@ -320,8 +334,8 @@ function updateMaskInfo() {
   const info = $('mask-info');
   info.dataset.coverage = f.toFixed(4);
   info.textContent = f > 0
-    ? `Inpainting: ${(f * 100).toFixed(f < 0.01 ? 2 : 0)}% of the image is repainted; the rest is kept.`
-    : 'No mask: the whole image is redrawn (image to image). Paint to repaint only a region.';
+    ? t('i2i.mask.info', { pct: (f * 100).toFixed(f < 0.01 ? 2 : 0) })
+    : t('i2i.mask.none');
   $('mask-blur-field').hidden = f === 0;
   showError('mask-canvas', '');
 }
@@ -476,7 +490,7 @@ function updateStrength() {
   const n = steps();
   const run = stepsRun(n, s);
   const hint = $('strength-hint');
-  hint.textContent = `${run} of ${n} step${n === 1 ? '' : 's'} run; 0 keeps the image, 1 repaints it entirely.`;
+  hint.textContent = n === 1 ? t('i2i.strength.hint.one', { run, n }) : t('i2i.strength.hint.many', { run, n });
   hint.classList.toggle('warn', run < 1);
 }
 
@@ -499,12 +513,10 @@ function renderLoraSelect() {
   const free = st.available.filter((n) => !st.loras.some((l) => l.name === n));
   sel.replaceChildren(...(free.length
     ? free.map((n) => el('option', { value: n, text: n }))
-    : [el('option', { value: '', text: st.available.length ? 'all added' : 'none found' })]));
+    : [el('option', { value: '', text: t(st.available.length ? 'i2i.lora.allAdded' : 'i2i.lora.noneFound') })]));
   sel.disabled = !free.length;
   $('lora-add-btn').disabled = !free.length;
-  $('lora-hint').textContent = st.available.length
-    ? 'Weights from −10 to 10 (1 = as trained). A prompt’s <lora:name:0.8> tags work too.'
-    : 'No LoRAs yet: put .safetensors LoRA files in <models-dir>/loras/ and press Refresh.';
+  $('lora-hint').textContent = t(st.available.length ? 'i2i.lora.hint' : 'i2i.lora.empty');
 }
 
 function addLora(name, weight = 1) {
@@ -519,11 +531,11 @@ function renderLoras() {
     const id = `lora-weight-${i}`;
     const w = el('input', {
       type: 'number', id, class: 'lora-weight', min: '-10', max: '10', step: '0.05', value: String(l.weight),
-      inputmode: 'decimal', 'aria-label': `Weight of ${l.name}`,
+      inputmode: 'decimal', 'aria-label': t('i2i.lora.weight', { name: l.name }),
     });
     w.addEventListener('input', () => { l.weight = Number(w.value); });
     const remove = el('button', {
-      type: 'button', class: 'icon-btn', 'aria-label': `Remove ${l.name}`, title: `Remove ${l.name}`, text: '×',
+      type: 'button', class: 'icon-btn', 'aria-label': t('i2i.lora.remove', { name: l.name }), title: t('i2i.lora.remove', { name: l.name }), text: '×',
       onclick: () => {
         st.loras.splice(st.loras.indexOf(l), 1);
         renderLoras();
@@ -586,7 +598,7 @@ export function mountImg2Img(ctx) {
     const item = items.find((i) => i.kind === 'file' && ACCEPT.includes(i.type));
     if (!item) return;
     e.preventDefault();
-    await loadImageFromBlob(item.getAsFile(), 'pasted image');
+    await loadImageFromBlob(item.getAsFile(), t('i2i.pasted'));
   });
   $('init-image-src').addEventListener('zturbo:use-image', (e) => {
     const src = (e.detail && e.detail.src) || e.target.value;
@@ -603,6 +615,13 @@ export function mountImg2Img(ctx) {
   $('lora-refresh').addEventListener('click', loadLoras);
   renderLoras();
   loadLoras();
+  // Static texts follow applyStatic(); these are drawn from state.
+  on('lang', () => {
+    renderMeta();
+    if (st.image) updateMaskInfo();
+    updateStrength();
+    renderLoras();
+  });
 }
 
 export function img2imgInfo(info) {
@@ -616,7 +635,7 @@ export function img2imgInfo(info) {
 export function img2imgFields(body, errors) {
   if (st.loras.length) {
     const bad = st.loras.find((l) => !Number.isFinite(l.weight) || Math.abs(l.weight) > 10);
-    if (bad) errors.push(['loras', `The weight of ${bad.name} must be a number from −10 to 10.`]);
+    if (bad) errors.push(['loras', t('i2i.err.loraWeight', { name: bad.name })]);
     else body.loras = st.loras.map((l) => ({ name: l.name, weight: l.weight }));
   }
   if (!st.image) return;
@@ -625,14 +644,14 @@ export function img2imgFields(body, errors) {
   body.strength = Math.round(strength * 100) / 100;
   if (stepsRun(body.steps, body.strength) < 1) {
     errors.push(['strength', img2imgProfile().noise === 'variance_exploding'
-      ? `No step would run: steps × strength must reach 1 (with ${body.steps} steps, strength ≥ ${(1 / body.steps).toFixed(2)}).`
-      : 'No step would run at this strength: raise it or add steps.']);
+      ? t('i2i.err.noStepVE', { steps: body.steps, min: (1 / body.steps).toFixed(2) })
+      : t('i2i.err.noStep')]);
   }
   const mask = maskDataUrl();
   if (mask) {
     body.mask = mask;
     const blur = Number($('mask-blur').value);
-    if (!Number.isInteger(blur) || blur < 0 || blur > 64) errors.push(['mask_blur', 'Mask blur must be a whole number from 0 to 64.']);
+    if (!Number.isInteger(blur) || blur < 0 || blur > 64) errors.push(['mask_blur', t('i2i.err.maskBlur')]);
     else body.mask_blur = blur;
   }
 }

@@ -4,7 +4,7 @@
 
 import { $, el, fmtMs, fmtBytes, stored } from './dom.js';
 import { state, set, emit, on } from './store.js';
-import { t, tn } from './i18n.js';
+import { t, tn, localized } from './i18n.js';
 import { api, ApiError, setOnline } from './api.js';
 import { F, readForm, clearFieldErrors, showFieldError, showFormError, clearFormWarning } from './form.js';
 import { excludedPhrases } from './enhance.js';
@@ -74,7 +74,7 @@ export async function submit() {
     }).catch(() => { /* the stream and the poller carry on */ });
   } catch (e) {
     if (e.status === 422) {
-      const input = showFieldError(e.field, e.message);
+      const input = showFieldError(e.field, localized(e));
       if (input) input.focus();
     } else if (e.status === 429) {
       const ra = e.headers && e.headers.get('Retry-After');
@@ -85,7 +85,7 @@ export async function submit() {
       }
       startRetryCountdown(Math.max(1, Math.ceil(secs)));
     } else {
-      showFormError(e.message || t('queue.submitFailed'));
+      showFormError(localized(e) || t('queue.submitFailed'));
     }
   } finally {
     set({ submitting: false });
@@ -282,9 +282,9 @@ function pumpStreams() {
   }
 }
 
-/** The SSE `failed` event carries the API's error shape {field, message}; records carry text. */
+/** The SSE `failed` event carries the API's error shape {field, message, i18n?}; records carry text. */
 function errorText(e) {
-  if (e && typeof e === 'object') return e.message || (e.field ? `${e.field}: invalid` : 'failed');
+  if (e && typeof e === 'object') return localized(e) || (e.field ? `${e.field}: invalid` : 'failed');
   return e ? String(e) : '';
 }
 
@@ -345,7 +345,8 @@ function openStream(job) {
   });
   listen('notice', (d) => {
     if (!job.notices.some((n) => n.kind === d.kind && n.message === d.message)) job.notices.push(d);
-    if (d.message) toast(d.message, d.kind === 'black_retry' || d.kind === 'cfg_clamped' ? 'warn' : 'info');
+    const text = localized(d);
+    if (text) toast(text, d.kind === 'black_retry' || d.kind === 'cfg_clamped' ? 'warn' : 'info');
     renderJob(job);
   });
   listen('done', (d) => finalize(job, 'done', d));

@@ -3,7 +3,7 @@
 // family's numbers: a model without a profile gets neutral hints built from its defaults.
 
 import { state } from './store.js';
-import { fill } from './i18n.js';
+import { fill, localized } from './i18n.js';
 import { fmtCfg } from './dom.js';
 
 const NEUTRAL_LIMITS = { width: [64, 2048], height: [64, 2048], steps: [1, 100], cfg: [1, 10], batch: [1, 1], prompt_chars: 4000 };
@@ -49,6 +49,11 @@ export function bandText(text, vars) {
   return text ? fill(text, vars) : '';
 }
 
+/** [hint, level, advice] of a band in the page's language (its `i18n`, else the English). */
+function bandParts(band, vars) {
+  return [bandText(localized(band, 'hint'), vars), band.level || '', bandText(localized(band, 'advice'), vars)];
+}
+
 export function stepPresets() {
   const p = profile();
   const list = p && p.steps && Array.isArray(p.steps.presets) ? p.steps.presets : [];
@@ -88,7 +93,7 @@ export function stepsBand(n, neutral) {
   const p = profile();
   const vars = { value: n, default: defaults().steps, safe: '' };
   const band = bandFor(p && p.steps && p.steps.bands, n);
-  if (band) return [bandText(band.hint, vars), band.level || '', bandText(band.advice, vars)];
+  if (band) return bandParts(band, vars);
   return neutral(n, vars);
 }
 
@@ -99,7 +104,7 @@ export function cfgBand(v, neutral) {
   const safe = safeCfgMax();
   const vars = { value: fmtCfg(v), default: fmtCfg(defaults().cfg), safe: safe === null ? '' : fmtCfg(safe) };
   const band = bandFor(p && p.cfg && p.cfg.bands, v);
-  if (band) return [bandText(band.hint, vars), band.level || '', bandText(band.advice, vars)];
+  if (band) return bandParts(band, vars);
   return neutral(v, vars);
 }
 

@@ -16,7 +16,7 @@
 // enhancement chips, image to image + inpainting + a LoRA, Models panel), the profile contract with injected numbers, the phone
 // viewport, queue control (cancel-all, Esc), the outage banner, model switching, the key prompt,
 // and axe in both themes and both languages. Screenshots land in <screenshot_dir>:
-// browser-desktop.png, browser-phone.png, browser-zh-CN.png (and browser-dark.png).
+// browser-desktop.png, browser-phone.png, browser-zh-CN.png, browser-zh-CN-form.png (and browser-dark.png).
 // Exits 0 on success, 1 on the first failed check (saying which).
 
 import { chromium } from 'playwright-core';
@@ -535,8 +535,15 @@ async function desktop(browser) {
   const counter = await page.$eval('#word-count', (e) => e.textContent);
   check(/19 个字/.test(counter), 'CJK prompt length', `counter says "${counter}"`);
   await page.waitForTimeout(600);
-  await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
+  const zhShown = await serverTextsInChinese(page);
   await docShot(page, 'ui-zh-CN.jpg');
+  await fieldErrorInChinese(page, zhShown);
+  await page.screenshot({ path: join(shotDir, 'browser-zh-CN.png') });
+  // The form's lower half: the advice list and the image-to-image section, in Chinese.
+  await page.$eval('#enhance-advice', (e) => e.scrollIntoView({ block: 'end' }));
+  await page.waitForTimeout(150);
+  await page.screenshot({ path: join(shotDir, 'browser-zh-CN-form.png') });
+  await noticeInChinese(page);
   // kept across a reload
   await page.reload({ waitUntil: 'domcontentloaded' });
   await waitReady(page, 'reload in Chinese');
@@ -544,6 +551,91 @@ async function desktop(browser) {
   await page.selectOption('#lang-picker', 'en');
   ok('languages: switchable, kept in localStorage, CJK prompts counted in characters', counter);
   await context.close();
+}
+
+/** English words a Chinese server text may not hold (names and units like CFG, UNet, VAE pass). */
+function englishWords(text) {
+  return (text.match(/\b[a-z]{3,}\b/g) || []);
+}
+
+function chineseServerText(text, name) {
+  check(/[\u4e00-\u9fff]/.test(text), name, `no Chinese in "${text}"`);
+  const en = englishWords(text);
+  check(!en.length, name, `English words ${en.join(', ')} in "${text}"`);
+}
+
+/**
+ * zh-CN: what the server writes shows in Chinese — the step and CFG hints (the family profile's
+ * bands), the enhancement preview's advice, and the image-to-image section's own texts.
+ */
+async function serverTextsInChinese(page) {
+  await page.fill('#steps', '4');
+  await page.waitForTimeout(100);
+  const stepsHint = await page.$eval('#steps-hint', (e) => e.textContent);
+  chineseServerText(stepsHint, 'zh-CN step hint');
+  const cfgHint = await page.$eval('#cfg-hint', (e) => e.textContent);
+  chineseServerText(cfgHint, 'zh-CN CFG hint');
+  await page.waitForFunction(() => {
+    const box = document.getElementById('enhance-preview');
+    return !box.classList.contains('stale') && document.querySelectorAll('#enhance-advice li').length >= 3;
+  }, null, { timeout: 10_000 }).catch(() => fail('zh-CN advice', 'the enhancement preview did not update'));
+  const advice = await page.$$eval('#enhance-advice li', (lis) => lis.map((li) => li.textContent));
+  for (const a of advice) chineseServerText(a, 'zh-CN advice');
+  // The image-to-image section's own texts switch too (file names, syntax and units excepted).
+  const i2i = await page.$eval('#img2img', (e) => e.innerText);
+  const syntax = new Set(['lora', 'name', 'loras', 'models', 'dir', 'safetensors', 'style', 'png']);
+  const i2iEnglish = englishWords(i2i).filter((w) => !syntax.has(w.toLowerCase()));
+  check(/[\u4e00-\u9fff]/.test(i2i) && !i2iEnglish.length, 'zh-CN image to image', `English words ${i2iEnglish.join(', ')} in "${i2i.replace(/\s+/g, ' ').slice(0, 300)}"`);
+  return `${stepsHint} | ${advice.length} advice`;
+}
+
+/**
+ * zh-CN: a field error of POST /api/jobs in Chinese (an out-of-range width slipped past the form's
+ * own checks, so the server answers 422 naming the field), shown next to the field.
+ */
+async function fieldErrorInChinese(page, shown) {
+  const jobsUrl = (u) => new URL(u).pathname === '/api/jobs';
+  const widen = async (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    const body = JSON.parse(route.request().postData() || '{}');
+    await route.continue({ postData: JSON.stringify({ ...body, width: 1 }) });
+  };
+  await page.route(jobsUrl, widen);
+  const resp = page.waitForResponse((r) => jobsUrl(r.url()) && r.request().method() === 'POST', { timeout: 15_000 });
+  await page.click('#generate');
+  const r = await resp.catch(() => fail('zh-CN field error', 'no POST /api/jobs'));
+  await page.unroute(jobsUrl, widen);
+  check(r.status() === 422, 'zh-CN field error', `status ${r.status()}`);
+  const body = await r.json();
+  check(body.error.field === 'width' && body.error.i18n && body.error.i18n['zh-CN'], 'zh-CN field error', JSON.stringify(body));
+  await page.waitForFunction(() => !document.getElementById('width-error').hidden, null, { timeout: 5000 })
+    .catch(() => fail('zh-CN field error', 'no error next to the width field'));
+  const widthError = await page.$eval('#width-error', (e) => e.textContent);
+  chineseServerText(widthError, 'zh-CN field error');
+  check(widthError.includes('（当前为 1）'), 'zh-CN field error', `"${widthError}" does not name the value`);
+  ok('zh-CN: the server\'s texts in Chinese', `${shown} | ${widthError}`);
+}
+
+/** zh-CN: a notice the engine makes (CFG intercepted and clamped) shows as a Chinese toast. */
+async function noticeInChinese(page) {
+  await fillSmall(page, '黎明时分宁静的高山湖泊', { steps: 1 });
+  const jobsUrl = (u) => new URL(u).pathname === '/api/jobs';
+  const hot = async (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    const body = JSON.parse(route.request().postData() || '{}');
+    await route.continue({ postData: JSON.stringify({ ...body, cfg: 3.2 }) });
+  };
+  await page.route(jobsUrl, hot);
+  const { id } = await generate(page, 'zh-CN notice');
+  await page.unroute(jobsUrl, hot);
+  const toast = await page.waitForFunction(() => {
+    const t = [...document.querySelectorAll('.toast')].map((e) => e.textContent).find((x) => x.includes('3.2'));
+    return t || null;
+  }, null, { timeout: GEN_TIMEOUT_MS, polling: 100 }).then((h) => h.jsonValue())
+    .catch(() => fail('zh-CN notice', 'no toast for the clamped CFG'));
+  chineseServerText(toast, 'zh-CN notice');
+  await waitResult(page, id, 'zh-CN notice');
+  ok('zh-CN: notices in Chinese', toast);
 }
 
 /* ------------------------------------------------------------------ *

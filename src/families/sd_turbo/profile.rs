@@ -5,8 +5,8 @@
 //! clamped to 2.
 
 use crate::families::profile::{
-    Band, BandLevel, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview, Profile,
-    StepsProfile,
+    Band, BandLevel, BandText, CfgProfile, Defaults, FamilyKind, Img2ImgDefaults, LatentPreview,
+    Profile, StepsProfile,
 };
 use crate::nn::scheduler::NoiseKind;
 
@@ -34,18 +34,30 @@ const STEP_BANDS: &[Band] = &[
         level: BandLevel::Ok,
         hint: "1 — default: the model is distilled for one step.",
         advice: "1 step: the default, what the model is distilled for.",
+        zh: BandText {
+            hint: "1 步——默认：模型就是为单步蒸馏的。",
+            advice: "1 步：默认值，模型就是为此蒸馏的。",
+        },
     },
     Band {
         max: Some(4.0),
         level: BandLevel::Info,
         hint: "{value} steps: a little more detail, {value}× slower.",
         advice: "{value} steps: a little more detail than the default {default}, {value}× slower.",
+        zh: BandText {
+            hint: "{value} 步：细节稍多一些，速度慢 {value} 倍。",
+            advice: "{value} 步：比默认的 {default} 步细节稍多，速度慢 {value} 倍。",
+        },
     },
     Band {
         max: None,
         level: BandLevel::Warn,
         hint: "More than 4: no gain for this distilled model, just slower.",
         advice: "{value} steps: no gain past 4 for this distilled model, only slower.",
+        zh: BandText {
+            hint: "超过 4 步：对这个蒸馏模型没有提升，只是更慢。",
+            advice: "{value} 步：超过 4 步对这个蒸馏模型没有提升，只是更慢。",
+        },
     },
 ];
 
@@ -56,6 +68,10 @@ const CFG_BANDS: &[Band] = &[
         hint: "{default} — default: guidance off, as the model was distilled; the negative \
                prompt is unused.",
         advice: "CFG {value}: guidance off, as the model was distilled; the default and fastest.",
+        zh: BandText {
+            hint: "{default}——默认：关闭引导，与模型蒸馏时一致；反向提示词不会被使用。",
+            advice: "CFG {value}：关闭引导，与模型蒸馏时一致；这是默认值，也最快。",
+        },
     },
     Band {
         max: Some(SAFE_CFG_MAX),
@@ -65,6 +81,10 @@ const CFG_BANDS: &[Band] = &[
         advice: "CFG {value}: guidance on (two UNet passes per step) so the negative prompt \
                  counts; this distilled model oversaturates quickly, {default} (off) is the \
                  default.",
+        zh: BandText {
+            hint: "开启引导：反向提示词生效，每步运行两次 UNet；颜色可能过饱和。",
+            advice: "CFG {value}：开启引导（每步运行两次 UNet），反向提示词才会生效；这个蒸馏模型很快就会过饱和，默认是 {default}（关闭）。",
+        },
     },
     Band {
         max: Some(2.99),
@@ -72,6 +92,10 @@ const CFG_BANDS: &[Band] = &[
         hint: "Above the safe max {safe}: the engine lowers it if a step goes black.",
         advice: "CFG {value}: above {safe} this distilled model burns colours; from 3 the value \
                  is intercepted and lowered to {safe}. {default} (off) is the default.",
+        zh: BandText {
+            hint: "高于安全上限 {safe}：如果某一步出现黑图，引擎会自动调低。",
+            advice: "CFG {value}：高于 {safe} 这个蒸馏模型会烧色；从 3 起该值会被拦截并降到 {safe}。默认是 {default}（关闭）。",
+        },
     },
     Band {
         max: None,
@@ -79,6 +103,10 @@ const CFG_BANDS: &[Band] = &[
         hint: "≥ 3.0 is intercepted: the engine clamps it to the safe max {safe}.",
         advice: "CFG {value}: above {safe} this distilled model burns colours, so from 3 the \
                  value is intercepted and lowered to {safe}. {default} (off) is the default.",
+        zh: BandText {
+            hint: "≥ 3.0 会被拦截：引擎会把它降到安全上限 {safe}。",
+            advice: "CFG {value}：高于 {safe} 这个蒸馏模型会烧色，所以从 3 起该值会被拦截并降到 {safe}。默认是 {default}（关闭）。",
+        },
     },
 ];
 
