@@ -42,6 +42,14 @@ impl QueueHandle {
         self.ask(Command::SubscribeModels).await
     }
 
+    /// Runs `hook` with each model the worker loads, before the switch is announced anywhere (job
+    /// streams, [`Self::model_events`], the A1111 options call): whoever hears "loaded" and then
+    /// reads what `hook` updated (the server's `/api/info`) sees the new model.
+    pub async fn on_model_loaded(&self, hook: impl Fn(&Loaded) + Send + Sync + 'static) {
+        let hook: LoadedHook = Box::new(hook);
+        let _ = self.ask(|tx| Command::OnModelLoaded(hook, tx)).await;
+    }
+
     pub async fn get(&self, id: &str) -> Option<JobSnapshot> {
         self.ask(|tx| Command::Get(id.to_string(), tx))
             .await

@@ -30,7 +30,7 @@ pub use job::{
 };
 use journal::{EndWrite, Journal};
 use outputs::OutputsHealth;
-pub use worker::ModelEvent;
+pub use worker::{Loaded, ModelEvent};
 use worker::{RunError, RunOutput, Work, WorkItem, WorkerEvent};
 
 /// Finished jobs kept in memory for `GET /api/jobs` (older ones stay in the journal on disk).
@@ -117,6 +117,9 @@ pub enum SelectOutcome {
     AfterQueued,
 }
 
+/// What [`QueueHandle::on_model_loaded`] registers.
+pub type LoadedHook = Box<dyn Fn(&Loaded) + Send + Sync>;
+
 enum Command {
     Submit(
         ValidRequest,
@@ -125,6 +128,7 @@ enum Command {
     ),
     SelectModel(String, oneshot::Sender<SelectOutcome>),
     SubscribeModels(oneshot::Sender<broadcast::Receiver<ModelEvent>>),
+    OnModelLoaded(LoadedHook, oneshot::Sender<()>),
     Get(JobId, oneshot::Sender<Option<JobSnapshot>>),
     List(usize, oneshot::Sender<Vec<JobSnapshot>>),
     Cancel(JobId, oneshot::Sender<Result<CancelOutcome, CancelError>>),
@@ -209,6 +213,7 @@ pub fn start_with(
         selected: model,
         switching: None,
         model_events: broadcast::channel(64).0,
+        on_loaded: Vec::new(),
         jobs: HashMap::new(),
         pending: VecDeque::new(),
         running: Vec::new(),
@@ -325,6 +330,9 @@ struct Actor {
     selected: String,
     switching: Option<String>,
     model_events: broadcast::Sender<ModelEvent>,
+    /// Called with each loaded model before anyone hears of the switch (see
+    /// [`QueueHandle::on_model_loaded`]).
+    on_loaded: Vec<LoadedHook>,
     /// Moving average of run times (ms), for `Retry-After`.
     run_ms_avg: Option<f64>,
     shutting_down: bool,
@@ -385,6 +393,10 @@ impl Actor {
             }
             Command::SubscribeModels(reply) => {
                 let _ = reply.send(self.model_events.subscribe());
+            }
+            Command::OnModelLoaded(hook, reply) => {
+                self.on_loaded.push(hook);
+                let _ = reply.send(());
             }
             Command::Get(id, reply) => {
                 let _ = reply.send(self.snapshot(&id));

@@ -79,6 +79,9 @@ impl Actor {
                 job,
                 elapsed_ms,
             } => {
+                for hook in &self.on_loaded {
+                    hook(loaded);
+                }
                 self.loaded = loaded.model.clone();
                 if self.switching.as_deref() == Some(loaded.model.as_str()) {
                     self.switching = None;

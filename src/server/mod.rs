@@ -204,21 +204,13 @@ impl AppState {
     }
 
     /// Follows the worker's model switches: `/api/info`, `/api/health`, validation limits and the
-    /// A1111 options name the model that is loaded.
-    pub async fn follow_model_switches(self) {
-        let Some(mut rx) = self.queue.model_events().await else {
-            return;
-        };
-        loop {
-            match rx.recv().await {
-                Ok(crate::queue::ModelEvent::Loaded { loaded, .. }) => {
-                    let next = self.info().with_model(&loaded);
-                    self.info.set(next);
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            }
-        }
+    /// A1111 options name the model that is loaded — updated before the switch is announced, so a
+    /// client that hears "loaded" and reads `/api/info` sees the new model.
+    pub async fn follow_model_switches(&self) {
+        let info = self.info.clone();
+        self.queue
+            .on_model_loaded(move |loaded| info.set(info.get().with_model(loaded)))
+            .await;
     }
 
     /// Resolves when the server starts shutting down (never, if nobody can signal it).

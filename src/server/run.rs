@@ -233,11 +233,11 @@ pub fn run(settings: ServeSettings) -> Result<(), ServeError> {
             downloads: Default::default(),
             cluster,
         };
+        state.follow_model_switches().await;
         // The one line on stdout: scripts and tests read the bound address from it.
         println!("listening on http://{addr}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tracing::info!("serving {model} on http://{addr}");
-        tokio::spawn(state.clone().follow_model_switches());
         let limits = listen::ConnLimits {
             header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
