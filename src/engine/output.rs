@@ -276,6 +276,7 @@ mod tests {
                 enhance: true,
                 memory_mode: MemoryMode::Performance,
                 init: None,
+                control: None,
                 loras: Vec::new(),
                 enhance_exclude: Vec::new(),
             },
