@@ -168,7 +168,8 @@ pub async fn module_list() -> Json<Value> {
 pub struct DetectRequest {
     #[serde(default)]
     controlnet_module: Option<String>,
-    #[serde(default)]
+    /// Older clients (webuiapi) send `controlnet_images`.
+    #[serde(default, alias = "controlnet_images")]
     controlnet_input_images: Vec<String>,
     #[serde(default)]
     controlnet_threshold_a: Option<f64>,
