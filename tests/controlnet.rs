@@ -195,6 +195,14 @@ fn v2_0_is_told_from_a_zero_before_proj_and_matches_diffusers() {
         "cn20_scale0.75",
         &strs(&seven(file.to_str().unwrap(), "0.75")),
     );
+    // A 2.0 file without any control_noise_refiner tensor is 2.0 too (diffusers drops them).
+    tensors.retain(|k, _| !k.starts_with("control_noise_refiner."));
+    let bare = dir.join("cn-2.0-bare.safetensors");
+    candle_core::safetensors::save(&tensors, &bare).unwrap();
+    check(
+        "cn20_scale0.75",
+        &strs(&seven(bare.to_str().unwrap(), "0.75")),
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
