@@ -123,6 +123,7 @@ fn request(o: &Opts, loras: &[PathBuf]) -> ValidRequest {
         memory_mode: MemoryMode::Performance,
         enhance_exclude: Vec::new(),
         init: None,
+        control: None,
         loras: loras
             .iter()
             .map(|p| LoraRef {

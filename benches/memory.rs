@@ -205,6 +205,7 @@ fn child(
         enhance: true,
         memory_mode: mode,
         init: None,
+        control: None,
         loras: Vec::new(),
         enhance_exclude: Vec::new(),
     };

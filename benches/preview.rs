@@ -147,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         enhance: true,
         memory_mode: MemoryMode::Performance,
         init: None,
+        control: None,
         loras: Vec::new(),
         enhance_exclude: Vec::new(),
     };

@@ -4,6 +4,7 @@
 // The OpenAPI document is one large `json!` literal (server/openapi.rs).
 #![recursion_limit = "256"]
 
+pub mod control;
 pub mod engine;
 pub mod families;
 pub mod i18n;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::{ControlDir, Preprocess};
 use crate::families::lora::LoraDir;
 pub use crate::families::profile::Img2ImgDefaults;
 use crate::families::Profile;
@@ -92,6 +93,57 @@ pub struct GenerationRequest {
     /// The server checks it and records it with the job; validation ignores it.
     #[serde(default)]
     pub model: Option<String>,
+    /// ControlNet: a control image (edges, depth, pose …) that guides the picture's layout.
+    #[serde(default)]
+    pub control: Option<ControlRequest>,
+}
+
+/// A request's ControlNet, as it arrives.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    /// A ControlNet in the server's `controlnet` folder (`/controlnet/model_list`); the only one
+    /// when absent and there is exactly one.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The control image, base64 (PNG, JPEG or WebP) or a `data:` URL; fitted to the job's size.
+    pub image: String,
+    /// `controlnet_conditioning_scale`, 0–2 (default 0.75).
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// `none` (the image is the map) or `canny`.
+    #[serde(default)]
+    pub preprocess: Option<String>,
+    /// Fraction of the steps where control starts (default 0) and ends (default 1).
+    #[serde(default)]
+    pub start: Option<f64>,
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// Canny thresholds (default 100 and 200).
+    #[serde(default)]
+    pub low_threshold: Option<u32>,
+    #[serde(default)]
+    pub high_threshold: Option<u32>,
+}
+
+/// The default `controlnet_conditioning_scale` (diffusers' `ZImageControlNetPipeline`).
+pub const CONTROL_SCALE: f64 = 0.75;
+pub const MAX_CONTROL_SCALE: f64 = 2.0;
+
+/// A job's ControlNet, validated: the file, the map (already preprocessed, fitted to the job's
+/// size), the scale and the step range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlSpec {
+    /// What the request named.
+    pub model: String,
+    /// The file or diffusers folder it resolved to when the job was accepted.
+    pub path: std::path::PathBuf,
+    /// RGB, `width`×`height` of the job: the map the ControlNet sees.
+    pub image: InputImage,
+    pub scale: f64,
+    pub preprocess: Preprocess,
+    pub start: f64,
+    pub end: f64,
 }
 
 /// A LoRA as a request names it: a file in the server's LoRA folder and its weight.
@@ -173,6 +225,9 @@ pub struct ValidRequest {
     /// Phrases the enhancement leaves out (see [`GenerationRequest::enhance_exclude`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enhance_exclude: Vec<String>,
+    /// The job's ControlNet; `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Box<ControlSpec>>,
 }
 
 /// One LoRA of a job: a low-rank update of the denoiser's weights, scaled by `weight`.
@@ -252,10 +307,22 @@ impl GenerationRequest {
 
     /// Validation with the server's LoRA folder to resolve `loras` (and `<lora:…>` prompt tags).
     pub fn validate_in(
-        mut self,
+        self,
         limits: &Limits,
         lora_dir: Option<&LoraDir>,
     ) -> Result<ValidRequest, FieldError> {
+        self.validate_with(limits, lora_dir, None)
+    }
+
+    /// [`GenerationRequest::validate_in`] with the server's ControlNet folders to resolve
+    /// `control.model` (a request with `control` and no folders is refused).
+    pub fn validate_with(
+        mut self,
+        limits: &Limits,
+        lora_dir: Option<&LoraDir>,
+        control_dir: Option<&ControlDir>,
+    ) -> Result<ValidRequest, FieldError> {
+        let control = self.control.take();
         let (clean, tagged) = extract_lora_tags(&self.prompt)?;
         let mut specs = self.loras.take().unwrap_or_default();
         if !tagged.is_empty() {
@@ -265,6 +332,13 @@ impl GenerationRequest {
         let loras = resolve_loras(&specs, lora_dir)?;
         let mut valid = self.validate_plain(limits)?;
         valid.loras = loras;
+        if let Some(c) = control {
+            valid.control = Some(Box::new(control_spec(
+                c,
+                control_dir,
+                (valid.width, valid.height),
+            )?));
+        }
         Ok(valid)
     }
 
@@ -377,6 +451,7 @@ impl GenerationRequest {
         let enhance_exclude = check_excluded(self.enhance_exclude)?;
         Ok(ValidRequest {
             init,
+            control: None,
             loras: Vec::new(),
             prompt,
             negative_prompt,
@@ -574,6 +649,122 @@ pub fn image_size(w: u32, h: u32, multiple: u32) -> (u32, u32) {
         (v / m * m).max(MIN_SIDE.div_ceil(m) * m)
     };
     (fit(w), fit(h))
+}
+
+/// Checks a request's `control`: a known ControlNet, an image that decodes, scale in [0, 2],
+/// 0 ≤ start < end ≤ 1; the image is fitted to the job's size and preprocessed here, so the job
+/// journals the map itself.
+pub fn control_spec(
+    c: ControlRequest,
+    dir: Option<&ControlDir>,
+    (width, height): (u32, u32),
+) -> Result<ControlSpec, FieldError> {
+    let Some(dir) = dir else {
+        return Err(FieldError::new(
+            "control.model",
+            "this server has no ControlNet folder (put ControlNet files in <models-dir>/controlnet/)",
+        ));
+    };
+    let known = dir.names();
+    let name = match c.model {
+        Some(m) => m,
+        None if known.len() == 1 => known[0].clone(),
+        None => {
+            return Err(FieldError::new(
+                "control.model",
+                format!(
+                    "name a ControlNet (available in {}: {})",
+                    dir.describe(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ))
+        }
+    };
+    let path = dir.resolve(&name).ok_or_else(|| {
+        FieldError::new(
+            "control.model",
+            format!(
+                "no ControlNet named `{name}` in {} (available: {})",
+                dir.describe(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+    })?;
+    let scale = c.scale.unwrap_or(CONTROL_SCALE);
+    if !scale.is_finite() || !(0.0..=MAX_CONTROL_SCALE).contains(&scale) {
+        return Err(FieldError::new(
+            "control.scale",
+            format!("must be between 0 and {MAX_CONTROL_SCALE} (got {scale})"),
+        ));
+    }
+    let start = c.start.unwrap_or(0.0);
+    let end = c.end.unwrap_or(1.0);
+    for (field, v) in [("control.start", start), ("control.end", end)] {
+        if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+            return Err(FieldError::new(
+                field,
+                format!("must be a fraction of the steps between 0 and 1 (got {v})"),
+            ));
+        }
+    }
+    if start >= end {
+        return Err(FieldError::new(
+            "control.start",
+            format!("must be below control.end (got start {start}, end {end})"),
+        ));
+    }
+    let preprocess = match c.preprocess.as_deref() {
+        None => Preprocess::None,
+        Some(p) => Preprocess::parse(p).ok_or_else(|| {
+            FieldError::new(
+                "control.preprocess",
+                format!(
+                    "`{p}` is not a preprocessor here (available: {}); bring depth or pose maps \
+                     made elsewhere with preprocess `none`",
+                    Preprocess::ALL.map(|p| p.as_str()).join(", ")
+                ),
+            )
+        })?,
+    };
+    let low = c.low_threshold.unwrap_or(crate::control::CANNY_LOW);
+    let high = c.high_threshold.unwrap_or(crate::control::CANNY_HIGH);
+    for (field, v) in [
+        ("control.low_threshold", low),
+        ("control.high_threshold", high),
+    ] {
+        if v > 1020 {
+            return Err(FieldError::new(
+                field,
+                format!("must be between 0 and 1020 (got {v})"),
+            ));
+        }
+    }
+    if low > high {
+        return Err(FieldError::new(
+            "control.low_threshold",
+            format!("must not exceed control.high_threshold (got {low} > {high})"),
+        ));
+    }
+    let img = decode_field("control.image", &c.image)?;
+    let rgb = inputs::fit(&inputs::to_rgb(&img), width, height, ResizeMode::Stretch);
+    let map = crate::control::preprocess(&rgb, preprocess, low, high);
+    Ok(ControlSpec {
+        model: name,
+        path,
+        image: InputImage::rgb(map),
+        scale,
+        preprocess,
+        start,
+        end,
+    })
 }
 
 /// The image-to-image and inpainting options of a request, before validation.

@@ -15,6 +15,7 @@ import { t, initLang, setLang, lang, LANGS } from './js/i18n.js';
 import { api, setOnline } from './js/api.js';
 import { applyInfoToForm, wireForm, updateAllHints, relabelForm, clearOneError, F } from './js/form.js';
 import { mountImg2Img, img2imgInfo } from './js/img2img.js';
+import { mountControl, controlInfo } from './js/control.js';
 import { toast } from './js/toast.js';
 import { wireEnhance } from './js/enhance.js';
 import { wireJobs, trackJob, updateButtons, isTerminal } from './js/jobs.js';
@@ -168,6 +169,9 @@ async function main() {
   // Image to image, inpainting and LoRAs: their own module, mounted into the form.
   mountImg2Img({ api, toast, onSize: onInputSize });
   on('info', img2imgInfo);
+  // ControlNet: its own module too, after the image-to-image section.
+  mountControl({ api });
+  on('info', controlInfo);
   wireEnhance();
   wireJobs();
   wireGallery();

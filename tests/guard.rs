@@ -53,6 +53,7 @@ fn request(cfg: f32) -> ValidRequest {
         enhance: false,
         memory_mode: MemoryMode::Performance,
         init: None,
+        control: None,
         loras: Vec::new(),
         enhance_exclude: Vec::new(),
     }

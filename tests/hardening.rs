@@ -411,6 +411,7 @@ mod engine_cancel {
             enhance: false,
             memory_mode: MemoryMode::Performance,
             init: None,
+            control: None,
             loras: Vec::new(),
             enhance_exclude: Vec::new(),
         }

@@ -48,6 +48,7 @@ fn request(loras: &[(&str, f32)]) -> ValidRequest {
         memory_mode: MemoryMode::Performance,
         enhance_exclude: Vec::new(),
         init: None,
+        control: None,
         loras: loras
             .iter()
             .map(|(n, w)| LoraRef {

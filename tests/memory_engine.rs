@@ -118,6 +118,7 @@ fn request(w: u32, h: u32, mode: MemoryMode) -> ValidRequest {
         enhance: false,
         memory_mode: mode,
         init: None,
+        control: None,
         loras: Vec::new(),
         enhance_exclude: Vec::new(),
     }

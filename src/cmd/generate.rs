@@ -86,6 +86,26 @@ pub struct GenerateArgs {
     /// Pixels of context around the mask with --inpaint-full-res.
     #[arg(long, requires = "inpaint_full_res")]
     inpaint_padding: Option<u32>,
+    /// ControlNet: a Z-Image ControlNet Union file (or diffusers folder), or a name in
+    /// <models-dir>/controlnet/.
+    #[arg(long, requires = "control_image")]
+    controlnet: Option<PathBuf>,
+    /// The control image (edges, depth, pose …), fitted to the output size; used as given unless
+    /// --control-preprocess names a preprocessor.
+    #[arg(long, requires = "controlnet")]
+    control_image: Option<PathBuf>,
+    /// How strongly the control guides, 0–2 (default 0.75).
+    #[arg(long, requires = "controlnet")]
+    control_scale: Option<f64>,
+    /// none (the image is the map) or canny.
+    #[arg(long, requires = "controlnet")]
+    control_preprocess: Option<String>,
+    /// Fraction of the steps where control starts (default 0).
+    #[arg(long, requires = "controlnet")]
+    control_start: Option<f64>,
+    /// Fraction of the steps where control ends (default 1).
+    #[arg(long, requires = "controlnet")]
+    control_end: Option<f64>,
 }
 
 fn parse_fill(s: &str) -> Result<zturbo::inputs::InpaintFill, String> {
@@ -200,6 +220,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let limits = Limits::new(engine.profile(), 64, MemoryMode::Auto);
     let fp = from_png.unwrap_or_default();
     let lora_dir = zturbo::families::lora::LoraDir::new(args.model.models_dir.join("loras"));
+    let mut control_dir = zturbo::control::ControlDir::for_models_dir(&args.model.models_dir);
+    if let Some(p) = args.controlnet.as_ref().filter(|p| p.exists()) {
+        control_dir = control_dir.with_file(p.clone());
+    }
+    let control = match (&args.controlnet, &args.control_image) {
+        (Some(net), Some(img)) => Some(zturbo::request::ControlRequest {
+            model: Some(net.to_string_lossy().into_owned()),
+            image: file_base64("--control-image", img)?,
+            scale: args.control_scale,
+            preprocess: args.control_preprocess.clone(),
+            start: args.control_start,
+            end: args.control_end,
+            ..Default::default()
+        }),
+        _ => None,
+    };
     let req = GenerationRequest {
         prompt: args.prompt.clone().unwrap_or(fp.prompt),
         negative_prompt: args.negative_prompt.clone().or(fp.negative_prompt),
@@ -226,17 +262,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         inpaint_fill: args.inpaint_fill,
         inpaint_full_res: args.inpaint_full_res.then_some(true),
         inpaint_full_res_padding: args.inpaint_padding,
+        control,
         ..Default::default()
     }
-    .validate_in(&limits, Some(&lora_dir))
+    .validate_with(&limits, Some(&lora_dir), Some(&control_dir))
     .map_err(|e| {
         let flag = match e.field.as_str() {
             "inpaint_full_res_padding" => "inpaint-padding".to_string(),
-            f => f.replace('_', "-"),
+            "control.model" => "controlnet".to_string(),
+            f => f.replace(['_', '.'], "-"),
         };
         let file = match e.field.as_str() {
             "image" => args.image.as_ref(),
             "mask" => args.mask.as_ref(),
+            "control.model" => args.controlnet.as_ref(),
+            "control.image" => args.control_image.as_ref(),
             _ => None,
         };
         match file {

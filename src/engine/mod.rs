@@ -2,6 +2,7 @@
 //! last step, check the pixels. `Engine::generate` turns one validated request into images and
 //! reports every step, phase and adaptation to an observer.
 
+mod control;
 pub mod decode;
 pub mod denoise;
 pub mod guard;
@@ -405,6 +406,7 @@ impl Engine {
         };
         // Guard fallbacks raise precision for this job only; the next job starts from the policy.
         self.restore_policy();
+        let _ = self.family.set_control(None);
         if let Some(t) = &tags {
             t.set_phase(None, None);
         }
@@ -459,8 +461,10 @@ impl Engine {
         );
         let negative = guided.then(|| enhancement.negative_prompt.clone());
 
-        // LoRAs first: a text-encoder LoRA changes the prompt's encoding.
+        // LoRAs first: a text-encoder LoRA changes the prompt's encoding. The ControlNet before
+        // the plan: its bytes count with the denoiser's.
         self.attach_loras(req)?;
+        self.attach_control(req)?;
 
         // 3. Memory plan.
         let plan = planner::plan(&self.plan_input(
@@ -501,10 +505,11 @@ impl Engine {
         // The input image's posterior (image to image, inpainting), with the VAE encoder loaded
         // only for this in the low-memory plans.
         let init = match &req.init {
-            Some(init) => Some(self.prepare_init(init, req)?),
-            None => None,
+            Some(init) if !control::control_inpaint(req) => Some(self.prepare_init(init, req)?),
+            _ => None,
         };
-        if init.is_some() && plan.vae != Residency::Resident {
+        self.prepare_control(req)?;
+        if (req.init.is_some() || req.control.is_some()) && plan.vae != Residency::Resident {
             self.family.components_mut().unload_vae_encoder();
             release_memory(self.family.components().device());
         }

@@ -76,6 +76,17 @@ pub fn a1111_parameters(params: &ResolvedParams, seed: u64, notices: &[Notice]) 
             fmt_cfg(params.cfg_requested)
         ));
     }
+    if let Some(c) = &p.control {
+        // The A1111 ControlNet extension's infotext for its unit 0.
+        s.push_str(&format!(
+            ", ControlNet 0: \"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}\"",
+            c.preprocess.as_str(),
+            c.model,
+            c.scale,
+            c.start,
+            c.end
+        ));
+    }
     s.push_str(&format!(", Memory mode: {}", p.memory_mode));
     if !notices.is_empty() {
         let joined = notices
@@ -276,6 +287,7 @@ mod tests {
                 enhance: true,
                 memory_mode: MemoryMode::Performance,
                 init: None,
+                control: None,
                 loras: Vec::new(),
                 enhance_exclude: Vec::new(),
             },

@@ -103,6 +103,31 @@ pub enum DenoiserResidency {
     },
 }
 
+/// What a job's ControlNet is, as the family found it in its tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlInfo {
+    /// `1.0`, `2.0` or `2.1` for Z-Image's ControlNet Union.
+    pub version: String,
+    /// Channels of its input (latents, then inpainting's mask and masked-image latents).
+    pub control_in_dim: usize,
+}
+
+/// A job's control input, as the engine encodes it (f32, one image; the family repeats it over
+/// the batch and the CFG pair).
+#[derive(Debug, Clone)]
+pub struct ControlInput {
+    /// The control image's latents: the VAE posterior's mode, shifted and scaled `[1, C, h, w]`.
+    pub latents: Tensor,
+    /// Inpainting: the region kept (`1 − mask` at latent size, `[1, 1, h, w]`) and the latents of
+    /// the image with the masked pixels zeroed (`[1, C, h, w]`).
+    pub inpaint: Option<(Tensor, Tensor)>,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// The fraction of the steps where control starts and ends (`start ≤ i/steps ≤ end`).
+    pub start: f64,
+    pub end: f64,
+}
+
 /// What the family needs to run one sampler step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepInput<'a> {
@@ -156,6 +181,31 @@ pub trait Family: Send {
     /// Attaches a job's LoRAs (an empty set removes them) to the loaded layers and to those that
     /// load later; the base weights stay as they are.
     fn set_loras(&mut self, set: std::sync::Arc<lora::LoraSet>) -> Result<(), ModelError>;
+
+    /// Attaches the ControlNet a job names (a file or a diffusers folder; loaded once and kept
+    /// while jobs name it), or detaches it (`None`). Its bytes count with the denoiser's.
+    fn set_controlnet(
+        &mut self,
+        path: Option<&std::path::Path>,
+    ) -> Result<Option<ControlInfo>, ModelError> {
+        match path {
+            None => Ok(None),
+            Some(p) => Err(ModelError::Invalid(format!(
+                "{}: ControlNet runs on Z-Image models only",
+                p.display()
+            ))),
+        }
+    }
+
+    /// The job's control input for the attached ControlNet (`None` clears it).
+    fn set_control(&mut self, input: Option<ControlInput>) -> Result<(), ModelError> {
+        match input {
+            None => Ok(()),
+            Some(_) => Err(ModelError::Invalid(
+                "ControlNet runs on Z-Image models only".into(),
+            )),
+        }
+    }
 
     /// Latents (`[B, C, h, w]`, f32, as the sampler leaves them) → pixels in about [-1, 1]
     /// (`[B, 3, 8h, 8w]`, f32), in one piece.

@@ -22,6 +22,11 @@ pub enum FamilyKind {
 }
 
 impl FamilyKind {
+    /// Does the family run ControlNets (Z-Image's ControlNet Union)?
+    pub fn has_controlnet(self) -> bool {
+        matches!(self, Self::ZImage)
+    }
+
     pub const ALL: [FamilyKind; 3] = [
         FamilyKind::ZImage,
         FamilyKind::SdTurbo,

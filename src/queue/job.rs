@@ -357,6 +357,7 @@ pub(crate) fn test_record(seq: u64, state: JobState, batch: u32) -> JobRecord {
             enhance: false,
             memory_mode: crate::memory::planner::MemoryMode::Auto,
             init: None,
+            control: None,
             loras: Vec::new(),
             enhance_exclude: Vec::new(),
         },

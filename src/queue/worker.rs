@@ -611,6 +611,21 @@ fn with_inputs(
     req: &ValidRequest,
 ) -> Result<ValidRequest, EngineError> {
     let mut req = req.clone();
+    if let Some(c) = req.control.as_mut() {
+        match outputs {
+            Some(outputs) => InputStore::new(outputs)
+                .load(&mut c.image, false)
+                .map_err(|e| EngineError::Invalid(format!("control.image: {e}")))?,
+            None if c.image.is_loaded() => {}
+            None => {
+                return Err(EngineError::Invalid(
+                    "control.image: this worker has no outputs folder to read the job's control \
+                     image from; ControlNet jobs are not yet carried through --broker"
+                        .into(),
+                ))
+            }
+        }
+    }
     if let Some(init) = req.init.as_mut() {
         // A remote worker (`zturbo worker`) has no outputs folder, so no input store: the front
         // door keeps the inputs, and an image-to-image job cannot be read back here yet.

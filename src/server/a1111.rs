@@ -5,7 +5,8 @@
 //! (`samplers`, `schedulers`, `scripts`).
 //!
 //! A1111 clients send many fields we have no use for (`sampler_name`, `scheduler`,
-//! `override_settings`, `alwayson_scripts`, hires-fix settings, …): they are ignored. Known fields
+//! `override_settings`, `alwayson_scripts` other than `controlnet`, hires-fix settings, …): they
+//! are ignored (`alwayson_scripts.controlnet.args` is read by `controlnet.rs`). Known fields
 //! with the wrong type, and our own validation errors, are 422 in FastAPI's shape
 //! (`{"detail": [{"loc": ["body", field], "msg", "type"}]}`); other errors are `{"detail": msg}`.
 //! Prompts reach the model as given (no enhancement, no default negative prompt): A1111 users
@@ -198,6 +199,9 @@ pub struct Txt2ImgRequest {
     pub batch_size: Option<Int>,
     #[serde(default)]
     pub n_iter: Option<Int>,
+    /// Only `controlnet.args` is read (the ControlNet extension's units).
+    #[serde(default)]
+    pub alwayson_scripts: Option<Value>,
 }
 
 fn to_u32(field: &str, v: Option<Int>) -> Result<Option<u32>, FieldError> {
@@ -230,9 +234,15 @@ impl Txt2ImgRequest {
             batch: to_u32("batch_size", self.batch_size)?,
             enhance: Some(false),
             memory_mode: None,
+            control: super::controlnet::from_alwayson(self.alwayson_scripts.as_ref())?,
             ..Default::default()
         }
-        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
+        .validate_with(
+            &s.info().limits,
+            Some(&s.info().lora_dir()),
+            Some(&s.info().control_dir()),
+        )
+        .map_err(super::controlnet::a1111_field)?;
         Ok((valid, n_iter as u32))
     }
 }
@@ -394,9 +404,15 @@ impl Img2ImgRequest {
             inpaint_fill: inpaint.then_some(fill),
             inpaint_full_res: inpaint.then(|| self.inpaint_full_res.is_none_or(|f| f.0)),
             inpaint_full_res_padding: padding.map(|p| p as u32).filter(|_| inpaint),
+            control: super::controlnet::from_alwayson(b.alwayson_scripts.as_ref())?,
             ..Default::default()
         }
-        .validate_in(&s.info().limits, Some(&s.info().lora_dir()))?;
+        .validate_with(
+            &s.info().limits,
+            Some(&s.info().lora_dir()),
+            Some(&s.info().control_dir()),
+        )
+        .map_err(super::controlnet::a1111_field)?;
         Ok((valid, n_iter as u32))
     }
 }

@@ -137,7 +137,7 @@ pub async fn submit(
             LoraDir::new(info.models_dir.join("loras")),
         )
     };
-    let valid = req.validate_in(&limits, Some(&loras))?;
+    let valid = req.validate_with(&limits, Some(&loras), Some(&info.control_dir()))?;
     // A named model is recorded as asked; otherwise the queue records the selected one.
     let sub = submit_valid_on(&s, valid, named).await?;
     Ok((
@@ -163,6 +163,14 @@ pub async fn submit_valid_on(
     valid: ValidRequest,
     model: Option<String>,
 ) -> Result<Submitted, ApiError> {
+    if let Some(c) = &valid.control {
+        let store = InputStore::new(&s.info().outputs);
+        let image = c.image.clone();
+        tokio::task::spawn_blocking(move || store.save(&image))
+            .await
+            .map_err(|e| ApiError::internal(format!("storing the control image: {e}")))?
+            .map_err(|e| ApiError::internal(format!("storing the control image: {e}")))?;
+    }
     if let Some(init) = &valid.init {
         let store = InputStore::new(&s.info().outputs);
         let init = init.clone();

@@ -3,6 +3,7 @@
 //! a socket. The server knows jobs, requests and memory samples — never tensors.
 
 pub mod a1111;
+pub mod controlnet;
 pub mod error;
 pub mod images;
 pub mod jobs;
@@ -181,6 +182,12 @@ impl ServerInfo {
             dir.with_layers(self.lora_layers.clone())
         }
     }
+
+    /// `<models-dir>/controlnet/` (and a ComfyUI tree's `models/controlnet/`): the ControlNets
+    /// requests may name.
+    pub fn control_dir(&self) -> crate::control::ControlDir {
+        crate::control::ControlDir::for_models_dir(&self.models_dir)
+    }
 }
 
 #[derive(Clone)]
@@ -325,6 +332,9 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/sdapi/v1/samplers", a1111::samplers),
         route(Get, "/sdapi/v1/schedulers", a1111::schedulers),
         route(Get, "/sdapi/v1/scripts", a1111::scripts),
+        route(Get, "/controlnet/model_list", controlnet::model_list),
+        route(Get, "/controlnet/module_list", controlnet::module_list),
+        route(Post, "/controlnet/detect", controlnet::detect),
     ]
 }
 

@@ -102,8 +102,24 @@ pub fn demo_help() -> String {
     )
 }
 
+/// The optional features of this server: `img2img` always; `controlnet` when the loaded family
+/// runs ControlNets and `<models-dir>/controlnet/` has one (a front door: when the folder has one).
+fn features(i: &super::ServerInfo) -> Vec<&'static str> {
+    let mut f = vec!["img2img"];
+    if i.profile.family.has_controlnet() && !i.control_dir().list().is_empty() {
+        f.push("controlnet");
+    }
+    f
+}
+
 pub async fn info(State(s): State<AppState>) -> Json<Value> {
     let i = s.info();
+    let features = {
+        let i = i.clone();
+        tokio::task::spawn_blocking(move || features(&i))
+            .await
+            .unwrap_or_else(|_| vec!["img2img"])
+    };
     let d = i.profile.defaults;
     let kind = i.device.split(':').next().unwrap_or("cpu");
     let modes: Vec<&str> = MemoryMode::ALL.iter().map(|m| m.as_str()).collect();
@@ -147,8 +163,8 @@ pub async fn info(State(s): State<AppState>) -> Json<Value> {
         "preview": i.preview,
         "memory_modes": modes,
         // Optional features the UI shows controls for: image to image and inpainting (with
-        // LoRAs) run on every family.
-        "features": ["img2img"],
+        // LoRAs) run on every family; ControlNet where the family has one and a file is there.
+        "features": features,
         "demo_help": if i.demo { Some(demo_help()) } else { None },
         // What `zturbo pull z-image-turbo` downloads (the UI words the demo help in its language).
         "demo_download_bytes": if i.demo { catalog::entry("z-image-turbo").map(|e| e.download_bytes) } else { None },

@@ -268,6 +268,9 @@ fn paths() -> Value {
         "/sdapi/v1/samplers": { "get": op("a1111_samplers", "a1111", "The sampler the model runs", json!({ "200": { "description": "samplers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
         "/sdapi/v1/schedulers": { "get": op("a1111_schedulers", "a1111", "Schedulers", json!({ "200": { "description": "schedulers", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object" } } } } } })) },
         "/sdapi/v1/scripts": { "get": op("a1111_scripts", "a1111", "Scripts (none)", json!({ "200": { "description": "scripts", "content": { "application/json": { "schema": { "type": "object" } } } } })) },
+        "/controlnet/model_list": { "get": op("controlnet_model_list", "a1111", "The ControlNets in <models-dir>/controlnet/ (and a ComfyUI tree's models/controlnet/): names for `control.model` and the A1111 unit's `model`", json!({ "200": { "description": "ControlNets", "content": { "application/json": { "schema": { "type": "object", "properties": { "model_list": { "type": "array", "items": { "type": "string" } } } } } } } })) },
+        "/controlnet/module_list": { "get": op("controlnet_module_list", "a1111", "The preprocessors built in (none, canny) and their sliders", json!({ "200": { "description": "preprocessors", "content": { "application/json": { "schema": { "type": "object", "properties": { "module_list": { "type": "array", "items": { "type": "string" } }, "module_detail": { "type": "object" } } } } } } })) },
+        "/controlnet/detect": { "post": body(op("controlnet_detect", "a1111", "A preprocessor's map of each image (the UI's preview; the A1111 ControlNet extension's shape)", json!({ "200": { "description": "the maps, base64 PNG", "content": { "application/json": { "schema": { "type": "object", "properties": { "images": { "type": "array", "items": { "type": "string" } }, "info": { "type": "string" } } } } } }, "400": error_ref("BadRequest"), "422": error_ref("Invalid") })), "ControlNetDetectRequest") },
     });
     merge([ui, openai, a1111])
 }
@@ -539,7 +542,37 @@ fn components(f: &Facts) -> Value {
                         "name": { "type": "string", "description": "file name without .safetensors" },
                         "weight": { "type": "number", "minimum": -crate::request::MAX_LORA_WEIGHT, "maximum": crate::request::MAX_LORA_WEIGHT, "default": 1.0 } } } },
     });
+    // ControlNet (kept apart for the same reason).
+    let control_props = json!({
+                "control": { "type": "object", "nullable": true, "required": ["image"], "additionalProperties": false,
+                    "description": "ControlNet (Z-Image): a control image guides the layout; with image + mask, the ControlNet's inpainting channels (2.0/2.1)", "properties": {
+                    "model": { "type": "string", "nullable": true, "description": "a name from GET /controlnet/model_list (default: the only one)" },
+                    "image": { "type": "string", "description": "the control image (edges, depth, pose …), base64 or a data: URL; fitted to width×height" },
+                    "scale": { "type": "number", "minimum": 0, "maximum": crate::request::MAX_CONTROL_SCALE, "nullable": true, "default": crate::request::CONTROL_SCALE },
+                    "preprocess": { "type": "string", "enum": ["none", "canny"], "nullable": true, "description": "none: the image is the map (default)" },
+                    "start": { "type": "number", "minimum": 0, "maximum": 1, "nullable": true, "description": "fraction of the steps where control starts (default 0); must be below end" },
+                    "end": { "type": "number", "minimum": 0, "maximum": 1, "nullable": true, "description": "fraction of the steps where control ends (default 1)" },
+                    "low_threshold": { "type": "integer", "minimum": 0, "maximum": 1020, "nullable": true, "default": crate::control::CANNY_LOW },
+                    "high_threshold": { "type": "integer", "minimum": 0, "maximum": 1020, "nullable": true, "default": crate::control::CANNY_HIGH } } },
+    });
     let mut core = core;
+    if let (Some(props), Value::Object(more)) = (
+        core.pointer_mut("/GenerationRequest/properties")
+            .and_then(Value::as_object_mut),
+        control_props,
+    ) {
+        props.extend(more);
+    }
+    if let Value::Object(schemas) = &mut core {
+        schemas.insert(
+            "ControlNetDetectRequest".into(),
+            json!({ "type": "object", "required": ["controlnet_input_images"], "properties": {
+                "controlnet_module": { "type": "string", "enum": ["none", "canny"], "nullable": true },
+                "controlnet_input_images": { "type": "array", "minItems": 1, "maxItems": 4, "items": { "type": "string", "description": "base64 PNG/JPEG/WebP or a data: URL" } },
+                "controlnet_threshold_a": { "type": "number", "nullable": true, "description": "canny's low threshold (default 100)" },
+                "controlnet_threshold_b": { "type": "number", "nullable": true, "description": "canny's high threshold (default 200)" } } }),
+        );
+    }
     if let (Some(props), Value::Object(more)) = (
         core.pointer_mut("/GenerationRequest/properties")
             .and_then(Value::as_object_mut),
@@ -592,13 +625,14 @@ fn components(f: &Facts) -> Value {
                     "loc": { "type": "array", "items": { "type": "string" } }, "msg": { "type": "string" }, "type": { "type": "string" } } } } } },
             "A1111RunError": { "type": "object", "properties": { "error": { "type": "string" }, "detail": { "type": "string" }, "body": { "type": "string" }, "errors": { "type": "string" } } },
             "A1111Txt2ImgRequest": { "type": "object", "additionalProperties": true, "required": ["prompt"],
-                "description": "A1111's txt2img body; fields not listed (sampler_name, scheduler, override_settings, alwayson_scripts, …) are ignored", "properties": {
+                "description": "A1111's txt2img body; fields not listed (sampler_name, scheduler, override_settings, alwayson_scripts other than controlnet, …) are ignored", "properties": {
                 "prompt": prompt_schema(), "negative_prompt": text,
                 "width": side.clone(), "height": side,
                 "steps": steps, "cfg_scale": { "type": "number", "minimum": MIN_CFG, "maximum": MAX_CFG, "nullable": true },
                 "seed": { "type": "integer", "format": "int64", "description": "-1 = random", "nullable": true },
                 "batch_size": batch,
-                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true } } },
+                "n_iter": { "type": "integer", "minimum": 1, "maximum": super::a1111::MAX_N_ITER, "nullable": true },
+                "alwayson_scripts": { "type": "object", "nullable": true, "description": "only `controlnet.args` is read: the ControlNet extension's units (image, module none|canny, model, weight, guidance_start, guidance_end, threshold_a/b, enabled); one enabled unit per job" } } },
             "A1111Img2ImgRequest": { "type": "object", "additionalProperties": true, "required": ["init_images"],
                 "description": "A1111's img2img body: the txt2img fields plus these; A1111's defaults apply (denoising_strength 0.75, mask_blur 4, inpainting_fill 0, inpaint_full_res true, inpaint_full_res_padding 0, resize_mode 0)", "properties": {
                 "prompt": prompt_schema(), "negative_prompt": { "type": "string", "nullable": true },
@@ -874,7 +908,7 @@ mod tests {
         // The A1111 and OpenAI request schemas list what the handlers read.
         let a1111: crate::server::a1111::Txt2ImgRequest = serde_json::from_value(json!({
             "prompt": "p", "negative_prompt": "n", "width": 64, "height": 64, "steps": 1,
-            "cfg_scale": 1.0, "seed": 1, "batch_size": 1, "n_iter": 1,
+            "cfg_scale": 1.0, "seed": 1, "batch_size": 1, "n_iter": 1, "alwayson_scripts": {},
         }))
         .unwrap();
         assert_eq!(

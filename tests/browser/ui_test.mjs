@@ -707,16 +707,10 @@ async function imageHooks(browser) {
     body.features = ['img2img', 'controlnet'];
     await route.fulfill({ response: res, json: body });
   });
-  // The fields those features' own modules add to the form: img2img's is the page's own
-  // (js/img2img.js); a ControlNet one is added here. Every use-image event is recorded on its field.
+  // The fields those features' own modules add to the form (js/img2img.js, js/control.js).
+  // Every use-image event is recorded on its field.
   await page.addInitScript(() => {
     document.addEventListener('zturbo:use-image', (e) => { e.target.dataset.job = e.detail.jobId; e.target.dataset.index = String(e.detail.index); }, true);
-    document.addEventListener('DOMContentLoaded', () => {
-      const f = document.createElement('input');
-      f.type = 'hidden';
-      f.dataset.imageSlot = 'control';
-      document.getElementById('gen-form').append(f);
-    });
   });
   await page.goto(base, { waitUntil: 'domcontentloaded' });
   await waitReady(page, 'hooks page');
@@ -732,6 +726,9 @@ async function imageHooks(browser) {
     check(got.value === src && got.job && got.index === '0', `use as ${slot}`, `${JSON.stringify(got)} for ${src}`);
     check(!(await page.$('#viewer[open]')), `use as ${slot} closes the viewer`, 'still open');
   }
+  // The Control section is shown with the feature, and the result became its control image.
+  check(await page.$eval('#control', (f) => !f.hidden), 'control section shown', 'hidden although /api/info lists controlnet');
+  await page.waitForSelector('#control-image:not([hidden])', { timeout: 5_000 }).catch(() => fail('use as control', 'the control image is not shown'));
   check(!errors.length, 'console clean (hooks)', errors.join(' | '));
   ok('use as input / use as control fill the fields img2img and ControlNet add (hidden without the feature)');
   await context.close();

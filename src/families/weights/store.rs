@@ -618,6 +618,16 @@ impl Weights {
         Self::open(component, vec![(path.to_path_buf(), bytes)], Some(role))
     }
 
+    /// Opens one weight file (safetensors dense or fp8, or GGUF) with its tensor names as they are,
+    /// no layout detected or mapped: a ControlNet's own names. GGUF blocks decode with f16
+    /// arithmetic, as a DiT's do.
+    pub fn open_plain(path: &Path, component: &str) -> Result<Self, ModelError> {
+        let bytes = Bytes::map(path)?;
+        let mut w = Self::open(component, vec![(path.to_path_buf(), bytes)], None)?;
+        w.arithmetic = BlockArithmetic::F16;
+        Ok(w)
+    }
+
     /// The files these weights come from.
     pub fn files(&self) -> Vec<PathBuf> {
         self.inner.iter().map(|(p, _)| p.clone()).collect()

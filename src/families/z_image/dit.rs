@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::blocks::{BlockGroup, BlockSource};
 use super::config::DitConfig;
+use super::controlnet::ControlRun;
 use crate::families::lora::HasLins;
 use crate::families::weights::Loader;
 use crate::ops::act;
@@ -316,7 +317,7 @@ impl Execution {
 }
 
 /// Runs a block over the batch, in micro-batches when the execution strategy asks for them.
-fn run_block(
+pub(super) fn run_block(
     blk: &Block,
     x: &Tensor,
     rope: &Rope,
@@ -549,6 +550,9 @@ impl Dit {
     /// * `t`: `[B]` model time in [0, 1] (`(1000 − timestep)/1000`);
     /// * `caps`: per item, caption features `[L_i, cap_feat_dim]`.
     ///
+    /// * `control`: a ControlNet's input and scale (diffusers' `ZImageControlNetModel` run beside
+    ///   the DiT, its hints added after their layers).
+    ///
     /// Returns the raw model output `[B, C, h, w]` in f32 (not yet negated).
     pub fn forward(
         &self,
@@ -557,6 +561,7 @@ impl Dit {
         caps: &[&Tensor],
         blocks: &mut dyn BlockSource,
         mut trace: Option<&mut Trace>,
+        control: Option<ControlRun<'_>>,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
         let dev = x.device().clone();
@@ -589,17 +594,27 @@ impl Dit {
             .reshape((b, c, ht, p, wt, p))?
             .permute((0, 2, 4, 3, 5, 1))?
             .reshape((b, n_img, p * p * c))?;
-        let mut img = patches.apply(&self.stem.x_embedder)?; // [B, n_img, dim]
+        let img = patches.apply(&self.stem.x_embedder)?; // [B, n_img, dim]
         record("x_embedder", &img);
-        if img_pad > 0 {
+        // Image tokens padded to the multiple of 32 with the pad token (diffusers repeats the last
+        // row, then overwrites the padding with `x_pad_token`).
+        let pad_image = |t: Tensor| -> candle_core::Result<Tensor> {
+            if img_pad == 0 {
+                return t.to_dtype(residual);
+            }
             let pad = self
                 .stem
                 .x_pad_token
                 .unsqueeze(0)?
                 .broadcast_as((b, img_pad, cfg.dim))?;
-            img = Tensor::cat(&[&img, &pad], 1)?;
-        }
-        let mut img = img.to_dtype(residual)?;
+            Tensor::cat(&[&t, &pad.to_dtype(t.dtype())?], 1)?.to_dtype(residual)
+        };
+        let mut img = pad_image(img)?;
+        // The ControlNet's stream: its own patch embedder over the control input, the DiT's pad.
+        let mut ctrl = match control {
+            Some(run) => Some(pad_image(run.net.embed(run.context, compute)?)?),
+            None => None,
+        };
 
         // Caption lengths, padded per item to the multiple of 32.
         let cap_lens: Vec<usize> = caps.iter().map(|c| c.dim(0)).collect::<Result<_, _>>()?;
@@ -629,11 +644,57 @@ impl Dit {
             .collect();
 
         let img_rope = self.tables.rope(&img_ids, n_img_padded, &dev)?;
+        // 2.0 / 2.1: the control refiner stage over the image tokens gives hints for the noise
+        // refiner; the ControlNet runs the DiT's noise refiner on its own copy of the image
+        // stream with them added (`img_c`), while the DiT's stream gets none.
+        let mut refiner_hints = Vec::new();
+        let mut img_c = None;
+        if let (Some(run), Some(c)) = (control, ctrl.take()) {
+            if run.net.has_plain_refiner() {
+                ctrl = Some(c);
+            } else {
+                let (h, c) = run
+                    .net
+                    .refiner_hints(c, &img, &img_rope, &adaln, &self.exec, compute)?;
+                refiner_hints = h;
+                ctrl = Some(c);
+                img_c = Some(img.clone());
+            }
+        }
         for i in 0..cfg.n_refiner_layers {
-            img = blocks.with_block(BlockGroup::NoiseRefiner, i, &mut |blk| {
-                run_block(blk, &img, &img_rope, None, Some(&adaln), &self.exec)
-            })?;
+            match img_c.take() {
+                None => {
+                    img = blocks.with_block(BlockGroup::NoiseRefiner, i, &mut |blk| {
+                        run_block(blk, &img, &img_rope, None, Some(&adaln), &self.exec)
+                    })?;
+                }
+                Some(ic) => {
+                    // Both streams through the block while it is here (streamed blocks load once).
+                    let both = blocks.with_block(BlockGroup::NoiseRefiner, i, &mut |blk| {
+                        let a = run_block(blk, &img, &img_rope, None, Some(&adaln), &self.exec)?;
+                        let c = run_block(blk, &ic, &img_rope, None, Some(&adaln), &self.exec)?;
+                        Tensor::cat(&[a, c], 0)
+                    })?;
+                    img = both.narrow(0, 0, b)?;
+                    let mut c = both.narrow(0, b, b)?;
+                    if let Some(run) = control {
+                        if let Some(j) = run.net.cfg.refiner_places.iter().position(|&p| p == i) {
+                            c = (c + (&refiner_hints[j] * run.scale)?)?;
+                        }
+                    }
+                    img_c = Some(c);
+                }
+            }
             record(&format!("noise_refiner.{i}"), &img);
+        }
+        drop(refiner_hints);
+        // 1.0: the plain control noise refiner over the control stream.
+        if let (Some(run), Some(c)) = (control, ctrl.take()) {
+            ctrl = Some(if run.net.has_plain_refiner() {
+                run.net.plain_refine(c, &img_rope, &adaln, &self.exec)?
+            } else {
+                c
+            });
         }
         drop(img_rope);
 
@@ -671,27 +732,18 @@ impl Dit {
         // Unified sequence per item: [image tokens, caption tokens], batch-padded at the end.
         let uni_lens: Vec<usize> = cap_padded.iter().map(|cp| n_img_padded + cp).collect();
         let uni_max = n_img_padded + cap_max;
-        let mut unified = if uni_lens.iter().all(|&l| l == uni_max) {
-            Tensor::cat(&[&img, &cap], 1)?
-        } else {
-            // Rows past an item's caption were batch padding in the refiner; diffusers keeps only
-            // the valid rows and pads with zeros again, so do the same (never feed them forward).
-            let rows = (0..b)
-                .map(|i| {
-                    let mut parts = vec![img.get(i)?, cap.get(i)?.narrow(0, 0, cap_padded[i])?];
-                    if cap_padded[i] < cap_max {
-                        parts.push(Tensor::zeros(
-                            (cap_max - cap_padded[i], cfg.dim),
-                            residual,
-                            &dev,
-                        )?);
-                    }
-                    Tensor::cat(&parts, 0)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&rows, 0)?
-        };
-        drop((img, cap));
+        let mut unified = unify(&img, &cap, &cap_padded, cap_max)?;
+        // The ControlNet's unified stream (2.x: its image stream got the refiner hints) and the
+        // control stream joined with the same caption tokens.
+        let mut ctrl_x = img_c
+            .as_ref()
+            .map(|t| unify(t, &cap, &cap_padded, cap_max))
+            .transpose()?;
+        let ctrl_uni = ctrl
+            .as_ref()
+            .map(|c| unify(c, &cap, &cap_padded, cap_max))
+            .transpose()?;
+        drop((img, cap, img_c, ctrl));
         let uni_ids: Vec<Vec<[usize; 3]>> = img_ids
             .iter()
             .zip(&cap_ids)
@@ -699,6 +751,24 @@ impl Dit {
             .collect();
         let uni_rope = self.tables.rope(&uni_ids, uni_max, &dev)?;
         let uni_bias = padding_bias(&uni_lens, uni_max, compute, &dev)?;
+        // The first control block adds the stream as it enters the layers; the others follow the
+        // control stream only, so each runs when its DiT layer is done and its hint is added.
+        let mut ctrl_state: Option<(Option<Tensor>, Tensor)> = None;
+        if let (Some(run), Some(cu)) = (control, ctrl_uni) {
+            let x0 = ctrl_x.take().unwrap_or_else(|| unified.clone());
+            let (hint, c) = run.net.layer(
+                0,
+                &cu,
+                Some(&x0),
+                &uni_rope,
+                uni_bias.as_ref(),
+                &adaln,
+                &self.exec,
+                compute,
+            )?;
+            ctrl_state = Some((Some(hint), c));
+        }
+        let mut next_control = 0;
         for i in 0..cfg.n_layers {
             unified = blocks.with_block(BlockGroup::Layers, i, &mut |blk| {
                 run_block(
@@ -710,8 +780,32 @@ impl Dit {
                     &self.exec,
                 )
             })?;
+            if let (Some(run), Some((first, c))) = (control, ctrl_state.as_mut()) {
+                if run.net.cfg.places.get(next_control) == Some(&i) {
+                    let hint = match first.take() {
+                        Some(h) => h,
+                        None => {
+                            let (h, next) = run.net.layer(
+                                next_control,
+                                c,
+                                None,
+                                &uni_rope,
+                                uni_bias.as_ref(),
+                                &adaln,
+                                &self.exec,
+                                compute,
+                            )?;
+                            *c = next;
+                            h
+                        }
+                    };
+                    unified = (unified + (hint * run.scale)?)?;
+                    next_control += 1;
+                }
+            }
             record(&format!("layers.{i}"), &unified);
         }
+        drop(ctrl_state);
         drop(uni_rope);
 
         // Final layer: LayerNorm (no affine, f32) · (1 + Linear(SiLU(c))) → Linear; image rows only.
@@ -728,6 +822,34 @@ impl Dit {
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((b, c, h, w))
     }
+}
+
+/// `[image tokens, caption tokens]` per item; rows past an item's caption were batch padding in the
+/// refiner, and diffusers keeps only the valid rows and pads with zeros again, so do the same.
+fn unify(
+    img: &Tensor,
+    cap: &Tensor,
+    cap_padded: &[usize],
+    cap_max: usize,
+) -> candle_core::Result<Tensor> {
+    if cap_padded.iter().all(|&l| l == cap_max) {
+        return Tensor::cat(&[img, cap], 1);
+    }
+    let dim = cap.dim(2)?;
+    let rows = (0..img.dim(0)?)
+        .map(|i| {
+            let mut parts = vec![img.get(i)?, cap.get(i)?.narrow(0, 0, cap_padded[i])?];
+            if cap_padded[i] < cap_max {
+                parts.push(Tensor::zeros(
+                    (cap_max - cap_padded[i], dim),
+                    cap.dtype(),
+                    cap.device(),
+                )?);
+            }
+            Tensor::cat(&parts, 0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&rows, 0)
 }
 
 /// Additive attention bias masking each item's batch padding, or `None` when nothing is padded.

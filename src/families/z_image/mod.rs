@@ -7,6 +7,7 @@
 pub mod activations;
 pub mod blocks;
 pub mod config;
+pub mod controlnet;
 pub mod dit;
 pub mod profile;
 pub mod synthetic;
@@ -24,6 +25,7 @@ use crate::memory::ActivationModel;
 use self::activations::ZImageArch;
 use self::blocks::{KeptBlocks, ResidentBlocks, StreamLora, StreamedBlocks};
 use self::config::DitConfig;
+use self::controlnet::{ControlRun, ControlSlot};
 use self::dit::{Dit, DitPrecision};
 use self::text_encoder::TextEncoder;
 use super::lora::{self, LinearLayers, LoraPart, LoraSet};
@@ -31,8 +33,9 @@ use super::slot::{Components, Module, Parts, VaeSource};
 use super::weights::stage::SharedStager;
 use super::weights::{ModelDir, Role, Weights};
 use super::{
-    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, DenoiserResidency,
-    Embedding, Family, ModelError, PrecisionPolicy, Profile, StepInput,
+    cfg_combine, pipeline_class, Component, ComponentFiles, Conditioning, ControlInfo,
+    ControlInput, DenoiserResidency, Embedding, Family, ModelError, PrecisionPolicy, Profile,
+    StepInput,
 };
 use crate::nn::scheduler::{FlowMatchConfig, Schedule};
 use crate::nn::vae::{VaeConfig, VaeDecoder};
@@ -87,6 +90,8 @@ pub struct DenoiserSource {
     exec_override: Option<dit::Execution>,
     loras: Arc<LoraSet>,
     lora_mode: LoraMode,
+    /// The job's ControlNet and its input.
+    control: ControlSlot,
 }
 
 impl DenoiserSource {
@@ -161,7 +166,7 @@ impl Module for Denoiser {
     }
 
     fn bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
-        src.weights.bytes_in("", policy.denoiser)
+        src.weights.bytes_in("", policy.denoiser) + src.control.bytes()
     }
 
     fn scratch_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
@@ -239,6 +244,7 @@ impl Denoiser {
         t: &Tensor,
         caps: &[&Tensor],
         trace: Option<&mut dit::Trace>,
+        control: Option<ControlRun<'_>>,
     ) -> Result<Tensor, ModelError> {
         if let DenoiserResidency::Streamed {
             resident_blocks, ..
@@ -258,7 +264,7 @@ impl Denoiser {
         }
         let out = match (src.residency, self.blocks.as_mut()) {
             (DenoiserResidency::Resident, Some(blocks)) => {
-                self.dit.forward(x, t, caps, blocks, trace)?
+                self.dit.forward(x, t, caps, blocks, trace, control)?
             }
             _ => {
                 let vb = src.weights.loader(policy.denoiser, device);
@@ -272,7 +278,8 @@ impl Denoiser {
                 if let Some(kept) = self.kept.as_ref() {
                     streamed = streamed.with_kept(kept);
                 }
-                self.dit.forward(x, t, caps, &mut streamed, trace)?
+                self.dit
+                    .forward(x, t, caps, &mut streamed, trace, control)?
             }
         };
         Ok(out)
@@ -389,6 +396,7 @@ impl ZImage {
             exec_override: None,
             loras: Arc::default(),
             lora_mode: LoraMode::default(),
+            control: ControlSlot::default(),
         };
         let vae = VaeSource {
             weights: open(&files.vae, "vae", Role::Vae)?,
@@ -502,7 +510,40 @@ impl ZImage {
     ) -> Result<Tensor, ModelError> {
         let (device, policy) = (self.parts.device().clone(), self.parts.policy());
         let (src, den) = self.parts.denoiser()?;
-        den.forward(src, &policy, &device, x, t, caps, trace)
+        den.forward(src, &policy, &device, x, t, caps, trace, None)
+    }
+
+    /// One DiT call with the job's ControlNet when `step` is inside its range (its input
+    /// repeated over the `x.dim(0)` items: the batch, and the CFG pair's copy).
+    fn controlled_forward(
+        &mut self,
+        x: &Tensor,
+        t: &Tensor,
+        caps: &[&Tensor],
+        step: &StepInput<'_>,
+    ) -> Result<Tensor, ModelError> {
+        let (device, policy) = (self.parts.device().clone(), self.parts.policy());
+        {
+            let (src, _) = self.parts.denoiser.split_mut();
+            let cfg = src.cfg.clone();
+            src.control.ensure_dtype(&cfg, policy.denoiser, &device)?;
+        }
+        let (src, den) = self.parts.denoiser()?;
+        let n = x.dim(0)?;
+        let active = src.control.for_step(step.index, step.schedule.steps());
+        let context = match active {
+            Some((_, one, _)) => Some(Tensor::cat(&vec![one; n], 0)?),
+            None => None,
+        };
+        let run = match (active, context.as_ref()) {
+            (Some((net, _, scale)), Some(context)) => Some(ControlRun {
+                net,
+                context,
+                scale,
+            }),
+            _ => None,
+        };
+        den.forward(src, &policy, &device, x, t, caps, None, run)
     }
 
     /// Pins the denoiser's execution strategy regardless of residency (tests and benchmarks
@@ -591,14 +632,14 @@ impl Family for ZImage {
             let t = Tensor::full(t_model, 2 * b, &device)?;
             let mut caps: Vec<&Tensor> = vec![&cond.positive.hidden; b];
             caps.extend(std::iter::repeat_n(&neg.hidden, b));
-            let out = self.transformer_forward(&xx, &t, &caps, None)?;
+            let out = self.controlled_forward(&xx, &t, &caps, &step)?;
             let pos = out.narrow(0, 0, b)?;
             let neg = out.narrow(0, b, b)?;
             cfg_combine(&pos, &neg, step.cfg)?
         } else {
             let t = Tensor::full(t_model, b, &device)?;
             let caps: Vec<&Tensor> = vec![&cond.positive.hidden; b];
-            self.transformer_forward(x, &t, &caps, None)?
+            self.controlled_forward(x, &t, &caps, &step)?
         };
         // Z-Image predicts the flow toward the data; the sampler's derivative is its negation.
         Ok(out.neg()?)
@@ -618,6 +659,21 @@ impl Family for ZImage {
         }
         src.loras = set;
         Ok(())
+    }
+
+    fn set_controlnet(
+        &mut self,
+        path: Option<&std::path::Path>,
+    ) -> Result<Option<ControlInfo>, ModelError> {
+        let device = self.parts.device().clone();
+        let dtype = self.parts.policy().denoiser;
+        let (src, _) = self.parts.denoiser.split_mut();
+        let cfg = src.cfg.clone();
+        src.control.attach(path, &cfg, dtype, &device)
+    }
+
+    fn set_control(&mut self, input: Option<ControlInput>) -> Result<(), ModelError> {
+        self.parts.denoiser.split_mut().0.control.set_input(input)
     }
 
     fn vae_input(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
