@@ -663,9 +663,15 @@ pub fn control_spec(
         return Err(FieldError::new(
             "control.model",
             "this server has no ControlNet folder (put ControlNet files in <models-dir>/controlnet/)",
-        ));
+        )
+        .zh("此服务器没有 ControlNet 文件夹（请把 ControlNet 文件放入 <models-dir>/controlnet/）"));
     };
     let known = dir.names();
+    let available = if known.is_empty() {
+        "none".to_string()
+    } else {
+        known.join(", ")
+    };
     let name = match c.model {
         Some(m) => m,
         None if known.len() == 1 => known[0].clone(),
@@ -673,36 +679,36 @@ pub fn control_spec(
             return Err(FieldError::new(
                 "control.model",
                 format!(
-                    "name a ControlNet (available in {}: {})",
-                    dir.describe(),
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    "name a ControlNet (available in {}: {available})",
+                    dir.describe()
                 ),
-            ))
+            )
+            .zh(format!(
+                "请指定一个 ControlNet（{} 中可用：{available}）",
+                dir.describe()
+            )))
         }
     };
     let path = dir.resolve(&name).ok_or_else(|| {
         FieldError::new(
             "control.model",
             format!(
-                "no ControlNet named `{name}` in {} (available: {})",
-                dir.describe(),
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
+                "no ControlNet named `{name}` in {} (available: {available})",
+                dir.describe()
             ),
         )
+        .zh(format!(
+            "{} 中没有名为 `{name}` 的 ControlNet（可用：{available}）",
+            dir.describe()
+        ))
     })?;
     let scale = c.scale.unwrap_or(CONTROL_SCALE);
     if !scale.is_finite() || !(0.0..=MAX_CONTROL_SCALE).contains(&scale) {
-        return Err(FieldError::new(
+        return Err(FieldError::range(
             "control.scale",
-            format!("must be between 0 and {MAX_CONTROL_SCALE} (got {scale})"),
+            0,
+            MAX_CONTROL_SCALE,
+            scale,
         ));
     }
     let start = c.start.unwrap_or(0.0);
@@ -712,14 +718,18 @@ pub fn control_spec(
             return Err(FieldError::new(
                 field,
                 format!("must be a fraction of the steps between 0 and 1 (got {v})"),
-            ));
+            )
+            .zh(format!("必须是 0 到 1 之间的步数比例（当前为 {v}）")));
         }
     }
     if start >= end {
         return Err(FieldError::new(
             "control.start",
             format!("must be below control.end (got start {start}, end {end})"),
-        ));
+        )
+        .zh(format!(
+            "必须小于 control.end（当前 start 为 {start}，end 为 {end}）"
+        )));
     }
     let preprocess = match c.preprocess.as_deref() {
         None => Preprocess::None,
@@ -732,6 +742,10 @@ pub fn control_spec(
                     Preprocess::ALL.map(|p| p.as_str()).join(", ")
                 ),
             )
+            .zh(format!(
+                "`{p}` 不是此处可用的预处理器（可用：{}）；深度图或姿态图请在别处生成后以 none 传入",
+                Preprocess::ALL.map(|p| p.as_str()).join(", ")
+            ))
         })?,
     };
     let low = c.low_threshold.unwrap_or(crate::control::CANNY_LOW);
@@ -741,17 +755,17 @@ pub fn control_spec(
         ("control.high_threshold", high),
     ] {
         if v > 1020 {
-            return Err(FieldError::new(
-                field,
-                format!("must be between 0 and 1020 (got {v})"),
-            ));
+            return Err(FieldError::range(field, 0, 1020, v));
         }
     }
     if low > high {
         return Err(FieldError::new(
             "control.low_threshold",
             format!("must not exceed control.high_threshold (got {low} > {high})"),
-        ));
+        )
+        .zh(format!(
+            "不能大于 control.high_threshold（当前 {low} > {high}）"
+        )));
     }
     let img = decode_field("control.image", &c.image)?;
     let rgb = inputs::fit(&inputs::to_rgb(&img), width, height, ResizeMode::Stretch);
@@ -1079,6 +1093,79 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn control_errors_have_their_chinese_text() {
+        let tmp = std::env::temp_dir().join(format!("zturbo-cn-zh-{}", std::process::id()));
+        let dir = tmp.join("controlnet");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("union.safetensors"), b"not read here").unwrap();
+        std::fs::write(dir.join("other.safetensors"), b"not read here").unwrap();
+        let cdir = ControlDir::for_models_dir(&tmp);
+        let img = png_b64(64, 64, 200);
+        let cases: Vec<(String, &str, bool)> = vec![
+            (format!(r#"{{"image":"{img}"}}"#), "control.model", false),
+            (format!(r#"{{"image":"{img}"}}"#), "control.model", true),
+            (
+                format!(r#"{{"model":"nope","image":"{img}"}}"#),
+                "control.model",
+                true,
+            ),
+            (
+                format!(r#"{{"model":"union","image":"{img}","scale":3}}"#),
+                "control.scale",
+                true,
+            ),
+            (
+                format!(r#"{{"model":"union","image":"{img}","start":1.5}}"#),
+                "control.start",
+                true,
+            ),
+            (
+                format!(r#"{{"model":"union","image":"{img}","start":0.6,"end":0.5}}"#),
+                "control.start",
+                true,
+            ),
+            (
+                format!(r#"{{"model":"union","image":"{img}","preprocess":"depth"}}"#),
+                "control.preprocess",
+                true,
+            ),
+            (
+                format!(r#"{{"model":"union","image":"{img}","high_threshold":2000}}"#),
+                "control.high_threshold",
+                true,
+            ),
+            (
+                format!(
+                    r#"{{"model":"union","image":"{img}","low_threshold":200,"high_threshold":100}}"#
+                ),
+                "control.low_threshold",
+                true,
+            ),
+        ];
+        for (control, field, with_dir) in &cases {
+            let json = format!(r#"{{"prompt":"x","width":64,"height":64,"control":{control}}}"#);
+            let r: GenerationRequest = serde_json::from_str(&json).expect("parses");
+            let e = r
+                .validate_with(&limits(), None, with_dir.then_some(&cdir))
+                .expect_err(&json);
+            assert_eq!(&e.field, field, "{json}: {}", e.message);
+            let zh = &e.i18n.zh_cn;
+            assert!(
+                crate::i18n::has_cjk(zh),
+                "{field}: no Chinese text for {:?}",
+                e.message
+            );
+            assert_eq!(
+                crate::i18n::number_set(&e.message),
+                crate::i18n::number_set(zh),
+                "{field}: {} / {zh}",
+                e.message
+            );
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]

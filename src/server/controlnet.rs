@@ -131,10 +131,7 @@ pub fn a1111_field(e: FieldError) -> FieldError {
         "control.high_threshold" => format!("{ARGS}.threshold_b"),
         _ => return e,
     };
-    FieldError {
-        field,
-        message: e.message,
-    }
+    FieldError { field, ..e }
 }
 
 /// `GET /controlnet/model_list`: the ControlNets in `<models-dir>/controlnet/`.
