@@ -22,6 +22,10 @@ pub enum Precision {
     /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
     /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
     Mixed,
+    /// CPU only, on CPUs with AVX512-VNNI: the denoiser's linear layers multiply int8 × int8 with
+    /// s32 sums (weights per-channel int8, quantized once at load; activations per token, per
+    /// call); everything else — norms, softmax, attention, the residual stream — stays f32.
+    Int8,
 }
 
 impl std::str::FromStr for Precision {
@@ -33,8 +37,9 @@ impl std::str::FromStr for Precision {
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "fp16" | "float16" => Ok(Self::F16),
             "mixed" => Ok(Self::Mixed),
+            "int8" | "i8" => Ok(Self::Int8),
             other => Err(format!(
-                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
+                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed, int8)"
             )),
         }
     }
@@ -48,6 +53,7 @@ impl std::fmt::Display for Precision {
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
             Self::Mixed => "mixed",
+            Self::Int8 => "int8",
         })
     }
 }

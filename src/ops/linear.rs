@@ -292,6 +292,7 @@ impl Module for Lin {
         let y = match (&self.merged, &self.weight) {
             (Some(w), _) => dense_linear(x, w, self.bias.as_ref())?,
             (None, StoredMatrix::Dense(w)) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, StoredMatrix::Int8(w)) => int8_linear(x, w, self.bias.as_ref())?,
             (None, stored) => {
                 // One layer's dense copy, alive only for this product.
                 let w = stored.dequantize(self.dense)?;
@@ -310,6 +311,42 @@ fn stored_device(w: &StoredMatrix) -> Device {
         StoredMatrix::Dense(t) => t.device().clone(),
         StoredMatrix::Blocks(q) => q.blocks.device(),
         StoredMatrix::Fp8(f) => f.codes.device().clone(),
+        StoredMatrix::Int8(_) => Device::Cpu,
+    }
+}
+
+/// `x·wᵀ (+ b)` through the int8 kernel (ops/cpu/int8.rs): f32 activations quantized per row,
+/// s32 sums, f32 out (an input in another dtype is converted to f32 and back).
+fn int8_linear(
+    x: &Tensor,
+    w: &super::quantized::PackedInt8,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        candle_core::bail!("int8 weights multiply on the CPU only");
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&super::cpu::int8::LinearInt8 { w, bias })?;
+    y.to_dtype(x.dtype())
+}
+
+impl Lin {
+    /// Converts the weight to per-channel int8 for the CPU's int8 kernel (`--precision int8`),
+    /// once, at load: the f32 (or quantized) weight is dropped, the codes stay. A layer whose
+    /// input is too wide for s32 sums keeps its weight.
+    pub fn quantize_int8(&mut self) -> candle_core::Result<()> {
+        let (_, k) = self.dims()?;
+        if k > super::cpu::int8::MAX_K || !stored_device(&self.weight).is_cpu() {
+            return Ok(());
+        }
+        self.weight = self.weight.to_int8()?;
+        self.dense = DType::F32;
+        Ok(())
     }
 }
 

@@ -653,6 +653,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            int8: false,
         }
     }
 
@@ -664,6 +665,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: Device::Cpu,
+            int8: false,
         }
     }
 

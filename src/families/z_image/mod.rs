@@ -147,7 +147,7 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let vb = src.weights.loader(policy.denoiser, device);
+        let vb = src.weights.loader(policy.denoiser, device).with_int8(policy.denoiser_int8);
         let prec = DitPrecision::for_weights(policy.denoiser, policy.residual, device);
         let mut dit = Dit::new(src.cfg.clone(), vb, prec).map_err(|e| src.weights.context(e))?;
         dit.set_execution(src.execution());
@@ -192,7 +192,7 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<(), ModelError> {
-        let vb = src.weights.loader(policy.denoiser, device);
+        let vb = src.weights.loader(policy.denoiser, device).with_int8(policy.denoiser_int8);
         let mut blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
         lora::apply(&mut blocks, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
         self.blocks = Some(blocks);
@@ -248,7 +248,7 @@ impl Denoiser {
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
                 if want > 0 {
-                    let vb = src.weights.loader(policy.denoiser, device);
+                    let vb = src.weights.loader(policy.denoiser, device).with_int8(policy.denoiser_int8);
                     let mut kept = KeptBlocks::load(&src.cfg, &vb, want)
                         .map_err(|e| src.weights.context(e))?;
                     lora::apply(&mut kept, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
@@ -261,7 +261,7 @@ impl Denoiser {
                 self.dit.forward(x, t, caps, blocks, trace)?
             }
             _ => {
-                let vb = src.weights.loader(policy.denoiser, device);
+                let vb = src.weights.loader(policy.denoiser, device).with_int8(policy.denoiser_int8);
                 if self.stager.is_none() && device.is_cuda() {
                     let largest = src.largest_stored_block();
                     self.stager = super::weights::stage::for_device(device, largest as usize)?;
