@@ -82,7 +82,10 @@ impl PrecisionPolicy {
             return Ok(());
         }
         if !device.is_cpu() {
-            return Err("--precision int8 runs on the CPU only (use auto, mixed, bf16 or f16 on a GPU)".into());
+            return Err(
+                "--precision int8 runs on the CPU only (use auto, mixed, bf16 or f16 on a GPU)"
+                    .into(),
+            );
         }
         if !crate::ops::cpu::int8::vnni_available() {
             return Err("--precision int8 needs a CPU with AVX512-VNNI, which this one lacks (use auto or f32)".into());
@@ -176,16 +179,27 @@ mod tests {
     fn int8_is_the_cpu_f32_policy_with_int8_projections_or_a_named_refusal() {
         let p = PrecisionPolicy::resolve(Precision::Int8, &Device::Cpu);
         assert_eq!(p, PrecisionPolicy::INT8);
-        assert_eq!((p.denoiser, p.residual, p.vae), (DType::F32, DType::F32, DType::F32));
+        assert_eq!(
+            (p.denoiser, p.residual, p.vae),
+            (DType::F32, DType::F32, DType::F32)
+        );
         assert!(p.describe().contains("denoiser=int8"), "{}", p.describe());
         match PrecisionPolicy::check(Precision::Int8, &Device::Cpu) {
             Ok(()) => assert!(crate::ops::cpu::int8::vnni_available()),
             Err(e) => {
                 assert!(!crate::ops::cpu::int8::vnni_available());
-                assert!(e.contains("--precision int8") && e.contains("AVX512-VNNI"), "{e}");
+                assert!(
+                    e.contains("--precision int8") && e.contains("AVX512-VNNI"),
+                    "{e}"
+                );
             }
         }
-        for other in [Precision::Auto, Precision::F32, Precision::Bf16, Precision::Mixed] {
+        for other in [
+            Precision::Auto,
+            Precision::F32,
+            Precision::Bf16,
+            Precision::Mixed,
+        ] {
             assert!(PrecisionPolicy::check(other, &Device::Cpu).is_ok());
         }
     }

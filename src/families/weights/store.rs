@@ -815,6 +815,20 @@ impl Weights {
             .sum()
     }
 
+    /// [`Weights::bytes_in`] with the matrices `int8` selects (by name) counted as per-channel
+    /// int8 — one byte per value plus a scale and a compensation term per row — as
+    /// `Lin::quantize_int8` keeps them.
+    pub fn bytes_in_int8(&self, prefix: &str, dtype: DType, int8: impl Fn(&str) -> bool) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, t)| match t.shape.as_slice() {
+                [rows, cols] if int8(n) => (rows * cols + 8 * rows) as u64,
+                _ => t.resident_bytes(dtype),
+            })
+            .sum()
+    }
+
     /// The largest matrix kept quantized, in bytes once dequantized into `dtype` (the one dense
     /// copy that exists at a time while the model runs); 0 when nothing stays quantized.
     pub fn largest_dequantized(&self, dtype: DType) -> u64 {

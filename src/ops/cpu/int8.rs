@@ -66,7 +66,9 @@ impl PackedInt8 {
             return Err(format!("int8 weight: {} values for [{n}, {k}]", w.len()));
         }
         if k > MAX_K {
-            return Err(format!("int8 weight: k = {k} exceeds {MAX_K} (s32 sums could overflow)"));
+            return Err(format!(
+                "int8 weight: k = {k} exceeds {MAX_K} (s32 sums could overflow)"
+            ));
         }
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(PANEL);
@@ -483,7 +485,9 @@ mod tests {
 
     /// Deterministic values in [−1, 1) with a few larger ones (outliers per row).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|i| {
                 s = s
@@ -500,11 +504,20 @@ mod tests {
     }
 
     /// The exact f32 product `x · wᵀ + b` (f64 sums).
-    fn reference(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                let s: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                let s: f64 = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
                 y[i * n + j] = s as f32 + b.map_or(0.0, |b| b[j]);
             }
         }
@@ -601,7 +614,10 @@ mod tests {
         packed.matmul_with(&x, m, None, &mut b, Kernel::Vnni);
         for (i, (a, b)) in a.iter().zip(&b).enumerate() {
             // One fused multiply-add against two roundings: at most an ulp or so apart.
-            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "at {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "at {i}: {a} vs {b}"
+            );
         }
     }
 
@@ -633,7 +649,9 @@ mod tests {
         let packed = PackedInt8::quantize(&w, n, k).unwrap();
         let back = packed.dequantize();
         for r in 0..n {
-            let amax = w[r * k..(r + 1) * k].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let amax = w[r * k..(r + 1) * k]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
             for c in 0..k {
                 let e = (back[r * k + c] - w[r * k + c]).abs();
                 assert!(e <= amax / 127.0 * 0.5 + 1e-6, "({r}, {c}): {e}");
