@@ -162,7 +162,7 @@ fn int8_table(runs: usize, tokens: &[usize]) -> candle_core::Result<()> {
         }
     );
     println!();
-    println!("| M | K → N | f32 `Lin` | int8 `Lin` | f32 / int8 | Q8_0 vec-dot | int8 max |err| / max |y| |");
+    println!("| M | K → N | f32 `Lin` | int8 `Lin` | f32 / int8 | Q8_0 vec-dot | int8 max error ÷ max output |");
     println!("|---|---|---|---|---|---|---|");
     for (k, n) in [(3840usize, 3840usize), (3840, 10240), (10240, 3840)] {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;

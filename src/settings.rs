@@ -11,8 +11,10 @@ use candle_core::Device;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
-    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
+    /// The best the device supports: on a CPU f32 (candle converts half-precision matmuls to f32
+    /// on CPU, so halves only cost time there), bf16 matrix operands where they are native (MKL
+    /// build, AVX512-BF16/AMX), else `int8` projections where AVX512-VNNI is (see
+    /// `PrecisionPolicy::resolve`); `mixed` on CUDA, bf16 on Metal.
     #[default]
     Auto,
     F32,
