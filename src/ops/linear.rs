@@ -436,6 +436,40 @@ mod tests {
     }
 
     #[test]
+    fn lin_in_int8_matches_the_f32_product_within_quantization() -> candle_core::Result<()> {
+        // Per-channel int8 weight, per-row int8 activations: within ~2 % of the largest output
+        // of x·wᵀ + b, with a 3-D input, the bias added in the epilogue and a LoRA delta on top.
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 70), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 40, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 70), &dev)?;
+        let f32_lin = Lin::from_parts(w.clone(), Some(b), DType::F32)?;
+        let mut lin = f32_lin.clone();
+        lin.quantize_int8()?;
+        assert_eq!(lin.stored().kind(), "int8");
+        assert!(lin.weight().is_none() && lin.stored().stored_bytes() < 40 * 70 * 4 / 2);
+        let check = |lin: &Lin, want: &Tensor| -> candle_core::Result<()> {
+            let y = x.apply(lin)?;
+            assert_eq!((y.dims(), y.dtype()), (want.dims(), DType::F32));
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 0.02 * scale, "max |diff| {diff} of {scale}");
+            Ok(())
+        };
+        check(&lin, &x.apply(&f32_lin)?)?;
+        let lora = LowRank {
+            down: Tensor::randn(0f32, 1.0, (3, 70), &dev)?,
+            up: Tensor::randn(0f32, 1.0, (40, 3), &dev)?,
+            scale: 0.5,
+        };
+        let mut f32_lora = f32_lin.clone();
+        f32_lora.set_lora(std::slice::from_ref(&lora), LoraMode::Runtime)?;
+        lin.set_lora(std::slice::from_ref(&lora), LoraMode::Runtime)?;
+        check(&lin, &x.apply(&f32_lora)?)?;
+        Ok(())
+    }
+
+    #[test]
     fn matmul_bf16_matches_f32_within_rounding() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (2, 3, 9, 32), &dev)?;
