@@ -41,7 +41,8 @@ pub struct ModelArgs {
     /// auto, cpu, cuda, cuda:N, metal.
     #[arg(long, env = "ZTURBO_DEVICE", default_value = "auto")]
     device: DeviceSpec,
-    /// auto (f32 on CPU, mixed on CUDA), f32, bf16, f16, mixed.
+    /// auto (on a CPU: f32, bf16 products or int8 projections, by its instructions; mixed on CUDA),
+    /// f32, bf16, f16, mixed, int8 (CPU with AVX512-VNNI).
     #[arg(long, env = "ZTURBO_PRECISION", default_value = "auto")]
     precision: Precision,
     /// Cap on the memory the planner may use, e.g. 8GiB.

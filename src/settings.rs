@@ -11,8 +11,10 @@ use candle_core::Device;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// The best the device supports: f32 on CPU (candle converts half-precision matmuls to f32 on
-    /// CPU, so halves only cost time there), `mixed` on CUDA, bf16 on Metal.
+    /// The best the device supports: on a CPU f32 (candle converts half-precision matmuls to f32
+    /// on CPU, so halves only cost time there), bf16 matrix operands where they are native (MKL
+    /// build, AVX512-BF16/AMX), else `int8` projections where AVX512-VNNI is (see
+    /// `PrecisionPolicy::resolve`); `mixed` on CUDA, bf16 on Metal.
     #[default]
     Auto,
     F32,
@@ -22,6 +24,10 @@ pub enum Precision {
     /// overflow). f16's 65504 ceiling is what overflows in Z-Image's blocks; keeping the residual
     /// stream in bf16 (f32's exponent range) is the fix the seed calls "anti-black-image".
     Mixed,
+    /// CPU only, on CPUs with AVX512-VNNI: the denoiser's linear layers multiply int8 × int8 with
+    /// s32 sums (weights per-channel int8, quantized once at load; activations per token, per
+    /// call); everything else — norms, softmax, attention, the residual stream — stays f32.
+    Int8,
 }
 
 impl std::str::FromStr for Precision {
@@ -33,8 +39,9 @@ impl std::str::FromStr for Precision {
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "fp16" | "float16" => Ok(Self::F16),
             "mixed" => Ok(Self::Mixed),
+            "int8" | "i8" => Ok(Self::Int8),
             other => Err(format!(
-                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed)"
+                "unknown precision `{other}` (allowed: auto, f32, bf16, f16, mixed, int8)"
             )),
         }
     }
@@ -48,6 +55,7 @@ impl std::fmt::Display for Precision {
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
             Self::Mixed => "mixed",
+            Self::Int8 => "int8",
         })
     }
 }

@@ -148,8 +148,10 @@ def run_case(label, model, size, steps, channels, a, bench_bin, env_common, prec
     # f32 on both sides agrees to ~1e-5 (abs). With bf16 matrix operands (zturbo's CPU default where
     # the CPU multiplies bf16 natively) the final latents carry bf16 rounding: accepted up to
     # --bf16-tolerance of the latents' range, and reported (with the image PSNR) in the table.
+    # The same bound holds for int8 products (--precision int8: the DiT's projections in int8) and for
+    # diffusers run in bfloat16.
     narrow = (bool(zt.ready.get("cpu_bf16_products")) and "bf16" in str(zt.ready.get("precision"))) \
-        or ddtype != "float32"
+        or "int8" in str(zt.ready.get("precision")) or ddtype != "float32"
     limit = a.bf16_tolerance * parity["latents_max_abs"] if narrow else a.tolerance
     if parity["latents_max_abs_diff"] > limit:
         raise SystemExit(
@@ -200,8 +202,9 @@ def cpu_flags():
                 if line.startswith("flags"):
                     fl = line.split(":", 1)[1].split()
                     simd = "avx512f" if "avx512f" in fl else ("avx2" if "avx2" in fl else "no avx2")
+                    vnni = [f for f in ("avx512_vnni", "avx_vnni") if f in fl]
                     bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in fl]
-                    return ", ".join([simd] + bf16[:1])
+                    return ", ".join([simd] + vnni[:1] + bf16[:1])
     except OSError:
         pass
     return "?"
@@ -233,7 +236,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--tolerance", type=float, default=1e-3, help="max |latents diff| accepted (f32)")
     ap.add_argument("--precision", default="auto",
-                    help="zturbo --precision: auto (bf16 operands where the CPU has them natively, else f32) or f32")
+                    help="zturbo --precision: auto (bf16 operands where the CPU has them natively, else f32), f32 or int8")
     ap.add_argument("--bf16-tolerance", type=float, default=0.05,
                     help="max |latents diff| / max |latents| accepted when zturbo runs bf16 operands")
     ap.add_argument("--diffusers-bf16", choices=["auto", "on", "off"], default="auto",
@@ -337,3 +340,7 @@ def main():
         print(line(r, f"{tag}[{r['label']}]", tag == "summary"))
     print(line(pick("medium@512", "f32"), "like_for_like", False))
     print(line(pick("medium@512", a.precision), "summary", True))
+
+
+if __name__ == "__main__":
+    main()

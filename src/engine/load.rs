@@ -39,6 +39,9 @@ pub enum LoadError {
     /// The device could not be opened (the message says which and why).
     #[error("{0}")]
     Device(String),
+    /// `--precision` asks for what this device cannot run (the message says why).
+    #[error("{0}")]
+    Precision(String),
     /// `ZTURBO_FAULT` could not be read.
     #[error("{0}")]
     Faults(String),
@@ -105,6 +108,7 @@ pub fn open_chosen(
     resolved: Resolved,
 ) -> Result<(Engine, Resolved), LoadError> {
     let device = settings.device.open().map_err(LoadError::Device)?;
+    PrecisionPolicy::check(settings.precision, &device).map_err(LoadError::Precision)?;
     let policy = PrecisionPolicy::resolve(settings.precision, &device);
     let candidates = if settings.variant.is_some() {
         vec![resolved]

@@ -292,6 +292,7 @@ impl Module for Lin {
         let y = match (&self.merged, &self.weight) {
             (Some(w), _) => dense_linear(x, w, self.bias.as_ref())?,
             (None, StoredMatrix::Dense(w)) => dense_linear(x, w, self.bias.as_ref())?,
+            (None, StoredMatrix::Int8(w)) => int8_linear(x, w, self.bias.as_ref())?,
             (None, stored) => {
                 // One layer's dense copy, alive only for this product.
                 let w = stored.dequantize(self.dense)?;
@@ -310,6 +311,42 @@ fn stored_device(w: &StoredMatrix) -> Device {
         StoredMatrix::Dense(t) => t.device().clone(),
         StoredMatrix::Blocks(q) => q.blocks.device(),
         StoredMatrix::Fp8(f) => f.codes.device().clone(),
+        StoredMatrix::Int8(_) => Device::Cpu,
+    }
+}
+
+/// `x·wᵀ (+ b)` through the int8 kernel (ops/cpu/int8.rs): f32 activations quantized per row,
+/// s32 sums, f32 out (an input in another dtype is converted to f32 and back).
+fn int8_linear(
+    x: &Tensor,
+    w: &super::quantized::PackedInt8,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        candle_core::bail!("int8 weights multiply on the CPU only");
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&super::cpu::int8::LinearInt8 { w, bias })?;
+    y.to_dtype(x.dtype())
+}
+
+impl Lin {
+    /// Converts the weight to per-channel int8 for the CPU's int8 kernel (`--precision int8`),
+    /// once, at load: the f32 (or quantized) weight is dropped, the codes stay. A layer whose
+    /// input is too wide for s32 sums keeps its weight.
+    pub fn quantize_int8(&mut self) -> candle_core::Result<()> {
+        let (_, k) = self.dims()?;
+        if k > super::cpu::int8::MAX_K || !stored_device(&self.weight).is_cpu() {
+            return Ok(());
+        }
+        self.weight = self.weight.to_int8()?;
+        self.dense = DType::F32;
+        Ok(())
     }
 }
 
@@ -395,6 +432,40 @@ mod tests {
         assert_eq!(y.dtype(), DType::F32);
         let diff = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 0.1, "max |diff| {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn lin_in_int8_matches_the_f32_product_within_quantization() -> candle_core::Result<()> {
+        // Per-channel int8 weight, per-row int8 activations: within ~2 % of the largest output
+        // of x·wᵀ + b, with a 3-D input, the bias added in the epilogue and a LoRA delta on top.
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 70), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 40, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 70), &dev)?;
+        let f32_lin = Lin::from_parts(w.clone(), Some(b), DType::F32)?;
+        let mut lin = f32_lin.clone();
+        lin.quantize_int8()?;
+        assert_eq!(lin.stored().kind(), "int8");
+        assert!(lin.weight().is_none() && lin.stored().stored_bytes() < 40 * 70 * 4 / 2);
+        let check = |lin: &Lin, want: &Tensor| -> candle_core::Result<()> {
+            let y = x.apply(lin)?;
+            assert_eq!((y.dims(), y.dtype()), (want.dims(), DType::F32));
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 0.02 * scale, "max |diff| {diff} of {scale}");
+            Ok(())
+        };
+        check(&lin, &x.apply(&f32_lin)?)?;
+        let lora = LowRank {
+            down: Tensor::randn(0f32, 1.0, (3, 70), &dev)?,
+            up: Tensor::randn(0f32, 1.0, (40, 3), &dev)?,
+            scale: 0.5,
+        };
+        let mut f32_lora = f32_lin.clone();
+        f32_lora.set_lora(std::slice::from_ref(&lora), LoraMode::Runtime)?;
+        lin.set_lora(std::slice::from_ref(&lora), LoraMode::Runtime)?;
+        check(&lin, &x.apply(&f32_lora)?)?;
         Ok(())
     }
 

@@ -10,6 +10,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+pub use super::cpu::int8::PackedInt8;
+
 /// The fp8 encodings found in safetensors files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Fp8Format {
@@ -74,6 +76,8 @@ pub enum StoredMatrix {
     Dense(Tensor),
     Blocks(BlockMatrix),
     Fp8(Fp8Matrix),
+    /// Per-channel int8 codes packed for the CPU's int8 kernel (`--precision int8`).
+    Int8(Arc<PackedInt8>),
 }
 
 /// How GGUF blocks become values. The two reference tools for our two components differ:
@@ -110,6 +114,7 @@ impl StoredMatrix {
             Self::Dense(t) => t.dims(),
             Self::Blocks(q) => q.blocks.shape().dims(),
             Self::Fp8(f) => f.codes.dims(),
+            Self::Int8(q) => q.shape(),
         }
     }
 
@@ -119,6 +124,7 @@ impl StoredMatrix {
             Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Self::Blocks(q) => q.blocks.storage_size_in_bytes(),
             Self::Fp8(f) => f.codes.elem_count(),
+            Self::Int8(q) => q.bytes(),
         }
     }
 
@@ -133,6 +139,7 @@ impl StoredMatrix {
             Self::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             Self::Blocks(q) => ggml_name(q.blocks.dtype()).to_string(),
             Self::Fp8(f) => f.format.name().to_string(),
+            Self::Int8(_) => "int8".to_string(),
         }
     }
 
@@ -142,7 +149,24 @@ impl StoredMatrix {
             Self::Dense(t) => t.to_dtype(dtype),
             Self::Blocks(q) => dequantize_blocks(&q.blocks, dtype, q.arithmetic),
             Self::Fp8(f) => f.dequantize(dtype),
+            Self::Int8(q) => {
+                let (n, k) = q.dims();
+                Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?.to_dtype(dtype)
+            }
         }
+    }
+
+    /// The weight quantized to per-channel int8 for the CPU's int8 kernel (from any storage: it
+    /// is dequantized to f32 first, one layer at a time); a weight already in int8 is shared.
+    pub fn to_int8(&self) -> Result<Self> {
+        if let Self::Int8(_) = self {
+            return Ok(self.clone());
+        }
+        let w = self.dequantize(DType::F32)?;
+        let (n, k) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedInt8::quantize(&values, n, k).map_err(candle_core::Error::Msg)?;
+        Ok(Self::Int8(Arc::new(packed)))
     }
 }
 

@@ -663,6 +663,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            int8: false,
         }
     }
 
@@ -674,6 +675,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: Device::Cpu,
+            int8: false,
         }
     }
 
@@ -820,6 +822,20 @@ impl Weights {
             .iter()
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, t)| t.resident_bytes(dtype))
+            .sum()
+    }
+
+    /// [`Weights::bytes_in`] with the matrices `int8` selects (by name) counted as per-channel
+    /// int8 — one byte per value plus a scale and a compensation term per row — as
+    /// `Lin::quantize_int8` keeps them.
+    pub fn bytes_in_int8(&self, prefix: &str, dtype: DType, int8: impl Fn(&str) -> bool) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, t)| match t.shape.as_slice() {
+                [rows, cols] if int8(n) => (rows * cols + 8 * rows) as u64,
+                _ => t.resident_bytes(dtype),
+            })
             .sum()
     }
 

@@ -71,7 +71,7 @@ impl Attention {
     fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let (dim, hd) = (cfg.dim, cfg.head_dim());
         let act = linear::activation_dtype(vb.dtype(), vb.device());
-        let lin = |name: &str| Lin::load(dim, dim, false, vb.pp(name));
+        let lin = |name: &str| int8_if_asked(Lin::load(dim, dim, false, vb.pp(name))?, &vb);
         let (norm_q, norm_k) = if cfg.qk_norm {
             (
                 Some(vb.get(hd, "norm_q.weight")?.to_dtype(act)?),
@@ -84,7 +84,7 @@ impl Attention {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,
-            to_out: Lin::load(dim, dim, false, vb.pp("to_out").pp("0"))?,
+            to_out: int8_if_asked(Lin::load(dim, dim, false, vb.pp("to_out").pp("0"))?, &vb)?,
             norm_q,
             norm_k,
             n_heads: cfg.n_heads,
@@ -151,6 +151,16 @@ impl Attention {
     }
 }
 
+/// `lin` with its weight in int8 when the loader asks for it (`--precision int8`): the block's
+/// attention and feed-forward projections, where nearly all of the DiT's products are. The
+/// modulation, embedders and final layer (a few rows each) stay as loaded.
+fn int8_if_asked(mut lin: Lin, vb: &Loader) -> candle_core::Result<Lin> {
+    if vb.int8() {
+        lin.quantize_int8()?;
+    }
+    Ok(lin)
+}
+
 /// The profiler's names for the attention's stages (README "GPU profile").
 const ATTENTION_SPANS: Spans = Spans {
     fused: "dit.attn.fused",
@@ -171,9 +181,9 @@ impl FeedForward {
     fn new(cfg: &DitConfig, vb: Loader) -> candle_core::Result<Self> {
         let h = cfg.ffn_hidden();
         Ok(Self {
-            w1: Lin::load(cfg.dim, h, false, vb.pp("w1"))?,
-            w2: Lin::load(h, cfg.dim, false, vb.pp("w2"))?,
-            w3: Lin::load(cfg.dim, h, false, vb.pp("w3"))?,
+            w1: int8_if_asked(Lin::load(cfg.dim, h, false, vb.pp("w1"))?, &vb)?,
+            w2: int8_if_asked(Lin::load(h, cfg.dim, false, vb.pp("w2"))?, &vb)?,
+            w3: int8_if_asked(Lin::load(cfg.dim, h, false, vb.pp("w3"))?, &vb)?,
         })
     }
 

@@ -133,6 +133,26 @@ impl DenoiserSource {
     }
 }
 
+/// Resident bytes of the denoiser's tensors under `prefix`: with `--precision int8`, the blocks'
+/// attention and feed-forward matrices count as int8 (what `dit::Block` converts them to).
+fn block_bytes_in(src: &DenoiserSource, prefix: &str, policy: &PrecisionPolicy) -> u64 {
+    if !policy.denoiser_int8 {
+        return src.weights.bytes_in(prefix, policy.denoiser);
+    }
+    let in_block = |n: &str| {
+        ["layers.", "noise_refiner.", "context_refiner."]
+            .iter()
+            .any(|p| n.starts_with(p))
+    };
+    let projection = |n: &str| {
+        in_block(n)
+            && n.ends_with(".weight")
+            && (n.contains(".attention.to_") || n.contains(".feed_forward.w"))
+    };
+    src.weights
+        .bytes_in_int8(prefix, policy.denoiser, projection)
+}
+
 /// The loaded DiT: the stem and final layer, and its blocks as the residency asks — all resident,
 /// or streamed from the host with the first few kept on the device.
 pub struct Denoiser {
@@ -152,7 +172,10 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let vb = src.weights.loader(policy.denoiser, device);
+        let vb = src
+            .weights
+            .loader(policy.denoiser, device)
+            .with_int8(policy.denoiser_int8);
         let prec = DitPrecision::for_weights(policy.denoiser, policy.residual, device);
         let mut dit = Dit::new(src.cfg.clone(), vb, prec).map_err(|e| src.weights.context(e))?;
         dit.set_execution(src.execution());
@@ -166,7 +189,7 @@ impl Module for Denoiser {
     }
 
     fn bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
-        src.weights.bytes_in("", policy.denoiser) + src.control.bytes()
+        block_bytes_in(src, "", policy) + src.control.bytes()
     }
 
     fn scratch_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> u64 {
@@ -174,15 +197,16 @@ impl Module for Denoiser {
     }
 
     fn block_bytes(src: &DenoiserSource, policy: &PrecisionPolicy) -> Vec<u64> {
-        let (w, d) = (&src.weights, policy.denoiser);
         (0..src.cfg.n_refiner_layers)
             .flat_map(|i| {
                 [
-                    w.bytes_in(&format!("noise_refiner.{i}."), d),
-                    w.bytes_in(&format!("context_refiner.{i}."), d),
+                    block_bytes_in(src, &format!("noise_refiner.{i}."), policy),
+                    block_bytes_in(src, &format!("context_refiner.{i}."), policy),
                 ]
             })
-            .chain((0..src.cfg.n_layers).map(|i| w.bytes_in(&format!("layers.{i}."), d)))
+            .chain(
+                (0..src.cfg.n_layers).map(|i| block_bytes_in(src, &format!("layers.{i}."), policy)),
+            )
             .collect()
     }
 
@@ -197,7 +221,10 @@ impl Module for Denoiser {
         policy: &PrecisionPolicy,
         device: &Device,
     ) -> Result<(), ModelError> {
-        let vb = src.weights.loader(policy.denoiser, device);
+        let vb = src
+            .weights
+            .loader(policy.denoiser, device)
+            .with_int8(policy.denoiser_int8);
         let mut blocks = ResidentBlocks::load(&src.cfg, &vb).map_err(|e| src.weights.context(e))?;
         lora::apply(&mut blocks, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
         self.blocks = Some(blocks);
@@ -254,7 +281,10 @@ impl Denoiser {
             if self.kept.as_ref().map_or(0, KeptBlocks::len) != want {
                 self.kept = None;
                 if want > 0 {
-                    let vb = src.weights.loader(policy.denoiser, device);
+                    let vb = src
+                        .weights
+                        .loader(policy.denoiser, device)
+                        .with_int8(policy.denoiser_int8);
                     let mut kept = KeptBlocks::load(&src.cfg, &vb, want)
                         .map_err(|e| src.weights.context(e))?;
                     lora::apply(&mut kept, &src.loras, LoraPart::Denoiser, src.lora_mode)?;
@@ -267,7 +297,10 @@ impl Denoiser {
                 self.dit.forward(x, t, caps, blocks, trace, control)?
             }
             _ => {
-                let vb = src.weights.loader(policy.denoiser, device);
+                let vb = src
+                    .weights
+                    .loader(policy.denoiser, device)
+                    .with_int8(policy.denoiser_int8);
                 if self.stager.is_none() && device.is_cuda() {
                     let largest = src.largest_stored_block();
                     self.stager = super::weights::stage::for_device(device, largest as usize)?;

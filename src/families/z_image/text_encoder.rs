@@ -28,6 +28,7 @@ impl Embedding {
                 ..f.clone()
             }
             .dequantize(dtype)?,
+            StoredMatrix::Int8(_) => self.table.dequantize(DType::F32)?.index_select(&flat, 0)?,
         };
         let mut dims = ids.dims().to_vec();
         dims.push(self.hidden);

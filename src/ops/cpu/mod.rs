@@ -5,6 +5,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod group_norm;
+pub mod int8;
 #[cfg(zturbo_mkl)]
 pub mod matmul;
 #[cfg(zturbo_mkl)]

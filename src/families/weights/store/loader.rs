@@ -26,6 +26,9 @@ pub struct Loader {
     pub(super) prefix: String,
     pub(super) dtype: DType,
     pub(super) device: Device,
+    /// Whether the model should keep its heavy projections as int8 (`--precision int8`): a
+    /// request the modules read ([`Loader::int8`]); the loader itself hands out what it always does.
+    pub(super) int8: bool,
 }
 
 /// The tensors a model asked a recording [`Loader`] for, in order.
@@ -39,6 +42,7 @@ impl Recording {
             prefix: String::new(),
             dtype,
             device: Device::Cpu,
+            int8: false,
         }
     }
 
@@ -73,6 +77,17 @@ impl Loader {
         &self.device
     }
 
+    /// The same loader, asking the modules it builds for int8 projections (or not).
+    pub fn with_int8(self, int8: bool) -> Self {
+        Self { int8, ..self }
+    }
+
+    /// Whether the modules should convert their heavy projections to int8 after loading them
+    /// (`Lin::quantize_int8`); never for placeholders (shape checks, recordings).
+    pub fn int8(&self) -> bool {
+        self.int8 && matches!(self.source, Source::Weights(_) | Source::Staged(..))
+    }
+
     /// The weights behind the loader (`None` while recording).
     pub fn weights(&self) -> Option<&Weights> {
         match &self.source {
@@ -94,6 +109,7 @@ impl Loader {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            int8: false,
         }
     }
 
