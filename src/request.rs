@@ -1010,6 +1010,24 @@ mod tests {
 
     /// Every error the page's form can cause comes with its Chinese text, stating the same
     /// numbers as the English one (the page shows it next to the field in zh-CN).
+    /// The error carries a Chinese text stating the same numbers as its English one.
+    fn assert_chinese_text(e: &FieldError) {
+        let zh = &e.i18n.zh_cn;
+        assert!(
+            crate::i18n::has_cjk(zh),
+            "{}: no Chinese text for {:?}",
+            e.field,
+            e.message
+        );
+        assert_eq!(
+            crate::i18n::number_set(&e.message),
+            crate::i18n::number_set(zh),
+            "{}: {} / {zh}",
+            e.field,
+            e.message
+        );
+    }
+
     #[test]
     fn field_errors_have_their_chinese_text() {
         let img = png_b64(64, 64, 200);
@@ -1080,18 +1098,7 @@ mod tests {
         for (json, field) in &cases {
             let e = req(json).expect_err(json);
             assert_eq!(&e.field, field, "{json}");
-            let zh = &e.i18n.zh_cn;
-            assert!(
-                crate::i18n::has_cjk(zh),
-                "{field}: no Chinese text for {:?}",
-                e.message
-            );
-            assert_eq!(
-                crate::i18n::number_set(&e.message),
-                crate::i18n::number_set(zh),
-                "{field}: {} / {zh}",
-                e.message
-            );
+            assert_chinese_text(&e);
         }
     }
 
@@ -1152,18 +1159,7 @@ mod tests {
                 .validate_with(&limits(), None, with_dir.then_some(&cdir))
                 .expect_err(&json);
             assert_eq!(&e.field, field, "{json}: {}", e.message);
-            let zh = &e.i18n.zh_cn;
-            assert!(
-                crate::i18n::has_cjk(zh),
-                "{field}: no Chinese text for {:?}",
-                e.message
-            );
-            assert_eq!(
-                crate::i18n::number_set(&e.message),
-                crate::i18n::number_set(zh),
-                "{field}: {} / {zh}",
-                e.message
-            );
+            assert_chinese_text(&e);
         }
         let _ = std::fs::remove_dir_all(&tmp);
     }
