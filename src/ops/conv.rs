@@ -182,11 +182,18 @@ mod tests {
     }
 
     /// The tap-wise 3×3 convolution against candle's `conv2d` (im2col), which the parity tests in
-    /// turn check against PyTorch: batch 2, non-square, channel counts that differ.
+    /// turn check against PyTorch: batch 2, non-square, channel counts that differ, and images
+    /// wide enough to split into several bands (13 rows and a partial one; bands of one row).
     #[test]
     fn conv3x3_taps_matches_candle_conv2d() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for (n, c_in, c_out, h, w) in [(2, 5, 7, 6, 9), (1, 16, 8, 1, 1), (1, 3, 4, 13, 2)] {
+        for (n, c_in, c_out, h, w) in [
+            (2, 5, 7, 6, 9),
+            (1, 16, 8, 1, 1),
+            (1, 3, 4, 13, 2),
+            (1, 3, 64, 40, 300),
+            (2, 4, 200, 5, 700),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
             let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;
@@ -216,9 +223,12 @@ mod tests {
     fn conv_with_bf16_weights_matches_f32_within_rounding() -> candle_core::Result<()> {
         // bf16 weights, f32 input: MKL's bf16 taps where available, else a converted conv2d.
         let dev = Device::Cpu;
-        for (n, c_in, c_out, h, w, k) in
-            [(2, 5, 7, 6, 9, 3), (1, 16, 8, 3, 70, 3), (1, 6, 4, 5, 5, 1)]
-        {
+        for (n, c_in, c_out, h, w, k) in [
+            (2, 5, 7, 6, 9, 3),
+            (1, 16, 8, 3, 70, 3),
+            (1, 6, 4, 5, 5, 1),
+            (1, 3, 64, 40, 300, 3),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;

@@ -143,60 +143,64 @@ struct TapProduct<'a, P> {
     acc: &'a mut [f32],
 }
 
-/// A 3×3, stride-1, padding-1 convolution as nine accumulated products per band of output rows:
-/// each item's input is zero-padded once (row length W+2, one zero row above and two below, so the
-/// last tap's view of the last row — two elements past the image — stays inside), converted with
-/// `prepare`; each band's accumulator starts at the bias, `product` adds the nine taps, and the
-/// rows are copied out without the two padding columns. Bands run in parallel; their accumulator
-/// stays in cache across the taps (the whole image's would stream through memory nine times).
+/// A 3×3, stride-1, padding-1 convolution as nine accumulated products per band of output rows.
+/// Each band zero-pads its own slice of the input — the band's rows, one row above and two below
+/// (so the last tap's view of the last row, two elements past it, stays inside), row length W+2 —
+/// converted with `prepare`; its accumulator starts at the bias, `product` adds the nine taps, and
+/// the rows are copied out without the two padding columns. Bands run in parallel and no padded
+/// copy of the whole input exists (at 1024² a 128-channel input's would be 540 MB, alive beside the
+/// input and the output); a band's input and accumulator stay in cache across its nine taps.
 fn conv3x3_bands<P: Clone + Sync>(
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
     bias: &[f32],
-    prepare: impl for<'p> Fn(&'p [f32]) -> Cow<'p, [P]>,
+    prepare: impl for<'p> Fn(&'p [f32]) -> Cow<'p, [P]> + Sync,
     product: impl Fn(TapProduct<'_, P>) + Sync,
 ) -> candle_core::Result<Vec<f32>> {
     // Checked before every band: a cancelled job stops a large convolution within one band.
     let stop = crate::ops::interrupt::current();
     let c_out = bias.len();
     let row = w + 2;
-    let plane = (h + 3) * row;
     let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
     let bands = h.div_ceil(band);
     let mut out = vec![0f32; n * c_out * h * w];
-    let mut padded = vec![0f32; c_in * plane];
     for item in 0..n {
         let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
-        for c in 0..c_in {
-            for y in 0..h {
-                let at = c * plane + (y + 1) * row + 1;
-                padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
-            }
-        }
-        let prepared = prepare(&padded);
-        let prepared: &[P] = &prepared;
         let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
-        let run_band = |b: usize, acc: &mut Vec<f32>| {
+        let run_band = |b: usize, (acc, padded): &mut (Vec<f32>, Vec<f32>)| {
             if crate::ops::interrupt::is_set(&stop) {
                 return;
             }
             let y0 = b * band;
             let rows = band.min(h - y0);
             let cols = rows * row;
+            // Padded row r holds image row y0 + r − 1 (zeros outside the image).
+            let plane = (rows + 3) * row;
+            padded.clear();
+            padded.resize(c_in * plane, 0.0);
+            let first = y0.saturating_sub(1);
+            let last = (y0 + rows + 1).min(h);
+            for c in 0..c_in {
+                for y in first..last {
+                    let at = c * plane + (y + 1 - y0) * row + 1;
+                    padded[at..at + w].copy_from_slice(&src[(c * h + y) * w..(c * h + y + 1) * w]);
+                }
+            }
+            let prepared = prepare(&padded[..]);
             acc.clear();
             acc.resize(c_out * cols, 0.0);
             for (c, bv) in bias.iter().enumerate() {
                 acc[c * cols..(c + 1) * cols].fill(*bv);
             }
             for tap in 0..9 {
-                // offset ≤ (y0 + 2)·row + 2 and the band reads < rows·row columns per input row,
-                // so the last index is at most (c_in − 1)·plane + (h + 2)·row + 1 < c_in·plane.
+                // offset ≤ 2·row + 2 and the band reads `cols` = rows·row columns per input row,
+                // so the last index is at most (c_in − 1)·plane + (rows + 2)·row + 1 < c_in·plane.
                 product(TapProduct {
                     tap,
-                    offset: y0 * row + (tap / 3) * row + tap % 3,
+                    offset: (tap / 3) * row + tap % 3,
                     cols,
                     plane,
-                    padded: prepared,
+                    padded: &prepared,
                     acc,
                 });
             }
@@ -215,7 +219,7 @@ fn conv3x3_bands<P: Clone + Sync>(
         use rayon::prelude::*;
         (0..bands)
             .into_par_iter()
-            .for_each_init(Vec::new, |acc, b| run_band(b, acc));
+            .for_each_init(|| (Vec::new(), Vec::new()), |bufs, b| run_band(b, bufs));
         crate::ops::interrupt::check()?;
     }
     Ok(out)
