@@ -306,13 +306,25 @@ fn main() -> Result<()> {
         )?;
         let inp = Tensor::randn(0f32, 1.0, (1, cin, hw, hw), &dev)?;
         let flops = 2.0 * (cin * cout * 9 * hw * hw) as f64;
+        // The convolution the VAE runs (ops::conv: tap-wise on the CPU).
+        let ours = zturbo::ops::conv::Conv::new(conv, true);
         timer.time(&format!("vae.conv3x3.{cin}to{cout}@{hw}"), flops, || {
-            conv.forward(&inp)
+            ours.forward(&inp)
         })?;
     }
-    let gn = candle_nn::group_norm(32, 64, 1e-6, cvb.pp("gn"))?;
     let big = Tensor::randn(0f32, 1.0, (1, 64, px, px), &dev)?;
-    timer.time(&format!("vae.group_norm.64@{px}"), 0.0, || big.apply(&gn))?;
+    let (gamma, beta) = (
+        Tensor::ones(64, DType::F32, &dev)?,
+        Tensor::zeros(64, DType::F32, &dev)?,
+    );
+    // The VAE's GroupNorm (ops::group_norm: statistics, then one affine sweep), without and with
+    // the SiLU it fuses.
+    timer.time(&format!("vae.group_norm.64@{px}"), 0.0, || {
+        zturbo::ops::group_norm::group_norm(&big, &gamma, &beta, 32, 1e-6, false)
+    })?;
+    timer.time(&format!("vae.group_norm_silu.64@{px}"), 0.0, || {
+        zturbo::ops::group_norm::group_norm(&big, &gamma, &beta, 32, 1e-6, true)
+    })?;
     timer.time(&format!("vae.silu.64@{px}"), 0.0, || {
         candle_nn::ops::silu(&big)
     })?;

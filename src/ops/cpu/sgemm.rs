@@ -9,8 +9,17 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 #[cfg(zturbo_mkl)]
 use rayon::prelude::*;
 
+/// The f32 GEMM a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// MKL's `cblas_sgemm` (builds that link MKL; elsewhere it means the `gemm` crate).
+    Mkl,
+    /// The `gemm` crate.
+    GemmCrate,
+}
+
 /// `c[m×n] = a[m×k] · op(b) + beta·c` for row-major f32 slices; `b_t`: `b` is stored `[n, k]`
-/// (row stride `ldb`), else `[k, n]`. On the calling thread only.
+/// (row stride `ldb`), else `[k, n]`. On the calling thread only, with [`chosen`]'s backend.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     m: usize,
@@ -25,20 +34,29 @@ pub(crate) fn sgemm(
     ldc: usize,
     beta: f32,
 ) {
+    sgemm_on(chosen(), m, n, k, (a, lda), (b, ldb, b_t), (c, ldc), beta)
+}
+
+/// [`sgemm`] on a given backend.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_on(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, lda): (&[f32], usize),
+    (b, ldb, b_t): (&[f32], usize, bool),
+    (c, ldc): (&mut [f32], usize),
+    beta: f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && (k == 0 || a.len() >= (m - 1) * lda + k));
-    if k > 0 {
-        if b_t {
-            assert!(ldb >= k && b.len() >= (n - 1) * ldb + k);
-        } else {
-            assert!(ldb >= n && b.len() >= (k - 1) * ldb + n);
-        }
-    }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n);
+    check_bounds(m, n, k, (a, lda), (b, ldb, b_t), (c, ldc));
+    #[cfg(not(zturbo_mkl))]
+    let _ = backend;
     #[cfg(zturbo_mkl)]
-    {
+    if backend == Backend::Mkl {
         assert!([m, n, k, lda, ldb, ldc]
             .iter()
             .all(|&v| v <= i32::MAX as usize));
@@ -65,40 +83,119 @@ pub(crate) fn sgemm(
                 ldc as i32,
             );
         }
+        return;
     }
-    #[cfg(not(zturbo_mkl))]
-    {
-        let (rhs_cs, rhs_rs) = if b_t { (ldb, 1) } else { (1, ldb) };
-        // SAFETY: as above; gemm computes dst = beta_dst·dst + 1·lhs·rhs, reading dst only when
-        // `beta` ≠ 0.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                ldc as isize,
-                beta != 0.0,
-                a.as_ptr(),
-                1,
-                lda as isize,
-                b.as_ptr(),
-                rhs_cs as isize,
-                rhs_rs as isize,
-                beta,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+    gemm_crate(
+        m,
+        n,
+        k,
+        (a, lda),
+        (b, ldb, b_t),
+        (c, ldc),
+        beta,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Panics unless every element the product reads or writes lies inside the slices.
+fn check_bounds(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, lda): (&[f32], usize),
+    (b, ldb, b_t): (&[f32], usize, bool),
+    (c, ldc): (&[f32], usize),
+) {
+    assert!(lda >= k && (k == 0 || a.len() >= (m - 1) * lda + k));
+    if k > 0 {
+        if b_t {
+            assert!(ldb >= k && b.len() >= (n - 1) * ldb + k);
+        } else {
+            assert!(ldb >= n && b.len() >= (k - 1) * ldb + n);
         }
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n);
+}
+
+/// [`sgemm`] through the `gemm` crate, on `parallelism`'s threads (asserts done by the caller).
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, lda): (&[f32], usize),
+    (b, ldb, b_t): (&[f32], usize, bool),
+    (c, ldc): (&mut [f32], usize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    let (rhs_cs, rhs_rs) = if b_t { (ldb, 1) } else { (1, ldb) };
+    // SAFETY: the caller's asserts keep every element inside the slices; gemm computes
+    // dst = beta_dst·dst + 1·lhs·rhs, reading dst only when `beta` ≠ 0.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            beta,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
-/// [`sgemm`] (beta 0) with the rows of `a` and `c` split across the rayon pool (MKL is linked
-/// sequential, see ops/cpu/mkl.rs); at least 64 rows per task.
+/// The f32 GEMM this process multiplies with: in a build with MKL, MKL's `cblas_sgemm` on Intel
+/// CPUs and the `gemm` crate elsewhere — on AMD's Zen 4 the `gemm` crate's AVX-512 kernels ran
+/// the DiT's feed-forward products 1.3–1.5× and the VAE's 3×3 taps 1.1–1.3× faster than MKL
+/// (benches/compare_ops, `dit.linear.*`, `vae.conv3x3.*`); without MKL, the `gemm` crate.
+/// `ZTURBO_SGEMM=mkl|gemm` chooses by hand.
+pub fn chosen() -> Backend {
+    static CHOSEN: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        if !cfg!(zturbo_mkl) {
+            return Backend::GemmCrate;
+        }
+        match std::env::var("ZTURBO_SGEMM").as_deref() {
+            Ok("mkl") => Backend::Mkl,
+            Ok("gemm") => Backend::GemmCrate,
+            _ if cpu_vendor_is_intel() => Backend::Mkl,
+            _ => Backend::GemmCrate,
+        }
+    })
+}
+
+/// CPUID leaf 0's vendor string is `GenuineIntel`.
+fn cpu_vendor_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`sgemm`] across the rayon pool: MKL (linked sequential, see ops/cpu/mkl.rs) with the rows of
+/// `a` and `c` split, at least 64 per task; the `gemm` crate with its own split.
 #[cfg(zturbo_mkl)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm_par(
@@ -114,10 +211,48 @@ pub(crate) fn sgemm_par(
     ldc: usize,
     beta: f32,
 ) {
+    sgemm_par_on(chosen(), m, n, k, (a, lda), (b, ldb, b_t), (c, ldc), beta)
+}
+
+/// [`sgemm_par`] on a given backend.
+#[cfg(zturbo_mkl)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_par_on(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, lda): (&[f32], usize),
+    (b, ldb, b_t): (&[f32], usize, bool),
+    (c, ldc): (&mut [f32], usize),
+    beta: f32,
+) {
     let threads = rayon::current_num_threads().max(1);
+    if backend == Backend::GemmCrate {
+        if m == 0 || n == 0 {
+            return;
+        }
+        check_bounds(m, n, k, (a, lda), (b, ldb, b_t), (c, ldc));
+        // The `gemm` crate splits the product over the pool itself (as candle's own product does).
+        let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        return gemm_crate(
+            m,
+            n,
+            k,
+            (a, lda),
+            (b, ldb, b_t),
+            (c, ldc),
+            beta,
+            parallelism,
+        );
+    }
     let rows = m.div_ceil(threads).max(64);
     if rows >= m || n == 0 {
-        return sgemm(m, n, k, a, lda, b, ldb, b_t, c, ldc, beta);
+        return sgemm_on(backend, m, n, k, (a, lda), (b, ldb, b_t), (c, ldc), beta);
     }
     c[..(m - 1) * ldc + n]
         .par_chunks_mut(rows * ldc)
@@ -125,7 +260,8 @@ pub(crate) fn sgemm_par(
         .for_each(|(i, c)| {
             let r0 = i * rows;
             let mr = rows.min(m - r0);
-            sgemm(mr, n, k, &a[r0 * lda..], lda, b, ldb, b_t, c, ldc, beta);
+            let a = &a[r0 * lda..];
+            sgemm_on(backend, mr, n, k, (a, lda), (b, ldb, b_t), (c, ldc), beta);
         });
 }
 
@@ -244,33 +380,39 @@ mod tests {
 
     #[test]
     fn sgemm_matches_the_triple_loop_with_both_layouts_and_beta() {
-        let (m, n, k) = (37, 29, 53);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
-            .collect();
-        for b_t in [false, true] {
-            let want = naive(m, n, k, &a, &b, b_t);
-            let ldb = if b_t { k } else { n };
-            let mut c = vec![1f32; m * n];
-            sgemm(m, n, k, &a, k, &b, ldb, b_t, &mut c, n, 0.0);
-            let worst = c
-                .iter()
-                .zip(&want)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "b_t {b_t}: {worst}");
-            // beta 1 accumulates onto what is there.
-            let mut c = vec![1f32; m * n];
-            sgemm(m, n, k, &a, k, &b, ldb, b_t, &mut c, n, 1.0);
-            let worst = c
-                .iter()
-                .zip(&want)
-                .map(|(x, y)| (x - 1.0 - y).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "b_t {b_t}, beta 1: {worst}");
+        // The second size is big enough for the `gemm` crate's threaded split in `sgemm_par`.
+        for (m, n, k) in [(37, 29, 53), (301, 47, 61)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+                .collect();
+            for backend in [Backend::Mkl, Backend::GemmCrate] {
+                for b_t in [false, true] {
+                    let want = naive(m, n, k, &a, &b, b_t);
+                    let ldb = if b_t { k } else { n };
+                    let worst = |c: &[f32], offset: f32| {
+                        c.iter()
+                            .zip(&want)
+                            .map(|(x, y)| (x - offset - y).abs())
+                            .fold(0f32, f32::max)
+                    };
+                    let mut c = vec![1f32; m * n];
+                    sgemm_on(backend, m, n, k, (&a, k), (&b, ldb, b_t), (&mut c, n), 0.0);
+                    assert!(worst(&c, 0.0) < 1e-3, "{backend:?} b_t {b_t}");
+                    // beta 1 accumulates onto what is there.
+                    let mut c = vec![1f32; m * n];
+                    sgemm_on(backend, m, n, k, (&a, k), (&b, ldb, b_t), (&mut c, n), 1.0);
+                    assert!(worst(&c, 1.0) < 1e-3, "{backend:?} b_t {b_t}, beta 1");
+                    #[cfg(zturbo_mkl)]
+                    {
+                        let mut c = vec![1f32; m * n];
+                        sgemm_par_on(backend, m, n, k, (&a, k), (&b, ldb, b_t), (&mut c, n), 1.0);
+                        assert!(worst(&c, 1.0) < 1e-3, "{backend:?} b_t {b_t}, threaded");
+                    }
+                }
+            }
         }
     }
 }
