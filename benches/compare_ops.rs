@@ -291,6 +291,8 @@ fn main() -> Result<()> {
         (128, 128, px / 2),
         (128, 64, px),
         (64, 64, px),
+        (128, 128, px),
+        (256, 256, px / 2),
     ];
     let cvb = VarBuilder::zeros(DType::F32, &dev);
     for (cin, cout, hw) in convs {
