@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
-use super::f32_slice;
 use super::sgemm::sgemm;
+use super::{f32_slice, with_avx512};
 
 /// 3×3 convolution, stride 1, padding 1, f32 on the CPU, as nine matrix products accumulated in
 /// place: output `[c_out, y·(W+2) + x]` += `w[:, :, kh, kw]` · (the zero-padded input, flattened with
@@ -305,8 +305,8 @@ pub(crate) fn winograd_f2x3(
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let band = (WINOGRAD_BAND_TILES / tw).clamp(1, th);
     let bands = th.div_ceil(band);
-    // A padded input row: x = −1 … 2·tw (zeros outside the image).
-    let prow = 2 * tw + 2;
+    // A padded input row (x = −1 … 2·tw) split into its even and odd positions: `lane` each.
+    let lane = tw + 1;
     for item in 0..n {
         let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
         let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
@@ -320,44 +320,41 @@ pub(crate) fn winograd_f2x3(
             v.clear();
             v.resize(16 * c_in * tiles, 0.0);
             rows.clear();
-            rows.resize(8 * prow, 0.0);
-            let (d, t) = rows.split_at_mut(4 * prow);
+            rows.resize(16 * lane, 0.0);
+            let (d, scratch) = rows.split_at_mut(8 * lane);
             for i in 0..c_in {
                 let plane = &src[i * h * w..(i + 1) * h * w];
                 for ty in 0..tys {
-                    // The tile row's four padded input rows: image rows 2·(ty0+ty) − 1 + r.
+                    // The tile row's four padded input rows (image rows 2·(ty0+ty) − 1 + r),
+                    // even positions in d[..4·lane], odd ones in d[4·lane..]: padded position p
+                    // holds image column p − 1.
+                    let (even, odd) = d.split_at_mut(4 * lane);
                     for r in 0..4 {
-                        let dr = &mut d[r * prow..(r + 1) * prow];
-                        dr.fill(0.0);
+                        let (de, dodd) = (
+                            &mut even[r * lane..(r + 1) * lane],
+                            &mut odd[r * lane..(r + 1) * lane],
+                        );
+                        de.fill(0.0);
+                        dodd.fill(0.0);
                         let y = 2 * (ty0 + ty) + r;
                         if y >= 1 && y - 1 < h {
-                            dr[1..w + 1].copy_from_slice(&plane[(y - 1) * w..y * w]);
+                            let line = &plane[(y - 1) * w..y * w];
+                            for (c, pair) in line.chunks(2).enumerate() {
+                                dodd[c] = pair[0];
+                                if let Some(v) = pair.get(1) {
+                                    de[c + 1] = *v;
+                                }
+                            }
                         }
                     }
-                    // Bᵀ·d over whole rows.
-                    let (d0, rest) = d.split_at(prow);
-                    let (d1, rest) = rest.split_at(prow);
-                    let (d2, d3) = rest.split_at(prow);
-                    for c in 0..prow {
-                        t[c] = d0[c] - d2[c];
-                        t[prow + c] = d1[c] + d2[c];
-                        t[2 * prow + c] = d2[c] - d1[c];
-                        t[3 * prow + c] = d1[c] - d3[c];
-                    }
-                    // ·B per tile: column block 2·tx … 2·tx + 3.
-                    for k in 0..4 {
-                        let tr = &t[k * prow..(k + 1) * prow];
-                        let at = |j: usize| ((k * 4 + j) * c_in + i) * tiles + ty * tw;
-                        let (o0, o1, o2, o3) = (at(0), at(1), at(2), at(3));
-                        for tx in 0..tw {
-                            let c = 2 * tx;
-                            let (e0, e1, e2, e3) = (tr[c], tr[c + 1], tr[c + 2], tr[c + 3]);
-                            v[o0 + tx] = e0 - e2;
-                            v[o1 + tx] = e1 + e2;
-                            v[o2 + tx] = e2 - e1;
-                            v[o3 + tx] = e1 - e3;
-                        }
-                    }
+                    let mut rest = &mut v[i * tiles + ty * tw..];
+                    let mut segs: [&mut [f32]; 16] = std::array::from_fn(|xi| {
+                        let take = if xi < 15 { c_in * tiles } else { tw };
+                        let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                        rest = tail;
+                        &mut head[..tw]
+                    });
+                    wino_in(even, odd, lane, tw, scratch, &mut segs);
                 }
             }
             m.clear();
@@ -378,47 +375,19 @@ pub(crate) fn winograd_f2x3(
                 );
             }
             // Aᵀ·M·A + bias, two output rows per tile row.
-            let (s, _) = rows.split_at_mut(4 * prow);
             for (o, bv) in bias.iter().enumerate() {
                 for ty in 0..tys {
-                    let mrow = |xi: usize| &m[(xi * c_out + o) * tiles + ty * tw..][..tw];
-                    for j in 0..4 {
-                        let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
-                        let (top, bottom) = s.split_at_mut(2 * prow);
-                        let s0 = &mut top[j * tw..(j + 1) * tw];
-                        for tx in 0..tw {
-                            s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                        }
-                        let s1 = &mut bottom[j * tw..(j + 1) * tw];
-                        for tx in 0..tw {
-                            s1[tx] = m1[tx] - m2[tx] - m3[tx];
-                        }
-                    }
-                    for a in 0..2 {
-                        let y = 2 * (ty0 + ty) + a;
-                        if y >= h {
-                            break;
-                        }
-                        let sa = &s[a * 2 * prow..a * 2 * prow + 4 * tw];
-                        let (q0, q1, q2, q3) = (
-                            &sa[..tw],
-                            &sa[tw..2 * tw],
-                            &sa[2 * tw..3 * tw],
-                            &sa[3 * tw..],
-                        );
-                        // SAFETY: bands cover disjoint output rows of every channel, inside this
-                        // item's `c_out·h·w` output; each row is written w elements.
-                        let line = unsafe {
-                            std::slice::from_raw_parts_mut(dst.get().add((o * h + y) * w), w)
-                        };
-                        for tx in 0..tw {
-                            let x0 = 2 * tx;
-                            line[x0] = q0[tx] + q1[tx] + q2[tx] + bv;
-                            if x0 + 1 < w {
-                                line[x0 + 1] = q1[tx] - q2[tx] - q3[tx] + bv;
-                            }
-                        }
-                    }
+                    let mm: [&[f32]; 16] =
+                        std::array::from_fn(|xi| &m[(xi * c_out + o) * tiles + ty * tw..][..tw]);
+                    let y = 2 * (ty0 + ty);
+                    let pair = (h - y).min(2);
+                    // SAFETY: bands cover disjoint output rows of every channel, inside this
+                    // item's `c_out·h·w` output; rows y and y + 1 (when inside the image).
+                    let lines = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add((o * h + y) * w), pair * w)
+                    };
+                    let (l0, l1) = lines.split_at_mut(w);
+                    wino_out(&mm, tw, *bv, rows, l0, l1);
                 }
             }
         };
@@ -430,4 +399,113 @@ pub(crate) fn winograd_f2x3(
         crate::ops::interrupt::check()?;
     }
     Ok(out)
+}
+
+with_avx512!(fn wino_in(even: &[f32], odd: &[f32], lane: usize, tw: usize, scratch: &mut [f32], out: &mut [&mut [f32]; 16]) => wino_in_plain);
+
+/// `V = Bᵀ·d·B` for one tile row of one channel: `even`/`odd` hold the four padded input rows'
+/// even and odd positions (`lane` = tw + 1 each); `out[ξ]` gets the tw tiles' element ξ.
+#[inline(always)]
+fn wino_in_plain(
+    even: &[f32],
+    odd: &[f32],
+    lane: usize,
+    tw: usize,
+    scratch: &mut [f32],
+    out: &mut [&mut [f32]; 16],
+) {
+    // Bᵀ·d over the rows, for the even and the odd positions.
+    let (te, to) = scratch[..8 * lane].split_at_mut(4 * lane);
+    for (d, t) in [(even, te), (odd, to)] {
+        let (r0, r1, r2, r3) = (
+            &d[..lane],
+            &d[lane..2 * lane],
+            &d[2 * lane..3 * lane],
+            &d[3 * lane..4 * lane],
+        );
+        let (t0, rest) = t.split_at_mut(lane);
+        let (t1, rest) = rest.split_at_mut(lane);
+        let (t2, t3) = rest.split_at_mut(lane);
+        for c in 0..lane {
+            t0[c] = r0[c] - r2[c];
+            t1[c] = r1[c] + r2[c];
+            t2[c] = r2[c] - r1[c];
+            t3[c] = r1[c] - r3[c];
+        }
+    }
+    let (te, to) = scratch[..8 * lane].split_at(4 * lane);
+    // ·B per tile: padded columns 2·tx … 2·tx + 3 are even[tx], odd[tx], even[tx+1], odd[tx+1].
+    for k in 0..4 {
+        let (ea, eb) = (
+            &te[k * lane..k * lane + tw],
+            &te[k * lane + 1..k * lane + 1 + tw],
+        );
+        let (oa, ob) = (
+            &to[k * lane..k * lane + tw],
+            &to[k * lane + 1..k * lane + 1 + tw],
+        );
+        for ((v, a), b) in out[4 * k].iter_mut().zip(ea).zip(eb) {
+            *v = a - b;
+        }
+        for ((v, a), b) in out[4 * k + 1].iter_mut().zip(oa).zip(eb) {
+            *v = a + b;
+        }
+        for ((v, a), b) in out[4 * k + 2].iter_mut().zip(eb).zip(oa) {
+            *v = a - b;
+        }
+        for ((v, a), b) in out[4 * k + 3].iter_mut().zip(oa).zip(ob) {
+            *v = a - b;
+        }
+    }
+}
+
+with_avx512!(fn wino_out(m: &[&[f32]; 16], tw: usize, bias: f32, scratch: &mut [f32], l0: &mut [f32], l1: &mut [f32]) => wino_out_plain);
+
+/// `Y = Aᵀ·M·A + bias` for one tile row of one output channel: `m[ξ]` holds the tw tiles' element
+/// ξ; the two output rows go to `l0` and `l1` (empty past the image's last row), each w ≤ 2·tw
+/// long.
+#[inline(always)]
+fn wino_out_plain(
+    m: &[&[f32]; 16],
+    tw: usize,
+    bias: f32,
+    scratch: &mut [f32],
+    l0: &mut [f32],
+    l1: &mut [f32],
+) {
+    // Aᵀ·M: s[a][j] over the tiles (8 rows of tw), then ·A into even/odd output columns.
+    let (s, yy) = scratch[..16 * tw].split_at_mut(8 * tw);
+    for j in 0..4 {
+        let (m0, m1, m2, m3) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
+        let (top, bottom) = s.split_at_mut(4 * tw);
+        let s0 = &mut top[j * tw..(j + 1) * tw];
+        for (((v, a), b), c) in s0.iter_mut().zip(m0).zip(m1).zip(m2) {
+            *v = a + b + c;
+        }
+        let s1 = &mut bottom[j * tw..(j + 1) * tw];
+        for (((v, a), b), c) in s1.iter_mut().zip(m1).zip(m2).zip(m3) {
+            *v = a - b - c;
+        }
+    }
+    for (a, line) in [l0, l1].into_iter().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let q = &s[a * 4 * tw..(a + 1) * 4 * tw];
+        let (q0, q1, q2, q3) = (&q[..tw], &q[tw..2 * tw], &q[2 * tw..3 * tw], &q[3 * tw..]);
+        let (ye, yo) = yy.split_at_mut(4 * tw);
+        let (ye, yo) = (&mut ye[..tw], &mut yo[..tw]);
+        for (((v, a), b), c) in ye.iter_mut().zip(q0).zip(q1).zip(q2) {
+            *v = a + b + c + bias;
+        }
+        for (((v, a), b), c) in yo.iter_mut().zip(q1).zip(q2).zip(q3) {
+            *v = a - b - c + bias;
+        }
+        for (pair, (e, o)) in line.chunks_mut(2).zip(ye.iter().zip(yo.iter())) {
+            pair[0] = *e;
+            if let Some(p) = pair.get_mut(1) {
+                *p = *o;
+            }
+        }
+    }
 }
