@@ -293,6 +293,11 @@ fn main() -> Result<()> {
         (64, 64, px),
         (128, 128, px),
         (256, 256, px / 2),
+        // SD-Turbo's UNet levels at this size (latent px/8).
+        (320, 320, px / 8),
+        (640, 640, px / 16),
+        (2560, 1280, px / 32),
+        (1280, 1280, px / 64),
     ];
     let cvb = VarBuilder::zeros(DType::F32, &dev);
     for (cin, cout, hw) in convs {

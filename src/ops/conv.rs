@@ -194,9 +194,9 @@ mod tests {
             (1, 3, 4, 13, 2),
             (1, 3, 64, 40, 300),
             (2, 4, 200, 5, 700),
-            // Winograd F(2×2, 3×3) (32+ channels each way): odd sides (a last half tile), batch 2,
-            // one pixel, and bands of one tile row.
-            (2, 33, 40, 7, 9),
+            // Winograd F(2×2, 3×3) (32+ channels each way, 64² pixels or more): odd sides (a last
+            // half tile), batch 2, and bands of one tile row; below 64² pixels, the taps.
+            (2, 33, 40, 65, 67),
             (1, 32, 48, 1, 1),
             (1, 64, 32, 20, 601),
         ] {

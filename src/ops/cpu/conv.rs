@@ -52,7 +52,10 @@ impl CustomOp3 for Conv3x3Taps {
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
         let wt = &ws.as_slice::<f32>()?[w0..w1];
-        if c_in >= WINOGRAD_MIN_CHANNELS && c_out >= WINOGRAD_MIN_CHANNELS {
+        if c_in >= WINOGRAD_MIN_CHANNELS
+            && c_out >= WINOGRAD_MIN_CHANNELS
+            && h * w >= WINOGRAD_MIN_PIXELS
+        {
             let out = winograd_f2x3(x, (n, c_in, h, w), wt, bias)?;
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
@@ -165,7 +168,9 @@ fn conv3x3_bands<P: Clone + Sync>(
     let stop = crate::ops::interrupt::current();
     let c_out = bias.len();
     let row = w + 2;
-    let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, h.max(1));
+    // At least one band per thread where the map has the rows (small maps: a UNet's 16², 8²).
+    let per_thread = h.div_ceil(rayon::current_num_threads().max(1));
+    let band = (ACC_BAND_ELEMS / (c_out * row).max(1)).clamp(1, per_thread.max(1));
     let bands = h.div_ceil(band);
     let mut out = vec![0f32; n * c_out * h * w];
     for item in 0..n {
@@ -247,6 +252,11 @@ impl SendPtr {
 /// transforms would cost more than the products they save.
 const WINOGRAD_MIN_CHANNELS: usize = 32;
 
+/// … and at least this many pixels: the kernels' transform (16·c_in·c_out values per call) and
+/// products only a few tiles wide cost more than they save on small maps (a UNet's 16² and 8²
+/// levels ran at 12–45 GFLOP/s).
+const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+
 /// Tiles per band of [`winograd_f2x3`]: wide enough for efficient products (N of each GEMM), small
 /// enough that a band's transformed input and products stay a few MiB.
 const WINOGRAD_BAND_TILES: usize = 256;
@@ -281,7 +291,7 @@ pub(crate) fn winograd_f2x3(
     }
     // U[ξ][o][i], ξ = 4·row + column of the 4×4 transformed kernel.
     let mut u = vec![0f32; 16 * c_out * c_in];
-    for o in 0..c_out {
+    let kernel = |o: usize, ur: &mut [f32]| {
         for i in 0..c_in {
             let g = &wt[(o * c_in + i) * 9..(o * c_in + i + 1) * 9];
             // G·g: 4 rows of 3.
@@ -297,8 +307,23 @@ pub(crate) fn winograd_f2x3(
                 let (a0, a1, a2) = (row[0], row[1], row[2]);
                 let t = [a0, 0.5 * (a0 + a1 + a2), 0.5 * (a0 - a1 + a2), a2];
                 for (c, v) in t.iter().enumerate() {
-                    u[((r * 4 + c) * c_out + o) * c_in + i] = *v;
+                    ur[(r * 4 + c) * c_in + i] = *v;
                 }
+            }
+        }
+    };
+    {
+        // Per output channel its 16 rows of c_in, then scattered to U[ξ][o][i].
+        use rayon::prelude::*;
+        let mut per_out = vec![0f32; 16 * c_out * c_in];
+        per_out
+            .par_chunks_mut(16 * c_in)
+            .enumerate()
+            .for_each(|(o, ur)| kernel(o, ur));
+        for o in 0..c_out {
+            for xi in 0..16 {
+                u[(xi * c_out + o) * c_in..(xi * c_out + o + 1) * c_in]
+                    .copy_from_slice(&per_out[(o * 16 + xi) * c_in..(o * 16 + xi + 1) * c_in]);
             }
         }
     }
@@ -359,21 +384,17 @@ pub(crate) fn winograd_f2x3(
             }
             m.clear();
             m.resize(16 * c_out * tiles, 0.0);
-            for xi in 0..16 {
-                sgemm(
-                    c_out,
-                    tiles,
-                    c_in,
-                    &u[xi * c_out * c_in..(xi + 1) * c_out * c_in],
-                    c_in,
-                    &v[xi * c_in * tiles..(xi + 1) * c_in * tiles],
-                    tiles,
-                    false,
-                    &mut m[xi * c_out * tiles..(xi + 1) * c_out * tiles],
-                    tiles,
-                    0.0,
-                );
-            }
+            // The 16 products are independent: across the pool too, so that a small image (one
+            // band: a UNet's 32² or 16² levels) still uses every thread.
+            use rayon::prelude::*;
+            m.par_chunks_mut(c_out * tiles)
+                .zip(u.par_chunks(c_out * c_in))
+                .zip(v.par_chunks(c_in * tiles))
+                .for_each(|((mx, ux), vx)| {
+                    sgemm(
+                        c_out, tiles, c_in, ux, c_in, vx, tiles, false, mx, tiles, 0.0,
+                    );
+                });
             // Aᵀ·M·A + bias, two output rows per tile row.
             for (o, bv) in bias.iter().enumerate() {
                 for ty in 0..tys {
