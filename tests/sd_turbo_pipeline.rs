@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixture, max_abs, max_abs_diff, Golden};
 use zturbo::engine::{CancelToken, Engine, EngineConfig, NullObserver, RunExtras};
 use zturbo::families::sd_turbo::SdTurbo;
-use zturbo::families::{ModelDir, PrecisionPolicy};
+use zturbo::families::{Family, ModelDir, PrecisionPolicy};
 use zturbo::memory::planner::MemoryMode;
 use zturbo::request::{GenerationRequest, Limits};
 
@@ -251,4 +251,15 @@ fn tiled_decode_works_for_the_sd_vae() {
         mean < 4.0,
         "tiled decode differs by {mean:.3} levels on average"
     );
+}
+
+/// `--precision int8` (and `auto` where it resolves to int8) covers the Z-Image DiT only: an SD
+/// UNet runs f32, and the resolved precision it reports says f32, not int8.
+#[test]
+fn int8_policy_leaves_the_unet_in_f32_and_says_so() {
+    let dir = ModelDir::open(fixture("tiny-sd-turbo")).unwrap();
+    let family = SdTurbo::open(dir, &Device::Cpu, PrecisionPolicy::INT8).unwrap();
+    let label = family.components().policy().describe();
+    assert!(label.contains("denoiser=f32"), "{label}");
+    assert!(!label.contains("int8"), "{label}");
 }

@@ -219,6 +219,12 @@ impl SdTurbo {
         device: &Device,
         policy: PrecisionPolicy,
     ) -> Result<Self, ModelError> {
+        // `--precision int8` covers the Z-Image DiT's projections only: the UNet runs f32, and the
+        // policy (what logs, job records and the compare harness print) says so.
+        let policy = PrecisionPolicy {
+            denoiser_int8: false,
+            ..policy
+        };
         let class = pipeline_class(&dir)?;
         let variant = match class.as_str() {
             SD_PIPELINE_CLASS => Variant::Sd,
