@@ -289,7 +289,8 @@ pub(crate) fn winograd_f2x3(
     if h == 0 || w == 0 || c_out == 0 {
         return Ok(out);
     }
-    // U[ξ][o][i], ξ = 4·row + column of the 4×4 transformed kernel.
+    // U[o][ξ][i], ξ = 4·row + column of the 4×4 transformed kernel: U[ξ] is the `[c_out, c_in]`
+    // matrix at offset ξ·c_in with row stride 16·c_in. One output channel per task.
     let mut u = vec![0f32; 16 * c_out * c_in];
     let kernel = |o: usize, ur: &mut [f32]| {
         for i in 0..c_in {
@@ -313,19 +314,10 @@ pub(crate) fn winograd_f2x3(
         }
     };
     {
-        // Per output channel its 16 rows of c_in, then scattered to U[ξ][o][i].
         use rayon::prelude::*;
-        let mut per_out = vec![0f32; 16 * c_out * c_in];
-        per_out
-            .par_chunks_mut(16 * c_in)
+        u.par_chunks_mut(16 * c_in)
             .enumerate()
             .for_each(|(o, ur)| kernel(o, ur));
-        for o in 0..c_out {
-            for xi in 0..16 {
-                u[(xi * c_out + o) * c_in..(xi * c_out + o + 1) * c_in]
-                    .copy_from_slice(&per_out[(o * 16 + xi) * c_in..(o * 16 + xi + 1) * c_in]);
-            }
-        }
     }
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let band = (WINOGRAD_BAND_TILES / tw).clamp(1, th);
@@ -384,15 +376,26 @@ pub(crate) fn winograd_f2x3(
             }
             m.clear();
             m.resize(16 * c_out * tiles, 0.0);
-            // The 16 products are independent: across the pool too, so that a small image (one
-            // band: a UNet's 32² or 16² levels) still uses every thread.
+            // The 16 products are independent: across the pool too, so that a map of fewer bands
+            // than threads still uses every thread.
             use rayon::prelude::*;
             m.par_chunks_mut(c_out * tiles)
-                .zip(u.par_chunks(c_out * c_in))
                 .zip(v.par_chunks(c_in * tiles))
-                .for_each(|((mx, ux), vx)| {
+                .enumerate()
+                .for_each(|(xi, (mx, vx))| {
+                    let ux = &u[xi * c_in..];
                     sgemm(
-                        c_out, tiles, c_in, ux, c_in, vx, tiles, false, mx, tiles, 0.0,
+                        c_out,
+                        tiles,
+                        c_in,
+                        ux,
+                        16 * c_in,
+                        vx,
+                        tiles,
+                        false,
+                        mx,
+                        tiles,
+                        0.0,
                     );
                 });
             // Aᵀ·M·A + bias, two output rows per tile row.
