@@ -296,6 +296,8 @@ fn main() -> Result<()> {
         // SD-Turbo's UNet levels at this size (latent px/8).
         (320, 320, px / 8),
         (640, 640, px / 16),
+        (1920, 640, px / 16),
+        (1280, 1280, px / 32),
         (2560, 1280, px / 32),
         (1280, 1280, px / 64),
     ];

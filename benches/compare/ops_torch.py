@@ -124,7 +124,10 @@ def main():
         emit(key + " (in pipeline)", statistics.median(conv_times[key]), flops)
     px = a.size
     for cin, cout, hw in [(256, 256, px // 8), (256, 256, px // 4), (256, 128, px // 2), (128, 128, px // 2),
-                          (128, 64, px), (64, 64, px)]:
+                          (128, 64, px), (64, 64, px),
+                          # SD-Turbo's UNet levels (latent px/8), as in benches/compare_ops.rs.
+                          (320, 320, px // 8), (640, 640, px // 16), (1920, 640, px // 16),
+                          (1280, 1280, px // 32), (2560, 1280, px // 32), (1280, 1280, px // 64)]:
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
         inp = torch.randn(1, cin, hw, hw)
         timeit(f"vae.conv3x3.{cin}to{cout}@{hw}", 2.0 * cin * cout * 9 * hw * hw, lambda: conv(inp))

@@ -1,7 +1,9 @@
 //! 2-D convolutions with zturbo's CPU fast paths. A same-padded, stride-1 convolution with a bias
-//! on an f32 input runs as nine in-place matrix products for 3×3 (ops/cpu/conv.rs; f32 weights, or
-//! bf16 on a bf16-ready CPU) and as one matrix product per item for 1×1; everything else is
-//! candle's `conv2d`, optionally in row bands so that its im2col buffer stays bounded.
+//! on an f32 input runs, for 3×3 (ops/cpu/conv.rs), as Winograd on wide layers over maps of 32²+
+//! pixels (F(4×4, 3×3) from 64²), as one column-matrix product on wide layers over smaller maps,
+//! and as nine in-place matrix products otherwise (and for bf16 weights on a bf16-ready CPU); as
+//! one matrix product per item for 1×1; everything else is candle's `conv2d`, optionally in row
+//! bands so that its im2col buffer stays bounded.
 
 use std::borrow::Cow;
 
@@ -184,7 +186,8 @@ mod tests {
     /// The tap-wise 3×3 convolution against candle's `conv2d` (im2col), which the parity tests in
     /// turn check against PyTorch: batch 2, non-square, channel counts that differ, images wide
     /// enough to split into several bands (13 rows and a partial one; bands of one row), and the
-    /// Winograd path. Tolerance relative to the output's scale (sums of up to 576 products).
+    /// Winograd and column-matrix paths. Tolerance relative to the output's scale (sums of up to
+    /// 576 products).
     #[test]
     fn conv3x3_taps_matches_candle_conv2d() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -194,11 +197,15 @@ mod tests {
             (1, 3, 4, 13, 2),
             (1, 3, 64, 40, 300),
             (2, 4, 200, 5, 700),
-            // Winograd F(2×2, 3×3) (32+ channels each way, 64² pixels or more): odd sides (a last
-            // half tile), batch 2, and bands of one tile row; below 64² pixels, the taps.
+            // Winograd (32+ channels each way; F(4×4, 3×3) from 64² pixels, F(2×2, 3×3) from 32²):
+            // odd sides (a last partial tile), batch 2, and bands of one tile row.
             (2, 33, 40, 65, 67),
             (1, 32, 48, 1, 1),
             (1, 64, 32, 20, 601),
+            (1, 40, 32, 33, 40),
+            // Below 32² pixels with 32+ channels each way: the column-matrix product.
+            (2, 40, 36, 7, 9),
+            (1, 33, 64, 16, 16),
         ] {
             let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;

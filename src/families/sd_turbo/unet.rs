@@ -14,10 +14,10 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::{UNetConfig, UNetPlan};
 use crate::families::lora::HasLins;
-use crate::ops::act;
 use crate::ops::attention::{self, Attention as Sdpa, Spans};
 use crate::ops::conv::Conv as FastConv;
 use crate::ops::linear::{self, Lin};
+use crate::ops::{act, group_norm};
 use crate::profile;
 
 /// Sinusoidal timestep embedding exactly as diffusers' `get_timestep_embedding` computes it in
@@ -85,34 +85,39 @@ impl F32Norm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let name = if self.groups.is_some() {
-            "unet.group_norm"
-        } else {
-            "unet.layer_norm"
-        };
-        profile::span(name, x.device(), || self.forward_inner(x))
+        self.forward_act(x, false)
     }
 
-    fn forward_inner(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The norm, then SiLU when `silu` (GroupNorm only: one fused sweep on the CPU).
+    fn forward_act(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let name = match (self.groups, silu) {
+            (Some(_), false) => "unet.group_norm",
+            (Some(_), true) => "unet.group_norm_silu",
+            (None, _) => "unet.layer_norm",
+        };
+        profile::span(name, x.device(), || self.forward_inner(x, silu))
+    }
+
+    fn forward_inner(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let y = match self.groups {
-            Some(g) => {
-                let c = self.weight.dim(0)?;
-                let gn = candle_nn::GroupNorm::new(
-                    self.weight.clone(),
-                    self.bias.clone(),
-                    c,
-                    g,
-                    self.eps,
+            // ops::group_norm: statistics in one sweep (f64 accumulation on the CPU), then scale,
+            // shift and the SiLU in a second, where candle_nn's GroupNorm made a pass per
+            // elementwise op.
+            Some(g) => group_norm::group_norm(&x, &self.weight, &self.bias, g, self.eps, silu)?,
+            None => {
+                let y = candle_nn::ops::layer_norm(
+                    &x.contiguous()?,
+                    &self.weight,
+                    &self.bias,
+                    self.eps as f32,
                 )?;
-                gn.forward(&x)?
+                if silu {
+                    candle_nn::ops::silu(&y)?
+                } else {
+                    y
+                }
             }
-            None => candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                &self.weight,
-                &self.bias,
-                self.eps as f32,
-            )?,
         };
         y.to_dtype(self.out)
     }
@@ -202,8 +207,7 @@ impl Resnet {
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
         let residual = x.dtype();
         let dev = x.device();
-        let h = self.norm1.forward(x)?;
-        let h = profile::span("unet.silu", dev, || candle_nn::ops::silu(&h))?;
+        let h = self.norm1.forward_act(x, true)?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -211,8 +215,7 @@ impl Resnet {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = profile::span("unet.temb_add", dev, || h.broadcast_add(&t))?;
-        let h = self.norm2.forward(&h)?;
-        let h = profile::span("unet.silu", dev, || candle_nn::ops::silu(&h))?;
+        let h = self.norm2.forward_act(&h, true)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(&x.to_dtype(h.dtype())?)?.to_dtype(residual)?,
@@ -791,7 +794,7 @@ impl UNet {
                 h = u.forward(&c)?.to_dtype(residual)?;
             }
         }
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_act(&h, true)?;
         self.conv_out.forward(&h)?.to_dtype(DType::F32)
     }
 }

@@ -1,13 +1,16 @@
-//! The 3×3 convolution on the CPU as nine accumulated matrix products per band of output rows
-//! ([`Conv3x3Taps`]): no im2col matrix at all, f32 weights through `sgemm` (MKL where linked,
-//! candle's `gemm` crate otherwise) or bf16 weights through MKL.
+//! The 3×3 convolution on the CPU ([`Conv3x3Taps`]). f32 layers of 32+ channels each way run as
+//! Winograd ([`winograd`]: F(4×4, 3×3) on maps of 64²+ pixels, F(2×2, 3×3) on 32²+) or as one
+//! column-matrix product on smaller maps ([`im2col_gemm`]); the rest as nine accumulated matrix
+//! products per band of output rows, no im2col matrix at all, f32 weights through `sgemm` (MKL
+//! where linked, candle's `gemm` crate otherwise) or bf16 weights through MKL.
 
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
+use super::f32_slice;
 use super::sgemm::sgemm;
-use super::{f32_slice, with_avx512};
+use super::winograd::{winograd, F2, F4};
 
 /// 3×3 convolution, stride 1, padding 1, f32 on the CPU, as nine matrix products accumulated in
 /// place: output `[c_out, y·(W+2) + x]` += `w[:, :, kh, kw]` · (the zero-padded input, flattened with
@@ -52,11 +55,14 @@ impl CustomOp3 for Conv3x3Taps {
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
         let wt = &ws.as_slice::<f32>()?[w0..w1];
-        if c_in >= WINOGRAD_MIN_CHANNELS
-            && c_out >= WINOGRAD_MIN_CHANNELS
-            && h * w >= WINOGRAD_MIN_PIXELS
-        {
-            let out = winograd_f2x3(x, (n, c_in, h, w), wt, bias)?;
+        let dims = (n, c_in, h, w);
+        let out = match f32_method(c_in, c_out, h * w) {
+            Method::Winograd2 => Some(winograd::<F2>(x, dims, wt, bias)?),
+            Method::Winograd4 => Some(winograd::<F4>(x, dims, wt, bias)?),
+            Method::Im2col => Some(im2col_gemm(x, dims, wt, bias)?),
+            Method::Taps => None,
+        };
+        if let Some(out) = out {
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, h, w))));
         }
         // Per tap a contiguous [c_out, c_in] matrix (a row-major operand for `sgemm`).
@@ -236,300 +242,226 @@ fn conv3x3_bands<P: Clone + Sync>(
 
 /// A raw output pointer shared by the band tasks, which write disjoint rows.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: only used for disjoint writes from the band tasks, while the buffer outlives them.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-/// f32 3×3 convolutions with at least this many input and output channels run as
-/// [`winograd_f2x3`]; thinner ones (a decoder's `conv_in`/`conv_out`) as nine taps, where the
-/// transforms would cost more than the products they save.
-const WINOGRAD_MIN_CHANNELS: usize = 32;
+/// How an f32 3×3 convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// Winograd F(2×2, 3×3) ([`winograd`] with [`F2`]): wide layers on maps of 32² to 64².
+    Winograd2,
+    /// Winograd F(4×4, 3×3) ([`winograd`] with [`F4`]): wide layers on maps of 64²+.
+    Winograd4,
+    /// [`im2col_gemm`]: wide layers on small maps (below 32²).
+    Im2col,
+    /// [`Conv3x3Taps`]' nine accumulated products: thin layers.
+    Taps,
+}
 
-/// … and at least this many pixels: the kernels' transform (16·c_in·c_out values per call) and
-/// products only a few tiles wide cost more than they save on small maps (a UNet's 16² and 8²
-/// levels ran at 12–45 GFLOP/s).
-const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+/// The method for `c_in → c_out` channels over `pixels` (per item); `ZTURBO_CONV3X3=winograd4|
+/// winograd2|im2col|taps` forces one (for benchmarks; Winograd and im2col only on layers of 32+ channels
+/// each way).
+fn f32_method(c_in: usize, c_out: usize, pixels: usize) -> Method {
+    static FORCED: std::sync::OnceLock<Option<Method>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var("ZTURBO_CONV3X3").as_deref() {
+        Ok("winograd2") => Some(Method::Winograd2),
+        Ok("winograd4" | "winograd") => Some(Method::Winograd4),
+        Ok("im2col") => Some(Method::Im2col),
+        Ok("taps") => Some(Method::Taps),
+        _ => None,
+    });
+    let wide = c_in >= WINOGRAD_MIN_CHANNELS && c_out >= WINOGRAD_MIN_CHANNELS;
+    match forced {
+        Some(Method::Taps) => Method::Taps,
+        Some(m) if wide => m,
+        _ if !wide => Method::Taps,
+        _ if pixels >= WINOGRAD4_MIN_PIXELS => Method::Winograd4,
+        _ if pixels >= WINOGRAD_MIN_PIXELS => Method::Winograd2,
+        _ => Method::Im2col,
+    }
+}
 
-/// Tiles per band of [`winograd_f2x3`]: wide enough for efficient products (N of each GEMM), small
-/// enough that a band's transformed input and products stay a few MiB.
-const WINOGRAD_BAND_TILES: usize = 256;
+/// Column-matrix elements per band of [`im2col_gemm`] (64 MiB of f32).
+const IM2COL_BAND_ELEMS: usize = 1 << 24;
 
-/// A 3×3, stride-1, padding-1 convolution of a contiguous f32 `[n, c_in, h, w]` by Winograd's
-/// F(2×2, 3×3): each 2×2 block of outputs comes from a 4×4 block of the zero-padded input, and in
-/// the transformed domain the 9 taps × 4 outputs of direct convolution (36 multiplies) become 16
-/// element-wise products — here 16 matrix products `U[ξ] · V[ξ]` (`[c_out, c_in]` ·
-/// `[c_in, tiles]`), 2.25× fewer multiply-adds than [`Conv3x3Taps`]'s nine.
-///
-/// `U = G·g·Gᵀ` per (output, input) channel pair, once per call (the weights are small next to the
-/// image); per band of tile rows, `V = Bᵀ·d·B` per input channel and tile, computed row-wise (the
-/// vertical combination over whole padded rows, then the horizontal one per tile: contiguous
-/// writes over tiles), the 16 products, then `Y = Aᵀ·M·A` + bias written out. Bands run in
-/// parallel. With G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1], Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1],
-/// Aᵀ = [1 1 1 0; 0 1 −1 −1] the transforms only add, subtract and halve, so the rounding error
-/// stays at a few ulps of the sums (tests compare against candle's direct convolution).
-pub(crate) fn winograd_f2x3(
+/// A 3×3, stride-1, padding-1 convolution of a contiguous f32 `[n, c_in, h, w]` as one matrix
+/// product per band of output rows: the band's column matrix `[c_in·9, rows·w]` (row `i·9 + t`
+/// holds input channel `i` shifted by tap `t`, zeros outside the image) is built across the pool,
+/// and `W[c_out, c_in·9]` — the weight exactly as stored, no regrouped copy — multiplies it with
+/// the output channels split across the pool, writing straight into the output rows. For the
+/// small maps of a UNet's deep levels (16², 8² at 512²: 1280–2560 channels, a few hundred
+/// pixels): one product with K = 9·c_in keeps every thread busy where nine per-tap products of a
+/// few hundred columns per band did not, and the weight (up to 118 MB) is read once per band
+/// instead of being regrouped per call.
+pub(crate) fn im2col_gemm(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    wt: &[f32],
+    bias: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    im2col_gemm_in(x, dims, wt, bias, IM2COL_BAND_ELEMS)
+}
+
+/// [`im2col_gemm`] with bands of at most `band_elems` column-matrix elements (at least one row).
+fn im2col_gemm_in(
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
     wt: &[f32],
     bias: &[f32],
+    band_elems: usize,
 ) -> candle_core::Result<Vec<f32>> {
-    let stop = crate::ops::interrupt::current();
+    use rayon::prelude::*;
     let c_out = bias.len();
-    if wt.len() != c_out * c_in * 9 || x.len() != n * c_in * h * w {
-        candle_core::bail!("winograd: weight or input length does not match its shape");
+    let k = c_in * 9;
+    if wt.len() != c_out * k || x.len() != n * c_in * h * w {
+        candle_core::bail!("im2col: weight or input length does not match its shape");
     }
-    let mut out = vec![0f32; n * c_out * h * w];
-    if h == 0 || w == 0 || c_out == 0 {
+    let hw = h * w;
+    let mut out = vec![0f32; n * c_out * hw];
+    if hw == 0 || c_out == 0 {
         return Ok(out);
     }
-    // U[o][ξ][i], ξ = 4·row + column of the 4×4 transformed kernel: U[ξ] is the `[c_out, c_in]`
-    // matrix at offset ξ·c_in with row stride 16·c_in. One output channel per task.
-    let mut u = vec![0f32; 16 * c_out * c_in];
-    let kernel = |o: usize, ur: &mut [f32]| {
-        for i in 0..c_in {
-            let g = &wt[(o * c_in + i) * 9..(o * c_in + i + 1) * 9];
-            // G·g: 4 rows of 3.
-            let mut gg = [[0f32; 3]; 4];
-            for c in 0..3 {
-                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                gg[0][c] = g0;
-                gg[1][c] = 0.5 * (g0 + g1 + g2);
-                gg[2][c] = 0.5 * (g0 - g1 + g2);
-                gg[3][c] = g2;
-            }
-            for (r, row) in gg.iter().enumerate() {
-                let (a0, a1, a2) = (row[0], row[1], row[2]);
-                let t = [a0, 0.5 * (a0 + a1 + a2), 0.5 * (a0 - a1 + a2), a2];
-                for (c, v) in t.iter().enumerate() {
-                    ur[(r * 4 + c) * c_in + i] = *v;
-                }
-            }
-        }
-    };
-    {
-        use rayon::prelude::*;
-        u.par_chunks_mut(16 * c_in)
-            .enumerate()
-            .for_each(|(o, ur)| kernel(o, ur));
-    }
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let band = (WINOGRAD_BAND_TILES / tw).clamp(1, th);
-    let bands = th.div_ceil(band);
-    // A padded input row (x = −1 … 2·tw) split into its even and odd positions: `lane` each.
-    let lane = tw + 1;
+    let band = (band_elems / (k * w).max(1)).clamp(1, h);
+    let mut cols = vec![0f32; k * band * w];
+    let threads = rayon::current_num_threads().max(1);
     for item in 0..n {
-        let src = &x[item * c_in * h * w..(item + 1) * c_in * h * w];
-        let dst = SendPtr(out[item * c_out * h * w..].as_mut_ptr());
-        let run_band = |b: usize, (v, m, rows): &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
-            if crate::ops::interrupt::is_set(&stop) {
-                return;
-            }
-            let ty0 = b * band;
-            let tys = band.min(th - ty0);
-            let tiles = tys * tw;
-            v.clear();
-            v.resize(16 * c_in * tiles, 0.0);
-            rows.clear();
-            rows.resize(16 * lane, 0.0);
-            let (d, scratch) = rows.split_at_mut(8 * lane);
-            for i in 0..c_in {
-                let plane = &src[i * h * w..(i + 1) * h * w];
-                for ty in 0..tys {
-                    // The tile row's four padded input rows (image rows 2·(ty0+ty) − 1 + r),
-                    // even positions in d[..4·lane], odd ones in d[4·lane..]: padded position p
-                    // holds image column p − 1.
-                    let (even, odd) = d.split_at_mut(4 * lane);
-                    for r in 0..4 {
-                        let (de, dodd) = (
-                            &mut even[r * lane..(r + 1) * lane],
-                            &mut odd[r * lane..(r + 1) * lane],
-                        );
-                        de.fill(0.0);
-                        dodd.fill(0.0);
-                        let y = 2 * (ty0 + ty) + r;
-                        if y >= 1 && y - 1 < h {
-                            let line = &plane[(y - 1) * w..y * w];
-                            for (c, pair) in line.chunks(2).enumerate() {
-                                dodd[c] = pair[0];
-                                if let Some(v) = pair.get(1) {
-                                    de[c + 1] = *v;
+        let src = &x[item * c_in * hw..(item + 1) * c_in * hw];
+        let dst = &mut out[item * c_out * hw..(item + 1) * c_out * hw];
+        for (ch, bv) in dst.chunks_mut(hw).zip(bias) {
+            ch.fill(*bv);
+        }
+        let mut y0 = 0;
+        while y0 < h {
+            crate::ops::interrupt::check()?;
+            let rows = band.min(h - y0);
+            let span = rows * w;
+            // Row i·9 + t of the column matrix: input channel i at offset (dy, dx) = (t/3 − 1,
+            // t%3 − 1) for output rows y0 … y0 + rows.
+            cols[..k * span]
+                .par_chunks_mut(9 * span)
+                .enumerate()
+                .for_each(|(i, block)| {
+                    let plane = &src[i * hw..(i + 1) * hw];
+                    for (t, line) in block.chunks_mut(span).enumerate() {
+                        let (dy, dx) = (t / 3, t % 3);
+                        for r in 0..rows {
+                            let out_row = &mut line[r * w..(r + 1) * w];
+                            // Input row y0 + r + dy − 1.
+                            let y = y0 + r + dy;
+                            if y == 0 || y > h {
+                                out_row.fill(0.0);
+                                continue;
+                            }
+                            let inp = &plane[(y - 1) * w..y * w];
+                            match dx {
+                                0 => {
+                                    out_row[0] = 0.0;
+                                    out_row[1..].copy_from_slice(&inp[..w - 1]);
+                                }
+                                1 => out_row.copy_from_slice(inp),
+                                _ => {
+                                    out_row[..w - 1].copy_from_slice(&inp[1..]);
+                                    out_row[w - 1] = 0.0;
                                 }
                             }
                         }
                     }
-                    let mut rest = &mut v[i * tiles + ty * tw..];
-                    let mut segs: [&mut [f32]; 16] = std::array::from_fn(|xi| {
-                        let take = if xi < 15 { c_in * tiles } else { tw };
-                        let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
-                        rest = tail;
-                        &mut head[..tw]
-                    });
-                    wino_in(even, odd, lane, tw, scratch, &mut segs);
-                }
-            }
-            m.clear();
-            m.resize(16 * c_out * tiles, 0.0);
-            // The 16 products are independent: across the pool too, so that a map of fewer bands
-            // than threads still uses every thread.
-            use rayon::prelude::*;
-            m.par_chunks_mut(c_out * tiles)
-                .zip(v.par_chunks(c_in * tiles))
-                .enumerate()
-                .for_each(|(xi, (mx, vx))| {
-                    let ux = &u[xi * c_in..];
-                    sgemm(
-                        c_out,
-                        tiles,
-                        c_in,
-                        ux,
-                        16 * c_in,
-                        vx,
-                        tiles,
-                        false,
-                        mx,
-                        tiles,
-                        0.0,
-                    );
                 });
-            // Aᵀ·M·A + bias, two output rows per tile row.
-            for (o, bv) in bias.iter().enumerate() {
-                for ty in 0..tys {
-                    let mm: [&[f32]; 16] =
-                        std::array::from_fn(|xi| &m[(xi * c_out + o) * tiles + ty * tw..][..tw]);
-                    let y = 2 * (ty0 + ty);
-                    let pair = (h - y).min(2);
-                    // SAFETY: bands cover disjoint output rows of every channel, inside this
-                    // item's `c_out·h·w` output; rows y and y + 1 (when inside the image).
-                    let lines = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add((o * h + y) * w), pair * w)
-                    };
-                    let (l0, l1) = lines.split_at_mut(w);
-                    wino_out(&mm, tw, *bv, rows, l0, l1);
-                }
-            }
-        };
-        use rayon::prelude::*;
-        (0..bands).into_par_iter().for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |bufs, b| run_band(b, bufs),
-        );
-        crate::ops::interrupt::check()?;
+            // Output channels split across the pool, at least 32 rows per task.
+            let per = c_out.div_ceil(threads).max(32);
+            let cols = &cols[..k * span];
+            let out_band = SendPtr(dst[y0 * w..].as_mut_ptr());
+            (0..c_out.div_ceil(per)).into_par_iter().for_each(|task| {
+                let o0 = task * per;
+                let m = per.min(c_out - o0);
+                // SAFETY: tasks write disjoint output channels (rows o0 … o0 + m of the band);
+                // the last element written, ((o0 + m − 1)·hw + span) past the band's start, lies
+                // inside this item's output because y0·w + span ≤ hw.
+                let c = unsafe {
+                    std::slice::from_raw_parts_mut(out_band.get().add(o0 * hw), (m - 1) * hw + span)
+                };
+                sgemm(m, span, k, &wt[o0 * k..], k, cols, span, false, c, hw, 1.0);
+            });
+            y0 += rows;
+        }
     }
     Ok(out)
 }
 
-with_avx512!(fn wino_in(even: &[f32], odd: &[f32], lane: usize, tw: usize, scratch: &mut [f32], out: &mut [&mut [f32]; 16]) => wino_in_plain);
+/// f32 3×3 convolutions with at least this many input and output channels run as
+/// Winograd or a column matrix; thinner ones (a decoder's `conv_in`/`conv_out`) as nine taps, where the
+/// transforms would cost more than the products they save.
+const WINOGRAD_MIN_CHANNELS: usize = 32;
 
-/// `V = Bᵀ·d·B` for one tile row of one channel: `even`/`odd` hold the four padded input rows'
-/// even and odd positions (`lane` = tw + 1 each); `out[ξ]` gets the tw tiles' element ξ.
-#[inline(always)]
-fn wino_in_plain(
-    even: &[f32],
-    odd: &[f32],
-    lane: usize,
-    tw: usize,
-    scratch: &mut [f32],
-    out: &mut [&mut [f32]; 16],
-) {
-    // Bᵀ·d over the rows, for the even and the odd positions.
-    let (te, to) = scratch[..8 * lane].split_at_mut(4 * lane);
-    for (d, t) in [(even, te), (odd, to)] {
-        let (r0, r1, r2, r3) = (
-            &d[..lane],
-            &d[lane..2 * lane],
-            &d[2 * lane..3 * lane],
-            &d[3 * lane..4 * lane],
-        );
-        let (t0, rest) = t.split_at_mut(lane);
-        let (t1, rest) = rest.split_at_mut(lane);
-        let (t2, t3) = rest.split_at_mut(lane);
-        for c in 0..lane {
-            t0[c] = r0[c] - r2[c];
-            t1[c] = r1[c] + r2[c];
-            t2[c] = r2[c] - r1[c];
-            t3[c] = r1[c] - r3[c];
-        }
-    }
-    let (te, to) = scratch[..8 * lane].split_at(4 * lane);
-    // ·B per tile: padded columns 2·tx … 2·tx + 3 are even[tx], odd[tx], even[tx+1], odd[tx+1].
-    for k in 0..4 {
-        let (ea, eb) = (
-            &te[k * lane..k * lane + tw],
-            &te[k * lane + 1..k * lane + 1 + tw],
-        );
-        let (oa, ob) = (
-            &to[k * lane..k * lane + tw],
-            &to[k * lane + 1..k * lane + 1 + tw],
-        );
-        for ((v, a), b) in out[4 * k].iter_mut().zip(ea).zip(eb) {
-            *v = a - b;
-        }
-        for ((v, a), b) in out[4 * k + 1].iter_mut().zip(oa).zip(eb) {
-            *v = a + b;
-        }
-        for ((v, a), b) in out[4 * k + 2].iter_mut().zip(eb).zip(oa) {
-            *v = a - b;
-        }
-        for ((v, a), b) in out[4 * k + 3].iter_mut().zip(oa).zip(ob) {
-            *v = a - b;
-        }
-    }
-}
+/// … and at least this many pixels: below, the kernels' transform (16·c_in·c_out values per
+/// call) and products only a few tiles wide cost more than they save, and [`im2col_gemm`] runs
+/// them (compare_ops at 512², 2 threads, Zen 4, ms: 1280→1280 at 16² Winograd 54, column matrix
+/// 35, taps 76; at 8² 43 / 8.8 / 56; 640→640 at 32² Winograd 27, column matrix 44, taps 56).
+const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
 
-with_avx512!(fn wino_out(m: &[&[f32]; 16], tw: usize, bias: f32, scratch: &mut [f32], l0: &mut [f32], l1: &mut [f32]) => wino_out_plain);
+/// … and from this many pixels F(4×4, 3×3) rather than F(2×2, 3×3): compare_ops at 512², 2
+/// threads, Zen 4, F(2×2) → F(4×4), ms: 256→256 at 128² 110 → 55, 128→128 at 512² 314 → 196,
+/// 256→256 at 256² 270 → 173, 128→64 at 512² 183 → 136; at 32², 640→640 25 → 31 (the larger
+/// tiles' padding and transforms outweigh the products they save on a map 8 tiles wide).
+const WINOGRAD4_MIN_PIXELS: usize = 64 * 64;
 
-/// `Y = Aᵀ·M·A + bias` for one tile row of one output channel: `m[ξ]` holds the tw tiles' element
-/// ξ; the two output rows go to `l0` and `l1` (empty past the image's last row), each w ≤ 2·tw
-/// long.
-#[inline(always)]
-fn wino_out_plain(
-    m: &[&[f32]; 16],
-    tw: usize,
-    bias: f32,
-    scratch: &mut [f32],
-    l0: &mut [f32],
-    l1: &mut [f32],
-) {
-    // Aᵀ·M: s[a][j] over the tiles (8 rows of tw), then ·A into even/odd output columns.
-    let (s, yy) = scratch[..16 * tw].split_at_mut(8 * tw);
-    for j in 0..4 {
-        let (m0, m1, m2, m3) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
-        let (top, bottom) = s.split_at_mut(4 * tw);
-        let s0 = &mut top[j * tw..(j + 1) * tw];
-        for (((v, a), b), c) in s0.iter_mut().zip(m0).zip(m1).zip(m2) {
-            *v = a + b + c;
-        }
-        let s1 = &mut bottom[j * tw..(j + 1) * tw];
-        for (((v, a), b), c) in s1.iter_mut().zip(m1).zip(m2).zip(m3) {
-            *v = a - b - c;
-        }
-    }
-    for (a, line) in [l0, l1].into_iter().enumerate() {
-        if line.is_empty() {
-            continue;
-        }
-        let q = &s[a * 4 * tw..(a + 1) * 4 * tw];
-        let (q0, q1, q2, q3) = (&q[..tw], &q[tw..2 * tw], &q[2 * tw..3 * tw], &q[3 * tw..]);
-        let (ye, yo) = yy.split_at_mut(4 * tw);
-        let (ye, yo) = (&mut ye[..tw], &mut yo[..tw]);
-        for (((v, a), b), c) in ye.iter_mut().zip(q0).zip(q1).zip(q2) {
-            *v = a + b + c + bias;
-        }
-        for (((v, a), b), c) in yo.iter_mut().zip(q1).zip(q2).zip(q3) {
-            *v = a - b - c + bias;
-        }
-        for (pair, (e, o)) in line.chunks_mut(2).zip(ye.iter().zip(yo.iter())) {
-            pair[0] = *e;
-            if let Some(p) = pair.get_mut(1) {
-                *p = *o;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Tensor};
+    use candle_nn::{Conv2d, Conv2dConfig};
+
+    /// The column-matrix product against candle's direct `conv2d`, whole and in bands of one row
+    /// and of a few rows (the last one partial), batch 2, one-pixel and one-column maps.
+    #[test]
+    fn im2col_bands_match_candle_conv2d() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (n, c_in, c_out, h, w) in [
+            (2, 5, 7, 6, 9),
+            (1, 40, 33, 1, 1),
+            (1, 3, 70, 11, 1),
+            (2, 6, 3, 9, 13),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let want = Conv2d::new(wt.clone(), Some(b.clone()), cfg)
+                .forward(&x)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let (xs, ws, bs) = (
+                x.flatten_all()?.to_vec1::<f32>()?,
+                wt.flatten_all()?.to_vec1::<f32>()?,
+                b.to_vec1::<f32>()?,
+            );
+            let k = c_in * 9;
+            for band_elems in [usize::MAX, k * w, 4 * k * w] {
+                let got = im2col_gemm_in(&xs, (n, c_in, h, w), &ws, &bs, band_elems)?;
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff < 2e-6 * scale * (c_in as f32).sqrt(),
+                    "max |diff| {diff} for {:?}, bands of {band_elems}",
+                    (n, c_in, c_out, h, w)
+                );
             }
         }
+        Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod mkl;
 pub mod rms_norm;
 pub mod sgemm;
 pub mod softmax;
+pub mod winograd;
 
 use candle_core::{CpuStorage, Layout};
 
