@@ -92,6 +92,8 @@ fn main() -> Result<()> {
     let policy = PrecisionPolicy::resolve(args.precision, &device);
     let dir = ModelDir::open(&args.model)?;
     let family = families::open(dir, &device, policy)?;
+    // What the family resolved (an SD model runs its UNet in f32 under `int8`, and says so).
+    let resolved = family.components().policy().describe();
     let probe = zturbo::memory::probe::for_device(&device);
     let mut engine = Engine::new(family, "compare", probe, EngineConfig::default());
     engine.warm_up()?;
@@ -126,7 +128,7 @@ fn main() -> Result<()> {
             "threads": candle_core::utils::get_num_threads(),
             "load_s": t_load.elapsed().as_secs_f64(),
             "candle": "0.11",
-            "precision": policy.describe(),
+            "precision": resolved,
             "cpu_bf16_products": zturbo::ops::linear::bf16_ready(),
         })
     )?;

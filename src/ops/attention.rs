@@ -48,6 +48,8 @@ pub struct Attention<'a> {
     pub upcast: bool,
     /// The softmax in f32 whatever the scores' dtype (the UNet's, as diffusers runs it).
     pub f32_softmax: bool,
+    /// Multiplies `q` before the product (the softmax scale; 1 for a caller that scaled `q`).
+    pub q_scale: f64,
     pub spans: Option<&'a Spans>,
 }
 
@@ -60,13 +62,17 @@ impl Default for Attention<'_> {
             bf16_products: false,
             upcast: false,
             f32_softmax: false,
+            q_scale: 1.0,
             spans: None,
         }
     }
 }
 
-/// `softmax(q·kᵀ + bias)·v` for a pre-scaled `q` `[B, H, L, D]` and `k`, `v` `[B, H, Lk, D]`;
-/// the result is `[B, H, L, D]` in `v`'s dtype.
+/// `softmax(q_scale·q·kᵀ + bias)·v` for `q` `[B, H, L, D]` and `k`, `v` `[B, H, Lk, D]`; the
+/// result is `[B, H, L, D]` in `v`'s dtype. On the CPU in f32 the inputs are read in place when
+/// their last dimension is contiguous (heads split off a `[B, L, H·D]` projection by a reshape and
+/// a transpose need no copy), and the result is a transposed view of `[B, L, H, D]` storage, so
+/// `transpose(1, 2)` and a reshape to `[B, L, H·D]` cost nothing.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -80,13 +86,18 @@ pub fn attention(
         && opts.bias.is_none_or(|b| b.dtype() == DType::F32);
     if fusable {
         return timed(span(|s| s.fused), dev, || {
-            fused_cpu(q, k, v, opts.bias, opts.bf16_products)
+            fused_cpu(q, k, v, opts.bias, opts.bf16_products, opts.q_scale)
         });
     }
+    let q = if opts.q_scale == 1.0 {
+        q.clone()
+    } else {
+        (q * opts.q_scale)?
+    };
     let (q, k) = if opts.upcast {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
     } else {
-        (q.clone(), k.clone())
+        (q, k.clone())
     };
     let kt = k.t()?;
     let (b, h, l, _) = q.dims4()?;
@@ -150,6 +161,7 @@ fn fused_cpu(
     v: &Tensor,
     bias: Option<&Tensor>,
     bf16: bool,
+    q_scale: f64,
 ) -> candle_core::Result<Tensor> {
     let (b, _, _, _) = q.dims4()?;
     let lk = k.dim(2)?;
@@ -161,13 +173,33 @@ fn fused_cpu(
         ),
         None => None,
     };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     #[cfg(zturbo_mkl)]
     if bf16 && linear::bf16_ready() {
+        let q = if q_scale == 1.0 {
+            q.contiguous()?
+        } else {
+            (q * q_scale)?.contiguous()?
+        };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         return q.apply_op3_no_bwd(&k, &v, &AttentionBf16 { bias });
     }
     let _ = bf16;
-    q.apply_op3_no_bwd(&k, &v, &AttentionF32 { bias })
+    // Views whose last dimension is strided (none of ours) are copied first.
+    let inner = |t: &Tensor| -> candle_core::Result<Tensor> {
+        if t.stride().last() == Some(&1) || t.dim(3)? <= 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let op = AttentionF32 {
+        bias,
+        scale: q_scale as f32,
+    };
+    // Stored [B, L, H, D]: viewed as [B, H, L, D].
+    inner(q)?
+        .apply_op3_no_bwd(&inner(k)?, &inner(v)?, &op)?
+        .transpose(1, 2)
 }
 
 #[cfg(test)]
@@ -234,6 +266,51 @@ mod tests {
             let diff = max_diff(&got, &want);
             assert!(diff < if bf16 { 0.05 } else { 1e-5 }, "4 rows: {diff}");
         }
+        Ok(())
+    }
+
+    /// Heads split off `[B, L, H·D]` projections as views (a reshape and a transpose, no copy), a
+    /// softmax scale passed as `q_scale`, many query blocks per head: the same as the product of
+    /// contiguous tensors; the result transposes back to `[B, L, H, D]` without a copy.
+    #[test]
+    fn fused_attention_reads_strided_heads_and_scales_q() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, l, lk, d) = (2, 5, 300, 77, 16);
+        let split = |t: &Tensor, n: usize| t.reshape((b, n, h, d))?.transpose(1, 2);
+        let qp = Tensor::randn(0f32, 1.0, (b, l, h * d), &dev)?;
+        let kp = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+        let vp = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+        let (q, k, v) = (split(&qp, l)?, split(&kp, lk)?, split(&vp, lk)?);
+        assert!(!q.is_contiguous());
+        let scale = 0.25;
+        let (qc, kc, vc) = ((q.contiguous()? * scale)?, k.contiguous()?, v.contiguous()?);
+        let want = candle_nn::ops::softmax_last_dim(&qc.matmul(&kc.t()?)?)?.matmul(&vc)?;
+        for bf16 in [false, true] {
+            let opts = Attention {
+                q_scale: scale,
+                bf16_products: bf16,
+                ..Attention::default()
+            };
+            let got = attention(&q, &k, &v, &opts)?;
+            assert_eq!(got.dims(), &[b, h, l, d]);
+            let diff = max_diff(&got, &want);
+            assert!(diff < if bf16 { 0.05 } else { 1e-5 }, "bf16 {bf16}: {diff}");
+            if !bf16 {
+                assert!(got.transpose(1, 2)?.is_contiguous());
+            }
+        }
+        // The unfused path scales as well (f16 on the CPU).
+        let opts = Attention {
+            q_scale: scale,
+            ..Attention::default()
+        };
+        let got = attention(
+            &q.to_dtype(DType::F16)?,
+            &k.to_dtype(DType::F16)?,
+            &v.to_dtype(DType::F16)?,
+            &opts,
+        )?;
+        assert!(max_diff(&got, &want) < 1e-2);
         Ok(())
     }
 

@@ -270,10 +270,10 @@ impl Attention {
         let (b, l, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
         let s = ctx.dim(1)?;
+        // Heads split off as views: the CPU attention reads them in place.
         let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, n, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+                .transpose(1, 2)
         };
         let dev = x.device();
         let (q, k, v) = profile::span("unet.attn.qkv", dev, || {
@@ -292,10 +292,11 @@ impl Attention {
             bf16_products: self.bf16_products,
             upcast: self.upcast,
             f32_softmax: true,
+            q_scale: scale,
             spans: Some(&ATTENTION_SPANS),
             ..Sdpa::default()
         };
-        let o = attention::attention(&(q * scale)?, &k, &v, &opts)?;
+        let o = attention::attention(&q, &k, &v, &opts)?;
         let o = o
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
