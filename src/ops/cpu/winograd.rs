@@ -186,7 +186,7 @@ pub(crate) fn winograd<T: Tiling>(
                     d.fill(0.0);
                     for r in 0..alpha {
                         let y = m_out * (ty0 + ty) + r;
-                        if y < 1 || y - 1 >= h {
+                        if y < 1 || y > h {
                             continue;
                         }
                         let line = &plane[(y - 1) * w..y * w];
