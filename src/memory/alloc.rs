@@ -99,6 +99,33 @@ impl Reuse {
     }
 }
 
+/// Sets glibc's malloc up for a process that allocates and frees the same large tensors step after
+/// step, once, before the first allocation: blocks up to 1 GiB come from the heap instead of a fresh
+/// mapping each (by default everything over 128 KiB — over 32 MiB once the threshold has adapted —
+/// is mapped on allocation and unmapped on free, and each page of it faults and is zeroed again on
+/// first touch), and free heap memory is not trimmed back to the kernel after every free. Free memory
+/// goes back at the end of each job instead (`engine::release_memory`: [`release_kept`] and
+/// `malloc_trim`). Medium model at 512², 4 steps, `zturbo generate --precision f32` on the 2-core
+/// Zen 4: page faults 1.33 M → 0.42 M, 12.2–13.4 s → 10.7–11.1 s; peak RSS 1.365 → 1.397 GB.
+fn tune_once() {
+    static TUNED: AtomicBool = AtomicBool::new(false);
+    if TUNED.load(Ordering::Relaxed) || TUNED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's thresholds; it allocates nothing through this
+    // allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Hands every kept large block back to the system (the end of a job, with `malloc_trim`).
+pub fn release_kept() {
+    BIG.release_all();
+}
+
 /// Returns kept blocks to the system (outside the lock).
 fn free_blocks(blocks: &[(usize, usize, usize)]) {
     for &(p, size, align) in blocks {
@@ -140,6 +167,7 @@ fn shrank(by: usize) {
 // bookkeeping only and never affect which memory is returned.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        tune_once();
         let ptr = if layout.size() >= REUSE_MIN {
             match BIG.take(layout) {
                 Some(p) => p,
@@ -157,6 +185,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        tune_once();
         // A kept block is cleared here: one memset costs less than faulting in fresh pages, which
         // the kernel zeroes as well.
         let kept = if layout.size() >= REUSE_MIN {
