@@ -189,9 +189,6 @@ impl<'a> RunState<'a> {
 pub fn release_memory(device: &Device) {
     match device {
         Device::Cpu => {
-            // Free memory goes back to the kernel here, between jobs, rather than after every free
-            // within one (memory/alloc.rs).
-            crate::memory::alloc::release_kept();
             // SAFETY: malloc_trim only returns free heap pages to the kernel.
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             unsafe {
