@@ -414,51 +414,62 @@ const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
 const WINOGRAD4_MIN_PIXELS: usize = 64 * 64;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Module, Tensor};
     use candle_nn::{Conv2d, Conv2dConfig};
+
+    /// A random 3×3 convolution `(n, c_in, c_out, h, w)` as flat vectors — input, weight, bias —
+    /// and candle's direct `conv2d` of it (the reference the parity tests check against PyTorch).
+    pub(crate) type Case = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+    pub(crate) fn reference(dims: (usize, usize, usize, usize, usize)) -> Case {
+        let (n, c_in, c_out, h, w) = dims;
+        let dev = Device::Cpu;
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let want = Conv2d::new(wt.clone(), Some(b.clone()), cfg)
+            .forward(&x)
+            .unwrap();
+        (flat(&x), flat(&wt), flat(&b), flat(&want))
+    }
+
+    /// Largest |got − want| relative to the output's scale (at least 1) and √c_in.
+    pub(crate) fn rel_error(got: &[f32], want: &[f32], c_in: usize) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / (scale * (c_in as f32).sqrt())
+    }
 
     /// The column-matrix product against candle's direct `conv2d`, whole and in bands of one row
     /// and of a few rows (the last one partial), batch 2, one-pixel and one-column maps.
     #[test]
     fn im2col_bands_match_candle_conv2d() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        for (n, c_in, c_out, h, w) in [
+        for dims in [
             (2, 5, 7, 6, 9),
             (1, 40, 33, 1, 1),
             (1, 3, 70, 11, 1),
             (2, 6, 3, 9, 13),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev)?;
-            let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, c_out, &dev)?;
-            let cfg = Conv2dConfig {
-                padding: 1,
-                ..Default::default()
-            };
-            let want = Conv2d::new(wt.clone(), Some(b.clone()), cfg)
-                .forward(&x)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let (xs, ws, bs) = (
-                x.flatten_all()?.to_vec1::<f32>()?,
-                wt.flatten_all()?.to_vec1::<f32>()?,
-                b.to_vec1::<f32>()?,
-            );
+            let (n, c_in, _, h, w) = dims;
+            let (xs, ws, bs, want) = reference(dims);
             let k = c_in * 9;
             for band_elems in [usize::MAX, k * w, 4 * k * w] {
                 let got = im2col_gemm_in(&xs, (n, c_in, h, w), &ws, &bs, band_elems)?;
-                assert_eq!(got.len(), want.len());
-                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let e = rel_error(&got, &want, c_in);
                 assert!(
-                    diff < 2e-6 * scale * (c_in as f32).sqrt(),
-                    "max |diff| {diff} for {:?}, bands of {band_elems}",
-                    (n, c_in, c_out, h, w)
+                    e < 2e-6,
+                    "relative error {e} for {dims:?}, bands of {band_elems}"
                 );
             }
         }

@@ -496,41 +496,18 @@ fn wino4_out_plain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module, Tensor};
-    use candle_nn::{Conv2d, Conv2dConfig};
+    use crate::ops::cpu::conv::tests::{reference, rel_error};
 
-    /// Largest |difference| from candle's direct convolution, relative to the output's scale.
-    fn rel_error<T: Tiling>(dims: (usize, usize, usize, usize, usize)) -> f32 {
-        let (n, c_in, c_out, h, w) = dims;
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap();
-        let wt = Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let want = Conv2d::new(wt.clone(), Some(b.clone()), cfg)
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let got = winograd::<T>(
-            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            (n, c_in, h, w),
-            &wt.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &b.to_vec1::<f32>().unwrap(),
+    /// Largest error of the tiling `T` against candle's direct convolution (relative, see
+    /// [`rel_error`]).
+    fn tiling_error<T: Tiling>(dims: (usize, usize, usize, usize, usize)) -> f32 {
+        let (n, c_in, _, h, w) = dims;
+        let (x, wt, b, want) = reference(dims);
+        rel_error(
+            &winograd::<T>(&x, (n, c_in, h, w), &wt, &b).unwrap(),
+            &want,
+            c_in,
         )
-        .unwrap();
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        diff / (scale * (c_in as f32).sqrt())
     }
 
     /// Both tilings against candle's direct convolution: sides that are not multiples of the tile
@@ -546,9 +523,9 @@ mod tests {
             (2, 33, 40, 17, 19),
             (1, 16, 12, 5, 530),
         ] {
-            let e2 = rel_error::<F2>(dims);
+            let e2 = tiling_error::<F2>(dims);
             assert!(e2 < 2e-6, "F(2×2): {e2} for {dims:?}");
-            let e4 = rel_error::<F4>(dims);
+            let e4 = tiling_error::<F4>(dims);
             assert!(e4 < 1e-5, "F(4×4): {e4} for {dims:?}");
         }
     }
